@@ -1,0 +1,36 @@
+"""The eviction-policy contract shared by the engine's expert cache and trace replay.
+
+A policy only ranks keys; it never owns slots. The cache tells it what happened
+(insert, access, evict, end of a step) and asks it for a victim among the keys that
+may be evicted right now (resident and not in use). Keys are any hashable value; the
+engine passes `ExpertKey(layer, expert)` tuples. Pure Python: no torch import.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Iterable
+from typing import ClassVar
+
+
+class CachePolicy(ABC):
+    """Strategy object that picks which resident key to evict."""
+
+    name: ClassVar[str]
+
+    def on_insert(self, key: Hashable) -> None:
+        """`key` became resident (a demand load or a prefetch). Called before `on_access`."""
+
+    @abstractmethod
+    def on_access(self, key: Hashable) -> None:
+        """`key` was used by a token (a hit, or a miss right after its insert)."""
+
+    def on_evict(self, key: Hashable) -> None:
+        """`key` left the cache."""
+
+    def on_step(self) -> None:
+        """One engine step (or one replayed token) finished; aging policies decay here."""
+
+    @abstractmethod
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        """Return the key to evict among `candidates` (non-empty, all resident and evictable)."""

@@ -1,0 +1,122 @@
+"""Assembles an LLMEngine from an EngineConfig: checkpoint, tokenizer, device, KV budget."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import DeviceKind, EngineConfig
+from engine.errors import ModelLoadError
+from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
+from engine.llm_engine import LLMEngine
+from engine.loader import LoadedModel, load_model
+from engine.model_runner import ModelRunner
+from engine.models.experts import ResidentExperts
+from engine.models.moe_model import MoEModel
+from engine.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(kind: DeviceKind) -> torch.device:
+    """`auto` is CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if kind is DeviceKind.CUDA and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was requested but no CUDA device is available")
+    if kind is DeviceKind.CPU or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def model_path(config: EngineConfig) -> Path:
+    """The checkpoint directory, building the bundled demo model when none is given."""
+    if config.model:
+        return Path(config.model).expanduser()
+    from engine.demo_model import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+def served_model_name(config: EngineConfig) -> str:
+    """The model id clients use: the configured name, else the checkpoint directory's name."""
+    if config.served_model_name:
+        return config.served_model_name
+    if config.model:
+        return Path(config.model).expanduser().name
+    from engine.demo_model import DEMO_MODEL_NAME
+
+    return DEMO_MODEL_NAME
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer (transformers AutoTokenizer)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def eos_ids(loaded: LoadedModel, tokenizer: Any) -> frozenset[int]:
+    """Ids that end generation: the config's and the tokenizer's eos tokens."""
+    ids = set(loaded.spec.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
+    """Load everything named by `config` and return a ready engine."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    path = model_path(config)
+    device = resolve_device(config.device)
+    loaded = load_model(path, dtype=config.dtype.value, show_progress=show_progress)
+    tokenizer = load_tokenizer(path)
+    spec = loaded.spec
+    dtype = loaded.weights.dense.embed_tokens.dtype
+    max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+    block_bytes = kv_bytes_per_block(spec, config.block_size, dtype)
+    budget_blocks = int(config.kv_cache_gb * 2**30) // block_bytes
+    useful_blocks = config.max_num_seqs * -(-max_model_len // config.block_size)
+    num_blocks = min(budget_blocks, useful_blocks)
+    if num_blocks * config.block_size < max_model_len:
+        raise ModelLoadError(
+            f"kv_cache_gb={config.kv_cache_gb} holds {num_blocks * config.block_size} tokens, less than one "
+            f"max_model_len={max_model_len} sequence; raise kv_cache_gb or lower max_model_len"
+        )
+    dense = loaded.weights.dense
+    experts = ResidentExperts(loaded.weights.experts, device)
+    model = MoEModel(spec, _dense_to(dense, device), experts, device)
+    kv = allocate_kv_cache(spec, num_blocks, config.block_size, dtype, device)
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
+        num_blocks * block_bytes / 2**20, device,
+    )
+    scheduler = Scheduler(
+        SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), config.max_waiting),
+        BlockManager(num_blocks, config.block_size),
+    )
+    runner = ModelRunner(model, kv, config.block_size, eos_ids(loaded, tokenizer))
+    return LLMEngine(scheduler, runner, tokenizer, max_model_len, served_model_name(config))
+
+
+def _dense_to(dense: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return dense
+    import dataclasses
+
+    def move(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj.to(device)
+        if isinstance(obj, list):
+            return [move(o) for o in obj]
+        if dataclasses.is_dataclass(obj):
+            return dataclasses.replace(obj, **{f.name: move(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        return obj
+
+    return move(dense)

@@ -1,0 +1,58 @@
+"""EngineConfig: every engine setting, validated by pydantic with messages that name the field."""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DType(str, enum.Enum):
+    """Compute dtype; `auto` keeps the checkpoint's."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class DeviceKind(str, enum.Enum):
+    """Where the model runs; `auto` picks CUDA when available."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class OffloadMode(str, enum.Enum):
+    """Expert offloading: `on` keeps a bounded expert cache, `off` keeps every expert resident,
+    `auto` offloads when an expert-cache budget is given or the experts do not fit the device."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class EngineConfig(BaseModel):
+    """Engine settings (model, memory budgets, batching limits)."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, protected_namespaces=())
+
+    model: str | None = Field(default=None, description="checkpoint directory; empty serves the bundled demo model")
+    served_model_name: str | None = Field(default=None, description="model id clients use; defaults to the directory name")
+    dtype: DType = DType.AUTO
+    device: DeviceKind = DeviceKind.AUTO
+    max_model_len: int | None = Field(default=None, ge=16, description="context length; defaults to the model's")
+    block_size: int = Field(default=16, ge=1, le=256)
+    kv_cache_gb: float = Field(default=0.5, gt=0, description="KV-cache budget in GiB")
+    max_num_seqs: int = Field(default=32, ge=1, le=4096)
+    max_num_batched_tokens: int = Field(default=512, ge=16, description="tokens per step (prefill chunk size)")
+    max_waiting: int = Field(default=256, ge=1, description="waiting-queue bound; beyond it requests get 429")
+    offload: OffloadMode = OffloadMode.AUTO
+    expert_cache_gb: float | None = Field(default=None, gt=0, description="device expert-cache budget in GiB")
+    expert_cache_fraction: float | None = Field(
+        default=None, gt=0, le=1, description="share of all routed experts kept resident (instead of a GiB budget)"
+    )
+    cache_policy: str = Field(default="default", description="expert-cache eviction policy (see cache_policies)")
+    copy_workers: int = Field(default=2, ge=1, le=64, description="copy-engine worker threads (CPU backend)")
+    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads; default: all cores")

@@ -1,0 +1,175 @@
+"""The synchronous engine: add requests, call step(), get RequestOutputs.
+
+step() = scheduler.schedule() -> model_runner.execute() -> scheduler.update(), then the
+output processor detokenizes and applies the stop rules. `engine.async_engine` runs
+this in its own thread for the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from engine.block_manager import BlockManager
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import ContextLengthExceededError, InvalidRequestError
+from engine.model_runner import ModelRunner
+from engine.request import EngineRequest, RequestOutput
+from engine.sampling_params import FinishReason, TokenLogprob
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's queues and KV usage."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+
+
+@dataclass
+class _Tracked:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+
+
+class LLMEngine:
+    """Scheduler + model runner + output processing, driven one step at a time."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        tokenizer: Any,
+        max_model_len: int,
+        model_name: str,
+    ) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.model_name = model_name
+        self.vocab_size = runner.model.spec.vocab_size
+        self._tracked: dict[str, _Tracked] = {}
+
+    @property
+    def blocks(self) -> BlockManager:
+        return self.scheduler.blocks
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raise an InvalidRequestError for a request that can never be served."""
+        try:
+            request.sampling.validate()
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if num_prompt >= self.max_model_len:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {self.max_model_len} tokens, "
+                f"but the prompt has {num_prompt} tokens"
+            )
+        if request.request_id in self._tracked:
+            raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Validate and queue a request (raises EngineError subclasses)."""
+        self.validate(request)
+        seq = Sequence(request)
+        self.scheduler.add(seq)
+        self._tracked[request.request_id] = _Tracked(
+            seq, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling)
+        )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; None if it is unknown or already done."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            return None
+        return self._finish(tracked, FinishReason.ABORT, [], "", None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.blocks.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch and return every request's new output."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampled = self.runner.execute(out, [self.blocks.table(s.seq.seq_id) for s in out.scheduled])
+        self.scheduler.update(out, {seq_id: token for seq_id, (token, _) in sampled.items()})
+        now = time.monotonic()
+        outputs = []
+        for seq_id, (token, logprob) in sampled.items():
+            tracked = self._tracked[seq_id]
+            if tracked.seq.first_token_time is None:
+                tracked.seq.first_token_time = now
+            outputs.append(self._process(tracked, token, logprob))
+        return outputs
+
+    def _process(self, tracked: _Tracked, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq, params = tracked.seq, tracked.seq.request.sampling
+        logprobs = [logprob] if logprob is not None else None
+        num_out = len(seq.output_token_ids)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.runner.eos_token_ids
+        if token in stop_ids and num_out >= params.min_tokens:
+            return self._finish(tracked, FinishReason.STOP, [token], tracked.detok.flush(), logprobs)
+        delta = tracked.detok.add_tokens([token])
+        if delta.stopped:
+            return self._finish(tracked, FinishReason.STOP, [token], delta.text, logprobs)
+        if num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(tracked, FinishReason.LENGTH, [token], delta.text + tracked.detok.flush(), logprobs)
+        return RequestOutput(
+            request_id=seq.seq_id,
+            new_token_ids=[token],
+            new_text=delta.text,
+            new_logprobs=logprobs,
+            finished=False,
+            finish_reason=None,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_output_tokens=num_out,
+        )
+
+    def _finish(
+        self,
+        tracked: _Tracked,
+        reason: FinishReason,
+        tokens: list[int],
+        text: str,
+        logprobs: list[TokenLogprob] | None,
+    ) -> RequestOutput:
+        seq = tracked.seq
+        self.scheduler.finish(seq, reason)
+        self.runner.forget(seq.seq_id)
+        del self._tracked[seq.seq_id]
+        return RequestOutput(
+            request_id=seq.seq_id,
+            new_token_ids=tokens,
+            new_text=text,
+            new_logprobs=logprobs,
+            finished=True,
+            finish_reason=reason,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_output_tokens=len(seq.output_token_ids),
+        )

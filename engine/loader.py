@@ -1,0 +1,197 @@
+"""Checkpoint loading: Hugging Face config + safetensors (single file or sharded) -> ModelWeights.
+
+Tensors are read through safetensors' memory map with the Hub weight names, cast to the
+requested dtype, and fused into the runtime's layouts (see `engine.models.weights`).
+Every failure (missing directory, unsupported architecture, corrupt or truncated file,
+missing tensor) is raised as a ModelLoadError with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from engine.errors import ModelLoadError
+from engine.models.registry import spec_from_config
+from engine.models.spec import ModelSpec, QKNorm
+from engine.models.weights import (
+    AttentionWeights,
+    DenseWeights,
+    LayerWeights,
+    ModelWeights,
+    SharedExpertWeights,
+)
+from engine.types import ExpertKey
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready for the runtime: its spec, its weights and its HF config."""
+
+    spec: ModelSpec
+    weights: ModelWeights
+    hf_config: Any
+    path: Path
+
+
+def load_hf_config(path: Path) -> Any:
+    """Read `config.json` with transformers' AutoConfig, mapping failures to ModelLoadError."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"no config.json in {path}: not a Hugging Face checkpoint directory")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {first_line}") from exc
+
+
+class TensorSource:
+    """Name -> tensor lookup over the (possibly sharded) safetensors files of a checkpoint."""
+
+    def __init__(self, path: Path, stack: ExitStack) -> None:
+        files = self._files(path)
+        self._handles: dict[str, Any] = {}
+        self._location: dict[str, str] = {}
+        for file in files:
+            try:
+                handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise ModelLoadError(f"corrupt or truncated safetensors file {file.name}: {exc}") from exc
+            self._handles[file.name] = handle
+            for name in handle.keys():
+                self._location[name] = file.name
+
+    @staticmethod
+    def _files(path: Path) -> list[Path]:
+        index = path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ModelLoadError(f"corrupt {INDEX_FILE}: {exc}") from exc
+            files = [path / name for name in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ModelLoadError(f"shards listed in {INDEX_FILE} are missing: {', '.join(missing)}")
+            return files
+        if (path / SINGLE_FILE).is_file():
+            return [path / SINGLE_FILE]
+        raise ModelLoadError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._location
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Read one tensor (memory-mapped) and cast it to `dtype`."""
+        if name not in self._location:
+            raise ModelLoadError(f"checkpoint is missing tensor {name!r}")
+        try:
+            tensor = self._handles[self._location[name]].get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot read tensor {name!r}: {exc}") from exc
+        return tensor.to(dtype).contiguous()
+
+    def optional(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """Like `get`, but None when the checkpoint has no such tensor."""
+        return self.get(name, dtype) if name in self else None
+
+
+def resolve_dtype(name: str, hf_config: Any) -> torch.dtype:
+    """'auto' takes the checkpoint's dtype (fp32, bf16 or fp16); otherwise the named one."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name == "auto":
+        stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
+        name = str(stored).replace("torch.", "")
+    if name not in table:
+        raise ModelLoadError(f"unsupported dtype {name!r}: allowed are {', '.join(table)}")
+    return table[name]
+
+
+def _layer(spec: ModelSpec, src: TensorSource, layer: int, dtype: torch.dtype) -> LayerWeights:
+    p = f"model.layers.{layer}"
+    att = f"{p}.self_attn"
+    qkv = torch.cat([src.get(f"{att}.{n}_proj.weight", dtype) for n in "qkv"])
+    qkv_bias = torch.cat([src.get(f"{att}.{n}_proj.bias", dtype) for n in "qkv"]) if spec.qkv_bias else None
+    with_norm = spec.qk_norm is not QKNorm.NONE
+    attention = AttentionWeights(
+        qkv=qkv,
+        qkv_bias=qkv_bias,
+        o=src.get(f"{att}.o_proj.weight", dtype),
+        o_bias=src.get(f"{att}.o_proj.bias", dtype) if spec.o_bias else None,
+        q_norm=src.get(f"{att}.q_norm.weight", dtype) if with_norm else None,
+        k_norm=src.get(f"{att}.k_norm.weight", dtype) if with_norm else None,
+    )
+    shared = None
+    if spec.shared_expert_prefix is not None and spec.shared_expert_intermediate_size > 0:
+        sp = spec.shared_expert_prefix.format(layer=layer)
+        shared = SharedExpertWeights(
+            gate_up=torch.cat([src.get(f"{sp}.gate_proj.weight", dtype), src.get(f"{sp}.up_proj.weight", dtype)]),
+            down=src.get(f"{sp}.down_proj.weight", dtype),
+            gate=src.get(f"{sp}_gate.weight", dtype),
+        )
+    return LayerWeights(
+        input_norm=src.get(f"{p}.input_layernorm.weight", dtype),
+        post_attention_norm=src.get(f"{p}.post_attention_layernorm.weight", dtype),
+        attention=attention,
+        router=src.get(spec.router_name.format(layer=layer), dtype),
+        shared_expert=shared,
+    )
+
+
+def _experts(
+    spec: ModelSpec, src: TensorSource, layer: int, dtype: torch.dtype
+) -> Iterator[tuple[ExpertKey, tuple[torch.Tensor, torch.Tensor]]]:
+    names = spec.expert_names
+    for expert in range(spec.num_experts):
+        fmt = {"layer": layer, "expert": expert}
+        gate_up = torch.cat([src.get(names.gate.format(**fmt), dtype), src.get(names.up.format(**fmt), dtype)])
+        yield ExpertKey(layer, expert), (gate_up, src.get(names.down.format(**fmt), dtype))
+
+
+def load_model(path: Path | str, dtype: str = "auto", show_progress: bool = True) -> LoadedModel:
+    """Load a supported Hugging Face MoE checkpoint from a local directory."""
+    path = Path(path)
+    hf_config = load_hf_config(path)
+    spec = spec_from_config(hf_config)
+    torch_dtype = resolve_dtype(dtype, hf_config)
+    with ExitStack() as stack:
+        src = TensorSource(path, stack)
+        layers: list[LayerWeights] = []
+        experts: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        bar = tqdm(range(spec.num_layers), desc="loading layers", unit="layer", disable=not show_progress)
+        for layer in bar:
+            layers.append(_layer(spec, src, layer, torch_dtype))
+            experts.update(_experts(spec, src, layer, torch_dtype))
+        embed = src.get("model.embed_tokens.weight", torch_dtype)
+        lm_head = embed if spec.tie_word_embeddings else src.get("lm_head.weight", torch_dtype)
+        dense = DenseWeights(
+            embed_tokens=embed,
+            layers=layers,
+            final_norm=src.get("model.norm.weight", torch_dtype),
+            lm_head=lm_head,
+        )
+    if embed.shape != (spec.vocab_size, spec.hidden_size):
+        raise ModelLoadError(f"embed_tokens has shape {tuple(embed.shape)}, config says ({spec.vocab_size}, {spec.hidden_size})")
+    logger.info(
+        "loaded %s from %s: %d layers, %d experts/layer (top-%d), dtype %s",
+        spec.architecture, path, spec.num_layers, spec.num_experts, spec.top_k, torch_dtype,
+    )
+    return LoadedModel(spec=spec, weights=ModelWeights(dense=dense, experts=experts), hf_config=hf_config, path=path)

@@ -1,0 +1,95 @@
+"""Runs a scheduled step on the model: builds the flat batch, runs the forward, samples.
+
+Owns the device-side state: the model, the KV-cache tensors, the sampler and each
+request's seeded random generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceT
+
+import torch
+
+from engine.models.attention import AttentionMetadata
+from engine.models.moe_model import MoEModel
+from engine.sampler import Sampler, SamplerOutput
+from engine.sampling_params import TokenLogprob
+from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence
+
+
+class ModelRunner:
+    """Turns a SchedulerOutput into sampled tokens (and logprobs) per sequence."""
+
+    def __init__(
+        self,
+        model: MoEModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler(model.spec.vocab_size)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forget(self, seq_id: str) -> None:
+        """Drop per-request state of a finished sequence."""
+        self._generators.pop(seq_id, None)
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        seed = seq.request.sampling.seed
+        if seed is None or seq.request.sampling.is_greedy:
+            return None
+        gen = self._generators.get(seq.seq_id)
+        if gen is None:
+            gen = torch.Generator(device=self.model.device)
+            gen.manual_seed(seed)
+            self._generators[seq.seq_id] = gen
+        return gen
+
+    @torch.inference_mode()
+    def execute(
+        self, out: SchedulerOutput, block_tables: SequenceT[SequenceT[int]]
+    ) -> dict[str, tuple[int, TokenLogprob | None]]:
+        """Run the scheduled chunks; returns {seq_id: (token, logprob)} for sequences that sample."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        logit_rows: list[int] = []
+        sampling_seqs: list[Sequence] = []
+        for item in out.scheduled:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            input_ids.extend(seq.token_ids(start, end))
+            positions.extend(range(start, end))
+            if item.samples:
+                logit_rows.append(len(input_ids) - 1)
+                sampling_seqs.append(seq)
+        device = self.model.device
+        meta = AttentionMetadata.build(
+            block_tables,
+            [s.seq.num_computed_tokens + s.num_new_tokens for s in out.scheduled],
+            [s.num_new_tokens for s in out.scheduled],
+            self.block_size,
+            device,
+        )
+        hidden = self.model.forward(
+            torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta, self.kv_caches
+        )
+        if not sampling_seqs:
+            return {}
+        logits = self.model.logits(hidden[torch.tensor(logit_rows, device=device)])
+        result: SamplerOutput = self.sampler(
+            logits,
+            [s.request.sampling for s in sampling_seqs],
+            [s.prompt_token_ids for s in sampling_seqs],
+            [s.output_token_ids for s in sampling_seqs],
+            [self._generator(s) for s in sampling_seqs],
+            self.eos_token_ids,
+        )
+        return {
+            seq.seq_id: (token, logprob)
+            for seq, token, logprob in zip(sampling_seqs, result.token_ids, result.logprobs)
+        }

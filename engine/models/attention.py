@@ -1,0 +1,88 @@
+"""Paged causal attention over a varlen batch of sequences.
+
+A step's tokens are flattened ([T, ...]); each sequence contributes `query_len` new tokens
+at the end of its `context_len` tokens. New keys/values are written into the paged cache
+at `slot_mapping`, then each sequence's whole context is gathered by its block table into
+a padded [B, Kmax] view and one SDPA call serves prefill, chunked prefill and decode alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Index tensors for one step. T tokens, B sequences, Q = max query len, K = max context len."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    gather_slots: torch.Tensor  # [B, K] cache slot of each context position (padded with 0)
+    query_index: torch.Tensor  # [T] position of each token in the flattened [B * Q] query layout
+    mask: torch.Tensor  # [B, 1, Q, K] True where a query may attend a key
+    num_seqs: int
+    max_query_len: int
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        context_lens: Sequence[int],
+        query_lens: Sequence[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        """Index tensors for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new."""
+        num_seqs = len(context_lens)
+        max_q, max_k = max(query_lens), max(context_lens)
+        gather = torch.zeros(num_seqs, max_k, dtype=torch.long)
+        slot_chunks, query_chunks = [], []
+        for i, (table, ctx, q) in enumerate(zip(block_tables, context_lens, query_lens)):
+            pos = torch.arange(ctx)
+            slots = torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
+            gather[i, :ctx] = slots
+            slot_chunks.append(slots[ctx - q :])
+            query_chunks.append(torch.arange(q) + i * max_q)
+        ctx_t = torch.tensor(context_lens)
+        q_t = torch.tensor(query_lens)
+        # query row r of sequence i sits at absolute position ctx - q + r
+        query_pos = (ctx_t - q_t)[:, None] + torch.arange(max_q)[None, :]  # [B, Q]
+        key_pos = torch.arange(max_k)[None, :]  # [1, K]
+        mask = (key_pos[:, None, :] <= query_pos[:, :, None]) & (key_pos[:, None, :] < ctx_t[:, None, None])
+        mask[:, :, 0] = True  # padding query rows attend one key instead of none (their output is dropped)
+        return cls(
+            slot_mapping=torch.cat(slot_chunks).to(device),
+            gather_slots=gather.to(device),
+            query_index=torch.cat(query_chunks).to(device),
+            mask=mask[:, None].to(device),
+            num_seqs=num_seqs,
+            max_query_len=max_q,
+        )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, H, Dh]; k, v: [T, Hkv, Dh]; caches: [S, Hkv, Dh]. Returns [T, H * Dh]."""
+    num_tokens, num_heads, head_dim = q.shape
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    keys = k_cache[meta.gather_slots].transpose(1, 2)  # [B, Hkv, K, Dh]
+    values = v_cache[meta.gather_slots].transpose(1, 2)
+    queries = q.new_zeros(meta.num_seqs * meta.max_query_len, num_heads, head_dim)
+    queries[meta.query_index] = q
+    queries = queries.view(meta.num_seqs, meta.max_query_len, num_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=num_heads != k.shape[1]
+    )  # [B, H, Q, Dh]
+    out = out.transpose(1, 2).reshape(meta.num_seqs * meta.max_query_len, num_heads * head_dim)
+    return out[meta.query_index]

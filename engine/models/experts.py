@@ -1,0 +1,54 @@
+"""Where a MoE layer gets its routed experts' weights from.
+
+`ExpertProvider` is the seam between the model code and the offload tier: a layer asks
+for the experts its tokens routed to and computes each one as soon as the provider
+yields it (already resident first, then misses as their copies land), and says when it
+is done so their slots can be reused. `ResidentExperts` keeps every expert in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
+
+import torch
+
+from engine.models.weights import ExpertTensors
+from engine.types import ExpertKey
+
+
+class ExpertProvider(Protocol):
+    """Supplies routed-expert weights to the MoE layers."""
+
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertTensors]]:
+        """Yield (expert, weights) for each requested expert, in the order they become usable."""
+        ...
+
+    def done(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """The layer finished with these experts."""
+        ...
+
+    def hint(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """These experts of `layer` will probably be needed soon (prefetch if useful)."""
+        ...
+
+
+class ResidentExperts:
+    """Every routed expert resident in memory: the all-resident reference run."""
+
+    def __init__(self, experts: Mapping[ExpertKey, ExpertTensors], device: torch.device) -> None:
+        self._experts = {key: (gu.to(device), down.to(device)) for key, (gu, down) in experts.items()}
+
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertTensors]]:
+        for expert in expert_ids:
+            yield expert, self._experts[ExpertKey(layer, expert)]
+
+    def done(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Nothing to release: resident experts are never evicted."""
+
+    def hint(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Nothing to prefetch: every expert is already resident."""
+
+    def nbytes(self) -> int:
+        """Bytes held by all routed experts."""
+        return sum(gu.numel() * gu.element_size() + d.numel() * d.element_size() for gu, d in self._experts.values())

@@ -1,0 +1,151 @@
+"""Our forward pass for decoder-only MoE transformers (Mixtral, Qwen2/3-MoE, OLMoE).
+
+Pure functions over `DenseWeights` plus an `ExpertProvider`; the spec decides biases,
+q/k norms, the shared expert and top-k renormalisation. Shapes: T tokens, D hidden,
+H heads, Hkv kv heads, Dh head dim, E experts, A active experts per token, F expert
+intermediate size, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.models.attention import AttentionMetadata, paged_attention
+from engine.models.experts import ExpertProvider
+from engine.models.spec import ModelSpec, QKNorm
+from engine.models.weights import AttentionWeights, DenseWeights, LayerWeights, SharedExpertWeights
+
+RoutingObserver = Callable[[int, torch.Tensor], None]  # (layer, topk_ids [T, A])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back, like the reference implementations."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for rotate-half rotary embeddings. Dh head dim, P positions."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, device: torch.device) -> None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, Dh]
+        self.cos = emb.cos().to(device)
+        self.sin = emb.sin().to(device)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, Dh]; positions: [T]."""
+        cos = self.cos[positions][:, None, :].to(x.dtype)
+        sin = self.sin[positions][:, None, :].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class MoEModel:
+    """Runs one step of the model over a flattened batch of tokens."""
+
+    def __init__(self, spec: ModelSpec, dense: DenseWeights, experts: ExpertProvider, device: torch.device) -> None:
+        self.spec = spec
+        self.dense = dense
+        self.experts = experts
+        self.device = device
+        self.rotary = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.max_position_embeddings, device)
+        self.scale = spec.head_dim**-0.5
+        self.routing_observer: RoutingObserver | None = None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final-normed hidden states [T, D]."""
+        x = self.dense.embed_tokens[input_ids]
+        for layer_idx, layer in enumerate(self.dense.layers):
+            h = rms_norm(x, layer.input_norm, self.spec.rms_norm_eps)
+            x = x + self._attention(layer.attention, h, positions, meta, kv_caches[layer_idx])
+            h = rms_norm(x, layer.post_attention_norm, self.spec.rms_norm_eps)
+            x = x + self._moe(layer_idx, layer, h)
+        return rms_norm(x, self.dense.final_norm, self.spec.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, D] -> fp32 logits [N, V]."""
+        return F.linear(hidden, self.dense.lm_head).float()
+
+    def _attention(
+        self,
+        w: AttentionWeights,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        spec = self.spec
+        num_tokens = x.shape[0]
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        if spec.qk_norm is QKNorm.FULL:
+            q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
+            k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
+        if spec.clip_qkv is not None:
+            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+        q = q.reshape(num_tokens, spec.num_heads, spec.head_dim)
+        k = k.reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
+        v = v.reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
+        if spec.qk_norm is QKNorm.PER_HEAD:
+            q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
+            k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
+        q = self.rotary.apply(q, positions)
+        k = self.rotary.apply(k, positions)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return F.linear(out, w.o, w.o_bias)
+
+    def route(self, layer: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router: x [T, D] -> (topk_weights [T, A] in x's dtype, topk_ids [T, A])."""
+        logits = F.linear(x, layer.router)  # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
+        if self.spec.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+    def _moe(self, layer_idx: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        num_tokens, hidden = x.shape
+        top_k = self.spec.top_k
+        weights, ids = self.route(layer, x)
+        if self.routing_observer is not None:
+            self.routing_observer(layer_idx, ids)
+        flat_ids = ids.flatten()  # [T * A]
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.spec.num_experts).tolist()
+        starts = [0] * len(counts)
+        for e in range(1, len(counts)):
+            starts[e] = starts[e - 1] + counts[e - 1]
+        needed = [e for e, c in enumerate(counts) if c]
+        flat_weights = weights.flatten()
+        # each (token, slot) pair gets its own row, so experts may finish in any order
+        # and the final sum over slots is still taken in one fixed order (bit-exact)
+        out = x.new_zeros(num_tokens * top_k, hidden)
+        for expert, (gate_up, down) in self.experts.fetch(layer_idx, needed):
+            rows = order[starts[expert] : starts[expert] + counts[expert]]
+            gate, up = F.linear(x[rows // top_k], gate_up).chunk(2, dim=-1)
+            out[rows] = F.linear(F.silu(gate) * up, down) * flat_weights[rows, None]
+        self.experts.done(layer_idx, needed)
+        routed = out.view(num_tokens, top_k, hidden).sum(dim=1)
+        if layer.shared_expert is not None:
+            routed = routed + self._shared_expert(layer.shared_expert, x)
+        return routed
+
+    @staticmethod
+    def _shared_expert(w: SharedExpertWeights, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+        out = F.linear(F.silu(gate) * up, w.down)
+        return torch.sigmoid(F.linear(x, w.gate)) * out

@@ -1,0 +1,153 @@
+"""Continuous-batching scheduler with chunked prefill and preemption. No torch import.
+
+Each step gets a token budget. Running sequences go first (decodes before prefill
+chunks), each taking the KV blocks it needs; when blocks run out the most recently
+admitted sequence is preempted (its blocks freed, recomputed later from its tokens).
+Waiting sequences are then admitted in queue order while budget, sequence slots and
+blocks last; a long prompt is split into chunks across steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.errors import QueueFullError
+from engine.sampling_params import FinishReason
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one step and of the waiting queue."""
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_waiting: int = 256
+
+
+@dataclass
+class ScheduledSequence:
+    """`num_new_tokens` tokens of `seq`, starting at its first uncomputed one, run this step."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token, so a new token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step runs, and which sequences were preempted to make room."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the KV block budget."""
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; raises QueueFullError when the waiting queue is full."""
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)", retry_after_s=1.0)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        # decodes (one token each) before prefill chunks, in admission order
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
+                continue
+            self.blocks.grow(seq.seq_id, seq.num_computed_tokens + num_new)
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        if not out.preempted:
+            budget = self._admit_waiting(budget, out)
+        return out
+
+    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Preempt the newest running sequences until `seq` fits; False if `seq` itself was preempted."""
+        while not self.blocks.can_grow(seq.seq_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim)
+            out.scheduled = [s for s in out.scheduled if s.seq is not victim]
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_grow(seq.seq_id, seq.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq.seq_id, seq.num_computed_tokens + num_new)
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return budget
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Advance computed counts and append the tokens sampled this step."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            token = sampled.get(item.seq.seq_id)
+            if token is not None:
+                item.seq.output_token_ids.append(token)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Retire a sequence (stop, length or abort) and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,139 @@
+"""The `moe-serve` command: `serve`, `generate` and `trace` subcommands.
+
+Errors a user can cause (bad flags, missing or corrupt checkpoints, prompts too long,
+invalid sampling values) print one line to stderr and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from engine.config import EngineConfig
+from engine.errors import EngineError
+from server.config import ConfigError, LogLevel, ServeConfig, load_config
+
+logger = logging.getLogger("moe_serve")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str]) -> None:
+    """One `--field-name` flag per config field (values validated later by pydantic)."""
+    group = parser.add_argument_group("settings (also from --config YAML and MOE_SERVE_<FIELD> variables)")
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        helptext = field.description or ""
+        annotation = getattr(field.annotation, "__members__", None)
+        if annotation:
+            helptext += f" {{{', '.join(m.value for m in field.annotation)}}}"
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(),
+                           help=f"{helptext} (default: {field.default})".strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-serve", description="Serve Mixture-of-Experts models with an OpenAI-compatible API."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,trace}")
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                           description="Run the OpenAI-compatible HTTP server (the demo model when --model is not given).")
+    serve.add_argument("--config", type=Path, default=None, help="YAML profile, e.g. configs/cpu.yaml")
+    _add_config_flags(serve, ServeConfig, skip=set())
+
+    gen = sub.add_parser("generate", help="generate text for one prompt and exit",
+                         description="Generate a completion for one prompt (raw text, or chat with --chat).")
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (token_ids, text, ...)")
+    gen.add_argument("--config", type=Path, default=None, help="YAML profile, e.g. configs/cpu.yaml")
+    _add_config_flags(gen, EngineConfig, skip=set())
+
+    from engine.trace_cli import add_trace_parser
+
+    add_trace_parser(sub)
+    return parser
+
+
+def _configure_logging(level: LogLevel) -> None:
+    logging.basicConfig(level=level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _engine_flags(args: argparse.Namespace, cls: type[BaseModel]) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in cls.model_fields}
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Generate for one prompt with the synchronous engine and print the result."""
+    from engine.builder import build_engine
+    from engine.request import EngineRequest
+    from engine.sampling_params import SamplingParams
+
+    config = load_config(EngineConfig, args.config, _engine_flags(args, EngineConfig))
+    _configure_logging(LogLevel.WARNING)
+    engine = build_engine(config, show_progress=False)
+    tokenizer = engine.tokenizer
+    if args.chat:
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    engine.add_request(EngineRequest("generate-0", list(prompt_ids), params))
+    token_ids: list[int] = []
+    text, finish_reason = "", None
+    while engine.has_unfinished:
+        for out in engine.step():
+            token_ids += out.new_token_ids
+            text += out.new_text
+            finish_reason = out.finish_reason
+    if args.json:
+        print(json.dumps({"model": engine.model_name, "prompt_token_ids": list(prompt_ids), "token_ids": token_ids,
+                          "text": text, "finish_reason": finish_reason.value if finish_reason else None}))
+    else:
+        print(text)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Start the engine thread and the HTTP server; SIGTERM drains then exits 0."""
+    from server.serve import serve
+
+    config = load_config(ServeConfig, args.config, _engine_flags(args, ServeConfig))
+    _configure_logging(config.log_level)
+    return serve(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return run_serve(args)
+        if args.command == "generate":
+            return run_generate(args)
+        return int(args.handler(args))
+    except (ConfigError, EngineError) as exc:
+        print(f"moe-serve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Runs the HTTP server: engine thread + FastAPI app under uvicorn, graceful on SIGTERM.
+
+uvicorn stops accepting on SIGTERM/SIGINT and lets running requests finish for up to
+`shutdown_timeout_s`; then the engine thread is stopped and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from engine.async_engine import AsyncLLMEngine
+from engine.builder import served_model_name
+from server.app import ServerOptions, create_app
+from server.config import ServeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def serve(config: ServeConfig) -> int:
+    """Block serving HTTP until a shutdown signal; returns the process exit code."""
+    engine = AsyncLLMEngine(config)
+    engine.start()
+    options = ServerOptions(api_key=config.api_key, served_model_name=served_model_name(config))
+    app = create_app(engine, options)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level.value,
+            timeout_graceful_shutdown=int(config.shutdown_timeout_s),
+            access_log=False,
+        )
+    )
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    if engine.load_error is not None:
+        logger.error("the model failed to load: %s", engine.load_error)
+        return 1
+    return 0

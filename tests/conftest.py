@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random checkpoints of every architecture, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ARCHITECTURES, make_tiny_checkpoint
+
+TRACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Returns make(arch, **overrides) -> Path, caching identical requests for the session."""
+    made: dict[tuple, Path] = {}
+
+    def make(arch: str, **overrides) -> Path:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in made:
+            directory = tmp_path_factory.mktemp(f"ckpt-{arch}")
+            made[key] = make_tiny_checkpoint(arch, directory, **overrides)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session", params=ARCHITECTURES)
+def arch_checkpoint(request: pytest.FixtureRequest, checkpoint_factory) -> tuple[str, Path]:
+    """(arch, checkpoint dir) for each supported architecture."""
+    return request.param, checkpoint_factory(request.param)
