@@ -1,0 +1,90 @@
+"""The default policy: a next-step predictor learned online from consecutive steps.
+
+Each key's priority estimates how likely it is to be needed again soon, from three
+signals the policy learns from the on_* calls alone:
+
+- transition: P(key used in the next step | keys used in this step, or in the last
+  finished step while none is yet), from counts of
+  (key used at step s -> key used at step s+1) pairs seen so far (a sparse Markov model
+  over keys; it learns, e.g., that a new request's first token always routes the same way
+  after the previous request's last tokens, and which experts follow which);
+- frequency: an exponentially decayed use count (long-term popularity across requests);
+- recency: 0.5 ** (steps since last use / recency_half_life) (reuse within a request).
+
+victim() evicts the lowest priority: O(candidates x keys used this step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable
+
+from cache_policies.base import CachePolicy
+
+
+class MarkovPolicy(CachePolicy):
+    """Transition + decayed-frequency + recency priority; evict the lowest."""
+
+    name = "markov"
+
+    def __init__(
+        self,
+        frequency_weight: float = 0.1,
+        frequency_half_life: float = 32.0,
+        recency_weight: float = 0.3,
+        recency_half_life: float = 2.0,
+    ) -> None:
+        if frequency_half_life <= 0 or recency_half_life <= 0:
+            raise ValueError("half lives must be positive")
+        self._frequency_weight = frequency_weight
+        self._frequency_decay = math.log(2.0) / frequency_half_life
+        self._recency_weight = recency_weight
+        self._recency_half_life = recency_half_life
+        self._step = 0
+        self._last_step: dict[Hashable, int] = {}
+        self._frequency: dict[Hashable, float] = {}
+        self._previous: list[Hashable] = []
+        self._current: list[Hashable] = []
+        self._followers: dict[Hashable, dict[Hashable, int]] = {}
+        self._transitions_from: dict[Hashable, int] = {}
+
+    def on_access(self, key: Hashable) -> None:
+        last = self._last_step.get(key)
+        if last == self._step:
+            return
+        decayed = self._frequency[key] * math.exp(-self._frequency_decay * (self._step - last)) if last is not None else 0.0
+        self._frequency[key] = decayed + 1.0
+        self._last_step[key] = self._step
+        self._current.append(key)
+
+    def on_step(self) -> None:
+        if self._current:
+            followers, counts = self._followers, self._transitions_from
+            for source in self._previous:
+                row = followers.get(source)
+                if row is None:
+                    row = followers[source] = {}
+                for target in self._current:
+                    row[target] = row.get(target, 0) + 1
+                counts[source] = counts.get(source, 0) + 1
+            self._previous, self._current = self._current, []
+        self._step += 1
+
+    def priority(self, key: Hashable) -> float:
+        """Estimated chance that `key` is needed soon (higher is kept longer)."""
+        step = self._step
+        last = self._last_step.get(key)
+        if last is None:
+            return 0.0
+        age = step - last
+        score = self._frequency_weight * self._frequency[key] * math.exp(-self._frequency_decay * age)
+        score += self._recency_weight * 0.5 ** (age / self._recency_half_life)
+        followers, counts = self._followers, self._transitions_from
+        for source in self._current or self._previous:
+            row = followers.get(source)
+            if row is not None:
+                score += row.get(key, 0) / counts[source]
+        return score
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        return min(candidates, key=self.priority)

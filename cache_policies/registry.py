@@ -1,0 +1,49 @@
+"""Policy names and the registry that builds a policy by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+from cache_policies.base import CachePolicy
+from cache_policies.frequency import DecayedLFUPolicy, LFUDAPolicy, LFUPolicy
+from cache_policies.markov import MarkovPolicy
+from cache_policies.recency import FIFOPolicy, LRUPolicy
+
+
+class PolicyName(str, Enum):
+    """Names accepted by `make_policy`."""
+
+    LRU = "lru"
+    FIFO = "fifo"
+    LFU = "lfu"
+    LFUDA = "lfuda"
+    DECAYED_LFU = "decayed_lfu"
+    MARKOV = "markov"
+
+
+_FACTORIES: dict[PolicyName, Callable[..., CachePolicy]] = {
+    PolicyName.LRU: LRUPolicy,
+    PolicyName.FIFO: FIFOPolicy,
+    PolicyName.LFU: LFUPolicy,
+    PolicyName.LFUDA: LFUDAPolicy,
+    PolicyName.DECAYED_LFU: DecayedLFUPolicy,
+    PolicyName.MARKOV: MarkovPolicy,
+}
+
+DEFAULT_POLICY: str = PolicyName.MARKOV.value
+
+
+def available_policies() -> list[str]:
+    """Every name `make_policy` accepts."""
+    return [name.value for name in PolicyName]
+
+
+def make_policy(name: str, **kwargs: Any) -> CachePolicy:
+    """A fresh policy; `kwargs` go to its constructor. Unknown names raise ValueError."""
+    try:
+        policy_name = PolicyName(name)
+    except ValueError:
+        raise ValueError(f"unknown cache policy {name!r}; valid: {', '.join(available_policies())}") from None
+    return _FACTORIES[policy_name](**kwargs)

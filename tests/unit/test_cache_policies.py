@@ -1,0 +1,129 @@
+"""Eviction order of each policy on hand-made sequences, and the registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from cache_policies import DEFAULT_POLICY, CachePolicy, PolicyName, available_policies, make_policy
+from cache_policies.frequency import DecayedLFUPolicy, LFUDAPolicy, LFUPolicy
+from cache_policies.markov import MarkovPolicy
+from cache_policies.recency import FIFOPolicy, LRUPolicy
+
+
+def feed(policy: CachePolicy, steps: list[list[str]]) -> CachePolicy:
+    """Insert-on-first-sight and access every key of each step, then end the step."""
+    seen: set[str] = set()
+    for step in steps:
+        for key in step:
+            if key not in seen:
+                seen.add(key)
+                policy.on_insert(key)
+            policy.on_access(key)
+        policy.on_step()
+    return policy
+
+
+def test_lru_evicts_least_recently_used() -> None:
+    policy = feed(LRUPolicy(), [["a"], ["b"], ["c"], ["a"]])
+    assert policy.victim(["a", "b", "c"]) == "b"
+    assert policy.victim(["a", "c"]) == "c"
+
+
+def test_fifo_ignores_reuse() -> None:
+    policy = feed(FIFOPolicy(), [["a"], ["b"], ["c"], ["a"], ["a"]])
+    assert policy.victim(["a", "b", "c"]) == "a"
+    policy.on_evict("a")
+    policy.on_insert("a")
+    assert policy.victim(["a", "b", "c"]) == "b"
+
+
+def test_lfu_counts_and_breaks_ties_by_recency() -> None:
+    policy = feed(LFUPolicy(), [["a"], ["a"], ["b"], ["c"], ["b"]])
+    assert policy.victim(["a", "b", "c"]) == "c"
+    assert policy.victim(["a", "b"]) == "a"  # both used twice; a's last use is older
+
+def test_lfu_tie_goes_to_older_key() -> None:
+    policy = feed(LFUPolicy(), [["x"], ["y"], ["z"]])
+    assert policy.victim(["z", "y", "x"]) == "x"
+
+
+def test_lfu_keeps_history_unless_told_to_forget() -> None:
+    kept = feed(LFUPolicy(), [["a"], ["a"], ["a"], ["b"], ["b"]])
+    kept.on_evict("a")
+    kept.on_insert("a")
+    kept.on_access("a")
+    assert kept.victim(["a", "b"]) == "b"
+    forgot = feed(LFUPolicy(forget_on_evict=True), [["a"], ["a"], ["a"], ["b"], ["b"]])
+    forgot.on_evict("a")
+    forgot.on_insert("a")
+    forgot.on_access("a")
+    assert forgot.victim(["a", "b"]) == "a"
+
+
+def test_lfuda_ages_out_stale_popular_keys() -> None:
+    policy = LFUDAPolicy()
+    feed(policy, [["hot"]] * 3 + [["x"]])
+    assert policy.victim(["hot", "x"]) == "x"
+    for newcomer in ["y", "z", "w", "v"]:  # each victim raises the age; newcomers enter above it
+        policy.on_evict(policy.victim(["x", "y", "z", "w", "v"][: 1 + ["y", "z", "w", "v"].index(newcomer)]))
+        policy.on_insert(newcomer)
+        policy.on_access(newcomer)
+        policy.on_access(newcomer)
+    assert policy.victim(["hot", "v"]) == "hot"
+
+
+def test_decayed_lfu_forgets_old_counts() -> None:
+    policy = feed(DecayedLFUPolicy(half_life_steps=1.0), [["old"]] * 4 + [["new"]] * 2)
+    # old: 2**-2 + 2**-3 + 2**-4 + 2**-5 < new: 2**0 + 2**-1 (after the last step)
+    assert policy.victim(["old", "new"]) == "old"
+    slow = feed(DecayedLFUPolicy(half_life_steps=1000.0), [["old"]] * 4 + [["new"]] * 2)
+    assert slow.victim(["old", "new"]) == "new"
+
+
+def test_decayed_lfu_survives_long_runs() -> None:
+    policy = DecayedLFUPolicy(half_life_steps=1.0)
+    for _ in range(2000):
+        policy.on_access("a")
+        policy.on_step()
+    policy.on_access("b")
+    assert policy.victim(["a", "b"]) in {"a", "b"}
+
+
+def test_markov_keeps_the_learned_follower() -> None:
+    # "a" is always followed by "b"; "c" was used just as often but never after "a".
+    policy = feed(MarkovPolicy(), [["a"], ["b"], ["c"], ["a"], ["b"], ["c"], ["a"]])
+    assert policy.victim(["b", "c"]) == "c"
+    assert policy.priority("b") > policy.priority("c")
+    assert policy.priority("never-seen") == 0.0
+
+
+def test_markov_recency_decides_without_transitions() -> None:
+    policy = feed(MarkovPolicy(), [["a"], ["b"], ["c"]])
+    assert policy.victim(["a", "b"]) == "a"
+
+
+def test_registry_builds_every_name() -> None:
+    names = available_policies()
+    assert names == [name.value for name in PolicyName]
+    assert DEFAULT_POLICY in names
+    for name in names:
+        policy = make_policy(name)
+        assert isinstance(policy, CachePolicy)
+        assert policy.name == name
+    assert isinstance(make_policy("decayed_lfu", half_life_steps=8.0), DecayedLFUPolicy)
+
+
+def test_registry_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="lru") as info:
+        make_policy("mru")
+    assert "mru" in str(info.value)
+    for name in available_policies():
+        assert name in str(info.value)
+
+
+def test_policies_do_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, cache_policies, engine.traces, engine.trace_sim; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
