@@ -6,6 +6,8 @@ import enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.scheduling_policy import SchedulingPolicyName
+
 
 class DType(str, enum.Enum):
     """Compute dtype; `auto` keeps the checkpoint's."""
@@ -55,4 +57,10 @@ class EngineConfig(BaseModel):
     )
     cache_policy: str = Field(default="default", description="expert-cache eviction policy (see cache_policies)")
     copy_workers: int = Field(default=2, ge=1, le=64, description="copy-engine worker threads (CPU backend)")
+    scheduling_policy: SchedulingPolicyName = Field(
+        default=SchedulingPolicyName.FCFS, description="waiting-queue order"
+    )
+    tasks_file: str | None = Field(default=None, description="YAML table of tasks and SLOs (configs/tasks.yaml)")
+    reject_unattainable: bool = Field(default=False, description="reject requests whose TTFT SLO cannot be met")
+    starvation_s: float = Field(default=30.0, gt=0, description="slo policy: serve anything waiting longer first")
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads; default: all cores")

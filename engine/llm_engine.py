@@ -115,9 +115,12 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        started = time.monotonic()
+        num_prefill = sum(s.num_new_tokens for s in out.scheduled if s.seq.num_uncomputed_tokens > 1)
         sampled = self.runner.execute(out, [self.blocks.table(s.seq.seq_id) for s in out.scheduled])
         self.scheduler.update(out, {seq_id: token for seq_id, (token, _) in sampled.items()})
         now = time.monotonic()
+        self.scheduler.slo.service.observe_step(num_prefill, now - started)
         outputs = []
         for seq_id, (token, logprob) in sampled.items():
             tracked = self._tracked[seq_id]

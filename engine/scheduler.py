@@ -3,7 +3,8 @@
 Each step gets a token budget. Running sequences go first (decodes before prefill
 chunks), each taking the KV blocks it needs; when blocks run out the most recently
 admitted sequence is preempted (its blocks freed, recomputed later from its tokens).
-Waiting sequences are then admitted in queue order while budget, sequence slots and
+Waiting sequences are then admitted in the order of the scheduling policy (fcfs,
+priority or slo, see `engine.scheduling_policy`) while budget, sequence slots and
 blocks last; a long prompt is split into chunks across steps.
 """
 
@@ -16,7 +17,16 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.errors import QueueFullError
 from engine.sampling_params import FinishReason
+from engine.scheduling_policy import (
+    NoExpertCost,
+    SchedulingPolicyName,
+    ServiceTimeModel,
+    SloContext,
+    WaitingOrder,
+    make_order,
+)
 from engine.sequence import Sequence, SequenceStatus
+from engine.tasks import OutputLengthEstimator, TaskTable
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,8 @@ class SchedulerConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     max_waiting: int = 256
+    policy: SchedulingPolicyName = SchedulingPolicyName.FCFS
+    reject_unattainable: bool = False
 
 
 @dataclass
@@ -60,17 +72,31 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting and running queues and the KV block budget."""
 
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, slo: SloContext | None = None) -> None:
         self.config = config
         self.blocks = blocks
+        self.slo = slo or SloContext(TaskTable.from_mapping({}), ServiceTimeModel(), NoExpertCost())
+        self.order: WaitingOrder = make_order(config.policy, self.slo)
+        self.lengths = OutputLengthEstimator(self.slo.tasks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence; raises QueueFullError when the waiting queue is full."""
+        """Queue a new sequence; raises QueueFullError when the waiting queue is full, or
+        (with reject_unattainable) when its TTFT SLO cannot be met even if served next."""
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)", retry_after_s=1.0)
+        request = seq.request
+        seq.predicted_output_len = self.lengths.predict(request.task, request.sampling.max_tokens)
+        if self.config.reject_unattainable:
+            ttft = self.slo.service.first_token_s(seq.num_tokens) + self.slo.expert_cost.load_seconds(request.task)
+            ttft += sum(self.slo.service.first_token_s(s.num_uncomputed_tokens) for s in self.waiting)
+            if ttft > self.slo.tasks.get(request.task).ttft_slo_s:
+                raise QueueFullError(
+                    f"the {request.task!r} TTFT SLO cannot be met under the current load "
+                    f"(predicted {ttft:.2f} s)", retry_after_s=max(1.0, ttft),
+                )
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -119,12 +145,14 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
+        now = time.monotonic()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+            index = self.order.pick(self.waiting, self.running, now)
+            seq = self.waiting[index]
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_grow(seq.seq_id, seq.num_computed_tokens + num_new):
                 break
-            self.waiting.popleft()
+            del self.waiting[index]
             self.blocks.grow(seq.seq_id, seq.num_computed_tokens + num_new)
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
@@ -151,3 +179,5 @@ class Scheduler:
         self.blocks.free(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if reason is not FinishReason.ABORT:
+            self.lengths.observe(seq.request.task, seq.predicted_output_len, len(seq.output_token_ids))

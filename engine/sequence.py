@@ -27,6 +27,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    predicted_output_len: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
 

@@ -1,0 +1,76 @@
+"""Sampling parameters of a request, and the small value types of its outputs. No torch import."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+MAX_TOP_LOGPROBS = 20
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request stopped (the OpenAI names)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass
+class TokenLogprob:
+    """A sampled token's log-probability and the top alternatives (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop (OpenAI semantics, plus vLLM-style extras).
+
+    logprobs: None for none; k >= 0 returns the sampled token's logprob and the top-k
+    alternatives. Logprobs are those of the model (log_softmax of the raw logits, before
+    penalties and temperature), like OpenAI's.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field outside its allowed range."""
+        if self.top_k == -1:
+            self.top_k = 0
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "must be >= 1", self.max_tokens),
+            (0.0 <= self.temperature <= 2.0, "temperature", "must be in [0, 2]", self.temperature),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 or -1 disables it)", self.top_k),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]", self.presence_penalty),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty),
+            (self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0", self.repetition_penalty),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]", self.min_tokens),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
+             f"must be in [0, {MAX_TOP_LOGPROBS}]", self.logprobs),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop),
+            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0", self.stop_token_ids),
+        ]
+        for ok, name, rule, value in checks:
+            if not ok:
+                raise ValueError(f"{name} {rule}, got {value!r}")

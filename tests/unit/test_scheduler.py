@@ -1,0 +1,164 @@
+"""Scheduler policies, starvation guard, admission control and the length estimator (no torch)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.block_manager import BlockManager
+from engine.errors import QueueFullError
+from engine.request import EngineRequest
+from engine.sampling_params import FinishReason, SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduling_policy import SchedulingPolicyName, ServiceTimeModel, SloContext
+from engine.sequence import Sequence
+from engine.tasks import OutputLengthEstimator, TaskSpec, TaskTable
+
+TASKS = TaskTable.from_mapping({
+    "chat": {"ttft_slo_s": 1.0, "tpot_slo_s": 0.1, "output_len_prior": 64},
+    "summarize": {"ttft_slo_s": 10.0, "tpot_slo_s": 0.2, "output_len_prior": 256},
+    "classify": {"ttft_slo_s": 0.5, "tpot_slo_s": 0.1, "output_len_prior": 2, "prediction_sensitive": False},
+})
+
+
+class FixedCost:
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    def load_seconds(self, task: str) -> float:
+        return self.seconds.get(task, 0.0)
+
+
+def make_scheduler(policy: SchedulingPolicyName, max_num_seqs: int = 1, cost: dict[str, float] | None = None,
+                   **config) -> Scheduler:
+    ctx = SloContext(TASKS, ServiceTimeModel(prefill_s_per_token=1e-3, decode_s_per_step=0.01), FixedCost(cost or {}))
+    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, policy=policy, **config),
+                     BlockManager(1024, 16), ctx)
+
+
+def seq(rid: str, task: str = "default", prompt_len: int = 10, arrival: float = 0.0, priority: int = 0,
+        max_tokens: int = 1000) -> Sequence:
+    return Sequence(EngineRequest(rid, [1] * prompt_len, SamplingParams(max_tokens=max_tokens), task=task,
+                                  priority=priority, arrival_time=arrival))
+
+
+def admitted_order(scheduler: Scheduler, seqs: list[Sequence], monkeypatch, now: float) -> list[str]:
+    monkeypatch.setattr("engine.scheduler.time.monotonic", lambda: now)
+    for s in seqs:
+        scheduler.add(s)
+    order = []
+    while scheduler.waiting:
+        out = scheduler.schedule()
+        order += [s.seq.seq_id for s in out.scheduled if s.seq.num_computed_tokens == 0]
+        scheduler.update(out, {})
+        for s in list(scheduler.running):
+            scheduler.finish(s, FinishReason.STOP)
+    return order
+
+
+def test_scheduler_and_policies_import_no_torch() -> None:
+    code = "import sys, engine.scheduler, cache_policies; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_fcfs_admits_in_arrival_order(monkeypatch) -> None:
+    seqs = [seq("a", arrival=0.0), seq("b", "chat", arrival=0.1), seq("c", arrival=0.2)]
+    assert admitted_order(make_scheduler(SchedulingPolicyName.FCFS), seqs, monkeypatch, 0.3) == ["a", "b", "c"]
+
+
+def test_priority_admits_lowest_value_first_then_arrival(monkeypatch) -> None:
+    seqs = [seq("a", priority=5, arrival=0.0), seq("b", priority=-1, arrival=0.1), seq("c", priority=5, arrival=0.05)]
+    assert admitted_order(make_scheduler(SchedulingPolicyName.PRIORITY), seqs, monkeypatch, 0.3) == ["b", "a", "c"]
+
+
+def test_slo_serves_least_slack_first(monkeypatch) -> None:
+    seqs = [seq("sum", "summarize", arrival=0.0), seq("chat", "chat", arrival=0.1), seq("cls", "classify", arrival=0.2)]
+    order = admitted_order(make_scheduler(SchedulingPolicyName.SLO), seqs, monkeypatch, 0.25)
+    assert order == ["cls", "chat", "sum"]
+
+
+def test_slo_puts_hopeless_requests_after_feasible_ones_shortest_first(monkeypatch) -> None:
+    seqs = [seq("late-long", "chat", prompt_len=500, arrival=0.0), seq("late-short", "chat", arrival=0.0),
+            seq("ok", "summarize", arrival=4.0)]
+    order = admitted_order(make_scheduler(SchedulingPolicyName.SLO), seqs, monkeypatch, 5.0)
+    assert order == ["ok", "late-short", "late-long"]
+
+
+def test_slo_counts_expert_loading_in_slack(monkeypatch) -> None:
+    # equal SLOs; the code task's experts must be loaded (0.8 s) so it has less slack
+    tasks = {"a": 0.0, "code": 0.8}
+    table = TaskTable.from_mapping({"a": {"ttft_slo_s": 2.0}, "code": {"ttft_slo_s": 2.0}})
+    scheduler = make_scheduler(SchedulingPolicyName.SLO, cost=tasks)
+    scheduler.slo.tasks = table
+    scheduler.lengths = OutputLengthEstimator(table)
+    order = admitted_order(scheduler, [seq("a", "a", arrival=0.0), seq("code", "code", arrival=0.0)], monkeypatch, 0.5)
+    assert order == ["code", "a"]
+
+
+def test_slo_batches_same_task_when_switching_costs_more_than_the_slack_gap(monkeypatch) -> None:
+    table = TaskTable.from_mapping({"x": {"ttft_slo_s": 5.0}, "y": {"ttft_slo_s": 5.0}})
+    scheduler = make_scheduler(SchedulingPolicyName.SLO, max_num_seqs=8, cost={"x": 1.0, "y": 1.0})
+    scheduler.slo.tasks = table
+    monkeypatch.setattr("engine.scheduler.time.monotonic", lambda: 1.0)
+    scheduler.add(seq("x0", "x", arrival=0.0))
+    scheduler.schedule()  # x0 is running
+    scheduler.add(seq("y1", "y", arrival=0.2))
+    scheduler.add(seq("x2", "x", arrival=0.4))
+    index = scheduler.order.pick(scheduler.waiting, scheduler.running, 1.0)
+    assert scheduler.waiting[index].seq_id == "x2"
+
+
+def test_starvation_guard_serves_the_oldest_request_first(monkeypatch) -> None:
+    scheduler = make_scheduler(SchedulingPolicyName.SLO)
+    scheduler.slo.starvation_s = 20.0
+    seqs = [seq("old-summary", "summarize", prompt_len=2000, arrival=0.0), seq("fresh-chat", "chat", arrival=29.9)]
+    assert admitted_order(scheduler, seqs, monkeypatch, 30.0) == ["old-summary", "fresh-chat"]
+
+
+def test_bounded_waiting_queue_rejects_with_queue_full() -> None:
+    scheduler = make_scheduler(SchedulingPolicyName.FCFS, max_waiting=2)
+    scheduler.add(seq("a"))
+    scheduler.add(seq("b"))
+    with pytest.raises(QueueFullError) as info:
+        scheduler.add(seq("c"))
+    assert info.value.retry_after_s >= 1
+
+
+def test_early_rejection_when_the_ttft_slo_cannot_be_met(monkeypatch) -> None:
+    scheduler = make_scheduler(SchedulingPolicyName.SLO, reject_unattainable=True)
+    scheduler.add(seq("fits", "classify", prompt_len=100))
+    with pytest.raises(QueueFullError, match="TTFT SLO"):
+        scheduler.add(seq("too-big", "classify", prompt_len=1000))
+    scheduler.add(seq("relaxed", "summarize", prompt_len=1000))
+
+
+def test_length_estimator_uses_prior_then_recent_median_capped_by_max_tokens() -> None:
+    est = OutputLengthEstimator(TASKS, window=4, min_samples=3)
+    assert est.predict("summarize", 1000) == 256
+    assert est.predict("summarize", 100) == 100
+    for actual in (10, 30, 20):
+        est.observe("summarize", 256, actual)
+    assert est.predict("summarize", 1000) == 20
+    for actual in (100, 100, 100):
+        est.observe("summarize", 20, actual)
+    assert est.predict("summarize", 1000) == 100  # window of 4 forgot the early ones
+    assert est.mean_abs_error == pytest.approx((246 + 226 + 236 + 80 + 80 + 80) / 6)
+    assert est.predict("unknown-task", 1000) == TaskSpec().output_len_prior
+
+
+def test_finished_requests_teach_the_estimator(monkeypatch) -> None:
+    scheduler = make_scheduler(SchedulingPolicyName.SLO)
+    s = seq("a", "chat")
+    scheduler.add(s)
+    scheduler.schedule()
+    s.output_token_ids = [1] * 7
+    scheduler.finish(s, FinishReason.STOP)
+    assert scheduler.lengths.mean_abs_error == 64 - 7
+
+
+def test_task_table_errors_name_task_and_field() -> None:
+    with pytest.raises(ValueError, match="task 'chat', field ttft_slo_s"):
+        TaskTable.from_mapping({"chat": {"ttft_slo_s": -1}})
