@@ -1,4 +1,6 @@
-"""The `trace simulate` command: replay a routing trace through cache policies and print a table."""
+"""The `trace` commands: `simulate` replays a routing trace through cache policies (optionally with
+next-layer prefetching and a link/compute timing model) and `predictors` scores the affinity
+predictor; each prints a table or JSON."""
 
 from __future__ import annotations
 
@@ -8,6 +10,17 @@ import logging
 import sys
 
 from cache_policies import DEFAULT_POLICY, available_policies
+from engine.predictors import affinity_recall
+from engine.prefetch_sim import (
+    AFFINITY_MIN_SCORE,
+    PCIE4_X16_EFFECTIVE_GBPS,
+    RTX_24GB_COMPUTE_MS_PER_LAYER,
+    Prefetcher,
+    PrefetchResult,
+    TimingModel,
+    available_prefetchers,
+    simulate_prefetch,
+)
 from engine.trace_sim import Oracle, ReplayResult, simulate, validate_cache_size
 from engine.traces import KNOWN_GEOMETRIES, RoutingTrace, load_trace
 
@@ -26,7 +39,7 @@ def _geometry_help() -> str:
 
 
 def add_trace_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `trace simulate` under an existing subparsers object."""
+    """Register `trace simulate` and `trace predictors` under an existing subparsers object."""
     trace = subparsers.add_parser("trace", help="routing-trace tools")
     commands = trace.add_subparsers(dest="trace_command", required=True)
     sim = commands.add_parser(
@@ -38,29 +51,74 @@ def add_trace_parser(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--trace", required=True, help="routing trace file (.npz or .jsonl)")
     sim.add_argument(
         "--policy",
-        default=f"lru,{DEFAULT_POLICY},{Oracle.BELADY.value}",
-        help=f"comma-separated policies among {', '.join(available_policies() + [Oracle.BELADY.value])}",
+        default=None,
+        help=f"comma-separated policies among {', '.join(available_policies() + [Oracle.BELADY.value])} "
+        f"(default lru,{DEFAULT_POLICY},{Oracle.BELADY.value}; without {Oracle.BELADY.value} under --prefetch)",
     )
     sim.add_argument("--cache-experts", required=True, help="slots per layer, comma-separated (e.g. 16,32)")
-    sim.add_argument("--tokens", type=int, default=None, help="replay only the first K tokens")
+    sim.add_argument("--tokens", type=int, default=None, help="replay only the first K tokens (after --learn-prompts)")
     sim.add_argument("--expert-bytes", type=int, default=None, help="bytes per expert (default: from geometry)")
     sim.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    sim.add_argument(
+        "--prefetch",
+        default=None,
+        help=f"comma-separated next-layer prefetchers among {', '.join(available_prefetchers())}: "
+        "replay with the link/compute timing model and report stall time",
+    )
+    sim.add_argument("--link-gbps", type=float, default=PCIE4_X16_EFFECTIVE_GBPS,
+                     help="host->device link bandwidth in GB/s (default: PCIe 4.0 x16 effective)")
+    sim.add_argument("--compute-ms-per-layer", type=float, default=RTX_24GB_COMPUTE_MS_PER_LAYER,
+                     help="compute time of one MoE layer for one token in ms (default: a 24 GB card)")
+    sim.add_argument("--prefetch-width", type=int, default=None,
+                     help="affinity guesses per layer (default: the trace's top-k)")
+    sim.add_argument("--min-score", type=float, default=AFFINITY_MIN_SCORE,
+                     help="affinity guesses need this mean P(expert | previous layer's experts) "
+                     f"(default {AFFINITY_MIN_SCORE:g}; 0 keeps every guess)")
+    _add_learn_prompts(sim)
     sim.set_defaults(handler=run_simulate)
+    pred = commands.add_parser(
+        "predictors",
+        help="recall of the inter-layer affinity predictor on held-out prompts",
+        description="Learn the affinity predictor (layer l -> layer l+1) on the first prompts, update it after "
+        "each later prompt, and report recall@k of its predictions of layer l+1 on the later prompts, per layer.",
+    )
+    pred.add_argument("--trace", required=True, help="routing trace file (.npz or .jsonl)")
+    pred.add_argument("--k", default="6,12", help="comma-separated numbers of guesses (default 6,12)")
+    pred.add_argument("--tokens", type=int, default=None, help="evaluate only the first K held-out tokens")
+    pred.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    _add_learn_prompts(pred)
+    pred.set_defaults(handler=run_predictors)
 
 
-def _parse_sizes(text: str) -> list[int]:
+def _add_learn_prompts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--learn-prompts", type=int, default=0,
+                        help="the first N prompts train the predictors; replay and measure on the rest")
+
+
+def _parse_sizes(text: str, flag: str = "--cache-experts") -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--cache-experts must be comma-separated integers, got {text!r}") from None
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
     if not sizes:
-        raise ValueError("--cache-experts needs at least one size")
+        raise ValueError(f"{flag} needs at least one size")
     return sizes
 
 
-def _parse_policies(text: str) -> list[str]:
+def _parse_prefetchers(text: str) -> list[Prefetcher]:
     names = [part.strip() for part in text.split(",") if part.strip()]
-    valid = available_policies() + [Oracle.BELADY.value]
+    unknown = [name for name in names if name not in available_prefetchers()]
+    if unknown or not names:
+        raise ValueError(f"unknown prefetcher {', '.join(unknown) or '(none)'}; "
+                         f"valid: {', '.join(available_prefetchers())}")
+    return [Prefetcher(name) for name in names]
+
+
+def _parse_policies(text: str | None, with_prefetch: bool) -> list[str]:
+    if text is None:
+        text = f"lru,{DEFAULT_POLICY}" + ("" if with_prefetch else f",{Oracle.BELADY.value}")
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    valid = available_policies() + ([] if with_prefetch else [Oracle.BELADY.value])
     unknown = [name for name in names if name not in valid]
     if unknown or not names:
         raise ValueError(f"unknown policy {', '.join(unknown) or '(none)'}; valid: {', '.join(valid)}")
@@ -83,41 +141,111 @@ def format_table(results: list[ReplayResult]) -> str:
         (r.policy, str(r.cache_experts), f"{r.hit_rate:.4f}", str(r.misses), f"{r.expert_bytes_per_token / 1e6:.2f}")
         for r in results
     ]
+    return _align(header, rows)
+
+
+def format_prefetch_table(results: list[PrefetchResult]) -> str:
+    """Aligned text table, one row per (cache size, policy, prefetcher)."""
+    header = ("policy", "prefetch", "cache_experts", "hit_rate", "stall_ms_per_token", "issued", "used", "late",
+              "wasted")
+    rows = [
+        (r.policy, r.prefetch, str(r.cache_experts), f"{r.hit_rate:.4f}", f"{r.stall_ms_per_token:.3f}",
+         str(r.issued), str(r.used), str(r.late), str(r.wasted))
+        for r in results
+    ]
+    return _align(header, rows)
+
+
+def _align(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
-    return "\n".join(lines)
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in [header, *rows]
+    )
+
+
+def _split(trace: RoutingTrace, learn_prompts: int, tokens: int | None) -> tuple[RoutingTrace, RoutingTrace]:
+    """(learning part, measured part): the first `learn_prompts` prompts, then the first `tokens` of the rest."""
+    if not 0 <= learn_prompts < trace.num_prompts:
+        raise ValueError(f"--learn-prompts must be between 0 and {trace.num_prompts - 1}")
+    learn, measured = trace.slice_prompts(0, learn_prompts), trace.slice_prompts(learn_prompts, trace.num_prompts)
+    if tokens is not None:
+        if tokens <= 0:
+            raise ValueError("--tokens must be positive")
+        measured = measured.slice_tokens(0, tokens)
+    return learn, measured
+
+
+def _usage_error(error: Exception) -> int:
+    message = str(error) if not isinstance(error, KeyError) else f"trace is missing field {error}"
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     """Handler of `trace simulate`; returns the process exit code."""
     try:
-        policies = _parse_policies(args.policy)
+        prefetchers = _parse_prefetchers(args.prefetch) if args.prefetch is not None else None
+        policies = _parse_policies(args.policy, prefetchers is not None)
         sizes = _parse_sizes(args.cache_experts)
-        trace = load_trace(args.trace)
-        if args.tokens is not None:
-            if args.tokens <= 0:
-                raise ValueError("--tokens must be positive")
-            trace = trace.slice_tokens(0, args.tokens)
+        learn, trace = _split(load_trace(args.trace), args.learn_prompts, args.tokens)
         for size in sizes:
             validate_cache_size(trace, size)
         expert_bytes = _expert_bytes(trace, args.expert_bytes)
+        timing = TimingModel(args.link_gbps, args.compute_ms_per_layer, expert_bytes)
+        if args.prefetch_width is not None and args.prefetch_width <= 0:
+            raise ValueError("--prefetch-width must be positive")
     except (OSError, ValueError, KeyError) as error:
-        message = str(error) if not isinstance(error, KeyError) else f"trace is missing field {error}"
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    results = simulate(trace, policies, sizes, expert_bytes)
+        return _usage_error(error)
+    results: list[ReplayResult] | list[PrefetchResult]
+    if prefetchers is None:
+        results = simulate(trace, policies, sizes, expert_bytes)
+    else:
+        results = simulate_prefetch(trace, policies, prefetchers, sizes, timing, learn, args.prefetch_width,
+                                    args.min_score)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
-    else:
-        print(f"{trace.model or args.trace}: {trace.num_tokens} tokens, {trace.num_layers} layers, "
-              f"top-{trace.top_k} of {trace.num_experts}, {expert_bytes} bytes/expert")
+        return 0
+    print(f"{trace.model or args.trace}: {trace.num_tokens} tokens measured after {learn.num_prompts} learning "
+          f"prompts, {trace.num_layers} layers, top-{trace.top_k} of {trace.num_experts}, {expert_bytes} bytes/expert")
+    if prefetchers is None:
         print(format_table(results))
+    else:
+        print(f"link {timing.link_gbps:g} GB/s ({timing.copy_s * 1e3:.3f} ms/expert), "
+              f"compute {timing.compute_ms_per_layer:g} ms/layer/token")
+        print(format_prefetch_table(results))
+    return 0
+
+
+def run_predictors(args: argparse.Namespace) -> int:
+    """Handler of `trace predictors`; returns the process exit code."""
+    try:
+        ks = _parse_sizes(args.k, "--k")
+        if min(ks) <= 0:
+            raise ValueError("--k must be positive")
+        learn, held_out = _split(load_trace(args.trace), args.learn_prompts, args.tokens)
+        if held_out.num_layers < 2:
+            raise ValueError("the affinity predictor needs at least 2 layers")
+    except (OSError, ValueError, KeyError) as error:
+        return _usage_error(error)
+    recall = affinity_recall(held_out, learn, ks)
+    rows = [{"layer": layer, "next_layer": layer + 1, "tokens": held_out.num_tokens,
+             **{f"recall_at_{k}": float(recall[layer, i]) for i, k in enumerate(ks)}}
+            for layer in range(held_out.num_layers - 1)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{held_out.model or args.trace}: affinity predictor learned on {learn.num_prompts} prompts, "
+          f"measured on {held_out.num_tokens} tokens of {held_out.num_prompts} later prompts")
+    header = ("layer", *(f"recall@{k}" for k in ks))
+    lines = [(f"{layer}->{layer + 1}", *(f"{v:.3f}" for v in recall[layer])) for layer in range(len(recall))]
+    lines.append(("mean", *(f"{v:.3f}" for v in recall.mean(axis=0))))
+    print(_align(header, lines))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: `python -m engine.trace_cli trace simulate ...`."""
+    """Stand-alone entry point: `python -m engine.trace_cli trace simulate|predictors ...`."""
     parser = argparse.ArgumentParser(prog="moe-serve")
     add_trace_parser(parser.add_subparsers(dest="command", required=True))
     try:
