@@ -15,9 +15,11 @@ from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from engine.llm_engine import LLMEngine
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
-from engine.models.experts import ResidentExperts
 from engine.models.moe_model import MoEModel
+from engine.offload import build_expert_provider
 from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduling_policy import NoExpertCost, ServiceTimeModel, SloContext
+from engine.tasks import TaskTable
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,19 @@ def model_path(config: EngineConfig) -> Path:
     from engine.demo_model import ensure_demo_model
 
     return ensure_demo_model()
+
+
+def load_task_table(tasks_file: str | None) -> TaskTable:
+    """The task/SLO table from YAML, or just the `default` task."""
+    if tasks_file is None:
+        return TaskTable.from_mapping({})
+    path = Path(tasks_file).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"tasks file not found: {path}")
+    try:
+        return TaskTable.from_yaml(path)
+    except ValueError as exc:
+        raise ModelLoadError(f"invalid tasks file {path}: {exc}") from exc
 
 
 def served_model_name(config: EngineConfig) -> str:
@@ -90,7 +105,7 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
             f"max_model_len={max_model_len} sequence; raise kv_cache_gb or lower max_model_len"
         )
     dense = loaded.weights.dense
-    experts = ResidentExperts(loaded.weights.experts, device)
+    experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens)
     model = MoEModel(spec, _dense_to(dense, device), experts, device)
     kv = allocate_kv_cache(spec, num_blocks, config.block_size, dtype, device)
     logger.info(
@@ -98,8 +113,10 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
         num_blocks * block_bytes / 2**20, device,
     )
     scheduler = Scheduler(
-        SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), config.max_waiting),
+        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
+                        config.scheduling_policy, config.reject_unattainable),
         BlockManager(num_blocks, config.block_size),
+        SloContext(load_task_table(config.tasks_file), ServiceTimeModel(), NoExpertCost(), config.starvation_s),
     )
     runner = ModelRunner(model, kv, config.block_size, eos_ids(loaded, tokenizer))
     return LLMEngine(scheduler, runner, tokenizer, max_model_len, served_model_name(config))

@@ -1,0 +1,92 @@
+"""The copy engine's Python contract: priorities, backends, tickets and the engine ABC.
+
+Every backend (CUDA extension, CPU extension, pure-torch fallback) implements `CopyEngine`
+with the same semantics: `submit` queues one copy per (src, dst) pair of contiguous uint8
+tensors; a DEMAND copy starts before every PREFETCH copy still queued; each copy has its
+own `CopyTicket`; `cancel` drops a still-queued copy; sources are only ever read.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from enum import Enum, IntEnum
+
+import torch
+
+CopyPair = tuple[torch.Tensor, torch.Tensor]
+
+
+class CopyPriority(IntEnum):
+    """Queue level of a copy; lower runs first."""
+
+    DEMAND = 0
+    PREFETCH = 1
+
+
+class CopyBackend(str, Enum):
+    """Which implementation moves the bytes."""
+
+    CUDA = "cuda"
+    CPU_EXTENSION = "cpu"
+    TORCH = "torch"
+
+
+class CopyTicket(ABC):
+    """Completion handle ("event") of one submitted copy."""
+
+    @abstractmethod
+    def done(self) -> bool:
+        """True once the destination holds every byte of the source."""
+
+    @abstractmethod
+    def cancelled(self) -> bool:
+        """True if the copy was dropped before it started."""
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Order later work after the copy.
+
+        CPU: blocks until the bytes landed. CUDA: makes the current stream wait on the copy's
+        event (the host blocks at most until a still-queued copy is handed to a copy stream).
+        A queued copy is promoted to DEMAND first. Returns at once for a cancelled copy.
+        """
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Blocks the host until the copy finished (or was cancelled)."""
+
+
+class CopyEngine(ABC):
+    """Moves byte ranges with a two-level priority queue; see the module docstring."""
+
+    backend: CopyBackend
+
+    @abstractmethod
+    def submit(self, copies: Sequence[CopyPair], priority: CopyPriority) -> list[CopyTicket]:
+        """Queues one copy per (src, dst) pair, in order, and returns their tickets."""
+
+    @abstractmethod
+    def cancel(self, ticket: CopyTicket) -> bool:
+        """Drops a copy that has not started; False if it started, ended or was cancelled."""
+
+    @abstractmethod
+    def promote(self, ticket: CopyTicket) -> bool:
+        """Moves a still-queued copy to DEMAND priority; False if it already started or ended."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Cancels queued copies, lets running ones finish and stops the workers (idempotent)."""
+
+
+def check_copies(copies: Sequence[CopyPair]) -> None:
+    """Raises ValueError unless each pair is two distinct contiguous uint8 tensors of one size."""
+    for index, (src, dst) in enumerate(copies):
+        if src.dtype != torch.uint8 or dst.dtype != torch.uint8:
+            raise ValueError(f"copy {index}: tensors must be uint8, got {src.dtype} -> {dst.dtype}")
+        if not (src.is_contiguous() and dst.is_contiguous()):
+            raise ValueError(f"copy {index}: tensors must be contiguous")
+        if src.numel() != dst.numel():
+            raise ValueError(f"copy {index}: source has {src.numel()} bytes, destination {dst.numel()}")
+        if src.numel() > 0 and src.data_ptr() == dst.data_ptr():
+            raise ValueError(f"copy {index}: source and destination are the same buffer")

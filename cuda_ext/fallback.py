@@ -1,0 +1,149 @@
+"""Pure-torch copy engine: Python worker threads doing `dst.copy_(src)`; the reference backend.
+
+Same queue semantics as the extension: two FIFO levels (DEMAND before PREFETCH), one ticket
+per copy, cancel of queued copies. With a CUDA destination each worker copies on its own
+side stream and the ticket carries a CUDA event, so `wait()` never blocks the host on the copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+
+from cuda_ext.api import CopyBackend, CopyEngine, CopyPair, CopyPriority, CopyTicket, check_copies
+
+
+class _Status(Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+class TorchCopyTicket(CopyTicket):
+    """Ticket of the torch fallback; its state changes under the engine's lock."""
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.src: torch.Tensor | None = src
+        self.dst: torch.Tensor | None = dst
+        self.status = _Status.QUEUED
+        self.finished = threading.Event()
+        self.cuda_event: torch.cuda.Event | None = None
+
+    def done(self) -> bool:
+        if not self.finished.is_set() or self.status is not _Status.DONE:
+            return False
+        return self.cuda_event is None or self.cuda_event.query()
+
+    def cancelled(self) -> bool:
+        return self.status is _Status.CANCELLED
+
+    def wait(self) -> None:
+        self.finished.wait()
+        if self.cuda_event is not None:
+            torch.cuda.current_stream().wait_event(self.cuda_event)
+
+    def synchronize(self) -> None:
+        self.finished.wait()
+        if self.cuda_event is not None:
+            self.cuda_event.synchronize()
+
+
+class TorchCopyEngine(CopyEngine):
+    """`num_workers` Python threads pop a two-level queue and run `dst.copy_(src)`."""
+
+    backend = CopyBackend.TORCH
+
+    def __init__(self, num_workers: int = 2) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self._cond = threading.Condition()
+        self._levels: tuple[deque[TorchCopyTicket], ...] = tuple(deque() for _ in CopyPriority)
+        self._closed = False
+        self._workers = [
+            threading.Thread(target=self._run, name=f"torch-copy-{i}", daemon=True) for i in range(num_workers)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    def submit(self, copies: Sequence[CopyPair], priority: CopyPriority) -> list[CopyTicket]:
+        check_copies(copies)
+        tickets = [TorchCopyTicket(src, dst) for src, dst in copies]
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("copy engine is shut down")
+            self._levels[CopyPriority(priority)].extend(tickets)
+            self._cond.notify_all()
+        return list(tickets)
+
+    def cancel(self, ticket: CopyTicket) -> bool:
+        assert isinstance(ticket, TorchCopyTicket)
+        with self._cond:
+            if ticket.status is not _Status.QUEUED:
+                return False
+            self._finish(ticket, _Status.CANCELLED)
+            return True
+
+    def promote(self, ticket: CopyTicket) -> bool:
+        assert isinstance(ticket, TorchCopyTicket)
+        with self._cond:
+            if ticket.status is not _Status.QUEUED or self._closed:
+                return False
+            self._levels[CopyPriority.DEMAND].append(ticket)
+            self._cond.notify()
+            return True
+
+    def shutdown(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            for level in self._levels:
+                for ticket in level:
+                    if ticket.status is _Status.QUEUED:
+                        self._finish(ticket, _Status.CANCELLED)
+                level.clear()
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.join()
+
+    @staticmethod
+    def _finish(ticket: TorchCopyTicket, status: _Status) -> None:
+        ticket.status = status
+        ticket.src = ticket.dst = None
+        ticket.finished.set()
+
+    def _pop(self) -> TorchCopyTicket | None:
+        """Next queued ticket (marked RUNNING), or None once shut down; holds the lock."""
+        with self._cond:
+            while True:
+                for level in self._levels:
+                    while level:
+                        ticket = level.popleft()
+                        if ticket.status is _Status.QUEUED:
+                            ticket.status = _Status.RUNNING
+                            return ticket
+                if self._closed:
+                    return None
+                self._cond.wait()
+
+    def _run(self) -> None:
+        stream = None
+        while (ticket := self._pop()) is not None:
+            src, dst = ticket.src, ticket.dst
+            assert src is not None and dst is not None
+            if dst.is_cuda or src.is_cuda:
+                device = dst.device if dst.is_cuda else src.device
+                stream = stream or torch.cuda.Stream(device=device)
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+                    ticket.cuda_event = torch.cuda.Event()
+                    ticket.cuda_event.record(stream)
+            else:
+                dst.copy_(src)
+            with self._cond:
+                self._finish(ticket, _Status.DONE)

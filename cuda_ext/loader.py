@@ -1,0 +1,48 @@
+"""Chooses the copy-engine backend for a device and builds the engine."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from cuda_ext.api import CopyBackend, CopyEngine
+from cuda_ext.fallback import TorchCopyEngine
+from cuda_ext.native import NativeCopyEngine
+
+logger = logging.getLogger(__name__)
+
+
+def default_backend(device: torch.device) -> CopyBackend:
+    """CUDA for a CUDA device when CUDA is usable, else the CPU extension."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return CopyBackend.CUDA
+    return CopyBackend.CPU_EXTENSION
+
+
+def load_copy_engine(device: torch.device, num_workers: int = 2,
+                     backend: CopyBackend | str | None = None) -> CopyEngine:
+    """A copy engine for copies into `device`, logging which backend runs.
+
+    `num_workers` is the worker-thread count (CPU extension, torch fallback) or the number of
+    copy streams (CUDA). With `backend=None` the best backend is chosen and a failed build
+    falls back to the torch engine with a WARNING; an explicit backend that fails raises.
+    """
+    device = torch.device(device)
+    chosen = default_backend(device) if backend is None else CopyBackend(backend)
+    if chosen is CopyBackend.CUDA and not torch.cuda.is_available():
+        raise RuntimeError("copy-engine backend 'cuda' needs a CUDA device, and none is available")
+    engine: CopyEngine
+    if chosen is CopyBackend.TORCH:
+        engine = TorchCopyEngine(num_workers)
+    else:
+        try:
+            engine = NativeCopyEngine(chosen, device, num_workers)
+        except Exception as error:  # a compiler or toolkit problem: the torch engine still works
+            if backend is not None:
+                raise
+            logger.warning("copy-engine extension (%s) unavailable, using the torch fallback: %s",
+                           chosen.value, error)
+            engine = TorchCopyEngine(num_workers)
+    logger.info("copy engine: backend=%s device=%s workers=%d", engine.backend.value, device, num_workers)
+    return engine

@@ -1,0 +1,112 @@
+"""Builds (JIT, cached under the user's cache dir) and wraps the C++/CUDA copy-engine extension.
+
+One extension per flavour: `moe_copy_engine_cpu` (bindings + CPU worker threads) and
+`moe_copy_engine_cuda` (the same plus the CUDA copy streams). The loaded module is cached
+per flavour for the life of the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from cuda_ext.api import CopyBackend, CopyEngine, CopyPair, CopyPriority, CopyTicket, check_copies
+
+logger = logging.getLogger(__name__)
+
+CSRC_DIR = Path(__file__).resolve().parent / "csrc"
+CPU_SOURCES = ("bindings.cpp", "copy_engine_cpu.cpp")
+CUDA_SOURCES = ("copy_engine_cuda.cu",)
+CXX_FLAGS = ["-O3", "-std=c++17"]
+
+
+def build_dir(with_cuda: bool) -> Path:
+    """Where the compiled extension is cached: $MOE_SERVE_EXT_DIR or <cache>/moe-serve/ext/<flavour>."""
+    root = os.environ.get("MOE_SERVE_EXT_DIR")
+    if root is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = str(Path(cache) / "moe-serve" / "ext")
+    directory = Path(root) / ("cuda" if with_cuda else "cpu")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@functools.cache
+def load_extension(with_cuda: bool) -> ModuleType:
+    """Compiles on first use (ninja; a later process reuses the build) and imports the module."""
+    from torch.utils import cpp_extension
+
+    sources = [str(CSRC_DIR / name) for name in CPU_SOURCES]
+    flags = list(CXX_FLAGS)
+    if with_cuda:
+        sources += [str(CSRC_DIR / name) for name in CUDA_SOURCES]
+        flags.append("-DMOE_WITH_CUDA")
+    logger.info("loading the copy-engine extension (%s); the first build takes a minute",
+                "cuda" if with_cuda else "cpu")
+    return cpp_extension.load(
+        name="moe_copy_engine_cuda" if with_cuda else "moe_copy_engine_cpu",
+        sources=sources,
+        extra_cflags=flags,
+        extra_cuda_cflags=flags,
+        build_directory=str(build_dir(with_cuda)),
+        with_cuda=with_cuda,
+        verbose=False,
+    )
+
+
+class NativeCopyTicket(CopyTicket):
+    """Wraps the extension's ticket; `wait` passes the current CUDA stream on a CUDA engine."""
+
+    def __init__(self, handle: Any, device: torch.device | None) -> None:
+        self.handle = handle
+        self._device = device
+
+    def done(self) -> bool:
+        return bool(self.handle.done())
+
+    def cancelled(self) -> bool:
+        return bool(self.handle.cancelled())
+
+    def wait(self) -> None:
+        stream = torch.cuda.current_stream(self._device).cuda_stream if self._device is not None else 0
+        self.handle.wait(stream)
+
+    def synchronize(self) -> None:
+        self.handle.synchronize()
+
+
+class NativeCopyEngine(CopyEngine):
+    """The C++ engine: CPU worker threads (memcpy) or CUDA copy streams (cudaMemcpyAsync + events)."""
+
+    def __init__(self, backend: CopyBackend, device: torch.device, num_workers: int) -> None:
+        if backend is CopyBackend.TORCH:
+            raise ValueError("the torch backend is not native")
+        with_cuda = backend is CopyBackend.CUDA
+        module = load_extension(with_cuda)
+        self.backend = backend
+        self._device = torch.device("cuda", device.index or 0) if with_cuda else None
+        device_index = self._device.index if self._device is not None else -1
+        self._engine = module.CopyEngine(backend.value, device_index, num_workers)
+
+    def submit(self, copies: Sequence[CopyPair], priority: CopyPriority) -> list[CopyTicket]:
+        check_copies(copies)
+        handles = self._engine.submit(list(copies), int(CopyPriority(priority)))
+        return [NativeCopyTicket(handle, self._device) for handle in handles]
+
+    def cancel(self, ticket: CopyTicket) -> bool:
+        assert isinstance(ticket, NativeCopyTicket)
+        return bool(self._engine.cancel(ticket.handle))
+
+    def promote(self, ticket: CopyTicket) -> bool:
+        assert isinstance(ticket, NativeCopyTicket)
+        return bool(self._engine.promote(ticket.handle))
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()

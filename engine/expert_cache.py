@@ -1,0 +1,298 @@
+"""The device expert tier: a fixed pool of equal-size slots holding the experts in use.
+
+Slots are FREE, LOADING (a copy from the host store is pending) or RESIDENT. `acquire` pins
+keys for one layer (starting DEMAND copies for misses), `wait` orders compute after one
+slot's copy only, `release` unpins; `prefetch` starts PREFETCH copies without pinning.
+Only RESIDENT slots with refcount 0 are evicted, chosen by the CachePolicy. Owned by the
+engine thread: not thread-safe. On a CPU machine the pool is a separate RAM tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from cache_policies.base import CachePolicy
+from cuda_ext.api import CopyEngine, CopyPair, CopyPriority, CopyTicket
+from engine.expert_store import HostExpertStore, min_slots_for_step, slots_for_budget
+from engine.types import ExpertKey
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExpertCache", "ExpertCacheFullError", "ExpertCacheStats", "ExpertSlot", "SlotState",
+           "min_slots_for_step", "slots_for_budget"]
+
+
+class SlotState(Enum):
+    FREE = "free"
+    LOADING = "loading"
+    RESIDENT = "resident"
+
+
+class ExpertCacheFullError(RuntimeError):
+    """A layer needs more slots than are free or evictable."""
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Handle on a pinned slot: valid until the matching `release`."""
+
+    index: int
+    key: ExpertKey
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor
+    state: SlotState = SlotState.FREE
+    key: ExpertKey | None = None
+    refcount: int = 0
+    ticket: CopyTicket | None = None
+    prefetched_unused: bool = False
+    last_use: torch.cuda.Event | None = None
+
+
+@dataclass
+class ExpertCacheStats:
+    """Counters since construction; per-layer dicts are keyed by MoE layer index."""
+
+    hits: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    misses: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    evictions: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_copied: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    stall_seconds: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    prefetch_issued: int = 0
+    prefetch_used: int = 0  # acquired before eviction (includes late ones)
+    prefetch_wasted: int = 0  # evicted or cancelled before any use
+    prefetch_late: int = 0  # acquired while its copy was still pending
+
+    @property
+    def hit_rate(self) -> float:
+        hits, lookups = sum(self.hits.values()), sum(self.hits.values()) + sum(self.misses.values())
+        return hits / lookups if lookups else 0.0
+
+
+class ExpertCache:
+    """Slot pool over a HostExpertStore, filled through a CopyEngine."""
+
+    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, policy: CachePolicy,
+                 copy_engine: CopyEngine) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.store, self.policy, self.copy_engine = store, policy, copy_engine
+        self.device = torch.device(device)
+        self.num_slots = num_slots
+        # S slots, B expert_nbytes
+        pool = torch.empty((num_slots, store.expert_nbytes), dtype=torch.uint8, device=self.device)
+        self._slots = [_Slot(buffer=pool[i]) for i in range(num_slots)]
+        self._slot_of: dict[ExpertKey, int] = {}
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._loading: set[int] = set()
+        self._stats = ExpertCacheStats()
+        logger.info("expert cache: %d slots x %d bytes on %s", num_slots, store.expert_nbytes, self.device)
+
+    def state_of(self, key: ExpertKey) -> SlotState:
+        """The state of `key`'s slot (FREE if the key holds none), after polling its copy."""
+        index = self._slot_of.get(key)
+        if index is not None:
+            self._refresh(index)
+        return SlotState.FREE if index is None else self._slots[index].state
+
+    def acquire(self, keys: Sequence[ExpertKey]) -> list[ExpertSlot]:
+        """Pins every key (once per occurrence) and returns its slot, in order.
+
+        Misses start DEMAND copies in one submit; raises ExpertCacheFullError, changing
+        nothing, when the misses need more slots than are free or evictable.
+        """
+        unique = list(dict.fromkeys(keys))
+        for key in unique:
+            self._check_known(key)
+        self._refresh_loading()
+        misses = [key for key in unique if key not in self._slot_of]
+        self._ensure_capacity(len(misses), requested=set(unique))
+        for key in unique:
+            if key in self._slot_of:
+                self._record_hit(key)
+        copies = [self._start_load(self._claim_slot(set(unique)), key, prefetched=False) for key in misses]
+        self._submit(misses, copies, CopyPriority.DEMAND)
+        for key in misses:
+            self._stats.misses[key.layer] += 1
+            self.policy.on_access(key)
+        for key in keys:
+            self._slots[self._slot_of[key]].refcount += 1
+        return [ExpertSlot(self._slot_of[key], key) for key in keys]
+
+    def ready(self, slot: ExpertSlot) -> bool:
+        """True once `slot`'s bytes are in place (no pending copy)."""
+        index = self._checked(slot)
+        self._refresh(index)
+        return self._slots[index].state is SlotState.RESIDENT
+
+    def wait(self, slot: ExpertSlot) -> tuple[torch.Tensor, ...]:
+        """Orders later work after this slot's copy only; returns the expert's weight views."""
+        index = self._checked(slot)
+        record = self._slots[index]
+        if record.refcount < 1:
+            raise ValueError(f"wait on {slot.key} which is not acquired")
+        self._refresh(index)
+        if record.state is SlotState.LOADING:
+            assert record.ticket is not None
+            started = time.perf_counter()
+            record.ticket.wait()
+            self._stats.stall_seconds[slot.key.layer] += time.perf_counter() - started
+            if record.ticket.cancelled():
+                raise RuntimeError(f"the copy of {slot.key} was cancelled (copy engine shut down?)")
+            self._refresh(index)
+        return self.store.unpack(record.buffer)
+
+    def release(self, keys: Sequence[ExpertKey]) -> None:
+        """Unpins every key once per occurrence (the inverse of `acquire`)."""
+        counts = Counter(keys)
+        for key, count in counts.items():
+            if key not in self._slot_of or self._slots[self._slot_of[key]].refcount < count:
+                raise ValueError(f"release of {key} x{count}, more than it is acquired")
+        for key in keys:
+            record = self._slots[self._slot_of[key]]
+            record.refcount -= 1
+            if record.refcount == 0 and self.device.type == "cuda":
+                record.last_use = torch.cuda.Event()
+                record.last_use.record(torch.cuda.current_stream(self.device))
+
+    def prefetch(self, keys: Sequence[ExpertKey]) -> int:
+        """Starts PREFETCH copies (never pinning, never evicting pinned or loading slots) for keys
+        not present, into free or evictable slots, until none is left; returns how many started."""
+        self._refresh_loading()
+        started: list[ExpertKey] = []
+        copies = []
+        for key in dict.fromkeys(keys):
+            self._check_known(key)
+            if key in self._slot_of:
+                continue
+            if not self._free and not self._evictable():
+                break
+            copies.append(self._start_load(self._claim_slot(), key, prefetched=True))
+            started.append(key)
+        self._stats.prefetch_issued += len(started)
+        self._submit(started, copies, CopyPriority.PREFETCH)
+        return len(started)
+
+    def on_step(self) -> None:
+        """End of one engine step: forwarded to the policy."""
+        self.policy.on_step()
+
+    def stats(self) -> ExpertCacheStats:
+        """A snapshot of the counters."""
+        return copy.deepcopy(self._stats)
+
+    def check_invariants(self) -> None:
+        """Raises AssertionError if the slot bookkeeping is inconsistent."""
+        problems = [f"{len(self._slot_of)} keys hold slots, budget {self.num_slots}"] \
+            if len(self._slot_of) > len(self._slots) or len(set(self._slot_of.values())) != len(self._slot_of) else []
+        for index, record in enumerate(self._slots):
+            occupied, loading = record.state is not SlotState.FREE, record.state is SlotState.LOADING
+            consistent = (record.refcount >= 0 and occupied == (record.key is not None) == (index not in self._free)
+                          and (occupied or record.refcount == 0) and loading == (record.ticket is not None)
+                          and loading == (index in self._loading)
+                          and (not occupied or self._slot_of.get(record.key) == index))
+            if not consistent:
+                problems.append(f"slot {index}: {record.state} key={record.key} refcount={record.refcount} "
+                                f"ticket={record.ticket} free-listed={index in self._free}")
+        if problems:
+            raise AssertionError("; ".join(problems))
+
+    def _check_known(self, key: ExpertKey) -> None:
+        if key not in self.store:
+            raise KeyError(f"expert {key} is not in the host store")
+
+    def _checked(self, slot: ExpertSlot) -> int:
+        if self._slot_of.get(slot.key) != slot.index:
+            raise ValueError(f"stale slot handle {slot}: the key no longer holds that slot")
+        return slot.index
+
+    def _refresh(self, index: int) -> None:
+        record = self._slots[index]
+        if record.state is SlotState.LOADING and record.ticket is not None and record.ticket.done():
+            record.state, record.ticket = SlotState.RESIDENT, None
+            self._loading.discard(index)
+
+    def _refresh_loading(self) -> None:
+        for index in list(self._loading):
+            self._refresh(index)
+
+    def _evictable(self, protected: set[ExpertKey] | frozenset[ExpertKey] = frozenset()) -> list[ExpertKey]:
+        return [record.key for record in self._slots if record.state is SlotState.RESIDENT
+                and record.refcount == 0 and record.key is not None and record.key not in protected]
+
+    def _ensure_capacity(self, needed: int, requested: set[ExpertKey]) -> None:
+        """Makes `needed` slots claimable (cancelling queued unused prefetches if it must) or raises."""
+        available = len(self._free) + len(self._evictable(requested))
+        for index in list(self._loading):
+            if available >= needed:
+                return
+            record = self._slots[index]
+            if record.refcount == 0 and record.key not in requested and record.ticket is not None \
+                    and self.copy_engine.cancel(record.ticket):
+                self._stats.bytes_copied[record.key.layer] -= self.store.expert_nbytes
+                self._drop(index, wasted=True)
+                available += 1
+        if available < needed:
+            pinned = sum(1 for record in self._slots if record.refcount > 0 or record.key in requested)
+            raise ExpertCacheFullError(
+                f"this layer needs {needed} new expert slots but only {available} of {self.num_slots} are free or "
+                f"evictable ({pinned} pinned or requested, {len(self._loading)} loading); raise the expert cache budget to at "
+                f"least min_slots_for_step(num_experts, top_k, max_tokens_per_step) slots")
+
+    def _record_hit(self, key: ExpertKey) -> None:
+        record = self._slots[self._slot_of[key]]
+        self._stats.hits[key.layer] += 1
+        if record.prefetched_unused:
+            record.prefetched_unused = False
+            self._stats.prefetch_used += 1
+            if record.state is SlotState.LOADING:
+                self._stats.prefetch_late += 1
+        if record.state is SlotState.LOADING and record.ticket is not None:
+            self.copy_engine.promote(record.ticket)
+        self.policy.on_access(key)
+
+    def _claim_slot(self, protected: set[ExpertKey] | frozenset[ExpertKey] = frozenset()) -> int:
+        if self._free:
+            return self._free.pop()
+        victim = self.policy.victim(self._evictable(protected))
+        index = self._slot_of[victim]
+        self._stats.evictions[victim.layer] += 1
+        self._drop(index, wasted=self._slots[index].prefetched_unused)
+        return self._free.pop()
+
+    def _drop(self, index: int, wasted: bool) -> None:
+        """Empties an unpinned slot (evicted or cancelled) back onto the free list."""
+        record = self._slots[index]
+        assert record.key is not None and record.refcount == 0
+        self.policy.on_evict(record.key)
+        self._stats.prefetch_wasted += int(wasted)
+        del self._slot_of[record.key]
+        self._loading.discard(index)
+        record.state, record.key, record.ticket, record.prefetched_unused = SlotState.FREE, None, None, False
+        self._free.append(index)
+
+    def _start_load(self, index: int, key: ExpertKey, prefetched: bool) -> CopyPair:
+        record = self._slots[index]
+        if record.last_use is not None:
+            record.last_use.synchronize()  # compute that read the previous expert must finish first
+            record.last_use = None
+        record.state, record.key, record.prefetched_unused = SlotState.LOADING, key, prefetched
+        self._slot_of[key] = index
+        self._loading.add(index)
+        self._stats.bytes_copied[key.layer] += self.store.expert_nbytes
+        self.policy.on_insert(key)
+        return self.store.source(key), record.buffer
+
+    def _submit(self, keys: list[ExpertKey], copies: list[CopyPair], priority: CopyPriority) -> None:
+        for key, ticket in zip(keys, self.copy_engine.submit(copies, priority) if copies else []):
+            self._slots[self._slot_of[key]].ticket = ticket

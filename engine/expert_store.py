@@ -1,0 +1,134 @@
+"""The host expert tier: every routed expert packed into one contiguous uint8 slab.
+
+Each expert owns one contiguous byte range of `expert_nbytes` bytes (one copy per expert);
+inside it each tensor starts at a 64-byte aligned offset. The slab is pinned when asked
+and CUDA is available, so copies to the device run as asynchronous DMA. Read-only after
+construction: nothing is ever written back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.types import ExpertKey
+
+ALIGNMENT = 64
+
+
+def _align(offset: int) -> int:
+    return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where one of an expert's tensors sits inside the expert's byte range."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+    nbytes: int
+
+
+def layout_for(tensors: Sequence[torch.Tensor]) -> tuple[tuple[TensorLayout, ...], int]:
+    """Aligned layouts of `tensors` packed back to back, and the padded total size in bytes."""
+    layouts = []
+    offset = 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        layouts.append(TensorLayout(tuple(tensor.shape), tensor.dtype, offset, nbytes))
+        offset = _align(offset + nbytes)
+    return tuple(layouts), max(offset, ALIGNMENT)
+
+
+class HostExpertStore:
+    """All experts' weights in one host slab, addressed by `ExpertKey`."""
+
+    def __init__(self, slab: torch.Tensor, keys: Sequence[ExpertKey], layouts: Sequence[TensorLayout],
+                 expert_nbytes: int) -> None:
+        if slab.dtype != torch.uint8 or slab.dim() != 1 or slab.numel() != len(keys) * expert_nbytes:
+            raise ValueError("slab must be a 1-D uint8 tensor of len(keys) * expert_nbytes bytes")
+        self._slab = slab
+        self._keys = tuple(keys)
+        self._index = {key: i for i, key in enumerate(self._keys)}
+        self.layouts = tuple(layouts)
+        self.expert_nbytes = expert_nbytes
+
+    @classmethod
+    def from_tensors(cls, experts: Mapping[ExpertKey, Sequence[torch.Tensor]], pin: bool) -> HostExpertStore:
+        """Packs `experts` (same shapes and dtypes for every expert) in key order.
+
+        `pin` pins the slab when CUDA is available (pinning needs a CUDA runtime).
+        """
+        if not experts:
+            raise ValueError("no experts to store")
+        keys = sorted(experts)
+        first = experts[keys[0]]
+        layouts, expert_nbytes = layout_for(first)
+        signature = [(layout.shape, layout.dtype) for layout in layouts]
+        for key in keys:
+            found = [(tuple(t.shape), t.dtype) for t in experts[key]]
+            if found != signature:
+                raise ValueError(f"expert {key} has tensors {found}; expected {signature} like {keys[0]}")
+        pin_memory = pin and torch.cuda.is_available()
+        slab = torch.empty(len(keys) * expert_nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+        store = cls(slab, keys, layouts, expert_nbytes)
+        for key in keys:
+            for view, tensor in zip(store.unpack(store.source(key)), experts[key]):
+                view.copy_(tensor.detach())
+        return store
+
+    @property
+    def keys(self) -> tuple[ExpertKey, ...]:
+        """Every stored expert, sorted by (layer, expert)."""
+        return self._keys
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the whole slab."""
+        return self._slab.numel()
+
+    @property
+    def is_pinned(self) -> bool:
+        return self._slab.is_pinned()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def source(self, key: ExpertKey) -> torch.Tensor:
+        """The expert's `expert_nbytes` bytes: a uint8 view of the slab, to be read only."""
+        try:
+            index = self._index[key]
+        except KeyError:
+            raise KeyError(f"expert {key} is not in the store") from None
+        start = index * self.expert_nbytes
+        return self._slab[start:start + self.expert_nbytes]
+
+    def unpack(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Typed views, with the original shapes, into a uint8 buffer holding one expert."""
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < self.expert_nbytes:
+            raise ValueError(f"buffer must be 1-D uint8 of at least {self.expert_nbytes} bytes")
+        views = []
+        for layout in self.layouts:
+            raw = buf[layout.offset:layout.offset + layout.nbytes]
+            views.append(raw.view(layout.dtype).view(layout.shape))
+        return tuple(views)
+
+
+def min_slots_for_step(num_experts: int, top_k: int, max_tokens_per_step: int) -> int:
+    """Expert-cache slots one layer of one step may pin at once (keys are released before the next layer)."""
+    if min(num_experts, top_k, max_tokens_per_step) < 1:
+        raise ValueError("num_experts, top_k and max_tokens_per_step must be >= 1")
+    return min(num_experts, top_k * max_tokens_per_step)
+
+
+def slots_for_budget(budget_bytes: int, expert_nbytes: int) -> int:
+    """How many expert slots fit in `budget_bytes`."""
+    if expert_nbytes < 1:
+        raise ValueError(f"expert_nbytes must be >= 1, got {expert_nbytes}")
+    return max(budget_bytes, 0) // expert_nbytes

@@ -1,0 +1,132 @@
+"""Offloaded experts: the ExpertProvider backed by the device expert cache.
+
+Routed experts live packed in the host tier (`HostExpertStore`); a bounded pool of device
+slots (`ExpertCache`) holds the ones in use. A layer acquires every expert its tokens
+routed to (hits are usable at once, misses start demand copies), computes each expert
+as soon as its slot is ready, never waiting on copies it does not need yet, and releases
+them when done. Results do not depend on the order, see `MoEModel._moe`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cache_policies import DEFAULT_POLICY, make_policy
+from cuda_ext import load_copy_engine
+from engine.config import EngineConfig, OffloadMode
+from engine.errors import ModelLoadError
+from engine.expert_cache import ExpertCache
+from engine.expert_store import HostExpertStore, min_slots_for_step, slots_for_budget
+from engine.models.experts import ResidentExperts
+from engine.models.spec import ModelSpec
+from engine.models.weights import ExpertTensors
+from engine.types import ExpertKey
+
+logger = logging.getLogger(__name__)
+
+AUTO_OFFLOAD_DEVICE_SHARE = 0.6  # auto mode offloads when the experts need more of the free device memory
+
+
+class OffloadedExperts:
+    """ExpertProvider over an ExpertCache: computes on resident experts while misses load."""
+
+    def __init__(self, cache: ExpertCache) -> None:
+        self.cache = cache
+
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertTensors]]:
+        slots = self.cache.acquire([ExpertKey(layer, e) for e in expert_ids])
+        pending = list(zip(expert_ids, slots))
+        while pending:
+            index = next((i for i, (_, slot) in enumerate(pending) if self.cache.ready(slot)), 0)
+            expert, slot = pending.pop(index)
+            gate_up, down = self.cache.wait(slot)
+            yield expert, (gate_up, down)
+
+    def done(self, layer: int, expert_ids: Sequence[int]) -> None:
+        self.cache.release([ExpertKey(layer, e) for e in expert_ids])
+
+    def hint(self, layer: int, expert_ids: Sequence[int]) -> None:
+        self.cache.prefetch([ExpertKey(layer, e) for e in expert_ids])
+
+
+@dataclass(frozen=True)
+class CacheSizing:
+    """How many device slots the expert cache gets, and the least one step needs."""
+
+    num_slots: int
+    min_slots: int
+    total_experts: int
+
+
+def size_expert_cache(
+    total_experts: int,
+    min_slots: int,
+    expert_nbytes: int,
+    cache_gb: float | None,
+    cache_fraction: float | None,
+) -> CacheSizing:
+    """Slots from a byte budget or a fraction of all experts; refuses less than one step needs."""
+    if cache_gb is not None:
+        num_slots = slots_for_budget(int(cache_gb * 2**30), expert_nbytes)
+        asked = f"expert_cache_gb={cache_gb} ({num_slots} experts of {expert_nbytes / 2**20:.3f} MiB)"
+    elif cache_fraction is not None:
+        num_slots = max(1, math.ceil(cache_fraction * total_experts))
+        asked = f"expert_cache_fraction={cache_fraction} ({num_slots} of {total_experts} experts)"
+    else:
+        num_slots = total_experts
+        asked = "all experts"
+    num_slots = min(num_slots, total_experts)
+    if num_slots < min_slots:
+        raise ModelLoadError(
+            f"{asked} is smaller than one step can need: at least {min_slots} expert slots "
+            f"(expert_cache_gb >= {min_slots * expert_nbytes / 2**30:.6f} or "
+            f"expert_cache_fraction >= {min_slots / total_experts:.4f})"
+        )
+    return CacheSizing(num_slots, min_slots, total_experts)
+
+
+def wants_offload(config: EngineConfig, experts_nbytes: int, device: torch.device) -> bool:
+    """`on`/`off` as given; `auto` offloads when a cache budget is set or the experts do not fit the device."""
+    if config.offload is OffloadMode.ON:
+        return True
+    if config.offload is OffloadMode.OFF:
+        return False
+    if config.expert_cache_gb is not None or config.expert_cache_fraction is not None:
+        return True
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return experts_nbytes > AUTO_OFFLOAD_DEVICE_SHARE * free_bytes
+    return False
+
+
+def build_expert_provider(
+    config: EngineConfig, experts: dict[ExpertKey, ExpertTensors], spec: ModelSpec, device: torch.device,
+    max_tokens_per_step: int,
+) -> ResidentExperts | OffloadedExperts:
+    """All-resident experts, or a host tier + device expert cache as `config` asks."""
+    experts_nbytes = sum(t.numel() * t.element_size() for pair in experts.values() for t in pair)
+    if not wants_offload(config, experts_nbytes, device):
+        return ResidentExperts(experts, device)
+    policy_name = DEFAULT_POLICY if config.cache_policy == "default" else config.cache_policy
+    try:
+        policy = make_policy(policy_name)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    store = HostExpertStore.from_tensors(experts, pin=device.type == "cuda")
+    experts.clear()  # the packed host slab is now the only copy
+    sizing = size_expert_cache(
+        len(store), min_slots_for_step(spec.num_experts, spec.top_k, max_tokens_per_step), store.expert_nbytes,
+        config.expert_cache_gb, config.expert_cache_fraction,
+    )
+    copy_engine = load_copy_engine(device, num_workers=config.copy_workers)
+    logger.info(
+        "offloading experts: %d of %d resident (%.0f%%, %.1f MiB device), policy %s",
+        sizing.num_slots, sizing.total_experts, 100 * sizing.num_slots / sizing.total_experts,
+        sizing.num_slots * store.expert_nbytes / 2**20, policy_name,
+    )
+    return OffloadedExperts(ExpertCache(store, sizing.num_slots, device, policy, copy_engine))

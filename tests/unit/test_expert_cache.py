@@ -1,0 +1,237 @@
+"""Host expert store and device expert cache: layout, accounting, errors, and a stateful model check."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from cache_policies import make_policy
+from cuda_ext import CopyBackend, CopyEngine, load_copy_engine
+from engine.expert_cache import (ExpertCache, ExpertCacheFullError, ExpertSlot, SlotState, min_slots_for_step,
+                                 slots_for_budget)
+from engine.expert_store import ALIGNMENT, HostExpertStore
+from engine.types import ExpertKey
+
+NUM_LAYERS, NUM_EXPERTS = 2, 6
+
+
+def make_experts(hidden: int = 24, ffn: int = 40, seed: int = 0) -> dict[ExpertKey, list[torch.Tensor]]:
+    """gate [F, D], up [F, D] in fp32 and down [D, F] in bf16 for every (layer, expert)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {ExpertKey(layer, expert): [torch.randn(ffn, hidden, generator=generator),
+                                       torch.randn(ffn, hidden, generator=generator),
+                                       torch.randn(hidden, ffn, generator=generator).to(torch.bfloat16)]
+            for layer in range(NUM_LAYERS) for expert in range(NUM_EXPERTS)}
+
+
+@pytest.fixture
+def engine() -> Iterator[CopyEngine]:
+    engine = load_copy_engine(torch.device("cpu"), num_workers=2, backend=CopyBackend.TORCH)
+    yield engine
+    engine.shutdown()
+
+
+def make_cache(engine: CopyEngine, num_slots: int, experts: dict | None = None) -> ExpertCache:
+    store = HostExpertStore.from_tensors(experts or make_experts(), pin=True)
+    return ExpertCache(store, num_slots, torch.device("cpu"), make_policy("lru"), engine)
+
+
+def test_store_packs_each_expert_in_one_aligned_range() -> None:
+    experts = make_experts()
+    store = HostExpertStore.from_tensors(experts, pin=True)
+    assert store.keys == tuple(sorted(experts))
+    assert store.expert_nbytes % ALIGNMENT == 0
+    assert all(layout.offset % ALIGNMENT == 0 for layout in store.layouts)
+    base = store.source(store.keys[0]).data_ptr()
+    for index, key in enumerate(store.keys):
+        source = store.source(key)
+        assert source.dtype == torch.uint8 and source.numel() == store.expert_nbytes
+        assert source.data_ptr() == base + index * store.expert_nbytes
+        views = store.unpack(source.clone())
+        for view, original in zip(views, experts[key], strict=True):
+            assert view.shape == original.shape and view.dtype == original.dtype
+            assert torch.equal(view, original)
+
+
+def test_store_rejects_mismatched_experts() -> None:
+    experts = make_experts()
+    experts[ExpertKey(1, 2)] = [torch.zeros(3, 3)] * 3
+    with pytest.raises(ValueError, match=r"ExpertKey\(layer=1, expert=2\)"):
+        HostExpertStore.from_tensors(experts, pin=False)
+
+
+def test_sizing_helpers() -> None:
+    assert min_slots_for_step(num_experts=64, top_k=8, max_tokens_per_step=1) == 8
+    assert min_slots_for_step(num_experts=64, top_k=8, max_tokens_per_step=256) == 64
+    assert slots_for_budget(10 * 1024, expert_nbytes=3000) == 3
+    with pytest.raises(ValueError):
+        min_slots_for_step(0, 2, 1)
+
+
+def test_hits_misses_evictions_and_bytes(engine: CopyEngine) -> None:
+    cache = make_cache(engine, num_slots=3)
+    keys = [ExpertKey(0, e) for e in range(4)]
+    slots = cache.acquire(keys[:2])
+    assert [cache.wait(slot)[0].shape for slot in slots] == [(40, 24), (40, 24)]
+    cache.release(keys[:2])
+    cache.acquire([keys[0]])
+    cache.release([keys[0]])
+    cache.acquire(keys[2:4])  # fills the third slot, then evicts the LRU key: keys[1]
+    cache.release(keys[2:4])
+    stats = cache.stats()
+    assert (stats.hits[0], stats.misses[0], stats.evictions[0]) == (1, 4, 1)
+    assert stats.bytes_copied[0] == 4 * cache.store.expert_nbytes
+    assert cache.state_of(keys[1]) is SlotState.FREE
+    assert stats.hit_rate == pytest.approx(1 / 5)
+    cache.check_invariants()
+
+
+def test_step_needing_more_slots_than_exist_is_a_clear_error(engine: CopyEngine) -> None:
+    cache = make_cache(engine, num_slots=2)
+    with pytest.raises(ExpertCacheFullError, match="needs 3 new expert slots.*min_slots_for_step"):
+        cache.acquire([ExpertKey(0, 0), ExpertKey(0, 1), ExpertKey(0, 2)])
+    cache.check_invariants()
+    cache.acquire([ExpertKey(0, 0), ExpertKey(0, 1)])
+    with pytest.raises(ExpertCacheFullError, match="2 pinned or requested"):
+        cache.acquire([ExpertKey(1, 0)])
+    cache.release([ExpertKey(0, 0), ExpertKey(0, 1)])
+    assert len(cache.acquire([ExpertKey(1, 0)])) == 1
+    cache.check_invariants()
+
+
+def test_prefetch_used_wasted_and_late(engine: CopyEngine) -> None:
+    cache = make_cache(engine, num_slots=3)
+    assert cache.prefetch([ExpertKey(0, 0), ExpertKey(0, 1), ExpertKey(0, 0)]) == 2
+    assert cache.prefetch([ExpertKey(0, 0)]) == 0
+    slot = cache.acquire([ExpertKey(0, 0)])[0]
+    late = cache.stats().prefetch_late
+    cache.wait(slot)
+    cache.release([ExpertKey(0, 0)])
+    cache.acquire([ExpertKey(1, 0), ExpertKey(1, 1)])  # evicts the unused prefetch of (0, 1)
+    stats = cache.stats()
+    assert (stats.prefetch_issued, stats.prefetch_used, stats.prefetch_wasted) == (2, 1, 1)
+    assert stats.prefetch_late == late <= 1
+    assert stats.hits[0] == 1 and stats.misses[1] == 2
+    cache.acquire([ExpertKey(0, 0)])
+    assert cache.prefetch([ExpertKey(0, 2)]) == 0, "every slot is pinned"
+    cache.check_invariants()
+
+
+def test_release_more_than_acquired_is_an_error(engine: CopyEngine) -> None:
+    cache = make_cache(engine, num_slots=2)
+    cache.acquire([ExpertKey(0, 0), ExpertKey(0, 0)])
+    with pytest.raises(ValueError, match="more than it is acquired"):
+        cache.release([ExpertKey(0, 0)] * 3)
+    cache.release([ExpertKey(0, 0)] * 2)
+    with pytest.raises(ValueError):
+        cache.release([ExpertKey(0, 1)])
+
+
+class ExpertCacheMachine(RuleBasedStateMachine):
+    """Random acquire/release/prefetch/wait/on_step against a model of who holds what."""
+
+    backend = CopyBackend.TORCH
+    num_slots = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = make_experts(hidden=64, ffn=256, seed=7)  # ~130 KiB per expert: copies take a while
+        store = HostExpertStore.from_tensors(self.experts, pin=True)
+        self.engine = load_copy_engine(torch.device("cpu"), num_workers=1, backend=self.backend)
+        self.cache = ExpertCache(store, self.num_slots, torch.device("cpu"), make_policy("lru"), self.engine)
+        self.held: list[list[ExpertSlot]] = []
+
+    def teardown(self) -> None:
+        self.engine.shutdown()
+
+    def pinned(self) -> Counter[ExpertKey]:
+        return Counter(slot.key for group in self.held for slot in group)
+
+    def occupied(self) -> dict[ExpertKey, SlotState]:
+        states = {key: self.cache.state_of(key) for key in self.cache.store.keys}
+        return {key: state for key, state in states.items() if state is not SlotState.FREE}
+
+    @rule(layer=st.integers(0, NUM_LAYERS - 1),
+          experts=st.lists(st.integers(0, NUM_EXPERTS - 1), min_size=1, max_size=4))
+    def acquire(self, layer: int, experts: list[int]) -> None:
+        keys = [ExpertKey(layer, expert) for expert in experts]
+        before = self.occupied()
+        pinned = self.pinned()
+        blocked = {key for key, state in before.items()
+                   if key in keys or pinned[key] or state is SlotState.LOADING}
+        misses = {key for key in keys if key not in before}
+        surely_fits = len(misses) <= self.num_slots - len(blocked)
+        try:
+            slots = self.cache.acquire(keys)
+        except ExpertCacheFullError:
+            assert not surely_fits
+            assert self.pinned() == pinned
+            for key in pinned:
+                assert self.cache.state_of(key) is not SlotState.FREE
+            return
+        assert [slot.key for slot in slots] == keys
+        self.held.append(slots)
+        for key, state in before.items():
+            if pinned[key]:
+                assert self.cache.state_of(key) is not SlotState.FREE, "a pinned expert was evicted"
+
+    # Draws never depend on `held` (which copy timing shapes), so hypothesis replays stay stable.
+    @rule(pick=st.integers(0, 63), member=st.integers(0, 3))
+    def wait(self, pick: int, member: int) -> None:
+        if not self.held:
+            return
+        group = self.held[pick % len(self.held)]
+        slot = group[member % len(group)]
+        views = self.cache.wait(slot)
+        assert self.cache.ready(slot)
+        for view, original in zip(views, self.experts[slot.key], strict=True):
+            assert torch.equal(view, original)
+
+    @rule(pick=st.integers(0, 63))
+    def release(self, pick: int) -> None:
+        if self.held:
+            group = self.held.pop(pick % len(self.held))
+            self.cache.release([slot.key for slot in group])
+
+    @rule(layer=st.integers(0, NUM_LAYERS - 1),
+          experts=st.lists(st.integers(0, NUM_EXPERTS - 1), min_size=1, max_size=4))
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        before = self.occupied()
+        loading_before = {key for key, state in before.items() if state is SlotState.LOADING}
+        started = self.cache.prefetch([ExpertKey(layer, expert) for expert in experts])
+        assert 0 <= started <= len(set(experts))
+        after = self.occupied()
+        assert loading_before <= set(after), "prefetch evicted a loading expert"
+        assert set(self.pinned()) <= set(after), "prefetch evicted a pinned expert"
+
+    @rule()
+    def on_step(self) -> None:
+        self.cache.on_step()
+
+    @invariant()
+    def consistent(self) -> None:
+        self.cache.check_invariants()
+        occupied = self.occupied()
+        assert len(occupied) <= self.num_slots
+        for group in self.held:
+            for slot in group:
+                assert self.cache.state_of(slot.key) is not SlotState.FREE
+                self.cache.ready(slot)  # raises if the handle went stale (the key moved)
+
+
+class ExpertCacheMachineCpuExtension(ExpertCacheMachine):
+    backend = CopyBackend.CPU_EXTENSION
+
+
+machine_settings = settings(max_examples=25, stateful_step_count=30, deadline=None,
+                            suppress_health_check=[HealthCheck.too_slow])
+TestExpertCacheStatefulTorch = ExpertCacheMachine.TestCase
+TestExpertCacheStatefulTorch.settings = machine_settings
+TestExpertCacheStatefulCpuExtension = ExpertCacheMachineCpuExtension.TestCase
+TestExpertCacheStatefulCpuExtension.settings = machine_settings

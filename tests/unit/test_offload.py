@@ -1,0 +1,63 @@
+"""Invariant 1: offloading never changes results (bit-exact greedy tokens in fp32 on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cache_policies import available_policies
+from engine.builder import build_engine
+from engine.config import EngineConfig
+from engine.errors import ModelLoadError
+from engine.offload import OffloadedExperts
+from engine.request import EngineRequest
+from engine.sampling_params import SamplingParams
+from tests.helpers import ARCHITECTURES, run_to_completion
+
+NUM_LAYERS = 4  # 4 layers x 8 experts: the minimum cache (one layer, 8 slots) is a quarter of the experts
+MIN_FRACTION = 0.25
+
+
+def workload() -> dict[int, list[EngineRequest]]:
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (12, 7, 16)]
+    prompts = [list(range(5, 25)), list(range(40, 43)), list(range(100, 131))]
+    requests = [EngineRequest(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    return {0: requests[:2], 2: requests[2:]}
+
+
+def run(path, **overrides) -> tuple[dict[str, list[int]], object]:
+    engine = build_engine(EngineConfig(model=str(path), dtype="float32", max_num_batched_tokens=16, **overrides),
+                          show_progress=False)
+    return run_to_completion(engine, workload()), engine
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch_reference(request, checkpoint_factory):
+    path = checkpoint_factory(request.param, num_hidden_layers=NUM_LAYERS)
+    tokens, _ = run(path, offload="off")
+    return path, tokens
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, MIN_FRACTION])
+@pytest.mark.parametrize("policy", available_policies())
+def test_greedy_tokens_equal_the_all_resident_run(arch_reference, fraction: float, policy: str) -> None:
+    path, reference = arch_reference
+    tokens, engine = run(path, expert_cache_fraction=fraction, cache_policy=policy)
+    experts = engine.runner.model.experts
+    assert isinstance(experts, OffloadedExperts)
+    stats = experts.cache.stats()
+    assert tokens == reference
+    if fraction < 1.0:
+        assert sum(stats.evictions.values()) > 0  # the cache really was too small for everything
+    experts.cache.check_invariants()
+
+
+def test_a_budget_below_one_step_is_refused_with_the_minimum(checkpoint_factory) -> None:
+    path = checkpoint_factory("mixtral", num_hidden_layers=NUM_LAYERS)
+    with pytest.raises(ModelLoadError, match=r"at least 8 expert slots .*expert_cache_fraction >= 0.2500"):
+        build_engine(EngineConfig(model=str(path), expert_cache_fraction=0.2), show_progress=False)
+
+
+def test_unknown_policy_lists_the_valid_ones(checkpoint_factory) -> None:
+    path = checkpoint_factory("mixtral", num_hidden_layers=NUM_LAYERS)
+    with pytest.raises(ModelLoadError, match="lru"):
+        build_engine(EngineConfig(model=str(path), expert_cache_fraction=0.5, cache_policy="nope"), show_progress=False)
