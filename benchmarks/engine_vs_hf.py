@@ -1,7 +1,7 @@
 """Decode throughput of the moe-serve engine vs transformers `generate` on the same checkpoint.
 
-Builds a random Mixtral-style checkpoint (hidden 512, 8 layers, 16 experts, top-4 by
-default) with transformers' save_pretrained, then in the same process measures greedy
+Builds a random Mixtral-style checkpoint (hidden 512, expert FFN 256, 8 layers, 16 experts,
+top-4 by default) with transformers' save_pretrained, then in the same process measures greedy
 decode tokens/s at batch 1 and at N concurrent requests for both, and prints the ratio.
 
     python benchmarks/engine_vs_hf.py [--tokens 64] [--concurrency 16] [--json]
@@ -25,10 +25,10 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
 
 
-def make_checkpoint(directory: Path, hidden: int, layers: int, experts: int, top_k: int) -> Path:
+def make_checkpoint(directory: Path, hidden: int, intermediate: int, layers: int, experts: int, top_k: int) -> Path:
     tokenizer = build_byte_level_tokenizer()
     config = transformers.MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=8, num_key_value_heads=4, num_local_experts=experts, num_experts_per_tok=top_k,
         max_position_embeddings=1024, sliding_window=None,
     )
@@ -69,6 +69,7 @@ def hf_tokens_per_s(path: Path, prompts: list[list[int]], num_tokens: int) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=256, help="expert FFN size (fine-grained, hidden/2)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=4)
@@ -79,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_checkpoint(Path(tmp), args.hidden, args.layers, args.experts, args.top_k)
+        path = make_checkpoint(Path(tmp), args.hidden, args.intermediate, args.layers, args.experts, args.top_k)
         gen = torch.Generator().manual_seed(0)
         for batch in (1, args.concurrency):
             prompts = torch.randint(3, 400, (batch, args.prompt_len), generator=gen).tolist()

@@ -151,6 +151,7 @@ class AsyncLLMEngine:
             logger.exception("engine loop crashed")
         finally:
             self._dead = True
+            self._engine.close()
             self._fail_all(EngineDeadError("the engine stopped"))
 
     def _loop(self, engine: LLMEngine) -> None:

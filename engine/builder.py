@@ -9,14 +9,18 @@ from typing import Any
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import DeviceKind, EngineConfig
+from engine.config import DeviceKind, EngineConfig, PrefetchMode
 from engine.errors import ModelLoadError
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from engine.llm_engine import LLMEngine
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.models.moe_model import MoEModel
-from engine.offload import build_expert_provider
+from engine.expert_cache import SlotState
+from engine.models.experts import ResidentExperts
+from engine.offload import OffloadedExperts, build_expert_provider
+from engine.predictors import TaskProfilePredictor
+from engine.routing import RoutingRecorder, TaskExpertCost, TaskPreloader, TraceWriter
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.scheduling_policy import NoExpertCost, ServiceTimeModel, SloContext
 from engine.tasks import TaskTable
@@ -107,6 +111,8 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
     dense = loaded.weights.dense
     experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens)
     model = MoEModel(spec, _dense_to(dense, device), experts, device)
+    if isinstance(experts, OffloadedExperts) and config.prefetch is PrefetchMode.NEXT_LAYER:
+        model.speculate_margin = config.prefetch_margin
     kv = allocate_kv_cache(spec, num_blocks, config.block_size, dtype, device)
     logger.info(
         "KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
@@ -119,7 +125,40 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
         SloContext(load_task_table(config.tasks_file), ServiceTimeModel(), NoExpertCost(), config.starvation_s),
     )
     runner = ModelRunner(model, kv, config.block_size, eos_ids(loaded, tokenizer))
-    return LLMEngine(scheduler, runner, tokenizer, max_model_len, served_model_name(config))
+    engine = LLMEngine(scheduler, runner, tokenizer, max_model_len, served_model_name(config))
+    attach_routing_consumers(engine, config, experts, device)
+    return engine
+
+
+def attach_routing_consumers(
+    engine: LLMEngine, config: EngineConfig, experts: ResidentExperts | OffloadedExperts, device: torch.device
+) -> None:
+    """Record routing when something consumes it: eMoE task preloading (offloaded experts only),
+    the scheduler's expert-loading cost model, and `--record-trace` files."""
+    spec = engine.runner.model.spec
+    preload = isinstance(experts, OffloadedExperts) and config.task_preload
+    if not preload and config.record_trace is None:
+        return
+    recorder = RoutingRecorder(spec.num_layers)
+    engine.runner.attach_recorder(recorder)
+    if preload:
+        assert isinstance(experts, OffloadedExperts)
+        cache = experts.cache
+        tasks = engine.scheduler.slo.tasks
+        insensitive = frozenset(name for name, t in tasks.tasks.items() if not t.prediction_sensitive)
+        predictor = TaskProfilePredictor(spec.num_layers, spec.num_experts, config.preload_refresh_every, insensitive)
+        per_layer = max(spec.top_k, min(spec.num_experts, cache.num_slots // spec.num_layers))
+        engine.preloader = TaskPreloader(predictor, tasks, per_layer, cache.prefetch)
+        recorder.consumers.append(engine.preloader.observe)
+        gbps = config.expert_link_gbps or (25.0 if device.type == "cuda" else 8.0)
+        engine.scheduler.slo.expert_cost = TaskExpertCost(
+            predictor, per_layer, lambda key: cache.state_of(key) is SlotState.RESIDENT,
+            cache.store.expert_nbytes / (gbps * 1e9),
+        )
+    if config.record_trace is not None:
+        engine.trace_writer = TraceWriter(Path(config.record_trace).expanduser(), spec.num_experts,
+                                          spec.architecture, config.record_trace_tokens)
+        recorder.consumers.append(engine.trace_writer.add)
 
 
 def _dense_to(dense: Any, device: torch.device) -> Any:

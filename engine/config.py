@@ -35,6 +35,14 @@ class OffloadMode(str, enum.Enum):
     OFF = "off"
 
 
+class PrefetchMode(str, enum.Enum):
+    """Expert prefetching when offloading: `next_layer` applies layer l+1's router to layer l's
+    hidden state and loads the predicted experts at low priority; `none` loads on demand only."""
+
+    NONE = "none"
+    NEXT_LAYER = "next_layer"
+
+
 class EngineConfig(BaseModel):
     """Engine settings (model, memory budgets, batching limits)."""
 
@@ -56,6 +64,15 @@ class EngineConfig(BaseModel):
         default=None, gt=0, le=1, description="share of all routed experts kept resident (instead of a GiB budget)"
     )
     cache_policy: str = Field(default="default", description="expert-cache eviction policy (see cache_policies)")
+    prefetch: PrefetchMode = PrefetchMode.NEXT_LAYER
+    prefetch_margin: int = Field(default=2, ge=0, le=64, description="extra experts per token beyond top-k to prefetch")
+    task_preload: bool = Field(default=True, description="eMoE: preload a task's predicted experts before its prefill")
+    preload_refresh_every: int = Field(default=8, ge=1, description="eMoE: refresh a task's prediction every N prompts")
+    expert_link_gbps: float | None = Field(
+        default=None, gt=0, description="host-to-device GB/s for cost estimates (default: 25 on CUDA, 8 on CPU)"
+    )
+    record_trace: str | None = Field(default=None, description="directory to write routing traces (npz) into")
+    record_trace_tokens: int = Field(default=100_000, ge=1, description="tokens per trace file before rotating")
     copy_workers: int = Field(default=2, ge=1, le=64, description="copy-engine worker threads (CPU backend)")
     scheduling_policy: SchedulingPolicyName = Field(
         default=SchedulingPolicyName.FCFS, description="waiting-queue order"

@@ -17,6 +17,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ContextLengthExceededError, InvalidRequestError
 from engine.model_runner import ModelRunner
 from engine.request import EngineRequest, RequestOutput
+from engine.routing import TaskPreloader, TraceWriter
 from engine.sampling_params import FinishReason, TokenLogprob
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -58,6 +59,8 @@ class LLMEngine:
         self.model_name = model_name
         self.vocab_size = runner.model.spec.vocab_size
         self._tracked: dict[str, _Tracked] = {}
+        self.preloader: TaskPreloader | None = None
+        self.trace_writer: TraceWriter | None = None
 
     @property
     def blocks(self) -> BlockManager:
@@ -90,6 +93,8 @@ class LLMEngine:
         self._tracked[request.request_id] = _Tracked(
             seq, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling)
         )
+        if self.preloader is not None:
+            self.preloader.preload(request.task)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; None if it is unknown or already done."""
@@ -101,6 +106,11 @@ class LLMEngine:
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
+
+    def close(self) -> None:
+        """Flush what is buffered (routing trace files)."""
+        if self.trace_writer is not None:
+            self.trace_writer.flush()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -165,6 +175,8 @@ class LLMEngine:
         seq = tracked.seq
         self.scheduler.finish(seq, reason)
         self.runner.forget(seq.seq_id)
+        if self.runner.recorder is not None:
+            self.runner.recorder.finish(seq.seq_id, seq.request.task, aborted=reason is FinishReason.ABORT)
         del self._tracked[seq.seq_id]
         return RequestOutput(
             request_id=seq.seq_id,

@@ -12,6 +12,7 @@ import torch
 
 from engine.models.attention import AttentionMetadata
 from engine.models.moe_model import MoEModel
+from engine.routing import RoutingRecorder
 from engine.sampler import Sampler, SamplerOutput
 from engine.sampling_params import TokenLogprob
 from engine.scheduler import SchedulerOutput
@@ -34,6 +35,12 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(model.spec.vocab_size)
         self._generators: dict[str, torch.Generator] = {}
+        self.recorder: RoutingRecorder | None = None
+
+    def attach_recorder(self, recorder: RoutingRecorder) -> None:
+        """Capture every step's routing per request (for eMoE profiles and trace files)."""
+        self.recorder = recorder
+        self.model.routing_observer = recorder
 
     def forget(self, seq_id: str) -> None:
         """Drop per-request state of a finished sequence."""
@@ -75,9 +82,15 @@ class ModelRunner:
             self.block_size,
             device,
         )
+        if self.recorder is not None:
+            self.recorder.begin_step(
+                [(s.seq.seq_id, s.num_new_tokens, s.seq.num_computed_tokens == 0) for s in out.scheduled]
+            )
         hidden = self.model.forward(
             torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta, self.kv_caches
         )
+        if self.recorder is not None:
+            self.recorder.end_step()
         if not sampling_seqs:
             return {}
         logits = self.model.logits(hidden[torch.tensor(logit_rows, device=device)])

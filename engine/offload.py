@@ -20,7 +20,7 @@ from cache_policies import DEFAULT_POLICY, make_policy
 from cuda_ext import load_copy_engine
 from engine.config import EngineConfig, OffloadMode
 from engine.errors import ModelLoadError
-from engine.expert_cache import ExpertCache
+from engine.expert_cache import ExpertCache, ExpertSlot
 from engine.expert_store import HostExpertStore, min_slots_for_step, slots_for_budget
 from engine.models.experts import ResidentExperts
 from engine.models.spec import ModelSpec
@@ -39,8 +39,11 @@ class OffloadedExperts:
         self.cache = cache
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertTensors]]:
+        """Acquire now (misses start loading at once), then yield experts as their slots become ready."""
         slots = self.cache.acquire([ExpertKey(layer, e) for e in expert_ids])
-        pending = list(zip(expert_ids, slots))
+        return self._in_ready_order(list(zip(expert_ids, slots)))
+
+    def _in_ready_order(self, pending: list[tuple[int, ExpertSlot]]) -> Iterator[tuple[int, ExpertTensors]]:
         while pending:
             index = next((i for i, (_, slot) in enumerate(pending) if self.cache.ready(slot)), 0)
             expert, slot = pending.pop(index)

@@ -21,7 +21,8 @@ class ExpertProvider(Protocol):
     """Supplies routed-expert weights to the MoE layers."""
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertTensors]]:
-        """Yield (expert, weights) for each requested expert, in the order they become usable."""
+        """Claim the experts now (starting any loads), and return an iterator of (expert, weights)
+        in the order they become usable."""
         ...
 
     def done(self, layer: int, expert_ids: Sequence[int]) -> None:
@@ -40,8 +41,7 @@ class ResidentExperts:
         self._experts = {key: (gu.to(device), down.to(device)) for key, (gu, down) in experts.items()}
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertTensors]]:
-        for expert in expert_ids:
-            yield expert, self._experts[ExpertKey(layer, expert)]
+        return ((expert, self._experts[ExpertKey(layer, expert)]) for expert in expert_ids)
 
     def done(self, layer: int, expert_ids: Sequence[int]) -> None:
         """Nothing to release: resident experts are never evicted."""

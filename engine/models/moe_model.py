@@ -58,6 +58,21 @@ class MoEModel:
         self.rotary = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.max_position_embeddings, device)
         self.scale = spec.head_dim**-0.5
         self.routing_observer: RoutingObserver | None = None
+        self.speculate_margin: int | None = None  # None: no next-layer speculation
+
+    def speculate(self, layer_idx: int, x: torch.Tensor) -> list[int]:
+        """Experts layer `layer_idx` will likely need, from its router applied to an earlier hidden state.
+
+        Per token the top (top_k + margin) experts; the union is ranked by summed router
+        probability and capped at half the layer's experts (so a big batch does not flood the link).
+        """
+        router = self.dense.layers[layer_idx].router
+        probs = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)  # [T, E]
+        width = min(self.spec.num_experts, self.spec.top_k + (self.speculate_margin or 0))
+        chosen = torch.zeros_like(probs).scatter_(1, torch.topk(probs, width, dim=-1).indices, 1.0)
+        score = (probs * chosen).sum(dim=0)
+        limit = min(int((chosen.sum(dim=0) > 0).sum()), max(width, self.spec.num_experts // 2))
+        return torch.topk(score, limit).indices.tolist()
 
     def forward(
         self,
@@ -134,7 +149,10 @@ class MoEModel:
         # each (token, slot) pair gets its own row, so experts may finish in any order
         # and the final sum over slots is still taken in one fixed order (bit-exact)
         out = x.new_zeros(num_tokens * top_k, hidden)
-        for expert, (gate_up, down) in self.experts.fetch(layer_idx, needed):
+        fetched = self.experts.fetch(layer_idx, needed)
+        if self.speculate_margin is not None and layer_idx + 1 < self.spec.num_layers:
+            self.experts.hint(layer_idx + 1, self.speculate(layer_idx + 1, x))
+        for expert, (gate_up, down) in fetched:
             rows = order[starts[expert] : starts[expert] + counts[expert]]
             gate, up = F.linear(x[rows // top_k], gate_up).chunk(2, dim=-1)
             out[rows] = F.linear(F.silu(gate) * up, down) * flat_weights[rows, None]

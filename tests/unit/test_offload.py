@@ -41,7 +41,7 @@ def arch_reference(request, checkpoint_factory):
 @pytest.mark.parametrize("policy", available_policies())
 def test_greedy_tokens_equal_the_all_resident_run(arch_reference, fraction: float, policy: str) -> None:
     path, reference = arch_reference
-    tokens, engine = run(path, expert_cache_fraction=fraction, cache_policy=policy)
+    tokens, engine = run(path, expert_cache_fraction=fraction, cache_policy=policy, prefetch="none")
     experts = engine.runner.model.experts
     assert isinstance(experts, OffloadedExperts)
     stats = experts.cache.stats()
@@ -49,6 +49,15 @@ def test_greedy_tokens_equal_the_all_resident_run(arch_reference, fraction: floa
     if fraction < 1.0:
         assert sum(stats.evictions.values()) > 0  # the cache really was too small for everything
     experts.cache.check_invariants()
+
+
+@pytest.mark.parametrize("fraction", [0.5, MIN_FRACTION])
+def test_next_layer_prefetch_keeps_the_all_resident_tokens(arch_reference, fraction: float) -> None:
+    path, reference = arch_reference
+    tokens, engine = run(path, expert_cache_fraction=fraction, prefetch="next_layer", prefetch_margin=2)
+    stats = engine.runner.model.experts.cache.stats()
+    assert tokens == reference
+    assert stats.prefetch_issued > 0 and stats.prefetch_used > 0
 
 
 def test_a_budget_below_one_step_is_refused_with_the_minimum(checkpoint_factory) -> None:
