@@ -93,17 +93,19 @@ class PriorityCopyQueue {
   }
   // Blocks until a job is available or the queue is closed and drained (then returns nullptr).
   JobPtr pop() {
+    std::vector<JobPtr> stale;  // destroyed after the lock is released (see pop_locked)
     std::unique_lock<std::mutex> lock(mutex_);
     while (true) {
       cond_.wait(lock, [&] { return closed_ || !empty_locked(); });
-      if (JobPtr job = pop_locked()) return job;  // stale (cancelled, promoted) entries are skipped
+      if (JobPtr job = pop_locked(stale)) return job;
       if (closed_) return nullptr;
     }
   }
   // Non-blocking pop; nullptr if nothing is queued.
   JobPtr try_pop() {
+    std::vector<JobPtr> stale;
     std::lock_guard<std::mutex> lock(mutex_);
-    return pop_locked();
+    return pop_locked(stale);
   }
   // Waits up to `timeout_us` for work; returns true if work may be available or closed.
   bool wait_for_work(long timeout_us) {
@@ -123,10 +125,12 @@ class PriorityCopyQueue {
   }
   // Drops every queued job, marking its ticket cancelled.
   void cancel_all() {
+    std::vector<JobPtr> dropped;
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& level : levels_) {
       for (auto& job : level) {
         if (job->ticket->transition(TicketStatus::kQueued, TicketStatus::kCancelled)) job->ticket->notify();
+        dropped.push_back(std::move(job));
       }
       level.clear();
     }
@@ -134,12 +138,15 @@ class PriorityCopyQueue {
 
  private:
   bool empty_locked() const { return levels_[0].empty() && levels_[1].empty(); }
-  JobPtr pop_locked() {
+  // Skips stale entries (cancelled, or already run after a promote) into `stale`: dropping the
+  // last reference to a job frees its tensors, which may take the GIL, so never under mutex_.
+  JobPtr pop_locked(std::vector<JobPtr>& stale) {
     for (auto& level : levels_) {
       while (!level.empty()) {
-        JobPtr job = level.front();
+        JobPtr job = std::move(level.front());
         level.pop_front();
         if (job->ticket->status() == TicketStatus::kQueued) return job;
+        stale.push_back(std::move(job));
       }
     }
     return nullptr;
