@@ -11,7 +11,7 @@ import logging
 import uvicorn
 
 from engine.async_engine import AsyncLLMEngine
-from engine.builder import served_model_name
+from engine.builder import resolve_device, served_model_name
 from server.app import ServerOptions, create_app
 from server.config import ServeConfig
 
@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 def serve(config: ServeConfig) -> int:
     """Block serving HTTP until a shutdown signal; returns the process exit code."""
+    resolve_device(config.device)  # refuse at once (one line, exit 1) when CUDA is asked for but absent
     engine = AsyncLLMEngine(config)
     engine.start()
     options = ServerOptions(api_key=config.api_key, served_model_name=served_model_name(config))

@@ -1,0 +1,84 @@
+"""The FastAPI application factory: `create_app(engine, options)`.
+
+It wires the routes, the OpenAI-shaped error handlers, the API-key, request-id and
+body-size middleware, a per-app Prometheus registry and the tokenizer worker thread.
+Importing this module does not import torch; the engine owns all model work.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import importlib.metadata
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from server.auth import ApiKeyMiddleware
+from server.context import ServingContext, TokenizerWorker
+from server.errors import install_error_handlers
+from server.metrics import register_metrics
+from server.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from server.routes import build_router
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncLLMEngine
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+
+
+def package_version() -> str:
+    """The installed moe-serve version (or a marker when running from a source tree)."""
+    try:
+        return importlib.metadata.version("moe-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+source"
+
+
+@dataclass
+class ServerOptions:
+    """HTTP-level settings of one app."""
+
+    served_model_name: str
+    api_key: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    version: str = field(default_factory=package_version)
+    protect_health_and_metrics: bool = False
+
+
+def create_app(engine: AsyncLLMEngine, options: ServerOptions) -> FastAPI:
+    """A FastAPI app serving `engine` (started by the caller) under the OpenAI API."""
+    tokenizer = TokenizerWorker(engine)
+    ctx = ServingContext(engine=engine, served_model_name=options.served_model_name, tokenizer=tokenizer)
+    registry = CollectorRegistry()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        tokenizer.shutdown()
+
+    app = FastAPI(
+        title="moe-serve",
+        version=options.version,
+        description="OpenAI-compatible serving of Mixture-of-Experts models.",
+        lifespan=lifespan,
+    )
+    app.state.serving = ctx
+    app.state.metrics_registry = registry
+    app.state.request_metrics = register_metrics(registry, engine, options.served_model_name, options.version)
+    install_error_handlers(app)
+    app.include_router(build_router(ctx, options.version, registry))
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_request_bytes)
+    if options.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=options.api_key,
+                           protect_health_and_metrics=options.protect_health_and_metrics)
+    app.add_middleware(RequestIdMiddleware)
+    logger.info("serving model %r (API key %s)", options.served_model_name,
+                "required" if options.api_key else "not required")
+    return app

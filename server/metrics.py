@@ -1,0 +1,266 @@
+"""Prometheus metrics of one app: request-level series observed by the server, engine and
+expert-cache series read at scrape time.
+
+`ServerMetrics` owns the histograms and counters the server observes when an engine request
+finishes (it knows arrival, first-token and per-token times). `EngineCollector` is a custom
+Collector that turns read-only snapshots of the engine (queues, KV usage, preemptions,
+output-length error) and of the expert cache (hits, misses, copies, stalls, prefetches)
+into metric families on every scrape. Both live on the app's own CollectorRegistry.
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine.request import DEFAULT_TASK, EngineRequest, RequestOutput
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncLLMEngine
+    from engine.expert_cache import ExpertCache, ExpertCacheStats
+    from engine.tasks import TaskTable
+
+PREFIX = "moe_serve"
+ABORTED = "abort"
+SNAPSHOT_ATTEMPTS = 3
+
+# vLLM's bucket boundaries (seconds)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+@dataclass
+class RequestTimer:
+    """What the server saw of one engine request: when it arrived and when each token came."""
+
+    task: str
+    arrival_time: float
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    inter_token_s: list[float] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    queue_time_s: float | None = None
+    finish_reason: str | None = None
+
+    @classmethod
+    def start(cls, request: EngineRequest) -> RequestTimer:
+        return cls(task=request.task, arrival_time=request.arrival_time)
+
+    def on_output(self, output: RequestOutput, now: float) -> int:
+        """Record one engine output; returns how many output tokens it added."""
+        added = max(0, output.num_output_tokens - self.num_output_tokens)
+        self.num_prompt_tokens = output.num_prompt_tokens
+        self.num_output_tokens += added
+        if added:
+            if self.last_token_time is None:
+                self.first_token_time = now
+            else:
+                self.inter_token_s.append(now - self.last_token_time)
+            self.last_token_time = now
+        if output.first_scheduled_time is not None:
+            self.queue_time_s = max(0.0, output.first_scheduled_time - self.arrival_time)
+        if output.finished:
+            self.finish_reason = output.finish_reason.value if output.finish_reason else ABORTED
+        return added
+
+
+class ServerMetrics:
+    """Request-level series, observed by the server as engine requests stream and finish."""
+
+    def __init__(self, registry: CollectorRegistry, tasks: TaskTableSource) -> None:
+        self._tasks = tasks
+        task = ["task"]
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "Time from arrival to the first output token.", task,
+            buckets=TTFT_BUCKETS, registry=registry)
+        self.inter_token_latency = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds", "Time between consecutive output tokens of a request.", task,
+            buckets=ITL_BUCKETS, registry=registry)
+        self.e2e_latency = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds", "Time from arrival to the last output token.", task,
+            buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
+        self.queue_time = Histogram(
+            f"{PREFIX}_request_queue_time_seconds", "Time from arrival until first scheduled.", task,
+            buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", task, registry=registry)
+        self.generation_tokens = Counter(
+            f"{PREFIX}_generation_tokens", "Output tokens generated.", task, registry=registry)
+        self.requests_finished = Counter(
+            f"{PREFIX}_requests_finished", "Finished engine requests (one per choice).", ["task", "finish_reason"],
+            registry=registry)
+        self.slo_requests = Counter(
+            f"{PREFIX}_slo_requests", "Requests judged against their task's TTFT and TPOT SLOs (aborts excluded).",
+            task, registry=registry)
+        self.slo_attained = Counter(
+            f"{PREFIX}_slo_attained", "Requests that met both their task's TTFT and TPOT SLOs.", task,
+            registry=registry)
+
+    def on_tokens(self, timer: RequestTimer, num_new_tokens: int) -> None:
+        """Count streamed output tokens as they arrive."""
+        if num_new_tokens:
+            self.generation_tokens.labels(self._tasks.label(timer.task)).inc(num_new_tokens)
+
+    def on_finished(self, timer: RequestTimer) -> None:
+        """Observe a finished (or abandoned) engine request."""
+        task = self._tasks.label(timer.task)
+        reason = timer.finish_reason or ABORTED
+        self.requests_finished.labels(task, reason).inc()
+        self.prompt_tokens.labels(task).inc(timer.num_prompt_tokens)
+        if timer.queue_time_s is not None:
+            self.queue_time.labels(task).observe(timer.queue_time_s)
+        for gap in timer.inter_token_s:
+            self.inter_token_latency.labels(task).observe(gap)
+        if timer.first_token_time is None or timer.last_token_time is None:
+            return
+        ttft = timer.first_token_time - timer.arrival_time
+        self.time_to_first_token.labels(task).observe(ttft)
+        self.e2e_latency.labels(task).observe(timer.last_token_time - timer.arrival_time)
+        table = self._tasks.table()
+        if reason == ABORTED or table is None:
+            return
+        spec = table.get(timer.task)
+        tpot = (timer.last_token_time - timer.first_token_time) / max(1, timer.num_output_tokens - 1)
+        self.slo_requests.labels(task).inc()
+        if ttft <= spec.ttft_slo_s and tpot <= spec.tpot_slo_s:
+            self.slo_attained.labels(task).inc()
+
+
+class TaskTableSource:
+    """The engine's task/SLO table once the engine is loaded (None before)."""
+
+    def __init__(self, engine: AsyncLLMEngine) -> None:
+        self._engine = engine
+
+    def table(self) -> TaskTable | None:
+        return self._engine.engine.scheduler.slo.tasks if self._engine.is_ready else None
+
+    def label(self, task: str) -> str:
+        """`task` if the task table knows it, else `default` (bounds label cardinality)."""
+        table = self.table()
+        return task if table is not None and task in table.tasks else DEFAULT_TASK
+
+
+def _per_layer(name: str, doc: str, values: Mapping[int, float]) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["layer"])
+    for layer, value in sorted(values.items()):
+        family.add_metric([str(layer)], value)
+    return family
+
+
+def _cache_stats(cache: ExpertCache) -> ExpertCacheStats:
+    """cache.stats() deep-copies dicts the engine thread may grow meanwhile: retry on that race."""
+    for _ in range(SNAPSHOT_ATTEMPTS - 1):
+        try:
+            return cache.stats()
+        except RuntimeError:
+            time.sleep(0)
+    return cache.stats()
+
+
+class EngineCollector(Collector):
+    """Engine and expert-cache families built from read-only snapshots at scrape time."""
+
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, version: str) -> None:
+        self._engine = engine
+        self._model = served_model_name
+        self._version = version
+        self._tasks = TaskTableSource(engine)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._info()
+        if not self._engine.is_ready:
+            return
+        yield from self._engine_families()
+        yield from self._cache_families()
+
+    def _info(self) -> InfoMetricFamily:
+        from cache_policies import DEFAULT_POLICY
+
+        config = self._engine.config
+        device = str(self._engine.engine.runner.model.device) if self._engine.is_ready else config.device.value
+        info = InfoMetricFamily(f"{PREFIX}_model", "The served model and how it is served.")
+        info.add_metric([], {
+            "version": self._version,
+            "model": self._model,
+            "cache_policy": DEFAULT_POLICY if config.cache_policy == "default" else config.cache_policy,
+            "scheduling_policy": config.scheduling_policy.value,
+            "device": device,
+            "offload": str(self._cache() is not None).lower(),
+        })
+        return info
+
+    def _engine_families(self) -> Iterator[Metric]:
+        stats = self._engine.stats()
+        for name, doc, by_task in (("requests_running", "Requests being computed.", stats.running_by_task),
+                                   ("requests_waiting", "Requests waiting to be scheduled.", stats.waiting_by_task)):
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["task"])
+            counts: dict[str, int] = {}
+            for task, count in by_task.items():
+                label = self._tasks.label(task)
+                counts[label] = counts.get(label, 0) + count
+            for task, count in sorted(counts.items()):
+                family.add_metric([task], count)
+            yield family
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0-1).",
+                                value=stats.kv_cache_usage)
+        yield CounterMetricFamily(f"{PREFIX}_preemptions", "Running requests preempted to free KV blocks.",
+                                  value=stats.num_preemptions)
+        yield GaugeMetricFamily(f"{PREFIX}_output_length_prediction_mean_abs_error_tokens",
+                                "Mean |predicted - actual| output tokens of the scheduler's length estimator.",
+                                value=stats.output_len_mean_abs_error)
+
+    def _cache(self) -> ExpertCache | None:
+        if not self._engine.is_ready:
+            return None
+        from engine.offload import OffloadedExperts
+
+        experts = self._engine.engine.runner.model.experts
+        return experts.cache if isinstance(experts, OffloadedExperts) else None
+
+    def _cache_families(self) -> Iterator[Metric]:
+        cache = self._cache()
+        if cache is None:
+            return
+        stats = _cache_stats(cache)
+        yield _per_layer("expert_cache_hits", "Expert acquisitions served by the device cache.", stats.hits)
+        yield _per_layer("expert_cache_misses", "Expert acquisitions that needed a host-to-device copy.", stats.misses)
+        yield _per_layer("expert_cache_evictions", "Experts evicted from the device cache.", stats.evictions)
+        yield _per_layer("expert_copy_bytes", "Expert bytes copied host-to-device.", stats.bytes_copied)
+        yield _per_layer("expert_copy_stall_seconds", "Time compute waited on pending expert copies.",
+                         stats.stall_seconds)
+        nbytes = cache.store.expert_nbytes
+        yield GaugeMetricFamily(f"{PREFIX}_expert_cache_resident_bytes", "Bytes of device slots holding an expert.",
+                                value=cache.num_occupied_slots * nbytes)
+        yield GaugeMetricFamily(f"{PREFIX}_expert_cache_capacity_bytes", "Byte budget of the device expert cache.",
+                                value=cache.num_slots * nbytes)
+        for name, doc, value in (
+            ("issued", "Prefetch copies started.", stats.prefetch_issued),
+            ("used", "Prefetched experts acquired before eviction.", stats.prefetch_used),
+            ("wasted", "Prefetched experts evicted or cancelled before any use.", stats.prefetch_wasted),
+            ("late", "Prefetched experts acquired while their copy was still pending.", stats.prefetch_late),
+        ):
+            yield CounterMetricFamily(f"{PREFIX}_expert_prefetches_{name}", doc, value=value)
+
+
+def register_metrics(
+    registry: CollectorRegistry, engine: AsyncLLMEngine, served_model_name: str, version: str
+) -> ServerMetrics:
+    """Put every moe-serve series on `registry`; returns what the server observes into."""
+    registry.register(EngineCollector(engine, served_model_name, version))
+    return ServerMetrics(registry, TaskTableSource(engine))

@@ -1,0 +1,256 @@
+"""Request bodies of the OpenAI-compatible API as pydantic models.
+
+Unknown fields are rejected (extra="forbid"); OpenAI parameters this server does not
+implement are declared so that any non-empty value is rejected with a 400 naming them,
+never silently ignored. Response bodies live in `server.responses`.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+MAX_N = 16
+MAX_STOP_SEQUENCES = 8
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+TASK_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+def _reject_if_set(value: Any, info: ValidationInfo) -> Any:
+    if value in (None, False, "", [], {}):
+        return value
+    raise PydanticCustomError(
+        "unsupported_parameter", "'{name}' is not supported by this server", {"name": info.field_name}
+    )
+
+
+Unsupported = Annotated[
+    Any,
+    AfterValidator(_reject_if_set),
+    Field(default=None, description="Not supported: a non-empty value is rejected with 400."),
+]
+
+
+class Role(str, enum.Enum):
+    """Who wrote a chat message (`developer` is rendered as `system`)."""
+
+    SYSTEM = "system"
+    DEVELOPER = "developer"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class TextPart(BaseModel):
+    """One `{"type": "text", "text": ...}` part of a message's content."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message; content is a string or an array of text parts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    content: str | list[TextPart]
+    name: str | None = Field(default=None, max_length=256)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_is_text(cls, value: Any) -> Any:
+        if not isinstance(value, (str, list)):
+            raise PydanticCustomError("string_type", "content must be a string or an array of text parts")
+        for part in value if isinstance(value, list) else []:
+            if isinstance(part, dict) and part.get("type", "text") != "text":
+                raise PydanticCustomError("unsupported_parameter", "content parts of type {kind!r} are not supported",
+                                          {"kind": str(part.get("type"))})
+        return value
+
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def template_dict(self) -> dict[str, str]:
+        """The message as the chat template expects it."""
+        role = Role.SYSTEM if self.role is Role.DEVELOPER else self.role
+        message = {"role": role.value, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class StreamOptions(BaseModel):
+    """Options that only apply when `stream` is true."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    """Only plain text output is supported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+
+
+def _stop_sequences(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else value or []
+    if any(not s for s in stops):
+        raise PydanticCustomError("value_error", "stop sequences must be non-empty strings")
+    return value
+
+
+StopField = Annotated[
+    str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None,
+    AfterValidator(_stop_sequences),
+    Field(default=None, description=f"up to {MAX_STOP_SEQUENCES} strings that end generation (not returned)"),
+]
+
+
+class GenerationParams(BaseModel):
+    """Parameters shared by chat and text completions (OpenAI's plus a few extras)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: StopField
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
+        default=None, max_length=16, description="free-form tags; `task` selects the scheduler's task class"
+    )
+    top_k: int | None = Field(default=None, ge=-1, description="extra: sample from the k most likely tokens")
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="extra")
+    min_tokens: int = Field(default=0, ge=0, description="extra: no stop before this many tokens")
+    ignore_eos: bool = Field(default=False, description="extra: keep generating past end-of-sequence")
+    priority: int = Field(default=0, description="extra: scheduling priority")
+    logit_bias: Unsupported
+    service_tier: Unsupported
+    store: Unsupported
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream", False):
+            raise PydanticCustomError("value_error", "stream_options is only allowed when stream is true")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _task_name(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value and "task" in value and not re.match(TASK_NAME_PATTERN, value["task"]):
+            raise PydanticCustomError("value_error", "metadata.task must match {pattern}",
+                                      {"pattern": TASK_NAME_PATTERN})
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def task(self) -> str | None:
+        return (self.metadata or {}).get("task")
+
+
+class ChatCompletionRequest(GenerationParams):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: Unsupported
+    tool_choice: Unsupported
+    parallel_tool_calls: Unsupported
+    functions: Unsupported
+    function_call: Unsupported
+    audio: Unsupported
+    modalities: Unsupported
+    prediction: Unsupported
+    reasoning_effort: Unsupported
+    web_search_options: Unsupported
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") != "text":
+            raise PydanticCustomError("unsupported_parameter", "response_format {kind!r} is not supported",
+                                      {"kind": str(value.get("type"))})
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs", False):
+            raise PydanticCustomError("value_error", "top_logprobs requires logprobs to be true")
+        return value
+
+    def output_limit(self) -> int | None:
+        """max_completion_tokens wins over the deprecated max_tokens."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per token for the engine, or None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+PromptInput = str | list[str] | Annotated[list[int], Field(min_length=1)] | list[Annotated[list[int], Field(min_length=1)]]
+
+
+class CompletionRequest(GenerationParams):
+    """POST /v1/completions (legacy text completions)."""
+
+    prompt: PromptInput
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: Unsupported
+    suffix: Unsupported
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise PydanticCustomError("unsupported_parameter", "'best_of' other than n is not supported")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: PromptInput) -> PromptInput:
+        if isinstance(value, list) and not value:
+            raise PydanticCustomError("value_error", "prompt must not be an empty array")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: each a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]

@@ -1,0 +1,93 @@
+"""The HTTP routes: OpenAI endpoints under /v1, plus /health, /version and /metrics."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from server.chat import create_chat_completion
+from server.completions import create_completion
+from server.context import ServingContext
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList, now
+
+_STREAM_DOC = {"content": {"text/event-stream": {}}, "description": "JSON body, or SSE chunks when stream is true"}
+_ERROR_DOC = {"description": 'OpenAI error body: {"error": {"message", "type", "param", "code"}}'}
+
+
+class HealthStatus(str, enum.Enum):
+    """What /health reports."""
+
+    OK = "ok"
+    LOADING = "loading"
+    DEAD = "dead"
+
+
+def health_body(ctx: ServingContext) -> tuple[int, dict[str, Any]]:
+    """(status code, JSON body): 200 with queue and KV stats when ready, else 503."""
+    engine = ctx.engine
+    if engine.is_dead:
+        return 503, {"status": HealthStatus.DEAD.value, "model": ctx.served_model_name}
+    if not engine.is_ready:
+        return 503, {"status": HealthStatus.LOADING.value, "model": ctx.served_model_name}
+    stats = engine.stats()
+    return 200, {
+        "status": HealthStatus.OK.value,
+        "model": ctx.served_model_name,
+        "num_running": stats.num_running,
+        "num_waiting": stats.num_waiting,
+        "kv_cache_usage": stats.kv_cache_usage,
+    }
+
+
+def build_router(ctx: ServingContext, version: str, registry: CollectorRegistry) -> APIRouter:
+    """Every route of the server, bound to `ctx`."""
+    router = APIRouter()
+    created = now()
+    errors: dict[int | str, dict[str, Any]] = {code: _ERROR_DOC for code in (400, 401, 404, 413, 429, 503)}
+
+    @router.post("/v1/chat/completions", tags=["openai"],
+                 responses={200: {"model": ChatCompletionResponse, **_STREAM_DOC}, **errors})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """Chat completion (OpenAI-compatible)."""
+        return await create_chat_completion(ctx, body, request)
+
+    @router.post("/v1/completions", tags=["openai"],
+                 responses={200: {"model": CompletionResponse, **_STREAM_DOC}, **errors})
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Text completion (OpenAI-compatible, legacy)."""
+        return await create_completion(ctx, body, request)
+
+    @router.get("/v1/models", tags=["openai"], response_model=ModelList)
+    async def list_models() -> ModelList:
+        """The one served model."""
+        return ModelList(data=[ModelCard(id=ctx.served_model_name, created=created)])
+
+    @router.get("/v1/models/{model}", tags=["openai"], response_model=ModelCard, responses={404: _ERROR_DOC})
+    async def retrieve_model(model: str) -> ModelCard:
+        """One model by id (404 for any id but the served one)."""
+        ctx.check_model(model)
+        return ModelCard(id=ctx.served_model_name, created=created)
+
+    @router.get("/health", tags=["ops"], responses={503: {"description": "loading or the engine died"}})
+    async def health() -> JSONResponse:
+        """200 when the model is loaded and the engine runs; 503 otherwise. Carries queue stats."""
+        status, body = health_body(ctx)
+        return JSONResponse(body, status_code=status)
+
+    @router.get("/version", tags=["ops"])
+    async def get_version() -> dict[str, str]:
+        """The server's version."""
+        return {"version": version}
+
+    @router.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus exposition of this server's registry."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+

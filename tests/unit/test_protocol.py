@@ -1,0 +1,257 @@
+"""Request models, error mapping and middleware of the HTTP front end (no model needed),
+plus a property test: no request body, however malformed, gets anything but 400."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from engine.errors import (
+    ContextLengthExceededError,
+    EngineDeadError,
+    InvalidRequestError,
+    ModelLoadError,
+    QueueFullError,
+)
+from server.auth import key_matches
+from server.errors import APIError, from_engine_error, from_validation_errors, param_from_loc
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _error(cls: type, body: Any) -> APIError | None:
+    try:
+        cls.model_validate(body)
+    except ValidationError as exc:
+        return from_validation_errors(exc.errors())
+    return None
+
+
+def _assert_openai_shape(body: dict[str, Any]) -> None:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["error"]["code"] is None or isinstance(body["error"]["code"], str)
+    assert body["error"]["param"] is None or isinstance(body["error"]["param"], str)
+
+
+def test_a_minimal_chat_request_gets_openai_defaults() -> None:
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES})
+    assert req.n == 1 and req.stream is False and req.num_logprobs() is None
+    assert req.output_limit() is None and req.stop_list() == [] and req.task is None
+
+
+def test_content_parts_are_joined_and_developer_renders_as_system() -> None:
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]})
+    assert req.messages[0].template_dict() == {"role": "system", "content": "a\nb"}
+
+
+def test_max_completion_tokens_wins_and_logprobs_map_to_a_top_count() -> None:
+    req = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 7,
+        "logprobs": True, "top_logprobs": 3, "stop": "x", "metadata": {"task": "chat"},
+    })
+    assert req.output_limit() == 7 and req.num_logprobs() == 3 and req.stop_list() == ["x"] and req.task == "chat"
+    assert ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": MESSAGES, "logprobs": True}).num_logprobs() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"model": "m"}, "messages", "missing_required_parameter"),
+        ({"model": "m", "messages": []}, "messages", "invalid_value"),
+        ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "invalid_value"),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_value"),
+        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+         "messages[0].content", "unsupported_parameter"),
+        ({"model": "m", "messages": MESSAGES, "max_tokens": -1}, "max_tokens", "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "temperature": 5}, "temperature", "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "n": 0}, "n", "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "stop": ["ok", ""]}, "stop", "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
+        ({"model": "m", "messages": MESSAGES, "logit_bias": {"1": 5}}, "logit_bias", "unsupported_parameter"),
+        ({"model": "m", "messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format",
+         "unsupported_parameter"),
+        ({"model": "m", "messages": MESSAGES, "frobnicate": 1}, "frobnicate", "unknown_parameter"),
+        ({"model": "m", "messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options",
+         "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "metadata": {"task": "no spaces"}}, "metadata", "invalid_value"),
+    ],
+)
+def test_bad_chat_bodies_get_a_400_naming_the_field(body: dict[str, Any], param: str, code: str) -> None:
+    error = _error(ChatCompletionRequest, body)
+    assert error is not None and error.status_code == 400
+    assert error.param == param and error.code == code
+    _assert_openai_shape(error.body())
+
+
+def test_accepted_empty_values_of_unsupported_parameters_and_text_response_format() -> None:
+    body = {"model": "m", "messages": MESSAGES, "tools": [], "logit_bias": {}, "response_format": {"type": "text"}}
+    assert _error(ChatCompletionRequest, body) is None
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [("hello", ["hello"]), ([1, 2, 3], [[1, 2, 3]]), (["a", "b"], ["a", "b"]), ([[1], [2, 3]], [[1], [2, 3]])],
+)
+def test_completion_prompts_accept_text_token_ids_and_batches(prompt: Any, expected: list[Any]) -> None:
+    req = CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    assert req.prompts() == expected and req.max_tokens == 16
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"model": "m", "prompt": []}, "prompt", "invalid_value"),
+        ({"model": "m", "prompt": [1, "a"]}, "prompt", "invalid_value"),
+        ({"model": "m", "prompt": "x", "echo": True}, "echo", "unsupported_parameter"),
+        ({"model": "m", "prompt": "x", "best_of": 3}, "best_of", "unsupported_parameter"),
+        ({"model": "m", "prompt": "x", "logprobs": 9}, "logprobs", "invalid_value"),
+    ],
+)
+def test_bad_completion_bodies_get_a_400_naming_the_field(body: dict[str, Any], param: str, code: str) -> None:
+    error = _error(CompletionRequest, body)
+    assert error is not None and (error.status_code, error.param, error.code) == (400, param, code)
+
+
+def test_param_from_loc_drops_body_and_union_tags() -> None:
+    assert param_from_loc(("body", "messages", 0, "content", "list[TextPart]", 1, "text")) == "messages[0].content[1].text"
+    assert param_from_loc(("body",)) is None
+
+
+def test_malformed_json_maps_to_invalid_json() -> None:
+    error = from_validation_errors([{"type": "json_invalid", "loc": ("body", 3), "msg": "x"}])
+    assert (error.status_code, error.code, error.param) == (400, "invalid_json", None)
+
+
+def test_engine_errors_map_to_statuses_and_headers() -> None:
+    too_long = from_engine_error(ContextLengthExceededError("too long"), "messages")
+    assert (too_long.status_code, too_long.code, too_long.param) == (400, "context_length_exceeded", "messages")
+    assert from_engine_error(InvalidRequestError("bad")).status_code == 400
+    full = from_engine_error(QueueFullError("full", retry_after_s=2.2))
+    assert full.status_code == 429 and full.headers["Retry-After"] == "3" and full.code == "rate_limit_exceeded"
+    dead = from_engine_error(EngineDeadError("dead"))
+    assert dead.status_code == 503
+    for error in (too_long, full, dead):
+        _assert_openai_shape(error.body())
+
+
+def test_api_key_comparison_needs_the_bearer_scheme_and_the_exact_key() -> None:
+    assert key_matches("Bearer sk-1", "sk-1") and key_matches("bearer sk-1", "sk-1")
+    assert not key_matches(None, "sk-1")
+    assert not key_matches("sk-1", "sk-1")
+    assert not key_matches("Bearer sk-2", "sk-1")
+    assert not key_matches("Bearer sk-1x", "sk-1")
+    assert not key_matches("Bearer ключ", "sk-1")
+
+
+JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+FIELDS = ["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
+          "stream_options", "logprobs", "top_logprobs", "metadata", "tools", "response_format", "top_k", "echo"]
+BODIES = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), JSON_VALUES, max_size=6)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(body=BODIES, chat=st.booleans())
+def test_any_body_either_validates_or_maps_to_an_openai_400(body: dict[str, Any], chat: bool) -> None:
+    cls = ChatCompletionRequest if chat else CompletionRequest
+    body = json.loads(json.dumps(body, allow_nan=True))
+    error = _error(cls, body)
+    if error is not None:
+        assert error.status_code == 400
+        _assert_openai_shape(error.body())
+        json.dumps(error.body(), allow_nan=False)
+
+
+# -- the app in-process (FastAPI TestClient) on the real engine and a tiny checkpoint -------------
+
+
+@pytest.fixture(scope="module")
+def app_client(checkpoint_factory: Any) -> Any:
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncLLMEngine
+    from engine.config import EngineConfig
+    from server.app import ServerOptions, create_app
+
+    engine = AsyncLLMEngine(EngineConfig(model=str(checkpoint_factory("mixtral")), dtype="float32", device="cpu",
+                                         max_model_len=64, max_waiting=8))
+    engine.start(wait=True, timeout=120)
+    with TestClient(create_app(engine, ServerOptions(served_model_name="tiny", max_request_bytes=4096))) as client:
+        yield client
+    engine.shutdown()
+
+
+def test_health_reports_engine_stats_and_version_is_served(app_client: Any) -> None:
+    health = app_client.get("/health")
+    assert health.status_code == 200
+    assert health.json() | {"num_running": 0} == {"status": "ok", "model": "tiny", "num_running": 0,
+                                                    "num_waiting": 0, "kv_cache_usage": 0.0}
+    assert app_client.get("/version").json()["version"]
+    assert app_client.get("/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]
+
+
+def test_a_body_over_the_limit_is_413_and_unknown_routes_are_openai_404s(app_client: Any) -> None:
+    too_big = app_client.post("/v1/completions", content=b"x" * 5000, headers={"Content-Type": "application/json"})
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+    missing = app_client.get("/v2/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_loading_and_dead_engines_answer_503(tmp_path: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncLLMEngine
+    from engine.config import EngineConfig
+    from server.app import ServerOptions, create_app
+
+    loading = AsyncLLMEngine(EngineConfig(model=str(tmp_path / "absent")))
+    with TestClient(create_app(loading, ServerOptions(served_model_name="m"))) as client:
+        assert client.get("/health").json()["status"] == "loading"
+        busy = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        assert busy.status_code == 503 and busy.headers["Retry-After"] and busy.json()["error"]["code"] == "model_loading"
+        with pytest.raises(ModelLoadError):
+            loading.start(wait=True, timeout=60)
+        assert loading.is_dead and client.get("/health").status_code == 503
+        dead = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        assert dead.status_code == 503 and dead.json()["error"]["code"] == "engine_dead"
+
+
+SMALL_INTS = st.integers(-3, 6)
+CHAT_FIELDS = st.fixed_dictionaries(
+    {"model": st.sampled_from(["tiny", "other"]),
+     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "bot"]),
+                                                 "content": st.text(max_size=20) | st.integers()}), max_size=3)},
+    optional={"max_tokens": SMALL_INTS, "n": SMALL_INTS, "temperature": st.floats(-1, 3), "top_p": st.floats(-0.5, 1.5),
+              "top_k": SMALL_INTS, "seed": st.integers(-(2**64), 2**64), "stop": st.text(max_size=3) | JSON_VALUES,
+              "stream": st.booleans(), "logprobs": st.booleans(), "top_logprobs": SMALL_INTS,
+              "min_tokens": SMALL_INTS, "repetition_penalty": st.floats(-1, 3), "metadata": JSON_VALUES,
+              "presence_penalty": st.floats(-3, 3), "ignore_eos": st.booleans(), "tools": JSON_VALUES},
+)
+
+
+@settings(max_examples=80, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+          deadline=None)
+@given(body=CHAT_FIELDS | BODIES)
+def test_no_request_body_gets_a_5xx_from_the_real_engine(app_client: Any, body: dict[str, Any]) -> None:
+    response = app_client.post("/v1/chat/completions", content=json.dumps(body, allow_nan=True),
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        _assert_openai_shape(response.json())
+    elif body.get("stream"):
+        assert response.text.rstrip().endswith("data: [DONE]") and '"error"' not in response.text
+    else:
+        assert response.json()["object"] == "chat.completion"
