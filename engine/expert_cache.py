@@ -183,6 +183,11 @@ class ExpertCache:
         self._submit(started, copies, CopyPriority.PREFETCH)
         return len(started)
 
+    @property
+    def num_occupied_slots(self) -> int:
+        """Slots holding an expert (resident or loading); safe to read from another thread."""
+        return len(self._slot_of)
+
     def on_step(self) -> None:
         """End of one engine step: forwarded to the policy."""
         self.policy.on_step()

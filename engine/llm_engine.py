@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.block_manager import BlockManager
@@ -33,6 +34,9 @@ class EngineStats:
     num_waiting: int
     kv_cache_usage: float
     num_preemptions: int
+    running_by_task: dict[str, int] = field(default_factory=dict)
+    waiting_by_task: dict[str, int] = field(default_factory=dict)
+    output_len_mean_abs_error: float = 0.0
 
 
 @dataclass
@@ -113,11 +117,16 @@ class LLMEngine:
             self.trace_writer.flush()
 
     def stats(self) -> EngineStats:
+        """Safe to call from another thread: the queues are copied before they are read."""
+        running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_running=len(running),
+            num_waiting=len(waiting),
             kv_cache_usage=self.blocks.usage,
             num_preemptions=self.scheduler.num_preemptions,
+            running_by_task=dict(Counter(seq.request.task for seq in running)),
+            waiting_by_task=dict(Counter(seq.request.task for seq in waiting)),
+            output_len_mean_abs_error=self.scheduler.lengths.mean_abs_error,
         )
 
     def step(self) -> list[RequestOutput]:
@@ -187,4 +196,5 @@ class LLMEngine:
             finish_reason=reason,
             num_prompt_tokens=len(seq.prompt_token_ids),
             num_output_tokens=len(seq.output_token_ids),
+            first_scheduled_time=seq.first_scheduled_time,
         )

@@ -35,3 +35,4 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None  # monotonic; set on the finishing output

@@ -76,6 +76,21 @@ class RequestTimer:
         return added
 
 
+class TaskTableSource:
+    """The engine's task/SLO table once the engine is loaded (None before)."""
+
+    def __init__(self, engine: AsyncLLMEngine) -> None:
+        self._engine = engine
+
+    def table(self) -> TaskTable | None:
+        return self._engine.engine.scheduler.slo.tasks if self._engine.is_ready else None
+
+    def label(self, task: str) -> str:
+        """`task` if the task table knows it, else `default` (bounds label cardinality)."""
+        table = self.table()
+        return task if table is not None and task in table.tasks else DEFAULT_TASK
+
+
 class ServerMetrics:
     """Request-level series, observed by the server as engine requests stream and finish."""
 
@@ -138,21 +153,6 @@ class ServerMetrics:
             self.slo_attained.labels(task).inc()
 
 
-class TaskTableSource:
-    """The engine's task/SLO table once the engine is loaded (None before)."""
-
-    def __init__(self, engine: AsyncLLMEngine) -> None:
-        self._engine = engine
-
-    def table(self) -> TaskTable | None:
-        return self._engine.engine.scheduler.slo.tasks if self._engine.is_ready else None
-
-    def label(self, task: str) -> str:
-        """`task` if the task table knows it, else `default` (bounds label cardinality)."""
-        table = self.table()
-        return task if table is not None and task in table.tasks else DEFAULT_TASK
-
-
 def _per_layer(name: str, doc: str, values: Mapping[int, float]) -> CounterMetricFamily:
     family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["layer"])
     for layer, value in sorted(values.items()):
@@ -210,7 +210,8 @@ class EngineCollector(Collector):
         for name, doc, by_task in (("requests_running", "Requests being computed.", stats.running_by_task),
                                    ("requests_waiting", "Requests waiting to be scheduled.", stats.waiting_by_task)):
             family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["task"])
-            counts: dict[str, int] = {}
+            table = self._tasks.table()
+            counts = dict.fromkeys(table.tasks if table is not None else (), 0)  # 0, not absent, when idle
             for task, count in by_task.items():
                 label = self._tasks.label(task)
                 counts[label] = counts.get(label, 0) + count

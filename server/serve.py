@@ -7,6 +7,9 @@ uvicorn stops accepting on SIGTERM/SIGINT and lets running requests finish for u
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from types import FrameType
 
 import uvicorn
 
@@ -16,6 +19,10 @@ from server.app import ServerOptions, create_app
 from server.config import ServeConfig
 
 logger = logging.getLogger(__name__)
+
+
+def _drained(_signum: int, _frame: FrameType | None) -> None:
+    """uvicorn re-raises SIGTERM after its graceful shutdown; by then there is nothing left to do."""
 
 
 def serve(config: ServeConfig) -> int:
@@ -35,10 +42,14 @@ def serve(config: ServeConfig) -> int:
             access_log=False,
         )
     )
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _drained) if in_main_thread else None
     try:
         server.run()
     finally:
         engine.shutdown()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if engine.load_error is not None:
         logger.error("the model failed to load: %s", engine.load_error)
         return 1
