@@ -188,10 +188,11 @@ def test_32_concurrent_streams_each_get_their_solo_text(live_server: LiveServer)
 
 
 def test_50_streams_cancelled_midway_free_the_engine(live_server: LiveServer, client: openai.OpenAI) -> None:
+    # 50 x 4 choices x 230 tokens take several times the 2 s idle bound if nothing is aborted
     async def start_and_cancel(aclient: openai.AsyncOpenAI, i: int) -> int:
         stream = await aclient.chat.completions.create(
             model=live_server.model, messages=[{"role": "user", "content": f"long story {i}"}], stream=True,
-            max_tokens=200, **GREEDY)
+            max_tokens=230, n=4, **GREEDY)
         received = 0
         async for _chunk in stream:
             received += 1
