@@ -143,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = make_checkpoint(Path(tmp) / "model", 256, 256, 4, 16, 4)
+        model = make_checkpoint(Path(tmp) / "model", 512, 256, 8, 16, 4)
         tasks_file = Path(tmp) / "tasks.yaml"
         tasks_file.write_text(yaml.safe_dump({"tasks": {
             name: {"ttft_slo_s": t, "tpot_slo_s": p, "output_len_prior": out}

@@ -1,18 +1,21 @@
 """Which waiting request the scheduler admits next: fcfs, priority or slo. No torch import.
 
 `slo` is eMoE's task-aware policy. A waiting request's slack is its TTFT deadline minus
-now minus its predicted service time before the first token (prefill of its uncomputed
-tokens plus the expert loading its task will cause). Requests that can still make their
-deadline go first, least slack first; when the slack difference is smaller than the
-expert traffic a task switch would cause, a request of the running batch's task wins;
-near-equal slack goes to the shortest predicted job. Requests already past saving are
-served shortest-job-first after them, and a starvation guard serves anything that has
-waited too long before everything else.
+now minus its predicted time to first token (prefill of its uncomputed tokens plus the
+expert loading its task will cause). A request is urgent when it can still make its
+deadline but not if a typical waiting job (the median predicted job size) were served
+before it; urgent requests go first, least slack first. Everything else, including
+requests already past saving, is served shortest predicted job first (prefill + predicted
+output length x step time + expert loading), which is what lowers mean latency. When the
+slack difference is smaller than the expert traffic a task switch would cause, a request
+of the running batch's task wins; a starvation guard serves anything that has waited too
+long before everything else.
 """
 
 from __future__ import annotations
 
 import enum
+import statistics
 from collections import Counter
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass
@@ -108,9 +111,11 @@ class SloOrder:
         return seq.request.arrival_time + spec.ttft_slo_s - now - service
 
     def job_size(self, seq: Sequence) -> float:
-        """Predicted seconds of work: prefill plus predicted decode steps."""
-        return self.ctx.service.first_token_s(seq.num_uncomputed_tokens) + (
-            seq.predicted_output_len * self.ctx.service.decode_s_per_step
+        """Predicted seconds of work: prefill, expert loading and the predicted decode steps."""
+        return (
+            self.ctx.service.first_token_s(seq.num_uncomputed_tokens)
+            + self.ctx.expert_cost.load_seconds(seq.request.task)
+            + seq.predicted_output_len * self.ctx.service.decode_s_per_step
         )
 
     def pick(self, waiting: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> int:
@@ -118,12 +123,15 @@ class SloOrder:
         if starving:
             return min(starving, key=lambda i: waiting[i].request.arrival_time)
         slacks = [self.slack(s, now) for s in waiting]
+        sizes = [self.job_size(s) for s in waiting]
         feasible = [i for i, sl in enumerate(slacks) if sl >= 0]
-        if not feasible:
-            return min(range(len(waiting)), key=lambda i: self.job_size(waiting[i]))
-        best = min(feasible, key=lambda i: (slacks[i], self.job_size(waiting[i])))
-        near = [i for i in feasible if slacks[i] - slacks[best] <= SLACK_TIE_S]
-        best = min(near, key=lambda i: self.job_size(waiting[i]))
+        urgent = [i for i in feasible if slacks[i] < statistics.median(sizes)]
+        if urgent:
+            best = min(urgent, key=lambda i: (slacks[i], sizes[i]))
+            near = [i for i in urgent if slacks[i] - slacks[best] <= SLACK_TIE_S]
+            best = min(near, key=lambda i: sizes[i])
+        else:
+            best = min(range(len(waiting)), key=lambda i: (sizes[i], waiting[i].request.arrival_time))
         batch_task = self._dominant_task(running)
         if batch_task is None or waiting[best].request.task == batch_task:
             return best

@@ -80,11 +80,21 @@ def test_slo_serves_least_slack_first(monkeypatch) -> None:
     assert order == ["cls", "chat", "sum"]
 
 
-def test_slo_puts_hopeless_requests_after_feasible_ones_shortest_first(monkeypatch) -> None:
-    seqs = [seq("late-long", "chat", prompt_len=500, arrival=0.0), seq("late-short", "chat", arrival=0.0),
-            seq("ok", "summarize", arrival=4.0)]
+def test_slo_serves_non_urgent_and_hopeless_requests_shortest_job_first(monkeypatch) -> None:
+    # the summary has plenty of slack (not urgent), the chats already missed their TTFT SLO
+    seqs = [seq("late-long", "chat", prompt_len=500, arrival=0.0), seq("relaxed-summary", "summarize", arrival=4.0),
+            seq("late-short", "chat", arrival=0.0)]
     order = admitted_order(make_scheduler(SchedulingPolicyName.SLO), seqs, monkeypatch, 5.0)
-    assert order == ["ok", "late-short", "late-long"]
+    assert order == ["late-short", "late-long", "relaxed-summary"]
+
+
+def test_slo_serves_an_urgent_request_before_shorter_jobs(monkeypatch) -> None:
+    # the chat (0.38 s of slack) can still make its TTFT SLO only if it goes before a typical
+    # waiting job (0.44 s); the classify jobs are shorter but already hopeless
+    seqs = [seq(f"cls{i}", "classify", prompt_len=400, arrival=0.0) for i in range(3)]
+    seqs.append(seq("chat", "chat", arrival=4.4))
+    order = admitted_order(make_scheduler(SchedulingPolicyName.SLO), seqs, monkeypatch, 5.0)
+    assert order[0] == "chat"
 
 
 def test_slo_counts_expert_loading_in_slack(monkeypatch) -> None:
