@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,9 @@ def attach_routing_consumers(
 
 
 def _dense_to(dense: Any, device: torch.device) -> Any:
+    """The dense weights on `device` (every tensor field of the nested dataclasses moved)."""
     if device.type == "cpu":
         return dense
-    import dataclasses
 
     def move(obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
