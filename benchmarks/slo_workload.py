@@ -16,13 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +27,7 @@ import httpx
 import yaml
 
 from benchmarks.engine_vs_hf import make_checkpoint
+from benchmarks.live_server import live_server
 
 # task: (prompt tokens, output tokens, TTFT SLO s, TPOT SLO s)
 TASK_MIX = {
@@ -58,29 +54,6 @@ class Result:
         return self.ok and self.ttft <= ttft_slo and self.tpot <= tpot_slo
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, tasks_file: Path, policy: str, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(port),
-           "--scheduling-policy", policy, "--tasks-file", str(tasks_file), "--expert-cache-fraction", "0.5",
-           "--max-num-seqs", "4", "--served-model-name", MODEL_NAME, "--max-num-batched-tokens", "256", "--log-level", "warning", "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not become healthy")
-
-
 async def one_request(client: httpx.AsyncClient, task: str, rng: random.Random) -> Result:
     prompt_len, max_tokens, _, _ = TASK_MIX[task]
     body = {"model": MODEL_NAME, "prompt": [rng.randrange(10, 400) for _ in range(prompt_len)],
@@ -105,11 +78,11 @@ async def one_request(client: httpx.AsyncClient, task: str, rng: random.Random) 
     return Result(task, first - start, tpot, end - start, True)
 
 
-async def run_rate(port: int, rate: float, num_requests: int, seed: int) -> list[Result]:
+async def run_rate(base: str, rate: float, num_requests: int, seed: int) -> list[Result]:
     rng = random.Random(seed)
     tasks = rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()), k=num_requests)
     gaps = [rng.expovariate(rate) for _ in range(num_requests)]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
         pending = []
         for task, gap in zip(tasks, gaps):
             await asyncio.sleep(gap)
@@ -149,15 +122,13 @@ def main() -> None:
             name: {"ttft_slo_s": t, "tpot_slo_s": p, "output_len_prior": out}
             for name, (_, out, t, p) in TASK_MIX.items()}}))
         for policy in args.policies.split(","):
-            port = free_port()
-            server = start_server(model, tasks_file, policy, port)
-            try:
-                asyncio.run(run_rate(port, 2.0, 6, seed=99))  # warm-up
+            flags = ["--scheduling-policy", policy, "--tasks-file", str(tasks_file), "--expert-cache-fraction",
+                     "0.5", "--max-num-seqs", "4", "--served-model-name", MODEL_NAME,
+                     "--max-num-batched-tokens", "256"]
+            with live_server(model, flags) as base:
+                asyncio.run(run_rate(base, 2.0, 6, seed=99))  # warm-up
                 for rate in (float(r) for r in args.rates.split(",")):
-                    rows.append(summarize(policy, rate, asyncio.run(run_rate(port, rate, args.requests, seed=1))))
-            finally:
-                server.send_signal(signal.SIGTERM)
-                server.wait(timeout=60)
+                    rows.append(summarize(policy, rate, asyncio.run(run_rate(base, rate, args.requests, seed=1))))
     goodput = {p: max([r["rate"] for r in rows if r["policy"] == p and r["attainment"] >= 0.9], default=0.0)
                for p in args.policies.split(",")}
     if args.json:
