@@ -236,16 +236,25 @@ class ExpertCache:
                 and record.refcount == 0 and record.key is not None and record.key not in protected]
 
     def _ensure_capacity(self, needed: int, requested: set[ExpertKey]) -> None:
-        """Makes `needed` slots claimable (cancelling queued unused prefetches if it must) or raises."""
+        """Makes `needed` slots claimable or raises: first cancels queued unused prefetches, then
+        waits for in-flight unused prefetches to land (they become evictable)."""
         available = len(self._free) + len(self._evictable(requested))
-        for index in list(self._loading):
+        unused = [i for i in self._loading if self._slots[i].refcount == 0 and self._slots[i].key not in requested]
+        for index in unused:
             if available >= needed:
                 return
             record = self._slots[index]
-            if record.refcount == 0 and record.key not in requested and record.ticket is not None \
-                    and self.copy_engine.cancel(record.ticket):
+            if record.ticket is not None and self.copy_engine.cancel(record.ticket):
                 self._stats.bytes_copied[record.key.layer] -= self.store.expert_nbytes
                 self._drop(index, wasted=True)
+                available += 1
+        for index in unused:
+            if available >= needed:
+                return
+            record = self._slots[index]
+            if record.state is SlotState.LOADING and record.ticket is not None:
+                record.ticket.synchronize()
+                self._refresh(index)
                 available += 1
         if available < needed:
             pinned = sum(1 for record in self._slots if record.refcount > 0 or record.key in requested)

@@ -106,6 +106,24 @@ def test_step_needing_more_slots_than_exist_is_a_clear_error(engine: CopyEngine)
     cache.check_invariants()
 
 
+def test_acquire_waits_for_in_flight_prefetches_instead_of_failing() -> None:
+    # one worker, 16 MiB experts: prefetches occupy every slot (queued or being copied); a step
+    # that needs all slots for other keys must cancel or wait for them, never fail
+    slow = load_copy_engine(torch.device("cpu"), num_workers=1, backend=CopyBackend.TORCH)
+    try:
+        big = {key: [torch.ones(16 * 2**20, dtype=torch.uint8)] for key in make_experts()}  # 16 MiB each
+        cache = make_cache(slow, num_slots=NUM_EXPERTS, experts=big)
+        assert cache.prefetch([ExpertKey(1, e) for e in range(NUM_EXPERTS)]) == NUM_EXPERTS
+        wanted = [ExpertKey(0, e) for e in range(NUM_EXPERTS)]
+        slots = cache.acquire(wanted)  # needs every slot: cancels the queued, waits for the in-flight
+        for slot in slots:
+            cache.wait(slot)
+        cache.check_invariants()
+        assert all(cache.state_of(key) is SlotState.RESIDENT for key in wanted)
+    finally:
+        slow.shutdown()
+
+
 def test_prefetch_used_wasted_and_late(engine: CopyEngine) -> None:
     cache = make_cache(engine, num_slots=3)
     assert cache.prefetch([ExpertKey(0, 0), ExpertKey(0, 1), ExpertKey(0, 0)]) == 2
