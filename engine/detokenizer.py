@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from transformers import PreTrainedTokenizerBase
 
 from engine.sampling_params import SamplingParams
 
@@ -30,8 +30,15 @@ class IncrementalDetokenizer:
     """Decodes one request's output tokens as they arrive."""
 
     def __init__(
-        self, tokenizer: Any, prompt_ids: Sequence[int], params: SamplingParams, skip_special_tokens: bool = True
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        skip_special_tokens: bool = True,
     ) -> None:
+        """prompt_ids are part of the engine's interface but not read: the output is decoded on
+        its own (no prompt context, unlike vLLM), so all deltas plus flush() equal
+        tokenizer.decode(output_ids, skip_special_tokens=...)."""
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._stops = [s for s in params.stop if s]
@@ -65,21 +72,22 @@ class IncrementalDetokenizer:
             return DetokenizerDelta("", True)
         self._ids.extend(token_ids)
         self._advance(final=False)
-        return self._emit()
+        return self._emit(final=False)
 
-    def _emit(self) -> DetokenizerDelta:
+    def _emit(self, final: bool) -> DetokenizerDelta:
+        """Cut at the first stop string; otherwise release all but a possible stop-string start (none when final)."""
         if self._stops:
             search_from = max(0, self._emitted - max(len(s) for s in self._stops) + 1)
             matches = [(i, s) for s in self._stops if (i := self._decoded.find(s, search_from)) >= 0]
             if matches:
-                index, stop = min(matches)
+                index, stop = min(matches, key=lambda match: (match[0], len(match[1])))  # first to complete
                 end = index + len(stop) if self._include_stop else index
                 delta = self._decoded[self._emitted : end]
                 self._decoded = self._decoded[:end]
                 self._emitted = end
                 self._stopped = True
                 return DetokenizerDelta(delta, True)
-        safe_end = len(self._decoded) - self._held_back()
+        safe_end = len(self._decoded) - (0 if final else self._held_back())
         delta = self._decoded[self._emitted : safe_end]
         self._emitted = max(self._emitted, safe_end)
         return DetokenizerDelta(delta)
@@ -95,10 +103,8 @@ class IncrementalDetokenizer:
         return longest
 
     def flush(self) -> str:
-        """At the end (length or eos), return whatever is still held back."""
+        """At the end (length or eos), return whatever is still held back, still cut at a stop string."""
         if self._stopped:
             return ""
         self._advance(final=True)
-        delta = self._decoded[self._emitted :]
-        self._emitted = len(self._decoded)
-        return delta
+        return self._emit(final=True).text

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
+MIN_SEED = -(2**63)  # the range torch.Generator.manual_seed accepts
+MAX_SEED = 2**64
 
 
 class FinishReason(str, enum.Enum):
@@ -51,6 +53,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
+        """Temperature 0 means argmax decoding."""
         return self.temperature == 0.0
 
     def validate(self) -> None:
@@ -70,6 +73,7 @@ class SamplingParams:
              f"must be in [0, {MAX_TOP_LOGPROBS}]", self.logprobs),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0", self.stop_token_ids),
+            (self.seed is None or MIN_SEED <= self.seed < MAX_SEED, "seed", "must be in [-2**63, 2**64)", self.seed),
         ]
         for ok, name, rule, value in checks:
             if not ok:

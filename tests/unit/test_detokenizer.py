@@ -69,8 +69,76 @@ def test_random_text_and_stop_strings(tokenizer, text: str, stop: str) -> None:
     deltas, stopped = stream(tokenizer, ids, SamplingParams(stop=[stop]))
     out = "".join(deltas)
     assert stop not in out
-    if stopped:
-        assert decoded.startswith(out) and stop in decoded
-        assert decoded.find(stop) == len(out)
-    else:
-        assert out == decoded
+    assert out == (decoded[: decoded.find(stop)] if stop in decoded else decoded)
+    assert not stopped or stop in decoded
+
+
+def test_stop_string_completed_at_flush_is_cut(tokenizer) -> None:
+    ids = tokenizer.encode("ab\ufffd", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=["\ufffd"]))
+    text = "".join(detok.add_tokens([t]).text for t in ids)
+    assert text + detok.flush() == "ab" == detok.text
+
+
+def stream_chunks(tokenizer, ids, params, chunk: int):
+    detok = IncrementalDetokenizer(tokenizer, [1, 2], params)
+    deltas = []
+    for start in range(0, len(ids), chunk):
+        d = detok.add_tokens(ids[start : start + chunk])
+        deltas.append(d.text)
+        if d.stopped:
+            assert detok.flush() == "" and detok.add_tokens(ids[:1]).text == ""
+            return deltas, True, detok
+    deltas.append(detok.flush())
+    return deltas, False, detok
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), chunk=st.integers(1, 4))
+def test_random_token_ids_concatenate_to_decode(tokenizer, data, chunk: int) -> None:
+    """Arbitrary ids (specials and partial UTF-8 byte tokens included), fed in chunks."""
+    ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1), min_size=1, max_size=30))
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    deltas, stopped, detok = stream_chunks(tokenizer, ids, SamplingParams(), chunk)
+    assert not stopped and "".join(deltas) == decoded == detok.text
+    if "\ufffd" not in decoded:
+        assert all("\ufffd" not in d for d in deltas)
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=st.text(st.characters(codec="utf-8"), min_size=1, max_size=30),
+       stops=st.lists(st.text(min_size=1, max_size=3), min_size=1, max_size=3), include=st.booleans(),
+       chunk=st.integers(1, 3))
+def test_stop_strings_against_a_string_oracle(tokenizer, text: str, stops: list[str], include: bool, chunk: int) -> None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    params = SamplingParams(stop=stops, include_stop_str_in_output=include)
+    deltas, stopped, detok = stream_chunks(tokenizer, ids, params, chunk)
+    out = "".join(deltas)
+    assert out == detok.text
+    hits = [(decoded.find(s), len(s)) for s in stops if s in decoded]
+    if not hits:
+        assert not stopped and out == decoded
+        return
+    assert stopped or decoded.endswith("\ufffd")  # a trailing U+FFFD is only complete at flush()
+    index, length = min(hits)
+    assert out == decoded[: index + length if include else index]  # a match completed by flush() is cut too
+    assert all("\ufffd" not in d for d in deltas) or "\ufffd" in decoded
+
+
+def test_multi_byte_characters_split_across_tokens_are_held_back(tokenizer) -> None:
+    text = "🧑‍💻🇫🇷"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > 2
+    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams())
+    deltas = [detok.add_tokens([t]).text for t in ids]
+    assert "".join(deltas) + detok.flush() == text
+    assert all("\ufffd" not in d for d in deltas) and "" in deltas
+
+
+def test_special_tokens_are_skipped_or_kept(tokenizer) -> None:
+    ids = tokenizer.encode("hi", add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(), skip_special_tokens=skip)
+        text = "".join(detok.add_tokens([t]).text for t in ids) + detok.flush()
+        assert text == tokenizer.decode(ids, skip_special_tokens=skip)

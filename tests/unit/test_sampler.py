@@ -95,3 +95,115 @@ def test_top_k_minus_one_means_off() -> None:
     p = SamplingParams(top_k=-1)
     p.validate()
     assert p.top_k == 0
+
+
+def reference_penalised(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """Straightforward per-token loops: HF repetition penalty, then OpenAI presence/frequency."""
+    row = logits.clone()
+    for t in set(prompt) | set(output):
+        row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
+    for t in set(output):
+        row[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return row
+
+
+def test_batched_penalties_match_reference_per_row() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(6, V) * 3
+    rng = torch.Generator().manual_seed(4)
+    params, prompts, outputs = [], [], []
+    for _ in range(6):
+        params.append(SamplingParams(
+            temperature=0.0,
+            repetition_penalty=float(torch.rand(1, generator=rng)) * 2 + 0.5,
+            presence_penalty=float(torch.rand(1, generator=rng)) * 4 - 2,
+            frequency_penalty=float(torch.rand(1, generator=rng)) * 4 - 2,
+        ))
+        prompts.append(torch.randint(0, V, (12,), generator=rng).tolist())
+        outputs.append(torch.randint(0, V, (9,), generator=rng).tolist())
+    out = run(logits, params, prompts, outputs).token_ids
+    expected = [int(reference_penalised(logits[i], params[i], prompts[i], outputs[i]).argmax()) for i in range(6)]
+    assert out == expected
+
+
+def test_min_tokens_masks_eos_even_with_ignore_eos() -> None:
+    logits = torch.zeros(2, V)
+    logits[:, 9] = 100.0
+    p = SamplingParams(temperature=1.0, min_tokens=3, ignore_eos=True)
+    out = run(logits, [p, p], outputs=[[1], [1, 2, 3]], eos=frozenset({9}))
+    assert out.token_ids[0] != 9 and out.token_ids[1] == 9
+
+
+def test_half_precision_logits_are_upcast() -> None:
+    logits = torch.randn(3, V)
+    out = run(logits.to(torch.bfloat16), [SamplingParams(temperature=0.0, logprobs=2)] * 3)
+    assert out.token_ids == logits.to(torch.bfloat16).float().argmax(-1).tolist()
+    assert all(lp is not None and len(lp.top) == 2 for lp in out.logprobs)
+
+
+def test_logprobs_zero_gives_no_alternatives_and_ignore_penalties() -> None:
+    logits = torch.randn(1, V)
+    p = SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=2.0, frequency_penalty=1.0)
+    out = run(logits, [p], [[0, 1, 2]], [[3, 3]])
+    lp = out.logprobs[0]
+    assert lp is not None and lp.top == []
+    assert lp.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[lp.token_id]))
+
+
+@pytest.mark.parametrize("vocab", [V, 4000])
+def test_top_p_support_matches_a_full_sort_reference(vocab: int) -> None:
+    """Flat rows (nucleus beyond the candidate set, full-sort path) and peaked rows (candidate path)."""
+    torch.manual_seed(5)
+    logits = torch.cat([torch.randn(1, vocab) * 0.3, torch.randn(1, vocab) * 6])
+    sampler = Sampler(vocab)
+    for row in range(2):
+        for top_p, top_k in [(0.5, 0), (0.8, 0), (0.7, 40)]:
+            p = SamplingParams(temperature=1.0, top_p=top_p, top_k=top_k)
+            ref = logits[row].clone()
+            if top_k:
+                ref[ref < torch.topk(ref, top_k).values[-1]] = float("-inf")
+            probs, order = torch.sort(torch.softmax(ref, -1), descending=True)
+            allowed = set(order[: int(((torch.cumsum(probs, 0) - probs) < top_p).sum())].tolist())
+            gen = torch.Generator().manual_seed(row)
+            for _ in range(60):
+                token = sampler(logits[row : row + 1], [p], [[]], [[]], [gen], frozenset()).token_ids[0]
+                assert token in allowed
+
+
+def test_sampling_frequencies_follow_the_tempered_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [-30.0] * (V - 4)])
+    p = SamplingParams(temperature=0.5)
+    gen = torch.Generator().manual_seed(11)
+    n = 4000
+    counts = torch.bincount(torch.tensor([run(logits, [p], gens=[gen]).token_ids[0] for _ in range(n)]), minlength=V)
+    expected = torch.softmax(logits[0] / 0.5, -1) * n
+    assert counts[4:].sum() == 0
+    assert torch.all((counts[:4] - expected[:4]).abs() <= 4 * expected[:4].sqrt() + 5)
+
+
+@pytest.mark.parametrize("extra", [{}, {"top_k": 5}, {"top_p": 0.6}, {"top_p": 0.99, "top_k": 30}])
+def test_seeded_rows_are_batch_independent_across_steps(extra: dict) -> None:
+    torch.manual_seed(8)
+    steps = [torch.randn(4, V) for _ in range(10)]
+    p = SamplingParams(temperature=0.9, seed=3, **extra)
+    noise = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.5)]
+    solo_gen, batch_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    solo, batched = [], []
+    for logits in steps:
+        solo.append(run(logits[2:3], [p], gens=[solo_gen]).token_ids[0])
+        batch = run(logits, [noise[0], noise[1], p, noise[2]], gens=[None, None, batch_gen, None]).token_ids
+        batched.append(batch[2])
+    assert solo == batched
+    assert len(set(solo)) > 1
+
+
+def test_out_of_vocabulary_prompt_ids_are_ignored_by_penalties() -> None:
+    logits = torch.randn(1, V)
+    p = SamplingParams(temperature=0.0, repetition_penalty=1.5)
+    assert run(logits, [p], [[V + 5, 1]], [[]]).token_ids == [int(reference_penalised(logits[0], p, [1], []).argmax())]
+
+
+def test_seed_outside_the_generator_range_is_rejected() -> None:
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64).validate()
+    SamplingParams(seed=2**64 - 1).validate()
