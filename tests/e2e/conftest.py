@@ -7,7 +7,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,16 +62,15 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen[bytes], timeout_
     raise TimeoutError(f"the server was not healthy within {timeout_s} s")
 
 
-@pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """Start the server once per session; stop it (SIGTERM, then SIGKILL) at the end."""
-    checkpoint = make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("e2e") / "tiny-mixtral")
+@contextmanager
+def server_process(checkpoint: Path, extra_args: Sequence[str], log_path: Path
+                   ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `moe-serve serve` on a free port until healthy (failing the test with the server's log
+    otherwise); yields (base URL, process); SIGTERM, then SIGKILL, on exit."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("e2e-log") / "server.log"
     command = [
         sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1",
-        "--port", str(port), "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN),
-        "--dtype", "float32", "--device", "cpu", "--log-level", "warning",
+        "--port", str(port), "--dtype", "float32", "--device", "cpu", "--log-level", "warning", *extra_args,
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -82,10 +82,22 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         process.kill()
         process.wait()
         pytest.fail(f"{exc}\n--- server log ---\n{log_path.read_text(errors='replace')[-4000:]}")
-    yield LiveServer(base_url, API_KEY, checkpoint.name, checkpoint, MAX_MODEL_LEN, process)
-    process.terminate()
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        yield base_url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Start the server once per session; stop it at the end."""
+    checkpoint = make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("e2e") / "tiny-mixtral")
+    log_path = tmp_path_factory.mktemp("e2e-log") / "server.log"
+    flags = ["--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN)]
+    with server_process(checkpoint, flags, log_path) as (base_url, process):
+        yield LiveServer(base_url, API_KEY, checkpoint.name, checkpoint, MAX_MODEL_LEN, process)

@@ -4,9 +4,6 @@ queries is exposed, and the counters agree with what the API returned."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import REPO_ROOT, STARTUP_TIMEOUT_S, free_port, wait_until_healthy
+from tests.e2e.conftest import server_process
 from tests.helpers import make_tiny_checkpoint
 from tests.unit.test_deploy_files import DASHBOARD, dashboard_metric_names, exposed_names
 
@@ -31,30 +28,10 @@ NUM_STREAMED_CHATS = 2
 def offload_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server keeping half of the experts in its cache; yields its base URL."""
     checkpoint = make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("metrics") / MODEL)
-    port = free_port()
     log_path = tmp_path_factory.mktemp("metrics-log") / "server.log"
-    command = [
-        sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint), "--port", str(port),
-        "--dtype", "float32", "--device", "cpu", "--max-model-len", "256", "--expert-cache-fraction", "0.5",
-        "--log-level", "warning",
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(base_url, process, STARTUP_TIMEOUT_S)
-    except (RuntimeError, TimeoutError) as exc:
-        process.kill()
-        process.wait()
-        pytest.fail(f"{exc}\n--- server log ---\n{log_path.read_text(errors='replace')[-4000:]}")
-    yield base_url
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    flags = ["--max-model-len", "256", "--expert-cache-fraction", "0.5"]
+    with server_process(checkpoint, flags, log_path) as (base_url, _process):
+        yield base_url
 
 
 def _completion_tokens(base_url: str) -> int:
