@@ -7,6 +7,7 @@ from enum import Enum
 from typing import Any
 
 from cache_policies.base import CachePolicy
+from cache_policies.context import ContextPolicy
 from cache_policies.frequency import DecayedLFUPolicy, LFUDAPolicy, LFUPolicy
 from cache_policies.markov import MarkovPolicy
 from cache_policies.recency import FIFOPolicy, LRUPolicy
@@ -21,6 +22,7 @@ class PolicyName(str, Enum):
     LFUDA = "lfuda"
     DECAYED_LFU = "decayed_lfu"
     MARKOV = "markov"
+    CONTEXT = "context"
 
 
 _FACTORIES: dict[PolicyName, Callable[..., CachePolicy]] = {
@@ -30,9 +32,10 @@ _FACTORIES: dict[PolicyName, Callable[..., CachePolicy]] = {
     PolicyName.LFUDA: LFUDAPolicy,
     PolicyName.DECAYED_LFU: DecayedLFUPolicy,
     PolicyName.MARKOV: MarkovPolicy,
+    PolicyName.CONTEXT: ContextPolicy,
 }
 
-DEFAULT_POLICY: str = PolicyName.MARKOV.value
+DEFAULT_POLICY: str = PolicyName.CONTEXT.value
 
 
 def available_policies() -> list[str]:

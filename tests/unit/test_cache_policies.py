@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cache_policies import DEFAULT_POLICY, CachePolicy, PolicyName, available_policies, make_policy
+from cache_policies.context import ContextPolicy
 from cache_policies.frequency import DecayedLFUPolicy, LFUDAPolicy, LFUPolicy
 from cache_policies.markov import MarkovPolicy
 from cache_policies.recency import FIFOPolicy, LRUPolicy
@@ -100,6 +101,61 @@ def test_markov_keeps_the_learned_follower() -> None:
 def test_markov_recency_decides_without_transitions() -> None:
     policy = feed(MarkovPolicy(), [["a"], ["b"], ["c"]])
     assert policy.victim(["a", "b"]) == "a"
+
+
+# Each cycle: context {a, b, c}, then x two steps later, then y (used more recently than x).
+CYCLE = [["a", "b", "c"], ["p"], ["x"], ["q"], ["r"], ["y"], ["s"]]
+
+
+def test_context_keeps_what_followed_a_similar_step() -> None:
+    steps = CYCLE * 3 + [["a", "b", "c"]]
+    # one-step transitions never link {a, b, c} to x, and y is the more recent: Markov drops x
+    assert feed(MarkovPolicy(), steps).victim(["x", "y"]) == "x"
+    policy = feed(ContextPolicy(horizon=3), steps)
+    assert policy.context("x") == 1.0
+    assert policy.context("y") == 0.0
+    assert policy.victim(["x", "y"]) == "y"
+    assert feed(ContextPolicy(horizon=3, context_weight=0.0), steps).victim(["x", "y"]) == "x"
+
+
+def test_context_matches_partly_known_steps() -> None:
+    # 4 of the 6 keys of the remembered step are enough to recall what followed it
+    cycle = [["a", "b", "c", "d", "e", "f"], ["p"], ["x"], ["q"], ["r"], ["y"], ["s"]]
+    policy = feed(ContextPolicy(horizon=3), cycle * 3 + [["a", "b", "c", "d", "e", "f"], ["t"]])
+    for key in ["a", "b", "c", "d"]:
+        policy.on_access(key)
+    assert policy.context("x") == 1.0
+    assert policy.victim(["x", "y"]) == "y"
+    three = feed(ContextPolicy(horizon=3), cycle * 3 + [["a", "b", "c", "d", "e", "f"], ["t"]])
+    for key in ["a", "b", "c"]:  # too few shared keys: no match, the last finished step ("t") decides
+        three.on_access(key)
+    assert three.context("x") == 0.0
+
+
+def test_context_keeps_one_history_per_layer() -> None:
+    # tuple keys (layer, expert): layer 1 repeats the pattern, layer 0 is noise in the same steps
+    steps = [[(1, key) for key in step] + [(0, f"n{i}")] for i, step in enumerate(CYCLE * 3 + [["a", "b", "c"]])]
+    policy = feed(ContextPolicy(horizon=3), steps)
+    assert policy.context((1, "x")) == 1.0
+    assert policy.victim([(1, "x"), (1, "y")]) == (1, "y")
+
+
+def test_context_memory_is_bounded_and_big_steps_are_safe() -> None:
+    import random
+
+    rng = random.Random(0)
+    policy = ContextPolicy(history_steps=50, horizon=4, bucket=8)
+    feed(policy, [rng.sample(range(64), 6) for _ in range(2000)])
+    group = policy._groups[None]
+    assert len(group.masks) <= 50 + 4 + 1
+    assert all(len(steps) <= 8 for steps in group.index.values())
+    feed(policy, [list(range(40))])  # a batched step larger than max_context_keys: no subset blow-up
+    assert policy.victim(list(range(40, 64))) in range(40, 64)
+
+
+def test_context_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        ContextPolicy(horizon=0)
 
 
 def test_registry_builds_every_name() -> None:
