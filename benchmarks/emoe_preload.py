@@ -1,12 +1,21 @@
 """eMoE task-aware preloading on the live engine: demand misses per token and TTFT, with and
 without preloading, on a workload where tasks repeat.
 
-Three tasks draw their prompts from different token ranges (so, as with real tasks, each
-routes to its own experts). Requests arrive one after another, interleaving tasks; the
-cache holds a fraction of the experts. With preloading, the engine learns each task's
-expert profile from finished requests and loads it at admission, before the prefill.
+Three tasks draw their prompts from their own small vocabularies (`--task-vocab` tokens each,
+in disjoint id ranges), so, as with real tasks, each routes to its own experts: on the
+benchmark's random-weight model, 16-token vocabularies make the tasks' expert profiles
+clearly differ, while 110-token ranges leave them about as far apart as two halves of one
+task's requests. Requests arrive one after another (closed loop, no idle time between
+them), interleaving tasks; the cache holds a fraction of the experts. With preloading, the
+engine learns each task's expert profile from finished requests and preloads it at
+admission, before the prefill.
 
-    python benchmarks/emoe_preload.py [--fraction 0.25] [--requests 36] [--json]
+Both runs of a repeat serve the same requests; the first `WARMUP_ROUNDS` rounds of tasks are
+served but not measured in either (profiles are still being learned); the order of the two
+runs alternates between repeats. TTFT is from `add_request` (so it includes the preload's
+bookkeeping) to the first token.
+
+    python -m benchmarks.emoe_preload [--fraction 0.25] [--requests 48] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -27,17 +36,17 @@ from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
 WARMUP_ROUNDS = 2
-TASK_TOKEN_RANGES = {"chat": (10, 120), "code": (150, 260), "summarize": (300, 410)}
+TASK_TOKEN_STARTS = {"chat": 10, "code": 150, "summarize": 300}
 
 
-def workload(num_requests: int, prompt_len: int) -> list[tuple[str, list[int]]]:
+def workload(num_requests: int, prompt_len: int, task_vocab: int) -> list[tuple[str, list[int]]]:
     gen = torch.Generator().manual_seed(0)
-    tasks = list(TASK_TOKEN_RANGES)
+    tasks = list(TASK_TOKEN_STARTS)
     out = []
     for i in range(num_requests):
         task = tasks[i % len(tasks)]
-        low, high = TASK_TOKEN_RANGES[task]
-        out.append((task, torch.randint(low, high, (prompt_len,), generator=gen).tolist()))
+        low = TASK_TOKEN_STARTS[task]
+        out.append((task, torch.randint(low, low + task_vocab, (prompt_len,), generator=gen).tolist()))
     return out
 
 
@@ -47,13 +56,14 @@ def run(path: Path, requests: list[tuple[str, list[int]]], preload: bool, fracti
                           show_progress=False)
     cache = engine.runner.model.experts.cache
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    ttfts, computed = [], 0
-    warmup = WARMUP_ROUNDS * len(TASK_TOKEN_RANGES)  # not measured: profiles are still being learned
-    misses_before = 0
+    ttfts, computed, prefill_misses = [], 0, []
+    warmup = WARMUP_ROUNDS * len(TASK_TOKEN_STARTS)  # not measured: profiles are still being learned
+    before = cache.stats()
     for i, (task, prompt) in enumerate(requests):
         if i == warmup:
-            misses_before = sum(cache.stats().misses.values())
+            before = cache.stats()
             computed = 0
+        misses_at_start = sum(cache.stats().misses.values())
         start = time.perf_counter()
         engine.add_request(EngineRequest(f"r{i}", prompt, params, task=task))
         first = None
@@ -61,34 +71,59 @@ def run(path: Path, requests: list[tuple[str, list[int]]], preload: bool, fracti
             outs = engine.step()
             if first is None and outs:
                 first = time.perf_counter() - start
+                prefill = sum(cache.stats().misses.values()) - misses_at_start
         if i >= warmup:
             ttfts.append(first)
+            prefill_misses.append(prefill)
             computed += len(prompt) + tokens - 1
-    misses = sum(cache.stats().misses.values()) - misses_before
+    after = cache.stats()
+    misses = sum(after.misses.values()) - sum(before.misses.values())
     return {"preload": preload, "demand_misses_per_token": misses / computed,
-            "ttft_ms_mean": 1000 * statistics.mean(ttfts), "ttft_ms_p50": 1000 * statistics.median(ttfts)}
+            "prefill_misses_mean": statistics.mean(prefill_misses),
+            "ttft_ms_mean": 1000 * statistics.mean(ttfts), "ttft_ms_p50": 1000 * statistics.median(ttfts),
+            "preload_issued": after.prefetch_issued - before.prefetch_issued,
+            "preload_used": after.prefetch_used - before.prefetch_used,
+            "preload_wasted": after.prefetch_wasted - before.prefetch_wasted}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fraction", type=float, default=0.25)
-    parser.add_argument("--requests", type=int, default=36)
+    parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--task-vocab", type=int, default=16, help="distinct prompt tokens per task")
+    parser.add_argument("--repeats", type=int, default=3, help="paired runs (with and without preload)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp), 512, 256, 8, 16, 4)
-        requests = workload(args.requests, args.prompt_len)
-        run(path, requests[: 2 * WARMUP_ROUNDS * len(TASK_TOKEN_RANGES)], False, args.fraction, 2)  # warm-up
-        rows = [run(path, requests, preload, args.fraction, args.tokens) for preload in (False, True)]
+        requests = workload(args.requests, args.prompt_len, args.task_vocab)
+        run(path, requests[: 2 * WARMUP_ROUNDS * len(TASK_TOKEN_STARTS)], False, args.fraction, 2)  # warm-up
+        for repeat in range(args.repeats):
+            order = (False, True) if repeat % 2 == 0 else (True, False)
+            for preload in order:
+                rows.append({"repeat": repeat, **run(path, requests, preload, args.fraction, args.tokens)})
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"{'preload':>8} {'demand misses/token':>20} {'TTFT mean ms':>13} {'TTFT p50 ms':>12}")
+    print(f"{'repeat':>6} {'preload':>8} {'misses/token':>13} {'prefill misses':>15} {'TTFT mean ms':>13} "
+          f"{'TTFT p50 ms':>12} {'preloads used/issued':>21}")
     for r in rows:
-        print(f"{str(r['preload']):>8} {r['demand_misses_per_token']:>20.3f} {r['ttft_ms_mean']:>13.1f} "
-              f"{r['ttft_ms_p50']:>12.1f}")
+        print(f"{r['repeat']:>6} {str(r['preload']):>8} {r['demand_misses_per_token']:>13.3f} "
+              f"{r['prefill_misses_mean']:>15.1f} {r['ttft_ms_mean']:>13.1f} {r['ttft_ms_p50']:>12.1f} "
+              f"{r['preload_used']:>12}/{r['preload_issued']:<8}")
+    print("mean [min, max] over repeats:")
+    for preload in (False, True):
+        sel = [r for r in rows if r["preload"] is preload]
+        print(f"  preload={str(preload):<5} misses/token {spread([r['demand_misses_per_token'] for r in sel])}  "
+              f"TTFT mean ms {spread([r['ttft_ms_mean'] for r in sel])}  "
+              f"TTFT p50 ms {spread([r['ttft_ms_p50'] for r in sel])}")
 
 
 if __name__ == "__main__":

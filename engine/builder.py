@@ -149,7 +149,11 @@ def attach_routing_consumers(
         insensitive = frozenset(name for name, t in tasks.tasks.items() if not t.prediction_sensitive)
         predictor = TaskProfilePredictor(spec.num_layers, spec.num_experts, config.preload_refresh_every, insensitive)
         per_layer = max(spec.top_k, min(spec.num_experts, cache.num_slots // spec.num_layers))
-        engine.preloader = TaskPreloader(predictor, tasks, per_layer, cache.prefetch)
+        # a preload may fill the cache except one layer's worst-case demand, so the prefill's
+        # first layers cannot evict the preloads of its later layers before they are reached
+        one_layer = min(spec.num_experts, config.max_num_batched_tokens * spec.top_k)
+        engine.preloader = TaskPreloader(predictor, tasks, spec.num_experts, cache.prefetch,
+                                         max_experts=max(spec.top_k, cache.num_slots - one_layer))
         recorder.consumers.append(engine.preloader.observe)
         gbps = config.expert_link_gbps or (25.0 if device.type == "cuda" else 8.0)
         engine.scheduler.slo.expert_cost = TaskExpertCost(

@@ -3,7 +3,9 @@
 Slots are FREE, LOADING (a copy from the host store is pending) or RESIDENT. `acquire` pins
 keys for one layer (starting DEMAND copies for misses), `wait` orders compute after one
 slot's copy only, `release` unpins; `prefetch` starts PREFETCH copies without pinning.
-Only RESIDENT slots with refcount 0 are evicted, chosen by the CachePolicy. Owned by the
+Only RESIDENT slots with refcount 0 are evicted, chosen by the CachePolicy. A scored prefetch
+(a preload) only evicts experts scored lower than the one it loads, and demand evicts an unused
+preload of this or the previous step only when nothing else can go. Owned by the
 engine thread: not thread-safe. On a CPU machine the pool is a separate RAM tensor.
 """
 
@@ -13,7 +15,7 @@ import copy
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -56,6 +58,7 @@ class _Slot:
     refcount: int = 0
     ticket: CopyTicket | None = None
     prefetched_unused: bool = False
+    preload_step: int | None = None  # step a still unused scored prefetch was issued in
     last_use: torch.cuda.Event | None = None
 
 
@@ -96,6 +99,7 @@ class ExpertCache:
         self._free = list(range(num_slots - 1, -1, -1))
         self._loading: set[int] = set()
         self._stats = ExpertCacheStats()
+        self._step = 0
         logger.info("expert cache: %d slots x %d bytes on %s", num_slots, store.expert_nbytes, self.device)
 
     def state_of(self, key: ExpertKey) -> SlotState:
@@ -165,9 +169,15 @@ class ExpertCache:
                 record.last_use = torch.cuda.Event()
                 record.last_use.record(torch.cuda.current_stream(self.device))
 
-    def prefetch(self, keys: Sequence[ExpertKey]) -> int:
+    def prefetch(self, keys: Sequence[ExpertKey], scores: Mapping[ExpertKey, float] | None = None) -> int:
         """Starts PREFETCH copies (never pinning, never evicting pinned or loading slots) for keys
-        not present, into free or evictable slots, until none is left; returns how many started."""
+        not present, into free or evictable slots; returns how many started.
+
+        Without `scores` it stops when no slot is free or evictable. With `scores` (a preload:
+        each key's probability of being needed, unlisted keys count 0) a key may only evict an
+        expert scored strictly lower and not itself an unused preload of this or the previous
+        step; a key with no such victim is skipped. Queued copies run after every DEMAND copy.
+        """
         self._refresh_loading()
         started: list[ExpertKey] = []
         copies = []
@@ -175,9 +185,18 @@ class ExpertCache:
             self._check_known(key)
             if key in self._slot_of:
                 continue
-            if not self._free and not self._evictable():
-                break
-            copies.append(self._start_load(self._claim_slot(), key, prefetched=True))
+            if scores is None:
+                if not self._free and not self._evictable():
+                    break
+                index = self._claim_slot()
+            else:
+                claimed = self._claim_slot_below(scores.get(key, 0.0), scores)
+                if claimed is None:
+                    continue
+                index = claimed
+            copies.append(self._start_load(index, key, prefetched=True))
+            if scores is not None:
+                self._slots[index].preload_step = self._step
             started.append(key)
         self._stats.prefetch_issued += len(started)
         self._submit(started, copies, CopyPriority.PREFETCH)
@@ -190,6 +209,7 @@ class ExpertCache:
 
     def on_step(self) -> None:
         """End of one engine step: forwarded to the policy."""
+        self._step += 1
         self.policy.on_step()
 
     def stats(self) -> ExpertCacheStats:
@@ -266,6 +286,7 @@ class ExpertCache:
     def _record_hit(self, key: ExpertKey) -> None:
         record = self._slots[self._slot_of[key]]
         self._stats.hits[key.layer] += 1
+        record.preload_step = None
         if record.prefetched_unused:
             record.prefetched_unused = False
             self._stats.prefetch_used += 1
@@ -278,7 +299,23 @@ class ExpertCache:
     def _claim_slot(self, protected: set[ExpertKey] | frozenset[ExpertKey] = frozenset()) -> int:
         if self._free:
             return self._free.pop()
-        victim = self.policy.victim(self._evictable(protected))
+        candidates = self._evictable(protected)
+        settled = [key for key in candidates if not self._fresh_preload(key)]
+        return self._evict(self.policy.victim(settled or candidates))
+
+    def _claim_slot_below(self, score: float, scores: Mapping[ExpertKey, float]) -> int | None:
+        """A free slot, or one freed by evicting an expert scored below `score` (None if none)."""
+        if self._free:
+            return self._free.pop()
+        candidates = [key for key in self._evictable() if scores.get(key, 0.0) < score and not self._fresh_preload(key)]
+        return self._evict(self.policy.victim(candidates)) if candidates else None
+
+    def _fresh_preload(self, key: ExpertKey) -> bool:
+        """An unused preload issued in this or the previous step (its request may not have reached it yet)."""
+        step = self._slots[self._slot_of[key]].preload_step
+        return step is not None and step >= self._step - 1
+
+    def _evict(self, victim: ExpertKey) -> int:
         index = self._slot_of[victim]
         self._stats.evictions[victim.layer] += 1
         self._drop(index, wasted=self._slots[index].prefetched_unused)
@@ -293,6 +330,7 @@ class ExpertCache:
         del self._slot_of[record.key]
         self._loading.discard(index)
         record.state, record.key, record.ticket, record.prefetched_unused = SlotState.FREE, None, None, False
+        record.preload_step = None
         self._free.append(index)
 
     def _start_load(self, index: int, key: ExpertKey, prefetched: bool) -> CopyPair:

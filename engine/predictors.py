@@ -213,9 +213,11 @@ def score(predicted: set[int], actual: set[int]) -> tuple[float, float]:
 @dataclass
 class _TaskProfile:
     counts: np.ndarray  # L, E expert uses summed over the task's requests
+    used: np.ndarray  # L, E how many of the task's requests used the expert at least once
     prompts: int = 0
     refreshed_at: int = 0
     prediction: dict[int, list[int]] | None = None  # layer -> every used expert, most used first
+    ranked: dict[int, list[tuple[int, float]]] | None = None  # layer -> (expert, share of requests using it)
 
 
 class TaskProfilePredictor:
@@ -223,6 +225,9 @@ class TaskProfilePredictor:
 
     The prediction of a task is recomputed only every `refresh_every` observed prompts of
     that task and served from a cache in between; tasks in `insensitive_tasks` get none.
+    `predict_scores` adds each expert's probability of being used by a request of the task
+    (the share of its observed requests that used it), so a preload can keep to the likely
+    experts and skip a flat (uninformative) profile.
     """
 
     def __init__(
@@ -247,21 +252,50 @@ class TaskProfilePredictor:
             raise ValueError(f"routing must be [T, {self.num_layers}, K], got {routing.shape}")
         profile = self._profiles.get(task)
         if profile is None:
-            profile = self._profiles[task] = _TaskProfile(np.zeros((self.num_layers, self.num_experts)))
+            shape = (self.num_layers, self.num_experts)
+            profile = self._profiles[task] = _TaskProfile(np.zeros(shape), np.zeros(shape))
         layers = np.broadcast_to(np.arange(self.num_layers)[None, :, None], routing.shape)
         np.add.at(profile.counts, (layers.ravel(), routing.ravel()), 1.0)
+        used = np.zeros((self.num_layers, self.num_experts), dtype=bool)
+        used[layers.ravel(), routing.ravel()] = True
+        profile.used += used
         profile.prompts += 1
 
     def predict(self, task: str, per_layer: int) -> dict[int, list[int]]:
         """Layer -> the task's `per_layer` most used experts (only experts seen at least once)."""
+        profile = self._refreshed(task)
+        if profile is None or profile.prediction is None:
+            return {}
+        return {layer: experts[:per_layer] for layer, experts in profile.prediction.items()}
+
+    def predict_scores(self, task: str, per_layer: int, min_probability: float = 0.0) -> dict[int, list[tuple[int, float]]]:
+        """Layer -> up to `per_layer` (expert, probability a request of the task uses it) pairs, most
+        likely first, keeping only experts at or above `min_probability` (layers left empty are omitted)."""
+        profile = self._refreshed(task)
+        if profile is None or profile.ranked is None:
+            return {}
+        out: dict[int, list[tuple[int, float]]] = {}
+        for layer, ranked in profile.ranked.items():
+            scored = [(e, p) for e, p in ranked[:per_layer] if p >= min_probability]
+            if scored:
+                out[layer] = scored
+        return out
+
+    def _refreshed(self, task: str) -> _TaskProfile | None:
+        """The task's profile with its cached prediction refreshed when stale; None if there is none."""
         profile = self._profiles.get(task)
         if task in self.insensitive_tasks or profile is None or profile.prompts == 0:
-            return {}
+            return None
         stale = profile.prompts - profile.refreshed_at >= self.refresh_every
         if profile.prediction is None or stale:
             profile.prediction = {
                 layer: [int(e) for e in top_k_ids(counts, self.num_experts) if counts[e] > 0]
                 for layer, counts in enumerate(profile.counts)
             }
+            shares = profile.used / profile.prompts
+            profile.ranked = {  # stable sort: ties keep the most used first
+                layer: sorted(((e, float(shares[layer, e])) for e in experts), key=lambda pair: -pair[1])
+                for layer, experts in profile.prediction.items()
+            }
             profile.refreshed_at = profile.prompts
-        return {layer: experts[:per_layer] for layer, experts in profile.prediction.items()}
+        return profile

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +69,26 @@ class RoutingRecorder:
 
 
 class TaskPreloader:
-    """eMoE: preload a task's predicted experts before its prefill."""
+    """eMoE: preload a task's likely experts before its prefill.
+
+    Only experts a request of the task uses with probability >= `min_probability` are
+    preloaded (so the count per layer follows the profile's confidence, and a flat profile
+    preloads nothing), earliest layers first (the prefill reaches them first), at most
+    `max_experts` in all. `prefetch(keys, scores)` is the cache's scored prefetch: it skips
+    resident and loading experts, queues copies behind every demand copy and evicts only
+    experts scored lower than the one it loads.
+    """
 
     def __init__(self, predictor: TaskProfilePredictor, tasks: TaskTable, per_layer: int,
-                 prefetch: Callable[[Sequence[ExpertKey]], int]) -> None:
+                 prefetch: Callable[[Sequence[ExpertKey], Mapping[ExpertKey, float]], int],
+                 min_probability: float = 0.5, max_experts: int | None = None) -> None:
+        if not 0.0 <= min_probability <= 1.0:
+            raise ValueError("min_probability must be in [0, 1]")
         self.predictor = predictor
         self.tasks = tasks
         self.per_layer = per_layer
+        self.min_probability = min_probability
+        self.max_experts = max_experts
         self._prefetch = prefetch
         self.num_preloads = 0
         self.num_experts_preloaded = 0
@@ -83,15 +96,22 @@ class TaskPreloader:
     def observe(self, request_id: str, task: str, routing: np.ndarray) -> None:
         self.predictor.observe_request(task, routing)
 
-    def preload(self, task: str) -> int:
-        """Start loading the task's predicted experts; returns how many copies started."""
+    def plan(self, task: str) -> dict[ExpertKey, float]:
+        """The experts to preload for `task` (in preload order) with their probabilities of use."""
         if not self.tasks.get(task).prediction_sensitive:
+            return {}
+        predicted = self.predictor.predict_scores(task, self.per_layer, self.min_probability)
+        scores = {ExpertKey(layer, e): p for layer in sorted(predicted) for e, p in predicted[layer]}
+        if self.max_experts is not None and len(scores) > self.max_experts:
+            scores = dict(list(scores.items())[: self.max_experts])
+        return scores
+
+    def preload(self, task: str) -> int:
+        """Start loading the task's likely experts (asynchronous copies); returns how many started."""
+        scores = self.plan(task)
+        if not scores:
             return 0
-        predicted = self.predictor.predict(task, self.per_layer)
-        keys = [ExpertKey(layer, e) for layer in sorted(predicted) for e in predicted[layer]]
-        if not keys:
-            return 0
-        started = self._prefetch(keys)
+        started = self._prefetch(list(scores), scores)
         self.num_preloads += 1
         self.num_experts_preloaded += started
         return started

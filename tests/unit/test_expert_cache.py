@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator
 
@@ -271,3 +272,52 @@ TestExpertCacheStatefulTorch = ExpertCacheMachine.TestCase
 TestExpertCacheStatefulTorch.settings = machine_settings
 TestExpertCacheStatefulCpuExtension = ExpertCacheMachineCpuExtension.TestCase
 TestExpertCacheStatefulCpuExtension.settings = machine_settings
+
+
+def test_preload_skips_resident_experts(engine: CopyEngine) -> None:
+    cache = make_cache(engine, num_slots=3)
+    cache.acquire([ExpertKey(0, 0)])
+    cache.release([ExpertKey(0, 0)])
+    scores = {ExpertKey(0, 0): 0.9, ExpertKey(0, 1): 0.8}
+    assert cache.prefetch(list(scores), scores) == 1
+    assert cache.stats().prefetch_issued == 1
+    cache.check_invariants()
+
+
+def test_preload_evicts_only_lower_scored_unpinned_experts_and_demand_keeps_it(engine: CopyEngine) -> None:
+    cache = make_cache(engine, num_slots=3)
+    pinned, likely, unlikely = ExpertKey(0, 0), ExpertKey(0, 1), ExpertKey(0, 2)
+    for slot in cache.acquire([pinned, likely, unlikely]):
+        cache.wait(slot)
+    cache.release([likely, unlikely])
+    scores = {ExpertKey(1, 0): 0.5, ExpertKey(1, 1): 0.5, likely: 0.9}
+    assert cache.prefetch([ExpertKey(1, 0), ExpertKey(1, 1)], scores) == 1  # only `unlikely` may go
+    assert cache.state_of(unlikely) is SlotState.FREE
+    assert cache.state_of(likely) is SlotState.RESIDENT and cache.state_of(pinned) is not SlotState.FREE
+    assert cache.state_of(ExpertKey(1, 1)) is SlotState.FREE
+    cache.wait(cache.acquire([ExpertKey(1, 0)])[0])  # the preload is used (a hit), then unpinned
+    cache.release([ExpertKey(1, 0)])
+    assert cache.prefetch([ExpertKey(1, 2)], {ExpertKey(1, 2): 1.0}) == 1  # evicts `likely` (LRU)
+    deadline = time.monotonic() + 10
+    while cache.state_of(ExpertKey(1, 2)) is not SlotState.RESIDENT and time.monotonic() < deadline:
+        time.sleep(0.001)
+    cache.acquire([ExpertKey(1, 3)])  # demand: evicts the used (1, 0), not the fresh unused preload
+    assert cache.state_of(ExpertKey(1, 2)) is SlotState.RESIDENT
+    assert cache.state_of(ExpertKey(1, 0)) is SlotState.FREE and cache.state_of(likely) is SlotState.FREE
+    cache.check_invariants()
+
+
+def test_demand_copies_overtake_queued_preloads() -> None:
+    slow = load_copy_engine(torch.device("cpu"), num_workers=1, backend=CopyBackend.TORCH)
+    try:
+        big = {key: [torch.ones(16 * 2**20, dtype=torch.uint8)] for key in make_experts()}  # 16 MiB each
+        cache = make_cache(slow, num_slots=NUM_EXPERTS, experts=big)
+        preloads = [ExpertKey(1, e) for e in range(NUM_EXPERTS - 1)]
+        assert cache.prefetch(preloads, {key: 0.9 for key in preloads}) == len(preloads)
+        slot = cache.acquire([ExpertKey(0, 0)])[0]
+        cache.wait(slot)
+        landed = sum(cache.state_of(key) is SlotState.RESIDENT for key in preloads)
+        assert landed <= 2, "the demand copy waited behind the queued preloads"
+        cache.check_invariants()
+    finally:
+        slow.shutdown()

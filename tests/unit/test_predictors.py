@@ -133,3 +133,16 @@ def test_score_and_running_stats() -> None:
     stats.update([4], [4])
     assert (stats.issued, stats.hits, stats.actual) == (3, 2, 3)
     assert stats.precision == pytest.approx(2 / 3) and stats.recall == pytest.approx(2 / 3)
+
+
+def test_task_profile_scores_are_request_usage_shares_and_skip_unlikely_experts() -> None:
+    from engine.predictors import TaskProfilePredictor
+
+    predictor = TaskProfilePredictor(num_layers=1, num_experts=4, refresh_every=1)
+    predictor.observe_request("t", np.array([[[0, 1]], [[0, 1]]]))
+    predictor.observe_request("t", np.array([[[0, 2]]]))
+    scores = predictor.predict_scores("t", per_layer=4)
+    assert scores == {0: [(0, 1.0), (1, 0.5), (2, 0.5)]}
+    assert predictor.predict_scores("t", per_layer=4, min_probability=0.6) == {0: [(0, 1.0)]}
+    assert predictor.predict_scores("t", per_layer=4, min_probability=1.1) == {}  # flat/unlikely: nothing
+    assert predictor.predict_scores("unseen", per_layer=4) == {}
