@@ -4,7 +4,13 @@ Builds a random Mixtral-style checkpoint (hidden 512, expert FFN 256, 8 layers, 
 top-4 by default) with transformers' save_pretrained, then in the same process measures greedy
 decode tokens/s at batch 1 and at N concurrent requests for both, and prints the ratio.
 
-    python benchmarks/engine_vs_hf.py [--tokens 64] [--concurrency 16] [--json]
+Decoding a MoE model on a CPU is bound by memory bandwidth: every step reads the dense
+weights once plus every expert that at least one token of the batch routes to. So the run
+also measures the machine's streaming read bandwidth and prints the roofline (the tokens/s
+that reading those bytes once per step at that bandwidth would allow) and how close each
+implementation comes to it; `max ratio` is the best ratio any engine could show here.
+
+    python -m benchmarks.engine_vs_hf [--tokens 64] [--concurrency 16] [--dtype float32] [--json]
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from pathlib import Path
 import torch
 import transformers
 
+from benchmarks.engine_runs import run_to_completion
 from engine.builder import build_engine
 from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from engine.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
+
+BANDWIDTH_BUFFER_BYTES = 1 << 30  # far larger than any last-level cache
 
 
 def make_checkpoint(directory: Path, hidden: int, intermediate: int, layers: int, experts: int, top_k: int) -> Path:
@@ -38,24 +48,48 @@ def make_checkpoint(directory: Path, hidden: int, intermediate: int, layers: int
     return directory
 
 
-def engine_tokens_per_s(path: Path, prompts: list[list[int]], num_tokens: int) -> float:
-    engine = build_engine(EngineConfig(model=str(path), dtype="float32", max_num_seqs=len(prompts)),
+def read_bandwidth_gbps(repeats: int = 5) -> float:
+    """Streaming read bandwidth of this machine with torch's threads (best of `repeats` full reads)."""
+    buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4, dtype=torch.float32)
+    buffer.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return BANDWIDTH_BUFFER_BYTES / best / 1e9
+
+
+def decode_bytes_per_step(engine: LLMEngine, batch: int) -> float:
+    """Weight bytes one decode step of `batch` sequences must read: the dense weights except the
+    embedding table (only `batch` rows of it) plus, per layer, the expected number of distinct
+    experts the batch routes to (uniform routing: E * (1 - (1 - k/E)^batch)) times one expert's bytes."""
+    model = engine.runner.model
+    dense = model.dense
+    embed = dense.embed_tokens
+    dense_bytes = dense.nbytes()
+    if embed.data_ptr() != dense.lm_head.data_ptr():
+        dense_bytes -= embed.numel() * embed.element_size()
+    spec = model.spec
+    expert_bytes = model.experts.nbytes() / (spec.num_layers * spec.num_experts)
+    distinct = spec.num_experts * (1 - (1 - spec.top_k / spec.num_experts) ** batch)
+    return dense_bytes + spec.num_layers * distinct * expert_bytes
+
+
+def engine_decode(path: Path, prompts: list[list[int]], num_tokens: int, dtype: str) -> tuple[float, float]:
+    """Engine decode tokens/s and the weight bytes each of its decode steps reads."""
+    engine = build_engine(EngineConfig(model=str(path), dtype=dtype, max_num_seqs=len(prompts)),
                           show_progress=False)
-    params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
     engine.add_request(EngineRequest("warmup", prompts[0], SamplingParams(max_tokens=4, temperature=0.0)))
     while engine.has_unfinished:
         engine.step()
-    start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(EngineRequest(f"r{i}", prompt, params))
-    generated = 0
-    while engine.has_unfinished:
-        generated += sum(len(o.new_token_ids) for o in engine.step())
-    return generated / (time.perf_counter() - start)
+    params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
+    generated, elapsed = run_to_completion(engine, prompts, params)
+    return generated / elapsed, decode_bytes_per_step(engine, len(prompts))
 
 
-def hf_tokens_per_s(path: Path, prompts: list[list[int]], num_tokens: int) -> float:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def hf_tokens_per_s(path: Path, prompts: list[list[int]], num_tokens: int, dtype: str) -> float:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     ids = torch.tensor(prompts)  # equal lengths: no padding needed
     kwargs = dict(max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -76,24 +110,34 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and activations of both implementations")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    bandwidth = read_bandwidth_gbps()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp), args.hidden, args.intermediate, args.layers, args.experts, args.top_k)
         gen = torch.Generator().manual_seed(0)
         for batch in (1, args.concurrency):
             prompts = torch.randint(3, 400, (batch, args.prompt_len), generator=gen).tolist()
-            ours = engine_tokens_per_s(path, prompts, args.tokens)
-            theirs = hf_tokens_per_s(path, prompts, args.tokens)
-            rows.append({"batch": batch, "engine_tok_s": round(ours, 1), "hf_tok_s": round(theirs, 1),
-                         "ratio": round(ours / theirs, 2)})
+            ours, step_bytes = engine_decode(path, prompts, args.tokens, args.dtype)
+            theirs = hf_tokens_per_s(path, prompts, args.tokens, args.dtype)
+            roofline = batch * bandwidth * 1e9 / step_bytes
+            rows.append({"batch": batch, "dtype": args.dtype, "engine_tok_s": round(ours, 1),
+                         "hf_tok_s": round(theirs, 1), "ratio": round(ours / theirs, 2),
+                         "mb_per_step": round(step_bytes / 1e6, 1), "read_gbps": round(bandwidth, 2),
+                         "roofline_tok_s": round(roofline, 1), "max_ratio": round(roofline / theirs, 2)})
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"{'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6}")
+    print(f"streaming read bandwidth {bandwidth:.2f} GB/s, {args.dtype}")
+    print(f"{'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6} {'MB/step':>8} "
+          f"{'roofline tok/s':>15} {'engine %':>9} {'hf %':>5} {'max ratio':>10}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['engine_tok_s']:>13} {r['hf_tok_s']:>19} {r['ratio']:>5}x")
+        print(f"{r['batch']:>5} {r['engine_tok_s']:>13} {r['hf_tok_s']:>19} {r['ratio']:>5}x {r['mb_per_step']:>8} "
+              f"{r['roofline_tok_s']:>15} {100 * r['engine_tok_s'] / r['roofline_tok_s']:>8.0f}% "
+              f"{100 * r['hf_tok_s'] / r['roofline_tok_s']:>4.0f}% {r['max_ratio']:>9}x")
 
 
 if __name__ == "__main__":

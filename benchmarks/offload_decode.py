@@ -14,37 +14,26 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.engine_runs import counters_since, offload_counters, run_to_completion
 from benchmarks.engine_vs_hf import make_checkpoint
 from cache_policies import DEFAULT_POLICY
 from engine.builder import build_engine
 from engine.config import EngineConfig
-from engine.offload import OffloadedExperts
-from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
 
 def decode(path: Path, prompts: list[list[int]], num_tokens: int, **overrides) -> dict:
     engine = build_engine(EngineConfig(model=str(path), dtype="float32", **overrides), show_progress=False)
     params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(EngineRequest(f"r{i}", prompt, params))
-    generated = 0
-    while engine.has_unfinished:
-        generated += sum(len(o.new_token_ids) for o in engine.step())
-    elapsed = time.perf_counter() - start
-    row = {"tok_s": generated / elapsed, "hit_rate": 1.0, "stall_s": 0.0, "prefetch_used": 0}
-    experts = engine.runner.model.experts
-    if isinstance(experts, OffloadedExperts):
-        stats = experts.cache.stats()
-        row.update(hit_rate=stats.hit_rate, stall_s=sum(stats.stall_seconds.values()),
-                   prefetch_used=stats.prefetch_used)
-    return row
+    before = offload_counters(engine)
+    generated, elapsed = run_to_completion(engine, prompts, params)
+    counters = counters_since(before, offload_counters(engine))
+    return {"tok_s": generated / elapsed, "hit_rate": counters["hit_rate"], "stall_s": counters["stall_s"],
+            "prefetch_used": counters["prefetch_used"]}
 
 
 def main() -> None:

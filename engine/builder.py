@@ -16,14 +16,15 @@ from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from engine.llm_engine import LLMEngine
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
-from engine.models.moe_model import MoEModel
+from engine.models.moe_model import MoEModel, Speculator
 from engine.expert_cache import SlotState
 from engine.models.experts import ResidentExperts
 from engine.offload import OffloadedExperts, build_expert_provider
-from engine.predictors import TaskProfilePredictor
+from engine.predictors import AffinityPredictor, TaskProfilePredictor
 from engine.routing import RoutingRecorder, TaskExpertCost, TaskPreloader, TraceWriter
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.scheduling_policy import NoExpertCost, ServiceTimeModel, SloContext
+from engine.speculators import AffinitySpeculator, RouterSpeculator
 from engine.tasks import TaskTable
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,8 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
     dense = loaded.weights.dense
     experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens)
     model = MoEModel(spec, _dense_to(dense, device), experts, device)
-    if isinstance(experts, OffloadedExperts) and config.prefetch is PrefetchMode.NEXT_LAYER:
-        model.speculate_margin = config.prefetch_margin
+    if isinstance(experts, OffloadedExperts):
+        model.speculator = make_speculator(config, model)
     kv = allocate_kv_cache(spec, num_blocks, config.block_size, dtype, device)
     logger.info(
         "KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
@@ -129,6 +130,17 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
     engine = LLMEngine(scheduler, runner, tokenizer, max_model_len, served_model_name(config))
     attach_routing_consumers(engine, config, experts, device)
     return engine
+
+
+def make_speculator(config: EngineConfig, model: MoEModel) -> Speculator | None:
+    """The next-layer prefetcher `config.prefetch` names (None: demand loads only)."""
+    spec = model.spec
+    if config.prefetch is PrefetchMode.NEXT_LAYER:
+        return RouterSpeculator([layer.router for layer in model.dense.layers], spec.top_k, config.prefetch_margin)
+    if config.prefetch is PrefetchMode.AFFINITY and spec.num_layers > 1:
+        return AffinitySpeculator(AffinityPredictor(spec.num_layers, spec.num_experts),
+                                  spec.top_k + config.prefetch_margin, config.prefetch_min_score)
+    return None
 
 
 def attach_routing_consumers(

@@ -36,11 +36,13 @@ class OffloadMode(str, enum.Enum):
 
 
 class PrefetchMode(str, enum.Enum):
-    """Expert prefetching when offloading: `next_layer` applies layer l+1's router to layer l's
-    hidden state and loads the predicted experts at low priority; `none` loads on demand only."""
+    """Expert prefetching when offloading, at low priority while layer l computes: `next_layer`
+    applies layer l+1's router to layer l's hidden state; `affinity` ranks layer l+1's experts by
+    co-activation with layer l's choice (learned online); `none` loads on demand only."""
 
     NONE = "none"
     NEXT_LAYER = "next_layer"
+    AFFINITY = "affinity"
 
 
 class EngineConfig(BaseModel):
@@ -66,6 +68,9 @@ class EngineConfig(BaseModel):
     cache_policy: str = Field(default="default", description="expert-cache eviction policy (see cache_policies)")
     prefetch: PrefetchMode = PrefetchMode.NEXT_LAYER
     prefetch_margin: int = Field(default=2, ge=0, le=64, description="extra experts per token beyond top-k to prefetch")
+    prefetch_min_score: float = Field(
+        default=0.25, ge=0, le=1, description="affinity prefetch: lowest co-activation score worth a copy"
+    )
     task_preload: bool = Field(default=True, description="eMoE: preload a task's predicted experts before its prefill")
     preload_refresh_every: int = Field(default=8, ge=1, description="eMoE: refresh a task's prediction every N prompts")
     expert_link_gbps: float | None = Field(

@@ -17,6 +17,7 @@ from engine.sampler import Sampler, SamplerOutput
 from engine.sampling_params import TokenLogprob
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.trace_routing import TraceRouter
 
 
 class ModelRunner:
@@ -36,15 +37,23 @@ class ModelRunner:
         self.sampler = Sampler(model.spec.vocab_size)
         self._generators: dict[str, torch.Generator] = {}
         self.recorder: RoutingRecorder | None = None
+        self.trace_router: TraceRouter | None = None
 
     def attach_recorder(self, recorder: RoutingRecorder) -> None:
         """Capture every step's routing per request (for eMoE profiles and trace files)."""
         self.recorder = recorder
         self.model.routing_observer = recorder
 
+    def replay_routing(self, router: TraceRouter) -> None:
+        """Benchmarks: route every token as the trace says instead of by the model's routers."""
+        self.trace_router = router
+        self.model.routing_override = router
+
     def forget(self, seq_id: str) -> None:
         """Drop per-request state of a finished sequence."""
         self._generators.pop(seq_id, None)
+        if self.trace_router is not None:
+            self.trace_router.forget(seq_id)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         seed = seq.request.sampling.seed
@@ -85,6 +94,10 @@ class ModelRunner:
         if self.recorder is not None:
             self.recorder.begin_step(
                 [(s.seq.seq_id, s.num_new_tokens, s.seq.num_computed_tokens == 0) for s in out.scheduled]
+            )
+        if self.trace_router is not None:
+            self.trace_router.begin_step(
+                [(s.seq.seq_id, s.seq.num_computed_tokens, s.num_new_tokens) for s in out.scheduled]
             )
         hidden = self.model.forward(
             torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta, self.kv_caches

@@ -21,6 +21,9 @@ import numpy as np
 from engine.traces import RoutingTrace
 
 _RESCALE_ABOVE = 1e100
+# a guess is worth a copy when it is more likely used than not; score 0.25 is where the affinity
+# score's calibration crosses P(used) = 0.5 (DeepSeek-V2-Lite prompts 250-499, docs/prefetching.md)
+AFFINITY_MIN_SCORE = 0.25
 
 
 def _one_hot(ids: np.ndarray, num_experts: int) -> np.ndarray:
@@ -79,6 +82,20 @@ class AffinityPredictor:
         self._sources[layer, source] += weight
         self._targets[layer, target] += weight
 
+    def observe_layer(self, layer: int, expert_ids: np.ndarray, next_expert_ids: np.ndarray) -> None:
+        """Many tokens of one layer pair: [T, K] ids at `layer` and [T, K] at `layer + 1`, row by row."""
+        if self._decay is not None:
+            for src, dst in zip(expert_ids, next_expert_ids):
+                self.observe(layer, src, dst)
+            return
+        if not 0 <= layer < self.num_layers - 1:
+            raise ValueError(f"layer {layer} has no next layer")
+        source = _one_hot(np.asarray(expert_ids), self.num_experts)  # T, E
+        target = _one_hot(np.asarray(next_expert_ids), self.num_experts)  # T, E
+        self._pairs[layer] += source.T @ target
+        self._sources[layer] += source.sum(axis=0)
+        self._targets[layer] += target.sum(axis=0)
+
     def observe_token(self, routing: np.ndarray) -> None:
         """One token's routing, [L, K] expert ids (each row a set of distinct experts)."""
         routing = np.asarray(routing, dtype=np.int64)
@@ -97,11 +114,7 @@ class AffinityPredictor:
                 self.observe_token(row)
             return
         for layer in range(self.num_layers - 1):
-            source = _one_hot(routing[:, layer], self.num_experts)  # T, E
-            target = _one_hot(routing[:, layer + 1], self.num_experts)  # T, E
-            self._pairs[layer] += source.T @ target
-            self._sources[layer] += source.sum(axis=0)
-            self._targets[layer] += target.sum(axis=0)
+            self.observe_layer(layer, routing[:, layer], routing[:, layer + 1])
 
     def fit(self, trace: RoutingTrace) -> AffinityPredictor:
         """Learn from every token of `trace` (rows with a missing layer record are skipped)."""

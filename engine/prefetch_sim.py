@@ -32,7 +32,7 @@ from enum import Enum
 import numpy as np
 
 from cache_policies import CachePolicy, make_policy
-from engine.predictors import online_affinity_predictions
+from engine.predictors import AFFINITY_MIN_SCORE, online_affinity_predictions
 from engine.trace_sim import validate_cache_size
 from engine.traces import RoutingTrace
 
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 PCIE4_X16_EFFECTIVE_GBPS = 25.0
 DEEPSEEK_V2_LITE_EXPERT_BYTES = 2048 * 1408 * 3  # 8-bit gate, up and down projections
 RTX_24GB_COMPUTE_MS_PER_LAYER = 0.5
-AFFINITY_MIN_SCORE = 0.25  # ~P(needed) = 0.5: tuned on DeepSeek-V2-Lite prompts 250-499 (see docs/prefetching.md)
 
 
 class Prefetcher(str, Enum):

@@ -10,9 +10,8 @@ import logging
 import sys
 
 from cache_policies import DEFAULT_POLICY, available_policies
-from engine.predictors import affinity_recall
+from engine.predictors import AFFINITY_MIN_SCORE, affinity_recall
 from engine.prefetch_sim import (
-    AFFINITY_MIN_SCORE,
     PCIE4_X16_EFFECTIVE_GBPS,
     RTX_24GB_COMPUTE_MS_PER_LAYER,
     Prefetcher,

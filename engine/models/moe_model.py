@@ -19,6 +19,9 @@ from engine.models.spec import ModelSpec, QKNorm
 from engine.models.weights import AttentionWeights, DenseWeights, LayerWeights, SharedExpertWeights
 
 RoutingObserver = Callable[[int, torch.Tensor], None]  # (layer, topk_ids [T, A])
+# (layer, the layer's input hidden state [T, D], its topk_ids [T, A]) -> experts of layer + 1 to prefetch
+Speculator = Callable[[int, torch.Tensor, torch.Tensor], list[int]]
+RoutingOverride = Callable[[int], torch.Tensor]  # layer -> topk_ids [T, A] to use instead of the router's
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,21 +61,8 @@ class MoEModel:
         self.rotary = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.max_position_embeddings, device)
         self.scale = spec.head_dim**-0.5
         self.routing_observer: RoutingObserver | None = None
-        self.speculate_margin: int | None = None  # None: no next-layer speculation
-
-    def speculate(self, layer_idx: int, x: torch.Tensor) -> list[int]:
-        """Experts layer `layer_idx` will likely need, from its router applied to an earlier hidden state.
-
-        Per token the top (top_k + margin) experts; the union is ranked by summed router
-        probability and capped at half the layer's experts (so a big batch does not flood the link).
-        """
-        router = self.dense.layers[layer_idx].router
-        probs = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)  # [T, E]
-        width = min(self.spec.num_experts, self.spec.top_k + (self.speculate_margin or 0))
-        chosen = torch.zeros_like(probs).scatter_(1, torch.topk(probs, width, dim=-1).indices, 1.0)
-        score = (probs * chosen).sum(dim=0)
-        limit = min(int((chosen.sum(dim=0) > 0).sum()), max(width, self.spec.num_experts // 2))
-        return torch.topk(score, limit).indices.tolist()
+        self.speculator: Speculator | None = None  # None: no next-layer prefetch
+        self.routing_override: RoutingOverride | None = None  # benchmarks: replay recorded routing
 
     def forward(
         self,
@@ -123,11 +113,16 @@ class MoEModel:
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return F.linear(out, w.o, w.o_bias)
 
-    def route(self, layer: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router: x [T, D] -> (topk_weights [T, A] in x's dtype, topk_ids [T, A])."""
+    def route(self, layer_idx: int, layer: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router: x [T, D] -> (topk_weights [T, A] in x's dtype, topk_ids [T, A]). With a routing
+        override the ids come from it and the weights are the router's probabilities at those ids."""
         logits = F.linear(x, layer.router)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
+        if self.routing_override is None:
+            weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
+        else:
+            ids = self.routing_override(layer_idx).to(device=x.device, dtype=torch.long)
+            weights = probs.gather(1, ids)
         if self.spec.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids
@@ -135,7 +130,7 @@ class MoEModel:
     def _moe(self, layer_idx: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         num_tokens, hidden = x.shape
         top_k = self.spec.top_k
-        weights, ids = self.route(layer, x)
+        weights, ids = self.route(layer_idx, layer, x)
         if self.routing_observer is not None:
             self.routing_observer(layer_idx, ids)
         flat_ids = ids.flatten()  # [T * A]
@@ -150,8 +145,10 @@ class MoEModel:
         # and the final sum over slots is still taken in one fixed order (bit-exact)
         out = x.new_zeros(num_tokens * top_k, hidden)
         fetched = self.experts.fetch(layer_idx, needed)
-        if self.speculate_margin is not None and layer_idx + 1 < self.spec.num_layers:
-            self.experts.hint(layer_idx + 1, self.speculate(layer_idx + 1, x))
+        if self.speculator is not None:
+            guesses = self.speculator(layer_idx, x, ids)
+            if guesses and layer_idx + 1 < self.spec.num_layers:
+                self.experts.hint(layer_idx + 1, guesses)
         for expert, (gate_up, down) in fetched:
             rows = order[starts[expert] : starts[expert] + counts[expert]]
             gate, up = F.linear(x[rows // top_k], gate_up).chunk(2, dim=-1)

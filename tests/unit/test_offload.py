@@ -52,9 +52,12 @@ def test_greedy_tokens_equal_the_all_resident_run(arch_reference, fraction: floa
 
 
 @pytest.mark.parametrize("fraction", [0.5, MIN_FRACTION])
-def test_next_layer_prefetch_keeps_the_all_resident_tokens(arch_reference, fraction: float) -> None:
+@pytest.mark.parametrize("prefetch", ["next_layer", "affinity"])
+def test_prefetch_keeps_the_all_resident_tokens(arch_reference, fraction: float, prefetch: str) -> None:
     path, reference = arch_reference
-    tokens, engine = run(path, expert_cache_fraction=fraction, prefetch="next_layer", prefetch_margin=2)
+    # min score 0: the affinity speculator guesses as soon as it has seen one step's routing
+    tokens, engine = run(path, expert_cache_fraction=fraction, prefetch=prefetch, prefetch_margin=2,
+                         prefetch_min_score=0.0)
     stats = engine.runner.model.experts.cache.stats()
     assert tokens == reference
     assert stats.prefetch_issued > 0 and stats.prefetch_used > 0
