@@ -27,13 +27,18 @@ CUDA_SOURCES = ("copy_engine_cuda.cu",)
 CXX_FLAGS = ["-O3", "-std=c++17"]
 
 
-def build_dir(with_cuda: bool) -> Path:
-    """Where the compiled extension is cached: $MOE_SERVE_EXT_DIR or <cache>/moe-serve/ext/<flavour>."""
+def cache_root() -> Path:
+    """Where compiled native code is cached: $MOE_SERVE_EXT_DIR or <cache>/moe-serve/ext."""
     root = os.environ.get("MOE_SERVE_EXT_DIR")
     if root is None:
         cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         root = str(Path(cache) / "moe-serve" / "ext")
-    directory = Path(root) / ("cuda" if with_cuda else "cpu")
+    return Path(root)
+
+
+def build_dir(with_cuda: bool) -> Path:
+    """Where the compiled extension is cached: <cache_root>/<flavour>."""
+    directory = cache_root() / ("cuda" if with_cuda else "cpu")
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 

@@ -38,17 +38,19 @@ class OffloadedExperts:
     def __init__(self, cache: ExpertCache) -> None:
         self.cache = cache
 
-    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertTensors]]:
-        """Acquire now (misses start loading at once), then yield experts as their slots become ready."""
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[list[tuple[int, ExpertTensors]]]:
+        """Acquire now (misses start loading at once), then yield the experts whose slots are
+        ready as one group, or, when none is, wait for the oldest pending copy and yield it."""
         slots = self.cache.acquire([ExpertKey(layer, e) for e in expert_ids])
         return self._in_ready_order(list(zip(expert_ids, slots)))
 
-    def _in_ready_order(self, pending: list[tuple[int, ExpertSlot]]) -> Iterator[tuple[int, ExpertTensors]]:
+    def _in_ready_order(self, pending: list[tuple[int, ExpertSlot]]) -> Iterator[list[tuple[int, ExpertTensors]]]:
+        cache = self.cache
         while pending:
-            index = next((i for i, (_, slot) in enumerate(pending) if self.cache.ready(slot)), 0)
-            expert, slot = pending.pop(index)
-            gate_up, down = self.cache.wait(slot)
-            yield expert, (gate_up, down)
+            ready = [(expert, slot) for expert, slot in pending if cache.ready(slot)] or [pending[0]]
+            taken = {expert for expert, _ in ready}
+            pending = [item for item in pending if item[0] not in taken]
+            yield [(expert, cache.wait(slot)) for expert, slot in ready]
 
     def done(self, layer: int, expert_ids: Sequence[int]) -> None:
         self.cache.release([ExpertKey(layer, e) for e in expert_ids])

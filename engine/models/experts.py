@@ -1,8 +1,8 @@
 """Where a MoE layer gets its routed experts' weights from.
 
 `ExpertProvider` is the seam between the model code and the offload tier: a layer asks
-for the experts its tokens routed to and computes each one as soon as the provider
-yields it (already resident first, then misses as their copies land), and says when it
+for the experts its tokens routed to and computes them as soon as the provider
+yields them (the already resident ones as one group, then misses as their copies land), and says when it
 is done so their slots can be reused. `ResidentExperts` keeps every expert in memory.
 """
 
@@ -20,9 +20,10 @@ from engine.types import ExpertKey
 class ExpertProvider(Protocol):
     """Supplies routed-expert weights to the MoE layers."""
 
-    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertTensors]]:
-        """Claim the experts now (starting any loads), and return an iterator of (expert, weights)
-        in the order they become usable."""
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[list[tuple[int, ExpertTensors]]]:
+        """Claim the experts now (starting any loads), and return an iterator of groups of
+        (expert, weights): each group is every claimed expert usable at that moment, in the order
+        they become usable, so a layer can compute a group in one call while the rest load."""
         ...
 
     def done(self, layer: int, expert_ids: Sequence[int]) -> None:
@@ -40,8 +41,8 @@ class ResidentExperts:
     def __init__(self, experts: Mapping[ExpertKey, ExpertTensors], device: torch.device) -> None:
         self._experts = {key: (gu.to(device), down.to(device)) for key, (gu, down) in experts.items()}
 
-    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertTensors]]:
-        return ((expert, self._experts[ExpertKey(layer, expert)]) for expert in expert_ids)
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[list[tuple[int, ExpertTensors]]]:
+        return iter([[(expert, self._experts[ExpertKey(layer, expert)]) for expert in expert_ids]])
 
     def done(self, layer: int, expert_ids: Sequence[int]) -> None:
         """Nothing to release: resident experts are never evicted."""

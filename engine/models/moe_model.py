@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.attention import AttentionMetadata, paged_attention
+from engine.models.cpu_kernels import ExpertRows, expert_ffn, kernel_experts, linear
 from engine.models.experts import ExpertProvider
 from engine.models.spec import ModelSpec, QKNorm
 from engine.models.weights import AttentionWeights, DenseWeights, LayerWeights, SharedExpertWeights
@@ -82,7 +83,7 @@ class MoEModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> fp32 logits [N, V]."""
-        return F.linear(hidden, self.dense.lm_head).float()
+        return linear(hidden, self.dense.lm_head).float()
 
     def _attention(
         self,
@@ -95,7 +96,7 @@ class MoEModel:
         spec = self.spec
         num_tokens = x.shape[0]
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        qkv = linear(x, w.qkv, w.qkv_bias)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         if spec.qk_norm is QKNorm.FULL:
             q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
@@ -111,12 +112,12 @@ class MoEModel:
         q = self.rotary.apply(q, positions)
         k = self.rotary.apply(k, positions)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return F.linear(out, w.o, w.o_bias)
+        return linear(out, w.o, w.o_bias)
 
     def route(self, layer_idx: int, layer: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router: x [T, D] -> (topk_weights [T, A] in x's dtype, topk_ids [T, A]). With a routing
         override the ids come from it and the weights are the router's probabilities at those ids."""
-        logits = F.linear(x, layer.router)  # [T, E]
+        logits = linear(x, layer.router)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         if self.routing_override is None:
             weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
@@ -149,10 +150,17 @@ class MoEModel:
             guesses = self.speculator(layer_idx, x, ids)
             if guesses and layer_idx + 1 < self.spec.num_layers:
                 self.experts.hint(layer_idx + 1, guesses)
-        for expert, (gate_up, down) in fetched:
-            rows = order[starts[expert] : starts[expert] + counts[expert]]
-            gate, up = F.linear(x[rows // top_k], gate_up).chunk(2, dim=-1)
-            out[rows] = F.linear(F.silu(gate) * up, down) * flat_weights[rows, None]
+        if kernel_experts(x, max(counts)):
+            rows = ExpertRows(x, order // top_k, order, flat_weights[order], self.spec.moe_intermediate_size)
+            for ready in fetched:  # one kernel call per group of usable experts
+                groups = [(starts[e], starts[e] + counts[e], gate_up, down) for e, (gate_up, down) in ready]
+                expert_ffn(rows, out, groups)
+        else:
+            for ready in fetched:
+                for expert, (gate_up, down) in ready:
+                    rows = order[starts[expert] : starts[expert] + counts[expert]]
+                    gate, up = linear(x[rows // top_k], gate_up).chunk(2, dim=-1)
+                    out[rows] = linear(F.silu(gate) * up, down) * flat_weights[rows, None]
         self.experts.done(layer_idx, needed)
         routed = out.view(num_tokens, top_k, hidden).sum(dim=1)
         if layer.shared_expert is not None:
@@ -161,6 +169,6 @@ class MoEModel:
 
     @staticmethod
     def _shared_expert(w: SharedExpertWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-        out = F.linear(F.silu(gate) * up, w.down)
-        return torch.sigmoid(F.linear(x, w.gate)) * out
+        gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
+        out = linear(F.silu(gate) * up, w.down)
+        return torch.sigmoid(linear(x, w.gate)) * out

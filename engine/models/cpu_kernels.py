@@ -1,0 +1,194 @@
+"""CPU kernels for decode-sized batches (fp32): linear layers and the routed-expert FFN.
+
+Decoding multiplies a handful of rows by each weight matrix, so it is bound by reading the
+weights, and for MoE layers also by the per-expert Python and dispatch overhead. torch's CPU
+GEMM streams a [N, K] fp32 matrix for 1-16 rows at a fraction of the memory bandwidth on some
+CPUs (about a third on the AMD EPYC we measured; `python -m benchmarks.cpu_kernels`).
+`csrc/cpu_kernels.c` reads each weight row once for up to four rows at a time, splits weight
+rows across torch's thread count, and computes a whole group of experts (gather, gate/up,
+SiLU, down, routing weight, scatter) in one call. It is compiled with the system C compiler
+on first use into the extension cache (AVX2/FMA when the CPU has them) and called through
+ctypes, which releases the GIL.
+
+`linear` and `expert_ffn` use it for fp32 CPU tensors with at most `MAX_ROWS` rows (per
+expert, for the FFN); everything else (other devices or dtypes, prefill-sized inputs, no
+compiler, or MOE_SERVE_CPU_KERNEL=0) goes to torch. The kernel sums each output in the same
+order whatever the number of rows or the grouping of experts into calls, so a sequence's
+result does not depend on what it is batched with, nor on which experts were resident.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cuda_ext.native import cache_root
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.c"
+MAX_ROWS = 16  # above this torch's GEMM is as fast or faster (benchmarks/cpu_kernels.py)
+DISABLE_ENV = "MOE_SERVE_CPU_KERNEL"
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_loaded = False
+_flavour = "torch"
+
+_P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "linear_f32": [_P, _P, _P, _L, _L, _L, _L, _L, _I],
+    "moe_experts_f32": [_P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _I],
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compile() -> tuple[Path, str]:
+    """Compiles the kernels (cached by source, compiler and flags); returns the library and its flavour."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    vector = ["-mavx2", "-mfma"] if {"avx2", "fma"} <= _cpu_flags() else []
+    flags = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", *vector]  # no FMA contraction: vector and scalar code round alike
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    directory = cache_root() / "kernels"
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"cpu_kernels-{digest}.so"
+    if not target.exists():
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".so", delete=False) as tmp:
+            partial = Path(tmp.name)
+        try:
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"], check=True,
+                           capture_output=True, text=True)
+            os.replace(partial, target)  # atomic: a concurrent process sees the whole library or none
+        finally:
+            partial.unlink(missing_ok=True)
+    return target, "c-avx2" if vector else "c"
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _loaded, _flavour
+    with _lock:
+        if _loaded:
+            return _library
+        _loaded = True
+        if os.environ.get(DISABLE_ENV, "1") == "0":
+            logger.info("CPU decode kernels: torch (disabled by %s=0)", DISABLE_ENV)
+            return None
+        try:
+            path, flavour = _compile()
+            library = ctypes.CDLL(str(path))
+        except subprocess.CalledProcessError as exc:
+            lines = (exc.stderr or "").strip().splitlines()
+            logger.warning("CPU decode kernels: torch (compiling the C kernels failed: %s)",
+                           lines[-1] if lines else exc)
+            return None
+        except OSError as exc:
+            logger.warning("CPU decode kernels: torch (C kernels unavailable: %s)", exc)
+            return None
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes = argtypes
+            function.restype = None
+        _library, _flavour = library, flavour
+        logger.info("CPU decode kernels: C (%s) for up to %d rows", flavour, MAX_ROWS)
+        return library
+
+
+def kernel_flavour() -> str:
+    """Which implementation serves small CPU batches: "c-avx2", "c" or "torch"."""
+    _load()
+    return _flavour
+
+
+def _plain_f32_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for x [T, K] and weight [N, K], like `F.linear`."""
+    applies = (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous()
+               and _plain_f32_cpu(x, weight))
+    library = (_library if _loaded else _load()) if applies else None
+    if library is None:
+        return F.linear(x, weight, bias)
+    rows, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"linear: x has {k} columns but weight is {tuple(weight.shape)}")
+    out = x.new_empty(rows, n)
+    library.linear_f32(weight.data_ptr(), x.data_ptr(), out.data_ptr(), n, k, rows, x.stride(0), n,
+                       torch.get_num_threads())
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+class ExpertRows:
+    """The assignment rows of one MoE layer call, grouped by expert, for `expert_ffn`.
+
+    Row r assigns token `tokens[r]` to an expert with routing weight `scale[r]`; its result
+    goes to row `dest[r]` of the output. Rows of one expert are contiguous."""
+
+    def __init__(self, x: torch.Tensor, tokens: torch.Tensor, dest: torch.Tensor, scale: torch.Tensor,
+                 ffn: int) -> None:
+        self.x = x.contiguous()
+        self.tokens = tokens.contiguous()
+        self.dest = dest.contiguous()
+        self.scale = scale.contiguous()
+        rows = tokens.shape[0]
+        self.self_rows = torch.arange(rows)
+        self.h = x.new_empty(rows, 2 * ffn)
+        self.act = x.new_empty(rows, ffn)
+        self.ffn = ffn
+
+
+def kernel_experts(x: torch.Tensor, max_rows: int) -> bool:
+    """Whether `expert_ffn` runs the C kernel for this layer input and largest expert group."""
+    if not (x.dim() == 2 and 0 < max_rows <= MAX_ROWS and _plain_f32_cpu(x)):
+        return False
+    return (_library if _loaded else _load()) is not None
+
+
+def expert_ffn(rows: ExpertRows, out: torch.Tensor,
+               groups: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> None:
+    """out[dest[r]] = scale[r] * down(silu(gate x) * up x) for the rows [begin, end) of each
+    (begin, end, gate_up [2F, H], down [H, F]) group. Call only where `kernel_experts` said yes."""
+    if _library is None:
+        raise RuntimeError("expert_ffn needs the C kernels (check kernel_experts first)")
+    if not (out.is_contiguous() and out.shape[1] == rows.x.shape[1] and _plain_f32_cpu(out)):
+        raise ValueError("out must be a contiguous fp32 CPU tensor [rows, hidden]")
+    for _, _, gate_up, down in groups:
+        if not (gate_up.is_contiguous() and down.is_contiguous() and _plain_f32_cpu(gate_up, down)):
+            raise ValueError("expert weights must be contiguous fp32 CPU tensors")
+    hidden = rows.x.shape[1]
+    table = torch.tensor([[b, e, gu.data_ptr(), d.data_ptr()] for b, e, gu, d in groups], dtype=torch.int64).T
+    table = table.contiguous()
+    begin, end, gate_up_ptrs, down_ptrs = table
+    _library.moe_experts_f32(
+        rows.x.data_ptr(), hidden, rows.ffn, rows.tokens.data_ptr(), rows.dest.data_ptr(), rows.scale.data_ptr(),
+        rows.self_rows.data_ptr(), begin.data_ptr(), end.data_ptr(), gate_up_ptrs.data_ptr(), down_ptrs.data_ptr(),
+        len(groups), out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),
+    )

@@ -1,0 +1,154 @@
+"""The C decode kernels: agree with torch, are batch- and grouping-invariant, and fall back cleanly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.models import cpu_kernels
+from engine.models.cpu_kernels import (
+    MAX_ROWS,
+    ExpertRows,
+    expert_ffn,
+    kernel_experts,
+    kernel_flavour,
+    linear,
+)
+
+
+@pytest.fixture(autouse=True)
+def needs_kernel() -> None:
+    if kernel_flavour() == "torch":
+        pytest.skip("no C compiler here: the torch fallback serves every call")
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """Forget the loaded library for one test (restored afterwards)."""
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    monkeypatch.setattr(cpu_kernels, "_flavour", "torch")
+
+
+@pytest.mark.parametrize("n,k", [(512, 512), (7, 33), (300, 1000)])
+def test_linear_matches_torch_and_each_row_is_independent_of_the_batch(n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(n + k)
+    weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    x = torch.randn(MAX_ROWS, k, generator=gen)
+    full = linear(x, weight, bias)
+    torch.testing.assert_close(full, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    for rows in range(1, MAX_ROWS + 1):
+        assert torch.equal(linear(x[:rows], weight, bias), full[:rows])
+    for i in range(MAX_ROWS):
+        assert torch.equal(linear(x[i : i + 1], weight, bias), full[i : i + 1])
+
+
+def test_linear_reads_strided_rows() -> None:
+    x = torch.randn(4, 96)[:, :64]  # row stride 96
+    weight = torch.randn(32, 64)
+    assert torch.equal(linear(x, weight), linear(x.contiguous(), weight))
+
+
+@pytest.mark.parametrize("case", ["many rows", "bf16", "transposed weight", "1-D input"])
+def test_linear_leaves_other_inputs_to_torch(case: str) -> None:
+    x, weight = torch.randn(MAX_ROWS + 1, 64), torch.randn(32, 64)
+    if case == "many rows":
+        pass
+    elif case == "bf16":
+        x, weight = x[:2].bfloat16(), weight.bfloat16()
+    elif case == "transposed weight":
+        x, weight = x[:2], torch.randn(64, 32).T
+    else:
+        x = x[0]
+    assert torch.equal(linear(x, weight), F.linear(x, weight))
+
+
+def _reference_experts(x, ids, weights, gate_ups, downs) -> torch.Tensor:
+    """The plain torch loop: [T * A, H] rows, one per (token, slot)."""
+    top_k = ids.shape[1]
+    out = x.new_zeros(ids.numel(), x.shape[1])
+    for row, expert in enumerate(ids.flatten().tolist()):
+        gate, up = F.linear(x[row // top_k], gate_ups[expert]).chunk(2)
+        out[row] = F.linear(F.silu(gate) * up, downs[expert]) * weights.flatten()[row]
+    return out
+
+
+def _expert_problem(tokens: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    experts, top_k, hidden, ffn = 6, 2, 40, 24  # hidden not a multiple of the lane width: the tail runs
+    gate_ups = [torch.randn(2 * ffn, hidden, generator=gen) for _ in range(experts)]
+    downs = [torch.randn(hidden, ffn, generator=gen) for _ in range(experts)]
+    x = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen)
+    return x, ids, weights, gate_ups, downs, ffn
+
+
+def _run_kernel(x, ids, weights, gate_ups, downs, ffn, split: bool) -> torch.Tensor:
+    top_k = ids.shape[1]
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=len(gate_ups)).tolist()
+    assert kernel_experts(x, max(counts))
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    groups = [(starts[e], starts[e] + c, gate_ups[e], downs[e]) for e, c in enumerate(counts) if c]
+    rows = ExpertRows(x, order // top_k, order, weights.flatten()[order], ffn)
+    out = x.new_zeros(flat.numel(), x.shape[1])
+    for part in ([[g] for g in reversed(groups)] if split else [groups]):
+        expert_ffn(rows, out, part)
+    return out
+
+
+def test_expert_ffn_matches_the_torch_loop_whatever_the_grouping() -> None:
+    problem = _expert_problem(tokens=9)
+    together = _run_kernel(*problem, split=False)
+    torch.testing.assert_close(together, _reference_experts(*problem[:5]), rtol=1e-5, atol=1e-4)
+    assert torch.equal(_run_kernel(*problem, split=True), together)  # one call per expert, any order
+
+
+def test_expert_ffn_row_does_not_depend_on_the_batch() -> None:
+    x, ids, weights, gate_ups, downs, ffn = _expert_problem(tokens=9, seed=3)
+    batched = _run_kernel(x, ids, weights, gate_ups, downs, ffn, split=False)
+    top_k = ids.shape[1]
+    for t in range(x.shape[0]):
+        alone = _run_kernel(x[t : t + 1], ids[t : t + 1], weights[t : t + 1], gate_ups, downs, ffn, split=False)
+        assert torch.equal(alone, batched[t * top_k : (t + 1) * top_k])
+
+
+def test_expert_ffn_refuses_bad_weights() -> None:
+    x, _, _, gate_ups, downs, ffn = _expert_problem(tokens=2)
+    rows = ExpertRows(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.ones(1), ffn)
+    out = x.new_zeros(4, x.shape[1])
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        expert_ffn(rows, out, [(0, 1, gate_ups[0].T, downs[0])])
+    assert not kernel_experts(x, MAX_ROWS + 1) and not kernel_experts(x.double(), 1)
+
+
+def test_disabled_by_environment(monkeypatch, fresh_loader) -> None:
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "0")
+    assert kernel_flavour() == "torch"
+    x, weight = torch.randn(2, 64), torch.randn(32, 64)
+    assert torch.equal(linear(x, weight), F.linear(x, weight))
+    assert not kernel_experts(x, 1)
+
+
+def test_missing_compiler_falls_back_with_a_warning(monkeypatch, fresh_loader, tmp_path, caplog) -> None:
+    monkeypatch.setenv("MOE_SERVE_EXT_DIR", str(tmp_path))  # nothing cached: it must compile
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with caplog.at_level("WARNING", logger="engine.models.cpu_kernels"):
+        assert kernel_flavour() == "torch"
+    assert "C kernels unavailable" in caplog.text
+    x, weight = torch.randn(2, 64), torch.randn(32, 64)
+    assert torch.equal(linear(x, weight), F.linear(x, weight))
+
+
+def test_compile_error_falls_back_with_a_warning(monkeypatch, fresh_loader, tmp_path, caplog) -> None:
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setenv("MOE_SERVE_EXT_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    with caplog.at_level("WARNING", logger="engine.models.cpu_kernels"):
+        assert kernel_flavour() == "torch"
+    assert "compiling the C kernels failed" in caplog.text
+    assert not list(tmp_path.glob("kernels/*.so"))  # no half-written library left behind
