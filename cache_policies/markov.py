@@ -11,7 +11,9 @@ signals the policy learns from the on_* calls alone:
 - frequency: an exponentially decayed use count (long-term popularity across requests);
 - recency: 0.5 ** (steps since last use / recency_half_life) (reuse within a request).
 
-victim() evicts the lowest priority: O(candidates x keys used this step).
+The transition term is a sum per key over the step's keys, brought up to date lazily when a
+priority is asked for (so a step without evictions costs nothing); victim() is then
+O(candidates) plus the new keys' transition rows.
 """
 
 from __future__ import annotations
@@ -47,6 +49,17 @@ class MarkovPolicy(CachePolicy):
         self._current: list[Hashable] = []
         self._followers: dict[Hashable, dict[Hashable, int]] = {}
         self._transitions_from: dict[Hashable, int] = {}
+        # key -> sum of P(key next | source) over this step's keys added so far (`_unscored` are not yet)
+        self._transition: dict[Hashable, float] = {}
+        self._unscored: list[Hashable] = []
+        self._fallback: dict[Hashable, float] | None = None  # the same over the last step's keys, once asked for
+
+    def _add_source(self, scores: dict[Hashable, float], source: Hashable) -> None:
+        row = self._followers.get(source)
+        if row is not None:
+            total = self._transitions_from[source]
+            for target, count in row.items():
+                scores[target] = scores.get(target, 0.0) + count / total
 
     def on_access(self, key: Hashable) -> None:
         last = self._last_step.get(key)
@@ -56,6 +69,7 @@ class MarkovPolicy(CachePolicy):
         self._frequency[key] = decayed + 1.0
         self._last_step[key] = self._step
         self._current.append(key)
+        self._unscored.append(key)
 
     def on_step(self) -> None:
         if self._current:
@@ -68,6 +82,7 @@ class MarkovPolicy(CachePolicy):
                     row[target] = row.get(target, 0) + 1
                 counts[source] = counts.get(source, 0) + 1
             self._previous, self._current = self._current, []
+            self._transition, self._unscored, self._fallback = {}, [], None
         self._step += 1
 
     def priority(self, key: Hashable) -> float:
@@ -79,12 +94,20 @@ class MarkovPolicy(CachePolicy):
         age = step - last
         score = self._frequency_weight * self._frequency[key] * math.exp(-self._frequency_decay * age)
         score += self._recency_weight * 0.5 ** (age / self._recency_half_life)
-        followers, counts = self._followers, self._transitions_from
-        for source in self._current or self._previous:
-            row = followers.get(source)
-            if row is not None:
-                score += row.get(key, 0) / counts[source]
-        return score
+        return score + self._transitions().get(key, 0.0)
+
+    def _transitions(self) -> dict[Hashable, float]:
+        """key -> sum over this step's keys (or, while there are none, the last step's) of P(key next | source)."""
+        if self._current:
+            for source in self._unscored:
+                self._add_source(self._transition, source)
+            self._unscored.clear()
+            return self._transition
+        if self._fallback is None:
+            self._fallback = {}
+            for source in self._previous:
+                self._add_source(self._fallback, source)
+        return self._fallback
 
     def victim(self, candidates: Iterable[Hashable]) -> Hashable:
         return min(candidates, key=self.priority)
