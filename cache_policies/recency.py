@@ -20,12 +20,19 @@ class LRUPolicy(CachePolicy):
         self._clock += 1
         self._last_access[key] = self._clock
 
+    def on_insert(self, key: Hashable) -> None:
+        self._last_access.setdefault(key, 0)  # loaded but not yet used: the oldest
+
     def on_evict(self, key: Hashable) -> None:
         self._last_access.pop(key, None)
 
     def victim(self, candidates: Iterable[Hashable]) -> Hashable:
         last = self._last_access
-        return min(candidates, key=lambda key: last.get(key, 0))
+        candidates = list(candidates)
+        try:
+            return min(candidates, key=last.__getitem__)  # C-level key: the common case, every key accessed
+        except KeyError:
+            return min(candidates, key=lambda key: last.get(key, 0))  # never accessed counts as oldest
 
 
 class FIFOPolicy(CachePolicy):

@@ -98,6 +98,9 @@ class ExpertCache:
         self._slot_of: dict[ExpertKey, int] = {}
         self._free = list(range(num_slots - 1, -1, -1))
         self._loading: set[int] = set()
+        # keys whose slot is RESIDENT with refcount 0 (the eviction candidates), in the order they became so
+        self._idle: dict[ExpertKey, None] = {}
+        self._preloads: set[ExpertKey] = set()  # keys holding a still unused scored prefetch (preload_step set)
         self._stats = ExpertCacheStats()
         self._step = 0
         logger.info("expert cache: %d slots x %d bytes on %s", num_slots, store.expert_nbytes, self.device)
@@ -131,6 +134,7 @@ class ExpertCache:
             self.policy.on_access(key)
         for key in keys:
             self._slots[self._slot_of[key]].refcount += 1
+            self._idle.pop(key, None)
         return [ExpertSlot(self._slot_of[key], key) for key in keys]
 
     def ready(self, slot: ExpertSlot) -> bool:
@@ -165,9 +169,12 @@ class ExpertCache:
         for key in keys:
             record = self._slots[self._slot_of[key]]
             record.refcount -= 1
-            if record.refcount == 0 and self.device.type == "cuda":
-                record.last_use = torch.cuda.Event()
-                record.last_use.record(torch.cuda.current_stream(self.device))
+            if record.refcount == 0:
+                if record.state is SlotState.RESIDENT:
+                    self._idle[key] = None
+                if self.device.type == "cuda":
+                    record.last_use = torch.cuda.Event()
+                    record.last_use.record(torch.cuda.current_stream(self.device))
 
     def prefetch(self, keys: Sequence[ExpertKey], scores: Mapping[ExpertKey, float] | None = None) -> int:
         """Starts PREFETCH copies (never pinning, never evicting pinned or loading slots) for keys
@@ -197,6 +204,7 @@ class ExpertCache:
             copies.append(self._start_load(index, key, prefetched=True))
             if scores is not None:
                 self._slots[index].preload_step = self._step
+                self._preloads.add(key)
             started.append(key)
         self._stats.prefetch_issued += len(started)
         self._submit(started, copies, CopyPriority.PREFETCH)
@@ -229,6 +237,11 @@ class ExpertCache:
             if not consistent:
                 problems.append(f"slot {index}: {record.state} key={record.key} refcount={record.refcount} "
                                 f"ticket={record.ticket} free-listed={index in self._free}")
+        idle = {r.key for r in self._slots if r.state is SlotState.RESIDENT and r.refcount == 0}
+        if set(self._idle) != idle:
+            problems.append(f"eviction candidates {sorted(self._idle)} != resident unpinned {sorted(idle)}")
+        if self._preloads != {r.key for r in self._slots if r.preload_step is not None}:
+            problems.append(f"preload set {sorted(self._preloads)} out of date")
         if problems:
             raise AssertionError("; ".join(problems))
 
@@ -246,14 +259,17 @@ class ExpertCache:
         if record.state is SlotState.LOADING and record.ticket is not None and record.ticket.done():
             record.state, record.ticket = SlotState.RESIDENT, None
             self._loading.discard(index)
+            if record.refcount == 0:
+                self._idle[record.key] = None
 
     def _refresh_loading(self) -> None:
         for index in list(self._loading):
             self._refresh(index)
 
     def _evictable(self, protected: set[ExpertKey] | frozenset[ExpertKey] = frozenset()) -> list[ExpertKey]:
-        return [record.key for record in self._slots if record.state is SlotState.RESIDENT
-                and record.refcount == 0 and record.key is not None and record.key not in protected]
+        if not protected:
+            return list(self._idle)
+        return [key for key in self._idle if key not in protected]
 
     def _ensure_capacity(self, needed: int, requested: set[ExpertKey]) -> None:
         """Makes `needed` slots claimable or raises: first cancels queued unused prefetches, then
@@ -287,6 +303,7 @@ class ExpertCache:
         record = self._slots[self._slot_of[key]]
         self._stats.hits[key.layer] += 1
         record.preload_step = None
+        self._preloads.discard(key)
         if record.prefetched_unused:
             record.prefetched_unused = False
             self._stats.prefetch_used += 1
@@ -300,18 +317,20 @@ class ExpertCache:
         if self._free:
             return self._free.pop()
         candidates = self._evictable(protected)
-        settled = [key for key in candidates if not self._fresh_preload(key)]
+        settled = [key for key in candidates if not self._fresh_preload(key)] if self._preloads else candidates
         return self._evict(self.policy.victim(settled or candidates))
 
     def _claim_slot_below(self, score: float, scores: Mapping[ExpertKey, float]) -> int | None:
         """A free slot, or one freed by evicting an expert scored below `score` (None if none)."""
         if self._free:
             return self._free.pop()
-        candidates = [key for key in self._evictable() if scores.get(key, 0.0) < score and not self._fresh_preload(key)]
+        candidates = [key for key in self._idle if scores.get(key, 0.0) < score and not self._fresh_preload(key)]
         return self._evict(self.policy.victim(candidates)) if candidates else None
 
     def _fresh_preload(self, key: ExpertKey) -> bool:
         """An unused preload issued in this or the previous step (its request may not have reached it yet)."""
+        if key not in self._preloads:
+            return False
         step = self._slots[self._slot_of[key]].preload_step
         return step is not None and step >= self._step - 1
 
@@ -327,6 +346,8 @@ class ExpertCache:
         assert record.key is not None and record.refcount == 0
         self.policy.on_evict(record.key)
         self._stats.prefetch_wasted += int(wasted)
+        self._idle.pop(record.key, None)
+        self._preloads.discard(record.key)
         del self._slot_of[record.key]
         self._loading.discard(index)
         record.state, record.key, record.ticket, record.prefetched_unused = SlotState.FREE, None, None, False
