@@ -102,6 +102,7 @@ class ModelRunner:
         hidden = self.model.forward(
             torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta, self.kv_caches
         )
+        self.model.experts.end_step()
         if self.recorder is not None:
             self.recorder.end_step()
         if not sampling_seqs:

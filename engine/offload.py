@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from cache_policies import DEFAULT_POLICY, make_policy
+from cache_policies.partitioned import PartitionedPolicy
 from cuda_ext import load_copy_engine
 from engine.config import EngineConfig, OffloadMode
 from engine.errors import ModelLoadError
@@ -57,6 +58,10 @@ class OffloadedExperts:
 
     def hint(self, layer: int, expert_ids: Sequence[int]) -> None:
         self.cache.prefetch([ExpertKey(layer, e) for e in expert_ids])
+
+    def end_step(self) -> None:
+        """Advances the cache's step clock (the policy's step boundaries, preload freshness)."""
+        self.cache.on_step()
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ def build_expert_provider(
         return ResidentExperts(experts, device)
     policy_name = DEFAULT_POLICY if config.cache_policy == "default" else config.cache_policy
     try:
-        policy = make_policy(policy_name)
+        make_policy(policy_name)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     store = HostExpertStore.from_tensors(experts, pin=device.type == "cuda")
@@ -134,4 +139,6 @@ def build_expert_provider(
         sizing.num_slots, sizing.total_experts, 100 * sizing.num_slots / sizing.total_experts,
         sizing.num_slots * store.expert_nbytes / 2**20, policy_name,
     )
+    # one instance of the policy per MoE layer, as in trace replay (see cache_policies.partitioned)
+    policy = PartitionedPolicy(lambda: make_policy(policy_name), sizing.num_slots, spec.num_layers)
     return OffloadedExperts(ExpertCache(store, sizing.num_slots, device, policy, copy_engine))

@@ -34,6 +34,10 @@ class ExpertProvider(Protocol):
         """These experts of `layer` will probably be needed soon (prefetch if useful)."""
         ...
 
+    def end_step(self) -> None:
+        """One engine step (a forward over every layer) finished."""
+        ...
+
 
 class ResidentExperts:
     """Every routed expert resident in memory: the all-resident reference run."""
@@ -49,6 +53,9 @@ class ResidentExperts:
 
     def hint(self, layer: int, expert_ids: Sequence[int]) -> None:
         """Nothing to prefetch: every expert is already resident."""
+
+    def end_step(self) -> None:
+        """No per-step state."""
 
     def nbytes(self) -> int:
         """Bytes held by all routed experts."""

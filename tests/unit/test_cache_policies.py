@@ -183,3 +183,60 @@ def test_policies_do_not_import_torch() -> None:
 
     code = "import sys, cache_policies, engine.traces, engine.trace_sim; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def _shared_cache_hits(policy: CachePolicy, capacity: int, steps: int, layers: int, per_layer: int) -> int:
+    """One slot pool for every layer; each step uses experts 0..per_layer-1 of each layer, in layer order."""
+    resident: set[tuple[int, int]] = set()
+    hits = 0
+    for _ in range(steps):
+        for layer in range(layers):
+            wanted = [(layer, e) for e in range(per_layer)]
+            for key in wanted:
+                if key in resident:
+                    hits += 1
+                else:
+                    if len(resident) >= capacity:
+                        victim = policy.victim([k for k in resident if k not in wanted])
+                        resident.discard(victim)
+                        policy.on_evict(victim)
+                    resident.add(key)
+                    policy.on_insert(key)
+                policy.on_access(key)
+        policy.on_step()
+    return hits
+
+
+def test_partitioned_policy_turns_the_layer_cycle_into_hits() -> None:
+    from cache_policies.partitioned import PartitionedPolicy
+
+    # 4 layers x 2 experts in a 6-slot pool: one global LRU ranking evicts exactly the next layer's experts
+    assert _shared_cache_hits(LRUPolicy(), capacity=6, steps=20, layers=4, per_layer=2) == 0
+    partitioned = PartitionedPolicy(LRUPolicy, capacity=6, num_groups=4)
+    assert _shared_cache_hits(partitioned, capacity=6, steps=20, layers=4, per_layer=2) >= 19 * 4
+
+
+def test_partitioned_policy_takes_victims_from_the_group_most_over_its_share() -> None:
+    from cache_policies.partitioned import PartitionedPolicy
+
+    policy = PartitionedPolicy(LRUPolicy, capacity=4, num_groups=2)  # a share of 2 slots per layer
+    for key in [(1, 0), (0, 0), (0, 1), (0, 2)]:
+        policy.on_insert(key)
+        policy.on_access(key)
+    # (1, 0) is the least recently used overall, but layer 0 holds 3 slots of its 2
+    assert policy.victim([(1, 0), (0, 0), (0, 1), (0, 2)]) == (0, 0)
+    assert policy.policy(0).victim([(0, 1), (0, 2)]) == (0, 1)  # each layer has its own LRU
+
+
+def test_partitioned_policy_evicts_the_layer_used_furthest_ahead_on_equal_shares() -> None:
+    from cache_policies.partitioned import PartitionedPolicy
+
+    policy = PartitionedPolicy(LRUPolicy, capacity=4, num_groups=4)
+    for layer in (2, 3, 0, 1):  # layer 1 was the last computed: layer 2 comes next, layer 1 last
+        policy.on_insert((layer, 0))
+        policy.on_access((layer, 0))
+    candidates = [(layer, 0) for layer in range(4)]
+    assert policy.victim(candidates) == (1, 0)
+    assert policy.victim([(2, 0), (3, 0), (0, 0)]) == (0, 0)
+    with pytest.raises(ValueError):
+        PartitionedPolicy(LRUPolicy, capacity=0, num_groups=2)

@@ -73,3 +73,19 @@ def test_unknown_policy_lists_the_valid_ones(checkpoint_factory) -> None:
     path = checkpoint_factory("mixtral", num_hidden_layers=NUM_LAYERS)
     with pytest.raises(ModelLoadError, match="lru"):
         build_engine(EngineConfig(model=str(path), expert_cache_fraction=0.5, cache_policy="nope"), show_progress=False)
+
+
+def test_every_engine_step_ends_a_cache_step(checkpoint_factory, monkeypatch) -> None:
+    """The policies' step boundaries (and the freshness of preloads) follow the engine's steps."""
+    path = checkpoint_factory("mixtral", num_hidden_layers=NUM_LAYERS)
+    engine = build_engine(EngineConfig(model=str(path), dtype="float32", expert_cache_fraction=0.5, prefetch="none"),
+                          show_progress=False)
+    cache = engine.runner.model.experts.cache
+    ended = []
+    monkeypatch.setattr(cache, "on_step", lambda: ended.append(1))
+    engine.add_request(EngineRequest("r", list(range(5, 25)), SamplingParams(max_tokens=5, temperature=0.0)))
+    steps = 0
+    while engine.has_unfinished:
+        engine.step()
+        steps += 1
+    assert len(ended) == steps > 1
