@@ -192,3 +192,14 @@ def expert_ffn(rows: ExpertRows, out: torch.Tensor,
         rows.self_rows.data_ptr(), begin.data_ptr(), end.data_ptr(), gate_up_ptrs.data_ptr(), down_ptrs.data_ptr(),
         len(groups), out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),
     )
+
+
+def main() -> None:
+    """`python -m engine.models.cpu_kernels`: compile ahead of time (images); fails if it cannot."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if kernel_flavour() == "torch":
+        raise SystemExit("the C kernels could not be built (see the warning above)")
+
+
+if __name__ == "__main__":
+    main()
