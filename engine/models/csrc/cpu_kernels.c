@@ -13,6 +13,14 @@
 #define LANES 16
 #define BLOCK 4
 
+/* a + w * x. With FMA hardware an explicit fused multiply-add: rounded once, the same in scalar
+ * and vector code, so it keeps the bit-identity the build's -ffp-contract=off protects. */
+#ifdef __FMA__
+#define MADD(a, w, x) fmaf((w), (x), (a))
+#else
+#define MADD(a, w, x) ((a) + (w) * (x))
+#endif
+
 static float lane_sum(const float *a) {
     float s = 0.f;
     for (int l = 0; l < LANES; ++l) s += a[l];
@@ -23,8 +31,8 @@ static float dot1(const float *restrict w, const float *restrict x, int64_t k) {
     int64_t kv = k - k % LANES;
     float a[LANES] = {0};
     for (int64_t j = 0; j < kv; j += LANES)
-        for (int l = 0; l < LANES; ++l) a[l] += w[j + l] * x[j + l];
-    for (int l = 0; l < k - kv; ++l) a[l] += w[kv + l] * x[kv + l];  /* the tail: one more partial lane step */
+        for (int l = 0; l < LANES; ++l) a[l] = MADD(a[l], w[j + l], x[j + l]);
+    for (int l = 0; l < k - kv; ++l) a[l] = MADD(a[l], w[kv + l], x[kv + l]);  /* the tail: one more partial lane step */
     return lane_sum(a);
 }
 
@@ -36,17 +44,17 @@ static void dot4(const float *restrict w, const float *x0, const float *x1, cons
     for (int64_t j = 0; j < kv; j += LANES)
         for (int l = 0; l < LANES; ++l) {
             float wv = w[j + l];
-            a0[l] += wv * x0[j + l];
-            a1[l] += wv * x1[j + l];
-            a2[l] += wv * x2[j + l];
-            a3[l] += wv * x3[j + l];
+            a0[l] = MADD(a0[l], wv, x0[j + l]);
+            a1[l] = MADD(a1[l], wv, x1[j + l]);
+            a2[l] = MADD(a2[l], wv, x2[j + l]);
+            a3[l] = MADD(a3[l], wv, x3[j + l]);
         }
     for (int l = 0; l < k - kv; ++l) {
         float wv = w[kv + l];
-        a0[l] += wv * x0[kv + l];
-        a1[l] += wv * x1[kv + l];
-        a2[l] += wv * x2[kv + l];
-        a3[l] += wv * x3[kv + l];
+        a0[l] = MADD(a0[l], wv, x0[kv + l]);
+        a1[l] = MADD(a1[l], wv, x1[kv + l]);
+        a2[l] = MADD(a2[l], wv, x2[kv + l]);
+        a3[l] = MADD(a3[l], wv, x3[kv + l]);
     }
     s[0] = lane_sum(a0);
     s[1] = lane_sum(a1);
