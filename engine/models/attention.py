@@ -3,7 +3,8 @@
 A step's tokens are flattened ([T, ...]); each sequence contributes `query_len` new tokens
 at the end of its `context_len` tokens. New keys/values are written into the paged cache
 at `slot_mapping`, then each sequence's whole context is gathered by its block table into
-a padded [B, Kmax] view and one SDPA call serves prefill, chunked prefill and decode alike.
+a padded [B, Kmax] view and one SDPA call serves prefill, chunked prefill and decode alike;
+on a CPU, decode-only steps (fp32) go to the C kernel instead, which reads the cache in place.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.models.cpu_kernels import decode_attention, kernel_decode_attention
+
 
 @dataclass
 class AttentionMetadata:
@@ -23,6 +26,7 @@ class AttentionMetadata:
     gather_slots: torch.Tensor  # [B, K] cache slot of each context position (padded with 0)
     query_index: torch.Tensor  # [T] position of each token in the flattened [B * Q] query layout
     mask: torch.Tensor  # [B, 1, Q, K] True where a query may attend a key
+    context_lens: torch.Tensor  # [B] tokens each sequence attends (its cached context plus the new ones)
     num_seqs: int
     max_query_len: int
 
@@ -58,6 +62,7 @@ class AttentionMetadata:
             gather_slots=gather.to(device),
             query_index=torch.cat(query_chunks).to(device),
             mask=mask[:, None].to(device),
+            context_lens=ctx_t.to(device),
             num_seqs=num_seqs,
             max_query_len=max_q,
         )
@@ -76,6 +81,8 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.max_query_len == 1 and kernel_decode_attention(q, k_cache):  # decode step: one query per sequence
+        return decode_attention(q, k_cache, v_cache, meta.gather_slots, meta.context_lens, scale)
     keys = k_cache[meta.gather_slots].transpose(1, 2)  # [B, Hkv, K, Dh]
     values = v_cache[meta.gather_slots].transpose(1, 2)
     queries = q.new_zeros(meta.num_seqs * meta.max_query_len, num_heads, head_dim)

@@ -6,12 +6,13 @@ GEMM streams a [N, K] fp32 matrix for 1-16 rows at a fraction of the memory band
 CPUs (about a third on the AMD EPYC we measured; `python -m benchmarks.cpu_kernels`).
 `csrc/cpu_kernels.c` reads each weight row once for up to four rows at a time, splits weight
 rows across torch's thread count, and computes a whole group of experts (gather, gate/up,
-SiLU, down, routing weight, scatter) in one call. It is compiled with the system C compiler
+SiLU, down, routing weight, scatter) in one call; it also has the attention of decode steps,
+read straight from the paged KV cache (no gathered copy, no padding). It is compiled with the system C compiler
 on first use into the extension cache (AVX2/FMA and AVX-512 when the CPU has them) and called through
 ctypes, which releases the GIL.
 
 `linear` and `expert_ffn` use it for fp32 CPU tensors with at most `MAX_ROWS` rows (per
-expert, for the FFN); everything else (other devices or dtypes, prefill-sized inputs, no
+expert, for the FFN), `decode_attention` for fp32 CPU decode-only steps; everything else (other devices or dtypes, prefill-sized inputs, no
 compiler, or MOE_SERVE_CPU_KERNEL=0) goes to torch. The kernel sums each output in the same
 order whatever the number of rows or the grouping of experts into calls, so a sequence's
 result does not depend on what it is batched with, nor on which experts were resident.
@@ -50,6 +51,7 @@ _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "linear_f32": [_P, _P, _P, _L, _L, _L, _L, _L, _I],
     "moe_experts_f32": [_P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _I],
+    "paged_decode_attention_f32": [_P, _P, _P, _P, _L, _P, _L, _L, _L, _L, ctypes.c_float, _P, _P, _I],
 }
 
 
@@ -197,6 +199,40 @@ def expert_ffn(rows: ExpertRows, out: torch.Tensor,
         rows.self_rows.data_ptr(), begin.data_ptr(), end.data_ptr(), gate_up_ptrs.data_ptr(), down_ptrs.data_ptr(),
         len(groups), out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),
     )
+
+
+def kernel_decode_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention` runs the C kernel for these tensors."""
+    if not (q.dim() == 3 and k_cache.dim() == 3 and q.is_contiguous() and k_cache.is_contiguous()
+            and _plain_f32_cpu(q, k_cache)):
+        return False
+    return (_library if _loaded else _load()) is not None
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query row per sequence against its cached context: q [B, H, D], caches [S, Hkv, D],
+    slots [B, K] (cache slot of each context position, K >= every context length), context_lens [B].
+    Returns [B, H * D]. Call only where `kernel_decode_attention` said yes."""
+    if _library is None:
+        raise RuntimeError("decode_attention needs the C kernels (check kernel_decode_attention first)")
+    seqs, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    if not (v_cache.shape == k_cache.shape and v_cache.is_contiguous() and _plain_f32_cpu(v_cache)
+            and k_cache.shape[2] == head_dim and heads % kv_heads == 0):
+        raise ValueError("caches must be contiguous fp32 CPU [S, Hkv, D] matching q, with Hkv dividing H")
+    slots = slots.to(torch.int64).contiguous()
+    context_lens = context_lens.to(torch.int64).contiguous()
+    if slots.shape[0] != seqs or context_lens.shape != (seqs,) or int(context_lens.max()) > slots.shape[1]:
+        raise ValueError("slots must be [B, K] with K >= every context length, context_lens [B]")
+    out = q.new_empty(seqs, heads * head_dim)
+    scratch = q.new_empty(seqs * heads, slots.shape[1])
+    _library.paged_decode_attention_f32(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[1],
+        context_lens.data_ptr(), seqs, heads, kv_heads, head_dim, scale, out.data_ptr(), scratch.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
 
 
 def main() -> None:

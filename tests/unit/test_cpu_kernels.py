@@ -152,3 +152,27 @@ def test_compile_error_falls_back_with_a_warning(monkeypatch, fresh_loader, tmp_
         assert kernel_flavour() == "torch"
     assert "compiling the C kernels failed" in caplog.text
     assert not list(tmp_path.glob("kernels/*.so"))  # no half-written library left behind
+
+
+def test_decode_attention_matches_sdpa_over_paged_slots() -> None:
+    from engine.models.cpu_kernels import decode_attention, kernel_decode_attention
+
+    gen = torch.Generator().manual_seed(7)
+    seqs, heads, kv_heads, head_dim, slots_total = 3, 8, 2, 24, 64
+    q = torch.randn(seqs, heads, head_dim, generator=gen)
+    k_cache = torch.randn(slots_total, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(slots_total, kv_heads, head_dim, generator=gen)
+    context_lens = torch.tensor([5, 17, 1])
+    slots = torch.stack([torch.randperm(slots_total, generator=gen)[:20] for _ in range(seqs)])  # padded to 20
+    assert kernel_decode_attention(q, k_cache)
+    out = decode_attention(q, k_cache, v_cache, slots, context_lens, scale=0.3)
+    for b in range(seqs):
+        n = int(context_lens[b])
+        keys = k_cache[slots[b, :n]].transpose(0, 1)  # [Hkv, n, D]
+        values = v_cache[slots[b, :n]].transpose(0, 1)
+        expected = F.scaled_dot_product_attention(q[b][:, None], keys, values, scale=0.3, enable_gqa=True)
+        torch.testing.assert_close(out[b], expected.reshape(-1), rtol=1e-5, atol=1e-5)
+        alone = decode_attention(q[b : b + 1], k_cache, v_cache, slots[b : b + 1], context_lens[b : b + 1], 0.3)
+        assert torch.equal(alone[0], out[b])
+    with pytest.raises(ValueError, match="context length"):
+        decode_attention(q, k_cache, v_cache, slots[:, :4], context_lens, scale=0.3)

@@ -136,3 +136,39 @@ void moe_experts_f32(const float *x, int64_t hidden, int64_t ffn, const int64_t 
         }
     }
 }
+
+/* Attention for decode steps (one new token per sequence) straight from the paged KV cache.
+ *
+ * q: [seqs, heads, head_dim]; k_cache, v_cache: [slots, kv_heads, head_dim]; sequence b attends
+ * its context_lens[b] positions, whose cache slots are slots[b * slots_stride + t]. Query head h
+ * reads kv head h / (heads / kv_heads). out: [seqs, heads, head_dim]; scratch: one row of
+ * slots_stride floats per (sequence, head). Each (sequence, head) is computed on its own, so a
+ * sequence's result does not depend on the others in the step. */
+void paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *slots,
+                                int64_t slots_stride, const int64_t *context_lens, int64_t seqs, int64_t heads,
+                                int64_t kv_heads, int64_t head_dim, float scale, float *out, float *scratch,
+                                int threads) {
+    int64_t group = heads / kv_heads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < seqs * heads; ++i) {
+        int64_t b = i / heads, h = i % heads, g = h / group, n = context_lens[b];
+        const float *qi = q + i * head_dim;
+        const int64_t *slot = slots + b * slots_stride;
+        float *p = scratch + i * slots_stride, *o = out + i * head_dim;
+        float top = -INFINITY, total = 0.f;
+        for (int64_t t = 0; t < n; ++t) {
+            p[t] = dot1(qi, k_cache + (slot[t] * kv_heads + g) * head_dim, head_dim) * scale;
+            if (p[t] > top) top = p[t];
+        }
+        for (int64_t t = 0; t < n; ++t) {
+            p[t] = expf(p[t] - top);
+            total += p[t];
+        }
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = 0.f;
+        for (int64_t t = 0; t < n; ++t) {
+            const float *v = v_cache + (slot[t] * kv_heads + g) * head_dim;
+            float w = p[t] / total;
+            for (int64_t d = 0; d < head_dim; ++d) o[d] = MADD(o[d], w, v[d]);
+        }
+    }
+}
