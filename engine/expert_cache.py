@@ -60,6 +60,7 @@ class _Slot:
     prefetched_unused: bool = False
     preload_step: int | None = None  # step a still unused scored prefetch was issued in
     last_use: torch.cuda.Event | None = None
+    views: tuple[torch.Tensor, ...] | None = None  # the buffer's typed weight views (fixed per slot)
 
 
 @dataclass
@@ -158,7 +159,9 @@ class ExpertCache:
             if record.ticket.cancelled():
                 raise RuntimeError(f"the copy of {slot.key} was cancelled (copy engine shut down?)")
             self._refresh(index)
-        return self.store.unpack(record.buffer)
+        if record.views is None:
+            record.views = self.store.unpack(record.buffer)
+        return record.views
 
     def release(self, keys: Sequence[ExpertKey]) -> None:
         """Unpins every key once per occurrence (the inverse of `acquire`)."""

@@ -131,7 +131,10 @@ def kernel_flavour() -> str:
 
 
 def _plain_f32_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
+    for t in tensors:  # a loop, not all(genexpr): this runs for every expert of every layer
+        if not t.is_cpu or t.dtype != torch.float32 or t.requires_grad:
+            return False
+    return True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
