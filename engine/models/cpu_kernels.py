@@ -164,11 +164,13 @@ class ExpertRows:
 
     def __init__(self, x: torch.Tensor, tokens: torch.Tensor, dest: torch.Tensor, scale: torch.Tensor,
                  ffn: int) -> None:
-        self.x = x.contiguous()
-        self.tokens = tokens.contiguous()
-        self.dest = dest.contiguous()
-        self.scale = scale.contiguous()
         rows = tokens.shape[0]
+        if not (x.dim() == 2 and dest.shape == scale.shape == (rows,) and _plain_f32_cpu(x, scale)):
+            raise ValueError("ExpertRows needs fp32 CPU x [T, H], and tokens, dest, scale of one length")
+        self.x = x.contiguous()
+        self.tokens = tokens.to(torch.int64).contiguous()
+        self.dest = dest.to(torch.int64).contiguous()
+        self.scale = scale.contiguous()
         self.self_rows = torch.arange(rows)
         self.h = x.new_empty(rows, 2 * ffn)
         self.act = x.new_empty(rows, ffn)
@@ -190,10 +192,12 @@ def expert_ffn(rows: ExpertRows, out: torch.Tensor,
         raise RuntimeError("expert_ffn needs the C kernels (check kernel_experts first)")
     if not (out.is_contiguous() and out.shape[1] == rows.x.shape[1] and _plain_f32_cpu(out)):
         raise ValueError("out must be a contiguous fp32 CPU tensor [rows, hidden]")
-    for _, _, gate_up, down in groups:
-        if not (gate_up.is_contiguous() and down.is_contiguous() and _plain_f32_cpu(gate_up, down)):
-            raise ValueError("expert weights must be contiguous fp32 CPU tensors")
     hidden = rows.x.shape[1]
+    shapes = ((2 * rows.ffn, hidden), (hidden, rows.ffn))
+    for _, _, gate_up, down in groups:  # the kernel trusts these: a wrong one would read out of bounds
+        if not (gate_up.is_contiguous() and down.is_contiguous() and (gate_up.shape, down.shape) == shapes
+                and _plain_f32_cpu(gate_up, down)):
+            raise ValueError(f"expert weights must be contiguous fp32 CPU tensors of shapes {shapes}")
     table = torch.tensor([[b, e, gu.data_ptr(), d.data_ptr()] for b, e, gu, d in groups], dtype=torch.int64).T
     table = table.contiguous()
     begin, end, gate_up_ptrs, down_ptrs = table

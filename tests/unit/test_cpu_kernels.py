@@ -122,6 +122,10 @@ def test_expert_ffn_refuses_bad_weights() -> None:
     out = x.new_zeros(4, x.shape[1])
     with pytest.raises(ValueError, match="contiguous fp32"):
         expert_ffn(rows, out, [(0, 1, gate_ups[0].T, downs[0])])
+    with pytest.raises(ValueError, match="of shapes"):  # the right dtype and layout, the wrong expert size
+        expert_ffn(rows, out, [(0, 1, gate_ups[0][:-2].contiguous(), downs[0])])
+    with pytest.raises(ValueError, match="one length"):
+        ExpertRows(x, torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.ones(1), ffn)
     assert not kernel_experts(x, MAX_ROWS + 1) and not kernel_experts(x.double(), 1)
 
 
