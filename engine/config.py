@@ -65,6 +65,14 @@ class EngineConfig(BaseModel):
     expert_cache_fraction: float | None = Field(
         default=None, gt=0, le=1, description="share of all routed experts kept resident (instead of a GiB budget)"
     )
+    host_memory_gb: float | None = Field(
+        default=None, gt=0,
+        description="host RAM budget for the offloaded experts; a larger host tier is file-backed (mmap), "
+                    "so the OS keeps only its hot part in RAM",
+    )
+    host_tier_dir: str | None = Field(
+        default=None, description="directory for a file-backed host tier (default: <cache>/moe-serve/host-tier)"
+    )
     cache_policy: str = Field(default="default", description="expert-cache eviction policy (see cache_policies)")
     prefetch: PrefetchMode = PrefetchMode.NEXT_LAYER
     prefetch_margin: int = Field(default=2, ge=0, le=64, description="extra experts per token beyond top-k to prefetch")

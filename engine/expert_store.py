@@ -2,14 +2,20 @@
 
 Each expert owns one contiguous byte range of `expert_nbytes` bytes (one copy per expert);
 inside it each tensor starts at a 64-byte aligned offset. The slab is pinned when asked
-and CUDA is available, so copies to the device run as asynchronous DMA. Read-only after
-construction: nothing is ever written back.
+and CUDA is available, so copies to the device run as asynchronous DMA. When the experts
+exceed the host RAM budget the slab is instead a shared memory map of a file (unlinked at
+once, so it disappears with the process): the OS keeps the recently used experts in its
+page cache and reads the rest back from disk, and copies from it are pageable. Read-only
+after construction: nothing is ever written back.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,11 +49,25 @@ def layout_for(tensors: Sequence[torch.Tensor]) -> tuple[tuple[TensorLayout, ...
     return tuple(layouts), max(offset, ALIGNMENT)
 
 
+def _file_backed_slab(directory: Path, size: int) -> torch.Tensor:
+    """A `size`-byte uint8 tensor mapping a new file in `directory` (MAP_SHARED); the file is
+    unlinked at once, so its blocks are freed when the mapping goes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="experts-", suffix=".bin", dir=directory)
+    try:
+        os.ftruncate(fd, size)
+        slab = torch.from_file(name, shared=True, size=size, dtype=torch.uint8)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return slab
+
+
 class HostExpertStore:
     """All experts' weights in one host slab, addressed by `ExpertKey`."""
 
     def __init__(self, slab: torch.Tensor, keys: Sequence[ExpertKey], layouts: Sequence[TensorLayout],
-                 expert_nbytes: int) -> None:
+                 expert_nbytes: int, file_backed: bool = False) -> None:
         if slab.dtype != torch.uint8 or slab.dim() != 1 or slab.numel() != len(keys) * expert_nbytes:
             raise ValueError("slab must be a 1-D uint8 tensor of len(keys) * expert_nbytes bytes")
         self._slab = slab
@@ -55,12 +75,15 @@ class HostExpertStore:
         self._index = {key: i for i, key in enumerate(self._keys)}
         self.layouts = tuple(layouts)
         self.expert_nbytes = expert_nbytes
+        self.file_backed = file_backed
 
     @classmethod
-    def from_tensors(cls, experts: Mapping[ExpertKey, Sequence[torch.Tensor]], pin: bool) -> HostExpertStore:
+    def from_tensors(cls, experts: Mapping[ExpertKey, Sequence[torch.Tensor]], pin: bool,
+                     backing_dir: Path | None = None) -> HostExpertStore:
         """Packs `experts` (same shapes and dtypes for every expert) in key order.
 
-        `pin` pins the slab when CUDA is available (pinning needs a CUDA runtime).
+        `pin` pins the slab when CUDA is available (pinning needs a CUDA runtime). With
+        `backing_dir` the slab is a file-backed memory map in that directory (never pinned).
         """
         if not experts:
             raise ValueError("no experts to store")
@@ -72,9 +95,12 @@ class HostExpertStore:
             found = [(tuple(t.shape), t.dtype) for t in experts[key]]
             if found != signature:
                 raise ValueError(f"expert {key} has tensors {found}; expected {signature} like {keys[0]}")
-        pin_memory = pin and torch.cuda.is_available()
-        slab = torch.empty(len(keys) * expert_nbytes, dtype=torch.uint8, pin_memory=pin_memory)
-        store = cls(slab, keys, layouts, expert_nbytes)
+        size = len(keys) * expert_nbytes
+        if backing_dir is not None:
+            slab = _file_backed_slab(backing_dir, size)
+        else:
+            slab = torch.empty(size, dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
+        store = cls(slab, keys, layouts, expert_nbytes, file_backed=backing_dir is not None)
         for key in keys:
             for view, tensor in zip(store.unpack(store.source(key)), experts[key]):
                 view.copy_(tensor.detach())

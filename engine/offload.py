@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -114,6 +116,19 @@ def wants_offload(config: EngineConfig, experts_nbytes: int, device: torch.devic
     return False
 
 
+def host_tier_dir(config: EngineConfig, experts_nbytes: int) -> Path | None:
+    """Where to file-back the host tier when the experts exceed `host_memory_gb` (None: in RAM)."""
+    if config.host_memory_gb is None or experts_nbytes <= config.host_memory_gb * 2**30:
+        return None
+    if config.host_tier_dir is not None:
+        directory = Path(config.host_tier_dir)
+    else:
+        directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-serve" / "host-tier"
+    logger.info("host tier: %.2f GiB of experts over the %.2f GiB host budget: file-backed in %s (pageable copies)",
+                experts_nbytes / 2**30, config.host_memory_gb, directory)
+    return directory
+
+
 def build_expert_provider(
     config: EngineConfig, experts: dict[ExpertKey, ExpertTensors], spec: ModelSpec, device: torch.device,
     max_tokens_per_step: int,
@@ -127,7 +142,8 @@ def build_expert_provider(
         make_policy(policy_name)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
-    store = HostExpertStore.from_tensors(experts, pin=device.type == "cuda")
+    store = HostExpertStore.from_tensors(experts, pin=device.type == "cuda",
+                                         backing_dir=host_tier_dir(config, experts_nbytes))
     experts.clear()  # the packed host slab is now the only copy
     sizing = size_expert_cache(
         len(store), min_slots_for_step(spec.num_experts, spec.top_k, max_tokens_per_step), store.expert_nbytes,

@@ -89,3 +89,15 @@ def test_every_engine_step_ends_a_cache_step(checkpoint_factory, monkeypatch) ->
         engine.step()
         steps += 1
     assert len(ended) == steps > 1
+
+
+def test_a_host_tier_over_the_host_budget_is_file_backed_and_changes_nothing(arch_reference, tmp_path) -> None:
+    path, reference = arch_reference
+    tokens, engine = run(path, expert_cache_fraction=0.5, prefetch="none", host_memory_gb=1e-6,
+                         host_tier_dir=str(tmp_path))
+    store = engine.runner.model.experts.cache.store
+    assert store.file_backed and not store.is_pinned
+    assert tokens == reference
+    assert not list(tmp_path.iterdir())  # the backing file is unlinked once mapped
+    _, in_ram = run(path, expert_cache_fraction=0.5, prefetch="none", host_memory_gb=64.0)
+    assert not in_ram.runner.model.experts.cache.store.file_backed  # within the budget: plain RAM
