@@ -67,10 +67,8 @@ def _cpu_flags() -> set[str]:
 
 
 def _compile() -> tuple[Path, str]:
-    """Compiles the kernels (cached by source, compiler and flags); returns the library and its flavour."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (cc or gcc) on PATH")
+    """The kernels' library (cached by source and flags, so a prebuilt one needs no compiler
+    here), compiled first if missing; returns it and its flavour."""
     cpu = _cpu_flags()
     vector, flavour = [], "c"
     if {"avx2", "fma"} <= cpu:
@@ -79,11 +77,14 @@ def _compile() -> tuple[Path, str]:
             vector, flavour = [*vector, "-mavx512f", "-mprefer-vector-width=512"], "c-avx512"
     flags = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", *vector]  # no FMA contraction: vector and scalar code round alike
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     directory = cache_root() / "kernels"
-    directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"cpu_kernels-{digest}.so"
     if not target.exists():
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise OSError(f"no C compiler (cc or gcc) on PATH and no prebuilt {target.name} in {directory}")
+        directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
         try:

@@ -180,3 +180,10 @@ def test_decode_attention_matches_sdpa_over_paged_slots() -> None:
         assert torch.equal(alone[0], out[b])
     with pytest.raises(ValueError, match="context length"):
         decode_attention(q, k_cache, v_cache, slots[:, :4], context_lens, scale=0.3)
+
+
+def test_a_prebuilt_library_needs_no_compiler(monkeypatch, fresh_loader, tmp_path) -> None:
+    """Images build the kernels at build time and ship no compiler."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert kernel_flavour() != "torch"  # the library this session already built is reused
