@@ -13,6 +13,12 @@ from collections.abc import Hashable, Iterable
 from typing import ClassVar
 
 
+def group_of(key: Hashable) -> Hashable:
+    """The group a key belongs to: the first element of a tuple key (the engine's
+    `ExpertKey(layer, expert)`: its MoE layer), None for any other key."""
+    return key[0] if isinstance(key, tuple) and key else None
+
+
 class CachePolicy(ABC):
     """Strategy object that picks which resident key to evict."""
 

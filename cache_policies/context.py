@@ -26,11 +26,8 @@ from collections.abc import Hashable, Iterable
 from heapq import nlargest
 from itertools import combinations
 
+from cache_policies.base import group_of
 from cache_policies.markov import MarkovPolicy
-
-
-def _group_of(key: Hashable) -> Hashable:
-    return key[0] if isinstance(key, tuple) and key else None
 
 
 def _needed_overlap(size: int) -> int:
@@ -180,7 +177,7 @@ class ContextPolicy(MarkovPolicy):
         self._groups: dict[Hashable, _GroupHistory] = {}
 
     def _group(self, key: Hashable) -> _GroupHistory:
-        name = _group_of(key)
+        name = group_of(key)
         group = self._groups.get(name)
         if group is None:
             group = self._groups[name] = _GroupHistory(*self._group_args)
@@ -224,7 +221,7 @@ class ContextPolicy(MarkovPolicy):
         markov = super().priority
 
         def score(key: Hashable) -> float:
-            name = _group_of(key)
+            name = group_of(key)
             bonus = by_group.get(name)
             if bonus is None:
                 group = groups.get(name)

@@ -18,11 +18,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterable
 
-from cache_policies.base import CachePolicy
-
-
-def _group_of(key: Hashable) -> Hashable:
-    return key[0] if isinstance(key, tuple) and key else None
+from cache_policies.base import CachePolicy, group_of
 
 
 class PartitionedPolicy(CachePolicy):
@@ -48,16 +44,16 @@ class PartitionedPolicy(CachePolicy):
         return policy
 
     def on_insert(self, key: Hashable) -> None:
-        group = _group_of(key)
+        group = group_of(key)
         self._resident[group] += 1
         self.policy(group).on_insert(key)
 
     def on_access(self, key: Hashable) -> None:
-        group = self._current = _group_of(key)
+        group = self._current = group_of(key)
         self.policy(group).on_access(key)
 
     def on_evict(self, key: Hashable) -> None:
-        group = _group_of(key)
+        group = group_of(key)
         self._resident[group] -= 1
         self.policy(group).on_evict(key)
 
@@ -73,8 +69,8 @@ class PartitionedPolicy(CachePolicy):
 
     def victim(self, candidates: Iterable[Hashable]) -> Hashable:
         by_group: dict[Hashable, list[Hashable]] = defaultdict(list)
-        for key in candidates:  # _group_of inlined: this runs for every candidate of every eviction
-            by_group[key[0] if isinstance(key, tuple) and key else None].append(key)
+        for key in candidates:
+            by_group[group_of(key)].append(key)
         share, resident = self._share, self._resident
         group = max(by_group, key=lambda g: (resident[g] - share, self._distance(g)))
         return self.policy(group).victim(by_group[group])
