@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +122,9 @@ def host_tier_dir(config: EngineConfig, experts_nbytes: int) -> Path | None:
     if config.host_tier_dir is not None:
         directory = Path(config.host_tier_dir)
     else:
-        directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-serve" / "host-tier"
+        # the one moe-serve cache dir, shared with the demo model
+        from engine.demo_model import default_cache_dir
+        directory = default_cache_dir() / "host-tier"
     logger.info("host tier: %.2f GiB of experts over the %.2f GiB host budget: file-backed in %s (pageable copies)",
                 experts_nbytes / 2**30, config.host_memory_gb, directory)
     return directory

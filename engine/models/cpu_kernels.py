@@ -4,16 +4,17 @@ Decoding multiplies a handful of rows by each weight matrix, so it is bound by r
 weights, and for MoE layers also by the per-expert Python and dispatch overhead. torch's CPU
 GEMM streams a [N, K] fp32 matrix for 1-16 rows at a fraction of the memory bandwidth on some
 CPUs (about a third on the AMD EPYC we measured; `python -m benchmarks.cpu_kernels`).
-`csrc/cpu_kernels.c` reads each weight row once for up to four rows at a time, splits weight
+`csrc/cpu_kernels.c` reads each weight row once for up to eight rows at a time, splits weight
 rows across torch's thread count, and computes a whole group of experts (gather, gate/up,
 SiLU, down, routing weight, scatter) in one call; it also has the attention of decode steps,
-read straight from the paged KV cache (no gathered copy, no padding). It is compiled with the system C compiler
-on first use into the extension cache (AVX2/FMA and AVX-512 when the CPU has them) and called through
-ctypes, which releases the GIL.
+read straight from the paged KV cache (no gathered copy, no padding). It is compiled with the
+system C compiler on first use into the extension cache (AVX2/FMA and AVX-512 when the CPU
+has them) and called through ctypes, which releases the GIL.
 
 `linear` and `expert_ffn` use it for fp32 CPU tensors with at most `MAX_ROWS` rows (per
-expert, for the FFN), `decode_attention` for fp32 CPU decode-only steps; everything else (other devices or dtypes, prefill-sized inputs, no
-compiler, or MOE_SERVE_CPU_KERNEL=0) goes to torch. The kernel sums each output in the same
+expert, for the FFN), `decode_attention` for fp32 CPU decode-only steps; everything else
+(other devices or dtypes, prefill-sized inputs, no compiler, or MOE_SERVE_CPU_KERNEL=0) goes
+to torch. The kernel sums each output in the same
 order whatever the number of rows or the grouping of experts into calls, so a sequence's
 result does not depend on what it is batched with, nor on which experts were resident.
 """
@@ -97,7 +98,10 @@ def _compile() -> tuple[Path, str]:
 
 
 def _load() -> ctypes.CDLL | None:
+    """The kernels' library, loaded (compiling if needed) on the first call; None: use torch."""
     global _library, _loaded, _flavour
+    if _loaded:  # every decode call comes here: no lock once settled
+        return _library
     with _lock:
         if _loaded:
             return _library
@@ -142,7 +146,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T (+ bias) for x [T, K] and weight [N, K], like `F.linear`."""
     applies = (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous()
                and _plain_f32_cpu(x, weight))
-    library = (_library if _loaded else _load()) if applies else None
+    library = _load() if applies else None
     if library is None:
         return F.linear(x, weight, bias)
     rows, k = x.shape
@@ -182,7 +186,7 @@ def kernel_experts(x: torch.Tensor, max_rows: int) -> bool:
     """Whether `expert_ffn` runs the C kernel for this layer input and largest expert group."""
     if not (x.dim() == 2 and 0 < max_rows <= MAX_ROWS and _plain_f32_cpu(x)):
         return False
-    return (_library if _loaded else _load()) is not None
+    return _load() is not None
 
 
 def expert_ffn(rows: ExpertRows, out: torch.Tensor,
@@ -214,7 +218,7 @@ def kernel_decode_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     if not (q.dim() == 3 and k_cache.dim() == 3 and q.is_contiguous() and k_cache.is_contiguous()
             and _plain_f32_cpu(q, k_cache)):
         return False
-    return (_library if _loaded else _load()) is not None
+    return _load() is not None
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

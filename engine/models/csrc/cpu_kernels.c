@@ -1,8 +1,9 @@
-/* CPU kernels for decode-sized batches, fp32: a linear layer and the routed-expert FFN.
+/* CPU kernels for decode-sized batches, fp32: a linear layer, the routed-expert FFN and the
+ * attention of decode steps over the paged KV cache.
  *
- * Both are bound by reading weights: each weight row is read once for up to BLOCK activation
- * rows, each dot product runs in LANES independent partial sums (vectorised by the compiler),
- * and weight rows are split across OpenMP threads. Every output element is summed in the same
+ * The first two are bound by reading weights: each weight row is read once for up to 2 x BLOCK
+ * (linear) or BLOCK (experts) activation rows, each dot product runs in LANES independent
+ * partial sums (vectorised by the compiler), and weight rows are split across OpenMP threads. Every output element is summed in the same
  * order whatever the number of rows (built with -ffp-contract=off, so vectorised and scalar code
  * round alike), so a row's result does not depend on the rows batched with it, nor on how
  * experts are grouped into calls. */
