@@ -143,8 +143,12 @@ def build_expert_provider(
         make_policy(policy_name)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
-    store = HostExpertStore.from_tensors(experts, pin=device.type == "cuda",
-                                         backing_dir=host_tier_dir(config, experts_nbytes))
+    backing_dir = host_tier_dir(config, experts_nbytes)
+    try:
+        store = HostExpertStore.from_tensors(experts, pin=device.type == "cuda", backing_dir=backing_dir)
+    except OSError as exc:  # only the file-backed tier touches the file system
+        raise ModelLoadError(f"cannot create the file-backed host tier in {backing_dir} "
+                             f"(host_tier_dir): {exc.strerror or exc}") from exc
     experts.clear()  # the packed host slab is now the only copy
     sizing = size_expert_cache(
         len(store), min_slots_for_step(spec.num_experts, spec.top_k, max_tokens_per_step), store.expert_nbytes,

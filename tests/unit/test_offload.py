@@ -101,3 +101,12 @@ def test_a_host_tier_over_the_host_budget_is_file_backed_and_changes_nothing(arc
     assert not list(tmp_path.iterdir())  # the backing file is unlinked once mapped
     _, in_ram = run(path, expert_cache_fraction=0.5, prefetch="none", host_memory_gb=64.0)
     assert not in_ram.runner.model.experts.cache.store.file_backed  # within the budget: plain RAM
+
+
+def test_an_unusable_host_tier_dir_is_a_clear_load_error(checkpoint_factory, tmp_path) -> None:
+    path = checkpoint_factory("mixtral", num_hidden_layers=NUM_LAYERS)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ModelLoadError, match="cannot create the file-backed host tier"):
+        build_engine(EngineConfig(model=str(path), expert_cache_fraction=0.5, host_memory_gb=1e-6,
+                                  host_tier_dir=str(blocker / "tier")), show_progress=False)
