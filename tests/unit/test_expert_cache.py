@@ -133,6 +133,9 @@ def test_prefetch_used_wasted_and_late(engine: CopyEngine) -> None:
     late = cache.stats().prefetch_late
     cache.wait(slot)
     cache.release([ExpertKey(0, 0)])
+    deadline = time.monotonic() + 10
+    while cache.state_of(ExpertKey(0, 1)) is SlotState.LOADING and time.monotonic() < deadline:
+        time.sleep(0.001)  # an in-flight prefetch is not evictable: let it land first
     cache.acquire([ExpertKey(1, 0), ExpertKey(1, 1)])  # evicts the unused prefetch of (0, 1)
     stats = cache.stats()
     assert (stats.prefetch_issued, stats.prefetch_used, stats.prefetch_wasted) == (2, 1, 1)
