@@ -4,8 +4,9 @@ Decoding multiplies a handful of rows by each weight matrix, so it is bound by r
 weights, and for MoE layers also by the per-expert Python and dispatch overhead. torch's CPU
 GEMM streams a [N, K] fp32 matrix for 1-16 rows at a fraction of the memory bandwidth on some
 CPUs (about a third on the AMD EPYC we measured; `python -m benchmarks.cpu_kernels`).
-`csrc/cpu_kernels.c` reads each weight row once for up to eight rows at a time, splits weight
-rows across torch's thread count, and computes a whole group of experts (gather, gate/up,
+`csrc/cpu_kernels.c` computes tiles of two weight rows by three activation rows in registers
+(each weight vector loaded once per tile, the whole matrix once per call), splits weight rows
+across torch's thread count, and computes a whole group of experts (gather, gate/up,
 SiLU, down, routing weight, scatter) in one call; it also has the attention of decode steps,
 read straight from the paged KV cache (no gathered copy, no padding). It is compiled with the
 system C compiler on first use into the extension cache (AVX2/FMA and AVX-512 when the CPU
@@ -51,7 +52,7 @@ _flavour = "torch"
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "linear_f32": [_P, _P, _P, _L, _L, _L, _L, _L, _I],
-    "moe_experts_f32": [_P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _I],
+    "moe_experts_f32": [_P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _I],
     "paged_decode_attention_f32": [_P, _P, _P, _P, _L, _P, _L, _L, _L, _L, ctypes.c_float, _P, _P, _I],
 }
 
@@ -67,15 +68,18 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _compile() -> tuple[Path, str]:
-    """The kernels' library (cached by source and flags, so a prebuilt one needs no compiler
-    here), compiled first if missing; returns it and its flavour."""
-    cpu = _cpu_flags()
-    vector, flavour = [], "c"
-    if {"avx2", "fma"} <= cpu:
-        vector, flavour = ["-mavx2", "-mfma"], "c-avx2"
-        if "avx512f" in cpu:  # 512-bit vectors: about 10% faster expert FFNs where the CPU has them
-            vector, flavour = [*vector, "-mavx512f", "-mprefer-vector-width=512"], "c-avx512"
+def _vector_flags(cpu: set[str]) -> tuple[list[str], str]:
+    """The compiler's vector flags for a CPU with these /proc/cpuinfo flags, and the flavour."""
+    if not {"avx2", "fma"} <= cpu:
+        return [], "c"
+    if "avx512f" in cpu:  # 512-bit vectors where the compiler finds a use for them
+        return ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"], "c-avx512"
+    return ["-mavx2", "-mfma"], "c-avx2"
+
+
+def build_library(vector: list[str]) -> Path:
+    """The kernels compiled with these vector flags (cached by source and flags, so a prebuilt
+    library needs no compiler here), compiling first if missing."""
     flags = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", *vector]  # no FMA contraction: vector and scalar code round alike
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
@@ -94,7 +98,17 @@ def _compile() -> tuple[Path, str]:
             os.replace(partial, target)  # atomic: a concurrent process sees the whole library or none
         finally:
             partial.unlink(missing_ok=True)
-    return target, flavour
+    return target
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """Loads a kernels library and declares its functions' signatures."""
+    library = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = None
+    return library
 
 
 def _load() -> ctypes.CDLL | None:
@@ -110,8 +124,8 @@ def _load() -> ctypes.CDLL | None:
             logger.info("CPU decode kernels: torch (disabled by %s=0)", DISABLE_ENV)
             return None
         try:
-            path, flavour = _compile()
-            library = ctypes.CDLL(str(path))
+            vector, flavour = _vector_flags(_cpu_flags())
+            library = open_library(build_library(vector))
         except subprocess.CalledProcessError as exc:
             lines = (exc.stderr or "").strip().splitlines()
             logger.warning("CPU decode kernels: torch (compiling the C kernels failed: %s)",
@@ -120,10 +134,6 @@ def _load() -> ctypes.CDLL | None:
         except OSError as exc:
             logger.warning("CPU decode kernels: torch (C kernels unavailable: %s)", exc)
             return None
-        for name, argtypes in _SIGNATURES.items():
-            function = getattr(library, name)
-            function.argtypes = argtypes
-            function.restype = None
         _library, _flavour = library, flavour
         logger.info("CPU decode kernels: C (%s) for up to %d rows", flavour, MAX_ROWS)
         return library
@@ -176,7 +186,6 @@ class ExpertRows:
         self.tokens = tokens.to(torch.int64).contiguous()
         self.dest = dest.to(torch.int64).contiguous()
         self.scale = scale.contiguous()
-        self.self_rows = torch.arange(rows)
         self.h = x.new_empty(rows, 2 * ffn)
         self.act = x.new_empty(rows, ffn)
         self.ffn = ffn
@@ -208,7 +217,7 @@ def expert_ffn(rows: ExpertRows, out: torch.Tensor,
     begin, end, gate_up_ptrs, down_ptrs = table
     _library.moe_experts_f32(
         rows.x.data_ptr(), hidden, rows.ffn, rows.tokens.data_ptr(), rows.dest.data_ptr(), rows.scale.data_ptr(),
-        rows.self_rows.data_ptr(), begin.data_ptr(), end.data_ptr(), gate_up_ptrs.data_ptr(), down_ptrs.data_ptr(),
+        begin.data_ptr(), end.data_ptr(), gate_up_ptrs.data_ptr(), down_ptrs.data_ptr(),
         len(groups), out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),
     )
 

@@ -187,3 +187,28 @@ def test_a_prebuilt_library_needs_no_compiler(monkeypatch, fresh_loader, tmp_pat
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("PATH", str(tmp_path))
     assert kernel_flavour() != "torch"  # the library this session already built is reused
+
+
+def test_the_portable_build_sums_in_the_same_order_as_the_vector_build(monkeypatch) -> None:
+    """The portable C (one dot product at a time) and the register-tiled AVX2 code must give the
+    same bits: both use fused multiply-adds, the same lanes and the same lane-sum tree."""
+    if kernel_flavour() == "c" or "fma" not in cpu_kernels._cpu_flags():
+        pytest.skip("needs a CPU with FMA and a vector build to compare with")
+    gen = torch.Generator().manual_seed(11)
+    weight, x = torch.randn(37, 1000, generator=gen), torch.randn(MAX_ROWS, 1000, generator=gen)
+    problem = _expert_problem(tokens=9, seed=5)
+    seqs, heads, kv_heads, head_dim = 2, 6, 2, 40
+    q = torch.randn(seqs, heads, head_dim, generator=gen)
+    caches = [torch.randn(32, kv_heads, head_dim, generator=gen) for _ in range(2)]
+    slots, lens = torch.stack([torch.randperm(32, generator=gen)[:9] for _ in range(seqs)]), torch.tensor([9, 4])
+
+    def run_all() -> list[torch.Tensor]:
+        return [linear(x[:rows], weight) for rows in (1, 2, 5, MAX_ROWS)] + [
+            _run_kernel(*problem, split=False),
+            cpu_kernels.decode_attention(q, *caches, slots, lens, scale=0.2),
+        ]
+
+    vector = run_all()
+    monkeypatch.setattr(cpu_kernels, "_library", cpu_kernels.open_library(cpu_kernels.build_library(["-mfma"])))
+    for portable, tiled in zip(run_all(), vector, strict=True):
+        assert torch.equal(portable, tiled)
