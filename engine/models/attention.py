@@ -42,25 +42,24 @@ class AttentionMetadata:
         """Index tensors for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new."""
         num_seqs = len(context_lens)
         max_q, max_k = max(query_lens), max(context_lens)
-        gather = torch.zeros(num_seqs, max_k, dtype=torch.long)
-        slot_chunks, query_chunks = [], []
-        for i, (table, ctx, q) in enumerate(zip(block_tables, context_lens, query_lens)):
-            pos = torch.arange(ctx)
-            slots = torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
-            gather[i, :ctx] = slots
-            slot_chunks.append(slots[ctx - q :])
-            query_chunks.append(torch.arange(q) + i * max_q)
+        width = max(len(table) for table in block_tables)
+        tables = torch.tensor([list(table) + [0] * (width - len(table)) for table in block_tables], dtype=torch.long)
         ctx_t = torch.tensor(context_lens)
         q_t = torch.tensor(query_lens)
-        # query row r of sequence i sits at absolute position ctx - q + r
+        key_pos = torch.arange(max_k)
+        gather = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, K]
+        gather.masked_fill_(key_pos[None, :] >= ctx_t[:, None], 0)
+        # query row r of sequence i sits at absolute position ctx - q + r; rows r >= q are padding
         query_pos = (ctx_t - q_t)[:, None] + torch.arange(max_q)[None, :]  # [B, Q]
-        key_pos = torch.arange(max_k)[None, :]  # [1, K]
-        mask = (key_pos[:, None, :] <= query_pos[:, :, None]) & (key_pos[:, None, :] < ctx_t[:, None, None])
+        real = torch.arange(max_q)[None, :] < q_t[:, None]
+        slot_mapping = gather.gather(1, query_pos.clamp(max=max_k - 1))[real]
+        query_index = torch.arange(num_seqs * max_q).view(num_seqs, max_q)[real]
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_t[:, None, None])
         mask[:, :, 0] = True  # padding query rows attend one key instead of none (their output is dropped)
         return cls(
-            slot_mapping=torch.cat(slot_chunks).to(device),
+            slot_mapping=slot_mapping.to(device),
             gather_slots=gather.to(device),
-            query_index=torch.cat(query_chunks).to(device),
+            query_index=query_index.to(device),
             mask=mask[:, None].to(device),
             context_lens=ctx_t.to(device),
             num_seqs=num_seqs,

@@ -50,10 +50,13 @@ _loaded = False
 _flavour = "torch"
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_F32 = torch.float32
 _SIGNATURES = {
     "linear_f32": [_P, _P, _P, _L, _L, _L, _L, _L, _I],
     "moe_experts_f32": [_P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _I],
     "paged_decode_attention_f32": [_P, _P, _P, _P, _L, _P, _L, _L, _L, _L, ctypes.c_float, _P, _P, _I],
+    "rope_f32": [_P, _L, _P, _P, _P, _L, _L, _L],
+    "rms_norm_f32": [_P, _L, _P, _P, _L, _L, ctypes.c_float],
 }
 
 
@@ -207,18 +210,21 @@ def expert_ffn(rows: ExpertRows, out: torch.Tensor,
     if not (out.is_contiguous() and out.shape[1] == rows.x.shape[1] and _plain_f32_cpu(out)):
         raise ValueError("out must be a contiguous fp32 CPU tensor [rows, hidden]")
     hidden = rows.x.shape[1]
-    shapes = ((2 * rows.ffn, hidden), (hidden, rows.ffn))
-    for _, _, gate_up, down in groups:  # the kernel trusts these: a wrong one would read out of bounds
-        if not (gate_up.is_contiguous() and down.is_contiguous() and (gate_up.shape, down.shape) == shapes
-                and _plain_f32_cpu(gate_up, down)):
-            raise ValueError(f"expert weights must be contiguous fp32 CPU tensors of shapes {shapes}")
-    table = torch.tensor([[b, e, gu.data_ptr(), d.data_ptr()] for b, e, gu, d in groups], dtype=torch.int64).T
-    table = table.contiguous()
-    begin, end, gate_up_ptrs, down_ptrs = table
+    gate_up_shape, down_shape = (2 * rows.ffn, hidden), (hidden, rows.ffn)
+    n = len(groups)
+    table = (ctypes.c_int64 * (4 * n))()  # begin[n], end[n], gate_up addresses[n], down addresses[n]
+    for i, (begin, end, gate_up, down) in enumerate(groups):
+        # the kernel trusts these: a wrong one would read out of bounds (spelled out: this runs per expert)
+        if (gate_up.shape != gate_up_shape or down.shape != down_shape or gate_up.dtype is not _F32
+                or down.dtype is not _F32 or not gate_up.is_cpu or not down.is_cpu
+                or not gate_up.is_contiguous() or not down.is_contiguous()):
+            raise ValueError(f"expert weights must be contiguous fp32 CPU tensors of shapes {gate_up_shape}, {down_shape}")
+        table[i], table[n + i], table[2 * n + i], table[3 * n + i] = begin, end, gate_up.data_ptr(), down.data_ptr()
+    base = ctypes.addressof(table)
     _library.moe_experts_f32(
         rows.x.data_ptr(), hidden, rows.ffn, rows.tokens.data_ptr(), rows.dest.data_ptr(), rows.scale.data_ptr(),
-        begin.data_ptr(), end.data_ptr(), gate_up_ptrs.data_ptr(), down_ptrs.data_ptr(),
-        len(groups), out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),
+        base, base + 8 * n, base + 16 * n, base + 24 * n,
+        n, out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),
     )
 
 
@@ -253,6 +259,36 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         context_lens.data_ptr(), seqs, heads, kv_heads, head_dim, scale, out.data_ptr(), scratch.data_ptr(),
         torch.get_num_threads(),
     )
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, computed in fp32 and cast back like the reference
+    implementations: one C call for fp32 CPU rows [T, D], torch otherwise."""
+    applies = (x.dim() == 2 and x.stride(1) == 1 and weight.shape == x.shape[1:] and weight.is_contiguous()
+               and _plain_f32_cpu(x, weight))
+    library = _load() if applies else None
+    if library is None:
+        return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    out = torch.empty(x.shape)
+    library.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of x [T, heads, Dh] with cos, sin [T, Dh] (the tables at
+    each token's position), like x * cos + rotate_half(x) * sin: the same bits, in one call for
+    fp32 CPU tensors, torch otherwise. Returns a new tensor."""
+    tokens, heads, head_dim = x.shape
+    applies = (x.stride(2) == 1 and x.stride(1) == head_dim and head_dim % 2 == 0 and cos.is_contiguous()
+               and sin.is_contiguous() and cos.shape == sin.shape == (tokens, head_dim) and _plain_f32_cpu(x, cos, sin))
+    library = _load() if applies else None
+    if library is None:
+        half = head_dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos[:, None, :].to(x.dtype) + rotated * sin[:, None, :].to(x.dtype)
+    out = torch.empty(tokens, heads, head_dim)
+    library.rope_f32(x.data_ptr(), x.stride(0), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim)
     return out
 
 

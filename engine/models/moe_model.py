@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.attention import AttentionMetadata, paged_attention
-from engine.models.cpu_kernels import ExpertRows, expert_ffn, kernel_experts, linear
+from engine.models.cpu_kernels import ExpertRows, expert_ffn, kernel_experts, linear, rms_norm, rope
 from engine.models.experts import ExpertProvider
 from engine.models.spec import ModelSpec, QKNorm
 from engine.models.weights import AttentionWeights, DenseWeights, LayerWeights, SharedExpertWeights
@@ -23,13 +23,6 @@ RoutingObserver = Callable[[int, torch.Tensor], None]  # (layer, topk_ids [T, A]
 # (layer, the layer's input hidden state [T, D], its topk_ids [T, A]) -> experts of layer + 1 to prefetch
 Speculator = Callable[[int, torch.Tensor, torch.Tensor], list[int]]
 RoutingOverride = Callable[[int], torch.Tensor]  # layer -> topk_ids [T, A] to use instead of the router's
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 and cast back, like the reference implementations."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class RotaryEmbedding:
@@ -42,13 +35,9 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(device)
         self.sin = emb.sin().to(device)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, Dh]; positions: [T]."""
-        cos = self.cos[positions][:, None, :].to(x.dtype)
-        sin = self.sin[positions][:, None, :].to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, Dh] at positions [T]: looked up once per step, used by every layer."""
+        return self.cos[positions], self.sin[positions]
 
 
 class MoEModel:
@@ -74,9 +63,10 @@ class MoEModel:
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final-normed hidden states [T, D]."""
         x = self.dense.embed_tokens[input_ids]
+        rotary = self.rotary.tables(positions)
         for layer_idx, layer in enumerate(self.dense.layers):
             h = rms_norm(x, layer.input_norm, self.spec.rms_norm_eps)
-            x = x + self._attention(layer.attention, h, positions, meta, kv_caches[layer_idx])
+            x = x + self._attention(layer.attention, h, rotary, meta, kv_caches[layer_idx])
             h = rms_norm(x, layer.post_attention_norm, self.spec.rms_norm_eps)
             x = x + self._moe(layer_idx, layer, h)
         return rms_norm(x, self.dense.final_norm, self.spec.rms_norm_eps)
@@ -89,7 +79,7 @@ class MoEModel:
         self,
         w: AttentionWeights,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
@@ -109,8 +99,8 @@ class MoEModel:
         if spec.qk_norm is QKNorm.PER_HEAD:
             q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
             k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
-        q = self.rotary.apply(q, positions)
-        k = self.rotary.apply(k, positions)
+        q = rope(q, *rotary)
+        k = rope(k, *rotary)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return linear(out, w.o, w.o_bias)
 

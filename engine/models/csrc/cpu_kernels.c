@@ -233,3 +233,47 @@ void paged_decode_attention_f32(const float *q, const float *k_cache, const floa
         }
     }
 }
+
+/* Rotate-half rotary embedding: x [tokens, heads, head_dim] with row stride ldx (heads
+ * contiguous within a row) into the contiguous out [tokens, heads, head_dim], with cos, sin
+ * [tokens, head_dim] the tables at each token's position. With h = head_dim / 2,
+ *     out[i] = x[i] * cos[i] - x[i + h] * sin[i],  out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h]
+ * each product rounded before the sum, as x * cos + rotate_half(x) * sin computes it. */
+void rope_f32(const float *x, int64_t ldx, float *out, const float *cos, const float *sin, int64_t tokens, int64_t heads,
+              int64_t head_dim) {
+    int64_t half = head_dim / 2;
+    for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t h = 0; h < heads; ++h) {
+            const float *xi = x + t * ldx + h * head_dim, *c = cos + t * head_dim, *s = sin + t * head_dim;
+            float *o = out + (t * heads + h) * head_dim;
+            for (int64_t i = 0; i < half; ++i) {
+                float a = xi[i] * c[i], b = -xi[i + half] * s[i];
+                o[i] = a + b;
+            }
+            for (int64_t i = half; i < head_dim; ++i) {
+                float a = xi[i] * c[i], b = xi[i - half] * s[i];
+                o[i] = a + b;
+            }
+        }
+}
+
+/* RMSNorm of each row: out[r] = weight * (x[r] * (1 / sqrt(mean(x[r]^2) + eps))), each product
+ * rounded on its own as the reference computes it; the sum of squares runs in the lanes of a
+ * dot product, so a row's result does not depend on the other rows. x rows are ldx floats apart;
+ * out is contiguous [rows, dim]. */
+void rms_norm_f32(const float *x, int64_t ldx, const float *weight, float *out, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * ldx;
+        int64_t kv = dim - dim % LANES;
+        float a[LANES] = {0};
+        for (int64_t j = 0; j < kv; j += LANES)
+            for (int l = 0; l < LANES; ++l) a[l] = MADD(a[l], xr[j + l], xr[j + l]);
+        for (int l = 0; l < dim - kv; ++l) a[l] = MADD(a[l], xr[kv + l], xr[kv + l]);
+        float inv = 1.f / sqrtf(lane_sum(a) / (float)dim + eps);
+        float *o = out + r * dim;
+        for (int64_t j = 0; j < dim; ++j) {
+            float normed = xr[j] * inv;
+            o[j] = weight[j] * normed;
+        }
+    }
+}
