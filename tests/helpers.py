@@ -70,11 +70,11 @@ def make_tiny_checkpoint(arch: str, directory: Path, seed: int = 0, max_shard_si
     return directory
 
 
-def hf_model(directory: Path) -> Any:
-    """The transformers oracle for a checkpoint, in eval mode, fp32."""
+def hf_model(directory: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The transformers oracle for a checkpoint, in eval mode, fp32 unless told otherwise."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     return model.eval()
 
 

@@ -41,22 +41,25 @@ from cuda_ext.native import cache_root
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.c"
-MAX_ROWS = 16  # above this torch's GEMM is as fast or faster (benchmarks/cpu_kernels.py)
+MAX_ROWS = 16  # above this torch's fp32 GEMM is as fast or faster (benchmarks/cpu_kernels.py)
+# CPUs with these run torch's bf16 GEMM natively; elsewhere it is ~4x slower than its fp32 GEMM
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 DISABLE_ENV = "MOE_SERVE_CPU_KERNEL"
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _loaded = False
 _flavour = "torch"
+_has_native_bf16: bool | None = None
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_F32 = torch.float32
-_SIGNATURES = {
-    "linear_f32": [_P, _P, _P, _L, _L, _L, _L, _L, _I],
-    "moe_experts_f32": [_P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _I],
-    "paged_decode_attention_f32": [_P, _P, _P, _P, _L, _P, _L, _L, _L, _L, ctypes.c_float, _P, _P, _I],
-    "rope_f32": [_P, _L, _P, _P, _P, _L, _L, _L],
-    "rms_norm_f32": [_P, _L, _P, _P, _L, _L, ctypes.c_float],
+_WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag
+_SIGNATURES = {  # name: (argument types, result type)
+    "linear": ([_P, _P, _P, _P, _I, _L, _L, _L, _L, _L, _I], _I),
+    "moe_experts": ([_P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _I, _L, _P, _P, _P, _I], None),
+    "paged_decode_attention": ([_P, _P, _P, _I, _P, _L, _P, _L, _L, _L, _L, ctypes.c_float, _P, _P, _I], _I),
+    "rope": ([_P, _L, _P, _P, _P, _L, _L, _L, _I], None),
+    "rms_norm": ([_P, _L, _P, _P, _L, _L, ctypes.c_float, _I], None),
 }
 
 
@@ -107,10 +110,10 @@ def build_library(vector: list[str]) -> Path:
 def open_library(path: Path) -> ctypes.CDLL:
     """Loads a kernels library and declares its functions' signatures."""
     library = ctypes.CDLL(str(path))
-    for name, argtypes in _SIGNATURES.items():
+    for name, (argtypes, restype) in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes = argtypes
-        function.restype = None
+        function.restype = restype
     return library
 
 
@@ -155,22 +158,45 @@ def _plain_f32_cpu(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (torch's bf16 GEMM is then fast)."""
+    global _has_native_bf16
+    if _has_native_bf16 is None:
+        _has_native_bf16 = bool(NATIVE_BF16_FLAGS & _cpu_flags())
+    return _has_native_bf16
+
+
+def _weight_kind(weight: torch.Tensor) -> int | None:
+    """The kernels' weight flag (0 fp32, 1 bf16) for a CPU weight they can read, else None."""
+    if not weight.is_cpu or weight.requires_grad:
+        return None
+    return _WEIGHT_KINDS.get(weight.dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for x [T, K] and weight [N, K], like `F.linear`."""
-    applies = (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous()
-               and _plain_f32_cpu(x, weight))
+    """x @ weight.T (+ bias) for x [T, K] and weight [N, K], like `F.linear`. fp32 or bf16; bf16
+    products are summed in fp32 and each result (with its bias) rounded to bf16 once, as torch's
+    CPU GEMM does."""
+    kind = _weight_kind(weight)
+    applies = (kind is not None and x.dtype is weight.dtype and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS
+               and x.stride(1) == 1 and weight.is_contiguous() and x.is_cpu)
     library = _load() if applies else None
     if library is None:
+        if kind == 1 and x.dtype is weight.dtype and x.is_cpu and not _native_bf16():
+            # the same arithmetic as torch's bf16 GEMM (fp32 sums, rounded once), on its faster fp32 GEMM
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(weight.dtype)
         return F.linear(x, weight, bias)
     rows, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"linear: x has {k} columns but weight is {tuple(weight.shape)}")
+    if bias is not None and not (bias.shape == (n,) and bias.dtype is weight.dtype and bias.is_contiguous() and bias.is_cpu):
+        return F.linear(x, weight, bias)
     out = x.new_empty(rows, n)
-    library.linear_f32(weight.data_ptr(), x.data_ptr(), out.data_ptr(), n, k, rows, x.stride(0), n,
-                       torch.get_num_threads())
-    if bias is not None:
-        out.add_(bias)
+    status = library.linear(weight.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), out.data_ptr(),
+                            kind, n, k, rows, x.stride(0), n, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("linear: out of memory for the kernel's scratch rows")
     return out
 
 
@@ -178,25 +204,27 @@ class ExpertRows:
     """The assignment rows of one MoE layer call, grouped by expert, for `expert_ffn`.
 
     Row r assigns token `tokens[r]` to an expert with routing weight `scale[r]`; its result
-    goes to row `dest[r]` of the output. Rows of one expert are contiguous."""
+    goes to row `dest[r]` of the output. Rows of one expert are contiguous. x (fp32 or bf16)
+    is held in fp32, the precision the kernel computes in."""
 
     def __init__(self, x: torch.Tensor, tokens: torch.Tensor, dest: torch.Tensor, scale: torch.Tensor,
                  ffn: int) -> None:
         rows = tokens.shape[0]
-        if not (x.dim() == 2 and dest.shape == scale.shape == (rows,) and _plain_f32_cpu(x, scale)):
-            raise ValueError("ExpertRows needs fp32 CPU x [T, H], and tokens, dest, scale of one length")
-        self.x = x.contiguous()
+        if not (x.dim() == 2 and x.is_cpu and x.dtype in _WEIGHT_KINDS and dest.shape == scale.shape == (rows,)):
+            raise ValueError("ExpertRows needs fp32 or bf16 CPU x [T, H], and tokens, dest, scale of one length")
+        self.x = x.float().contiguous()
         self.tokens = tokens.to(torch.int64).contiguous()
         self.dest = dest.to(torch.int64).contiguous()
-        self.scale = scale.contiguous()
-        self.h = x.new_empty(rows, 2 * ffn)
-        self.act = x.new_empty(rows, ffn)
+        self.scale = scale.float().contiguous()
+        self.h = torch.empty(rows, 2 * ffn)
+        self.act = torch.empty(rows, ffn)
         self.ffn = ffn
 
 
 def kernel_experts(x: torch.Tensor, max_rows: int) -> bool:
-    """Whether `expert_ffn` runs the C kernel for this layer input and largest expert group."""
-    if not (x.dim() == 2 and 0 < max_rows <= MAX_ROWS and _plain_f32_cpu(x)):
+    """Whether `expert_ffn` runs the C kernel for this layer input (fp32 or bf16, with weights of
+    its dtype) and largest expert group."""
+    if not (x.dim() == 2 and _weight_kind(x) is not None and 0 < max_rows <= MAX_ROWS):
         return False
     return _load() is not None
 
@@ -204,34 +232,40 @@ def kernel_experts(x: torch.Tensor, max_rows: int) -> bool:
 def expert_ffn(rows: ExpertRows, out: torch.Tensor,
                groups: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> None:
     """out[dest[r]] = scale[r] * down(silu(gate x) * up x) for the rows [begin, end) of each
-    (begin, end, gate_up [2F, H], down [H, F]) group. Call only where `kernel_experts` said yes."""
+    (begin, end, gate_up [2F, H], down [H, F]) group, all fp32 or all bf16 weights; out is fp32.
+    Computed in fp32. Call only where `kernel_experts` said yes."""
     if _library is None:
         raise RuntimeError("expert_ffn needs the C kernels (check kernel_experts first)")
     if not (out.is_contiguous() and out.shape[1] == rows.x.shape[1] and _plain_f32_cpu(out)):
         raise ValueError("out must be a contiguous fp32 CPU tensor [rows, hidden]")
+    if not groups:
+        return
     hidden = rows.x.shape[1]
     gate_up_shape, down_shape = (2 * rows.ffn, hidden), (hidden, rows.ffn)
+    dtype = groups[0][2].dtype
+    kind = _WEIGHT_KINDS.get(dtype)
     n = len(groups)
     table = (ctypes.c_int64 * (4 * n))()  # begin[n], end[n], gate_up addresses[n], down addresses[n]
     for i, (begin, end, gate_up, down) in enumerate(groups):
         # the kernel trusts these: a wrong one would read out of bounds (spelled out: this runs per expert)
-        if (gate_up.shape != gate_up_shape or down.shape != down_shape or gate_up.dtype is not _F32
-                or down.dtype is not _F32 or not gate_up.is_cpu or not down.is_cpu
+        if (kind is None or gate_up.shape != gate_up_shape or down.shape != down_shape or gate_up.dtype is not dtype
+                or down.dtype is not dtype or not gate_up.is_cpu or not down.is_cpu
                 or not gate_up.is_contiguous() or not down.is_contiguous()):
-            raise ValueError(f"expert weights must be contiguous fp32 CPU tensors of shapes {gate_up_shape}, {down_shape}")
+            raise ValueError("expert weights must be contiguous CPU tensors, all fp32 or all bf16, of shapes "
+                             f"{gate_up_shape}, {down_shape}")
         table[i], table[n + i], table[2 * n + i], table[3 * n + i] = begin, end, gate_up.data_ptr(), down.data_ptr()
     base = ctypes.addressof(table)
-    _library.moe_experts_f32(
+    _library.moe_experts(
         rows.x.data_ptr(), hidden, rows.ffn, rows.tokens.data_ptr(), rows.dest.data_ptr(), rows.scale.data_ptr(),
-        base, base + 8 * n, base + 16 * n, base + 24 * n,
+        base, base + 8 * n, base + 16 * n, base + 24 * n, kind,
         n, out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),
     )
 
 
 def kernel_decode_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether `decode_attention` runs the C kernel for these tensors."""
+    """Whether `decode_attention` runs the C kernel for these tensors (fp32 or bf16)."""
     if not (q.dim() == 3 and k_cache.dim() == 3 and q.is_contiguous() and k_cache.is_contiguous()
-            and _plain_f32_cpu(q, k_cache)):
+            and q.dtype is k_cache.dtype and _weight_kind(k_cache) is not None and q.is_cpu):
         return False
     return _load() is not None
 
@@ -240,55 +274,63 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query row per sequence against its cached context: q [B, H, D], caches [S, Hkv, D],
     slots [B, K] (cache slot of each context position, K >= every context length), context_lens [B].
-    Returns [B, H * D]. Call only where `kernel_decode_attention` said yes."""
+    Returns [B, H * D] in q's dtype (computed in fp32, rounded once). Call only where
+    `kernel_decode_attention` said yes."""
     if _library is None:
         raise RuntimeError("decode_attention needs the C kernels (check kernel_decode_attention first)")
     seqs, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
-    if not (v_cache.shape == k_cache.shape and v_cache.is_contiguous() and _plain_f32_cpu(v_cache)
-            and k_cache.shape[2] == head_dim and heads % kv_heads == 0):
-        raise ValueError("caches must be contiguous fp32 CPU [S, Hkv, D] matching q, with Hkv dividing H")
+    kind = _weight_kind(k_cache)
+    if not (kind is not None and v_cache.shape == k_cache.shape and v_cache.dtype is k_cache.dtype
+            and v_cache.is_contiguous() and v_cache.is_cpu and k_cache.shape[2] == head_dim and heads % kv_heads == 0):
+        raise ValueError("caches must be contiguous fp32 or bf16 CPU [S, Hkv, D] matching q, with Hkv dividing H")
     slots = slots.to(torch.int64).contiguous()
     context_lens = context_lens.to(torch.int64).contiguous()
     if slots.shape[0] != seqs or context_lens.shape != (seqs,) or int(context_lens.max()) > slots.shape[1]:
         raise ValueError("slots must be [B, K] with K >= every context length, context_lens [B]")
     out = q.new_empty(seqs, heads * head_dim)
-    scratch = q.new_empty(seqs * heads, slots.shape[1])
-    _library.paged_decode_attention_f32(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[1],
+    scratch = torch.empty(seqs * heads, slots.shape[1])
+    status = _library.paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kind, slots.data_ptr(), slots.shape[1],
         context_lens.data_ptr(), seqs, heads, kv_heads, head_dim, scale, out.data_ptr(), scratch.data_ptr(),
         torch.get_num_threads(),
     )
+    if status != 0:
+        raise MemoryError("decode_attention: out of memory for the kernel's scratch rows")
     return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension, computed in fp32 and cast back like the reference
-    implementations: one C call for fp32 CPU rows [T, D], torch otherwise."""
-    applies = (x.dim() == 2 and x.stride(1) == 1 and weight.shape == x.shape[1:] and weight.is_contiguous()
-               and _plain_f32_cpu(x, weight))
+    implementations (bf16: the normalised row is rounded before the weight multiplies it): one C
+    call for fp32 or bf16 CPU rows [T, D], torch otherwise."""
+    kind = _weight_kind(x)
+    applies = (kind is not None and x.dim() == 2 and x.stride(1) == 1 and weight.shape == x.shape[1:]
+               and weight.is_contiguous() and weight.dtype is x.dtype)
     library = _load() if applies else None
     if library is None:
         return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
-    out = torch.empty(x.shape)
-    library.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    out = x.new_empty(x.shape)
+    library.rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps, kind)
     return out
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding of x [T, heads, Dh] with cos, sin [T, Dh] (the tables at
-    each token's position), like x * cos + rotate_half(x) * sin: the same bits, in one call for
-    fp32 CPU tensors, torch otherwise. Returns a new tensor."""
+    """Rotate-half rotary embedding of x [T, heads, Dh] with fp32 cos, sin [T, Dh] (the tables at
+    each token's position), like x * cos + rotate_half(x) * sin: one C call for fp32 or bf16 CPU x
+    (the same bits as torch's ops in x's dtype), torch otherwise. Returns a new tensor."""
     tokens, heads, head_dim = x.shape
-    applies = (x.stride(2) == 1 and x.stride(1) == head_dim and head_dim % 2 == 0 and cos.is_contiguous()
-               and sin.is_contiguous() and cos.shape == sin.shape == (tokens, head_dim) and _plain_f32_cpu(x, cos, sin))
+    kind = _weight_kind(x)
+    applies = (kind is not None and x.stride(2) == 1 and x.stride(1) == head_dim and head_dim % 2 == 0
+               and cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape == (tokens, head_dim)
+               and _plain_f32_cpu(cos, sin))
     library = _load() if applies else None
     if library is None:
         half = head_dim // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos[:, None, :].to(x.dtype) + rotated * sin[:, None, :].to(x.dtype)
-    out = torch.empty(tokens, heads, head_dim)
-    library.rope_f32(x.data_ptr(), x.stride(0), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim)
+    out = x.new_empty(tokens, heads, head_dim)
+    library.rope(x.data_ptr(), x.stride(0), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim, kind)
     return out
 
 

@@ -134,13 +134,15 @@ class MoEModel:
         flat_weights = weights.flatten()
         # each (token, slot) pair gets its own row, so experts may finish in any order
         # and the final sum over slots is still taken in one fixed order (bit-exact)
-        out = x.new_zeros(num_tokens * top_k, hidden)
         fetched = self.experts.fetch(layer_idx, needed)
         if self.speculator is not None:
             guesses = self.speculator(layer_idx, x, ids)
             if guesses and layer_idx + 1 < self.spec.num_layers:
                 self.experts.hint(layer_idx + 1, guesses)
-        if kernel_experts(x, max(counts)):
+        use_kernel = kernel_experts(x, max(counts))
+        # the kernel computes in fp32 (bf16 weights too); the sum over slots is rounded to x's dtype once
+        out = torch.zeros(num_tokens * top_k, hidden) if use_kernel else x.new_zeros(num_tokens * top_k, hidden)
+        if use_kernel:
             rows = ExpertRows(x, order // top_k, order, flat_weights[order], self.spec.moe_intermediate_size)
             for ready in fetched:  # one kernel call per group of usable experts
                 groups = [(starts[e], starts[e] + counts[e], gate_up, down) for e, (gate_up, down) in ready]
@@ -152,7 +154,7 @@ class MoEModel:
                     gate, up = linear(x[rows // top_k], gate_up).chunk(2, dim=-1)
                     out[rows] = linear(F.silu(gate) * up, down) * flat_weights[rows, None]
         self.experts.done(layer_idx, needed)
-        routed = out.view(num_tokens, top_k, hidden).sum(dim=1)
+        routed = out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
         if layer.shared_expert is not None:
             routed = routed + self._shared_expert(layer.shared_expert, x)
         return routed

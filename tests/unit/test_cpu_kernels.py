@@ -50,13 +50,31 @@ def test_linear_reads_strided_rows() -> None:
     assert torch.equal(linear(x, weight), linear(x.contiguous(), weight))
 
 
-@pytest.mark.parametrize("case", ["many rows", "bf16", "transposed weight", "1-D input"])
+def test_bf16_linear_sums_in_fp32_and_rounds_once() -> None:
+    gen = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(300, 1000, generator=gen).bfloat16(), torch.randn(300, generator=gen).bfloat16()
+    x = torch.randn(MAX_ROWS, 1000, generator=gen).bfloat16()
+    full = linear(x, weight, bias)
+    assert full.dtype is torch.bfloat16
+    exact = F.linear(x.float(), weight.float(), bias.float())
+    torch.testing.assert_close(full.float(), exact, rtol=2**-8, atol=1e-3)  # an fp32 sum, rounded to bf16 once
+    torch.testing.assert_close(full, F.linear(x, weight, bias), rtol=2**-7, atol=1e-2)  # torch's own bf16 GEMM
+    for rows in (1, 2, 5, MAX_ROWS):
+        assert torch.equal(linear(x[:rows], weight, bias), full[:rows])
+    many = torch.randn(MAX_ROWS + 5, 1000, generator=gen).bfloat16()  # past the kernel: torch, same arithmetic
+    torch.testing.assert_close(linear(many, weight, bias).float(), F.linear(many.float(), weight.float(), bias.float()),
+                               rtol=2**-8, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["many rows", "fp16", "fp64", "transposed weight", "1-D input"])
 def test_linear_leaves_other_inputs_to_torch(case: str) -> None:
     x, weight = torch.randn(MAX_ROWS + 1, 64), torch.randn(32, 64)
     if case == "many rows":
         pass
-    elif case == "bf16":
-        x, weight = x[:2].bfloat16(), weight.bfloat16()
+    elif case == "fp16":
+        x, weight = x[:2].half(), weight.half()
+    elif case == "fp64":
+        x, weight = x[:2].double(), weight.double()
     elif case == "transposed weight":
         x, weight = x[:2], torch.randn(64, 32).T
     else:
@@ -94,7 +112,7 @@ def _run_kernel(x, ids, weights, gate_ups, downs, ffn, split: bool) -> torch.Ten
     starts = [sum(counts[:e]) for e in range(len(counts))]
     groups = [(starts[e], starts[e] + c, gate_ups[e], downs[e]) for e, c in enumerate(counts) if c]
     rows = ExpertRows(x, order // top_k, order, weights.flatten()[order], ffn)
-    out = x.new_zeros(flat.numel(), x.shape[1])
+    out = torch.zeros(flat.numel(), x.shape[1])
     for part in ([[g] for g in reversed(groups)] if split else [groups]):
         expert_ffn(rows, out, part)
     return out
@@ -116,12 +134,25 @@ def test_expert_ffn_row_does_not_depend_on_the_batch() -> None:
         assert torch.equal(alone, batched[t * top_k : (t + 1) * top_k])
 
 
+def test_bf16_experts_match_the_fp32_kernel_on_the_same_values() -> None:
+    """bf16 weights widen exactly, so the kernel must give the fp32 kernel's bits on bf16-valued inputs."""
+    x, ids, weights, gate_ups, downs, ffn = _expert_problem(tokens=9, seed=2)
+    x, gate_ups, downs = x.bfloat16(), [w.bfloat16() for w in gate_ups], [w.bfloat16() for w in downs]
+    as_bf16 = _run_kernel(x, ids, weights, gate_ups, downs, ffn, split=False)
+    as_fp32 = _run_kernel(x.float(), ids, weights, [w.float() for w in gate_ups], [w.float() for w in downs], ffn,
+                          split=False)
+    assert torch.equal(as_bf16, as_fp32)
+    assert torch.equal(linear(x[:3], gate_ups[0]).float(), linear(x[:3].float(), gate_ups[0].float()).bfloat16().float())
+
+
 def test_expert_ffn_refuses_bad_weights() -> None:
     x, _, _, gate_ups, downs, ffn = _expert_problem(tokens=2)
     rows = ExpertRows(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.ones(1), ffn)
     out = x.new_zeros(4, x.shape[1])
-    with pytest.raises(ValueError, match="contiguous fp32"):
+    with pytest.raises(ValueError, match="contiguous CPU tensors, all fp32 or all bf16"):
         expert_ffn(rows, out, [(0, 1, gate_ups[0].T, downs[0])])
+    with pytest.raises(ValueError, match="all fp32 or all bf16"):
+        expert_ffn(rows, out, [(0, 1, gate_ups[0], downs[0].bfloat16())])
     with pytest.raises(ValueError, match="of shapes"):  # the right dtype and layout, the wrong expert size
         expert_ffn(rows, out, [(0, 1, gate_ups[0][:-2].contiguous(), downs[0])])
     with pytest.raises(ValueError, match="one length"):
@@ -212,3 +243,33 @@ def test_the_portable_build_sums_in_the_same_order_as_the_vector_build(monkeypat
     monkeypatch.setattr(cpu_kernels, "_library", cpu_kernels.open_library(cpu_kernels.build_library(["-mfma"])))
     for portable, tiled in zip(run_all(), vector, strict=True):
         assert torch.equal(portable, tiled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_gives_torchs_bits(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(5, 3 * 4 * 16, generator=gen).to(dtype)
+    x = qkv[:, : 4 * 16].view(5, 4, 16)  # a strided view, as the attention passes q
+    angles = torch.rand(5, 8, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
+    rotated = torch.cat([-x[..., 8:], x[..., :8]], dim=-1)
+    expected = x * cos[:, None, :].to(dtype) + rotated * sin[:, None, :].to(dtype)
+    got = cpu_kernels.rope(x, cos, sin)
+    assert got.dtype is dtype and torch.equal(got, expected)
+
+
+def test_bf16_rms_norm_and_decode_attention_round_like_the_reference() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, weight = torch.randn(6, 40, generator=gen).bfloat16(), torch.randn(40, generator=gen).bfloat16()
+    normed = cpu_kernels.rms_norm(x, weight, 1e-6)
+    reference = weight * F.rms_norm(x.float(), (40,), eps=1e-6).bfloat16()
+    assert normed.dtype is torch.bfloat16
+    torch.testing.assert_close(normed, reference, rtol=2**-7, atol=0.0)  # at most one bf16 rounding step apart
+    assert all(torch.equal(cpu_kernels.rms_norm(x[i : i + 1], weight, 1e-6), normed[i : i + 1]) for i in range(6))
+    q = torch.randn(2, 4, 24, generator=gen).bfloat16()
+    caches = [torch.randn(16, 2, 24, generator=gen).bfloat16() for _ in range(2)]
+    slots, lens = torch.stack([torch.randperm(16, generator=gen)[:7] for _ in range(2)]), torch.tensor([7, 3])
+    assert cpu_kernels.kernel_decode_attention(q, caches[0])
+    out = cpu_kernels.decode_attention(q, *caches, slots, lens, scale=0.2)
+    exact = cpu_kernels.decode_attention(q.float(), *(c.float() for c in caches), slots, lens, scale=0.2)
+    assert out.dtype is torch.bfloat16 and torch.equal(out, exact.bfloat16())  # fp32 arithmetic, rounded once

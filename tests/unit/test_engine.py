@@ -21,7 +21,8 @@ KV_BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 4
 
 
 def _engine(path, **overrides):
-    return build_engine(EngineConfig(model=str(path), dtype="float32", **overrides), show_progress=False)
+    overrides.setdefault("dtype", "float32")
+    return build_engine(EngineConfig(model=str(path), **overrides), show_progress=False)
 
 
 def _greedy(max_tokens: int) -> SamplingParams:
@@ -42,8 +43,9 @@ def _alone(path, prompt, max_tokens, **overrides) -> list[int]:
     return run_to_completion(engine, {0: [EngineRequest("solo", prompt, _greedy(max_tokens))]})["solo"]
 
 
-def test_batched_requests_arriving_and_finishing_at_different_steps_match_solo_runs(mixtral) -> None:
-    engine = _engine(mixtral)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batched_requests_arriving_and_finishing_at_different_steps_match_solo_runs(mixtral, dtype: str) -> None:
+    engine = _engine(mixtral, dtype=dtype)
     vocab = engine.vocab_size
     specs = [(5, 20, 0), (17, 6, 0), (2, 12, 3), (30, 9, 5), (8, 15, 11)]  # (prompt len, max tokens, arrival)
     arrivals: dict[int, list[EngineRequest]] = {}
@@ -51,7 +53,7 @@ def test_batched_requests_arriving_and_finishing_at_different_steps_match_solo_r
         arrivals.setdefault(step, []).append(EngineRequest(f"r{i}", _prompt(n, i, vocab), _greedy(m)))
     batched = run_to_completion(engine, arrivals)
     for i, (n, m, _) in enumerate(specs):
-        assert batched[f"r{i}"] == _alone(mixtral, _prompt(n, i, vocab), m)
+        assert batched[f"r{i}"] == _alone(mixtral, _prompt(n, i, vocab), m, dtype=dtype)
 
 
 def test_chunked_prefill_gives_the_same_tokens(mixtral) -> None:

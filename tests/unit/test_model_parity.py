@@ -20,11 +20,8 @@ def _prompts(vocab_size: int) -> list[list[int]]:
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-def test_logits_match_transformers(arch_checkpoint) -> None:
-    _, path = arch_checkpoint
-    engine = build_engine(EngineConfig(model=str(path), dtype="float32"), show_progress=False)
-    oracle = hf_model(path)
-    prompts = _prompts(engine.vocab_size)
+def _engine_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
+    """One prefill forward over every prompt: fp32 logits [sum of lengths, V]."""
     runner = engine.runner
     tables = []
     for i, prompt in enumerate(prompts):
@@ -35,13 +32,40 @@ def test_logits_match_transformers(arch_checkpoint) -> None:
     ids = torch.tensor([t for p in prompts for t in p])
     positions = torch.cat([torch.arange(n) for n in lens])
     with torch.inference_mode():
-        logits = runner.model.logits(runner.model.forward(ids, positions, meta, runner.kv_caches))
-        offset = 0
+        return runner.model.logits(runner.model.forward(ids, positions, meta, runner.kv_caches))
+
+
+def test_logits_match_transformers(arch_checkpoint) -> None:
+    _, path = arch_checkpoint
+    engine = build_engine(EngineConfig(model=str(path), dtype="float32"), show_progress=False)
+    oracle = hf_model(path)
+    prompts = _prompts(engine.vocab_size)
+    logits = _engine_logits(engine, prompts)
+    offset = 0
+    with torch.inference_mode():
         for prompt in prompts:
             expected = oracle(torch.tensor([prompt])).logits[0]
             got = logits[offset : offset + len(prompt)]
             offset += len(prompt)
             assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_bf16_is_as_close_to_the_fp32_logits_as_transformers_bf16(arch_checkpoint) -> None:
+    """In bf16 (prefill through torch, decode-sized calls through the C kernels) the engine's
+    error against the fp32 oracle is no larger than transformers' own bf16 error, give or take."""
+    _, path = arch_checkpoint
+    engine = build_engine(EngineConfig(model=str(path), dtype="bfloat16"), show_progress=False)
+    truth, theirs = hf_model(path), hf_model(path, torch.bfloat16)
+    prompts = _prompts(engine.vocab_size)
+    logits = _engine_logits(engine, prompts)
+    offset = 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            expected = truth(torch.tensor([prompt])).logits[0]
+            their_error = (theirs(torch.tensor([prompt])).logits[0].float() - expected).abs().max().item()
+            our_error = (logits[offset : offset + len(prompt)] - expected).abs().max().item()
+            offset += len(prompt)
+            assert our_error <= 2 * their_error + 1e-3, (our_error, their_error)
 
 
 def test_greedy_tokens_match_transformers_for_32_steps(arch_checkpoint) -> None:

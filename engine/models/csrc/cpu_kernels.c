@@ -13,6 +13,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <omp.h>
 
 #define LANES 16
@@ -36,6 +37,50 @@ static float lane_sum(const float *a) {
     return t[0] + t[1];
 }
 
+/* Tensors are fp32 or bf16 (the `bf16` flags below); arithmetic is fp32. A bf16 value is the
+ * upper half of the fp32 with the same bits, so widening is exact; narrowing rounds to nearest
+ * even, as torch does. */
+static inline float weight_at(const void *w, int bf16, int64_t i) {
+    if (!bf16) return ((const float *)w)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float v;
+    __builtin_memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline uint16_t to_bf16(float v) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &v, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays a (quiet) NaN */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* v rounded to the precision of the tensor type (bf16 or fp32), as a float. */
+static inline float rounded(float v, int bf16) {
+    if (!bf16) return v;
+    uint32_t bits = (uint32_t)to_bf16(v) << 16;
+    __builtin_memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline void store_at(void *p, int bf16, int64_t i, float v) {
+    if (bf16) ((uint16_t *)p)[i] = to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* rows x cols values of a (row stride ld) widened into a new contiguous fp32 buffer (free it). */
+static float *widened(const void *a, int64_t rows, int64_t cols, int64_t ld) {
+    float *out = malloc(sizeof(float) * (rows * cols > 0 ? rows * cols : 1));
+    if (!out) return NULL;
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = weight_at(a, 1, r * ld + c);
+    return out;
+}
+
+static inline const void *weight_row(const void *w, int bf16, int64_t row, int64_t k) {
+    return (const char *)w + row * k * (bf16 ? 2 : 4);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -47,10 +92,16 @@ static inline float hsum(__m256 lo, __m256 hi) {
     return _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)));
 }
 
-/* s[r * lds + c] = dot(w[r], x[c]) for r < R <= TILE_W, c < C <= TILE_X. Inlined with constant R
- * and C, so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void dot_tile(const float *const *w, int R, const float *const *x, int C,
-                                                           int64_t k, float *s, int64_t lds) {
+static inline __m256 load_weights8(const void *w, int bf16, int64_t i) {
+    if (!bf16) return _mm256_loadu_ps((const float *)w + i);
+    __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+/* s[r * lds + c] = dot(w[r], x[c]) for r < R <= TILE_W, c < C <= TILE_X. Inlined with constant R,
+ * C and bf16, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void dot_tile(const void *const *w, int bf16, int R, const float *const *x,
+                                                           int C, int64_t k, float *s, int64_t lds) {
     int64_t kv = k - k % LANES;
     __m256 acc[TILE_W][TILE_X][2];
     for (int r = 0; r < R; ++r)
@@ -58,7 +109,7 @@ static inline __attribute__((always_inline)) void dot_tile(const float *const *w
     for (int64_t j = 0; j < kv; j += LANES)
         for (int h = 0; h < 2; ++h) {
             __m256 wv[TILE_W];
-            for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w[r] + j + 8 * h);
+            for (int r = 0; r < R; ++r) wv[r] = load_weights8(w[r], bf16, j + 8 * h);
             for (int c = 0; c < C; ++c) {
                 __m256 xv = _mm256_loadu_ps(x[c] + j + 8 * h);
                 for (int r = 0; r < R; ++r) acc[r][c][h] = _mm256_fmadd_ps(wv[r], xv, acc[r][c][h]);
@@ -73,58 +124,65 @@ static inline __attribute__((always_inline)) void dot_tile(const float *const *w
             float a[LANES];  /* the tail: one more partial lane step */
             _mm256_storeu_ps(a, acc[r][c][0]);
             _mm256_storeu_ps(a + 8, acc[r][c][1]);
-            for (int l = 0; l < k - kv; ++l) a[l] = MADD(a[l], w[r][kv + l], x[c][kv + l]);
+            for (int l = 0; l < k - kv; ++l) a[l] = MADD(a[l], weight_at(w[r], bf16, kv + l), x[c][kv + l]);
             s[r * lds + c] = lane_sum(a);
         }
 }
 #else
-static float dot1(const float *restrict w, const float *restrict x, int64_t k) {
+static float dot1(const void *w, int bf16, const float *x, int64_t k) {
     int64_t kv = k - k % LANES;
     float a[LANES] = {0};
     for (int64_t j = 0; j < kv; j += LANES)
-        for (int l = 0; l < LANES; ++l) a[l] = MADD(a[l], w[j + l], x[j + l]);
-    for (int l = 0; l < k - kv; ++l) a[l] = MADD(a[l], w[kv + l], x[kv + l]);  /* the tail: one more partial lane step */
+        for (int l = 0; l < LANES; ++l) a[l] = MADD(a[l], weight_at(w, bf16, j + l), x[j + l]);
+    for (int l = 0; l < k - kv; ++l) a[l] = MADD(a[l], weight_at(w, bf16, kv + l), x[kv + l]);  /* the tail: one more partial lane step */
     return lane_sum(a);
 }
 
 /* s[r * lds + c] = dot(w[r], x[c]) for r < R, c < C (portable: one dot product at a time). */
-static void dot_tile(const float *const *w, int R, const float *const *x, int C, int64_t k, float *s, int64_t lds) {
+static void dot_tile(const void *const *w, int bf16, int R, const float *const *x, int C, int64_t k, float *s, int64_t lds) {
     for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) s[r * lds + c] = dot1(w[r], x[c], k);
+        for (int c = 0; c < C; ++c) s[r * lds + c] = dot1(w[r], bf16, x[c], k);
 }
 #endif
 
 /* dot_tile for any R <= TILE_W and C <= TILE_X, dispatched to a constant-size instance. */
-static void dot_tile_any(const float *const *w, int R, const float *const *x, int C, int64_t k, float *s) {
+static inline __attribute__((always_inline)) void dot_tile_sized(const void *const *w, int bf16, int R, const float *const *x,
+                                                                 int C, int64_t k, float *s) {
     if (R == 2) {
-        if (C == 3) dot_tile(w, 2, x, 3, k, s, TILE_X);
-        else if (C == 2) dot_tile(w, 2, x, 2, k, s, TILE_X);
-        else dot_tile(w, 2, x, 1, k, s, TILE_X);
+        if (C == 3) dot_tile(w, bf16, 2, x, 3, k, s, TILE_X);
+        else if (C == 2) dot_tile(w, bf16, 2, x, 2, k, s, TILE_X);
+        else dot_tile(w, bf16, 2, x, 1, k, s, TILE_X);
     } else {
-        if (C == 3) dot_tile(w, 1, x, 3, k, s, TILE_X);
-        else if (C == 2) dot_tile(w, 1, x, 2, k, s, TILE_X);
-        else dot_tile(w, 1, x, 1, k, s, TILE_X);
+        if (C == 3) dot_tile(w, bf16, 1, x, 3, k, s, TILE_X);
+        else if (C == 2) dot_tile(w, bf16, 1, x, 2, k, s, TILE_X);
+        else dot_tile(w, bf16, 1, x, 1, k, s, TILE_X);
     }
 }
 
-/* Starts loading `rows` weight rows of k floats (the next ones, while the current ones are in
+static void dot_tile_any(const void *const *w, int bf16, int R, const float *const *x, int C, int64_t k, float *s) {
+    if (bf16) dot_tile_sized(w, 1, R, x, C, k, s);
+    else dot_tile_sized(w, 0, R, x, C, k, s);
+}
+
+/* Starts loading `rows` weight rows of k weights (the next ones, while the current ones are in
  * use: without this a multi-row pass streams its weights at half the rate of a one-row pass). */
-static inline void prefetch_rows(const float *row, int64_t k, int rows) {
-    for (int64_t c = 0; c < rows * k; c += 64 / sizeof(float)) __builtin_prefetch(row + c, 0, 0);
+static inline void prefetch_rows(const void *row, int bf16, int64_t k, int rows) {
+    int64_t bytes = rows * k * (bf16 ? 2 : 4);
+    for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)row + c, 0, 0);
 }
 
 /* The R (1 or 2) consecutive weight rows at w (row length k) against the activation rows
  * [begin, end): y[y_row(i) * ldy + r] = scale(i) * dot(w[r], x[x_row(i)]), where a NULL x_row,
  * y_row is the identity and a NULL scale is 1. x rows are ldx floats apart. */
-static void weight_rows(const float *w, int R, int64_t k, int64_t begin, int64_t end, const float *x, const int64_t *x_row,
-                        int64_t ldx, float *y, const int64_t *y_row, int64_t ldy, const float *scale) {
-    const float *ws[TILE_W] = {w, w + k};
+static void weight_rows(const void *w, int bf16, int R, int64_t k, int64_t begin, int64_t end, const float *x,
+                        const int64_t *x_row, int64_t ldx, float *y, const int64_t *y_row, int64_t ldy, const float *scale) {
+    const void *ws[TILE_W] = {w, weight_row(w, bf16, 1, k)};
     float s[TILE_W * TILE_X];
     for (int64_t i = begin; i < end; i += TILE_X) {
         int C = end - i < TILE_X ? (int)(end - i) : TILE_X;
         const float *xs[TILE_X];
         for (int c = 0; c < C; ++c) xs[c] = x + (x_row ? x_row[i + c] : i + c) * ldx;
-        dot_tile_any(ws, R, xs, C, k, s);
+        dot_tile_any(ws, bf16, R, xs, C, k, s);
         for (int c = 0; c < C; ++c) {
             float *yi = y + (y_row ? y_row[i + c] : i + c) * ldy;
             for (int r = 0; r < R; ++r) yi[r] = scale ? s[r * TILE_X + c] * scale[i + c] : s[r * TILE_X + c];
@@ -132,15 +190,31 @@ static void weight_rows(const float *w, int R, int64_t k, int64_t begin, int64_t
     }
 }
 
-/* y[i, n] = sum_k x[i, k] * w[n, k]. w: [n, k] contiguous; x: [m, k], row stride ldx; y: [m, n], row stride ldy. */
-void linear_f32(const float *w, const float *x, float *y, int64_t n, int64_t k, int64_t m, int64_t ldx, int64_t ldy, int threads) {
+/* y[i, n] = sum_k x[i, k] * w[n, k] (+ bias[n]). w: [n, k] contiguous; x: [m, k], row stride ldx;
+ * y: [m, n], row stride ldy; bias: [n] or NULL. All fp32, or all bf16 where bf16 != 0: then the
+ * products are summed in fp32 and each result (with its bias) rounded once. Returns 0, or -1 if
+ * scratch memory ran out. */
+int linear(const void *w, const void *bias, const void *x, void *y, int bf16, int64_t n, int64_t k, int64_t m, int64_t ldx,
+           int64_t ldy, int threads) {
     int64_t pairs = (n + 1) / 2;
+    float *xw = bf16 ? widened(x, m, k, ldx) : (float *)x, *yw = bf16 ? malloc(sizeof(float) * m * n) : (float *)y;
+    int64_t ldxw = bf16 ? k : ldx, ldyw = bf16 ? n : ldy;
+    if (!xw || !yw) {
+        if (bf16) free(xw), free(yw);
+        return -1;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < pairs; ++p) {
         int64_t r = 2 * p;
-        if (p + 1 < pairs) prefetch_rows(w + (r + 2) * k, k, r + 3 < n ? 2 : 1);
-        weight_rows(w + r * k, r + 1 < n ? 2 : 1, k, 0, m, x, NULL, ldx, y + r, NULL, ldy, NULL);
+        if (p + 1 < pairs) prefetch_rows(weight_row(w, bf16, r + 2, k), bf16, k, r + 3 < n ? 2 : 1);
+        weight_rows(weight_row(w, bf16, r, k), bf16, r + 1 < n ? 2 : 1, k, 0, m, xw, NULL, ldxw, yw + r, NULL, ldyw, NULL);
     }
+    if (bias || bf16)
+        for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < n; ++j)
+                store_at(y, bf16, i * ldy + j, yw[i * ldyw + j] + (bias ? weight_at(bias, bf16, j) : 0.f));
+    if (bf16) free(xw), free(yw);
+    return 0;
 }
 
 /* Routed experts for the rows of `groups` groups (one per expert).
@@ -149,20 +223,22 @@ void linear_f32(const float *w, const float *x, float *y, int64_t n, int64_t k, 
  * begin[g] <= r < end[g]; group g's weights are gate_up[g] ([2*ffn, hidden], gate rows then up
  * rows) and down[g] ([hidden, ffn]), passed as addresses. Computes
  *     out[dest[r], :] = scale[r] * down(silu(gate x) * (up x)),  x = x[tokens[r], :]
- * using h ([rows, 2*ffn]) and act ([rows, ffn]) as scratch, indexed by r. */
-void moe_experts_f32(const float *x, int64_t hidden, int64_t ffn, const int64_t *tokens, const int64_t *dest, const float *scale,
-                     const int64_t *begin, const int64_t *end, const int64_t *gate_up, const int64_t *down, int64_t groups,
-                     float *out, float *h, float *act, int threads) {
+ * using h ([rows, 2*ffn]) and act ([rows, ffn]) as scratch, indexed by r. The weights are fp32, or
+ * bf16 where bf16 != 0; everything else is fp32. */
+void moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *tokens, const int64_t *dest, const float *scale,
+                 const int64_t *begin, const int64_t *end, const int64_t *gate_up, const int64_t *down, int bf16,
+                 int64_t groups, float *out, float *h, float *act, int threads) {
     int64_t up_rows = 2 * ffn, up_pairs = ffn, down_pairs = (hidden + 1) / 2;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < groups * up_pairs; ++i) {
-            int64_t g = i / up_pairs, n = 2 * (i % up_pairs);
-            const float *w = (const float *)gate_up[g] + n * hidden;
-            if (i + 1 < groups * up_pairs)
-                prefetch_rows((const float *)gate_up[(i + 1) / up_pairs] + 2 * ((i + 1) % up_pairs) * hidden, hidden, 2);
-            weight_rows(w, 2, hidden, begin[g], end[g], x, tokens, hidden, h + n, NULL, up_rows, NULL);
+            int64_t g = i / up_pairs, n = 2 * (i % up_pairs), next = i + 1;
+            if (next < groups * up_pairs)
+                prefetch_rows(weight_row((const void *)gate_up[next / up_pairs], bf16, 2 * (next % up_pairs), hidden), bf16,
+                              hidden, 2);
+            weight_rows(weight_row((const void *)gate_up[g], bf16, n, hidden), bf16, 2, hidden, begin[g], end[g], x, tokens,
+                        hidden, h + n, NULL, up_rows, NULL);
         }
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; ++g)
@@ -173,11 +249,12 @@ void moe_experts_f32(const float *x, int64_t hidden, int64_t ffn, const int64_t 
             }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < groups * down_pairs; ++i) {
-            int64_t g = i / down_pairs, n = 2 * (i % down_pairs);
-            const float *w = (const float *)down[g] + n * ffn;
-            if (i + 1 < groups * down_pairs)
-                prefetch_rows((const float *)down[(i + 1) / down_pairs] + 2 * ((i + 1) % down_pairs) * ffn, ffn, 2);
-            weight_rows(w, n + 1 < hidden ? 2 : 1, ffn, begin[g], end[g], act, NULL, ffn, out + n, dest, hidden, scale);
+            int64_t g = i / down_pairs, n = 2 * (i % down_pairs), next = i + 1;
+            if (next < groups * down_pairs)
+                prefetch_rows(weight_row((const void *)down[next / down_pairs], bf16, 2 * (next % down_pairs), ffn), bf16, ffn,
+                              2);
+            weight_rows(weight_row((const void *)down[g], bf16, n, ffn), bf16, n + 1 < hidden ? 2 : 1, ffn, begin[g], end[g],
+                        act, NULL, ffn, out + n, dest, hidden, scale);
         }
     }
 }
@@ -188,13 +265,19 @@ void moe_experts_f32(const float *x, int64_t hidden, int64_t ffn, const int64_t 
  * its context_lens[b] positions, whose cache slots are slots[b * slots_stride + t]. Query head h
  * reads kv head h / (heads / kv_heads); the query heads sharing a kv head are computed together,
  * reading each key and value row once. out: [seqs, heads, head_dim]; scratch: one row of
- * slots_stride floats per (sequence, head). Every (sequence, head) is summed in the same order
- * whatever else is in the step, so a sequence's result does not depend on the others. */
-void paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *slots,
-                                int64_t slots_stride, const int64_t *context_lens, int64_t seqs, int64_t heads,
-                                int64_t kv_heads, int64_t head_dim, float scale, float *out, float *scratch,
-                                int threads) {
+ * slots_stride floats per (sequence, head). q, the caches and out are fp32, or bf16 where bf16 != 0
+ * (computed in fp32, out rounded once); returns 0, or -1 if scratch memory ran out. Every (sequence, head) is summed in the same order whatever else is in
+ * the step, so a sequence's result does not depend on the others. */
+int paged_decode_attention(const void *q_in, const void *k_cache, const void *v_cache, int bf16, const int64_t *slots,
+                           int64_t slots_stride, const int64_t *context_lens, int64_t seqs, int64_t heads, int64_t kv_heads,
+                           int64_t head_dim, float scale, void *out_io, float *scratch, int threads) {
     int64_t group = heads / kv_heads;
+    float *q = bf16 ? widened(q_in, seqs * heads, head_dim, head_dim) : (float *)q_in;
+    float *out = bf16 ? malloc(sizeof(float) * seqs * heads * head_dim) : (float *)out_io;
+    if (!q || !out) {
+        if (bf16) free(q), free(out);
+        return -1;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < seqs * kv_heads; ++i) {
         int64_t b = i / kv_heads, g = i % kv_heads, n = context_lens[b], first = b * heads + g * group;
@@ -206,9 +289,9 @@ void paged_decode_attention_f32(const float *q, const float *k_cache, const floa
             float s[TILE_W * TILE_X];
             for (int64_t t = 0; t < n; t += TILE_W) {
                 int R = n - t < TILE_W ? (int)(n - t) : TILE_W;
-                const float *ks[TILE_W];
-                for (int r = 0; r < R; ++r) ks[r] = k_cache + (slot[t + r] * kv_heads + g) * head_dim;
-                dot_tile_any(ks, R, qs, C, head_dim, s);
+                const void *ks[TILE_W];
+                for (int r = 0; r < R; ++r) ks[r] = weight_row(k_cache, bf16, slot[t + r] * kv_heads + g, head_dim);
+                dot_tile_any(ks, bf16, R, qs, C, head_dim, s);
                 for (int r = 0; r < R; ++r)
                     for (int c = 0; c < C; ++c) scratch[(first + h0 + c) * slots_stride + t + r] = s[r * TILE_X + c] * scale;
             }
@@ -225,55 +308,81 @@ void paged_decode_attention_f32(const float *q, const float *k_cache, const floa
             for (int64_t d = 0; d < head_dim; ++d) out[h * head_dim + d] = 0.f;
         }
         for (int64_t t = 0; t < n; ++t) {
-            const float *v = v_cache + (slot[t] * kv_heads + g) * head_dim;
+            const void *v = weight_row(v_cache, bf16, slot[t] * kv_heads + g, head_dim);
             for (int64_t h = first; h < first + group; ++h) {
                 float w = scratch[h * slots_stride + t], *o = out + h * head_dim;
-                for (int64_t d = 0; d < head_dim; ++d) o[d] = MADD(o[d], w, v[d]);
+                if (bf16)
+                    for (int64_t d = 0; d < head_dim; ++d) o[d] = MADD(o[d], w, weight_at(v, 1, d));
+                else
+                    for (int64_t d = 0; d < head_dim; ++d) o[d] = MADD(o[d], w, ((const float *)v)[d]);
             }
         }
     }
+    if (bf16) {
+        for (int64_t i = 0; i < seqs * heads * head_dim; ++i) store_at(out_io, 1, i, out[i]);
+        free(q), free(out);
+    }
+    return 0;
 }
 
-/* Rotate-half rotary embedding: x [tokens, heads, head_dim] with row stride ldx (heads
- * contiguous within a row) into the contiguous out [tokens, heads, head_dim], with cos, sin
- * [tokens, head_dim] the tables at each token's position. With h = head_dim / 2,
- *     out[i] = x[i] * cos[i] - x[i + h] * sin[i],  out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h]
- * each product rounded before the sum, as x * cos + rotate_half(x) * sin computes it. */
-void rope_f32(const float *x, int64_t ldx, float *out, const float *cos, const float *sin, int64_t tokens, int64_t heads,
-              int64_t head_dim) {
+static inline __attribute__((always_inline)) void rope_rows(const void *x, int64_t ldx, void *out, const float *cos,
+                                                            const float *sin, int64_t tokens, int64_t heads,
+                                                            int64_t head_dim, int bf16) {
     int64_t half = head_dim / 2;
     for (int64_t t = 0; t < tokens; ++t)
         for (int64_t h = 0; h < heads; ++h) {
-            const float *xi = x + t * ldx + h * head_dim, *c = cos + t * head_dim, *s = sin + t * head_dim;
-            float *o = out + (t * heads + h) * head_dim;
-            for (int64_t i = 0; i < half; ++i) {
-                float a = xi[i] * c[i], b = -xi[i + half] * s[i];
-                o[i] = a + b;
-            }
-            for (int64_t i = half; i < head_dim; ++i) {
-                float a = xi[i] * c[i], b = xi[i - half] * s[i];
-                o[i] = a + b;
+            int64_t xi = t * ldx + h * head_dim, oi = (t * heads + h) * head_dim;
+            const float *c = cos + t * head_dim, *s = sin + t * head_dim;
+            for (int64_t i = 0; i < head_dim; ++i) {
+                float other = i < half ? -weight_at(x, bf16, xi + i + half) : weight_at(x, bf16, xi + i - half);
+                float a = rounded(weight_at(x, bf16, xi + i) * rounded(c[i], bf16), bf16);
+                float b = rounded(other * rounded(s[i], bf16), bf16);
+                store_at(out, bf16, oi + i, a + b);
             }
         }
 }
 
-/* RMSNorm of each row: out[r] = weight * (x[r] * (1 / sqrt(mean(x[r]^2) + eps))), each product
- * rounded on its own as the reference computes it; the sum of squares runs in the lanes of a
- * dot product, so a row's result does not depend on the other rows. x rows are ldx floats apart;
- * out is contiguous [rows, dim]. */
-void rms_norm_f32(const float *x, int64_t ldx, const float *weight, float *out, int64_t rows, int64_t dim, float eps) {
+/* Rotate-half rotary embedding: x [tokens, heads, head_dim] with row stride ldx (heads
+ * contiguous within a row) into the contiguous out [tokens, heads, head_dim], with the fp32 cos,
+ * sin [tokens, head_dim] the tables at each token's position. With h = head_dim / 2,
+ *     out[i] = x[i] * cos[i] - x[i + h] * sin[i],  out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h]
+ * rounding where x * cos + rotate_half(x) * sin does in x's type (fp32, or bf16 where bf16 != 0,
+ * with the tables rounded to bf16 first): the same bits as torch. */
+void rope(const void *x, int64_t ldx, void *out, const float *cos, const float *sin, int64_t tokens, int64_t heads,
+          int64_t head_dim, int bf16) {
+    if (bf16) rope_rows(x, ldx, out, cos, sin, tokens, heads, head_dim, 1);
+    else rope_rows(x, ldx, out, cos, sin, tokens, heads, head_dim, 0);
+}
+
+static inline __attribute__((always_inline)) void rms_norm_rows(const void *x, int64_t ldx, const void *weight, void *out,
+                                                                int64_t rows, int64_t dim, float eps, int bf16) {
     for (int64_t r = 0; r < rows; ++r) {
-        const float *xr = x + r * ldx;
+        int64_t xr = r * ldx;
         int64_t kv = dim - dim % LANES;
         float a[LANES] = {0};
         for (int64_t j = 0; j < kv; j += LANES)
-            for (int l = 0; l < LANES; ++l) a[l] = MADD(a[l], xr[j + l], xr[j + l]);
-        for (int l = 0; l < dim - kv; ++l) a[l] = MADD(a[l], xr[kv + l], xr[kv + l]);
+            for (int l = 0; l < LANES; ++l) {
+                float v = weight_at(x, bf16, xr + j + l);
+                a[l] = MADD(a[l], v, v);
+            }
+        for (int l = 0; l < dim - kv; ++l) {
+            float v = weight_at(x, bf16, xr + kv + l);
+            a[l] = MADD(a[l], v, v);
+        }
         float inv = 1.f / sqrtf(lane_sum(a) / (float)dim + eps);
-        float *o = out + r * dim;
         for (int64_t j = 0; j < dim; ++j) {
-            float normed = xr[j] * inv;
-            o[j] = weight[j] * normed;
+            float normed = rounded(weight_at(x, bf16, xr + j) * inv, bf16);
+            store_at(out, bf16, r * dim + j, weight_at(weight, bf16, j) * normed);
         }
     }
+}
+
+/* RMSNorm of each row: out[r] = weight * (x[r] * (1 / sqrt(mean(x[r]^2) + eps))), computed in
+ * fp32 with each product rounded on its own (and, for bf16, the normalised row rounded to bf16
+ * before the weight multiplies it) as the reference computes it; the sum of squares runs in the
+ * lanes of a dot product, so a row's result does not depend on the other rows. x rows are ldx
+ * values apart; out is contiguous [rows, dim]; all fp32, or all bf16 where bf16 != 0. */
+void rms_norm(const void *x, int64_t ldx, const void *weight, void *out, int64_t rows, int64_t dim, float eps, int bf16) {
+    if (bf16) rms_norm_rows(x, ldx, weight, out, rows, dim, eps, 1);
+    else rms_norm_rows(x, ldx, weight, out, rows, dim, eps, 0);
 }
