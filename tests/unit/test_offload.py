@@ -1,4 +1,4 @@
-"""Invariant 1: offloading never changes results (bit-exact greedy tokens in fp32 on CPU)."""
+"""Invariant 1: offloading never changes results (bit-exact greedy tokens on CPU, fp32 and bf16)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def workload() -> dict[int, list[EngineRequest]]:
 
 
 def run(path, **overrides) -> tuple[dict[str, list[int]], object]:
-    engine = build_engine(EngineConfig(model=str(path), dtype="float32", max_num_batched_tokens=16, **overrides),
-                          show_progress=False)
+    overrides.setdefault("dtype", "float32")
+    engine = build_engine(EngineConfig(model=str(path), max_num_batched_tokens=16, **overrides), show_progress=False)
     return run_to_completion(engine, workload()), engine
 
 
@@ -61,6 +61,14 @@ def test_prefetch_keeps_the_all_resident_tokens(arch_reference, fraction: float,
     stats = engine.runner.model.experts.cache.stats()
     assert tokens == reference
     assert stats.prefetch_issued > 0 and stats.prefetch_used > 0
+
+
+def test_bf16_offloading_keeps_the_bf16_all_resident_tokens(checkpoint_factory) -> None:
+    path = checkpoint_factory("qwen2_moe", num_hidden_layers=NUM_LAYERS)
+    reference, _ = run(path, offload="off", dtype="bfloat16")
+    tokens, engine = run(path, expert_cache_fraction=MIN_FRACTION, prefetch="next_layer", dtype="bfloat16")
+    assert tokens == reference
+    assert sum(engine.runner.model.experts.cache.stats().evictions.values()) > 0
 
 
 def test_a_budget_below_one_step_is_refused_with_the_minimum(checkpoint_factory) -> None:
