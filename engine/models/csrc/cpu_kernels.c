@@ -18,6 +18,7 @@
 
 #define LANES 16
 #define TILE_W 2 /* weight rows per tile */
+#define KV_AHEAD 8 /* key/value rows fetched ahead in decode attention */
 #define TILE_X 3 /* activation rows per tile: 2 x TILE_W x TILE_X accumulators + TILE_W + 1 fit the 16 AVX registers */
 
 /* a + w * x. With FMA hardware an explicit fused multiply-add: rounded once, the same in scalar
@@ -291,6 +292,9 @@ int paged_decode_attention(const void *q_in, const void *k_cache, const void *v_
                 int R = n - t < TILE_W ? (int)(n - t) : TILE_W;
                 const void *ks[TILE_W];
                 for (int r = 0; r < R; ++r) ks[r] = weight_row(k_cache, bf16, slot[t + r] * kv_heads + g, head_dim);
+                if (t + KV_AHEAD < n)  /* the context's rows are scattered over the cache: fetch ahead */
+                    for (int r = 0; r < R && t + KV_AHEAD + r < n; ++r)
+                        prefetch_rows(weight_row(k_cache, bf16, slot[t + KV_AHEAD + r] * kv_heads + g, head_dim), bf16, head_dim, 1);
                 dot_tile_any(ks, bf16, R, qs, C, head_dim, s);
                 for (int r = 0; r < R; ++r)
                     for (int c = 0; c < C; ++c) scratch[(first + h0 + c) * slots_stride + t + r] = s[r * TILE_X + c] * scale;
@@ -309,12 +313,19 @@ int paged_decode_attention(const void *q_in, const void *k_cache, const void *v_
         }
         for (int64_t t = 0; t < n; ++t) {
             const void *v = weight_row(v_cache, bf16, slot[t] * kv_heads + g, head_dim);
-            for (int64_t h = first; h < first + group; ++h) {
-                float w = scratch[h * slots_stride + t], *o = out + h * head_dim;
-                if (bf16)
-                    for (int64_t d = 0; d < head_dim; ++d) o[d] = MADD(o[d], w, weight_at(v, 1, d));
-                else
-                    for (int64_t d = 0; d < head_dim; ++d) o[d] = MADD(o[d], w, ((const float *)v)[d]);
+            if (t + KV_AHEAD < n) prefetch_rows(weight_row(v_cache, bf16, slot[t + KV_AHEAD] * kv_heads + g, head_dim), bf16, head_dim, 1);
+            for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {  /* the value row in fp32, 64 at a time */
+                float widened_v[64];
+                int64_t len = head_dim - d0 < 64 ? head_dim - d0 : 64;
+                const float *vf = (const float *)v + d0;
+                if (bf16) {
+                    for (int64_t d = 0; d < len; ++d) widened_v[d] = weight_at(v, 1, d0 + d);
+                    vf = widened_v;
+                }
+                for (int64_t h = first; h < first + group; ++h) {
+                    float w = scratch[h * slots_stride + t], *o = out + h * head_dim + d0;
+                    for (int64_t d = 0; d < len; ++d) o[d] = MADD(o[d], w, vf[d]);
+                }
             }
         }
     }
