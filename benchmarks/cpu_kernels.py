@@ -7,7 +7,13 @@ step) and reports microseconds per call and the weight bytes read per second. `t
 `memory read` is a plain `sum` over the same bytes, the machine's streaming read rate. Above
 `MAX_ROWS` rows `linear` hands over to torch, so both columns run torch there.
 
-    python -m benchmarks.cpu_kernels [--hidden 512] [--rows 1,2,4,8,16,32] [--json]
+With `--dtype bfloat16` weights and activations are bf16 on both sides: the kernels widen the
+weights in registers and sum in fp32; torch runs its bf16 GEMM (slow on CPUs without bf16
+instructions, which is why the engine's `linear` runs bf16 products past `MAX_ROWS` as fp32
+GEMMs on widened weights: the "linear" rows above `MAX_ROWS` show that path against torch's
+bf16 GEMM).
+
+    python -m benchmarks.cpu_kernels [--hidden 512] [--rows 1,2,4,8,16,32] [--dtype float32] [--json]
 """
 
 from __future__ import annotations
@@ -37,14 +43,15 @@ def best_seconds(fn: Callable[[int], object], calls: int, repeats: int = 3) -> f
     return best
 
 
-def linear_rows(hidden: int, rows_list: list[int]) -> list[dict]:
-    count = max(1, WORKING_SET_BYTES // (hidden * hidden * 4))
-    weights = [torch.randn(hidden, hidden) for _ in range(count)]
-    nbytes = hidden * hidden * 4
+def linear_rows(hidden: int, rows_list: list[int], dtype: torch.dtype) -> list[dict]:
+    size = torch.finfo(dtype).bits // 8
+    count = max(1, WORKING_SET_BYTES // (hidden * hidden * size))
+    weights = [torch.randn(hidden, hidden).to(dtype) for _ in range(count)]
+    nbytes = hidden * hidden * size
     read = best_seconds(lambda i: weights[i].sum(), count)
     out = []
     for rows in rows_list:
-        x = torch.randn(rows, hidden)
+        x = torch.randn(rows, hidden).to(dtype)
         ours = best_seconds(lambda i: linear(x, weights[i]), count)
         theirs = best_seconds(lambda i: F.linear(x, weights[i]), count)
         out.append({"case": "linear", "rows": rows, "kernel_us": round(ours * 1e6, 1), "torch_us": round(theirs * 1e6, 1),
@@ -53,16 +60,16 @@ def linear_rows(hidden: int, rows_list: list[int]) -> list[dict]:
     return out
 
 
-def expert_layer(hidden: int, experts: int, top_k: int, tokens: int) -> dict:
+def expert_layer(hidden: int, experts: int, top_k: int, tokens: int, dtype: torch.dtype) -> dict:
     ffn = hidden // 2
-    expert_bytes = 3 * hidden * ffn * 4
+    expert_bytes = 3 * hidden * ffn * (torch.finfo(dtype).bits // 8)
     layers = max(1, WORKING_SET_BYTES // (experts * expert_bytes))
-    gate_ups = [[torch.randn(2 * ffn, hidden) for _ in range(experts)] for _ in range(layers)]
-    downs = [[torch.randn(hidden, ffn) for _ in range(experts)] for _ in range(layers)]
+    gate_ups = [[torch.randn(2 * ffn, hidden).to(dtype) for _ in range(experts)] for _ in range(layers)]
+    downs = [[torch.randn(hidden, ffn).to(dtype) for _ in range(experts)] for _ in range(layers)]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, hidden, generator=gen)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).flatten()
-    weights = torch.rand(tokens * top_k, generator=gen)
+    weights = torch.rand(tokens * top_k, generator=gen).to(dtype)
     order = torch.argsort(ids, stable=True)
     counts = torch.bincount(ids, minlength=experts).tolist()
     starts = [sum(counts[:e]) for e in range(experts)]
@@ -70,7 +77,7 @@ def expert_layer(hidden: int, experts: int, top_k: int, tokens: int) -> dict:
 
     def ours(layer: int) -> None:
         rows = ExpertRows(x, order // top_k, order, weights[order], ffn)
-        out = x.new_zeros(tokens * top_k, hidden)
+        out = torch.zeros(tokens * top_k, hidden)  # the kernel accumulates in fp32
         expert_ffn(rows, out, [(starts[e], starts[e] + counts[e], gate_ups[layer][e], downs[layer][e]) for e in used])
 
     def theirs(layer: int) -> None:
@@ -93,15 +100,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--rows", default="1,2,4,8,16,32", help="activation rows per linear call")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     rows_list = [int(r) for r in args.rows.split(",")]
-    results = linear_rows(args.hidden, rows_list)
-    results += [expert_layer(args.hidden, 16, 4, tokens) for tokens in (1, 16)]
+    results = linear_rows(args.hidden, rows_list, dtype)
+    results += [expert_layer(args.hidden, 16, 4, tokens, dtype) for tokens in (1, 16)]
     if args.json:
         print(json.dumps(results))
         return
-    print(f"kernel: {kernel_flavour()}, {torch.get_num_threads()} threads, hidden {args.hidden}, fp32")
+    print(f"kernel: {kernel_flavour()}, {torch.get_num_threads()} threads, hidden {args.hidden}, {args.dtype}")
     print(f"{'case':<34} {'rows':>4} {'kernel us':>10} {'torch us':>9} {'speedup':>8} {'kernel GB/s':>12} "
           f"{'torch GB/s':>11} {'read GB/s':>10}")
     for r in results:
