@@ -50,32 +50,48 @@ def workload(num_requests: int, prompt_len: int, task_vocab: int) -> list[tuple[
     return out
 
 
-def run(path: Path, requests: list[tuple[str, list[int]]], preload: bool, fraction: float, tokens: int) -> dict:
+def run(path: Path, requests: list[tuple[str, list[int]]], preload: bool, fraction: float, tokens: int,
+        overlap: bool = False) -> dict:
+    """Serve the requests in order. Serially (each arrives when the engine is idle), or with
+    `overlap` each arrives once the previous one has produced half its tokens, so it waits for
+    (at most) one running decode step and then joins the batch: continuous batching."""
     engine = build_engine(EngineConfig(model=str(path), dtype="float32", expert_cache_fraction=fraction,
                                        prefetch="none", task_preload=preload, preload_refresh_every=4),
                           show_progress=False)
     cache = engine.runner.model.experts.cache
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    ttfts, computed, prefill_misses = [], 0, []
     warmup = WARMUP_ROUNDS * len(TASK_TOKEN_STARTS)  # not measured: profiles are still being learned
+    arrived: dict[str, tuple[float, int]] = {}  # request id -> (arrival time, demand misses so far)
+    ttfts, prefill_misses, computed = [], [], 0
     before = cache.stats()
-    for i, (task, prompt) in enumerate(requests):
-        if i == warmup:
-            before = cache.stats()
-            computed = 0
-        misses_at_start = sum(cache.stats().misses.values())
-        start = time.perf_counter()
-        engine.add_request(EngineRequest(f"r{i}", prompt, params, task=task))
-        first = None
-        while engine.has_unfinished:
-            outs = engine.step()
-            if first is None and outs:
-                first = time.perf_counter() - start
-                prefill = sum(cache.stats().misses.values()) - misses_at_start
-        if i >= warmup:
-            ttfts.append(first)
-            prefill_misses.append(prefill)
+    next_index = 0
+
+    def arrive() -> None:
+        nonlocal next_index, before, computed
+        if next_index == warmup:
+            before, computed = cache.stats(), 0
+        task, prompt = requests[next_index]
+        request_id = f"r{next_index}"
+        arrived[request_id] = (time.perf_counter(), sum(cache.stats().misses.values()))
+        engine.add_request(EngineRequest(request_id, prompt, params, task=task))
+        if next_index >= warmup:
             computed += len(prompt) + tokens - 1
+        next_index += 1
+
+    while next_index < len(requests) or engine.has_unfinished:
+        if not engine.has_unfinished:
+            arrive()
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:
+            if out.request_id in arrived and out.new_token_ids:
+                start, misses_at_arrival = arrived.pop(out.request_id)
+                if int(out.request_id[1:]) >= warmup:
+                    ttfts.append(now - start)
+                    prefill_misses.append(sum(cache.stats().misses.values()) - misses_at_arrival)
+            last = f"r{next_index - 1}"
+            if overlap and out.request_id == last and out.num_output_tokens >= tokens // 2 and next_index < len(requests):
+                arrive()
     after = cache.stats()
     misses = sum(after.misses.values()) - sum(before.misses.values())
     return {"preload": preload, "demand_misses_per_token": misses / computed,
@@ -98,6 +114,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--task-vocab", type=int, default=16, help="distinct prompt tokens per task")
     parser.add_argument("--repeats", type=int, default=3, help="paired runs (with and without preload)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="each request arrives while the previous one decodes (continuous batching)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = []
@@ -108,7 +126,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = (False, True) if repeat % 2 == 0 else (True, False)
             for preload in order:
-                rows.append({"repeat": repeat, **run(path, requests, preload, args.fraction, args.tokens)})
+                rows.append({"repeat": repeat, **run(path, requests, preload, args.fraction, args.tokens, args.overlap)})
     if args.json:
         print(json.dumps(rows))
         return
