@@ -52,8 +52,8 @@ def linear_rows(hidden: int, rows_list: list[int], dtype: torch.dtype) -> list[d
     out = []
     for rows in rows_list:
         x = torch.randn(rows, hidden).to(dtype)
-        ours = best_seconds(lambda i: linear(x, weights[i]), count)
-        theirs = best_seconds(lambda i: F.linear(x, weights[i]), count)
+        ours = best_seconds(lambda i, x=x: linear(x, weights[i]), count)
+        theirs = best_seconds(lambda i, x=x: F.linear(x, weights[i]), count)
         out.append({"case": "linear", "rows": rows, "kernel_us": round(ours * 1e6, 1), "torch_us": round(theirs * 1e6, 1),
                     "speedup": round(theirs / ours, 2), "kernel_gbps": round(nbytes / ours / 1e9, 1),
                     "torch_gbps": round(nbytes / theirs / 1e9, 1), "read_gbps": round(nbytes / read / 1e9, 1)})

@@ -133,13 +133,13 @@ def main() -> None:
     print(f"{'repeat':>6} {'preload':>8} {'misses/token':>13} {'prefill misses':>15} {'TTFT mean ms':>13} "
           f"{'TTFT p50 ms':>12} {'preloads used/issued':>21}")
     for r in rows:
-        print(f"{r['repeat']:>6} {str(r['preload']):>8} {r['demand_misses_per_token']:>13.3f} "
+        print(f"{r['repeat']:>6} {r['preload']!s:>8} {r['demand_misses_per_token']:>13.3f} "
               f"{r['prefill_misses_mean']:>15.1f} {r['ttft_ms_mean']:>13.1f} {r['ttft_ms_p50']:>12.1f} "
               f"{r['preload_used']:>12}/{r['preload_issued']:<8}")
     print("mean [min, max] over repeats:")
     for preload in (False, True):
         sel = [r for r in rows if r["preload"] is preload]
-        print(f"  preload={str(preload):<5} misses/token {spread([r['demand_misses_per_token'] for r in sel])}  "
+        print(f"  preload={preload!s:<5} misses/token {spread([r['demand_misses_per_token'] for r in sel])}  "
               f"TTFT mean ms {spread([r['ttft_ms_mean'] for r in sel])}  "
               f"TTFT p50 ms {spread([r['ttft_ms_p50'] for r in sel])}")
 

@@ -77,7 +77,7 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, H, Dh]; k, v: [T, Hkv, Dh]; caches: [S, Hkv, Dh]. Returns [T, H * Dh]."""
-    num_tokens, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.max_query_len == 1 and kernel_decode_attention(q, k_cache):  # decode step: one query per sequence
