@@ -13,7 +13,7 @@ instructions, which is why the engine's `linear` runs bf16 products past `MAX_RO
 GEMMs on widened weights: the "linear" rows above `MAX_ROWS` show that path against torch's
 bf16 GEMM).
 
-    python -m benchmarks.cpu_kernels [--hidden 512] [--rows 1,2,4,8,16,32] [--dtype float32] [--json]
+    python -m benchmarks.cpu_kernels [--hidden 512] [--rows 1,2,4,8,16,32,64,128] [--dtype float32] [--json]
 """
 
 from __future__ import annotations
@@ -99,14 +99,14 @@ def expert_layer(hidden: int, experts: int, top_k: int, tokens: int, dtype: torc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--rows", default="1,2,4,8,16,32", help="activation rows per linear call")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64,128", help="activation rows per linear call")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     rows_list = [int(r) for r in args.rows.split(",")]
     results = linear_rows(args.hidden, rows_list, dtype)
-    results += [expert_layer(args.hidden, 16, 4, tokens, dtype) for tokens in (1, 16)]
+    results += [expert_layer(args.hidden, 16, 4, tokens, dtype) for tokens in (1, 16, 64)]
     if args.json:
         print(json.dumps(results))
         return

@@ -2,7 +2,7 @@
 
 Decoding multiplies a handful of rows by each weight matrix, so it is bound by reading the
 weights, and for MoE layers also by the per-expert Python and dispatch overhead. torch's CPU
-GEMM streams a [N, K] fp32 matrix for 1-16 rows at a fraction of the memory bandwidth on some
+GEMM streams a [N, K] fp32 matrix for a few rows at a fraction of the memory bandwidth on some
 CPUs (about a third on the AMD EPYC we measured; `python -m benchmarks.cpu_kernels`).
 `csrc/cpu_kernels.c` computes tiles of two weight rows by three activation rows in registers
 (each weight vector loaded once per tile, the whole matrix once per call), splits weight rows
@@ -41,7 +41,10 @@ from cuda_ext.native import cache_root
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.c"
-MAX_ROWS = 16  # above this torch's fp32 GEMM is as fast or faster (benchmarks/cpu_kernels.py)
+# Above this torch's fp32 GEMM is as fast or faster (benchmarks/cpu_kernels.py, 2 cores: the
+# kernel is 2x faster at 16 rows, even at 64-128, slower at 256); up to it a decode step's
+# result for a sequence does not depend on how many sequences share the step.
+MAX_ROWS = 64
 # CPUs with these run torch's bf16 GEMM natively; elsewhere it is ~4x slower than its fp32 GEMM
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 DISABLE_ENV = "MOE_SERVE_CPU_KERNEL"
