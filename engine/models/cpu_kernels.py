@@ -32,6 +32,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "paged_decode_attention": ([_P, _P, _P, _I, _P, _L, _P, _L, _L, _L, _L, ctypes.c_float, _P, _P, _I], _I),
     "rope": ([_P, _L, _P, _P, _P, _L, _L, _L, _I], None),
     "rms_norm": ([_P, _L, _P, _P, _L, _L, ctypes.c_float, _I], None),
+    "route": ([_P, _I, _L, _L, _L, _P, _I, _P, _P, _P, _P, _P], _I),
 }
 
 
@@ -335,6 +337,48 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(tokens, heads, head_dim)
     library.rope(x.data_ptr(), x.stride(0), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim, kind)
     return out
+
+
+class Routing(NamedTuple):
+    """One MoE layer's routing, with its (token, slot) assignments grouped by expert.
+
+    Assignment a = t * top_k + slot. `order` lists the assignments sorted (stably) by expert,
+    `tokens[i]` is the token of `order[i]` and `scale[i]` its routing weight (fp32, holding
+    values of the activations' dtype); `counts[e]` assignments go to expert e."""
+
+    ids: torch.Tensor  # [T, top_k] int64
+    counts: list[int]
+    order: torch.Tensor  # [T * top_k] int64
+    tokens: torch.Tensor  # [T * top_k] int64
+    scale: torch.Tensor  # [T * top_k] fp32
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool, act_dtype: torch.dtype,
+          override: torch.Tensor | None = None) -> Routing | None:
+    """Softmax top-k routing (or the `override` ids [T, top_k]) and the grouping by expert in
+    one C call for fp32/bf16 CPU logits [T, E]; None where the kernel does not apply (use the
+    torch path). Weights are renormalised to sum 1 with `normalize` and rounded to `act_dtype`."""
+    kind = _weight_kind(logits)
+    if kind is None or logits.dtype is not act_dtype or logits.dim() != 2 or not logits.is_contiguous():
+        return None
+    library = _load()
+    if library is None:
+        return None
+    tokens, experts = logits.shape
+    if override is not None:
+        override = override.to(torch.int64).contiguous()
+        if override.shape != (tokens, top_k) or not bool(((override >= 0) & (override < experts)).all()):
+            raise ValueError(f"routing override must be [{tokens}, {top_k}] expert ids below {experts}")
+    ids = torch.empty(tokens, top_k, dtype=torch.int64)
+    counts = torch.empty(experts, dtype=torch.int64)
+    order, token = torch.empty(tokens * top_k, dtype=torch.int64), torch.empty(tokens * top_k, dtype=torch.int64)
+    scale = torch.empty(tokens * top_k)
+    status = library.route(logits.data_ptr(), kind, tokens, experts, top_k,
+                           None if override is None else override.data_ptr(), int(normalize), ids.data_ptr(),
+                           counts.data_ptr(), order.data_ptr(), token.data_ptr(), scale.data_ptr())
+    if status != 0:
+        raise MemoryError("route: out of memory for the kernel's scratch rows")
+    return Routing(ids, counts.tolist(), order, token, scale)
 
 
 def main() -> None:

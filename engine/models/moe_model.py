@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.attention import AttentionMetadata, paged_attention
-from engine.models.cpu_kernels import ExpertRows, expert_ffn, kernel_experts, linear, rms_norm, rope
+from engine.models.cpu_kernels import ExpertRows, Routing, expert_ffn, kernel_experts, linear, rms_norm, rope
+from engine.models.cpu_kernels import route as route_kernel
 from engine.models.experts import ExpertProvider
 from engine.models.spec import ModelSpec, QKNorm
 from engine.models.weights import AttentionWeights, DenseWeights, LayerWeights, SharedExpertWeights
@@ -104,55 +105,63 @@ class MoEModel:
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return linear(out, w.o, w.o_bias)
 
-    def route(self, layer_idx: int, layer: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router: x [T, D] -> (topk_weights [T, A] in x's dtype, topk_ids [T, A]). With a routing
-        override the ids come from it and the weights are the router's probabilities at those ids."""
+    def route(self, layer_idx: int, layer: LayerWeights, x: torch.Tensor) -> Routing:
+        """Router: x [T, D] -> the top-k experts of each token with their weights (softmax
+        probabilities, renormalised if the spec says so, in x's dtype), grouped by expert. With a
+        routing override the ids come from it and the weights are the router's probabilities at
+        those ids. One C call on CPU; torch elsewhere."""
+        top_k = self.spec.top_k
         logits = linear(x, layer.router)  # [T, E]
+        override = None if self.routing_override is None else self.routing_override(layer_idx)
+        routing = route_kernel(logits, top_k, self.spec.norm_topk_prob, x.dtype, override) if x.is_cpu else None
+        if routing is not None:
+            return routing
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if self.routing_override is None:
-            weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
+        if override is None:
+            weights, ids = torch.topk(probs, top_k, dim=-1)
         else:
-            ids = self.routing_override(layer_idx).to(device=x.device, dtype=torch.long)
+            ids = override.to(device=x.device, dtype=torch.long)
             weights = probs.gather(1, ids)
         if self.spec.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), ids
+        flat_ids = ids.flatten()  # [T * A]
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.spec.num_experts).tolist()
+        return Routing(ids, counts, order, order // top_k, weights.to(x.dtype).float().flatten()[order])
 
     def _moe(self, layer_idx: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         num_tokens, hidden = x.shape
         top_k = self.spec.top_k
-        weights, ids = self.route(layer_idx, layer, x)
+        routing = self.route(layer_idx, layer, x)
         if self.routing_observer is not None:
-            self.routing_observer(layer_idx, ids)
-        flat_ids = ids.flatten()  # [T * A]
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.spec.num_experts).tolist()
+            self.routing_observer(layer_idx, routing.ids)
+        counts = routing.counts
         starts = [0] * len(counts)
         for e in range(1, len(counts)):
             starts[e] = starts[e - 1] + counts[e - 1]
         needed = [e for e, c in enumerate(counts) if c]
-        flat_weights = weights.flatten()
         # each (token, slot) pair gets its own row, so experts may finish in any order
         # and the final sum over slots is still taken in one fixed order (bit-exact)
         fetched = self.experts.fetch(layer_idx, needed)
         if self.speculator is not None:
-            guesses = self.speculator(layer_idx, x, ids)
+            guesses = self.speculator(layer_idx, x, routing.ids)
             if guesses and layer_idx + 1 < self.spec.num_layers:
                 self.experts.hint(layer_idx + 1, guesses)
         use_kernel = kernel_experts(x, max(counts))
         # the kernel computes in fp32 (bf16 weights too); the sum over slots is rounded to x's dtype once
         out = torch.zeros(num_tokens * top_k, hidden) if use_kernel else x.new_zeros(num_tokens * top_k, hidden)
         if use_kernel:
-            rows = ExpertRows(x, order // top_k, order, flat_weights[order], self.spec.moe_intermediate_size)
+            rows = ExpertRows(x, routing.tokens, routing.order, routing.scale, self.spec.moe_intermediate_size)
             for ready in fetched:  # one kernel call per group of usable experts
                 groups = [(starts[e], starts[e] + counts[e], gate_up, down) for e, (gate_up, down) in ready]
                 expert_ffn(rows, out, groups)
         else:
             for ready in fetched:
                 for expert, (gate_up, down) in ready:
-                    rows = order[starts[expert] : starts[expert] + counts[expert]]
-                    gate, up = linear(x[rows // top_k], gate_up).chunk(2, dim=-1)
-                    out[rows] = linear(F.silu(gate) * up, down) * flat_weights[rows, None]
+                    first, last = starts[expert], starts[expert] + counts[expert]
+                    gate, up = linear(x[routing.tokens[first:last]], gate_up).chunk(2, dim=-1)
+                    expert_out = linear(F.silu(gate) * up, down) * routing.scale[first:last, None]
+                    out[routing.order[first:last]] = expert_out.to(out.dtype)
         self.experts.done(layer_idx, needed)
         routed = out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
         if layer.shared_expert is not None:

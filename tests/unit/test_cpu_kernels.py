@@ -273,3 +273,34 @@ def test_bf16_rms_norm_and_decode_attention_round_like_the_reference() -> None:
     out = cpu_kernels.decode_attention(q, *caches, slots, lens, scale=0.2)
     exact = cpu_kernels.decode_attention(q.float(), *(c.float() for c in caches), slots, lens, scale=0.2)
     assert out.dtype is torch.bfloat16 and torch.equal(out, exact.bfloat16())  # fp32 arithmetic, rounded once
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_matches_torch_topk_and_groups_by_expert(normalize: bool) -> None:
+    gen = torch.Generator().manual_seed(8)
+    logits, top_k = torch.randn(11, 16, generator=gen), 4
+    routing = cpu_kernels.route(logits, top_k, normalize, torch.float32)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    order = torch.argsort(ids.flatten(), stable=True)
+    assert torch.equal(routing.ids, ids) and torch.equal(routing.order, order)
+    assert torch.equal(routing.tokens, order // top_k)
+    assert routing.counts == torch.bincount(ids.flatten(), minlength=16).tolist()
+    torch.testing.assert_close(routing.scale, weights.flatten()[order], rtol=1e-6, atol=1e-7)
+    # bf16 logits tie often; ties go to the lower expert, and the chosen weights are torch's
+    bf16 = cpu_kernels.route(logits.bfloat16(), top_k, normalize, torch.bfloat16)
+    probs = torch.softmax(logits.bfloat16(), dim=-1, dtype=torch.float32)
+    top = torch.topk(probs, top_k, dim=-1).values
+    assert torch.equal(probs.gather(1, bf16.ids), top)
+    # an override picks the experts; the weights are the router's probabilities there
+    override = torch.stack([torch.randperm(16, generator=gen)[:top_k] for _ in range(11)])
+    forced = cpu_kernels.route(logits, top_k, normalize, torch.float32, override)
+    assert torch.equal(forced.ids, override)
+    expected = torch.softmax(logits, dim=-1).gather(1, override)
+    if normalize:
+        expected = expected / expected.sum(dim=-1, keepdim=True)
+    torch.testing.assert_close(forced.scale, expected.flatten()[forced.order], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="expert ids below 16"):
+        cpu_kernels.route(logits, top_k, normalize, torch.float32, override + 16)

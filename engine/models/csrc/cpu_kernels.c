@@ -397,3 +397,60 @@ void rms_norm(const void *x, int64_t ldx, const void *weight, void *out, int64_t
     if (bf16) rms_norm_rows(x, ldx, weight, out, rows, dim, eps, 1);
     else rms_norm_rows(x, ldx, weight, out, rows, dim, eps, 0);
 }
+
+/* Router top-k and the grouping of the (token, slot) assignments by expert, for one MoE layer.
+ *
+ * logits: [tokens, experts], fp32 or bf16 (bf16 != 0). Per token: p = softmax(logits) in fp32;
+ * the top_k largest (ties: the lower expert first), or the experts in override[t] when override
+ * is not NULL; with norm, divided by their sum; rounded to bf16 where bf16 != 0 (the routing
+ * weights are in the activations' type). Writes ids [tokens, top_k]; counts [experts]; and, for
+ * the assignments a = t * top_k + slot sorted stably by expert: order[i] = a, token[i] = t and
+ * scale[i] = the weight of a. Returns 0, or -1 if scratch memory ran out. */
+int route(const void *logits, int bf16, int64_t tokens, int64_t experts, int64_t top_k, const int64_t *override, int norm,
+          int64_t *ids, int64_t *counts, int64_t *order, int64_t *token, float *scale) {
+    float *p = malloc(sizeof(float) * (experts > 0 ? experts : 1)), *w = malloc(sizeof(float) * (tokens * top_k + 1));
+    int64_t *start = malloc(sizeof(int64_t) * (experts + 1));
+    if (!p || !w || !start) {
+        free(p), free(w), free(start);
+        return -1;
+    }
+    for (int64_t e = 0; e < experts; ++e) counts[e] = 0;
+    for (int64_t t = 0; t < tokens; ++t) {
+        float top = -INFINITY, total = 0.f;
+        for (int64_t e = 0; e < experts; ++e) {
+            p[e] = weight_at(logits, bf16, t * experts + e);
+            if (p[e] > top) top = p[e];
+        }
+        for (int64_t e = 0; e < experts; ++e) total += (p[e] = expf(p[e] - top));
+        for (int64_t e = 0; e < experts; ++e) p[e] /= total;
+        int64_t *row = ids + t * top_k;
+        float picked = 0.f;
+        for (int64_t s = 0; s < top_k; ++s) {
+            int64_t best = override ? override[t * top_k + s] : -1;
+            if (!override)
+                for (int64_t e = 0; e < experts; ++e) {
+                    int taken = 0;
+                    for (int64_t q = 0; q < s; ++q) taken |= row[q] == e;
+                    if (!taken && (best < 0 || p[e] > p[best])) best = e;
+                }
+            row[s] = best;
+            w[t * top_k + s] = p[best];
+            picked += p[best];
+            counts[best] += 1;
+        }
+        for (int64_t s = 0; s < top_k; ++s) {
+            float v = norm ? w[t * top_k + s] / picked : w[t * top_k + s];
+            w[t * top_k + s] = rounded(v, bf16);
+        }
+    }
+    start[0] = 0;
+    for (int64_t e = 0; e < experts; ++e) start[e + 1] = start[e] + counts[e];
+    for (int64_t a = 0; a < tokens * top_k; ++a) {  /* a counting sort: stable */
+        int64_t i = start[ids[a]]++;
+        order[i] = a;
+        token[i] = a / top_k;
+        scale[i] = w[a];
+    }
+    free(p), free(w), free(start);
+    return 0;
+}
