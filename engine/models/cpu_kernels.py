@@ -365,6 +365,8 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool, act_dtype: torch.dt
     if library is None:
         return None
     tokens, experts = logits.shape
+    if not 0 < top_k <= experts:
+        raise ValueError(f"top_k must be in [1, {experts}], got {top_k}")
     if override is not None:
         override = override.to(torch.int64).contiguous()
         if override.shape != (tokens, top_k) or not bool(((override >= 0) & (override < experts)).all()):

@@ -304,3 +304,5 @@ def test_route_matches_torch_topk_and_groups_by_expert(normalize: bool) -> None:
     torch.testing.assert_close(forced.scale, expected.flatten()[forced.order], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="expert ids below 16"):
         cpu_kernels.route(logits, top_k, normalize, torch.float32, override + 16)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        cpu_kernels.route(logits, 17, normalize, torch.float32)
