@@ -221,6 +221,16 @@ class ExpertRows:
         self.tokens = tokens.to(torch.int64).contiguous()
         self.dest = dest.to(torch.int64).contiguous()
         self.scale = scale.float().contiguous()
+        if rows:  # the kernel trusts the indices: check them once per layer
+            low, high = torch.aminmax(self.tokens)
+            if int(low) < 0 or int(high) >= x.shape[0]:
+                raise ValueError(f"ExpertRows: token indices must be in [0, {x.shape[0]})")
+            low, high = torch.aminmax(self.dest)
+            if int(low) < 0:
+                raise ValueError("ExpertRows: destination rows must be >= 0")
+            self.dest_rows = int(high) + 1
+        else:
+            self.dest_rows = 0
         self.h = torch.empty(rows, 2 * ffn)
         self.act = torch.empty(rows, ffn)
         self.ffn = ffn
@@ -241,15 +251,16 @@ def expert_ffn(rows: ExpertRows, out: torch.Tensor,
     Computed in fp32. Call only where `kernel_experts` said yes."""
     if _library is None:
         raise RuntimeError("expert_ffn needs the C kernels (check kernel_experts first)")
-    if not (out.is_contiguous() and out.shape[1] == rows.x.shape[1] and _plain_f32_cpu(out)):
-        raise ValueError("out must be a contiguous fp32 CPU tensor [rows, hidden]")
+    if not (out.is_contiguous() and out.shape[1] == rows.x.shape[1] and out.shape[0] >= rows.dest_rows
+            and _plain_f32_cpu(out)):
+        raise ValueError("out must be a contiguous fp32 CPU tensor [rows, hidden] covering every destination row")
     if not groups:
         return
     hidden = rows.x.shape[1]
     gate_up_shape, down_shape = (2 * rows.ffn, hidden), (hidden, rows.ffn)
     dtype = groups[0][2].dtype
     kind = _WEIGHT_KINDS.get(dtype)
-    n = len(groups)
+    n, num_rows = len(groups), rows.tokens.shape[0]
     table = (ctypes.c_int64 * (4 * n))()  # begin[n], end[n], gate_up addresses[n], down addresses[n]
     for i, (begin, end, gate_up, down) in enumerate(groups):
         # the kernel trusts these: a wrong one would read out of bounds (spelled out: this runs per expert)
@@ -258,6 +269,8 @@ def expert_ffn(rows: ExpertRows, out: torch.Tensor,
                 or not gate_up.is_contiguous() or not down.is_contiguous()):
             raise ValueError("expert weights must be contiguous CPU tensors, all fp32 or all bf16, of shapes "
                              f"{gate_up_shape}, {down_shape}")
+        if not 0 <= begin <= end <= num_rows:
+            raise ValueError(f"group rows [{begin}, {end}) outside the {num_rows} assignment rows")
         table[i], table[n + i], table[2 * n + i], table[3 * n + i] = begin, end, gate_up.data_ptr(), down.data_ptr()
     base = ctypes.addressof(table)
     _library.moe_experts(
@@ -293,6 +306,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     context_lens = context_lens.to(torch.int64).contiguous()
     if slots.shape[0] != seqs or context_lens.shape != (seqs,) or int(context_lens.max()) > slots.shape[1]:
         raise ValueError("slots must be [B, K] with K >= every context length, context_lens [B]")
+    low, high = torch.aminmax(slots)
+    if int(low) < 0 or int(high) >= k_cache.shape[0]:
+        raise ValueError(f"cache slots must be in [0, {k_cache.shape[0]})")
     out = q.new_empty(seqs, heads * head_dim)
     scratch = torch.empty(seqs * heads, slots.shape[1])
     status = _library.paged_decode_attention(

@@ -153,6 +153,13 @@ def test_expert_ffn_refuses_bad_weights() -> None:
         expert_ffn(rows, out, [(0, 1, gate_ups[0].T, downs[0])])
     with pytest.raises(ValueError, match="all fp32 or all bf16"):
         expert_ffn(rows, out, [(0, 1, gate_ups[0], downs[0].bfloat16())])
+    with pytest.raises(ValueError, match="token indices"):
+        ExpertRows(x, torch.tensor([x.shape[0]]), torch.zeros(1, dtype=torch.long), torch.ones(1), ffn)
+    with pytest.raises(ValueError, match="covering every destination row"):
+        expert_ffn(ExpertRows(x, torch.zeros(1, dtype=torch.long), torch.tensor([9]), torch.ones(1), ffn), out,
+                   [(0, 1, gate_ups[0], downs[0])])
+    with pytest.raises(ValueError, match="outside the 1 assignment rows"):
+        expert_ffn(rows, out, [(0, 2, gate_ups[0], downs[0])])
     with pytest.raises(ValueError, match="of shapes"):  # the right dtype and layout, the wrong expert size
         expert_ffn(rows, out, [(0, 1, gate_ups[0][:-2].contiguous(), downs[0])])
     with pytest.raises(ValueError, match="one length"):
@@ -211,6 +218,8 @@ def test_decode_attention_matches_sdpa_over_paged_slots() -> None:
         assert torch.equal(alone[0], out[b])
     with pytest.raises(ValueError, match="context length"):
         decode_attention(q, k_cache, v_cache, slots[:, :4], context_lens, scale=0.3)
+    with pytest.raises(ValueError, match="cache slots must be in"):
+        decode_attention(q, k_cache, v_cache, slots + slots_total, context_lens, scale=0.3)
 
 
 def test_a_prebuilt_library_needs_no_compiler(monkeypatch, fresh_loader, tmp_path) -> None:
