@@ -1,23 +1,28 @@
-"""CPU kernels for decode-sized batches (fp32): linear layers and the routed-expert FFN.
+"""CPU kernels for decode-sized batches, fp32 or bf16: linear layers, the routed-expert FFN,
+decode attention, RMSNorm, the rotary embedding and the router's top-k.
 
 Decoding multiplies a handful of rows by each weight matrix, so it is bound by reading the
 weights, and for MoE layers also by the per-expert Python and dispatch overhead. torch's CPU
 GEMM streams a [N, K] fp32 matrix for a few rows at a fraction of the memory bandwidth on some
-CPUs (about a third on the AMD EPYC we measured; `python -m benchmarks.cpu_kernels`).
+CPUs (about a third on the AMD EPYC we measured; `python -m benchmarks.cpu_kernels`), and its
+bf16 GEMM runs at a quarter of its fp32 one where the CPU has no bf16 instructions.
 `csrc/cpu_kernels.c` computes tiles of two weight rows by three activation rows in registers
-(each weight vector loaded once per tile, the whole matrix once per call), splits weight rows
-across torch's thread count, and computes a whole group of experts (gather, gate/up,
-SiLU, down, routing weight, scatter) in one call; it also has the attention of decode steps,
-read straight from the paged KV cache (no gathered copy, no padding). It is compiled with the
-system C compiler on first use into the extension cache (AVX2/FMA and AVX-512 when the CPU
-has them) and called through ctypes, which releases the GIL.
+(each weight vector loaded once per tile, the whole matrix once per call; bf16 weights widened
+in registers, sums in fp32), splits weight rows across torch's thread count, and computes a
+whole group of experts (gather, gate/up, SiLU, down, routing weight, scatter) in one call; it
+also has the attention of decode steps, read straight from the paged KV cache (no gathered
+copy, no padding), RMSNorm, the rotary embedding, and the router's softmax top-k with the
+grouping of assignments by expert. It is compiled with the system C compiler on first use
+into the extension cache (AVX2/FMA and AVX-512 when the CPU has them) and called through
+ctypes, which releases the GIL.
 
-`linear` and `expert_ffn` use it for fp32 CPU tensors with at most `MAX_ROWS` rows (per
-expert, for the FFN), `decode_attention` for fp32 CPU decode-only steps; everything else
-(other devices or dtypes, prefill-sized inputs, no compiler, or MOE_SERVE_CPU_KERNEL=0) goes
-to torch. The kernel sums each output in the same
-order whatever the number of rows or the grouping of experts into calls, so a sequence's
-result does not depend on what it is batched with, nor on which experts were resident.
+`linear` and `expert_ffn` use it for fp32 and bf16 CPU tensors with at most `MAX_ROWS` rows
+(per expert, for the FFN), the others for fp32 and bf16 CPU tensors of any size; everything
+else (other devices or dtypes, no compiler, or MOE_SERVE_CPU_KERNEL=0) goes to torch, and
+bf16 products past `MAX_ROWS` to torch's fp32 GEMM on widened weights (unless the CPU has bf16
+instructions). The kernels sum each output in the same order whatever the number of rows or
+the grouping of experts into calls, so a sequence's result does not depend on what it is
+batched with (decode steps of up to `MAX_ROWS` sequences), nor on which experts were resident.
 """
 
 from __future__ import annotations
