@@ -1,7 +1,8 @@
-/* CPU kernels for decode-sized batches, fp32: a linear layer, the routed-expert FFN and the
- * attention of decode steps over the paged KV cache.
+/* CPU kernels for decode-sized batches, fp32 or bf16: a linear layer, the routed-expert FFN,
+ * the attention of decode steps over the paged KV cache, RMSNorm, the rotary embedding and the
+ * router's top-k with the grouping of assignments by expert.
  *
- * All three are built on one primitive, dot_tile: the dot products of up to TILE_W weight rows
+ * The three products are built on one primitive, dot_tile: the dot products of up to TILE_W weight rows
  * with up to TILE_X activation rows, each weight vector loaded once for all activation rows and
  * each activation vector once for all weight rows. A dot product runs in LANES independent
  * partial sums, lane l taking the elements k = l (mod LANES) in order, and the lanes are added
