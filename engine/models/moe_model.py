@@ -113,7 +113,7 @@ class MoEModel:
         top_k = self.spec.top_k
         logits = linear(x, layer.router)  # [T, E]
         override = None if self.routing_override is None else self.routing_override(layer_idx)
-        routing = route_kernel(logits, top_k, self.spec.norm_topk_prob, x.dtype, override) if x.is_cpu else None
+        routing = route_kernel(logits, top_k, self.spec.norm_topk_prob, x.dtype, override)
         if routing is not None:
             return routing
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
