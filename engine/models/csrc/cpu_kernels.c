@@ -42,12 +42,15 @@ static float lane_sum(const float *a) {
 /* Tensors are fp32 or bf16 (the `bf16` flags below); arithmetic is fp32. A bf16 value is the
  * upper half of the fp32 with the same bits, so widening is exact; narrowing rounds to nearest
  * even, as torch does. */
-static inline float weight_at(const void *w, int bf16, int64_t i) {
-    if (!bf16) return ((const float *)w)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
+static inline float from_bf16(uint16_t half) {
+    uint32_t bits = (uint32_t)half << 16;
     float v;
     __builtin_memcpy(&v, &bits, sizeof v);
     return v;
+}
+
+static inline float weight_at(const void *w, int bf16, int64_t i) {
+    return bf16 ? from_bf16(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 
 static inline uint16_t to_bf16(float v) {
@@ -59,10 +62,7 @@ static inline uint16_t to_bf16(float v) {
 
 /* v rounded to the precision of the tensor type (bf16 or fp32), as a float. */
 static inline float rounded(float v, int bf16) {
-    if (!bf16) return v;
-    uint32_t bits = (uint32_t)to_bf16(v) << 16;
-    __builtin_memcpy(&v, &bits, sizeof v);
-    return v;
+    return bf16 ? from_bf16(to_bf16(v)) : v;
 }
 
 static inline void store_at(void *p, int bf16, int64_t i, float v) {
