@@ -1,19 +1,18 @@
-"""The C decode kernels vs torch on this CPU, same run: linear layers and one MoE layer's experts.
+"""The C kernels vs torch on this CPU, same run: linear layers and one MoE layer's experts.
 
 Decode-sized products are bound by reading weights, so each case cycles through more weight
 matrices than the last-level cache holds (every read comes from memory, as in a real decode
-step) and reports microseconds per call and the weight bytes read per second. `torch` is
-`F.linear` (and, for the experts, the per-expert loop the engine runs without the kernels);
-`memory read` is a plain `sum` over the same bytes, the machine's streaming read rate. Above
-`MAX_ROWS` rows `linear` hands over to torch, so both columns run torch there.
+step) and reports microseconds per call and the weight bytes read per second. The kernel reads
+the packed layout the engine loads (`engine.models.packed`); `torch` is `F.linear` on the plain
+weights (and, for the experts, the per-expert loop the engine runs without the kernels);
+`read GB/s` is a plain `sum` over the same bytes, the machine's streaming read rate. Large row
+counts are prefill sizes, where the products are bound by arithmetic instead.
 
 With `--dtype bfloat16` weights and activations are bf16 on both sides: the kernels widen the
 weights in registers and sum in fp32; torch runs its bf16 GEMM (slow on CPUs without bf16
-instructions, which is why the engine's `linear` runs bf16 products past `MAX_ROWS` as fp32
-GEMMs on widened weights: the "linear" rows above `MAX_ROWS` show that path against torch's
-bf16 GEMM).
+instructions).
 
-    python -m benchmarks.cpu_kernels [--hidden 512] [--rows 1,2,4,8,16,32,64,128] [--dtype float32] [--json]
+    python -m benchmarks.cpu_kernels [--hidden 512] [--rows 1,2,4,8,16,32,64,128,512] [--dtype float32] [--json]
 """
 
 from __future__ import annotations
@@ -26,7 +25,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.models.cpu_kernels import ExpertRows, expert_ffn, kernel_experts, kernel_flavour, linear
+from engine.models.cpu_kernels import ExpertRows, expert_ffn, kernel_flavour, linear
+from engine.models.packed import PackedMatrix
+from engine.models.weights import pack_expert
 
 WORKING_SET_BYTES = 256 * 2**20  # weights cycled through per case: far more than a last-level cache
 
@@ -47,12 +48,13 @@ def linear_rows(hidden: int, rows_list: list[int], dtype: torch.dtype) -> list[d
     size = torch.finfo(dtype).bits // 8
     count = max(1, WORKING_SET_BYTES // (hidden * hidden * size))
     weights = [torch.randn(hidden, hidden).to(dtype) for _ in range(count)]
+    packed = [PackedMatrix.pack(w) for w in weights]
     nbytes = hidden * hidden * size
     read = best_seconds(lambda i: weights[i].sum(), count)
     out = []
     for rows in rows_list:
         x = torch.randn(rows, hidden).to(dtype)
-        ours = best_seconds(lambda i, x=x: linear(x, weights[i]), count)
+        ours = best_seconds(lambda i, x=x: linear(x, packed[i]), count)
         theirs = best_seconds(lambda i, x=x: F.linear(x, weights[i]), count)
         out.append({"case": "linear", "rows": rows, "kernel_us": round(ours * 1e6, 1), "torch_us": round(theirs * 1e6, 1),
                     "speedup": round(theirs / ours, 2), "kernel_gbps": round(nbytes / ours / 1e9, 1),
@@ -66,6 +68,8 @@ def expert_layer(hidden: int, experts: int, top_k: int, tokens: int, dtype: torc
     layers = max(1, WORKING_SET_BYTES // (experts * expert_bytes))
     gate_ups = [[torch.randn(2 * ffn, hidden).to(dtype) for _ in range(experts)] for _ in range(layers)]
     downs = [[torch.randn(hidden, ffn).to(dtype) for _ in range(experts)] for _ in range(layers)]
+    packed = [[pack_expert((gu, d)) for gu, d in zip(gate_ups[layer], downs[layer], strict=True)]
+              for layer in range(layers)]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).flatten()
@@ -78,7 +82,7 @@ def expert_layer(hidden: int, experts: int, top_k: int, tokens: int, dtype: torc
     def ours(layer: int) -> None:
         rows = ExpertRows(x, order // top_k, order, weights[order], ffn)
         out = torch.zeros(tokens * top_k, hidden)  # the kernel accumulates in fp32
-        expert_ffn(rows, out, [(starts[e], starts[e] + counts[e], gate_ups[layer][e], downs[layer][e]) for e in used])
+        expert_ffn(rows, out, [(starts[e], starts[e] + counts[e], *packed[layer][e]) for e in used])
 
     def theirs(layer: int) -> None:
         out = x.new_zeros(tokens * top_k, hidden)
@@ -87,8 +91,6 @@ def expert_layer(hidden: int, experts: int, top_k: int, tokens: int, dtype: torc
             gate, up = F.linear(x[rows // top_k], gate_ups[layer][e]).chunk(2, dim=-1)
             out[rows] = F.linear(F.silu(gate) * up, downs[layer][e]) * weights[rows, None]
 
-    if not kernel_experts(x, max(counts)):
-        raise SystemExit("the C kernels are not available here (see the log)")
     nbytes = len(used) * expert_bytes
     a, b = best_seconds(ours, layers), best_seconds(theirs, layers)
     return {"case": f"experts ({tokens} tokens, top-{top_k} of {experts})", "rows": max(counts),
@@ -99,14 +101,16 @@ def expert_layer(hidden: int, experts: int, top_k: int, tokens: int, dtype: torc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--rows", default="1,2,4,8,16,32,64,128", help="activation rows per linear call")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64,128,512", help="activation rows per linear call")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if kernel_flavour() == "torch":
+        raise SystemExit("the C kernels are not available here (see the log)")
     rows_list = [int(r) for r in args.rows.split(",")]
     results = linear_rows(args.hidden, rows_list, dtype)
-    results += [expert_layer(args.hidden, 16, 4, tokens, dtype) for tokens in (1, 16, 64)]
+    results += [expert_layer(args.hidden, 16, 4, tokens, dtype) for tokens in (1, 16, 64, 512)]
     if args.json:
         print(json.dumps(results))
         return

@@ -68,7 +68,7 @@ def decode_bytes_per_step(engine: LLMEngine, batch: int) -> float:
     dense = model.dense
     embed = dense.embed_tokens
     dense_bytes = dense.nbytes()
-    if embed.data_ptr() != dense.lm_head.data_ptr():
+    if embed is not dense.lm_head:  # an untied table is read only at `batch` rows
         dense_bytes -= embed.numel() * embed.element_size()
     spec = model.spec
     expert_bytes = model.experts.nbytes() / (spec.num_layers * spec.num_experts)

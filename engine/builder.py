@@ -16,7 +16,9 @@ from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from engine.llm_engine import LLMEngine
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
+from engine.models.cpu_kernels import packs_weights
 from engine.models.moe_model import MoEModel, Speculator
+from engine.models.weights import pack_dense
 from engine.expert_cache import SlotState
 from engine.models.experts import ResidentExperts
 from engine.offload import OffloadedExperts, build_expert_provider
@@ -110,9 +112,11 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
             f"kv_cache_gb={config.kv_cache_gb} holds {num_blocks * config.block_size} tokens, less than one "
             f"max_model_len={max_model_len} sequence; raise kv_cache_gb or lower max_model_len"
         )
-    dense = loaded.weights.dense
-    experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens)
-    model = MoEModel(spec, _dense_to(dense, device), experts, device)
+    packed = packs_weights(device, dtype)  # the CPU kernels' layout, packed once here
+    dense = pack_dense(loaded.weights.dense) if packed else loaded.weights.dense
+    experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens,
+                                    pack=packed)
+    model = MoEModel(spec, _dense_to(dense, device), experts, device, packed=packed)
     if isinstance(experts, OffloadedExperts):
         model.speculator = make_speculator(config, model)
     kv = allocate_kv_cache(spec, num_blocks, config.block_size, dtype, device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,18 +79,26 @@ class HostExpertStore:
 
     @classmethod
     def from_tensors(cls, experts: Mapping[ExpertKey, Sequence[torch.Tensor]], pin: bool,
-                     backing_dir: Path | None = None) -> HostExpertStore:
+                     backing_dir: Path | None = None,
+                     transform: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None,
+                     ) -> HostExpertStore:
         """Packs `experts` (same shapes and dtypes for every expert) in key order.
 
         `pin` pins the slab when CUDA is available (pinning needs a CUDA runtime). With
         `backing_dir` the slab is a file-backed memory map in that directory (never pinned).
+        `transform` maps each expert's tensors to what is stored (e.g. a packed layout), one
+        expert at a time, so no second full copy of the experts is ever held.
         """
         if not experts:
             raise ValueError("no experts to store")
+
+        def stored(key: ExpertKey) -> tuple[torch.Tensor, ...]:
+            tensors = tuple(experts[key])
+            return tuple(transform(tensors)) if transform is not None else tensors
+
         keys = sorted(experts)
-        first = experts[keys[0]]
-        layouts, expert_nbytes = layout_for(first)
-        signature = [(layout.shape, layout.dtype) for layout in layouts]
+        layouts, expert_nbytes = layout_for(stored(keys[0]))
+        signature = [(tuple(t.shape), t.dtype) for t in experts[keys[0]]]
         for key in keys:
             found = [(tuple(t.shape), t.dtype) for t in experts[key]]
             if found != signature:
@@ -102,7 +110,7 @@ class HostExpertStore:
             slab = torch.empty(size, dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
         store = cls(slab, keys, layouts, expert_nbytes, file_backed=backing_dir is not None)
         for key in keys:
-            for view, tensor in zip(store.unpack(store.source(key)), experts[key]):
+            for view, tensor in zip(store.unpack(store.source(key)), stored(key), strict=True):
                 view.copy_(tensor.detach())
         return store
 

@@ -26,7 +26,7 @@ from engine.expert_cache import ExpertCache, ExpertSlot
 from engine.expert_store import HostExpertStore, min_slots_for_step, slots_for_budget
 from engine.models.experts import ResidentExperts
 from engine.models.spec import ModelSpec
-from engine.models.weights import ExpertTensors
+from engine.models.weights import ExpertTensors, pack_expert
 from engine.types import ExpertKey
 
 logger = logging.getLogger(__name__)
@@ -132,11 +132,15 @@ def host_tier_dir(config: EngineConfig, experts_nbytes: int) -> Path | None:
 
 def build_expert_provider(
     config: EngineConfig, experts: dict[ExpertKey, ExpertTensors], spec: ModelSpec, device: torch.device,
-    max_tokens_per_step: int,
+    max_tokens_per_step: int, pack: bool = False,
 ) -> ResidentExperts | OffloadedExperts:
-    """All-resident experts, or a host tier + device expert cache as `config` asks."""
+    """All-resident experts, or a host tier + device expert cache as `config` asks; with `pack`
+    each expert is packed for the CPU kernels on its way in (one expert at a time)."""
     experts_nbytes = sum(t.numel() * t.element_size() for pair in experts.values() for t in pair)
     if not wants_offload(config, experts_nbytes, device):
+        if pack:
+            for key in experts:  # in place: each plain expert is dropped as soon as it is packed
+                experts[key] = pack_expert(experts[key])
         return ResidentExperts(experts, device)
     policy_name = DEFAULT_POLICY if config.cache_policy == "default" else config.cache_policy
     try:
@@ -145,7 +149,8 @@ def build_expert_provider(
         raise ModelLoadError(str(exc)) from exc
     backing_dir = host_tier_dir(config, experts_nbytes)
     try:
-        store = HostExpertStore.from_tensors(experts, pin=device.type == "cuda", backing_dir=backing_dir)
+        store = HostExpertStore.from_tensors(experts, pin=device.type == "cuda", backing_dir=backing_dir,
+                                             transform=pack_expert if pack else None)
     except OSError as exc:  # only the file-backed tier touches the file system
         raise ModelLoadError(f"cannot create the file-backed host tier in {backing_dir} "
                              f"(host_tier_dir): {exc.strerror or exc}") from exc

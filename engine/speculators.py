@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from engine.models.cpu_kernels import linear
+from engine.models.packed import Matrix
 from engine.predictors import AFFINITY_MIN_SCORE, AffinityPredictor
 
 
@@ -35,7 +36,7 @@ def _rank_union(scores: torch.Tensor | np.ndarray, chosen: torch.Tensor | np.nda
 class RouterSpeculator:
     """Layer l+1's router on layer l's hidden state: each token's top (top_k + margin) experts."""
 
-    def __init__(self, routers: list[torch.Tensor], top_k: int, margin: int) -> None:
+    def __init__(self, routers: list[Matrix], top_k: int, margin: int) -> None:
         self.routers = routers
         self.num_experts = routers[0].shape[0]
         self.width = min(self.num_experts, top_k + margin)
@@ -43,7 +44,7 @@ class RouterSpeculator:
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor) -> list[int]:
         if layer + 1 >= len(self.routers):
             return []
-        probs = torch.softmax(F.linear(x, self.routers[layer + 1]), dim=-1, dtype=torch.float32)  # [T, E]
+        probs = torch.softmax(linear(x, self.routers[layer + 1]), dim=-1, dtype=torch.float32)  # [T, E]
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, torch.topk(probs, self.width, dim=-1).indices, True)
         return _rank_union(probs.cpu(), chosen.cpu(), max(self.width, self.num_experts // 2))
 

@@ -1,28 +1,21 @@
-"""CPU kernels for decode-sized batches, fp32 or bf16: linear layers, the routed-expert FFN,
-decode attention, RMSNorm, the rotary embedding and the router's top-k.
+"""CPU kernels, fp32 or bf16: linear layers, the routed-expert FFN, decode attention, RMSNorm,
+the rotary embedding and the router's top-k.
 
-Decoding multiplies a handful of rows by each weight matrix, so it is bound by reading the
-weights, and for MoE layers also by the per-expert Python and dispatch overhead. torch's CPU
-GEMM streams a [N, K] fp32 matrix for a few rows at a fraction of the memory bandwidth on some
-CPUs (about a third on the AMD EPYC we measured; `python -m benchmarks.cpu_kernels`), and its
-bf16 GEMM runs at a quarter of its fp32 one where the CPU has no bf16 instructions.
-`csrc/cpu_kernels.c` computes tiles of two weight rows by three activation rows in registers
-(each weight vector loaded once per tile, the whole matrix once per call; bf16 weights widened
-in registers, sums in fp32), splits weight rows across torch's thread count, and computes a
-whole group of experts (gather, gate/up, SiLU, down, routing weight, scatter) in one call; it
-also has the attention of decode steps, read straight from the paged KV cache (no gathered
-copy, no padding), RMSNorm, the rotary embedding, and the router's softmax top-k with the
-grouping of assignments by expert. It is compiled with the system C compiler on first use
-into the extension cache (AVX2/FMA and AVX-512 when the CPU has them) and called through
-ctypes, which releases the GIL.
+`csrc/cpu_kernels.c` multiplies by weights in the packed layout of `engine.models.packed`
+(blocks of 16 outputs stored k-major, packed once at load: `packs_weights` says when), in tiles
+of up to 6 activation rows whose accumulators stay in registers, each block streamed once per
+tile; bf16 weights are widened in registers and summed in fp32. It splits the output blocks
+across torch's thread count, and computes a whole group of experts (gather, gate/up, SiLU, down,
+routing weight, scatter) in one call. It also has the attention of decode steps, read straight
+from the paged KV cache (no gathered copy, no padding), RMSNorm, the rotary embedding, and the
+router's softmax top-k with the grouping of assignments by expert. It is compiled with the
+system C compiler on first use into the extension cache (AVX2/FMA and AVX-512 when the CPU has
+them) and called through ctypes, which releases the GIL.
 
-`linear` and `expert_ffn` use it for fp32 and bf16 CPU tensors with at most `MAX_ROWS` rows
-(per expert, for the FFN), the others for fp32 and bf16 CPU tensors of any size; everything
-else (other devices or dtypes, no compiler, or MOE_SERVE_CPU_KERNEL=0) goes to torch, and
-bf16 products past `MAX_ROWS` to torch's fp32 GEMM on widened weights (unless the CPU has bf16
-instructions). The kernels sum each output in the same order whatever the number of rows or
-the grouping of experts into calls, so a sequence's result does not depend on what it is
-batched with (decode steps of up to `MAX_ROWS` sequences), nor on which experts were resident.
+Each output is summed in one fixed order whatever the number of rows or the grouping of experts
+into calls, so a sequence's result does not depend on what it is batched with (decode and
+prefill alike), nor on which experts were resident. Plain (unpacked) weights, other devices or
+dtypes, no compiler, or MOE_SERVE_CPU_KERNEL=0 go to torch.
 """
 
 from __future__ import annotations
@@ -43,23 +36,17 @@ import torch
 import torch.nn.functional as F
 
 from cuda_ext.native import cache_root
+from engine.models.packed import Matrix, PackedMatrix, packed_shape
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.c"
-# Above this torch's fp32 GEMM is as fast or faster (benchmarks/cpu_kernels.py, 2 cores: the
-# kernel is 2x faster at 16 rows, even at 64-128, slower at 256); up to it a decode step's
-# result for a sequence does not depend on how many sequences share the step.
-MAX_ROWS = 64
-# CPUs with these run torch's bf16 GEMM natively; elsewhere it is ~4x slower than its fp32 GEMM
-NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 DISABLE_ENV = "MOE_SERVE_CPU_KERNEL"
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _loaded = False
 _flavour = "torch"
-_has_native_bf16: bool | None = None
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag
@@ -137,21 +124,21 @@ def _load() -> ctypes.CDLL | None:
             return _library
         _loaded = True
         if os.environ.get(DISABLE_ENV, "1") == "0":
-            logger.info("CPU decode kernels: torch (disabled by %s=0)", DISABLE_ENV)
+            logger.info("CPU kernels: torch (disabled by %s=0)", DISABLE_ENV)
             return None
         try:
             vector, flavour = _vector_flags(_cpu_flags())
             library = open_library(build_library(vector))
         except subprocess.CalledProcessError as exc:
             lines = (exc.stderr or "").strip().splitlines()
-            logger.warning("CPU decode kernels: torch (compiling the C kernels failed: %s)",
+            logger.warning("CPU kernels: torch (compiling the C kernels failed: %s)",
                            lines[-1] if lines else exc)
             return None
         except OSError as exc:
-            logger.warning("CPU decode kernels: torch (C kernels unavailable: %s)", exc)
+            logger.warning("CPU kernels: torch (C kernels unavailable: %s)", exc)
             return None
         _library, _flavour = library, flavour
-        logger.info("CPU decode kernels: C (%s) for up to %d rows", flavour, MAX_ROWS)
+        logger.info("CPU kernels: C (%s), packed weights", flavour)
         return library
 
 
@@ -161,19 +148,17 @@ def kernel_flavour() -> str:
     return _flavour
 
 
+def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model on `device` with weights of `dtype` runs on the C kernels, so its weights
+    should be packed at load (fp32 or bf16 on the CPU, with the kernels built)."""
+    return device.type == "cpu" and dtype in _WEIGHT_KINDS and _load() is not None
+
+
 def _plain_f32_cpu(*tensors: torch.Tensor) -> bool:
-    for t in tensors:  # a loop, not all(genexpr): this runs for every expert of every layer
+    for t in tensors:  # a loop, not all(genexpr): this runs for every layer
         if not t.is_cpu or t.dtype != torch.float32 or t.requires_grad:
             return False
     return True
-
-
-def _native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (torch's bf16 GEMM is then fast)."""
-    global _has_native_bf16
-    if _has_native_bf16 is None:
-        _has_native_bf16 = bool(NATIVE_BF16_FLAGS & _cpu_flags())
-    return _has_native_bf16
 
 
 def _weight_kind(weight: torch.Tensor) -> int | None:
@@ -183,27 +168,28 @@ def _weight_kind(weight: torch.Tensor) -> int | None:
     return _WEIGHT_KINDS.get(weight.dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for x [T, K] and weight [N, K], like `F.linear`. fp32 or bf16; bf16
-    products are summed in fp32 and each result (with its bias) rounded to bf16 once, as torch's
-    CPU GEMM does."""
-    kind = _weight_kind(weight)
-    applies = (kind is not None and x.dtype is weight.dtype and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS
-               and x.stride(1) == 1 and weight.is_contiguous() and x.is_cpu)
-    library = _load() if applies else None
-    if library is None:
-        if kind == 1 and x.dtype is weight.dtype and x.is_cpu and not _native_bf16():
-            # the same arithmetic as torch's bf16 GEMM (fp32 sums, rounded once), on its faster fp32 GEMM
-            return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(weight.dtype)
+def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for x [T, K] and weight [N, K], like `F.linear`. A packed weight runs
+    the C kernel (fp32 or bf16, any number of rows; bf16 products are summed in fp32 and each
+    result, with its bias, rounded to bf16 once, as torch's CPU GEMM does); a plain one torch."""
+    if not isinstance(weight, PackedMatrix):
         return F.linear(x, weight, bias)
-    rows, k = x.shape
-    n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"linear: x has {k} columns but weight is {tuple(weight.shape)}")
-    if bias is not None and not (bias.shape == (n,) and bias.dtype is weight.dtype and bias.is_contiguous() and bias.is_cpu):
-        return F.linear(x, weight, bias)
+    blocks = weight.blocks
+    kind = _weight_kind(blocks)
+    n, k = weight.shape
+    library = _load()
+    if not (library is not None and kind is not None and x.dtype is blocks.dtype and x.dim() == 2 and x.is_cpu
+            and x.stride(1) == 1 and blocks.is_contiguous() and blocks.shape == packed_shape(n, k)
+            and (bias is None or (bias.shape == (n,) and bias.dtype is blocks.dtype and bias.is_contiguous()
+                                  and bias.is_cpu))):
+        return F.linear(x, weight.unpack(), bias)
+    if x.shape[1] != k:
+        raise ValueError(f"linear: x has {x.shape[1]} columns but weight is {tuple(weight.shape)}")
+    rows = x.shape[0]
     out = x.new_empty(rows, n)
-    status = library.linear(weight.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), out.data_ptr(),
+    if rows == 0:
+        return out
+    status = library.linear(blocks.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), out.data_ptr(),
                             kind, n, k, rows, x.stride(0), n, torch.get_num_threads())
     if status != 0:
         raise MemoryError("linear: out of memory for the kernel's scratch rows")
@@ -241,28 +227,22 @@ class ExpertRows:
         self.ffn = ffn
 
 
-def kernel_experts(x: torch.Tensor, max_rows: int) -> bool:
-    """Whether `expert_ffn` runs the C kernel for this layer input (fp32 or bf16, with weights of
-    its dtype) and largest expert group."""
-    if not (x.dim() == 2 and _weight_kind(x) is not None and 0 < max_rows <= MAX_ROWS):
-        return False
-    return _load() is not None
-
-
 def expert_ffn(rows: ExpertRows, out: torch.Tensor,
                groups: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> None:
     """out[dest[r]] = scale[r] * down(silu(gate x) * up x) for the rows [begin, end) of each
-    (begin, end, gate_up [2F, H], down [H, F]) group, all fp32 or all bf16 weights; out is fp32.
-    Computed in fp32. Call only where `kernel_experts` said yes."""
-    if _library is None:
-        raise RuntimeError("expert_ffn needs the C kernels (check kernel_experts first)")
+    (begin, end, gate_up, down) group, the weights packed (`engine.models.weights.pack_expert`:
+    gate_up [2F, H] as [ceil(2F/16), H, 16], down [H, F] as [ceil(H/16), F, 16]), all fp32 or all
+    bf16; out is fp32. Computed in fp32. Needs the C kernels (`packs_weights`)."""
+    library = _load()
+    if library is None:
+        raise RuntimeError("expert_ffn needs the C kernels (packed experts exist only where they load)")
     if not (out.is_contiguous() and out.shape[1] == rows.x.shape[1] and out.shape[0] >= rows.dest_rows
             and _plain_f32_cpu(out)):
         raise ValueError("out must be a contiguous fp32 CPU tensor [rows, hidden] covering every destination row")
     if not groups:
         return
     hidden = rows.x.shape[1]
-    gate_up_shape, down_shape = (2 * rows.ffn, hidden), (hidden, rows.ffn)
+    gate_up_shape, down_shape = packed_shape(2 * rows.ffn, hidden), packed_shape(hidden, rows.ffn)
     dtype = groups[0][2].dtype
     kind = _WEIGHT_KINDS.get(dtype)
     n, num_rows = len(groups), rows.tokens.shape[0]
@@ -272,13 +252,13 @@ def expert_ffn(rows: ExpertRows, out: torch.Tensor,
         if (kind is None or gate_up.shape != gate_up_shape or down.shape != down_shape or gate_up.dtype is not dtype
                 or down.dtype is not dtype or not gate_up.is_cpu or not down.is_cpu
                 or not gate_up.is_contiguous() or not down.is_contiguous()):
-            raise ValueError("expert weights must be contiguous CPU tensors, all fp32 or all bf16, of shapes "
+            raise ValueError("packed expert weights must be contiguous CPU tensors, all fp32 or all bf16, of shapes "
                              f"{gate_up_shape}, {down_shape}")
         if not 0 <= begin <= end <= num_rows:
             raise ValueError(f"group rows [{begin}, {end}) outside the {num_rows} assignment rows")
         table[i], table[n + i], table[2 * n + i], table[3 * n + i] = begin, end, gate_up.data_ptr(), down.data_ptr()
     base = ctypes.addressof(table)
-    _library.moe_experts(
+    library.moe_experts(
         rows.x.data_ptr(), hidden, rows.ffn, rows.tokens.data_ptr(), rows.dest.data_ptr(), rows.scale.data_ptr(),
         base, base + 8 * n, base + 16 * n, base + 24 * n, kind,
         n, out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.attention import AttentionMetadata, paged_attention
-from engine.models.cpu_kernels import ExpertRows, Routing, expert_ffn, kernel_experts, linear, rms_norm, rope
+from engine.models.cpu_kernels import ExpertRows, Routing, expert_ffn, linear, rms_norm, rope
 from engine.models.cpu_kernels import route as route_kernel
 from engine.models.experts import ExpertProvider
 from engine.models.spec import ModelSpec, QKNorm
@@ -42,13 +42,17 @@ class RotaryEmbedding:
 
 
 class MoEModel:
-    """Runs one step of the model over a flattened batch of tokens."""
+    """Runs one step of the model over a flattened batch of tokens. With `packed` the weights are
+    in the CPU kernels' packed layout (`engine.models.weights.pack_dense`, `pack_expert`) and the
+    routed experts run in the C kernel; otherwise every product runs in torch."""
 
-    def __init__(self, spec: ModelSpec, dense: DenseWeights, experts: ExpertProvider, device: torch.device) -> None:
+    def __init__(self, spec: ModelSpec, dense: DenseWeights, experts: ExpertProvider, device: torch.device,
+                 packed: bool = False) -> None:
         self.spec = spec
         self.dense = dense
         self.experts = experts
         self.device = device
+        self.packed = packed
         self.rotary = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.max_position_embeddings, device)
         self.scale = spec.head_dim**-0.5
         self.routing_observer: RoutingObserver | None = None
@@ -63,7 +67,7 @@ class MoEModel:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final-normed hidden states [T, D]."""
-        x = self.dense.embed_tokens[input_ids]
+        x = self.dense.embed(input_ids)
         rotary = self.rotary.tables(positions)
         for layer_idx, layer in enumerate(self.dense.layers):
             h = rms_norm(x, layer.input_norm, self.spec.rms_norm_eps)
@@ -147,20 +151,20 @@ class MoEModel:
             guesses = self.speculator(layer_idx, x, routing.ids)
             if guesses and layer_idx + 1 < self.spec.num_layers:
                 self.experts.hint(layer_idx + 1, guesses)
-        use_kernel = kernel_experts(x, max(counts))
-        # the kernel computes in fp32 (bf16 weights too); the sum over slots is rounded to x's dtype once
-        out = torch.zeros(num_tokens * top_k, hidden) if use_kernel else x.new_zeros(num_tokens * top_k, hidden)
-        if use_kernel:
+        if self.packed:
+            # the kernel computes in fp32 (bf16 weights too); the sum over slots is rounded to x's dtype once
+            out = torch.zeros(num_tokens * top_k, hidden)
             rows = ExpertRows(x, routing.tokens, routing.order, routing.scale, self.spec.moe_intermediate_size)
             for ready in fetched:  # one kernel call per group of usable experts
                 groups = [(starts[e], starts[e] + counts[e], gate_up, down) for e, (gate_up, down) in ready]
                 expert_ffn(rows, out, groups)
         else:
+            out = x.new_zeros(num_tokens * top_k, hidden)
             for ready in fetched:
                 for expert, (gate_up, down) in ready:
                     first, last = starts[expert], starts[expert] + counts[expert]
-                    gate, up = linear(x[routing.tokens[first:last]], gate_up).chunk(2, dim=-1)
-                    expert_out = linear(F.silu(gate) * up, down) * routing.scale[first:last, None]
+                    gate, up = F.linear(x[routing.tokens[first:last]], gate_up).chunk(2, dim=-1)
+                    expert_out = F.linear(F.silu(gate) * up, down) * routing.scale[first:last, None]
                     out[routing.order[first:last]] = expert_out.to(out.dtype)
         self.experts.done(layer_idx, needed)
         routed = out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)

@@ -2,15 +2,18 @@
 
 Routed experts are addressable per (layer, expert) so the offload tier can move them one
 at a time; everything else lives in `DenseWeights`. Fused layouts are built here once:
-q/k/v become one projection, each expert's gate and up become one `gate_up` matrix.
+q/k/v become one projection, each expert's gate and up become one `gate_up` matrix; for the
+CPU kernels every matrix a product reads is then packed (`pack_dense`, `pack_expert`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from engine.models.packed import Matrix, PackedMatrix, pack_blocks
 from engine.types import ExpertKey
 
 
@@ -18,9 +21,9 @@ from engine.types import ExpertKey
 class AttentionWeights:
     """One layer's attention. qkv: [(H + 2*Hkv) * Dh, D], o: [D, H * Dh]."""
 
-    qkv: torch.Tensor
+    qkv: Matrix
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: Matrix
     o_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
@@ -30,9 +33,9 @@ class AttentionWeights:
 class SharedExpertWeights:
     """Qwen2-MoE's always-on expert and its sigmoid gate. gate_up: [2S, D], down: [D, S], gate: [1, D]."""
 
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    gate: torch.Tensor
+    gate_up: Matrix
+    down: Matrix
+    gate: Matrix
 
 
 @dataclass
@@ -42,18 +45,25 @@ class LayerWeights:
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
     attention: AttentionWeights
-    router: torch.Tensor
+    router: Matrix
     shared_expert: SharedExpertWeights | None
 
 
 @dataclass
 class DenseWeights:
-    """The non-expert weights of the whole model (embeddings, layers, final norm, lm head)."""
+    """The non-expert weights of the whole model (embeddings, layers, final norm, lm head).
+    A tied, packed lm_head is also the embedding table (`embed`)."""
 
-    embed_tokens: torch.Tensor
+    embed_tokens: Matrix
     layers: list[LayerWeights]
     final_norm: torch.Tensor
-    lm_head: torch.Tensor
+    lm_head: Matrix
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of input_ids [T]: [T, D]."""
+        if isinstance(self.embed_tokens, PackedMatrix):
+            return self.embed_tokens.rows_at(input_ids)
+        return self.embed_tokens[input_ids]
 
     def nbytes(self) -> int:
         """Bytes held by the dense weights (a tied lm_head is counted once)."""
@@ -66,17 +76,52 @@ class DenseWeights:
         return total
 
     def _tensors(self) -> list[torch.Tensor]:
-        out = [self.embed_tokens, self.final_norm, self.lm_head]
+        out = [_storage(self.embed_tokens), self.final_norm, _storage(self.lm_head)]
         for layer in self.layers:
             att = layer.attention
-            out += [layer.input_norm, layer.post_attention_norm, layer.router, att.qkv, att.o]
+            out += [layer.input_norm, layer.post_attention_norm, _storage(layer.router), _storage(att.qkv),
+                    _storage(att.o)]
             out += [t for t in (att.qkv_bias, att.o_bias, att.q_norm, att.k_norm) if t is not None]
             if layer.shared_expert is not None:
-                out += [layer.shared_expert.gate_up, layer.shared_expert.down, layer.shared_expert.gate]
+                shared = layer.shared_expert
+                out += [_storage(shared.gate_up), _storage(shared.down), _storage(shared.gate)]
         return out
 
 
-ExpertTensors = tuple[torch.Tensor, torch.Tensor]  # (gate_up [2F, D], down [D, F])
+def _storage(matrix: Matrix) -> torch.Tensor:
+    return matrix.blocks if isinstance(matrix, PackedMatrix) else matrix
+
+
+def pack_dense(dense: DenseWeights) -> DenseWeights:
+    """The same weights with every matrix a product reads packed; a tied lm_head stays shared
+    with the embedding table (looked up in the packed blocks)."""
+
+    def pack(matrix: Matrix) -> PackedMatrix:
+        return matrix if isinstance(matrix, PackedMatrix) else PackedMatrix.pack(matrix)
+
+    layers = []
+    for layer in dense.layers:
+        att, shared = layer.attention, layer.shared_expert
+        if shared is not None:
+            shared = SharedExpertWeights(pack(shared.gate_up), pack(shared.down), pack(shared.gate))
+        layers.append(dataclasses.replace(
+            layer, router=pack(layer.router), shared_expert=shared,
+            attention=dataclasses.replace(att, qkv=pack(att.qkv), o=pack(att.o)),
+        ))
+    lm_head = pack(dense.lm_head)
+    tied = isinstance(dense.embed_tokens, torch.Tensor) and isinstance(dense.lm_head, torch.Tensor) \
+        and dense.embed_tokens.data_ptr() == dense.lm_head.data_ptr()
+    return DenseWeights(lm_head if tied else dense.embed_tokens, layers, dense.final_norm, lm_head)
+
+
+# (gate_up [2F, D], down [D, F]); packed for the CPU kernels: their blocks, see `pack_expert`
+ExpertTensors = tuple[torch.Tensor, torch.Tensor]
+
+
+def pack_expert(tensors: ExpertTensors) -> ExpertTensors:
+    """One routed expert's (gate_up, down) as packed blocks ([ceil(2F/16), D, 16], [ceil(D/16), F, 16])."""
+    gate_up, down = tensors
+    return pack_blocks(gate_up), pack_blocks(down)
 
 
 @dataclass

@@ -100,7 +100,9 @@ def test_demand_overtakes_queued_prefetches(single_worker: CopyEngine) -> None:
 def test_promote_moves_a_queued_prefetch_ahead(single_worker: CopyEngine) -> None:
     generator = torch.Generator().manual_seed(3)
     blocker = random_bytes(64 * MIB, generator)
-    srcs = [random_bytes(4 * MIB, generator) for _ in range(12)]
+    # 10 copies of 8 MiB stand between the promoted one and tickets[-2]: a window of several
+    # milliseconds for this thread to look, even on a loaded machine
+    srcs = [random_bytes(8 * MIB, generator) for _ in range(12)]
     single_worker.submit([(blocker, torch.empty_like(blocker))], CopyPriority.PREFETCH)
     tickets = single_worker.submit([(src, torch.empty_like(src)) for src in srcs], CopyPriority.PREFETCH)
     assert single_worker.promote(tickets[-1])

@@ -1,4 +1,4 @@
-"""The C decode kernels: agree with torch, are batch- and grouping-invariant, and fall back cleanly."""
+"""The C kernels: agree with torch, are batch- and grouping-invariant, and fall back cleanly."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.models import cpu_kernels
-from engine.models.cpu_kernels import (
-    MAX_ROWS,
-    ExpertRows,
-    expert_ffn,
-    kernel_experts,
-    kernel_flavour,
-    linear,
-)
+from engine.models.cpu_kernels import ExpertRows, expert_ffn, kernel_flavour, linear, packs_weights
+from engine.models.packed import PackedMatrix, pack_blocks, unpack_blocks
+from engine.models.weights import pack_expert
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -31,55 +28,80 @@ def fresh_loader(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_flavour", "torch")
 
 
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 40])
+def test_packing_round_trips_and_looks_up_rows(rows: int) -> None:
+    weight = torch.randn(rows, 24)
+    blocks = pack_blocks(weight)
+    assert blocks.shape == (-(-rows // 16), 24, 16) and blocks.is_contiguous()
+    last = min(rows, 16) - 1  # the last output of the first block
+    assert torch.equal(blocks[0, 3, last], weight[last, 3])
+    assert not blocks[-1, :, (rows - 1) % 16 + 1 :].any()  # zero padding
+    assert torch.equal(unpack_blocks(blocks, rows), weight)
+    packed = PackedMatrix.pack(weight)
+    assert packed.shape == (rows, 24) and packed.dtype is torch.float32
+    ids = torch.tensor([rows - 1, 0, rows // 2, 0])
+    assert torch.equal(packed.rows_at(ids), weight[ids])
+
+
 @pytest.mark.parametrize("n,k", [(512, 512), (7, 33), (300, 1000)])
 def test_linear_matches_torch_and_each_row_is_independent_of_the_batch(n: int, k: int) -> None:
     gen = torch.Generator().manual_seed(n + k)
     weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
-    x = torch.randn(MAX_ROWS, k, generator=gen)
-    full = linear(x, weight, bias)
+    x = torch.randn(100, k, generator=gen)  # past one work chunk of rows (48): prefill sizes too
+    packed = PackedMatrix.pack(weight)
+    full = linear(x, packed, bias)
     torch.testing.assert_close(full, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
-    for rows in range(1, MAX_ROWS + 1):
-        assert torch.equal(linear(x[:rows], weight, bias), full[:rows])
-    for i in range(MAX_ROWS):
-        assert torch.equal(linear(x[i : i + 1], weight, bias), full[i : i + 1])
+    for rows in (1, 2, 5, 6, 7, 13, 48, 49, 99):
+        assert torch.equal(linear(x[:rows], packed, bias), full[:rows])
+    for i in range(x.shape[0]):
+        assert torch.equal(linear(x[i : i + 1], packed, bias), full[i : i + 1])
+    assert linear(x[:0], packed).shape == (0, n)
 
 
 def test_linear_reads_strided_rows() -> None:
     x = torch.randn(4, 96)[:, :64]  # row stride 96
-    weight = torch.randn(32, 64)
+    weight = PackedMatrix.pack(torch.randn(32, 64))
     assert torch.equal(linear(x, weight), linear(x.contiguous(), weight))
 
 
 def test_bf16_linear_sums_in_fp32_and_rounds_once() -> None:
     gen = torch.Generator().manual_seed(5)
     weight, bias = torch.randn(300, 1000, generator=gen).bfloat16(), torch.randn(300, generator=gen).bfloat16()
-    x = torch.randn(MAX_ROWS, 1000, generator=gen).bfloat16()
-    full = linear(x, weight, bias)
+    x = torch.randn(70, 1000, generator=gen).bfloat16()
+    packed = PackedMatrix.pack(weight)
+    full = linear(x, packed, bias)
     assert full.dtype is torch.bfloat16
     exact = F.linear(x.float(), weight.float(), bias.float())
     torch.testing.assert_close(full.float(), exact, rtol=2**-8, atol=1e-3)  # an fp32 sum, rounded to bf16 once
     torch.testing.assert_close(full, F.linear(x, weight, bias), rtol=2**-7, atol=1e-2)  # torch's own bf16 GEMM
-    for rows in (1, 2, 5, MAX_ROWS):
-        assert torch.equal(linear(x[:rows], weight, bias), full[:rows])
-    many = torch.randn(MAX_ROWS + 5, 1000, generator=gen).bfloat16()  # past the kernel: torch, same arithmetic
-    torch.testing.assert_close(linear(many, weight, bias).float(), F.linear(many.float(), weight.float(), bias.float()),
-                               rtol=2**-8, atol=1e-3)
+    for rows in (1, 2, 5, 70):
+        assert torch.equal(linear(x[:rows], packed, bias), full[:rows])
+    as_fp32 = linear(x.float(), PackedMatrix.pack(weight.float()), bias.float())  # bf16 widens exactly
+    assert torch.equal(full, as_fp32.bfloat16())
 
 
-@pytest.mark.parametrize("case", ["many rows", "fp16", "fp64", "transposed weight", "1-D input"])
-def test_linear_leaves_other_inputs_to_torch(case: str) -> None:
-    x, weight = torch.randn(MAX_ROWS + 1, 64), torch.randn(32, 64)
-    if case == "many rows":
-        pass
-    elif case == "fp16":
-        x, weight = x[:2].half(), weight.half()
+@pytest.mark.parametrize("case", ["plain fp32", "plain fp16", "fp64", "transposed weight", "1-D input"])
+def test_plain_weights_go_to_torch(case: str) -> None:
+    x, weight = torch.randn(3, 64), torch.randn(32, 64)
+    if case == "plain fp16":
+        x, weight = x.half(), weight.half()
     elif case == "fp64":
-        x, weight = x[:2].double(), weight.double()
+        x, weight = x.double(), weight.double()
     elif case == "transposed weight":
-        x, weight = x[:2], torch.randn(64, 32).T
-    else:
+        weight = torch.randn(64, 32).T
+    elif case == "1-D input":
         x = x[0]
     assert torch.equal(linear(x, weight), F.linear(x, weight))
+
+
+def test_a_packed_weight_with_inputs_the_kernel_cannot_take_still_computes() -> None:
+    weight = torch.randn(20, 64)
+    packed = PackedMatrix.pack(weight)
+    x = torch.randn(3, 64)
+    assert torch.equal(linear(x.double(), PackedMatrix(packed.blocks.double(), 20)), F.linear(x.double(), weight.double()))
+    torch.testing.assert_close(linear(x[0], packed), F.linear(x[0], weight))  # 1-D: unpacked, through torch
+    with pytest.raises(ValueError, match="columns"):
+        linear(torch.randn(3, 65), packed)
 
 
 def _reference_experts(x, ids, weights, gate_ups, downs) -> torch.Tensor:
@@ -94,7 +116,7 @@ def _reference_experts(x, ids, weights, gate_ups, downs) -> torch.Tensor:
 
 def _expert_problem(tokens: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    experts, top_k, hidden, ffn = 6, 2, 40, 24  # hidden not a multiple of the lane width: the tail runs
+    experts, top_k, hidden, ffn = 6, 2, 40, 12  # neither a multiple of the 16-output block: padding runs
     gate_ups = [torch.randn(2 * ffn, hidden, generator=gen) for _ in range(experts)]
     downs = [torch.randn(hidden, ffn, generator=gen) for _ in range(experts)]
     x = torch.randn(tokens, hidden, generator=gen)
@@ -108,9 +130,9 @@ def _run_kernel(x, ids, weights, gate_ups, downs, ffn, split: bool) -> torch.Ten
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=len(gate_ups)).tolist()
-    assert kernel_experts(x, max(counts))
     starts = [sum(counts[:e]) for e in range(len(counts))]
-    groups = [(starts[e], starts[e] + c, gate_ups[e], downs[e]) for e, c in enumerate(counts) if c]
+    packed = [pack_expert((gu, d)) for gu, d in zip(gate_ups, downs, strict=True)]
+    groups = [(starts[e], starts[e] + c, *packed[e]) for e, c in enumerate(counts) if c]
     rows = ExpertRows(x, order // top_k, order, weights.flatten()[order], ffn)
     out = torch.zeros(flat.numel(), x.shape[1])
     for part in ([[g] for g in reversed(groups)] if split else [groups]):
@@ -119,14 +141,14 @@ def _run_kernel(x, ids, weights, gate_ups, downs, ffn, split: bool) -> torch.Ten
 
 
 def test_expert_ffn_matches_the_torch_loop_whatever_the_grouping() -> None:
-    problem = _expert_problem(tokens=9)
+    problem = _expert_problem(tokens=30)  # ~10 rows per expert: more than one tile of 6
     together = _run_kernel(*problem, split=False)
     torch.testing.assert_close(together, _reference_experts(*problem[:5]), rtol=1e-5, atol=1e-4)
     assert torch.equal(_run_kernel(*problem, split=True), together)  # one call per expert, any order
 
 
 def test_expert_ffn_row_does_not_depend_on_the_batch() -> None:
-    x, ids, weights, gate_ups, downs, ffn = _expert_problem(tokens=9, seed=3)
+    x, ids, weights, gate_ups, downs, ffn = _expert_problem(tokens=20, seed=3)
     batched = _run_kernel(x, ids, weights, gate_ups, downs, ffn, split=False)
     top_k = ids.shape[1]
     for t in range(x.shape[0]):
@@ -142,37 +164,44 @@ def test_bf16_experts_match_the_fp32_kernel_on_the_same_values() -> None:
     as_fp32 = _run_kernel(x.float(), ids, weights, [w.float() for w in gate_ups], [w.float() for w in downs], ffn,
                           split=False)
     assert torch.equal(as_bf16, as_fp32)
-    assert torch.equal(linear(x[:3], gate_ups[0]).float(), linear(x[:3].float(), gate_ups[0].float()).bfloat16().float())
 
 
 def test_expert_ffn_refuses_bad_weights() -> None:
     x, _, _, gate_ups, downs, ffn = _expert_problem(tokens=2)
+    gate_up, down = pack_expert((gate_ups[0], downs[0]))
     rows = ExpertRows(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.ones(1), ffn)
     out = x.new_zeros(4, x.shape[1])
     with pytest.raises(ValueError, match="contiguous CPU tensors, all fp32 or all bf16"):
-        expert_ffn(rows, out, [(0, 1, gate_ups[0].T, downs[0])])
+        expert_ffn(rows, out, [(0, 1, gate_up.transpose(1, 2), down)])
     with pytest.raises(ValueError, match="all fp32 or all bf16"):
-        expert_ffn(rows, out, [(0, 1, gate_ups[0], downs[0].bfloat16())])
+        expert_ffn(rows, out, [(0, 1, gate_up, down.bfloat16())])
+    with pytest.raises(ValueError, match="of shapes"):  # an unpacked expert
+        expert_ffn(rows, out, [(0, 1, gate_ups[0], downs[0])])
+    with pytest.raises(ValueError, match="of shapes"):  # the right dtype and layout, the wrong expert size
+        expert_ffn(rows, out, [(0, 1, gate_up[:-1].contiguous(), down)])
     with pytest.raises(ValueError, match="token indices"):
         ExpertRows(x, torch.tensor([x.shape[0]]), torch.zeros(1, dtype=torch.long), torch.ones(1), ffn)
     with pytest.raises(ValueError, match="covering every destination row"):
         expert_ffn(ExpertRows(x, torch.zeros(1, dtype=torch.long), torch.tensor([9]), torch.ones(1), ffn), out,
-                   [(0, 1, gate_ups[0], downs[0])])
+                   [(0, 1, gate_up, down)])
     with pytest.raises(ValueError, match="outside the 1 assignment rows"):
-        expert_ffn(rows, out, [(0, 2, gate_ups[0], downs[0])])
-    with pytest.raises(ValueError, match="of shapes"):  # the right dtype and layout, the wrong expert size
-        expert_ffn(rows, out, [(0, 1, gate_ups[0][:-2].contiguous(), downs[0])])
+        expert_ffn(rows, out, [(0, 2, gate_up, down)])
     with pytest.raises(ValueError, match="one length"):
         ExpertRows(x, torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.ones(1), ffn)
-    assert not kernel_experts(x, MAX_ROWS + 1) and not kernel_experts(x.double(), 1)
+
+
+def test_packing_is_for_fp32_and_bf16_on_the_cpu() -> None:
+    assert packs_weights(CPU, torch.float32) and packs_weights(CPU, torch.bfloat16)
+    assert not packs_weights(CPU, torch.float16) and not packs_weights(torch.device("meta"), torch.float32)
 
 
 def test_disabled_by_environment(monkeypatch, fresh_loader) -> None:
     monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "0")
     assert kernel_flavour() == "torch"
-    x, weight = torch.randn(2, 64), torch.randn(32, 64)
-    assert torch.equal(linear(x, weight), F.linear(x, weight))
-    assert not kernel_experts(x, 1)
+    assert not packs_weights(CPU, torch.float32)
+    weight = torch.randn(32, 64)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(linear(x, PackedMatrix.pack(weight)), F.linear(x, weight))  # still right, via torch
 
 
 def test_missing_compiler_falls_back_with_a_warning(monkeypatch, fresh_loader, tmp_path, caplog) -> None:
@@ -181,8 +210,7 @@ def test_missing_compiler_falls_back_with_a_warning(monkeypatch, fresh_loader, t
     with caplog.at_level("WARNING", logger="engine.models.cpu_kernels"):
         assert kernel_flavour() == "torch"
     assert "C kernels unavailable" in caplog.text
-    x, weight = torch.randn(2, 64), torch.randn(32, 64)
-    assert torch.equal(linear(x, weight), F.linear(x, weight))
+    assert not packs_weights(CPU, torch.float32)
 
 
 def test_compile_error_falls_back_with_a_warning(monkeypatch, fresh_loader, tmp_path, caplog) -> None:
@@ -230,12 +258,13 @@ def test_a_prebuilt_library_needs_no_compiler(monkeypatch, fresh_loader, tmp_pat
 
 
 def test_the_portable_build_sums_in_the_same_order_as_the_vector_build(monkeypatch) -> None:
-    """The portable C (one dot product at a time) and the register-tiled AVX2 code must give the
-    same bits: both use fused multiply-adds, the same lanes and the same lane-sum tree."""
+    """The portable C (one output at a time) and the register-tiled AVX2 code must give the same
+    bits: both use fused multiply-adds in the same order (and, in attention, the same lanes and
+    the same lane-sum tree)."""
     if kernel_flavour() == "c" or "fma" not in cpu_kernels._cpu_flags():
         pytest.skip("needs a CPU with FMA and a vector build to compare with")
     gen = torch.Generator().manual_seed(11)
-    weight, x = torch.randn(37, 1000, generator=gen), torch.randn(MAX_ROWS, 1000, generator=gen)
+    weight, x = PackedMatrix.pack(torch.randn(37, 1000, generator=gen)), torch.randn(50, 1000, generator=gen)
     problem = _expert_problem(tokens=9, seed=5)
     seqs, heads, kv_heads, head_dim = 2, 6, 2, 40
     q = torch.randn(seqs, heads, head_dim, generator=gen)
@@ -243,7 +272,7 @@ def test_the_portable_build_sums_in_the_same_order_as_the_vector_build(monkeypat
     slots, lens = torch.stack([torch.randperm(32, generator=gen)[:9] for _ in range(seqs)]), torch.tensor([9, 4])
 
     def run_all() -> list[torch.Tensor]:
-        return [linear(x[:rows], weight) for rows in (1, 2, 5, MAX_ROWS)] + [
+        return [linear(x[:rows], weight) for rows in (1, 2, 5, 50)] + [
             _run_kernel(*problem, split=False),
             cpu_kernels.decode_attention(q, *caches, slots, lens, scale=0.2),
         ]

@@ -2,15 +2,17 @@
  * the attention of decode steps over the paged KV cache, RMSNorm, the rotary embedding and the
  * router's top-k with the grouping of assignments by expert.
  *
- * The three products are built on one primitive, dot_tile: the dot products of up to TILE_W weight rows
- * with up to TILE_X activation rows, each weight vector loaded once for all activation rows and
- * each activation vector once for all weight rows. A dot product runs in LANES independent
- * partial sums, lane l taking the elements k = l (mod LANES) in order, and the lanes are added
- * as a fixed tree (lane_sum). Every output element is summed in that same order whatever the
- * number of rows, the tile it falls in, or whether the vector or the scalar code computed it
- * (the build uses -ffp-contract=off, and MADD is an explicit fused multiply-add where the CPU
- * has one), so a row's result does not depend on the rows batched with it, nor on how experts
- * are grouped into calls. Weight rows are split across OpenMP threads. */
+ * The linear layer and the experts read packed weights (see PACK below): blocks of 16 outputs
+ * stored k-major, so one tile of up to TILE_ROWS activation rows streams a block once, with its
+ * 2 x TILE_ROWS accumulators in registers and one broadcast per row and step; every output is one
+ * chain of fused multiply-adds over k in order. Attention reads its key rows with dot_tile, the dot
+ * products of up to TILE_W rows with up to TILE_X query rows, each in LANES independent partial
+ * sums (lane l takes the elements k = l (mod LANES) in order) added as a fixed tree (lane_sum).
+ * Either way every output element is summed in the same order whatever the number of rows, the
+ * tile it falls in, or whether the vector or the scalar code computed it (the build uses
+ * -ffp-contract=off, and MADD is an explicit fused multiply-add where the CPU has one), so a row's
+ * result does not depend on the rows batched with it, nor on how experts are grouped into calls.
+ * Work is split across OpenMP threads by output blocks or (sequence, kv head). */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -18,9 +20,9 @@
 #include <omp.h>
 
 #define LANES 16
-#define TILE_W 2 /* weight rows per tile */
+#define TILE_W 2 /* key rows per attention tile */
 #define KV_AHEAD 8 /* key/value rows fetched ahead in decode attention */
-#define TILE_X 3 /* activation rows per tile: 2 x TILE_W x TILE_X accumulators + TILE_W + 1 fit the 16 AVX registers */
+#define TILE_X 3 /* query rows per attention tile: 2 x TILE_W x TILE_X accumulators + TILE_W + 1 fit the 16 AVX registers */
 
 /* a + w * x. With FMA hardware an explicit fused multiply-add: rounded once, the same in scalar
  * and vector code, so it keeps the bit-identity the build's -ffp-contract=off protects. */
@@ -74,6 +76,24 @@ static inline void store_at(void *p, int bf16, int64_t i, float v) {
 static float *widened(const void *a, int64_t rows, int64_t cols, int64_t ld) {
     float *out = malloc(sizeof(float) * (rows * cols > 0 ? rows * cols : 1));
     if (!out) return NULL;
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = weight_at(a, 1, r * ld + c);
+    return out;
+}
+
+/* As `widened`, into a scratch buffer of the calling thread that is kept and reused (it only
+ * grows), so prefill-sized calls do not fault in fresh pages each time. Valid until the thread's
+ * next call; NULL if it cannot grow. */
+static float *widened_into_scratch(const void *a, int64_t rows, int64_t cols, int64_t ld, int threads) {
+    static __thread float *scratch = NULL;
+    static __thread int64_t capacity = 0;
+    if (rows * cols > capacity) {
+        float *grown = realloc(scratch, sizeof(float) * rows * cols);
+        if (!grown) return NULL;
+        scratch = grown, capacity = rows * cols;
+    }
+    float *out = scratch;  /* the OpenMP threads see their own thread-locals: hand them this one */
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols > 65536)
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = weight_at(a, 1, r * ld + c);
     return out;
@@ -166,81 +186,163 @@ static void dot_tile_any(const void *const *w, int bf16, int R, const float *con
     else dot_tile_sized(w, 0, R, x, C, k, s);
 }
 
-/* Starts loading `rows` weight rows of k weights (the next ones, while the current ones are in
- * use: without this a multi-row pass streams its weights at half the rate of a one-row pass). */
+/* Starts loading `rows` rows of k values at row (the next ones, while the current ones are in use). */
 static inline void prefetch_rows(const void *row, int bf16, int64_t k, int rows) {
     int64_t bytes = rows * k * (bf16 ? 2 : 4);
     for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)row + c, 0, 0);
 }
 
-/* The R (1 or 2) consecutive weight rows at w (row length k) against the activation rows
- * [begin, end): y[y_row(i) * ldy + r] = scale(i) * dot(w[r], x[x_row(i)]), where a NULL x_row,
- * y_row is the identity and a NULL scale is 1. x rows are ldx floats apart. */
-static void weight_rows(const void *w, int bf16, int R, int64_t k, int64_t begin, int64_t end, const float *x,
-                        const int64_t *x_row, int64_t ldx, float *y, const int64_t *y_row, int64_t ldy, const float *scale) {
-    const void *ws[TILE_W] = {w, weight_row(w, bf16, 1, k)};
-    float s[TILE_W * TILE_X];
-    for (int64_t i = begin; i < end; i += TILE_X) {
-        int C = end - i < TILE_X ? (int)(end - i) : TILE_X;
-        const float *xs[TILE_X];
-        for (int c = 0; c < C; ++c) xs[c] = x + (x_row ? x_row[i + c] : i + c) * ldx;
-        dot_tile_any(ws, bf16, R, xs, C, k, s);
-        for (int c = 0; c < C; ++c) {
-            float *yi = y + (y_row ? y_row[i + c] : i + c) * ldy;
-            for (int r = 0; r < R; ++r) yi[r] = scale ? s[r * TILE_X + c] * scale[i + c] : s[r * TILE_X + c];
-        }
-    }
+/* Packed weights. A weight matrix [n, k] (n outputs) is stored as ceil(n / PACK) blocks of PACK
+ * outputs, each k-major: block[b][kk][j] = w[b * PACK + j][kk], zero rows padding n. One step of
+ * kk reads one cache line of a block (fp32) and the blocks follow each other, so a product streams
+ * the matrix front to back once per tile of up to TILE_ROWS activation rows. Output (r, j) is one
+ * fused multiply-add chain over kk = 0 .. k-1 in order, whatever the number of rows, the tile the
+ * row falls in, or whether the vector or the scalar code computed it. */
+#define PACK 16
+#define TILE_ROWS 6 /* 2 x TILE_ROWS accumulators + 2 weight vectors + 1 broadcast fit the 16 AVX registers */
+#define PACK_AHEAD 64 /* block rows (cache lines, fp32) fetched ahead of use */
+#define WIDEN_ROWS (4 * TILE_ROWS) /* a bf16 block read by more rows than this is widened to fp32 once */
+
+static inline const void *block_at(const void *w, int bf16, int64_t b, int64_t k) {
+    return (const char *)w + b * k * PACK * (bf16 ? 2 : 4);
 }
 
-/* y[i, n] = sum_k x[i, k] * w[n, k] (+ bias[n]). w: [n, k] contiguous; x: [m, k], row stride ldx;
- * y: [m, n], row stride ldy; bias: [n] or NULL. All fp32, or all bf16 where bf16 != 0: then the
- * products are summed in fp32 and each result (with its bias) rounded once. Returns 0, or -1 if
- * scratch memory ran out. */
+#if defined(__AVX2__) && defined(__FMA__)
+/* acc[r][j] = sum_kk x[r][kk] * block[kk][j] for r < R (constant after inlining). */
+static inline __attribute__((always_inline)) void block_tile(const void *block, int bf16, int64_t k, const float *const *x,
+                                                             int R, float acc_out[TILE_ROWS][PACK]) {
+    __m256 acc[TILE_ROWS][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t kk = 0; kk < k; ++kk) {
+        __builtin_prefetch((const char *)block + (kk + PACK_AHEAD) * PACK * (bf16 ? 2 : 4), 0, 3);
+        __m256 w0 = load_weights8(block, bf16, kk * PACK), w1 = load_weights8(block, bf16, kk * PACK + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < R; ++r) {
+            __m256 xv = _mm256_broadcast_ss(x[r] + kk);
+            acc[r][0] = _mm256_fmadd_ps(w0, xv, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w1, xv, acc[r][1]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+        _mm256_storeu_ps(acc_out[r], acc[r][0]);
+        _mm256_storeu_ps(acc_out[r] + 8, acc[r][1]);
+    }
+}
+#else
+static inline void block_tile(const void *block, int bf16, int64_t k, const float *const *x, int R,
+                              float acc_out[TILE_ROWS][PACK]) {
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < PACK; ++j) {
+            float a = 0.f;
+            for (int64_t kk = 0; kk < k; ++kk) a = MADD(a, weight_at(block, bf16, kk * PACK + j), x[r][kk]);
+            acc_out[r][j] = a;
+        }
+}
+#endif
+
+/* block_tile for any R <= TILE_ROWS, dispatched to a constant-size instance. */
+static void block_tile_any(const void *block, int bf16, int64_t k, const float *const *x, int R, float acc[TILE_ROWS][PACK]) {
+#define TILE_CASE(n) \
+    case n: \
+        if (bf16) block_tile(block, 1, k, x, n, acc); \
+        else block_tile(block, 0, k, x, n, acc); \
+        break;
+    switch (R) {
+        TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) default: TILE_CASE(6)
+    }
+#undef TILE_CASE
+}
+
+/* One packed block (outputs b * PACK .. b * PACK + cols - 1) against the activation rows [begin, end):
+ * y[y_row(i) * ldy + j] = scale(i) * dot(w[j], x[x_row(i)]), or dot + bias[j] with a bias and no scale,
+ * for j < cols, where a NULL x_row, y_row is the identity and a NULL scale is 1. x rows are ldx floats
+ * apart; y is fp32, or bf16 where y_bf16 != 0 (each result rounded once). */
+static void block_rows(const void *block, int bf16, int64_t k, int cols, int64_t begin, int64_t end, const float *x,
+                       const int64_t *x_row, int64_t ldx, void *y, int y_bf16, const int64_t *y_row, int64_t ldy,
+                       const float *scale, const float *bias) {
+    float acc[TILE_ROWS][PACK];
+    float *wide = NULL;
+    if (bf16 && end - begin > WIDEN_ROWS && (wide = malloc(sizeof(float) * k * PACK))) {
+        /* many tiles will read this block: widen it once (the same values, so the same bits) */
+        for (int64_t i = 0; i < k * PACK; ++i) wide[i] = weight_at(block, 1, i);
+        block = wide, bf16 = 0;
+    }
+    for (int64_t i = begin; i < end; i += TILE_ROWS) {
+        int R = end - i < TILE_ROWS ? (int)(end - i) : TILE_ROWS;
+        const float *xs[TILE_ROWS];
+        for (int r = 0; r < R; ++r) xs[r] = x + (x_row ? x_row[i + r] : i + r) * ldx;
+        block_tile_any(block, bf16, k, xs, R, acc);
+        for (int r = 0; r < R; ++r) {
+            int64_t yi = (y_row ? y_row[i + r] : i + r) * ldy;
+            float s = scale ? scale[i + r] : 1.f;
+            if (scale)
+                for (int j = 0; j < cols; ++j) store_at(y, y_bf16, yi + j, acc[r][j] * s);
+            else if (bias)
+                for (int j = 0; j < cols; ++j) store_at(y, y_bf16, yi + j, acc[r][j] + bias[j]);
+            else
+                for (int j = 0; j < cols; ++j) store_at(y, y_bf16, yi + j, acc[r][j]);
+        }
+    }
+    free(wide);
+}
+
+#define ITEMS_PER_THREAD 4 /* linear splits its rows into chunks only when the blocks are fewer */
+
+/* y[i, o] = sum_kk x[i, kk] * w[o, kk] (+ bias[o]) for o < n, i < m, with w packed ([ceil(n / PACK)]
+ * blocks of [k][PACK]); x: [m, k], row stride ldx; y: [m, n], row stride ldy; bias: [n] or NULL.
+ * All fp32, or all bf16 where bf16 != 0: then the products are summed in fp32 and each result
+ * (with its bias) rounded once. Work items are (block, chunk of rows), block-major, split across
+ * threads in contiguous runs, so a decode step's threads each stream their part of w once; the rows
+ * are split into chunks only where there are fewer blocks than ITEMS_PER_THREAD per thread.
+ * Returns 0, or -1 if scratch memory ran out. */
 int linear(const void *w, const void *bias, const void *x, void *y, int bf16, int64_t n, int64_t k, int64_t m, int64_t ldx,
            int64_t ldy, int threads) {
-    int64_t pairs = (n + 1) / 2;
-    float *xw = bf16 ? widened(x, m, k, ldx) : (float *)x, *yw = bf16 ? malloc(sizeof(float) * m * n) : (float *)y;
-    int64_t ldxw = bf16 ? k : ldx, ldyw = bf16 ? n : ldy;
-    if (!xw || !yw) {
-        if (bf16) free(xw), free(yw);
+    int64_t blocks = (n + PACK - 1) / PACK, wanted = (int64_t)ITEMS_PER_THREAD * threads;
+    int64_t chunks = blocks >= wanted ? 1 : (wanted + blocks - 1) / blocks;
+    int64_t chunk_rows = (m + chunks - 1) / chunks;
+    chunk_rows = (chunk_rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;  /* whole tiles */
+    chunks = (m + chunk_rows - 1) / chunk_rows;
+    const float *xw = bf16 ? widened_into_scratch(x, m, k, ldx, threads) : (const float *)x;
+    float *bw = bias ? malloc(sizeof(float) * n) : NULL;
+    if (!xw || (bias && !bw)) {
+        free(bw);
         return -1;
     }
+    for (int64_t o = 0; bias && o < n; ++o) bw[o] = weight_at(bias, bf16, o);
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < pairs; ++p) {
-        int64_t r = 2 * p;
-        if (p + 1 < pairs) prefetch_rows(weight_row(w, bf16, r + 2, k), bf16, k, r + 3 < n ? 2 : 1);
-        weight_rows(weight_row(w, bf16, r, k), bf16, r + 1 < n ? 2 : 1, k, 0, m, xw, NULL, ldxw, yw + r, NULL, ldyw, NULL);
+    for (int64_t item = 0; item < blocks * chunks; ++item) {
+        int64_t b = item / chunks, begin = item % chunks * chunk_rows, end = begin + chunk_rows < m ? begin + chunk_rows : m;
+        int cols = n - b * PACK < PACK ? (int)(n - b * PACK) : PACK;
+        void *yb = (char *)y + b * PACK * (bf16 ? 2 : 4);
+        block_rows(block_at(w, bf16, b, k), bf16, k, cols, begin, end, xw, NULL, bf16 ? k : ldx, yb, bf16, NULL, ldy, NULL,
+                   bw ? bw + b * PACK : NULL);
     }
-    if (bias || bf16)
-        for (int64_t i = 0; i < m; ++i)
-            for (int64_t j = 0; j < n; ++j)
-                store_at(y, bf16, i * ldy + j, yw[i * ldyw + j] + (bias ? weight_at(bias, bf16, j) : 0.f));
-    if (bf16) free(xw), free(yw);
+    free(bw);
     return 0;
 }
 
 /* Routed experts for the rows of `groups` groups (one per expert).
  *
  * Row r (an assignment of token tokens[r] to an expert) belongs to the group g with
- * begin[g] <= r < end[g]; group g's weights are gate_up[g] ([2*ffn, hidden], gate rows then up
- * rows) and down[g] ([hidden, ffn]), passed as addresses. Computes
+ * begin[g] <= r < end[g]; group g's weights are gate_up[g] (packed [2*ffn, hidden]: gate rows
+ * then up rows) and down[g] (packed [hidden, ffn]), passed as addresses. Computes
  *     out[dest[r], :] = scale[r] * down(silu(gate x) * (up x)),  x = x[tokens[r], :]
  * using h ([rows, 2*ffn]) and act ([rows, ffn]) as scratch, indexed by r. The weights are fp32, or
- * bf16 where bf16 != 0; everything else is fp32. */
+ * bf16 where bf16 != 0; everything else is fp32. Work items are (group, block) pairs. */
 void moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *tokens, const int64_t *dest, const float *scale,
                  const int64_t *begin, const int64_t *end, const int64_t *gate_up, const int64_t *down, int bf16,
                  int64_t groups, float *out, float *h, float *act, int threads) {
-    int64_t up_rows = 2 * ffn, up_pairs = ffn, down_pairs = (hidden + 1) / 2;
+    int64_t up_rows = 2 * ffn, up_blocks = (up_rows + PACK - 1) / PACK, down_blocks = (hidden + PACK - 1) / PACK;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < groups * up_pairs; ++i) {
-            int64_t g = i / up_pairs, n = 2 * (i % up_pairs), next = i + 1;
-            if (next < groups * up_pairs)
-                prefetch_rows(weight_row((const void *)gate_up[next / up_pairs], bf16, 2 * (next % up_pairs), hidden), bf16,
-                              hidden, 2);
-            weight_rows(weight_row((const void *)gate_up[g], bf16, n, hidden), bf16, 2, hidden, begin[g], end[g], x, tokens,
-                        hidden, h + n, NULL, up_rows, NULL);
+        for (int64_t i = 0; i < groups * up_blocks; ++i) {
+            int64_t g = i / up_blocks, b = i % up_blocks;
+            int cols = up_rows - b * PACK < PACK ? (int)(up_rows - b * PACK) : PACK;
+            block_rows(block_at((const void *)gate_up[g], bf16, b, hidden), bf16, hidden, cols, begin[g], end[g], x, tokens,
+                       hidden, h + b * PACK, 0, NULL, up_rows, NULL, NULL);
         }
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; ++g)
@@ -250,13 +352,11 @@ void moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *tok
                 for (int64_t f = 0; f < ffn; ++f) a[f] = gate[f] / (1.f + expf(-gate[f])) * up[f];
             }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < groups * down_pairs; ++i) {
-            int64_t g = i / down_pairs, n = 2 * (i % down_pairs), next = i + 1;
-            if (next < groups * down_pairs)
-                prefetch_rows(weight_row((const void *)down[next / down_pairs], bf16, 2 * (next % down_pairs), ffn), bf16, ffn,
-                              2);
-            weight_rows(weight_row((const void *)down[g], bf16, n, ffn), bf16, n + 1 < hidden ? 2 : 1, ffn, begin[g], end[g],
-                        act, NULL, ffn, out + n, dest, hidden, scale);
+        for (int64_t i = 0; i < groups * down_blocks; ++i) {
+            int64_t g = i / down_blocks, b = i % down_blocks;
+            int cols = hidden - b * PACK < PACK ? (int)(hidden - b * PACK) : PACK;
+            block_rows(block_at((const void *)down[g], bf16, b, ffn), bf16, ffn, cols, begin[g], end[g], act, NULL, ffn,
+                       out + b * PACK, 0, dest, hidden, scale, NULL);
         }
     }
 }
