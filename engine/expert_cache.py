@@ -24,6 +24,7 @@ import torch
 from cache_policies.base import CachePolicy
 from cuda_ext.api import CopyEngine, CopyPair, CopyPriority, CopyTicket
 from engine.expert_store import HostExpertStore, min_slots_for_step, slots_for_budget
+from engine.host_memory import advised_buffer
 from engine.types import ExpertKey
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,10 @@ class ExpertCache:
         self.device = torch.device(device)
         self.num_slots = num_slots
         # S slots, B expert_nbytes
-        pool = torch.empty((num_slots, store.expert_nbytes), dtype=torch.uint8, device=self.device)
+        if self.device.type == "cpu":  # the CPU kernels stream the slots: huge-page advised RAM
+            pool = advised_buffer(num_slots * store.expert_nbytes).view(num_slots, store.expert_nbytes)
+        else:
+            pool = torch.empty((num_slots, store.expert_nbytes), dtype=torch.uint8, device=self.device)
         self._slots = [_Slot(buffer=pool[i]) for i in range(num_slots)]
         self._slot_of: dict[ExpertKey, int] = {}
         self._free = list(range(num_slots - 1, -1, -1))

@@ -26,7 +26,8 @@ from engine.expert_cache import ExpertCache, ExpertSlot
 from engine.expert_store import HostExpertStore, min_slots_for_step, slots_for_budget
 from engine.models.experts import ResidentExperts
 from engine.models.spec import ModelSpec
-from engine.models.weights import ExpertTensors, pack_expert
+from engine.host_memory import Arena
+from engine.models.weights import ExpertTensors, pack_expert, packed_experts_nbytes
 from engine.types import ExpertKey
 
 logger = logging.getLogger(__name__)
@@ -139,8 +140,9 @@ def build_expert_provider(
     experts_nbytes = sum(t.numel() * t.element_size() for pair in experts.values() for t in pair)
     if not wants_offload(config, experts_nbytes, device):
         if pack:
+            arena = Arena(packed_experts_nbytes(experts))
             for key in experts:  # in place: each plain expert is dropped as soon as it is packed
-                experts[key] = pack_expert(experts[key])
+                experts[key] = pack_expert(experts[key], arena)
         return ResidentExperts(experts, device)
     policy_name = DEFAULT_POLICY if config.cache_policy == "default" else config.cache_policy
     try:

@@ -17,15 +17,24 @@ import torch
 PACK_WIDTH = 16  # outputs per block: the kernels' PACK
 
 
-def pack_blocks(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] -> blocks [ceil(N / PACK_WIDTH), K, PACK_WIDTH], contiguous, same dtype."""
+def pack_blocks(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """weight [N, K] -> blocks [ceil(N / PACK_WIDTH), K, PACK_WIDTH], contiguous, same dtype;
+    written into `out` (e.g. a view of an `engine.host_memory.Arena`) when given."""
     if weight.dim() != 2:
         raise ValueError(f"only matrices are packed, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
-    pad = -rows % PACK_WIDTH
-    if pad:
-        weight = torch.cat([weight, weight.new_zeros(pad, cols)])
-    return weight.reshape(-1, PACK_WIDTH, cols).transpose(1, 2).contiguous()
+    shape = packed_shape(rows, cols)
+    if out is None:
+        out = torch.empty(shape, dtype=weight.dtype)
+    elif tuple(out.shape) != shape or out.dtype != weight.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {weight.dtype} tensor of shape {shape}")
+    whole = rows // PACK_WIDTH
+    out[:whole].copy_(weight[: whole * PACK_WIDTH].reshape(whole, PACK_WIDTH, cols).transpose(1, 2))
+    if whole < shape[0]:  # the last, partial block: zero outputs past N
+        tail = out[whole]
+        tail.zero_()
+        tail[:, : rows - whole * PACK_WIDTH].copy_(weight[whole * PACK_WIDTH:].T)
+    return out
 
 
 def unpack_blocks(blocks: torch.Tensor, rows: int) -> torch.Tensor:
@@ -46,8 +55,8 @@ class PackedMatrix:
     rows: int
 
     @classmethod
-    def pack(cls, weight: torch.Tensor) -> PackedMatrix:
-        return cls(pack_blocks(weight), weight.shape[0])
+    def pack(cls, weight: torch.Tensor, out: torch.Tensor | None = None) -> PackedMatrix:
+        return cls(pack_blocks(weight, out), weight.shape[0])
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.models.packed import Matrix, PackedMatrix, pack_blocks
+from engine.host_memory import Arena
+from engine.models.packed import Matrix, PackedMatrix, pack_blocks, packed_shape
 from engine.types import ExpertKey
 
 
@@ -93,11 +94,20 @@ def _storage(matrix: Matrix) -> torch.Tensor:
 
 
 def pack_dense(dense: DenseWeights) -> DenseWeights:
-    """The same weights with every matrix a product reads packed; a tied lm_head stays shared
-    with the embedding table (looked up in the packed blocks)."""
+    """The same weights with every matrix a product reads packed, all in one huge-page advised
+    arena; a tied lm_head stays shared with the embedding table (looked up in the packed blocks)."""
+    plain = [layer.router for layer in dense.layers] + [layer.attention.qkv for layer in dense.layers]
+    plain += [layer.attention.o for layer in dense.layers] + [dense.lm_head]
+    for layer in dense.layers:
+        if layer.shared_expert is not None:
+            plain += [layer.shared_expert.gate_up, layer.shared_expert.down, layer.shared_expert.gate]
+    plain = [m for m in plain if isinstance(m, torch.Tensor)]
+    arena = Arena(Arena.bytes_for([(packed_shape(*m.shape), m.dtype) for m in plain]))
 
     def pack(matrix: Matrix) -> PackedMatrix:
-        return matrix if isinstance(matrix, PackedMatrix) else PackedMatrix.pack(matrix)
+        if isinstance(matrix, PackedMatrix):
+            return matrix
+        return PackedMatrix.pack(matrix, arena.take(packed_shape(*matrix.shape), matrix.dtype))
 
     layers = []
     for layer in dense.layers:
@@ -118,10 +128,19 @@ def pack_dense(dense: DenseWeights) -> DenseWeights:
 ExpertTensors = tuple[torch.Tensor, torch.Tensor]
 
 
-def pack_expert(tensors: ExpertTensors) -> ExpertTensors:
-    """One routed expert's (gate_up, down) as packed blocks ([ceil(2F/16), D, 16], [ceil(D/16), F, 16])."""
+def pack_expert(tensors: ExpertTensors, arena: Arena | None = None) -> ExpertTensors:
+    """One routed expert's (gate_up, down) as packed blocks ([ceil(2F/16), D, 16], [ceil(D/16), F, 16]),
+    carved out of `arena` when given."""
+    def pack(weight: torch.Tensor) -> torch.Tensor:
+        return pack_blocks(weight, None if arena is None else arena.take(packed_shape(*weight.shape), weight.dtype))
+
     gate_up, down = tensors
-    return pack_blocks(gate_up), pack_blocks(down)
+    return pack(gate_up), pack(down)
+
+
+def packed_experts_nbytes(experts: dict[ExpertKey, ExpertTensors]) -> int:
+    """The arena size that holds every expert packed."""
+    return Arena.bytes_for([(packed_shape(*t.shape), t.dtype) for pair in experts.values() for t in pair])
 
 
 @dataclass
