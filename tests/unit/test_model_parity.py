@@ -9,7 +9,8 @@ from engine.config import EngineConfig
 from engine.models.attention import AttentionMetadata
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
-from tests.helpers import hf_greedy, hf_model, run_to_completion
+from engine.models.packed import PackedMatrix
+from tests.helpers import hf_greedy, hf_model, make_tiny_checkpoint, run_to_completion
 
 PROMPT_LENGTHS = (3, 11, 7, 1)
 
@@ -45,9 +46,22 @@ def test_logits_match_transformers(arch_checkpoint) -> None:
             assert (got - expected).abs().max().item() <= 1e-4
 
 
+def test_tied_embeddings_match_transformers_with_one_packed_table(tmp_path) -> None:
+    path = make_tiny_checkpoint("mixtral", tmp_path / "tied", tie_word_embeddings=True)
+    engine = build_engine(EngineConfig(model=str(path), dtype="float32"), show_progress=False)
+    dense = engine.runner.model.dense
+    if isinstance(dense.lm_head, PackedMatrix):  # the C kernels: the embedding lookups read the packed lm_head
+        assert dense.embed_tokens is dense.lm_head
+    oracle = hf_model(path)
+    prompts = _prompts(engine.vocab_size)
+    with torch.inference_mode():
+        for prompt, got in zip(prompts, _engine_logits(engine, prompts), strict=True):
+            assert (got - oracle(torch.tensor([prompt])).logits[0]).abs().max().item() <= 1e-4
+
+
 def test_bf16_is_as_close_to_the_fp32_logits_as_transformers_bf16(arch_checkpoint) -> None:
-    """In bf16 (prefill through torch, decode-sized calls through the C kernels) the engine's
-    error against the fp32 oracle is no larger than transformers' own bf16 error, give or take."""
+    """In bf16 (through the C kernels on packed weights) the engine's error against the fp32
+    oracle is no larger than transformers' own bf16 error, give or take."""
     _, path = arch_checkpoint
     engine = build_engine(EngineConfig(model=str(path), dtype="bfloat16"), show_progress=False)
     truth, theirs = hf_model(path), hf_model(path, torch.bfloat16)
