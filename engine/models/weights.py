@@ -9,6 +9,7 @@ CPU kernels every matrix a product reads is then packed (`pack_dense`, `pack_exp
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,35 +94,43 @@ def _storage(matrix: Matrix) -> torch.Tensor:
     return matrix.blocks if isinstance(matrix, PackedMatrix) else matrix
 
 
-def pack_dense(dense: DenseWeights) -> DenseWeights:
-    """The same weights with every matrix a product reads packed, all in one huge-page advised
-    arena; a tied lm_head stays shared with the embedding table (looked up in the packed blocks)."""
-    plain = [layer.router for layer in dense.layers] + [layer.attention.qkv for layer in dense.layers]
-    plain += [layer.attention.o for layer in dense.layers] + [dense.lm_head]
-    for layer in dense.layers:
-        if layer.shared_expert is not None:
-            plain += [layer.shared_expert.gate_up, layer.shared_expert.down, layer.shared_expert.gate]
-    plain = [m for m in plain if isinstance(m, torch.Tensor)]
-    arena = Arena(Arena.bytes_for([(packed_shape(*m.shape), m.dtype) for m in plain]))
-
-    def pack(matrix: Matrix) -> PackedMatrix:
-        if isinstance(matrix, PackedMatrix):
-            return matrix
-        return PackedMatrix.pack(matrix, arena.take(packed_shape(*matrix.shape), matrix.dtype))
-
+def _map_matrices(dense: DenseWeights, fn: Callable[[Matrix], Matrix]) -> DenseWeights:
+    """`dense` with fn applied to every matrix a product reads (routers, q/k/v, o, shared experts,
+    lm_head); the embedding table, norms and biases stay as they are."""
     layers = []
     for layer in dense.layers:
         att, shared = layer.attention, layer.shared_expert
         if shared is not None:
-            shared = SharedExpertWeights(pack(shared.gate_up), pack(shared.down), pack(shared.gate))
+            shared = SharedExpertWeights(fn(shared.gate_up), fn(shared.down), fn(shared.gate))
         layers.append(dataclasses.replace(
-            layer, router=pack(layer.router), shared_expert=shared,
-            attention=dataclasses.replace(att, qkv=pack(att.qkv), o=pack(att.o)),
+            layer, router=fn(layer.router), shared_expert=shared,
+            attention=dataclasses.replace(att, qkv=fn(att.qkv), o=fn(att.o)),
         ))
-    lm_head = pack(dense.lm_head)
+    return DenseWeights(dense.embed_tokens, layers, dense.final_norm, fn(dense.lm_head))
+
+
+def pack_dense(dense: DenseWeights) -> DenseWeights:
+    """The same weights with every matrix a product reads packed, all in one huge-page advised
+    arena; a tied lm_head stays shared with the embedding table (looked up in the packed blocks)."""
+    plain: list[torch.Tensor] = []
+
+    def collect(matrix: Matrix) -> Matrix:
+        if isinstance(matrix, torch.Tensor):
+            plain.append(matrix)
+        return matrix
+
+    _map_matrices(dense, collect)
+    arena = Arena(Arena.bytes_for([(packed_shape(*m.shape), m.dtype) for m in plain]))
+
+    def pack(matrix: Matrix) -> Matrix:
+        if isinstance(matrix, PackedMatrix):
+            return matrix
+        return PackedMatrix.pack(matrix, arena.take(packed_shape(*matrix.shape), matrix.dtype))
+
+    packed = _map_matrices(dense, pack)
     tied = isinstance(dense.embed_tokens, torch.Tensor) and isinstance(dense.lm_head, torch.Tensor) \
         and dense.embed_tokens.data_ptr() == dense.lm_head.data_ptr()
-    return DenseWeights(lm_head if tied else dense.embed_tokens, layers, dense.final_norm, lm_head)
+    return dataclasses.replace(packed, embed_tokens=packed.lm_head) if tied else packed
 
 
 # (gate_up [2F, D], down [D, F]); packed for the CPU kernels: their blocks, see `pack_expert`

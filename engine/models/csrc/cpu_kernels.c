@@ -73,11 +73,16 @@ static inline void store_at(void *p, int bf16, int64_t i, float v) {
 }
 
 /* rows x cols values of a (row stride ld) widened into a new contiguous fp32 buffer (free it). */
-static float *widened(const void *a, int64_t rows, int64_t cols, int64_t ld) {
-    float *out = malloc(sizeof(float) * (rows * cols > 0 ? rows * cols : 1));
-    if (!out) return NULL;
+/* out[r * cols + c] = the bf16 value a[r * ld + c], for rows x cols values (split across threads when large). */
+static void widen_into(const void *a, int64_t rows, int64_t cols, int64_t ld, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols > 65536)
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = weight_at(a, 1, r * ld + c);
+}
+
+static float *widened(const void *a, int64_t rows, int64_t cols, int64_t ld) {
+    float *out = malloc(sizeof(float) * (rows * cols > 0 ? rows * cols : 1));
+    if (out) widen_into(a, rows, cols, ld, out, 1);
     return out;
 }
 
@@ -92,11 +97,8 @@ static float *widened_into_scratch(const void *a, int64_t rows, int64_t cols, in
         if (!grown) return NULL;
         scratch = grown, capacity = rows * cols;
     }
-    float *out = scratch;  /* the OpenMP threads see their own thread-locals: hand them this one */
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols > 65536)
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = weight_at(a, 1, r * ld + c);
-    return out;
+    widen_into(a, rows, cols, ld, scratch, threads);  /* a plain pointer: the OpenMP threads see their own thread-locals */
+    return scratch;
 }
 
 static inline const void *weight_row(const void *w, int bf16, int64_t row, int64_t k) {
@@ -266,7 +268,7 @@ static void block_rows(const void *block, int bf16, int64_t k, int cols, int64_t
     float *wide = NULL;
     if (bf16 && end - begin > WIDEN_ROWS && (wide = malloc(sizeof(float) * k * PACK))) {
         /* many tiles will read this block: widen it once (the same values, so the same bits) */
-        for (int64_t i = 0; i < k * PACK; ++i) wide[i] = weight_at(block, 1, i);
+        widen_into(block, 1, k * PACK, k * PACK, wide, 1);
         block = wide, bf16 = 0;
     }
     for (int64_t i = begin; i < end; i += TILE_ROWS) {
