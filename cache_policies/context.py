@@ -55,7 +55,8 @@ class _GroupHistory:
         self.steps = 0
         self.last_size = 0
         self.current: list[Hashable] = []
-        self.previous_scores: dict[int, float] = {}
+        self.previous_bits: list[int] = []  # the last finished step, if matchable
+        self._previous_scores: dict[int, float] | None = {}
         self.query_key: tuple[int, ...] | None = None
         self.query_scores: dict[int, float] | None = None
 
@@ -104,7 +105,8 @@ class _GroupHistory:
                     if len(steps) > bucket:
                         del steps[0]
         self._forget(step - self.horizon - self.history_steps)
-        self.previous_scores = self.scores(bits) if len(bits) <= self.max_keys else {}
+        self.previous_bits = bits if len(bits) <= self.max_keys else []
+        self._previous_scores = None  # matched when first asked for: steps without evictions cost nothing
         self.query_key = None
         self.query_scores = None
 
@@ -118,6 +120,12 @@ class _GroupHistory:
                 del steps[0]
                 if not steps:
                     del index[subset]
+
+    def previous_scores(self) -> dict[int, float]:
+        """`scores` of the last finished step (computed once, on first use)."""
+        if self._previous_scores is None:
+            self._previous_scores = self.scores(self.previous_bits) if self.previous_bits else {}
+        return self._previous_scores
 
     def scores(self, bits: list[int]) -> dict[int, float]:
         """Bit position -> share of the most similar indexed steps whose future used it.
@@ -204,7 +212,7 @@ class ContextPolicy(MarkovPolicy):
                 group.query_scores = group.scores(bits)
             if group.query_scores:
                 return group.query_scores
-        return group.previous_scores
+        return group.previous_scores()
 
     def context(self, key: Hashable) -> float:
         """Share of the most similar past steps (to this step, or the last one while too

@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 
@@ -43,8 +44,7 @@ class ExpertCacheFullError(RuntimeError):
     """A layer needs more slots than are free or evictable."""
 
 
-@dataclass(frozen=True)
-class ExpertSlot:
+class ExpertSlot(NamedTuple):
     """Handle on a pinned slot: valid until the matching `release`."""
 
     index: int
@@ -124,23 +124,45 @@ class ExpertCache:
         nothing, when the misses need more slots than are free or evictable.
         """
         unique = list(dict.fromkeys(keys))
-        for key in unique:
+        slot_of = self._slot_of
+        misses = [key for key in unique if key not in slot_of]
+        for key in misses:  # a key holding a slot is known
             self._check_known(key)
-        self._refresh_loading()
-        misses = [key for key in unique if key not in self._slot_of]
-        self._ensure_capacity(len(misses), requested=set(unique))
+        if self._loading:
+            self._refresh_loading()
+        if misses:
+            self._ensure_capacity(len(misses), requested=set(unique))
         for key in unique:
-            if key in self._slot_of:
+            if key in slot_of:
                 self._record_hit(key)
-        copies = [self._start_load(self._claim_slot(set(unique)), key, prefetched=False) for key in misses]
-        self._submit(misses, copies, CopyPriority.DEMAND)
-        for key in misses:
-            self._stats.misses[key.layer] += 1
-            self.policy.on_access(key)
+        if misses:
+            protected = set(unique)
+            copies = [self._start_load(self._claim_slot(protected), key, prefetched=False) for key in misses]
+            self._submit(misses, copies, CopyPriority.DEMAND)
+            for key in misses:
+                self._stats.misses[key.layer] += 1
+                self.policy.on_access(key)
+        slots, idle, handles = self._slots, self._idle, []
         for key in keys:
-            self._slots[self._slot_of[key]].refcount += 1
-            self._idle.pop(key, None)
-        return [ExpertSlot(self._slot_of[key], key) for key in keys]
+            index = slot_of[key]
+            slots[index].refcount += 1
+            idle.pop(key, None)
+            handles.append(ExpertSlot(index, key))
+        return handles
+
+    def take_ready(self, slot: ExpertSlot) -> tuple[torch.Tensor, ...] | None:
+        """`wait(slot)` if its bytes are already in place (never blocks), else None."""
+        index = self._checked(slot)
+        record = self._slots[index]
+        if record.state is SlotState.LOADING:
+            self._refresh(index)
+            if record.state is SlotState.LOADING:
+                return None
+        if record.refcount < 1:
+            raise ValueError(f"wait on {slot.key} which is not acquired")
+        if record.views is None:
+            record.views = self.store.unpack(record.buffer)
+        return record.views
 
     def ready(self, slot: ExpertSlot) -> bool:
         """True once `slot`'s bytes are in place (no pending copy)."""
@@ -169,17 +191,19 @@ class ExpertCache:
 
     def release(self, keys: Sequence[ExpertKey]) -> None:
         """Unpins every key once per occurrence (the inverse of `acquire`)."""
-        counts = Counter(keys)
+        slot_of, slots = self._slot_of, self._slots
+        counts = Counter(keys) if len(set(keys)) < len(keys) else dict.fromkeys(keys, 1)
         for key, count in counts.items():
-            if key not in self._slot_of or self._slots[self._slot_of[key]].refcount < count:
+            if key not in slot_of or slots[slot_of[key]].refcount < count:
                 raise ValueError(f"release of {key} x{count}, more than it is acquired")
+        on_cuda, idle = self.device.type == "cuda", self._idle
         for key in keys:
-            record = self._slots[self._slot_of[key]]
+            record = slots[slot_of[key]]
             record.refcount -= 1
             if record.refcount == 0:
                 if record.state is SlotState.RESIDENT:
-                    self._idle[key] = None
-                if self.device.type == "cuda":
+                    idle[key] = None
+                if on_cuda:
                     record.last_use = torch.cuda.Event()
                     record.last_use.record(torch.cuda.current_stream(self.device))
 
@@ -309,8 +333,9 @@ class ExpertCache:
     def _record_hit(self, key: ExpertKey) -> None:
         record = self._slots[self._slot_of[key]]
         self._stats.hits[key.layer] += 1
-        record.preload_step = None
-        self._preloads.discard(key)
+        if record.preload_step is not None:
+            record.preload_step = None
+            self._preloads.discard(key)
         if record.prefetched_unused:
             record.prefetched_unused = False
             self._stats.prefetch_used += 1

@@ -50,10 +50,18 @@ class OffloadedExperts:
     def _in_ready_order(self, pending: list[tuple[int, ExpertSlot]]) -> Iterator[list[tuple[int, ExpertTensors]]]:
         cache = self.cache
         while pending:
-            ready = [(expert, slot) for expert, slot in pending if cache.ready(slot)] or [pending[0]]
-            taken = {expert for expert, _ in ready}
-            pending = [item for item in pending if item[0] not in taken]
-            yield [(expert, cache.wait(slot)) for expert, slot in ready]
+            ready, waiting = [], []
+            for expert, slot in pending:
+                views = cache.take_ready(slot)
+                if views is None:
+                    waiting.append((expert, slot))
+                else:
+                    ready.append((expert, views))
+            if not ready:  # nothing usable yet: wait for the oldest pending copy
+                expert, slot = waiting.pop(0)
+                ready.append((expert, cache.wait(slot)))
+            pending = waiting
+            yield ready
 
     def done(self, layer: int, expert_ids: Sequence[int]) -> None:
         self.cache.release([ExpertKey(layer, e) for e in expert_ids])
