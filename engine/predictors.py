@@ -178,7 +178,12 @@ def online_affinity_predictions(
 
 def affinity_recall(trace: RoutingTrace, learn: RoutingTrace | None, ks: Sequence[int]) -> np.ndarray:
     """[L-1, len(ks)] recall@k per layer pair (l -> l+1) of online affinity predictions on `trace`."""
-    predicted = online_affinity_predictions(trace, learn, max(ks))  # T, L-1, k
+    return recall_at(online_affinity_predictions(trace, learn, max(ks)), trace, ks)
+
+
+def recall_at(predicted: np.ndarray, trace: RoutingTrace, ks: Sequence[int]) -> np.ndarray:
+    """[L-1, len(ks)] recall@k per layer pair of `predicted` ([T, L-1, >= max(ks)] guesses of
+    layer l+1, best first, -1 for none) against `trace`'s routing."""
     actual = trace.expert_ids[:, 1:, :].astype(np.int64)  # T, L-1, K
     valid = np.ones(actual.shape[:2], dtype=bool)  # T, L-1: both layers' records present
     if trace.present is not None:

@@ -32,6 +32,7 @@ from enum import Enum
 import numpy as np
 
 from cache_policies import CachePolicy, make_policy
+from engine.logistic_predictor import LogisticPredictor
 from engine.predictors import AFFINITY_MIN_SCORE, online_affinity_predictions
 from engine.trace_sim import validate_cache_size
 from engine.traces import RoutingTrace
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 PCIE4_X16_EFFECTIVE_GBPS = 25.0
 DEEPSEEK_V2_LITE_EXPERT_BYTES = 2048 * 1408 * 3  # 8-bit gate, up and down projections
 RTX_24GB_COMPUTE_MS_PER_LAYER = 0.5
+# a guess is worth a copy on a busy link when it is more likely used than not
+LOGISTIC_MIN_PROBABILITY = 0.5
 
 
 class Prefetcher(str, Enum):
@@ -48,6 +51,7 @@ class Prefetcher(str, Enum):
 
     NONE = "none"
     AFFINITY = "affinity"  # AffinityPredictor learned on the learning prompts, updated per prompt
+    LOGISTIC = "logistic"  # LogisticPredictor trained on the learning prompts, then frozen
     PREVIOUS = "previous"  # the previous token's experts of layer l+1
     ORACLE = "oracle"  # the true experts of layer l+1: the ceiling on the same link and cache
 
@@ -127,18 +131,20 @@ def predictions(
     prefetcher: Prefetcher,
     learn: RoutingTrace | None = None,
     width: int | None = None,
-    min_score: float = AFFINITY_MIN_SCORE,
+    min_score: float | None = None,
 ) -> np.ndarray | None:
     """[T, L, W] int64 experts to prefetch for layer l of token t (-1: none); None for `none`.
 
     Row [t, l] is issued at the start of layer l-1 of token t; row [t, 0] is empty. The
-    affinity predictor learns on `learn`, then on each replayed prompt once it is served, and
-    keeps its `width` best guesses that score at least `min_score`.
+    affinity predictor learns on `learn`, then on each replayed prompt once it is served; the
+    logistic one is trained on `learn` and frozen. Each keeps its `width` best guesses scoring
+    at least `min_score` (default: AFFINITY_MIN_SCORE, or LOGISTIC_MIN_PROBABILITY).
     """
     if prefetcher is Prefetcher.NONE:
         return None
     ids = trace.expert_ids.astype(np.int64)  # T tokens, L layers, K active
-    width = trace.top_k if prefetcher is not Prefetcher.AFFINITY or width is None else width
+    learned = prefetcher in (Prefetcher.AFFINITY, Prefetcher.LOGISTIC)
+    width = trace.top_k if not learned or width is None else width
     planned = np.full((trace.num_tokens, trace.num_layers, width), -1, dtype=np.int64)
     if prefetcher is Prefetcher.ORACLE:
         planned[:, 1:] = ids[:, 1:]
@@ -146,8 +152,15 @@ def predictions(
         planned[1:, 1:] = ids[:-1, 1:]
         if trace.present is not None:
             planned[1:][~trace.present[:-1]] = -1
+    elif prefetcher is Prefetcher.LOGISTIC:
+        if learn is None or not learn.num_tokens:
+            raise ValueError("the logistic prefetcher is trained on the learning prompts: give --learn-prompts")
+        model = LogisticPredictor(trace.num_layers, trace.num_experts).fit(learn)
+        threshold = LOGISTIC_MIN_PROBABILITY if min_score is None else min_score
+        planned[:, 1:, : min(width, trace.num_experts)] = model.predict_tokens(trace, width, threshold)
     else:
-        planned[:, 1:] = online_affinity_predictions(trace, learn, width, min_score)
+        threshold = AFFINITY_MIN_SCORE if min_score is None else min_score
+        planned[:, 1:] = online_affinity_predictions(trace, learn, width, threshold)
     if trace.present is not None:  # no guess from, nor for, a missing record
         planned[:, 1:][~trace.present[:, :-1]] = -1
         planned[~trace.present] = -1
@@ -282,7 +295,7 @@ def simulate_prefetch(
     timing: TimingModel,
     learn: RoutingTrace | None = None,
     width: int | None = None,
-    min_score: float = AFFINITY_MIN_SCORE,
+    min_score: float | None = None,
 ) -> list[PrefetchResult]:
     """Every (cache size, policy, prefetcher) over `trace`; predictors learn on `learn` first."""
     plans = {p: predictions(trace, p, learn, width, min_score) for p in prefetchers}

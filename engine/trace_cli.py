@@ -10,8 +10,10 @@ import logging
 import sys
 
 from cache_policies import DEFAULT_POLICY, available_policies
-from engine.predictors import AFFINITY_MIN_SCORE, affinity_recall
+from engine.logistic_predictor import LogisticPredictor
+from engine.predictors import AFFINITY_MIN_SCORE, affinity_recall, recall_at
 from engine.prefetch_sim import (
+    LOGISTIC_MIN_PROBABILITY,
     PCIE4_X16_EFFECTIVE_GBPS,
     RTX_24GB_COMPUTE_MS_PER_LAYER,
     Prefetcher,
@@ -69,10 +71,11 @@ def add_trace_parser(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--compute-ms-per-layer", type=float, default=RTX_24GB_COMPUTE_MS_PER_LAYER,
                      help="compute time of one MoE layer for one token in ms (default: a 24 GB card)")
     sim.add_argument("--prefetch-width", type=int, default=None,
-                     help="affinity guesses per layer (default: the trace's top-k)")
-    sim.add_argument("--min-score", type=float, default=AFFINITY_MIN_SCORE,
+                     help="affinity / logistic guesses per layer (default: the trace's top-k)")
+    sim.add_argument("--min-score", type=float, default=None,
                      help="affinity guesses need this mean P(expert | previous layer's experts) "
-                     f"(default {AFFINITY_MIN_SCORE:g}; 0 keeps every guess)")
+                     f"(default {AFFINITY_MIN_SCORE:g}), logistic guesses this probability "
+                     f"(default {LOGISTIC_MIN_PROBABILITY:g}); 0 keeps every guess")
     _add_learn_prompts(sim)
     sim.set_defaults(handler=run_simulate)
     pred = commands.add_parser(
@@ -194,6 +197,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         timing = TimingModel(args.link_gbps, args.compute_ms_per_layer, expert_bytes)
         if args.prefetch_width is not None and args.prefetch_width <= 0:
             raise ValueError("--prefetch-width must be positive")
+        if prefetchers and Prefetcher.LOGISTIC in prefetchers and not learn.num_tokens:
+            raise ValueError("the logistic prefetcher is trained on the learning prompts: give --learn-prompts")
     except (OSError, ValueError, KeyError) as error:
         return _usage_error(error)
     results: list[ReplayResult] | list[PrefetchResult]
@@ -227,18 +232,25 @@ def run_predictors(args: argparse.Namespace) -> int:
             raise ValueError("the affinity predictor needs at least 2 layers")
     except (OSError, ValueError, KeyError) as error:
         return _usage_error(error)
-    recall = affinity_recall(held_out, learn, ks)
+    recalls = {"affinity": affinity_recall(held_out, learn, ks)}
+    if learn.num_tokens:  # the logistic predictor is trained on the learning prompts only
+        model = LogisticPredictor(held_out.num_layers, held_out.num_experts).fit(learn)
+        recalls["logistic"] = recall_at(model.predict_tokens(held_out, max(ks)), held_out, ks)
     rows = [{"layer": layer, "next_layer": layer + 1, "tokens": held_out.num_tokens,
-             **{f"recall_at_{k}": float(recall[layer, i]) for i, k in enumerate(ks)}}
+             **{f"recall_at_{k}": float(recalls["affinity"][layer, i]) for i, k in enumerate(ks)},
+             **{f"{name}_recall_at_{k}": float(recall[layer, i])
+                for name, recall in recalls.items() if name != "affinity" for i, k in enumerate(ks)}}
             for layer in range(held_out.num_layers - 1)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{held_out.model or args.trace}: affinity predictor learned on {learn.num_prompts} prompts, "
-          f"measured on {held_out.num_tokens} tokens of {held_out.num_prompts} later prompts")
-    header = ("layer", *(f"recall@{k}" for k in ks))
-    lines = [(f"{layer}->{layer + 1}", *(f"{v:.3f}" for v in recall[layer])) for layer in range(len(recall))]
-    lines.append(("mean", *(f"{v:.3f}" for v in recall.mean(axis=0))))
+    print(f"{held_out.model or args.trace}: predictors learned on {learn.num_prompts} prompts (affinity: updated "
+          f"after each later prompt; logistic: frozen), measured on {held_out.num_tokens} tokens of "
+          f"{held_out.num_prompts} later prompts")
+    header = ("layer", *(f"{name} recall@{k}" for name in recalls for k in ks))
+    lines = [(f"{layer}->{layer + 1}", *(f"{recall[layer, i]:.3f}" for recall in recalls.values() for i in range(len(ks))))
+             for layer in range(held_out.num_layers - 1)]
+    lines.append(("mean", *(f"{recall[:, i].mean():.3f}" for recall in recalls.values() for i in range(len(ks)))))
     print(_align(header, lines))
     return 0
 

@@ -136,8 +136,9 @@ def test_missing_rows_are_skipped() -> None:
 
 def test_simulate_prefetch_rows() -> None:
     trace = make_trace([[[0, 1], [2, 3]], [[1, 2], [3, 4]], [[0, 4], [2, 5]]], num_experts=6)
-    results = simulate_prefetch(trace, ["lru", "lfu"], list(Prefetcher), [4, 6], TimingModel(**ONE_MS_COPY))
-    assert [(r.cache_experts, r.policy, r.prefetch) for r in results][:4] == [
+    results = simulate_prefetch(trace, ["lru", "lfu"], list(Prefetcher), [4, 6], TimingModel(**ONE_MS_COPY),
+                                learn=trace)
+    assert [(r.cache_experts, r.policy, r.prefetch) for r in results][:len(Prefetcher)] == [
         (4, "lru", p.value) for p in Prefetcher
     ]
     assert len(results) == 2 * 2 * len(Prefetcher)
@@ -153,11 +154,11 @@ def write_trace(tmp_path: Path) -> Path:
 
 def test_cli_prefetch_json_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["trace", "simulate", "--trace", str(write_trace(tmp_path)), "--cache-experts", "4,6",
-            "--prefetch", "none,affinity,previous,oracle", "--learn-prompts", "2", "--expert-bytes", "1000000",
-            "--link-gbps", "1", "--compute-ms-per-layer", "0.5", "--json"]
+            "--prefetch", "none,affinity,logistic,previous,oracle", "--learn-prompts", "2", "--expert-bytes",
+            "1000000", "--link-gbps", "1", "--compute-ms-per-layer", "0.5", "--json"]
     assert main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 2 * 2 * 4  # sizes x default policies (lru, default) x prefetchers
+    assert len(rows) == 2 * 2 * 5  # sizes x default policies (lru, default) x prefetchers
     for row in rows:
         assert {"policy", "prefetch", "cache_experts", "hit_rate", "stall_ms_per_token"} <= row.keys()
         assert row["tokens"] == 20 and row["compute_ms_per_layer"] == 0.5
@@ -170,15 +171,16 @@ def test_cli_predictors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(argv + ["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [row["layer"] for row in rows] == [0, 1]
-    assert all(0.0 <= row["recall_at_6"] <= row["recall_at_12"] <= 1.0 for row in rows)
+    for name in ("recall_at", "logistic_recall_at"):
+        assert all(0.0 <= row[f"{name}_6"] <= row[f"{name}_12"] <= 1.0 for row in rows)
     assert main(argv) == 0
-    assert "recall@6" in capsys.readouterr().out
+    assert "logistic recall@6" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "extra",
     [["--prefetch", "psychic"], ["--prefetch", "oracle", "--policy", "belady"], ["--learn-prompts", "4"],
-     ["--prefetch", "affinity", "--prefetch-width", "0"]],
+     ["--prefetch", "affinity", "--prefetch-width", "0"], ["--prefetch", "logistic"]],
 )
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:
     argv = ["trace", "simulate", "--trace", str(write_trace(tmp_path)), "--cache-experts", "4"]
