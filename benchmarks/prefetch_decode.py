@@ -5,7 +5,8 @@ Qwen2-MoE-style checkpoint with the trace model's MoE geometry (experts per laye
 hidden and expert sizes from the flags: DeepSeek-V2-Lite's 2048 / 1408 / 2 x 1408 shared by
 default) and makes every layer route as the trace recorded (`TraceRouter`). Each prefetch
 mode then decodes the same requests with a fraction of the experts cached, after warm-up
-requests that fill the cache and let the affinity predictor learn; the all-resident run of
+requests that fill the cache and let the affinity and logistic predictors learn (the logistic
+one first trains on the trace's last `--train-prompts` prompts, which no request replays); the all-resident run of
 the same model is the baseline. Use it on a GPU (`--device cuda`); on a CPU it runs the same
 path with a RAM pool as the device tier (use small `--hidden` and `--moe-intermediate`).
 
@@ -20,6 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
@@ -30,7 +32,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
 from engine.trace_routing import TraceRouter
-from engine.traces import RoutingTrace, load_trace
+from engine.traces import RoutingTrace, load_trace, save_trace
 
 DEFAULT_TRACE = "../shared/traces/deepseek-v2-lite-puffin-train.npz"
 
@@ -59,6 +61,17 @@ def make_checkpoint(directory: Path, trace: RoutingTrace, args: argparse.Namespa
     model.save_pretrained(directory, max_shard_size="2GB")
     save_tokenizer(tokenizer, directory)
     return directory
+
+
+def training_trace(directory: Path, trace: RoutingTrace, args: argparse.Namespace) -> Path:
+    """The trace's last `--train-prompts` prompts at the replayed layers, saved for `prefetch_trace`:
+    requests replay the first prompts, so the logistic predictor never trains on a measured one."""
+    part = trace.slice_prompts(trace.num_prompts - args.train_prompts, trace.num_prompts)
+    layers = slice(args.first_layer, args.first_layer + args.layers)
+    path = directory / "train.npz"
+    save_trace(path, RoutingTrace(np.ascontiguousarray(part.expert_ids[:, layers]), part.offsets, part.prompt_ids,
+                                  part.num_experts, part.model))
+    return path
 
 
 def replaying_engine(path: Path, trace: RoutingTrace, args: argparse.Namespace, **overrides) -> LLMEngine:
@@ -96,7 +109,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--fraction", type=float, default=0.25, help="share of the routed experts cached")
     parser.add_argument("--cache-policy", default="default")
-    parser.add_argument("--prefetch", default="none,next_layer,affinity")
+    parser.add_argument("--prefetch", default="none,next_layer,affinity,logistic")
+    parser.add_argument("--train-prompts", type=int, default=300,
+                        help="logistic prefetch: train on the trace's last N prompts first (0: learn online only)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
@@ -109,15 +124,19 @@ def main() -> None:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     trace = load_trace(args.trace)
+    if not 0 <= args.train_prompts < trace.num_prompts:
+        parser.error(f"--train-prompts must be in [0, {trace.num_prompts - 1}] for this trace")
     args.layers = args.layers or trace.num_layers - args.first_layer
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp), trace, args)
+        train = training_trace(Path(tmp), trace, args) if args.train_prompts > 0 else None
         base = measure(replaying_engine(path, trace, args, offload="off"), args)
         rows.append({"prefetch": "all-resident", **base, "slowdown": 1.0})
         for prefetch in args.prefetch.split(","):
             engine = replaying_engine(path, trace, args, offload="on", expert_cache_fraction=args.fraction,
-                                      cache_policy=args.cache_policy, prefetch=prefetch)
+                                      cache_policy=args.cache_policy, prefetch=prefetch,
+                                      prefetch_trace=str(train) if prefetch == "logistic" and train else None)
             row = measure(engine, args)
             rows.append({"prefetch": prefetch, **row, "slowdown": base["tok_s"] / row["tok_s"]})
     if args.json:

@@ -22,12 +22,15 @@ from engine.models.weights import pack_dense
 from engine.expert_cache import SlotState
 from engine.models.experts import ResidentExperts
 from engine.offload import OffloadedExperts, build_expert_provider
-from engine.predictors import AffinityPredictor, TaskProfilePredictor
+from engine.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
+from engine.models.spec import ModelSpec
+from engine.predictors import AFFINITY_MIN_SCORE, AffinityPredictor, TaskProfilePredictor
 from engine.routing import RoutingRecorder, TaskExpertCost, TaskPreloader, TraceWriter
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.scheduling_policy import NoExpertCost, ServiceTimeModel, SloContext
-from engine.speculators import AffinitySpeculator, RouterSpeculator
+from engine.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
 from engine.tasks import TaskTable
+from engine.traces import RoutingTrace, load_trace
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +144,29 @@ def make_speculator(config: EngineConfig, model: MoEModel) -> Speculator | None:
     spec = model.spec
     if config.prefetch is PrefetchMode.NEXT_LAYER:
         return RouterSpeculator([layer.router for layer in model.dense.layers], spec.top_k, config.prefetch_margin)
+    width = spec.top_k + config.prefetch_margin
     if config.prefetch is PrefetchMode.AFFINITY and spec.num_layers > 1:
-        return AffinitySpeculator(AffinityPredictor(spec.num_layers, spec.num_experts),
-                                  spec.top_k + config.prefetch_margin, config.prefetch_min_score)
+        min_score = AFFINITY_MIN_SCORE if config.prefetch_min_score is None else config.prefetch_min_score
+        return AffinitySpeculator(AffinityPredictor(spec.num_layers, spec.num_experts), width, min_score)
+    if config.prefetch is PrefetchMode.LOGISTIC and spec.num_layers > 1:
+        predictor = LogisticPredictor(spec.num_layers, spec.num_experts, top_k=spec.top_k)
+        if config.prefetch_trace is not None:
+            predictor.fit(training_trace(config.prefetch_trace, spec))
+        min_score = LOGISTIC_MIN_PROBABILITY if config.prefetch_min_score is None else config.prefetch_min_score
+        return LogisticSpeculator(predictor, width, min_score)
     return None
+
+
+def training_trace(path: str, spec: ModelSpec) -> RoutingTrace:
+    """The routing trace a predictor trains on; it must have the served model's layers and experts."""
+    try:
+        trace = load_trace(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read prefetch_trace {path}: {exc}") from exc
+    if (trace.num_layers, trace.num_experts) != (spec.num_layers, spec.num_experts):
+        raise ModelLoadError(f"prefetch_trace {path} has {trace.num_layers} layers x {trace.num_experts} experts, "
+                             f"the model {spec.num_layers} x {spec.num_experts}")
+    return trace
 
 
 def attach_routing_consumers(

@@ -38,11 +38,14 @@ class OffloadMode(str, enum.Enum):
 class PrefetchMode(str, enum.Enum):
     """Expert prefetching when offloading, at low priority while layer l computes: `next_layer`
     applies layer l+1's router to layer l's hidden state; `affinity` ranks layer l+1's experts by
-    co-activation with layer l's choice (learned online); `none` loads on demand only."""
+    co-activation with layer l's choice (learned online); `logistic` by a per-layer logistic
+    regression over the token's last layers' routing and the previous token's (learned online,
+    optionally trained on a trace first); `none` loads on demand only."""
 
     NONE = "none"
     NEXT_LAYER = "next_layer"
     AFFINITY = "affinity"
+    LOGISTIC = "logistic"
 
 
 class EngineConfig(BaseModel):
@@ -76,8 +79,12 @@ class EngineConfig(BaseModel):
     cache_policy: str = Field(default="default", description="expert-cache eviction policy (see cache_policies)")
     prefetch: PrefetchMode = PrefetchMode.NEXT_LAYER
     prefetch_margin: int = Field(default=2, ge=0, le=64, description="extra experts per token beyond top-k to prefetch")
-    prefetch_min_score: float = Field(
-        default=0.25, ge=0, le=1, description="affinity prefetch: lowest co-activation score worth a copy"
+    prefetch_min_score: float | None = Field(
+        default=None, ge=0, le=1, description="lowest score worth a prefetch copy: affinity's co-activation score "
+        "(default 0.25), logistic's probability (default 0.5)"
+    )
+    prefetch_trace: str | None = Field(
+        default=None, description="logistic prefetch: routing trace (npz) of this model to train on at start-up"
     )
     task_preload: bool = Field(default=True, description="eMoE: preload a task's predicted experts before its prefill")
     preload_refresh_every: int = Field(default=8, ge=1, description="eMoE: refresh a task's prediction every N prompts")

@@ -17,6 +17,7 @@ from engine.sampler import Sampler, SamplerOutput
 from engine.sampling_params import TokenLogprob
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.speculators import SequenceAwareSpeculator
 from engine.trace_routing import TraceRouter
 
 
@@ -54,6 +55,8 @@ class ModelRunner:
         self._generators.pop(seq_id, None)
         if self.trace_router is not None:
             self.trace_router.forget(seq_id)
+        if isinstance(self.model.speculator, SequenceAwareSpeculator):
+            self.model.speculator.forget(seq_id)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         seed = seq.request.sampling.seed
@@ -93,6 +96,10 @@ class ModelRunner:
         )
         if self.recorder is not None:
             self.recorder.begin_step(
+                [(s.seq.seq_id, s.num_new_tokens, s.seq.num_computed_tokens == 0) for s in out.scheduled]
+            )
+        if isinstance(self.model.speculator, SequenceAwareSpeculator):
+            self.model.speculator.begin_step(
                 [(s.seq.seq_id, s.num_new_tokens, s.seq.num_computed_tokens == 0) for s in out.scheduled]
             )
         if self.trace_router is not None:

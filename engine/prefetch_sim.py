@@ -32,7 +32,7 @@ from enum import Enum
 import numpy as np
 
 from cache_policies import CachePolicy, make_policy
-from engine.logistic_predictor import LogisticPredictor
+from engine.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
 from engine.predictors import AFFINITY_MIN_SCORE, online_affinity_predictions
 from engine.trace_sim import validate_cache_size
 from engine.traces import RoutingTrace
@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 PCIE4_X16_EFFECTIVE_GBPS = 25.0
 DEEPSEEK_V2_LITE_EXPERT_BYTES = 2048 * 1408 * 3  # 8-bit gate, up and down projections
 RTX_24GB_COMPUTE_MS_PER_LAYER = 0.5
-# a guess is worth a copy on a busy link when it is more likely used than not
-LOGISTIC_MIN_PROBABILITY = 0.5
 
 
 class Prefetcher(str, Enum):

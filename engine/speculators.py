@@ -9,8 +9,13 @@ names experts of the next layer for the offload tier to load at low priority:
   just chose (`AffinityPredictor`, learned online from the routing it sees, optionally
   warm-started from a trace) and keeps guesses whose calibrated score clears `min_score`.
   It needs no hidden state, so it also works when routing is replayed from a trace.
+- `LogisticSpeculator` asks a `LogisticPredictor` (the token's routing at the last few
+  layers and the previous token's at l+1, learned online by one Adam step per layer and
+  engine step, optionally trained on a trace first) and keeps guesses whose probability
+  clears `min_probability`. It needs each row's sequence (`begin_step`), which the model
+  runner gives it every step.
 
-Both rank the union over a batch's tokens and cap it at half the layer's experts, so a big
+All rank the union over a batch's tokens and cap it at half the layer's experts, so a big
 batch does not flood the link with guesses.
 """
 
@@ -19,9 +24,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from engine.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor, multi_hot
 from engine.models.cpu_kernels import linear
 from engine.models.packed import Matrix
 from engine.predictors import AFFINITY_MIN_SCORE, AffinityPredictor
+
 
 
 def _rank_union(scores: torch.Tensor | np.ndarray, chosen: torch.Tensor | np.ndarray, cap: int) -> list[int]:
@@ -79,3 +89,109 @@ class AffinitySpeculator:
         np.put_along_axis(chosen, best, True, axis=1)
         chosen &= scores >= self.min_score
         return _rank_union(scores, chosen, max(self.width, self.predictor.num_experts // 2))
+
+
+@runtime_checkable
+class SequenceAwareSpeculator(Protocol):
+    """A speculator that keeps per-sequence state: told each step's rows and finished sequences."""
+
+    def begin_step(self, layout: Sequence[tuple[str, int, bool]]) -> None:
+        """(sequence id, rows, whether the chunk starts the sequence) per scheduled chunk, in row order."""
+        ...
+
+    def forget(self, seq_id: str) -> None:
+        """The sequence finished."""
+        ...
+
+
+class LogisticSpeculator:
+    """Per-row logistic prediction of layer l+1's experts from the routing history.
+
+    `begin_step(layout)` names each step's rows: (sequence id, rows, whether the chunk starts
+    the sequence), in row order, as the model runner schedules them. A row's previous token is
+    the row before it in its chunk, or the sequence's last token of an earlier step, or none at
+    a prompt's first token. Guesses come only from rows whose previous token's routing at l+1
+    is already known (decode rows, a chunk's first row): inside a prefill chunk it is computed
+    in the same layer pass. Learning uses every row, once layer l+1 has routed.
+    """
+
+    def __init__(self, predictor: LogisticPredictor, width: int, min_probability: float = LOGISTIC_MIN_PROBABILITY,
+                 learn: bool = True, learning_rate: float = 0.03) -> None:
+        self.predictor = predictor
+        self.width = width
+        self.min_probability = min_probability
+        self.learn = learn
+        self.learning_rate = learning_rate
+        self._last: dict[str, np.ndarray] = {}  # sequence -> its last computed token's routing [L, K]
+        self._step: dict[int, np.ndarray] = {}  # layer -> this step's ids [T, K]
+        self._rows: list[tuple[str, int]] = []  # (sequence, rows) this step
+        self._previous_row = np.zeros(0, dtype=np.int64)  # [T] row of the previous token in this step, -1: none here
+        self._carried: np.ndarray | None = None  # [T, L, K] the previous token's routing from an earlier step (-1: none)
+
+    def begin_step(self, layout: Sequence[tuple[str, int, bool]]) -> None:
+        self._finish_step()
+        rows = sum(n for _, n, _ in layout)
+        previous_row = np.full(rows, -1, dtype=np.int64)
+        carried: np.ndarray | None = None
+        start = 0
+        for seq_id, n, first_chunk in layout:
+            previous_row[start + 1:start + n] = np.arange(start, start + n - 1)
+            last = None if first_chunk else self._last.get(seq_id)
+            if last is not None and n:
+                if carried is None:
+                    carried = np.full((rows, *last.shape), -1, dtype=np.int64)
+                carried[start] = last
+            start += n
+        self._rows = [(seq_id, n) for seq_id, n, _ in layout]
+        self._previous_row, self._carried = previous_row, carried
+
+    def forget(self, seq_id: str) -> None:
+        self._last.pop(seq_id, None)
+
+    def _finish_step(self) -> None:
+        """Remember each sequence's last row of the finished step (all layers routed)."""
+        if self._step and len(self._step) == self.predictor.num_layers:
+            routing = np.stack([self._step[layer] for layer in range(self.predictor.num_layers)], axis=1)  # T, L, K
+            end = 0
+            for seq_id, n in self._rows:
+                end += n
+                if n and end <= len(routing):
+                    self._last[seq_id] = routing[end - 1]
+        self._step = {}
+
+    def _previous_at(self, layer: int, rows: int) -> np.ndarray:
+        """[T, K] the previous token's experts at `layer` where known (-1 elsewhere)."""
+        top_k = next(iter(self._step.values())).shape[1]
+        out = np.full((rows, top_k), -1, dtype=np.int64)
+        if self._carried is not None and len(self._carried) == rows:
+            out[:] = self._carried[:, layer]
+        here = self._previous_row[:rows] >= 0 if len(self._previous_row) >= rows else np.zeros(rows, dtype=bool)
+        if layer in self._step and here.any():
+            out[here] = self._step[layer][self._previous_row[:rows][here]]
+        return out
+
+    def _context(self, layer: int) -> list[np.ndarray | None]:
+        first = layer - self.predictor.context_layers + 1
+        return [self._step.get(source) if source >= 0 else None for source in range(first, layer + 1)]
+
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor) -> list[int]:
+        ids = topk_ids.cpu().numpy().astype(np.int64)
+        self._step[layer] = ids
+        rows = len(ids)
+        predictor = self.predictor
+        if self.learn and layer >= 1 and (layer - 1) in self._step:  # layer's routing is now known: learn l-1 -> l
+            features = predictor.features(self._context(layer - 1), self._previous_at(layer, rows))
+            predictor.partial_fit(layer - 1, features, multi_hot(ids, predictor.num_experts), self.learning_rate)
+        if layer + 1 >= predictor.num_layers:
+            return []
+        known = self._previous_row[:rows] < 0 if len(self._previous_row) >= rows else np.ones(rows, dtype=bool)
+        if not known.any():
+            return []
+        previous = self._previous_at(layer + 1, rows)[known]
+        context = [None if block is None else block[known] for block in self._context(layer)]
+        probability = predictor.probabilities_of(layer, predictor.features(context, previous))  # [R, E]
+        best = np.argsort(-probability, axis=1, kind="stable")[:, : self.width]
+        chosen = np.zeros_like(probability, dtype=bool)
+        np.put_along_axis(chosen, best, True, axis=1)
+        chosen &= probability >= self.min_probability
+        return _rank_union(probability, chosen, max(self.width, predictor.num_experts // 2))

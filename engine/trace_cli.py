@@ -10,10 +10,9 @@ import logging
 import sys
 
 from cache_policies import DEFAULT_POLICY, available_policies
-from engine.logistic_predictor import LogisticPredictor
+from engine.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
 from engine.predictors import AFFINITY_MIN_SCORE, affinity_recall, recall_at
 from engine.prefetch_sim import (
-    LOGISTIC_MIN_PROBABILITY,
     PCIE4_X16_EFFECTIVE_GBPS,
     RTX_24GB_COMPUTE_MS_PER_LAYER,
     Prefetcher,

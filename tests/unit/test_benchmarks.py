@@ -38,6 +38,7 @@ def test_prefetch_decode_replays_a_trace_with_every_prefetch_mode(tmp_path: Path
                                    prompt_ids=np.array([0, 1], dtype=np.int32), num_experts=8))
     rows = run_json("benchmarks.prefetch_decode", "--trace", str(trace), "--hidden", "32", "--moe-intermediate",
                     "16", "--shared-intermediate", "16", "--heads", "2", "--fraction", "0.5", "--tokens", "4",
-                    "--prompt-len", "8", "--warmup-requests", "1", "--cache-policy", "lru", "--device", "cpu")
-    assert [r["prefetch"] for r in rows] == ["all-resident", "none", "next_layer", "affinity"]
+                    "--prompt-len", "8", "--warmup-requests", "1", "--cache-policy", "lru", "--device", "cpu",
+                    "--train-prompts", "1")
+    assert [r["prefetch"] for r in rows] == ["all-resident", "none", "next_layer", "affinity", "logistic"]
     assert rows[0]["hit_rate"] == 1.0 and rows[1]["misses_per_token"] > 0

@@ -68,9 +68,9 @@ def test_a_prompts_first_token_does_not_see_the_previous_prompt() -> None:
     model = LogisticPredictor(NUM_LAYERS, NUM_EXPERTS, context_layers=1)
     trace = as_trace(carried_routing(40, seed=4), prompt_length=20)
     features = model._design(trace, 0)
-    previous = features[:, NUM_EXPERTS:]  # the previous token's layer-1 experts
-    assert previous[0].sum() == 0 and previous[20].sum() == 0
-    assert previous[21].sum() == TOP_K
+    previous, first = features[:, NUM_EXPERTS:-1], features[:, -1]  # the previous token's layer-1 experts
+    assert previous[0].sum() == 0 and previous[20].sum() == 0 and first[0] == first[20] == 1
+    assert previous[21].sum() == TOP_K and first[21] == 0
 
 
 def test_bad_arguments_are_errors() -> None:

@@ -52,10 +52,10 @@ def test_greedy_tokens_equal_the_all_resident_run(arch_reference, fraction: floa
 
 
 @pytest.mark.parametrize("fraction", [0.5, MIN_FRACTION])
-@pytest.mark.parametrize("prefetch", ["next_layer", "affinity"])
+@pytest.mark.parametrize("prefetch", ["next_layer", "affinity", "logistic"])
 def test_prefetch_keeps_the_all_resident_tokens(arch_reference, fraction: float, prefetch: str) -> None:
     path, reference = arch_reference
-    # min score 0: the affinity speculator guesses as soon as it has seen one step's routing
+    # min score 0: the affinity and logistic speculators guess as soon as they have seen one step's routing
     tokens, engine = run(path, expert_cache_fraction=fraction, prefetch=prefetch, prefetch_margin=2,
                          prefetch_min_score=0.0)
     stats = engine.runner.model.experts.cache.stats()

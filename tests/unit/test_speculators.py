@@ -8,10 +8,11 @@ import torch
 
 from engine.builder import build_engine
 from engine.config import EngineConfig
+from engine.logistic_predictor import LogisticPredictor
 from engine.predictors import AffinityPredictor
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
-from engine.speculators import AffinitySpeculator, RouterSpeculator
+from engine.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
 from engine.trace_routing import TraceRouter
 from engine.traces import RoutingTrace
 from tests.helpers import run_to_completion
@@ -37,6 +38,61 @@ def test_affinity_speculator_drops_guesses_below_the_score_and_caps_the_batch_un
     loose = AffinitySpeculator(predictor, width=4, min_score=0.0, learn=False)
     assert sorted(loose(0, torch.zeros(1, 4), torch.tensor([[0]]))) == [1, 2, 6, 7]
     assert len(loose(0, torch.zeros(3, 4), torch.tensor([[0], [0], [0]]))) <= 4  # cap: half of 8 experts
+
+
+def decode_steps(speculator: LogisticSpeculator, routing: list[list[list[int]]], seq_id: str = "s",
+                 first: bool = True) -> list[list[list[int]]]:
+    """Feed one sequence's tokens one step at a time ([T][L][K] routing); returns each step's guesses per layer."""
+    x, guesses = torch.zeros(1, 4), []
+    for index, token in enumerate(routing):
+        speculator.begin_step([(seq_id, 1, first and index == 0)])
+        guesses.append([sorted(speculator(layer, x, torch.tensor([ids]))) for layer, ids in enumerate(token)])
+    return guesses
+
+
+def carried_sequences(speculator: LogisticSpeculator, count: int, length: int,
+                      seed: int) -> list[tuple[list[int], list[list[list[int]]]]]:
+    """Decode `count` sequences: layer 0 random per token, layer 1 one random pair per sequence
+    (so only the previous token predicts layer 1); returns each sequence's (pair, guesses per step)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for index in range(count):
+        pair = sorted(rng.choice(8, 2, replace=False).tolist())
+        routing = [[sorted(rng.choice(8, 2, replace=False).tolist()), pair] for _ in range(length)]
+        out.append((pair, decode_steps(speculator, routing, seq_id=f"s{index}")))
+        speculator.forget(f"s{index}")
+    return out
+
+
+def test_logistic_speculator_learns_online_to_repeat_the_previous_tokens_next_layer() -> None:
+    predictor = LogisticPredictor(num_layers=2, num_experts=8, context_layers=1, top_k=2)
+    speculator = LogisticSpeculator(predictor, width=2, min_probability=0.5, learning_rate=0.05)
+    _, first_steps = carried_sequences(speculator, count=50, length=8, seed=0)[0]
+    assert first_steps[0] == [[], []] and first_steps[1][0] == []  # starts silent (base rate 2/8)
+    for pair, steps in carried_sequences(speculator, count=3, length=10, seed=1):
+        assert steps[0][0] == []  # a prompt's first token: no previous token to go on
+        assert all(step[0] == pair for step in steps[1:])  # then the previous token's layer 1
+        assert all(step[1] == [] for step in steps)  # the last layer has no next layer
+
+
+def test_logistic_speculator_knows_rows_sequences_and_forgets_finished_ones() -> None:
+    predictor = LogisticPredictor(num_layers=2, num_experts=8, context_layers=1, top_k=2)
+    speculator = LogisticSpeculator(predictor, width=2, min_probability=0.5, learning_rate=0.05)
+    carried_sequences(speculator, count=50, length=8, seed=2)
+    decode_steps(speculator, [[[0, 1], [5, 6]]], seq_id="s")  # "s" computed one token: layer 1 = [5, 6]
+    x = torch.zeros(3, 4)
+    # one step: a new sequence's 3-token prefill chunk, then "s" decoding. The chunk's first row starts
+    # its prompt and its other rows' predecessors route at layer 1 only in this same pass: no guesses
+    # from them; "s" remembers its last token's layer 1 across steps
+    speculator.begin_step([("new", 3, True), ("s", 1, False)])
+    assert sorted(speculator(0, x.new_zeros(4, 4), torch.tensor([[0, 1], [2, 3], [4, 7], [0, 3]]))) == [5, 6]
+    speculator(1, x.new_zeros(4, 4), torch.tensor([[1, 2], [1, 2], [1, 2], [5, 6]]))
+    speculator.begin_step([("new", 1, False)])  # its last prefill row's layer 1 was [1, 2]
+    assert sorted(speculator(0, x[:1], torch.tensor([[0, 3]]))) == [1, 2]
+    speculator(1, x[:1], torch.tensor([[1, 2]]))
+    speculator.forget("s")
+    speculator.begin_step([("s", 1, False)])
+    assert speculator(0, x[:1], torch.tensor([[0, 3]])) == []
 
 
 def test_router_speculator_names_the_next_routers_top_choices() -> None:
