@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cache_policies import available_policies
@@ -11,6 +12,8 @@ from engine.errors import ModelLoadError
 from engine.offload import OffloadedExperts
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
+from engine.speculators import LogisticSpeculator
+from engine.traces import RoutingTrace, save_trace
 from tests.helpers import ARCHITECTURES, run_to_completion
 
 NUM_LAYERS = 4  # 4 layers x 8 experts: the minimum cache (one layer, 8 slots) is a quarter of the experts
@@ -118,3 +121,25 @@ def test_an_unusable_host_tier_dir_is_a_clear_load_error(checkpoint_factory, tmp
     with pytest.raises(ModelLoadError, match="cannot create the file-backed host tier"):
         build_engine(EngineConfig(model=str(path), expert_cache_fraction=0.5, host_memory_gb=1e-6,
                                   host_tier_dir=str(blocker / "tier")), show_progress=False)
+
+
+def test_logistic_prefetch_trains_on_a_trace_of_the_model_and_refuses_another(checkpoint_factory, tmp_path) -> None:
+    path = checkpoint_factory("mixtral", num_hidden_layers=NUM_LAYERS)
+    rng = np.random.default_rng(0)
+
+    def trace_file(name: str, num_layers: int) -> str:
+        ids = np.stack([[rng.choice(8, 2, replace=False) for _ in range(num_layers)] for _ in range(40)])
+        file = tmp_path / name
+        save_trace(file, RoutingTrace(ids.astype(np.uint8), np.array([0, 20, 40]), np.arange(2, dtype=np.int32), 8))
+        return str(file)
+
+    config = dict(model=str(path), expert_cache_fraction=0.5, prefetch="logistic")
+    untrained = build_engine(EngineConfig(**config), show_progress=False).runner.model.speculator
+    trained = build_engine(EngineConfig(**config, prefetch_trace=trace_file("ok.npz", NUM_LAYERS)),
+                           show_progress=False).runner.model.speculator
+    assert isinstance(trained, LogisticSpeculator) and isinstance(untrained, LogisticSpeculator)
+    assert not np.any(untrained.predictor._weights) and np.any(trained.predictor._weights)
+    with pytest.raises(ModelLoadError, match=r"has 5 layers x 8 experts, the model 4 x 8"):
+        build_engine(EngineConfig(**config, prefetch_trace=trace_file("other.npz", NUM_LAYERS + 1)), show_progress=False)
+    with pytest.raises(ModelLoadError, match="cannot read prefetch_trace"):
+        build_engine(EngineConfig(**config, prefetch_trace=str(tmp_path / "missing.npz")), show_progress=False)
