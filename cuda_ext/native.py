@@ -7,10 +7,12 @@ per flavour for the life of the process.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,6 +27,7 @@ CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ("bindings.cpp", "copy_engine_cpu.cpp")
 CUDA_SOURCES = ("copy_engine_cuda.cu",)
 CXX_FLAGS = ["-O3", "-std=c++17"]
+TORCH_BATON = "lock"  # torch.utils.cpp_extension's build lock file in the build directory
 
 
 def cache_root() -> Path:
@@ -55,15 +58,31 @@ def load_extension(with_cuda: bool) -> ModuleType:
         flags.append("-DMOE_WITH_CUDA")
     logger.info("loading the copy-engine extension (%s); the first build takes a minute",
                 "cuda" if with_cuda else "cpu")
-    return cpp_extension.load(
-        name="moe_copy_engine_cuda" if with_cuda else "moe_copy_engine_cpu",
-        sources=sources,
-        extra_cflags=flags,
-        extra_cuda_cflags=flags,
-        build_directory=str(build_dir(with_cuda)),
-        with_cuda=with_cuda,
-        verbose=False,
-    )
+    directory = build_dir(with_cuda)
+    with build_lock(directory):
+        return cpp_extension.load(
+            name="moe_copy_engine_cuda" if with_cuda else "moe_copy_engine_cpu",
+            sources=sources,
+            extra_cflags=flags,
+            extra_cuda_cflags=flags,
+            build_directory=str(directory),
+            with_cuda=with_cuda,
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Exclusive use of a build directory across processes. torch's own lock is a file that a
+    killed build leaves behind, after which every later build waits on it forever; this one is
+    an flock the OS drops with its process, and whoever holds it removes torch's stale file."""
+    with open(directory / "moe-serve-build.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            (directory / TORCH_BATON).unlink(missing_ok=True)  # every builder here holds the flock first
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 class NativeCopyTicket(CopyTicket):

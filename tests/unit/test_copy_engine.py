@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from cuda_ext import CopyBackend, CopyEngine, CopyPriority, load_copy_engine
+from cuda_ext.native import TORCH_BATON, build_lock
 
 CPU_BACKENDS = [CopyBackend.CPU_EXTENSION, CopyBackend.TORCH]
 MIB = 1 << 20
@@ -203,3 +205,14 @@ def test_cuda_source_compiles_with_nvcc(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "copy_engine_cuda.o").stat().st_size > 0
+
+
+def test_a_killed_builds_stale_torch_lock_does_not_block_the_next_build(tmp_path: Path) -> None:
+    (tmp_path / TORCH_BATON).touch()  # left behind by a build that was killed mid-way
+    with build_lock(tmp_path):
+        assert not (tmp_path / TORCH_BATON).exists()
+        with open(tmp_path / "moe-serve-build.lock", "w") as other:  # another process's attempt
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "moe-serve-build.lock", "w") as other:  # released on exit
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
