@@ -154,15 +154,13 @@ class ExpertCache:
         """`wait(slot)` if its bytes are already in place (never blocks), else None."""
         index = self._checked(slot)
         record = self._slots[index]
+        if record.refcount < 1:
+            raise ValueError(f"wait on {slot.key} which is not acquired")
         if record.state is SlotState.LOADING:
             self._refresh(index)
             if record.state is SlotState.LOADING:
                 return None
-        if record.refcount < 1:
-            raise ValueError(f"wait on {slot.key} which is not acquired")
-        if record.views is None:
-            record.views = self.store.unpack(record.buffer)
-        return record.views
+        return self._views(record)
 
     def ready(self, slot: ExpertSlot) -> bool:
         """True once `slot`'s bytes are in place (no pending copy)."""
@@ -185,6 +183,10 @@ class ExpertCache:
             if record.ticket.cancelled():
                 raise RuntimeError(f"the copy of {slot.key} was cancelled (copy engine shut down?)")
             self._refresh(index)
+        return self._views(record)
+
+    def _views(self, record: _Slot) -> tuple[torch.Tensor, ...]:
+        """The typed weight views of a loaded slot (built once per slot)."""
         if record.views is None:
             record.views = self.store.unpack(record.buffer)
         return record.views
@@ -192,7 +194,7 @@ class ExpertCache:
     def release(self, keys: Sequence[ExpertKey]) -> None:
         """Unpins every key once per occurrence (the inverse of `acquire`)."""
         slot_of, slots = self._slot_of, self._slots
-        counts = Counter(keys) if len(set(keys)) < len(keys) else dict.fromkeys(keys, 1)
+        counts = Counter(keys)
         for key, count in counts.items():
             if key not in slot_of or slots[slot_of[key]].refcount < count:
                 raise ValueError(f"release of {key} x{count}, more than it is acquired")

@@ -6,32 +6,24 @@ routing at layer l+1, and an indicator of "no previous token" (a prompt's first 
 routing is the same for every prompt that starts alike); each of layer l+1's experts gets its
 own logistic output, so a prediction is a calibrated probability of use per expert (a guess
 is worth a copy on a busy link when that probability is above one half). Trained by
-minibatch Adam on a trace (`fit`); frozen afterwards. On held-out DeepSeek-V2-Lite prompts
+minibatch Adam on a trace (`fit`) and/or online, one Adam step at a time (`partial_fit`: the
+live speculator learns this way). On held-out DeepSeek-V2-Lite prompts
 its recall@6 is about 0.64 against the co-activation predictor's 0.47 (docs/prefetching.md):
 the previous token's choice at l+1 and two more layers of the current token carry what the
 mean over layer l's experts of P(j | i) cannot.
 
-numpy only (no torch): used by trace replay.
+numpy only (no torch): used by trace replay and by the live engine's speculator.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from engine.predictors import top_k_ids
+from engine.predictors import multi_hot, top_k_ids
 from engine.traces import RoutingTrace
 
 # a guess is worth a copy on a busy link when it is more likely used than not
 LOGISTIC_MIN_PROBABILITY = 0.5
-
-
-def multi_hot(ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """[T, K] expert ids (-1: none) -> [T, E] float32 indicator rows."""
-    ids = np.asarray(ids, dtype=np.int64)
-    hot = np.zeros((ids.shape[0], num_experts), dtype=np.float32)
-    rows, columns = np.nonzero(ids >= 0)
-    hot[rows, ids[rows, columns]] = 1.0
-    return hot
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -85,15 +77,18 @@ class LogisticPredictor:
             raise ValueError(f"need {self.context_layers} context layers, got {len(context)}")
         rows = next((len(ids) for ids in [*context, previous] if ids is not None), 0)
         empty = np.zeros((rows, self.num_experts), dtype=np.float32)
-        blocks = [empty if ids is None else multi_hot(ids, self.num_experts) for ids in [*context, previous]]
+        blocks = [empty if ids is None else multi_hot(ids, self.num_experts, np.float32) for ids in [*context, previous]]
         blocks.append((blocks[-1].sum(axis=1, keepdims=True) == 0).astype(np.float32))  # a prompt's first token
         return np.concatenate(blocks, axis=1)
 
-    def _design(self, trace: RoutingTrace, layer: int) -> np.ndarray:
-        """[T, F] features of every token of `trace` for predicting layer `layer + 1`."""
+    @staticmethod
+    def _routing(trace: RoutingTrace) -> np.ndarray:
+        """[T, L, K] int64 expert ids of `trace`, -1 where a record is missing."""
         ids = trace.expert_ids.astype(np.int64)
-        if trace.present is not None:
-            ids = np.where(trace.present[:, :, None], ids, -1)
+        return ids if trace.present is None else np.where(trace.present[:, :, None], ids, -1)
+
+    def _design(self, trace: RoutingTrace, ids: np.ndarray, layer: int) -> np.ndarray:
+        """[T, F] features of every token of `trace` (its `_routing`, `ids`) for predicting layer `layer + 1`."""
         context = [ids[:, source] if source >= 0 else None
                    for source in range(layer - self.context_layers + 1, layer + 1)]
         previous = np.full_like(ids[:, layer + 1], -1)
@@ -111,9 +106,9 @@ class LogisticPredictor:
                              f"predictor {self.num_layers} x {self.num_experts}")
         if epochs < 1 or batch < 1 or learning_rate <= 0:
             raise ValueError("epochs and batch must be >= 1 and learning_rate > 0")
-        rng = np.random.default_rng(seed)
+        rng, ids = np.random.default_rng(seed), self._routing(trace)
         for layer in range(self.num_layers - 1):
-            X, Y = self._design(trace, layer), multi_hot(trace.expert_ids[:, layer + 1], self.num_experts)
+            X, Y = self._design(trace, ids, layer), multi_hot(ids[:, layer + 1], self.num_experts, np.float32)
             if trace.present is not None:
                 keep = trace.present[:, layer + 1]
                 X, Y = X[keep], Y[keep]
@@ -152,15 +147,16 @@ class LogisticPredictor:
     def probabilities(self, trace: RoutingTrace, layer: int) -> np.ndarray:
         """[T, E] P(each expert of layer `layer + 1` is used) for every token of `trace`."""
         self._check_layer(layer)
-        return self.probabilities_of(layer, self._design(trace, layer))
+        return self.probabilities_of(layer, self._design(trace, self._routing(trace), layer))
 
     def predict_tokens(self, trace: RoutingTrace, k: int, min_probability: float = 0.0) -> np.ndarray:
         """[T, L-1, k] the k likeliest experts of layer l+1 per token and layer l, best first;
         guesses below `min_probability` read -1."""
         k = min(k, self.num_experts)
         out = np.full((trace.num_tokens, self.num_layers - 1, k), -1, dtype=np.int64)
+        ids = self._routing(trace)
         for layer in range(self.num_layers - 1):
-            probability = self.probabilities(trace, layer)
+            probability = self.probabilities_of(layer, self._design(trace, ids, layer))
             best = top_k_ids(probability, k)
             out[:, layer] = np.where(np.take_along_axis(probability, best, axis=1) >= min_probability, best, -1)
         return out

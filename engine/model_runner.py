@@ -94,14 +94,12 @@ class ModelRunner:
             self.block_size,
             device,
         )
+        # (sequence id, rows, whether the chunk starts the sequence) per chunk, in row order
+        layout = [(s.seq.seq_id, s.num_new_tokens, s.seq.num_computed_tokens == 0) for s in out.scheduled]
         if self.recorder is not None:
-            self.recorder.begin_step(
-                [(s.seq.seq_id, s.num_new_tokens, s.seq.num_computed_tokens == 0) for s in out.scheduled]
-            )
+            self.recorder.begin_step(layout)
         if isinstance(self.model.speculator, SequenceAwareSpeculator):
-            self.model.speculator.begin_step(
-                [(s.seq.seq_id, s.num_new_tokens, s.seq.num_computed_tokens == 0) for s in out.scheduled]
-            )
+            self.model.speculator.begin_step(layout)
         if self.trace_router is not None:
             self.trace_router.begin_step(
                 [(s.seq.seq_id, s.seq.num_computed_tokens, s.num_new_tokens) for s in out.scheduled]

@@ -26,10 +26,12 @@ _RESCALE_ABOVE = 1e100
 AFFINITY_MIN_SCORE = 0.25
 
 
-def _one_hot(ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """[N, K] expert ids -> [N, E] float64 indicator rows."""
-    hot = np.zeros((ids.shape[0], num_experts), dtype=np.float64)
-    hot[np.arange(ids.shape[0])[:, None], ids.astype(np.int64)] = 1.0
+def multi_hot(ids: np.ndarray, num_experts: int, dtype: type = np.float64) -> np.ndarray:
+    """[N, K] expert ids (-1: none) -> [N, E] indicator rows."""
+    ids = np.asarray(ids, dtype=np.int64)
+    hot = np.zeros((ids.shape[0], num_experts), dtype=dtype)
+    rows, columns = np.nonzero(ids >= 0)
+    hot[rows, ids[rows, columns]] = 1.0
     return hot
 
 
@@ -90,8 +92,8 @@ class AffinityPredictor:
             return
         if not 0 <= layer < self.num_layers - 1:
             raise ValueError(f"layer {layer} has no next layer")
-        source = _one_hot(np.asarray(expert_ids), self.num_experts)  # T, E
-        target = _one_hot(np.asarray(next_expert_ids), self.num_experts)  # T, E
+        source = multi_hot(expert_ids, self.num_experts)  # T, E
+        target = multi_hot(next_expert_ids, self.num_experts)  # T, E
         self._pairs[layer] += source.T @ target
         self._sources[layer] += source.sum(axis=0)
         self._targets[layer] += target.sum(axis=0)

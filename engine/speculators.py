@@ -21,17 +21,16 @@ batch does not flood the link with guesses.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from engine.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor, multi_hot
+import numpy as np
+import torch
+
+from engine.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
 from engine.models.cpu_kernels import linear
 from engine.models.packed import Matrix
-from engine.predictors import AFFINITY_MIN_SCORE, AffinityPredictor
-
+from engine.predictors import AFFINITY_MIN_SCORE, AffinityPredictor, multi_hot
 
 
 def _rank_union(scores: torch.Tensor | np.ndarray, chosen: torch.Tensor | np.ndarray, cap: int) -> list[int]:
@@ -41,6 +40,16 @@ def _rank_union(scores: torch.Tensor | np.ndarray, chosen: torch.Tensor | np.nda
     total = (scores_t * chosen_t).sum(dim=0)
     limit = min(int(chosen_t.any(dim=0).sum()), cap)
     return torch.topk(total, limit).indices.tolist() if limit else []
+
+
+def _rank_guesses(scores: np.ndarray, width: int, min_score: float, num_experts: int) -> list[int]:
+    """Each token's `width` best experts scoring at least `min_score` ([T, E] scores), ranked
+    over the batch by `_rank_union` and capped at max(width, half the experts)."""
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+    chosen = np.zeros_like(scores, dtype=bool)
+    np.put_along_axis(chosen, best, True, axis=1)
+    chosen &= scores >= min_score
+    return _rank_union(scores, chosen, max(width, num_experts // 2))
 
 
 class RouterSpeculator:
@@ -84,11 +93,7 @@ class AffinitySpeculator:
             return []
         table = self.predictor.affinity(slice(layer, layer + 1))[0]  # [E source, E target]
         scores = table[ids].mean(axis=1)  # [T, E]: mean of P(j | i) over the token's experts i
-        best = np.argsort(-scores, axis=1, kind="stable")[:, : self.width]
-        chosen = np.zeros_like(scores, dtype=bool)
-        np.put_along_axis(chosen, best, True, axis=1)
-        chosen &= scores >= self.min_score
-        return _rank_union(scores, chosen, max(self.width, self.predictor.num_experts // 2))
+        return _rank_guesses(scores, self.width, self.min_score, self.predictor.num_experts)
 
 
 @runtime_checkable
@@ -162,12 +167,10 @@ class LogisticSpeculator:
     def _previous_at(self, layer: int, rows: int) -> np.ndarray:
         """[T, K] the previous token's experts at `layer` where known (-1 elsewhere)."""
         top_k = next(iter(self._step.values())).shape[1]
-        out = np.full((rows, top_k), -1, dtype=np.int64)
-        if self._carried is not None and len(self._carried) == rows:
-            out[:] = self._carried[:, layer]
-        here = self._previous_row[:rows] >= 0 if len(self._previous_row) >= rows else np.zeros(rows, dtype=bool)
+        out = np.full((rows, top_k), -1, dtype=np.int64) if self._carried is None else self._carried[:, layer].copy()
+        here = self._previous_row >= 0
         if layer in self._step and here.any():
-            out[here] = self._step[layer][self._previous_row[:rows][here]]
+            out[here] = self._step[layer][self._previous_row[here]]
         return out
 
     def _context(self, layer: int) -> list[np.ndarray | None]:
@@ -178,20 +181,19 @@ class LogisticSpeculator:
         ids = topk_ids.cpu().numpy().astype(np.int64)
         self._step[layer] = ids
         rows = len(ids)
+        if len(self._previous_row) != rows:  # rows not laid out by begin_step: none knows its predecessor
+            self._previous_row, self._carried = np.full(rows, -1, dtype=np.int64), None
         predictor = self.predictor
         if self.learn and layer >= 1 and (layer - 1) in self._step:  # layer's routing is now known: learn l-1 -> l
             features = predictor.features(self._context(layer - 1), self._previous_at(layer, rows))
-            predictor.partial_fit(layer - 1, features, multi_hot(ids, predictor.num_experts), self.learning_rate)
+            targets = multi_hot(ids, predictor.num_experts, np.float32)
+            predictor.partial_fit(layer - 1, features, targets, self.learning_rate)
         if layer + 1 >= predictor.num_layers:
             return []
-        known = self._previous_row[:rows] < 0 if len(self._previous_row) >= rows else np.ones(rows, dtype=bool)
+        known = self._previous_row < 0  # a row whose predecessor routes in this same pass cannot guess
         if not known.any():
             return []
         previous = self._previous_at(layer + 1, rows)[known]
         context = [None if block is None else block[known] for block in self._context(layer)]
         probability = predictor.probabilities_of(layer, predictor.features(context, previous))  # [R, E]
-        best = np.argsort(-probability, axis=1, kind="stable")[:, : self.width]
-        chosen = np.zeros_like(probability, dtype=bool)
-        np.put_along_axis(chosen, best, True, axis=1)
-        chosen &= probability >= self.min_probability
-        return _rank_union(probability, chosen, max(self.width, predictor.num_experts // 2))
+        return _rank_guesses(probability, self.width, self.min_probability, predictor.num_experts)

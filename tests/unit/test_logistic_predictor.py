@@ -67,7 +67,7 @@ def test_learns_a_dependence_two_layers_back_and_knows_it_is_sure() -> None:
 def test_a_prompts_first_token_does_not_see_the_previous_prompt() -> None:
     model = LogisticPredictor(NUM_LAYERS, NUM_EXPERTS, context_layers=1)
     trace = as_trace(carried_routing(40, seed=4), prompt_length=20)
-    features = model._design(trace, 0)
+    features = model._design(trace, model._routing(trace), 0)
     previous, first = features[:, NUM_EXPERTS:-1], features[:, -1]  # the previous token's layer-1 experts
     assert previous[0].sum() == 0 and previous[20].sum() == 0 and first[0] == first[20] == 1
     assert previous[21].sum() == TOP_K and first[21] == 0
