@@ -63,6 +63,7 @@ class ErrorCode(str, enum.Enum):
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
     ENGINE_DEAD = "engine_dead"
     MODEL_LOADING = "model_loading"
+    SERVER_SHUTTING_DOWN = "server_shutting_down"
     SERVER_ERROR = "server_error"
 
 

@@ -25,6 +25,7 @@ class HealthStatus(str, enum.Enum):
     OK = "ok"
     LOADING = "loading"
     DEAD = "dead"
+    DRAINING = "draining"
 
 
 def health_body(ctx: ServingContext) -> tuple[int, dict[str, Any]]:
