@@ -51,24 +51,34 @@ def load_extension(with_cuda: bool) -> ModuleType:
     """Compiles on first use (ninja; a later process reuses the build) and imports the module."""
     from torch.utils import cpp_extension
 
-    sources = [str(CSRC_DIR / name) for name in CPU_SOURCES]
+    sources = [CSRC_DIR / name for name in CPU_SOURCES]
     flags = list(CXX_FLAGS)
     if with_cuda:
-        sources += [str(CSRC_DIR / name) for name in CUDA_SOURCES]
+        sources += [CSRC_DIR / name for name in CUDA_SOURCES]
         flags.append("-DMOE_WITH_CUDA")
-    logger.info("loading the copy-engine extension (%s); the first build takes a minute",
-                "cuda" if with_cuda else "cpu")
+    name = "moe_copy_engine_cuda" if with_cuda else "moe_copy_engine_cpu"
     directory = build_dir(with_cuda)
     with build_lock(directory):
+        if is_stale(directory / f"{name}.so", sources):
+            logger.info("building the copy engine (%s; first start only, may take a few minutes) in %s",
+                        "cuda" if with_cuda else "cpu", directory)
         return cpp_extension.load(
-            name="moe_copy_engine_cuda" if with_cuda else "moe_copy_engine_cpu",
-            sources=sources,
+            name=name,
+            sources=[str(source) for source in sources],
             extra_cflags=flags,
             extra_cuda_cflags=flags,
             build_directory=str(directory),
             with_cuda=with_cuda,
             verbose=False,
         )
+
+
+def is_stale(library: Path, sources: Sequence[Path]) -> bool:
+    """Whether `library` is missing or older than one of its sources (a build is coming)."""
+    if not library.exists():
+        return True
+    built = library.stat().st_mtime
+    return any(source.stat().st_mtime > built for source in sources)
 
 
 @contextlib.contextmanager

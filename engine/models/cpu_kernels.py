@@ -93,6 +93,7 @@ def build_library(vector: list[str]) -> Path:
         if compiler is None:
             raise OSError(f"no C compiler (cc or gcc) on PATH and no prebuilt {target.name} in {directory}")
         directory.mkdir(parents=True, exist_ok=True)
+        logger.info("building the CPU kernels (first start only) in %s", directory)
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
         try:
