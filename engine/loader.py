@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
 
 from engine.errors import ModelLoadError
 from engine.models.registry import spec_from_config
@@ -30,6 +29,7 @@ from engine.models.weights import (
     ModelWeights,
     SharedExpertWeights,
 )
+from engine.progress import progress
 from engine.types import ExpertKey
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,13 @@ def load_hf_config(path: Path) -> Any:
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot read {path / 'config.json'}: {first_line}") from exc
+
+
+def read_spec(path: Path) -> tuple[Any, ModelSpec]:
+    """The checkpoint's HF config and ModelSpec: every check that reads no weights (the directory,
+    its config.json, a supported architecture). Cheap enough to run before a server binds its port."""
+    hf_config = load_hf_config(path)
+    return hf_config, spec_from_config(hf_config)
 
 
 class TensorSource:
@@ -169,15 +176,13 @@ def _experts(
 def load_model(path: Path | str, dtype: str = "auto", show_progress: bool = True) -> LoadedModel:
     """Load a supported Hugging Face MoE checkpoint from a local directory."""
     path = Path(path)
-    hf_config = load_hf_config(path)
-    spec = spec_from_config(hf_config)
+    hf_config, spec = read_spec(path)
     torch_dtype = resolve_dtype(dtype, hf_config)
     with ExitStack() as stack:
         src = TensorSource(path, stack)
         layers: list[LayerWeights] = []
         experts: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
-        bar = tqdm(range(spec.num_layers), desc="loading layers", unit="layer", disable=not show_progress)
-        for layer in bar:
+        for layer in progress(range(spec.num_layers), show=show_progress, desc="loading layers", unit="layer"):
             layers.append(_layer(spec, src, layer, torch_dtype))
             experts.update(_experts(spec, src, layer, torch_dtype))
         embed = src.get("model.embed_tokens.weight", torch_dtype)

@@ -1,7 +1,7 @@
 """The FastAPI application factory: `create_app(engine, options)`.
 
-It wires the routes, the OpenAI-shaped error handlers, the API-key, request-id and
-body-size middleware, a per-app Prometheus registry and the tokenizer worker thread.
+It wires the routes, the OpenAI-shaped error handlers, the API-key, request-id, body-size and
+shutdown-drain middleware, a per-app Prometheus registry and the tokenizer worker thread.
 Importing this module does not import torch; the engine owns all model work.
 """
 
@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from server.auth import ApiKeyMiddleware
 from server.context import ServingContext, TokenizerWorker
+from server.drain import DrainMiddleware, DrainState
 from server.errors import install_error_handlers
 from server.metrics import register_metrics
 from server.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
@@ -70,6 +71,7 @@ def create_app(engine: AsyncLLMEngine, options: ServerOptions) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.serving = ctx
+    app.state.drain = DrainState()  # shared with the server's lifecycle (server/serve.py)
     app.state.metrics_registry = registry
     app.state.request_metrics = register_metrics(registry, engine, options.served_model_name, options.version)
     install_error_handlers(app)
@@ -78,6 +80,7 @@ def create_app(engine: AsyncLLMEngine, options: ServerOptions) -> FastAPI:
     if options.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=options.api_key,
                            protect_health_and_metrics=options.protect_health_and_metrics)
+    app.add_middleware(DrainMiddleware, state=app.state.drain, served_model_name=options.served_model_name)
     app.add_middleware(RequestIdMiddleware)
     logger.info("serving model %r (API key %s)", options.served_model_name,
                 "required" if options.api_key else "not required")

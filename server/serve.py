@@ -1,56 +1,157 @@
-"""Runs the HTTP server: engine thread + FastAPI app under uvicorn, graceful on SIGTERM.
+"""Runs the HTTP server (the engine thread and the FastAPI app under uvicorn) and owns the
+process's lifecycle around it, so that a supervisor can rely on the exit code:
 
-uvicorn stops accepting on SIGTERM/SIGINT and lets running requests finish for up to
-`shutdown_timeout_s`; then the engine thread is stopped and the process exits 0.
+- Before the port is bound, the checks that read no weights run (model directory, config.json,
+  a supported architecture): a failure is one line and exit 1, like `moe-serve generate`.
+- The model then loads in the background while /health answers "loading". If loading fails, or
+  the engine later stops on a fatal fault, the server logs one ERROR line with the engine's
+  reason, ends the streams in flight (an error event and `[DONE]`) and the process exits 1.
+- SIGTERM or SIGINT starts the drain (server/drain.py): the port stays open, new requests get 503
+  with Retry-After, running ones have `shutdown_timeout_s` to finish and are then cut; the engine
+  stops and the process exits 0. A second signal exits at once, with 1.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import enum
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
 
 from engine.async_engine import AsyncLLMEngine
-from engine.builder import resolve_device, served_model_name
+from engine.builder import model_path, resolve_device, served_model_name
+from engine.config import EngineConfig
+from engine.loader import read_spec
 from server.app import ServerOptions, create_app
 from server.config import ServeConfig
+from server.drain import DrainState
 
 logger = logging.getLogger(__name__)
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# After a fatal engine fault, how long the streams in flight have to send their error event.
+FATAL_FLUSH_S = 5.0
+# uvicorn's wait for connections once the drain is over (only idle keep-alive ones are left).
+CLOSE_TIMEOUT_S = 5
+# Joining the engine thread after a second signal: the process exits without waiting for a step.
+FORCED_ENGINE_JOIN_S = 0.5
 
-def _drained(_signum: int, _frame: FrameType | None) -> None:
-    """uvicorn re-raises SIGTERM after its graceful shutdown; by then there is nothing left to do."""
+
+class ExitCode(enum.IntEnum):
+    """How `moe-serve serve` ends."""
+
+    OK = 0  # drained after a signal
+    FAILED = 1  # a start-up failure, a fatal engine fault, or a second signal during the drain
+
+
+class LifecycleServer(uvicorn.Server):
+    """uvicorn with moe-serve's lifecycle (see the module docstring): a first signal drains with
+    the listening socket still open, a second exits at once, a dead engine stops the server."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, drain: DrainState, grace_s: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.drain = drain
+        self.grace_s = grace_s
+        self.exit_code = ExitCode.OK
+        self.num_signals = 0
+        self._ending: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Like uvicorn's, but the signal is not raised again afterwards: the exit code says how it ended."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Signal handler: the first signal is acted on by `on_tick`; a second one exits at once."""
+        self.num_signals += 1
+        if self.num_signals > 1 or not self.started:
+            self.should_exit = self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if await super().on_tick(counter):
+            if self.force_exit and self.num_signals > 1:
+                logger.warning("second signal: exiting without waiting for %d running request(s)",
+                               self.drain.num_running)
+                self.exit_code = ExitCode.FAILED
+            return True
+        if self.engine.is_dead and self.exit_code is ExitCode.OK:
+            self.exit_code = ExitCode.FAILED
+            logger.error("%s; exiting", self.engine.dead_reason or "the engine stopped")
+            self._end(FATAL_FLUSH_S)
+        elif self.num_signals:
+            self._end(self.grace_s)
+        return False
+
+    def _end(self, grace_s: float) -> None:
+        if self._ending is None:
+            self._ending = asyncio.create_task(self._drain_then_exit(grace_s))
+
+    async def _drain_then_exit(self, grace_s: float) -> None:
+        self.drain.begin(grace_s)
+        if self.exit_code is ExitCode.OK:
+            logger.info("draining: %d running request(s) have %.0f s to finish; new requests get 503",
+                        self.drain.num_running, grace_s)
+        if not await self.drain.wait_idle(grace_s):
+            logger.warning("grace period over: ending %d running request(s) with server_shutting_down",
+                           self.drain.num_running)
+            await self.drain.cut()
+        self.should_exit = True
+
+
+def check_model(config: EngineConfig) -> None:
+    """The loader's checks that read no weights (ModelLoadError): cheap, so they run before the
+    port is bound. The bundled demo model (no --model) is built by the engine thread instead."""
+    if config.model is not None:
+        read_spec(model_path(config))
 
 
 def serve(config: ServeConfig) -> int:
-    """Block serving HTTP until a shutdown signal; returns the process exit code."""
+    """Serve HTTP until a shutdown signal or a fatal engine fault; returns the process exit code."""
     resolve_device(config.device)  # refuse at once (one line, exit 1) when CUDA is asked for but absent
+    check_model(config)
     engine = AsyncLLMEngine(config)
     engine.start()
+    return run_server(engine, config)
+
+
+def run_server(engine: AsyncLLMEngine, config: ServeConfig) -> int:
+    """Serve `engine` (started by the caller) until a signal or a fatal engine fault, then stop the
+    engine; returns the exit code. Signals are handled only when called from the main thread."""
     options = ServerOptions(api_key=config.api_key, served_model_name=served_model_name(config))
     app = create_app(engine, options)
-    server = uvicorn.Server(
+    server = LifecycleServer(
         uvicorn.Config(
             app,
             host=config.host,
             port=config.port,
             log_level=config.log_level.value,
-            timeout_graceful_shutdown=int(config.shutdown_timeout_s),
+            timeout_graceful_shutdown=CLOSE_TIMEOUT_S,
             access_log=False,
-        )
+        ),
+        engine,
+        app.state.drain,
+        config.shutdown_timeout_s,
     )
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _drained) if in_main_thread else None
     try:
         server.run()
     finally:
-        engine.shutdown()
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    if engine.load_error is not None:
-        logger.error("the model failed to load: %s", engine.load_error)
-        return 1
-    return 0
+        if server.force_exit:
+            engine.shutdown(FORCED_ENGINE_JOIN_S)
+        else:
+            engine.shutdown()
+    return int(server.exit_code)
