@@ -1,4 +1,5 @@
-"""The benchmark scripts still run end to end (tiny sizes; their figures are not checked here)."""
+"""The benchmark scripts still run end to end (tiny sizes: their speed figures are not checked here,
+the soak's verdict on lost requests is)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
+from benchmarks.soak_traffic import BAD_INPUTS, Scenario, build_deck
 from engine.traces import RoutingTrace, save_trace
+from tests.helpers import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_json(module: str, *args: str) -> list[dict]:
+def run_json(module: str, *args: str) -> Any:
     done = subprocess.run([sys.executable, "-m", module, *args, "--json"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -42,3 +47,38 @@ def test_prefetch_decode_replays_a_trace_with_every_prefetch_mode(tmp_path: Path
                     "--train-prompts", "1")
     assert [r["prefetch"] for r in rows] == ["all-resident", "none", "next_layer", "affinity", "logistic"]
     assert rows[0]["hit_rate"] == 1.0 and rows[1]["misses_per_token"] > 0
+
+
+@pytest.mark.e2e
+def test_soak_sends_every_scenario_to_a_live_server_and_loses_nothing(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint("mixtral", tmp_path / "tiny-mixtral")
+    # one client per card of the deck: each scenario is sent at the start, however slow the machine
+    report = run_json("benchmarks.soak", "--model", str(checkpoint), "--minutes", "0.1", "--window-s", "2",
+                      "--clients", str(len(build_deck(seed=0))))
+    windows, summary = report["windows"], report["summary"]
+    assert summary["passed"] and summary["lost"] == 0 and summary["hung"] == 0
+    assert summary["requests_left"] == 0 and summary["kv_cache_usage_left"] == 0
+    assert [w["window"] for w in windows] == [1, 2, 3]
+    assert sum(w["requests"] for w in windows) == summary["requests"]
+    assert set(summary["by_scenario"]) == {s.value for s in Scenario}
+    assert {"invalid_json", "unknown_parameter", "context_length_exceeded"} <= summary["errors"].keys()
+    assert sum(summary["errors"].values()) == summary["rejected"] == sum(
+        summary["by_scenario"][s.value] for s in BAD_INPUTS)
+    assert summary["ok"] > 0 and summary["cancelled"] > 0 and summary["latency_p99_ms"] > 0
+    for w in windows:
+        assert w["rss_mib"] > 0 and w["threads"] > 0 and w["open_fds"] > 0
+    first, last = windows[0]["rss_mib"], windows[-1]["rss_mib"]
+    assert summary["rss_growth_pct"] == pytest.approx((last - first) / first * 100)
+
+
+@pytest.mark.e2e
+def test_soak_counts_answers_of_the_wrong_status_as_lost_and_fails(tmp_path: Path) -> None:
+    # a 16-token context: every chat prompt plus its max_tokens is refused with a 400
+    checkpoint = make_tiny_checkpoint("mixtral", tmp_path / "tiny-mixtral")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--model", str(checkpoint), "--minutes", "0.03",
+                           "--window-s", "1", "--clients", "2", "--server-args", "--max-model-len 16", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 1, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])["summary"]
+    assert not summary["passed"] and summary["lost"] > 0 and summary["lost_kinds"].get("status") == summary["lost"]
+    assert "lost: chat: status: got 400, expected 200" in done.stderr
