@@ -10,9 +10,12 @@ when the grace period ends. A cut stream gets a final `server_shutting_down` err
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
@@ -43,12 +46,13 @@ def shutting_down_error(retry_after_s: float) -> APIError:
 
 
 class DrainState:
-    """The server's phase and its running requests (each an asyncio task the middleware runs)."""
+    """The server's phase and its running requests: the task serving each one, and the task
+    running the app for it (the one `cut` cancels)."""
 
     def __init__(self) -> None:
         self.phase = ServerPhase.SERVING
         self._deadline = 0.0
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[Any], asyncio.Task[None]] = {}
         self._cutting = False
 
     def begin(self, grace_s: float) -> None:
@@ -70,9 +74,16 @@ class DrainState:
         """True once `cut` has cancelled the running requests."""
         return self._cutting
 
-    def track(self, task: asyncio.Task[None]) -> None:
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+    @contextlib.contextmanager
+    def running(self, app_call: asyncio.Task[None]) -> Iterator[None]:
+        """Count the current task as serving a request whose app runs as `app_call`."""
+        serving = asyncio.current_task()
+        assert serving is not None
+        self._running[serving] = app_call
+        try:
+            yield
+        finally:
+            del self._running[serving]
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for every running request to end; False if some still run."""
@@ -81,14 +92,15 @@ class DrainState:
             await asyncio.wait(set(self._running), timeout=deadline - time.monotonic())
         return not self._running
 
-    async def cut(self) -> int:
-        """End every running request now (see the module docstring); returns how many there were."""
-        tasks = set(self._running)
+    async def cut(self, timeout_s: float) -> int:
+        """End every running request now (see the module docstring), waiting up to `timeout_s`
+        for their last bytes to be sent; returns how many there were."""
         self._cutting = True
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return len(tasks)
+        count = len(self._running)
+        for app_call in self._running.values():
+            app_call.cancel()
+        await self.wait_idle(timeout_s)
+        return count
 
 
 class _ResponseProgress:
@@ -127,14 +139,14 @@ class DrainMiddleware:
             await self._refuse(scope, receive, send)
             return
         response = _ResponseProgress(send)
-        task = asyncio.create_task(self.app(scope, receive, response.send))
-        self.state.track(task)
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not (self.state.cutting and task.cancelled()):
-                raise
-            await self._end_cut(response, scope, receive, send)
+        app_call = asyncio.create_task(self.app(scope, receive, response.send))
+        with self.state.running(app_call):
+            try:
+                await app_call
+            except asyncio.CancelledError:
+                if not (self.state.cutting and app_call.cancelled()):
+                    raise
+                await self._end_cut(response, scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {"Connection": "close"}  # the client reconnects, to another instance if it can

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # After a fatal engine fault, how long the streams in flight have to send their error event.
 FATAL_FLUSH_S = 5.0
+# How long cut requests have to send their last bytes (a client that stopped reading cannot hold the exit).
+CUT_TIMEOUT_S = 2.0
 # uvicorn's wait for connections once the drain is over (only idle keep-alive ones are left).
 CLOSE_TIMEOUT_S = 5
 # Joining the engine thread after a second signal: the process exits without waiting for a step.
@@ -77,17 +79,19 @@ class LifecycleServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """Signal handler: the first signal is acted on by `on_tick`; a second one exits at once."""
+        """Signal handler: counts, and `on_tick` acts (before the server started, it just stops)."""
         self.num_signals += 1
-        if self.num_signals > 1 or not self.started:
-            self.should_exit = self.force_exit = True
+        if not self.started:
+            self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
         if await super().on_tick(counter):
-            if self.force_exit and self.num_signals > 1:
-                logger.warning("second signal: exiting without waiting for %d running request(s)",
-                               self.drain.num_running)
-                self.exit_code = ExitCode.FAILED
+            return True
+        if self.num_signals > 1:
+            logger.warning("second signal: ending %d running request(s) now", self.drain.num_running)
+            self.exit_code = ExitCode.FAILED
+            await self.drain.cut(CUT_TIMEOUT_S)
+            self.force_exit = True
             return True
         if self.engine.is_dead and self.exit_code is ExitCode.OK:
             self.exit_code = ExitCode.FAILED
@@ -109,7 +113,7 @@ class LifecycleServer(uvicorn.Server):
         if not await self.drain.wait_idle(grace_s):
             logger.warning("grace period over: ending %d running request(s) with server_shutting_down",
                            self.drain.num_running)
-            await self.drain.cut()
+            await self.drain.cut(CUT_TIMEOUT_S)
         self.should_exit = True
 
 

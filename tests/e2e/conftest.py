@@ -1,7 +1,14 @@
-"""A real `moe-serve serve` process on a free port, serving a tiny random checkpoint."""
+"""A real `moe-serve serve` process on a free port, serving a tiny random checkpoint.
+
+The native code a server compiles on first use (the copy engine, the CPU kernels) is built by
+the test process first, once per session, so that a server's start-up timeout is for loading
+only: on a fresh machine (empty cache) that build alone takes minutes on two busy cores.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import socket
 import subprocess
@@ -16,6 +23,8 @@ import httpx
 import pytest
 
 from tests.helpers import make_tiny_checkpoint
+
+logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-e2e-test-key"
@@ -48,7 +57,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@functools.cache
+def build_native_code() -> None:
+    """Compile (or find cached) what `moe-serve serve` builds on first use on a CPU device; a
+    failed build is left to the server, which falls back to torch and says so."""
+    from cuda_ext.native import load_extension
+    from engine.models.cpu_kernels import kernel_flavour
+
+    try:
+        load_extension(with_cuda=False)
+    except Exception as exc:  # noqa: BLE001 - the server logs the same failure and uses the torch engine
+        logger.warning("the copy engine did not build: %s", exc)
+    kernel_flavour()  # falls back to torch itself
+
+
 def wait_until_healthy(base_url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Poll /health until 200; `timeout_s` starts once the native code is built (see the module
+    docstring), so it covers loading only. Raises if the process exits first."""
+    build_native_code()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -62,16 +88,24 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen[bytes], timeout_
     raise TimeoutError(f"the server was not healthy within {timeout_s} s")
 
 
-@contextmanager
-def server_process(checkpoint: Path, extra_args: Sequence[str], log_path: Path
-                   ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run `moe-serve serve` on a free port until healthy (failing the test with the server's log
-    otherwise); yields (base URL, process); SIGTERM, then SIGKILL, on exit."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1",
+def serve_command(checkpoint: Path, port: int, extra_args: Sequence[str],
+                  launcher: Sequence[str] = ("server.cli",)) -> list[str]:
+    """`python -m <launcher> serve` of `checkpoint` on 127.0.0.1:`port`, fp32 on the CPU, logging
+    warnings and errors only unless `extra_args` say otherwise (later flags win)."""
+    return [
+        sys.executable, "-m", *launcher, "serve", "--model", str(checkpoint), "--host", "127.0.0.1",
         "--port", str(port), "--dtype", "float32", "--device", "cpu", "--log-level", "warning", *extra_args,
     ]
+
+
+@contextmanager
+def server_process(checkpoint: Path, extra_args: Sequence[str], log_path: Path,
+                   launcher: Sequence[str] = ("server.cli",)) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `moe-serve serve` (`serve_command`) on a free port until healthy (failing the test with
+    the server's log otherwise); yields (base URL, process); SIGTERM, then SIGKILL, on exit."""
+    build_native_code()
+    port = free_port()
+    command = serve_command(checkpoint, port, extra_args, launcher)
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
