@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.predictors import multi_hot, top_k_ids
+from engine.progress import progress
 from engine.traces import RoutingTrace
 
 # a guess is worth a copy on a busy link when it is more likely used than not
@@ -98,16 +99,17 @@ class LogisticPredictor:
         return self.features(context, previous)
 
     def fit(self, trace: RoutingTrace, epochs: int = 4, batch: int = 2048, learning_rate: float = 0.03,
-            l2: float = 1e-5, seed: int = 0) -> LogisticPredictor:
+            l2: float = 1e-5, seed: int = 0, show_progress: bool = False) -> LogisticPredictor:
         """Train every layer pair on `trace` (rows whose target layer is missing are skipped);
-        each output starts at its log-odds in the trace."""
+        each output starts at its log-odds in the trace. `show_progress`: a bar on a terminal."""
         if trace.num_layers != self.num_layers or trace.num_experts != self.num_experts:
             raise ValueError(f"trace has {trace.num_layers} layers x {trace.num_experts} experts, "
                              f"predictor {self.num_layers} x {self.num_experts}")
         if epochs < 1 or batch < 1 or learning_rate <= 0:
             raise ValueError("epochs and batch must be >= 1 and learning_rate > 0")
         rng, ids = np.random.default_rng(seed), self._routing(trace)
-        for layer in range(self.num_layers - 1):
+        pairs = progress(range(self.num_layers - 1), show=show_progress, desc="training logistic", unit="layer")
+        for layer in pairs:
             X, Y = self._design(trace, ids, layer), multi_hot(ids[:, layer + 1], self.num_experts, np.float32)
             if trace.present is not None:
                 keep = trace.present[:, layer + 1]

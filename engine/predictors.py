@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.progress import progress
 from engine.traces import RoutingTrace
 
 _RESCALE_ABOVE = 1e100
@@ -157,18 +158,19 @@ class AffinityPredictor:
 
 
 def online_affinity_predictions(
-    trace: RoutingTrace, learn: RoutingTrace | None, k: int, min_score: float = 0.0
+    trace: RoutingTrace, learn: RoutingTrace | None, k: int, min_score: float = 0.0, show_progress: bool = False
 ) -> np.ndarray:
     """[T, L-1, k] affinity predictions of layer l+1 from layer l for every token of `trace`.
 
     The predictor learns on `learn` first, then on each prompt of `trace` once it has been
     served: a prompt's tokens are predicted only from earlier prompts (-1: no prediction).
+    `show_progress`: a bar on a terminal.
     """
     predictor = AffinityPredictor(trace.num_layers, trace.num_experts)
     if learn is not None and learn.num_tokens:
         predictor.fit(learn)
     predicted = np.full((trace.num_tokens, trace.num_layers - 1, k), -1, dtype=np.int64)
-    for prompt in range(trace.num_prompts):
+    for prompt in progress(range(trace.num_prompts), show=show_progress, desc="affinity", unit="prompt"):
         lo, hi = int(trace.offsets[prompt]), int(trace.offsets[prompt + 1])
         guesses = predictor.predict_tokens(trace.expert_ids[lo:hi], k, min_score)  # k may exceed E
         predicted[lo:hi, :, : guesses.shape[-1]] = guesses
@@ -178,9 +180,10 @@ def online_affinity_predictions(
     return predicted
 
 
-def affinity_recall(trace: RoutingTrace, learn: RoutingTrace | None, ks: Sequence[int]) -> np.ndarray:
+def affinity_recall(trace: RoutingTrace, learn: RoutingTrace | None, ks: Sequence[int],
+                    show_progress: bool = False) -> np.ndarray:
     """[L-1, len(ks)] recall@k per layer pair (l -> l+1) of online affinity predictions on `trace`."""
-    return recall_at(online_affinity_predictions(trace, learn, max(ks)), trace, ks)
+    return recall_at(online_affinity_predictions(trace, learn, max(ks), show_progress=show_progress), trace, ks)
 
 
 def recall_at(predicted: np.ndarray, trace: RoutingTrace, ks: Sequence[int]) -> np.ndarray:

@@ -34,6 +34,7 @@ import numpy as np
 from cache_policies import CachePolicy, make_policy
 from engine.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
 from engine.predictors import AFFINITY_MIN_SCORE, online_affinity_predictions
+from engine.progress import progress
 from engine.trace_sim import validate_cache_size
 from engine.traces import RoutingTrace
 
@@ -130,6 +131,7 @@ def predictions(
     learn: RoutingTrace | None = None,
     width: int | None = None,
     min_score: float | None = None,
+    show_progress: bool = False,
 ) -> np.ndarray | None:
     """[T, L, W] int64 experts to prefetch for layer l of token t (-1: none); None for `none`.
 
@@ -153,12 +155,12 @@ def predictions(
     elif prefetcher is Prefetcher.LOGISTIC:
         if learn is None or not learn.num_tokens:
             raise ValueError("the logistic prefetcher is trained on the learning prompts: give --learn-prompts")
-        model = LogisticPredictor(trace.num_layers, trace.num_experts).fit(learn)
+        model = LogisticPredictor(trace.num_layers, trace.num_experts).fit(learn, show_progress=show_progress)
         threshold = LOGISTIC_MIN_PROBABILITY if min_score is None else min_score
         planned[:, 1:, : min(width, trace.num_experts)] = model.predict_tokens(trace, width, threshold)
     else:
         threshold = AFFINITY_MIN_SCORE if min_score is None else min_score
-        planned[:, 1:] = online_affinity_predictions(trace, learn, width, threshold)
+        planned[:, 1:] = online_affinity_predictions(trace, learn, width, threshold, show_progress)
     if trace.present is not None:  # no guess from, nor for, a missing record
         planned[:, 1:][~trace.present[:, :-1]] = -1
         planned[~trace.present] = -1
@@ -192,6 +194,7 @@ def replay_prefetch(
     planned: np.ndarray | None = None,
     policy_name: str = "",
     prefetch_name: str = Prefetcher.NONE.value,
+    show_progress: bool = False,
 ) -> PrefetchResult:
     """Replay `trace` with a fresh policy per layer, prefetching `planned` (see `predictions`)."""
     validate_cache_size(trace, cache_experts)
@@ -201,7 +204,9 @@ def replay_prefetch(
     now = link_free = stall = 0.0
     hits = misses = issued = used = late = cancelled = 0
     present = trace.present.tolist() if trace.present is not None else None
-    for token, rows in enumerate(trace.expert_ids.tolist()):
+    tokens = progress(trace.expert_ids.tolist(), show=show_progress,
+                      desc=f"{policy_name}+{prefetch_name} @ {cache_experts}", unit="token")
+    for token, rows in enumerate(tokens):
         plan = planned[token].tolist() if planned is not None else None
         for layer, row in enumerate(rows):
             while pending and max(link_free, pending[0][2]) < now:
@@ -294,15 +299,17 @@ def simulate_prefetch(
     learn: RoutingTrace | None = None,
     width: int | None = None,
     min_score: float | None = None,
+    show_progress: bool = False,
 ) -> list[PrefetchResult]:
-    """Every (cache size, policy, prefetcher) over `trace`; predictors learn on `learn` first."""
-    plans = {p: predictions(trace, p, learn, width, min_score) for p in prefetchers}
+    """Every (cache size, policy, prefetcher) over `trace`; predictors learn on `learn` first.
+    With `show_progress`, training and each replay draw a bar on a terminal (`engine.progress`)."""
+    plans = {p: predictions(trace, p, learn, width, min_score, show_progress) for p in prefetchers}
     results = []
     for cache_experts in cache_sizes:
         for name in policies:
             for prefetcher in prefetchers:
                 result = replay_prefetch(trace, lambda: make_policy(name), cache_experts, timing,
-                                         plans[prefetcher], name, prefetcher.value)
+                                         plans[prefetcher], name, prefetcher.value, show_progress)
                 logger.info("%s+%s @ %d: hit rate %.4f, stall %.3f ms/token", name, prefetcher.value,
                             cache_experts, result.hit_rate, result.stall_ms_per_token)
                 results.append(result)

@@ -1,6 +1,7 @@
 """The `trace` commands: `simulate` replays a routing trace through cache policies (optionally with
 next-layer prefetching and a link/compute timing model) and `predictors` scores the affinity
-predictor; each prints a table or JSON."""
+predictor; each prints a table or JSON. Their long loops draw progress bars on stderr when it is
+a terminal, never with --json."""
 
 from __future__ import annotations
 
@@ -201,11 +202,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as error:
         return _usage_error(error)
     results: list[ReplayResult] | list[PrefetchResult]
+    show_progress = not args.json
     if prefetchers is None:
-        results = simulate(trace, policies, sizes, expert_bytes)
+        results = simulate(trace, policies, sizes, expert_bytes, show_progress)
     else:
         results = simulate_prefetch(trace, policies, prefetchers, sizes, timing, learn, args.prefetch_width,
-                                    args.min_score)
+                                    args.min_score, show_progress)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return 0
@@ -231,9 +233,10 @@ def run_predictors(args: argparse.Namespace) -> int:
             raise ValueError("the affinity predictor needs at least 2 layers")
     except (OSError, ValueError, KeyError) as error:
         return _usage_error(error)
-    recalls = {"affinity": affinity_recall(held_out, learn, ks)}
+    show_progress = not args.json
+    recalls = {"affinity": affinity_recall(held_out, learn, ks, show_progress)}
     if learn.num_tokens:  # the logistic predictor is trained on the learning prompts only
-        model = LogisticPredictor(held_out.num_layers, held_out.num_experts).fit(learn)
+        model = LogisticPredictor(held_out.num_layers, held_out.num_experts).fit(learn, show_progress=show_progress)
         recalls["logistic"] = recall_at(model.predict_tokens(held_out, max(ks)), held_out, ks)
     rows = [{"layer": layer, "next_layer": layer + 1, "tokens": held_out.num_tokens,
              **{f"recall_at_{k}": float(recalls["affinity"][layer, i]) for i, k in enumerate(ks)},

@@ -18,6 +18,7 @@ from enum import Enum
 import numpy as np
 
 from cache_policies import CachePolicy, make_policy
+from engine.progress import progress
 from engine.traces import RoutingTrace
 
 logger = logging.getLogger(__name__)
@@ -122,11 +123,13 @@ def replay(
     cache_experts: int,
     expert_bytes: int = 0,
     name: str = "",
+    show_progress: bool = False,
 ) -> ReplayResult:
     """Replay `trace` with a fresh policy from `policy_factory` for each layer's cache."""
     validate_cache_size(trace, cache_experts)
     misses = 0
-    for layer in range(trace.num_layers):
+    layers = progress(range(trace.num_layers), show=show_progress, desc=f"{name} @ {cache_experts}", unit="layer")
+    for layer in layers:
         policy = policy_factory()
         misses += _replay_layer(_layer_rows(trace, layer), policy, cache_experts)
         name = name or policy.name
@@ -182,11 +185,14 @@ def _belady_layer(rows: list[list[int] | None], upcoming: list[list[int]], cache
     return misses
 
 
-def replay_belady(trace: RoutingTrace, cache_experts: int, expert_bytes: int = 0) -> ReplayResult:
+def replay_belady(trace: RoutingTrace, cache_experts: int, expert_bytes: int = 0,
+                  show_progress: bool = False) -> ReplayResult:
     """Belady's MIN (farthest next use among evictable keys) over `trace`."""
     validate_cache_size(trace, cache_experts)
     misses = 0
-    for layer in range(trace.num_layers):
+    layers = progress(range(trace.num_layers), show=show_progress, desc=f"{Oracle.BELADY.value} @ {cache_experts}",
+                      unit="layer")
+    for layer in layers:
         upcoming = next_use(trace, layer).tolist()
         misses += _belady_layer(_layer_rows(trace, layer), upcoming, cache_experts)
     return _result(trace, Oracle.BELADY.value, cache_experts, misses, expert_bytes)
@@ -197,14 +203,17 @@ def simulate(
     policies: Sequence[str],
     cache_sizes: Sequence[int],
     expert_bytes: int = 0,
+    show_progress: bool = False,
 ) -> list[ReplayResult]:
-    """Replay every named policy (registry names or "belady") at every cache size."""
+    """Replay every named policy (registry names or "belady") at every cache size; with
+    `show_progress`, each replay draws a bar on a terminal (`engine.progress`)."""
     results = []
     for cache_experts in cache_sizes:
         for name in policies:
             if name == Oracle.BELADY.value:
-                results.append(replay_belady(trace, cache_experts, expert_bytes))
+                results.append(replay_belady(trace, cache_experts, expert_bytes, show_progress))
             else:
-                results.append(replay(trace, lambda: make_policy(name), cache_experts, expert_bytes, name))
+                results.append(replay(trace, lambda: make_policy(name), cache_experts, expert_bytes, name,
+                                      show_progress))
             logger.info("%s @ %d: hit rate %.4f", name, cache_experts, results[-1].hit_rate)
     return results

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from functools import lru_cache
 from itertools import combinations
 from pathlib import Path
@@ -151,6 +153,32 @@ def test_cli_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     table = capsys.readouterr().out.splitlines()
     assert table[1].split() == ["policy", "cache_experts", "hit_rate", "misses", "expert_MB_per_token"]
     assert len(table) == 2 + 6 and len({len(line) for line in table[1:]}) == 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal, json_mode, drawn", [(True, False, True), (True, True, False), (False, False, False)],
+                         ids=["terminal", "json", "pipe"])
+@pytest.mark.parametrize("extra, bars", [
+    (["--policy", "lru,belady"], ["lru @ 2", "belady @ 2"]),
+    (["--policy", "lru", "--prefetch", "none,affinity", "--learn-prompts", "1"], ["affinity", "lru+affinity @ 2"]),
+], ids=["replay", "prefetch"])
+def test_cli_draws_progress_on_a_terminal_only_and_never_with_json(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], terminal: bool,
+        json_mode: bool, drawn: bool, extra: list[str], bars: list[str]) -> None:
+    trace = make_trace([[[t % 5, (t * 3 + 1) % 5], [t % 4, 4]] for t in range(40)], [0, 20, 40], 5)
+    save_trace(tmp_path / "t.npz", trace)
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    argv = ["trace", "simulate", "--trace", str(tmp_path / "t.npz"), "--cache-experts", "2", *extra,
+            *(["--json"] if json_mode else [])]
+    assert main(argv) == 0
+    for bar in bars:
+        assert (f"{bar}: 100%" in stderr.getvalue()) == drawn, stderr.getvalue()
+    assert "100%" not in capsys.readouterr().out  # results only on stdout
 
 
 @pytest.mark.parametrize("extra, needle", [
