@@ -32,6 +32,7 @@ import torch
 from benchmarks.engine_vs_hf import make_checkpoint
 from engine.builder import build_engine
 from engine.config import EngineConfig
+from engine.progress import progress
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
@@ -123,7 +124,7 @@ def main() -> None:
         path = make_checkpoint(Path(tmp), 512, 256, 8, 16, 4)
         requests = workload(args.requests, args.prompt_len, args.task_vocab)
         run(path, requests[: 2 * WARMUP_ROUNDS * len(TASK_TOKEN_STARTS)], False, args.fraction, 2)  # warm-up
-        for repeat in range(args.repeats):
+        for repeat in progress(range(args.repeats), show=not args.json, desc="repeats"):
             order = (False, True) if repeat % 2 == 0 else (True, False)
             for preload in order:
                 rows.append({"repeat": repeat, **run(path, requests, preload, args.fraction, args.tokens, args.overlap)})

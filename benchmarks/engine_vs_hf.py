@@ -33,6 +33,7 @@ from benchmarks.engine_runs import run_to_completion
 from engine.builder import build_engine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.progress import progress
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from engine.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
@@ -133,7 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp), args.hidden, args.intermediate, args.layers, args.experts, args.top_k)
         gen = torch.Generator().manual_seed(0)
-        for batch in (1, args.concurrency):
+        for batch in progress((1, args.concurrency), show=not args.json, desc="batch sizes"):
             prompts = torch.randint(3, 400, (batch, args.prompt_len), generator=gen).tolist()
             engine, hf_model = warm_engine(path, batch, args.dtype), warm_hf(path, args.dtype)
             ours = theirs = 0.0

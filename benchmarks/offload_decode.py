@@ -19,6 +19,7 @@ stalls are over all rounds.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ from cache_policies import DEFAULT_POLICY
 from engine.builder import build_engine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.progress import progress
 from engine.sampling_params import SamplingParams
 
 
@@ -76,12 +78,12 @@ def main() -> None:
         warmup, *rounds = torch.randint(3, 400, (1 + args.rounds, args.batch, 16), generator=gen).tolist()
         resident = build_engine(EngineConfig(model=str(path), dtype="float32", offload="off"), show_progress=False)
         run_to_completion(resident, warmup, params, prefix="w")  # thread pools, allocator
-        for fraction in (float(f) for f in args.fractions.split(",")):
-            for policy in args.policies.split(","):
-                for prefetch in args.prefetch.split(","):
-                    row = compare(path, resident, warmup, rounds, params, expert_cache_fraction=fraction,
-                                  cache_policy=policy, prefetch=prefetch, task_preload=False)
-                    rows.append({"fraction": fraction, "policy": policy, "prefetch": prefetch, **row})
+        settings = list(itertools.product([float(f) for f in args.fractions.split(",")], args.policies.split(","),
+                                          args.prefetch.split(",")))
+        for fraction, policy, prefetch in progress(settings, show=not args.json, desc="settings"):
+            row = compare(path, resident, warmup, rounds, params, expert_cache_fraction=fraction,
+                          cache_policy=policy, prefetch=prefetch, task_preload=False)
+            rows.append({"fraction": fraction, "policy": policy, "prefetch": prefetch, **row})
     if args.json:
         print(json.dumps(rows))
         return

@@ -29,6 +29,7 @@ from benchmarks.engine_runs import counters_since, offload_counters, run_to_comp
 from engine.builder import build_engine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.progress import progress
 from engine.sampling_params import SamplingParams
 from engine.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
 from engine.trace_routing import TraceRouter
@@ -133,7 +134,7 @@ def main() -> None:
         train = training_trace(Path(tmp), trace, args) if args.train_prompts > 0 else None
         base = measure(replaying_engine(path, trace, args, offload="off"), args)
         rows.append({"prefetch": "all-resident", **base, "slowdown": 1.0})
-        for prefetch in args.prefetch.split(","):
+        for prefetch in progress(args.prefetch.split(","), show=not args.json, desc="prefetch settings"):
             engine = replaying_engine(path, trace, args, offload="on", expert_cache_fraction=args.fraction,
                                       cache_policy=args.cache_policy, prefetch=prefetch,
                                       prefetch_trace=str(train) if prefetch == "logistic" and train else None)

@@ -28,6 +28,7 @@ import yaml
 
 from benchmarks.engine_vs_hf import make_checkpoint
 from benchmarks.live_server import live_server
+from engine.progress import progress
 
 # task: (prompt tokens, output tokens, TTFT SLO s, TPOT SLO s)
 TASK_MIX = {
@@ -127,7 +128,8 @@ def main() -> None:
                      "--max-num-batched-tokens", "256"]
             with live_server(model, flags) as base:
                 asyncio.run(run_rate(base, 2.0, 6, seed=99))  # warm-up
-                for rate in (float(r) for r in args.rates.split(",")):
+                rates = [float(r) for r in args.rates.split(",")]
+                for rate in progress(rates, show=not args.json, desc=f"{policy} rates"):
                     rows.append(summarize(policy, rate, asyncio.run(run_rate(base, rate, args.requests, seed=1))))
     goodput = {p: max([r["rate"] for r in rows if r["policy"] == p and r["attainment"] >= 0.9], default=0.0)
                for p in args.policies.split(",")}
