@@ -84,7 +84,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     config = load_config(EngineConfig, args.config, _engine_flags(args, EngineConfig))
     _configure_logging(LogLevel.WARNING)
-    engine = build_engine(config, show_progress=False)
+    engine = build_engine(config, show_progress=not args.json)  # a bar on a terminal only
     tokenizer = engine.tokenizer
     if args.chat:
         prompt_ids = tokenizer.apply_chat_template(
