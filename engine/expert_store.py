@@ -5,13 +5,17 @@ inside it each tensor starts at a 64-byte aligned offset. The slab is pinned whe
 and CUDA is available, so copies to the device run as asynchronous DMA. When the experts
 exceed the host RAM budget the slab is instead a shared memory map of a file (unlinked at
 once, so it disappears with the process): the OS keeps the recently used experts in its
-page cache and reads the rest back from disk, and copies from it are pageable. Read-only
-after construction: nothing is ever written back.
+page cache and reads the rest back from disk, and copies from it are pageable. The file's
+blocks are allocated before it is mapped, so a disk too small is a HostTierSpaceError at
+start-up, never a SIGBUS when a page is first written. Read-only after construction:
+nothing is ever written back.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,9 +23,16 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import ModelLoadError
 from engine.types import ExpertKey
 
 ALIGNMENT = 64
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_ZEROS_CHUNK = 2**20
+
+
+class HostTierSpaceError(ModelLoadError):
+    """The file system under the host-tier directory cannot hold the host tier."""
 
 
 def _align(offset: int) -> int:
@@ -49,13 +60,38 @@ def layout_for(tensors: Sequence[torch.Tensor]) -> tuple[tuple[TensorLayout, ...
     return tuple(layouts), max(offset, ALIGNMENT)
 
 
+def _allocate(fd: int, size: int) -> None:
+    """Give the file `size` bytes of allocated blocks (not a sparse hole a later write could fail on)."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+        return
+    zeros = bytes(min(size, _ZEROS_CHUNK))  # no fallocate on this platform: write the zeros
+    for offset in range(0, size, len(zeros)):
+        os.pwrite(fd, zeros[: min(len(zeros), size - offset)], offset)
+
+
 def _file_backed_slab(directory: Path, size: int) -> torch.Tensor:
-    """A `size`-byte uint8 tensor mapping a new file in `directory` (MAP_SHARED); the file is
-    unlinked at once, so its blocks are freed when the mapping goes."""
+    """A `size`-byte uint8 tensor mapping a new file in `directory` (MAP_SHARED), its blocks
+    allocated first; the file is unlinked at once, so its blocks are freed when the mapping goes.
+    Raises HostTierSpaceError when the file system cannot hold `size` bytes."""
     directory.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="experts-", suffix=".bin", dir=directory)
     try:
-        os.ftruncate(fd, size)
+        try:
+            _allocate(fd, size)
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            if exc.errno == errno.EFBIG:
+                room = "a file that large is not allowed there"
+            else:
+                free = shutil.disk_usage(directory).free
+                room = f"only {free} bytes ({free / 2**30:.3f} GiB) are available there"
+            raise HostTierSpaceError(
+                f"the file-backed host tier needs {size} bytes ({size / 2**30:.3f} GiB) in {directory} "
+                f"(host_tier_dir) but {room} ({exc.strerror or exc}); free space, choose another "
+                f"host_tier_dir or raise host_memory_gb"
+            ) from exc
         slab = torch.from_file(name, shared=True, size=size, dtype=torch.uint8)
     finally:
         os.close(fd)

@@ -162,8 +162,9 @@ def build_expert_provider(
         store = HostExpertStore.from_tensors(experts, pin=device.type == "cuda", backing_dir=backing_dir,
                                              transform=pack_expert if pack else None)
     except OSError as exc:  # only the file-backed tier touches the file system
+        reason = "not a directory" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror or exc
         raise ModelLoadError(f"cannot create the file-backed host tier in {backing_dir} "
-                             f"(host_tier_dir): {exc.strerror or exc}") from exc
+                             f"(host_tier_dir): {reason}") from exc
     experts.clear()  # the packed host slab is now the only copy
     sizing = size_expert_cache(
         len(store), min_slots_for_step(spec.num_experts, spec.top_k, max_tokens_per_step), store.expert_nbytes,

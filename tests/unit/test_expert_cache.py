@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +26,50 @@ from engine.expert_store import ALIGNMENT, HostExpertStore
 from engine.types import ExpertKey
 
 NUM_LAYERS, NUM_EXPERTS = 2, 6
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def mounted_tmpfs(directory: Path, size_bytes: int, read_only: bool = False) -> Iterator[Path]:
+    """A tmpfs of `size_bytes` mounted on `directory` (skips the test where mounting is not permitted)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    options = f"size={size_bytes}" + (",ro" if read_only else "")
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                                 capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        pytest.skip(f"cannot run mount: {exc}")
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True, timeout=30)
+
+
+def file_backed_store_in_subprocess(directory: Path,
+                                    file_size_limit: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Build a file-backed store of `make_experts()` in `directory` in a child process (a SIGBUS
+    there cannot take the tests down); with a file size limit (RLIMIT_FSIZE) set first if given.
+    The child prints the HostTierSpaceError and exits 3, or exits 0 when the store was built."""
+    code = textwrap.dedent("""
+        import resource, sys
+        from pathlib import Path
+        from engine.expert_store import HostExpertStore, HostTierSpaceError
+        from tests.unit.test_expert_cache import make_experts
+        experts = make_experts()
+        if sys.argv[2] != "none":
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+        try:
+            store = HostExpertStore.from_tensors(experts, pin=False, backing_dir=Path(sys.argv[1]))
+        except HostTierSpaceError as exc:
+            print(exc)
+            sys.exit(3)
+        print(store.nbytes)
+    """)
+    limit = "none" if file_size_limit is None else str(file_size_limit)
+    return subprocess.run([sys.executable, "-c", code, str(directory), limit], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
 
 
 def make_experts(hidden: int = 24, ffn: int = 40, seed: int = 0) -> dict[ExpertKey, list[torch.Tensor]]:
@@ -66,6 +115,36 @@ def test_store_rejects_mismatched_experts() -> None:
     experts[ExpertKey(1, 2)] = [torch.zeros(3, 3)] * 3
     with pytest.raises(ValueError, match=r"ExpertKey\(layer=1, expert=2\)"):
         HostExpertStore.from_tensors(experts, pin=False)
+
+
+def _store_nbytes() -> int:
+    experts = make_experts()
+    return len(experts) * HostExpertStore.from_tensors(dict(list(experts.items())[:1]), pin=False).expert_nbytes
+
+
+def test_a_file_backed_store_over_the_file_size_limit_is_a_clear_error(tmp_path) -> None:
+    size = _store_nbytes()
+    result = file_backed_store_in_subprocess(tmp_path, file_size_limit=size // 2)
+    assert result.returncode == 3, result.stderr[-2000:]
+    message = result.stdout.strip()
+    assert "\n" not in message
+    assert f"needs {size} bytes" in message and str(tmp_path) in message and "host_tier_dir" in message
+    assert "File too large" in message
+    assert not list(tmp_path.iterdir())  # the unlinked file is gone
+
+
+def test_a_file_backed_store_on_a_full_file_system_is_a_clear_error_not_a_sigbus(tmp_path) -> None:
+    size = _store_nbytes()
+    with mounted_tmpfs(tmp_path / "small", size // 2) as small:
+        result = file_backed_store_in_subprocess(small)
+        assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+        message = result.stdout.strip()
+        assert f"needs {size} bytes" in message and str(small) in message
+        assert "available there" in message and "No space left on device" in message
+        assert not list(small.iterdir())
+    with mounted_tmpfs(tmp_path / "roomy", 4 * size) as roomy:
+        result = file_backed_store_in_subprocess(roomy)
+        assert result.returncode == 0 and int(result.stdout) == size, result.stderr[-2000:]
 
 
 def test_sizing_helpers() -> None:

@@ -9,12 +9,14 @@ from cache_policies import available_policies
 from engine.builder import build_engine
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
+from engine.expert_store import HostTierSpaceError
 from engine.offload import OffloadedExperts
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from engine.speculators import LogisticSpeculator
 from engine.traces import RoutingTrace, save_trace
 from tests.helpers import ARCHITECTURES, run_to_completion
+from tests.unit.test_expert_cache import mounted_tmpfs
 
 NUM_LAYERS = 4  # 4 layers x 8 experts: the minimum cache (one layer, 8 slots) is a quarter of the experts
 MIN_FRACTION = 0.25
@@ -121,6 +123,34 @@ def test_an_unusable_host_tier_dir_is_a_clear_load_error(checkpoint_factory, tmp
     with pytest.raises(ModelLoadError, match="cannot create the file-backed host tier"):
         build_engine(EngineConfig(model=str(path), expert_cache_fraction=0.5, host_memory_gb=1e-6,
                                   host_tier_dir=str(blocker / "tier")), show_progress=False)
+
+
+def test_a_host_tier_dir_that_is_a_file_is_a_one_line_load_error(checkpoint_factory, tmp_path) -> None:
+    path = checkpoint_factory("mixtral", num_hidden_layers=NUM_LAYERS)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ModelLoadError) as info:
+        build_engine(EngineConfig(model=str(path), expert_cache_fraction=0.5, host_memory_gb=1e-6,
+                                  host_tier_dir=str(blocker)), show_progress=False)
+    assert str(info.value) == (f"cannot create the file-backed host tier in {blocker} (host_tier_dir): "
+                               "not a directory")
+
+
+@pytest.mark.parametrize("problem", ["read-only", "too small"])
+def test_a_host_tier_dir_on_an_unusable_file_system_is_a_one_line_load_error(checkpoint_factory, tmp_path,
+                                                                             problem: str) -> None:
+    path = checkpoint_factory("mixtral", num_hidden_layers=NUM_LAYERS)
+    with mounted_tmpfs(tmp_path / "tier", 64 * 1024, read_only=problem == "read-only") as tier:
+        with pytest.raises(ModelLoadError) as info:
+            build_engine(EngineConfig(model=str(path), expert_cache_fraction=0.5, host_memory_gb=1e-6,
+                                      host_tier_dir=str(tier)), show_progress=False)
+    message = str(info.value)
+    assert "\n" not in message and str(tier) in message and "host_tier_dir" in message
+    if problem == "read-only":
+        assert message.endswith("Read-only file system")
+    else:
+        assert isinstance(info.value, HostTierSpaceError)
+        assert "No space left on device" in message and "are available there" in message
 
 
 def test_logistic_prefetch_trains_on_a_trace_of_the_model_and_refuses_another(checkpoint_factory, tmp_path) -> None:
