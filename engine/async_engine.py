@@ -3,6 +3,11 @@
 The thread owns the model and the device; it loads the checkpoint, then repeatedly
 drains its inbox (add/abort) and calls LLMEngine.step(). Outputs cross back to the
 event loop with `loop.call_soon_threadsafe`. The event loop never runs model code.
+
+A request that fails (its step raised, its logits were not finite) gets its error on its
+own stream; the engine goes on. A load failure or a fatal fault stops the engine: every
+waiting stream gets EngineDeadError, and `dead_reason` (one line) and `fatal_error` say why,
+for the server to log once and exit non-zero (the thread itself logs them at DEBUG only).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError, EngineError
-from engine.llm_engine import EngineStats, LLMEngine
+from engine.errors import EngineDeadError, EngineError, EngineStepError
+from engine.llm_engine import EngineStats, LLMEngine, describe_exception
 from engine.request import EngineRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -48,6 +53,8 @@ class AsyncLLMEngine:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self.load_error: BaseException | None = None
+        self.fatal_error: BaseException | None = None
+        self.dead_reason: str | None = None
         self._dead = False
 
     @classmethod
@@ -140,19 +147,27 @@ class AsyncLLMEngine:
                 self._engine = self._build(self.config)
         except BaseException as exc:  # noqa: BLE001 - reported to the starter, never swallowed
             self.load_error = exc
-            self._dead = True
+            self._die("the model failed to load", exc)
             self._ready.set()
-            logger.error("engine failed to load: %s", exc)
             return
         self._ready.set()
         try:
             self._loop(self._engine)
-        except Exception:
-            logger.exception("engine loop crashed")
+        except BaseException as exc:  # noqa: BLE001 - a fatal fault: the server logs dead_reason and exits
+            self._die("the engine stopped after a fatal error", exc)
         finally:
             self._dead = True
             self._engine.close()
-            self._fail_all(EngineDeadError("the engine stopped"))
+            self._fail_all(EngineDeadError(self.dead_reason or "the engine stopped"))
+
+    def _die(self, what: str, exc: BaseException) -> None:
+        """Record why the engine cannot go on (the server logs it once and exits non-zero)."""
+        lines = str(exc).strip().splitlines()
+        detail = lines[0] if isinstance(exc, EngineError) and lines else describe_exception(exc)
+        self.fatal_error = exc
+        self.dead_reason = f"{what}: {detail}"
+        self._dead = True
+        logger.debug("%s", self.dead_reason, exc_info=exc)
 
     def _loop(self, engine: LLMEngine) -> None:
         while not self._stopping.is_set():
@@ -161,7 +176,7 @@ class AsyncLLMEngine:
             if not engine.has_unfinished:
                 continue
             for output in engine.step():
-                self._deliver(output.request_id, output)
+                self._deliver(output.request_id, output if output.error is None else output.error)
 
     def _drain_inbox(self, engine: LLMEngine, block: bool) -> None:
         try:
@@ -174,6 +189,11 @@ class AsyncLLMEngine:
                     engine.add_request(arg)
                 except EngineError as exc:
                     self._deliver(arg.request_id, exc)
+                except Exception as exc:  # noqa: BLE001 - this request fails, the engine goes on
+                    logger.warning("queueing request %s failed: %s", arg.request_id, exc, exc_info=exc)
+                    engine.abort(arg.request_id)
+                    self._deliver(arg.request_id, EngineStepError(f"queueing this request failed "
+                                                                  f"({describe_exception(exc)})"))
             elif command == "abort":
                 output = engine.abort(arg)
                 if output is not None:

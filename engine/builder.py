@@ -29,7 +29,7 @@ from engine.routing import RoutingRecorder, TaskExpertCost, TaskPreloader, Trace
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.scheduling_policy import NoExpertCost, ServiceTimeModel, SloContext
 from engine.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
-from engine.tasks import TaskTable
+from engine.tasks import TaskTable, per_task_capacity
 from engine.traces import RoutingTrace, load_trace
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
     )
     scheduler = Scheduler(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
-                        config.scheduling_policy, config.reject_unattainable),
+                        config.scheduling_policy, config.reject_unattainable, config.max_tasks),
         BlockManager(num_blocks, config.block_size),
         SloContext(load_task_table(config.tasks_file), ServiceTimeModel(), NoExpertCost(), config.starvation_s),
     )
@@ -185,7 +185,9 @@ def attach_routing_consumers(
         cache = experts.cache
         tasks = engine.scheduler.slo.tasks
         insensitive = frozenset(name for name, t in tasks.tasks.items() if not t.prediction_sensitive)
-        predictor = TaskProfilePredictor(spec.num_layers, spec.num_experts, config.preload_refresh_every, insensitive)
+        max_tasks = per_task_capacity(tasks, config.max_tasks)
+        predictor = TaskProfilePredictor(spec.num_layers, spec.num_experts, config.preload_refresh_every,
+                                         insensitive, max_tasks)
         per_layer = max(spec.top_k, min(spec.num_experts, cache.num_slots // spec.num_layers))
         # a preload may fill the cache except one layer's worst-case demand, so the prefill's
         # first layers cannot evict the preloads of its later layers before they are reached
@@ -196,7 +198,7 @@ def attach_routing_consumers(
         gbps = config.expert_link_gbps or (25.0 if device.type == "cuda" else 8.0)
         engine.scheduler.slo.expert_cost = TaskExpertCost(
             predictor, per_layer, lambda key: cache.state_of(key) is SlotState.RESIDENT,
-            cache.store.expert_nbytes / (gbps * 1e9),
+            cache.store.expert_nbytes / (gbps * 1e9), max_tasks=max_tasks,
         )
     if config.record_trace is not None:
         engine.trace_writer = TraceWriter(Path(config.record_trace).expanduser(), spec.num_experts,

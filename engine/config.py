@@ -7,6 +7,7 @@ import enum
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.scheduling_policy import SchedulingPolicyName
+from engine.tasks import DEFAULT_MAX_TASKS
 
 
 class DType(str, enum.Enum):
@@ -98,6 +99,10 @@ class EngineConfig(BaseModel):
         default=SchedulingPolicyName.FCFS, description="waiting-queue order"
     )
     tasks_file: str | None = Field(default=None, description="YAML table of tasks and SLOs (configs/tasks.yaml)")
+    max_tasks: int = Field(
+        default=DEFAULT_MAX_TASKS, ge=1, description="distinct task names with their own state (the tasks file's "
+        "always count); beyond it a new name is served as 'default'"
+    )
     reject_unattainable: bool = Field(default=False, description="reject requests whose TTFT SLO cannot be met")
     starvation_s: float = Field(default=30.0, gt=0, description="slo policy: serve anything waiting longer first")
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads; default: all cores")

@@ -27,13 +27,28 @@ class ContextLengthExceededError(InvalidRequestError):
 
 
 class QueueFullError(EngineError):
-    """The waiting queue is full (maps to 429 with Retry-After)."""
+    """The waiting queue is full (maps to 429 with Retry-After): `retry_after_s` is the expected
+    wait of a request arriving now (`EngineStats.expected_wait_s`)."""
 
     code = "queue_full"
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class EngineStepError(EngineError):
+    """A step this request was in failed (an exception in the model, or non-finite logits for
+    its row); the request ends, the engine goes on (maps to 500)."""
+
+    code = "engine_step_failed"
+
+
+class EngineFatalError(EngineError):
+    """A fault that leaves the engine unusable (a device error, or steps that keep failing);
+    the engine stops and the server exits non-zero."""
+
+    code = "engine_fatal"
 
 
 class EngineDeadError(EngineError):

@@ -239,9 +239,14 @@ class ExpertCache:
                 self._slots[index].preload_step = self._step
                 self._preloads.add(key)
             started.append(key)
-        self._stats.prefetch_issued += len(started)
         self._submit(started, copies, CopyPriority.PREFETCH)
+        self._stats.prefetch_issued += len(started)
         return len(started)
+
+    @property
+    def num_pinned_slots(self) -> int:
+        """Slots pinned by an `acquire` not yet released (0 between engine steps)."""
+        return sum(1 for record in self._slots if record.refcount > 0)
 
     @property
     def num_occupied_slots(self) -> int:
@@ -401,5 +406,14 @@ class ExpertCache:
         return self.store.source(key), record.buffer
 
     def _submit(self, keys: list[ExpertKey], copies: list[CopyPair], priority: CopyPriority) -> None:
-        for key, ticket in zip(keys, self.copy_engine.submit(copies, priority) if copies else []):
+        if not copies:
+            return
+        try:
+            tickets = self.copy_engine.submit(copies, priority)
+        except BaseException:  # nothing was queued: the claimed (still unpinned) slots go back to the free list
+            for key in keys:
+                self._stats.bytes_copied[key.layer] -= self.store.expert_nbytes
+                self._drop(self._slot_of[key], wasted=False)
+            raise
+        for key, ticket in zip(keys, tickets):
             self._slots[self._slot_of[key]].ticket = ticket

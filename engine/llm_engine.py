@@ -3,6 +3,12 @@
 step() = scheduler.schedule() -> model_runner.execute() -> scheduler.update(), then the
 output processor detokenizes and applies the stop rules. `engine.async_engine` runs
 this in its own thread for the server.
+
+Faults: when the model step raises, every request of that step ends with an
+EngineStepError (its KV blocks, queue entry and per-request state freed) and the engine
+goes on; a request whose row alone failed (non-finite logits) ends the same way while the
+rest of its batch continues. A device fault, or MAX_CONSECUTIVE_FAILED_STEPS failed steps
+in a row, raises EngineFatalError: the engine cannot go on.
 """
 
 from __future__ import annotations
@@ -15,20 +21,40 @@ from typing import Any
 
 from engine.block_manager import BlockManager
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import ContextLengthExceededError, InvalidRequestError
-from engine.model_runner import ModelRunner
+from engine.errors import (
+    ContextLengthExceededError,
+    EngineError,
+    EngineFatalError,
+    EngineStepError,
+    InvalidRequestError,
+)
+from engine.model_runner import ModelRunner, is_device_fault
 from engine.request import EngineRequest, RequestOutput
 from engine.routing import TaskPreloader, TraceWriter
 from engine.sampling_params import FinishReason, TokenLogprob
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.tasks import TaskNames
 
 logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILED_STEPS = 3
+
+
+def describe_exception(exc: BaseException) -> str:
+    """`Type: first line of the message`, for one-line errors and logs."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 @dataclass
 class EngineStats:
-    """A snapshot of the engine's queues and KV usage."""
+    """A snapshot of the engine's queues and KV usage.
+
+    expected_wait_s: seconds a request arriving now would wait before its prefill starts (the
+    scheduler's estimate from the queues and measured step times; Retry-After uses it).
+    num_task_names_folded: requests whose task name was served as `default` (max_tasks reached).
+    """
 
     num_running: int
     num_waiting: int
@@ -37,6 +63,8 @@ class EngineStats:
     running_by_task: dict[str, int] = field(default_factory=dict)
     waiting_by_task: dict[str, int] = field(default_factory=dict)
     output_len_mean_abs_error: float = 0.0
+    expected_wait_s: float = 0.0
+    num_task_names_folded: int = 0
 
 
 @dataclass
@@ -65,6 +93,9 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self.preloader: TaskPreloader | None = None
         self.trace_writer: TraceWriter | None = None
+        self.task_names = TaskNames(scheduler.slo.tasks, scheduler.config.max_tasks)
+        self.num_failed_steps = 0
+        self._consecutive_failed_steps = 0
 
     @property
     def blocks(self) -> BlockManager:
@@ -90,8 +121,10 @@ class LLMEngine:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
 
     def add_request(self, request: EngineRequest) -> None:
-        """Validate and queue a request (raises EngineError subclasses)."""
+        """Validate and queue a request (raises EngineError subclasses). Its task name is folded
+        here (`TaskNames`), so every component sees the folded name."""
         self.validate(request)
+        request.task = self.task_names.fold(request.task)
         seq = Sequence(request)
         self.scheduler.add(seq)
         self._tracked[request.request_id] = _Tracked(
@@ -127,26 +160,62 @@ class LLMEngine:
             running_by_task=dict(Counter(seq.request.task for seq in running)),
             waiting_by_task=dict(Counter(seq.request.task for seq in waiting)),
             output_len_mean_abs_error=self.scheduler.lengths.mean_abs_error,
+            expected_wait_s=self.scheduler.expected_wait_s(running, waiting),
+            num_task_names_folded=self.task_names.num_folded,
         )
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch and return every request's new output."""
+        """Run one scheduled batch and return every request's new output (a failed request's
+        last output carries its error); raises EngineFatalError when the engine cannot go on."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
         started = time.monotonic()
         num_prefill = sum(s.num_new_tokens for s in out.scheduled if s.seq.num_uncomputed_tokens > 1)
-        sampled = self.runner.execute(out, [self.blocks.table(s.seq.seq_id) for s in out.scheduled])
-        self.scheduler.update(out, {seq_id: token for seq_id, (token, _) in sampled.items()})
+        try:
+            result = self.runner.execute(out, [self.blocks.table(s.seq.seq_id) for s in out.scheduled])
+        except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine decides whether to go on
+            return self._fail_step(out, exc)
+        self._consecutive_failed_steps = 0
+        self.scheduler.update(out, {seq_id: token for seq_id, (token, _) in result.sampled.items()})
         now = time.monotonic()
         self.scheduler.slo.service.observe_step(num_prefill, now - started)
-        outputs = []
-        for seq_id, (token, logprob) in sampled.items():
+        outputs = [self._fail(self._tracked[seq_id], EngineStepError(message))
+                   for seq_id, message in result.failed.items()]
+        for seq_id, (token, logprob) in result.sampled.items():
             tracked = self._tracked[seq_id]
             if tracked.seq.first_token_time is None:
                 tracked.seq.first_token_time = now
-            outputs.append(self._process(tracked, token, logprob))
+            try:
+                outputs.append(self._process(tracked, token, logprob))
+            except Exception as exc:  # noqa: BLE001 - e.g. the tokenizer failing on this request's text
+                logger.warning("request %s failed while processing its output: %s", seq_id, exc, exc_info=exc)
+                outputs.append(self._fail(tracked, EngineStepError(
+                    f"processing this request's output failed ({describe_exception(exc)})")))
         return outputs
+
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """End every request of a step that raised `exc`, or raise EngineFatalError."""
+        self.num_failed_steps += 1
+        self._consecutive_failed_steps += 1
+        what = describe_exception(exc)
+        if is_device_fault(exc):
+            raise EngineFatalError(f"the device failed during an engine step ({what})") from exc
+        if self._consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+            raise EngineFatalError(
+                f"{self._consecutive_failed_steps} engine steps in a row failed; the last with {what}") from exc
+        logger.warning("an engine step failed (%s); failing its %d requests", what, len(out.scheduled),
+                       exc_info=exc)
+        self.runner.recover(exc)
+        return [self._fail(self._tracked[item.seq.seq_id], EngineStepError(f"the engine step serving this request "
+                                                                             f"failed ({what})"))
+                for item in out.scheduled]
+
+    def _fail(self, tracked: _Tracked, error: EngineError) -> RequestOutput:
+        """End a request with `error`: freed like an abort, its last output carries the error."""
+        output = self._finish(tracked, FinishReason.ABORT, [], "", None)
+        output.error = error
+        return output
 
     def _process(self, tracked: _Tracked, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq, params = tracked.seq, tracked.seq.request.sampling

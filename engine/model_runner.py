@@ -1,12 +1,13 @@
 """Runs a scheduled step on the model: builds the flat batch, runs the forward, samples.
 
 Owns the device-side state: the model, the KV-cache tensors, the sampler and each
-request's seeded random generator.
+request's seeded random generator, and says which faults leave the device unusable.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceT
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +20,28 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.speculators import SequenceAwareSpeculator
 from engine.trace_routing import TraceRouter
+
+# messages of device faults that leave a CUDA context unusable (older torch raises them as plain RuntimeError)
+_DEVICE_FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access")
+_ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
+
+
+@dataclass
+class StepResult:
+    """Per sequence that sampled this step: its token and logprob, or why it got none."""
+
+    sampled: dict[str, tuple[int, TokenLogprob | None]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """Whether `exc` leaves the device unusable (a CUDA error; an out-of-memory error is not one:
+    the step fails, the allocator's cache is emptied and the engine tries the next step)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    if isinstance(exc, _ACCELERATOR_ERROR):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _DEVICE_FAULT_MARKERS)
 
 
 class ModelRunner:
@@ -58,6 +81,12 @@ class ModelRunner:
         if isinstance(self.model.speculator, SequenceAwareSpeculator):
             self.model.speculator.forget(seq_id)
 
+    def recover(self, exc: BaseException) -> None:
+        """After a failed step: free what the allocator caches when the failure was out of memory.
+        (Expert-cache pins of the failed forward are released by `execute` itself.)"""
+        if isinstance(exc, torch.cuda.OutOfMemoryError) and self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         seed = seq.request.sampling.seed
         if seed is None or seq.request.sampling.is_greedy:
@@ -70,10 +99,11 @@ class ModelRunner:
         return gen
 
     @torch.inference_mode()
-    def execute(
-        self, out: SchedulerOutput, block_tables: SequenceT[SequenceT[int]]
-    ) -> dict[str, tuple[int, TokenLogprob | None]]:
-        """Run the scheduled chunks; returns {seq_id: (token, logprob)} for sequences that sample."""
+    def execute(self, out: SchedulerOutput, block_tables: SequenceT[SequenceT[int]]) -> StepResult:
+        """Run the scheduled chunks and sample for the sequences that reach their last token.
+
+        An exception propagates to the caller (who fails the step's requests) after the expert
+        provider has ended the step, which releases any expert the failed forward still held."""
         input_ids: list[int] = []
         positions: list[int] = []
         logit_rows: list[int] = []
@@ -104,14 +134,16 @@ class ModelRunner:
             self.trace_router.begin_step(
                 [(s.seq.seq_id, s.seq.num_computed_tokens, s.num_new_tokens) for s in out.scheduled]
             )
-        hidden = self.model.forward(
-            torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta, self.kv_caches
-        )
-        self.model.experts.end_step()
+        try:
+            hidden = self.model.forward(
+                torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta, self.kv_caches
+            )
+        finally:
+            self.model.experts.end_step()
         if self.recorder is not None:
             self.recorder.end_step()
         if not sampling_seqs:
-            return {}
+            return StepResult()
         logits = self.model.logits(hidden[torch.tensor(logit_rows, device=device)])
         result: SamplerOutput = self.sampler(
             logits,
@@ -121,7 +153,10 @@ class ModelRunner:
             [self._generator(s) for s in sampling_seqs],
             self.eos_token_ids,
         )
-        return {
-            seq.seq_id: (token, logprob)
-            for seq, token, logprob in zip(sampling_seqs, result.token_ids, result.logprobs)
-        }
+        step = StepResult()
+        for seq, token, logprob, error in zip(sampling_seqs, result.token_ids, result.logprobs, result.errors):
+            if error is None:
+                step.sampled[seq.seq_id] = (token, logprob)
+            else:
+                step.failed[seq.seq_id] = error
+        return step

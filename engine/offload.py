@@ -4,13 +4,16 @@ Routed experts live packed in the host tier (`HostExpertStore`); a bounded pool 
 slots (`ExpertCache`) holds the ones in use. A layer acquires every expert its tokens
 routed to (hits are usable at once, misses start demand copies), computes each expert
 as soon as its slot is ready, never waiting on copies it does not need yet, and releases
-them when done. Results do not depend on the order, see `MoEModel._moe`.
+them when done. Results do not depend on the order, see `MoEModel._moe`. A forward that
+fails between a layer's acquire and its release leaves those pins behind: the end of the
+step releases them, so a failed step never shrinks the cache.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +43,14 @@ class OffloadedExperts:
 
     def __init__(self, cache: ExpertCache) -> None:
         self.cache = cache
+        self._held: dict[int, list[ExpertKey]] = {}  # layer -> keys acquired and not yet released
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[list[tuple[int, ExpertTensors]]]:
         """Acquire now (misses start loading at once), then yield the experts whose slots are
         ready as one group, or, when none is, wait for the oldest pending copy and yield it."""
-        slots = self.cache.acquire([ExpertKey(layer, e) for e in expert_ids])
+        keys = [ExpertKey(layer, e) for e in expert_ids]
+        slots = self.cache.acquire(keys)
+        self._held.setdefault(layer, []).extend(keys)
         return self._in_ready_order(list(zip(expert_ids, slots)))
 
     def _in_ready_order(self, pending: list[tuple[int, ExpertSlot]]) -> Iterator[list[tuple[int, ExpertTensors]]]:
@@ -64,13 +70,25 @@ class OffloadedExperts:
             yield ready
 
     def done(self, layer: int, expert_ids: Sequence[int]) -> None:
-        self.cache.release([ExpertKey(layer, e) for e in expert_ids])
+        keys = [ExpertKey(layer, e) for e in expert_ids]
+        self.cache.release(keys)
+        held = self._held.pop(layer, [])
+        if len(held) != len(keys):  # released part of what the layer holds: keep the rest
+            remaining = list((Counter(held) - Counter(keys)).elements())
+            if remaining:
+                self._held[layer] = remaining
 
     def hint(self, layer: int, expert_ids: Sequence[int]) -> None:
         self.cache.prefetch([ExpertKey(layer, e) for e in expert_ids])
 
     def end_step(self) -> None:
-        """Advances the cache's step clock (the policy's step boundaries, preload freshness)."""
+        """Advances the cache's step clock (the policy's step boundaries, preload freshness), after
+        releasing whatever a failed forward acquired and never released."""
+        if self._held:
+            leftover = [key for keys in self._held.values() for key in keys]
+            self._held.clear()
+            logger.debug("releasing %d expert pins left by a failed step", len(leftover))
+            self.cache.release(leftover)
         self.cache.on_step()
 
 

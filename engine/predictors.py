@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.progress import progress
+from engine.tasks import TaskLru
 from engine.traces import RoutingTrace
 
 _RESCALE_ABOVE = 1e100
@@ -250,7 +251,8 @@ class TaskProfilePredictor:
     that task and served from a cache in between; tasks in `insensitive_tasks` get none.
     `predict_scores` adds each expert's probability of being used by a request of the task
     (the share of its observed requests that used it), so a preload can keep to the likely
-    experts and skip a flat (uninformative) profile.
+    experts and skip a flat (uninformative) profile. At most `max_tasks` tasks keep a profile
+    (None: no bound); the least recently used one is dropped first.
     """
 
     def __init__(
@@ -259,6 +261,7 @@ class TaskProfilePredictor:
         num_experts: int,
         refresh_every: int = 8,
         insensitive_tasks: frozenset[str] = frozenset(),
+        max_tasks: int | None = None,
     ) -> None:
         if refresh_every < 1:
             raise ValueError("refresh_every must be >= 1")
@@ -266,17 +269,20 @@ class TaskProfilePredictor:
         self.num_experts = num_experts
         self.refresh_every = refresh_every
         self.insensitive_tasks = frozenset(insensitive_tasks)
-        self._profiles: dict[str, _TaskProfile] = {}
+        self._profiles: TaskLru[_TaskProfile] = TaskLru(max_tasks)
+
+    @property
+    def num_tasks(self) -> int:
+        """Tasks with a profile."""
+        return len(self._profiles)
 
     def observe_request(self, task: str, routing: np.ndarray) -> None:
         """A served request of `task` routed as `routing` ([T, L, K] expert ids)."""
         routing = np.asarray(routing, dtype=np.int64)
         if routing.ndim != 3 or routing.shape[1] != self.num_layers:
             raise ValueError(f"routing must be [T, {self.num_layers}, K], got {routing.shape}")
-        profile = self._profiles.get(task)
-        if profile is None:
-            shape = (self.num_layers, self.num_experts)
-            profile = self._profiles[task] = _TaskProfile(np.zeros(shape), np.zeros(shape))
+        shape = (self.num_layers, self.num_experts)
+        profile = self._profiles.get_or_add(task, lambda: _TaskProfile(np.zeros(shape), np.zeros(shape)))
         layers = np.broadcast_to(np.arange(self.num_layers)[None, :, None], routing.shape)
         np.add.at(profile.counts, (layers.ravel(), routing.ravel()), 1.0)
         used = np.zeros((self.num_layers, self.num_experts), dtype=bool)

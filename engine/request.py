@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from engine.errors import EngineError
 from engine.sampling_params import FinishReason, SamplingParams, TokenLogprob
 
 DEFAULT_TASK = "default"
@@ -36,3 +37,4 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None  # monotonic; set on the finishing output
+    error: EngineError | None = None  # set (finished, finish_reason abort) when the request failed

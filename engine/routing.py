@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from engine.predictors import TaskProfilePredictor
-from engine.tasks import TaskTable
+from engine.tasks import TaskLru, TaskTable
 from engine.traces import RoutingTrace, save_trace
 from engine.types import ExpertKey
 
@@ -165,16 +165,22 @@ class TraceWriter:
 
 class TaskExpertCost:
     """Scheduler cost model: seconds to load the experts a task is predicted to need that are
-    not resident now (predicted experts x copy time of one expert). Memoised per task briefly."""
+    not resident now (predicted experts x copy time of one expert). Memoised per task briefly,
+    for at most `max_tasks` tasks (None: no bound)."""
 
     def __init__(self, predictor: TaskProfilePredictor, per_layer: int, is_resident: Callable[[ExpertKey], bool],
-                 copy_s_per_expert: float, ttl_s: float = 0.05) -> None:
+                 copy_s_per_expert: float, ttl_s: float = 0.05, max_tasks: int | None = None) -> None:
         self.predictor = predictor
         self.per_layer = per_layer
         self.is_resident = is_resident
         self.copy_s_per_expert = copy_s_per_expert
         self.ttl_s = ttl_s
-        self._memo: dict[str, tuple[float, float]] = {}
+        self._memo: TaskLru[tuple[float, float]] = TaskLru(max_tasks)
+
+    @property
+    def num_tasks(self) -> int:
+        """Tasks with a memoised cost."""
+        return len(self._memo)
 
     def load_seconds(self, task: str) -> float:
         now = time.monotonic()
@@ -185,5 +191,5 @@ class TaskExpertCost:
         misses = sum(1 for layer, experts in predicted.items() for e in experts
                      if not self.is_resident(ExpertKey(layer, e)))
         seconds = misses * self.copy_s_per_expert
-        self._memo[task] = (seconds, now)
+        self._memo.put(task, (seconds, now))
         return seconds

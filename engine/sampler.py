@@ -14,6 +14,11 @@ share one draw from the default generator.
 Logprobs are the model's: log_softmax of the raw logits, before penalties, the min_tokens
 mask and temperature (OpenAI's convention; vLLM's default "raw_logprobs" is the same).
 
+A row whose penalised (or tempered) logits are not finite (NaN, +inf, or nothing but -inf) or
+whose sampled id falls outside the vocabulary gets an error instead of a token; the other rows
+are sampled as usual. Temperatures below MIN_TEMPERATURE are greedy and the repetition penalty
+is clamped (see `engine.sampling_params`), so no request's parameters can make float32 overflow.
+
 Shapes: B rows, V vocabulary, R rows that need a given step.
 """
 
@@ -30,12 +35,17 @@ from engine.sampling_params import SamplingParams, TokenLogprob
 TOP_P_CANDIDATES = 128
 
 
+NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or inf) for this request"
+
+
 @dataclass
 class SamplerOutput:
-    """One sampled token per row, and its logprobs when the request asked for them."""
+    """One sampled token per row (-1 where the row failed), its logprobs when the request asked
+    for them, and per row None or why no token could be sampled."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+    errors: list[str | None]
 
 
 class Sampler:
@@ -58,15 +68,25 @@ class Sampler:
         self._repetition_penalty(logits, params, prompt_ids, output_ids)
         self._presence_frequency_penalties(logits, params, output_ids)
         self._min_tokens_mask(logits, params, output_ids, eos_token_ids)
-        tokens = torch.argmax(logits, dim=-1)  # B
-        random_rows = [row for row, p in enumerate(params) if not p.is_greedy]
+        row_max, tokens = logits.max(dim=-1)  # B: the argmax (first maximum, like torch.argmax)
+        temperatures = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=logits.device)
+        finite = torch.isfinite(row_max / temperatures).tolist()  # NaN, +inf, all -inf, or tempered overflow
+        random_rows = [row for row, p in enumerate(params) if not p.is_greedy and finite[row]]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
             sampled = _sample(_select(logits, random_rows), [params[r] for r in random_rows],
                               [generators[r] for r in random_rows])
             tokens[rows] = sampled
         token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, self._logprobs(raw, params, token_ids))
+        errors: list[str | None] = [None] * len(params)
+        for row, token in enumerate(token_ids):
+            if not finite[row]:
+                errors[row] = NON_FINITE_LOGITS
+            elif not 0 <= token < self.vocab_size:
+                errors[row] = f"sampled token id {token} is outside the vocabulary [0, {self.vocab_size})"
+            if errors[row] is not None:
+                token_ids[row] = -1
+        return SamplerOutput(token_ids, self._logprobs(raw, params, token_ids), errors)
 
     def _token_index(
         self, rows: Sequence[int], id_lists: Sequence[Sequence[int]], device: torch.device
@@ -90,7 +110,7 @@ class Sampler:
         if not rows:
             return
         batch_rows, token_ids = self._token_index(rows, [[*prompt_ids[r], *output_ids[r]] for r in rows], logits.device)
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=logits.device)[batch_rows]
+        penalty = torch.tensor([p.applied_repetition_penalty for p in params], device=logits.device)[batch_rows]
         values = logits[batch_rows, token_ids]  # a repeated token writes the same value twice
         logits[batch_rows, token_ids] = torch.where(values > 0, values / penalty, values * penalty)
 
@@ -127,9 +147,10 @@ class Sampler:
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, params: Sequence[SamplingParams], token_ids: list[int]) -> list[TokenLogprob | None]:
-        """Raw model logprobs of the sampled token and the top-n alternatives, best first."""
+        """Raw model logprobs of the sampled token and the top-n alternatives, best first (rows
+        that failed, token -1, get none)."""
         result: list[TokenLogprob | None] = [None] * len(params)
-        rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+        rows = [r for r, p in enumerate(params) if p.logprobs is not None and token_ids[r] >= 0]
         if not rows:
             return result
         device = raw.device

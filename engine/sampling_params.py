@@ -8,6 +8,13 @@ from dataclasses import dataclass, field
 MAX_TOP_LOGPROBS = 20
 MIN_SEED = -(2**63)  # the range torch.Generator.manual_seed accepts
 MAX_SEED = 2**64
+# Below this temperature a request is decoded greedily: dividing float32 logits by a smaller one
+# overflows (1e-45 is a float32 subnormal, 1e-300 rounds to 0), and the result would be argmax anyway.
+MIN_TEMPERATURE = 1e-5
+# The repetition penalty is clamped to this range before it divides or multiplies float32 logits,
+# so a penalised logit stays finite (1e-45 would turn every repeated positive logit into inf).
+MIN_REPETITION_PENALTY = 1e-3
+MAX_REPETITION_PENALTY = 1e3
 
 
 class FinishReason(str, enum.Enum):
@@ -33,7 +40,8 @@ class SamplingParams:
 
     logprobs: None for none; k >= 0 returns the sampled token's logprob and the top-k
     alternatives. Logprobs are those of the model (log_softmax of the raw logits, before
-    penalties and temperature), like OpenAI's.
+    penalties and temperature), like OpenAI's. A temperature below MIN_TEMPERATURE is greedy;
+    the repetition penalty is applied clamped to [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY].
     """
 
     max_tokens: int = 16
@@ -53,8 +61,13 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        """Temperature 0 means argmax decoding."""
-        return self.temperature == 0.0
+        """Temperature 0 (or below MIN_TEMPERATURE) means argmax decoding."""
+        return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def applied_repetition_penalty(self) -> float:
+        """The repetition penalty the sampler applies: clamped so penalised logits stay finite."""
+        return min(max(self.repetition_penalty, MIN_REPETITION_PENALTY), MAX_REPETITION_PENALTY)
 
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its allowed range."""

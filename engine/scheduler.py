@@ -5,13 +5,17 @@ chunks), each taking the KV blocks it needs; when blocks run out the most recent
 admitted sequence is preempted (its blocks freed, recomputed later from its tokens).
 Waiting sequences are then admitted in the order of the scheduling policy (fcfs,
 priority or slo, see `engine.scheduling_policy`) while budget, sequence slots and
-blocks last; a long prompt is split into chunks across steps.
+blocks last; a long prompt is split into chunks across steps. `expected_wait_s` turns the
+queues and the measured step times into the wait a new request would see (Retry-After).
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from collections import deque
+from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -26,7 +30,7 @@ from engine.scheduling_policy import (
     make_order,
 )
 from engine.sequence import Sequence, SequenceStatus
-from engine.tasks import OutputLengthEstimator, TaskTable
+from engine.tasks import DEFAULT_MAX_TASKS, OutputLengthEstimator, TaskTable, per_task_capacity
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class SchedulerConfig:
     max_waiting: int = 256
     policy: SchedulingPolicyName = SchedulingPolicyName.FCFS
     reject_unattainable: bool = False
+    max_tasks: int = DEFAULT_MAX_TASKS
 
 
 @dataclass
@@ -77,7 +82,8 @@ class Scheduler:
         self.blocks = blocks
         self.slo = slo or SloContext(TaskTable.from_mapping({}), ServiceTimeModel(), NoExpertCost())
         self.order: WaitingOrder = make_order(config.policy, self.slo)
-        self.lengths = OutputLengthEstimator(self.slo.tasks)
+        self.lengths = OutputLengthEstimator(self.slo.tasks,
+                                             max_tasks=per_task_capacity(self.slo.tasks, config.max_tasks))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -86,7 +92,8 @@ class Scheduler:
         """Queue a new sequence; raises QueueFullError when the waiting queue is full, or
         (with reject_unattainable) when its TTFT SLO cannot be met even if served next."""
         if len(self.waiting) >= self.config.max_waiting:
-            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)", retry_after_s=1.0)
+            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)",
+                                 retry_after_s=self.expected_wait_s(self.running, self.waiting))
         request = seq.request
         seq.predicted_output_len = self.lengths.predict(request.task, request.sampling.max_tokens)
         if self.config.reject_unattainable:
@@ -103,6 +110,36 @@ class Scheduler:
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def expected_wait_s(self, running: SequenceT[Sequence], waiting: SequenceT[Sequence]) -> float:
+        """Seconds a request arriving now would wait before its own prefill starts, given these
+        queues (copies: safe to call from another thread) and the measured step times.
+
+        The larger of two waits: the prefill queued ahead of it (at the measured seconds per
+        prefill token, plus one measured step per `max_num_batched_tokens` of it), and, when every
+        sequence slot is taken, the decode steps until enough requests ahead of it finish (each
+        request's predicted output length; a waiting request takes the first slot that frees).
+        """
+        service = self.slo.service
+        queued = sum(seq.num_uncomputed_tokens for seq in waiting)
+        queued += sum(n for seq in running if (n := seq.num_uncomputed_tokens) > 1)
+        prefill_s = (queued * service.prefill_s_per_token
+                     + math.ceil(queued / self.config.max_num_batched_tokens) * service.decode_s_per_step)
+        slots = self.config.max_num_seqs
+        must_finish = len(running) + len(waiting) + 1 - slots
+        if must_finish <= 0:
+            return prefill_s
+        entering = deque(max(1, seq.predicted_output_len) for seq in waiting)
+        finish_steps = [max(1, seq.predicted_output_len - len(seq.output_token_ids)) for seq in running]
+        while len(finish_steps) < slots and entering:  # free slots fill at once
+            finish_steps.append(entering.popleft())
+        heapq.heapify(finish_steps)  # the step each occupant of a slot finishes at
+        step = 0
+        for _ in range(must_finish):
+            step = heapq.heappop(finish_steps)
+            if entering:
+                heapq.heappush(finish_steps, step + entering.popleft())
+        return max(prefill_s, step * service.decode_s_per_step)
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work."""

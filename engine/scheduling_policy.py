@@ -125,7 +125,8 @@ class SloOrder:
         slacks = [self.slack(s, now) for s in waiting]
         sizes = [self.job_size(s) for s in waiting]
         feasible = [i for i, sl in enumerate(slacks) if sl >= 0]
-        urgent = [i for i in feasible if slacks[i] < statistics.median(sizes)]
+        typical = statistics.median(sizes)
+        urgent = [i for i in feasible if slacks[i] < typical]
         if urgent:
             best = min(urgent, key=lambda i: (slacks[i], sizes[i]))
             near = [i for i in urgent if slacks[i] - slacks[best] <= SLACK_TIE_S]

@@ -4,9 +4,10 @@ expert-cache series read at scrape time.
 `ServerMetrics` owns the histograms and counters the server observes when an engine request
 finishes (it knows arrival, first-token and per-token times). `EngineCollector` is a custom
 Collector that turns read-only snapshots of the engine (queues, KV usage, preemptions,
-output-length error) and of the expert cache (hits, misses, copies, stalls, prefetches)
-into metric families on every scrape. Both live on the app's own CollectorRegistry.
-Importing this module does not import torch.
+output-length error, folded task names) and of the expert cache (hits, misses, copies, stalls,
+prefetches) into metric families on every scrape. Both live on the app's own CollectorRegistry.
+A `task` label is a name of the task table or `default`, never a client's arbitrary name, so
+the label sets stay bounded whatever names clients send. Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -225,6 +226,9 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_output_length_prediction_mean_abs_error_tokens",
                                 "Mean |predicted - actual| output tokens of the scheduler's length estimator.",
                                 value=stats.output_len_mean_abs_error)
+        yield CounterMetricFamily(f"{PREFIX}_task_names_folded",
+                                  "Requests served as task 'default' because max_tasks distinct task names were "
+                                  "already tracked.", value=stats.num_task_names_folded)
 
     def _cache(self) -> ExpertCache | None:
         if not self._engine.is_ready:

@@ -6,7 +6,9 @@ import numpy as np
 
 from engine.builder import build_engine
 from engine.config import EngineConfig
+from engine.predictors import TaskProfilePredictor
 from engine.request import EngineRequest
+from engine.routing import TaskExpertCost
 from engine.sampling_params import SamplingParams
 from engine.traces import load_trace
 from tests.helpers import run_to_completion
@@ -74,3 +76,16 @@ def test_task_preload_prefetches_a_tasks_experts_and_keeps_tokens(checkpoint_fac
     assert tokens == reference
     assert engine.preloader is not None and engine.preloader.num_preloads == len(prompts) - 1
     assert engine.preloader.num_experts_preloaded > 0
+
+
+def test_task_profiles_and_expert_costs_keep_at_most_max_tasks_names() -> None:
+    predictor = TaskProfilePredictor(num_layers=2, num_experts=4, refresh_every=1, max_tasks=5)
+    cost = TaskExpertCost(predictor, per_layer=2, is_resident=lambda key: key.expert == 0, copy_s_per_expert=0.5,
+                          max_tasks=5)
+    routing = np.array([[[1, 2], [0, 3]]])  # one token: layer 0 -> experts 1, 2; layer 1 -> 0, 3
+    for i in range(10_000):
+        predictor.observe_request(f"task-{i}", routing)
+        assert cost.load_seconds(f"task-{i}") == 3 * 0.5  # experts 1, 2 and 3 are not resident
+    assert predictor.num_tasks == 5 and cost.num_tasks == 5
+    assert predictor.predict("task-9999", 2) == {0: [1, 2], 1: [0, 3]}
+    assert predictor.predict("task-0", 2) == {}  # aged out

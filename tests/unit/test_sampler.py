@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SamplingParams
 
 V = 50
 
@@ -207,3 +207,62 @@ def test_seed_outside_the_generator_range_is_rejected() -> None:
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=2**64).validate()
     SamplingParams(seed=2**64 - 1).validate()
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-6])
+def test_a_temperature_below_the_epsilon_is_greedy(temperature: float) -> None:
+    torch.manual_seed(5)
+    logits = torch.randn(3, V) * 8
+    params = [SamplingParams(temperature=temperature), SamplingParams(temperature=temperature, seed=7),
+              SamplingParams(temperature=temperature, top_k=3, top_p=0.5)]
+    out = run(logits, params, gens=[None, torch.Generator().manual_seed(7), None])
+    assert out.errors == [None] * 3
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_a_temperature_just_above_the_epsilon_samples_finite_logits() -> None:
+    logits = torch.randn(1, V) * 30
+    out = run(logits, [SamplingParams(temperature=MIN_TEMPERATURE)], gens=[torch.Generator().manual_seed(0)])
+    assert out.errors == [None] and 0 <= out.token_ids[0] < V
+
+
+@pytest.mark.parametrize("penalty", [1e-45, 1e-300, 1e300, float("inf")])
+def test_an_extreme_repetition_penalty_is_clamped_and_stays_finite(penalty: float) -> None:
+    torch.manual_seed(6)
+    logits = torch.randn(2, V) * 4
+    prompt = list(range(0, V, 2))
+    params = [SamplingParams(temperature=0.0, repetition_penalty=penalty),
+              SamplingParams(temperature=1.0, repetition_penalty=penalty)]
+    out = run(logits, params, [prompt, prompt], [[1], [1]], gens=[None, torch.Generator().manual_seed(1)])
+    assert out.errors == [None, None]
+    assert all(0 <= t < V for t in out.token_ids)
+    clamped = SamplingParams(repetition_penalty=min(max(penalty, MIN_REPETITION_PENALTY), MAX_REPETITION_PENALTY))
+    assert out.token_ids[0] == int(reference_penalised(logits[0], clamped, prompt, [1]).argmax())
+
+
+@pytest.mark.parametrize("bad", ["nan", "posinf", "all_neginf"])
+def test_a_non_finite_row_fails_alone_and_the_batch_goes_on(bad: str) -> None:
+    torch.manual_seed(8)
+    logits = torch.randn(4, V) * 3
+    if bad == "nan":
+        logits[1, 7] = float("nan")
+    elif bad == "posinf":
+        logits[1, 7] = float("inf")
+    else:
+        logits[1] = float("-inf")
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, logprobs=2),
+              SamplingParams(temperature=1.0, seed=3, logprobs=1), SamplingParams(temperature=0.0, logprobs=0)]
+    gens = [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(3), None]
+    out = run(logits, params, gens=gens)
+    assert out.errors[1] is not None and "non-finite" in out.errors[1]
+    assert out.token_ids[1] == -1 and out.logprobs[1] is None
+    assert [out.errors[i] for i in (0, 2, 3)] == [None, None, None]
+    assert out.token_ids[0] == int(logits[0].argmax()) and out.token_ids[3] == int(logits[3].argmax())
+    alone = run(logits[2:3], [params[2]], gens=[torch.Generator().manual_seed(3)])
+    assert out.token_ids[2] == alone.token_ids[0] and out.logprobs[2] == alone.logprobs[0]
+
+
+def test_a_greedy_nan_row_is_reported_not_argmaxed() -> None:
+    logits = torch.full((1, V), float("nan"))
+    out = run(logits, [SamplingParams(temperature=0.0)])
+    assert out.token_ids == [-1] and out.errors[0] is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from engine.sampling_params import FinishReason, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.scheduling_policy import SchedulingPolicyName, ServiceTimeModel, SloContext
 from engine.sequence import Sequence
-from engine.tasks import OutputLengthEstimator, TaskSpec, TaskTable
+from engine.tasks import OutputLengthEstimator, TaskLru, TaskNames, TaskSpec, TaskTable
 
 TASKS = TaskTable.from_mapping({
     "chat": {"ttft_slo_s": 1.0, "tpot_slo_s": 0.1, "output_len_prior": 64},
@@ -172,3 +173,95 @@ def test_finished_requests_teach_the_estimator(monkeypatch) -> None:
 def test_task_table_errors_name_task_and_field() -> None:
     with pytest.raises(ValueError, match="task 'chat', field ttft_slo_s"):
         TaskTable.from_mapping({"chat": {"ttft_slo_s": -1}})
+
+
+def test_expected_wait_grows_with_the_queued_prefill() -> None:
+    scheduler = make_scheduler(SchedulingPolicyName.FCFS, max_num_seqs=64)
+    waits = [scheduler.expected_wait_s(scheduler.running, scheduler.waiting)]
+    for i in range(5):
+        scheduler.add(seq(f"w{i}", prompt_len=100))
+        waits.append(scheduler.expected_wait_s(scheduler.running, scheduler.waiting))
+    assert waits[0] == 0.0
+    assert all(later > earlier for earlier, later in zip(waits, waits[1:]))
+    # 500 queued prompt tokens at 1 ms each, in one 4096-token step of 10 ms
+    assert waits[-1] == pytest.approx(500 * 1e-3 + 0.01)
+
+
+def test_expected_wait_counts_decode_steps_until_a_sequence_slot_frees() -> None:
+    scheduler = make_scheduler(SchedulingPolicyName.FCFS, max_num_seqs=1)
+    running = seq("r", "chat")  # chat's output-length prior: 64 tokens
+    scheduler.add(running)
+    scheduler.schedule()
+    running.num_computed_tokens = running.num_tokens
+    running.output_token_ids = [1] * 5
+    assert scheduler.expected_wait_s(scheduler.running, scheduler.waiting) == pytest.approx((64 - 5) * 0.01)
+    scheduler.add(seq("w", "chat", prompt_len=10))
+    # the waiting chat takes the slot after 59 steps and holds it for its predicted 64
+    assert scheduler.expected_wait_s(scheduler.running, scheduler.waiting) == pytest.approx((59 + 64) * 0.01)
+
+
+def test_queue_full_retry_after_is_the_expected_wait_and_grows_with_the_queue() -> None:
+    retry_after = []
+    for prompt_len in (100, 2000):
+        scheduler = make_scheduler(SchedulingPolicyName.FCFS, max_num_seqs=64, max_waiting=3)
+        for i in range(3):
+            scheduler.add(seq(f"w{i}", prompt_len=prompt_len))
+        with pytest.raises(QueueFullError) as info:
+            scheduler.add(seq("rejected"))
+        assert info.value.retry_after_s == scheduler.expected_wait_s(scheduler.running, scheduler.waiting)
+        retry_after.append(info.value.retry_after_s)
+    assert retry_after[1] > retry_after[0]
+    assert retry_after[1] == pytest.approx(6000 * 1e-3 + 2 * 0.01)  # 6000 tokens: two 4096-token steps
+
+
+def test_task_names_beyond_max_tasks_fold_into_default_and_are_counted() -> None:
+    names = TaskNames(TASKS, max_tasks=6)  # 4 table names (default included): 2 others
+    assert [names.fold(n) for n in ("x", "chat", "y", "z", "x", "classify", "w")] == \
+        ["x", "chat", "y", "default", "x", "classify", "default"]
+    assert names.num_folded == 2 and len(names) == 2
+
+
+def test_a_task_name_idle_long_enough_gives_its_place() -> None:
+    now = [0.0]
+    names = TaskNames(TASKS, max_tasks=5, idle_s=60.0, clock=lambda: now[0])  # one name outside the table
+    assert names.fold("a") == "a"
+    now[0] = 59.0
+    assert names.fold("b") == "default"
+    assert names.fold("a") == "a"  # used again at 59 s
+    now[0] = 120.0
+    assert names.fold("b") == "b"
+    assert names.fold("a") == "default" and names.num_folded == 2
+
+
+def test_task_names_fold_safely_from_many_threads() -> None:
+    names = TaskNames(TaskTable.from_mapping({}), max_tasks=17)
+    folded: list[str] = []
+
+    def client(offset: int) -> None:
+        folded.extend(names.fold(f"t{offset}-{i}") for i in range(500))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    kept = [name for name in folded if name != "default"]
+    assert len(names) == len(set(kept)) == len(kept) == 16
+    assert names.num_folded == 8 * 500 - 16
+
+
+def test_task_lru_drops_the_least_recently_used_name() -> None:
+    lru: TaskLru[int] = TaskLru(2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1  # b is now the oldest
+    assert lru.get_or_add("c", lambda: 3) == 3
+    assert "b" not in lru and "a" in lru and len(lru) == 2
+    assert lru.get_or_add("a", lambda: 9) == 1
+
+
+def test_length_estimator_keeps_at_most_max_tasks_histories() -> None:
+    est = OutputLengthEstimator(TASKS, max_tasks=4)
+    for i in range(1000):
+        est.observe(f"task-{i}", 10, 20)
+    assert est.num_tasks == 4
