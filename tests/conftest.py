@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints of every architecture, built once per session."""
+"""Shared fixtures: tiny random checkpoints of every architecture, built once per session, and
+the native code built before any test that starts a server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ import pytest
 from tests.helpers import ARCHITECTURES, make_tiny_checkpoint
 
 TRACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+
+
+@pytest.fixture(autouse=True)
+def native_code_before_live_servers(request: pytest.FixtureRequest) -> None:
+    """A test that starts a server (marked e2e) runs once the native code is built, so that its
+    start-up timeout covers loading only (see tests/e2e/conftest.py); other tests skip this."""
+    if request.node.get_closest_marker("e2e") is not None:
+        from tests.e2e.conftest import build_native_code
+
+        build_native_code()
 
 
 @pytest.fixture(scope="session")
