@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,8 +23,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.errors import APIError, ErrorCode, ErrorType, retry_after_header
 from server.routes import HealthStatus
 from server.sse import DONE_EVENT, sse_event
-
-logger = logging.getLogger(__name__)
 
 HEALTH_PATH = "/health"
 # Still answered while draining: a scrape or a version check costs nothing and ends at once.
