@@ -4,7 +4,8 @@ A bad --model is refused before the port is bound, with the loader's one line an
 failure found in the background and a fatal device fault end the process with exit 1 and exactly
 one ERROR line (streams in flight get an error event and [DONE]); SIGTERM drains: new requests
 get 503 with Retry-After while running ones finish, streams still running at the end of the
-grace period get a `server_shutting_down` event and [DONE], and the process exits 0; a second
+grace period get a `server_shutting_down` event and [DONE] (other requests a 503), and the
+process exits 0; a second
 signal does the same at once and exits 1.
 """
 
@@ -128,6 +129,30 @@ class _Stream:
         return json.loads(self.lines[-2].removeprefix("data: "))["error"]
 
 
+class _Plain:
+    """A completion without streaming, sent on its own thread."""
+
+    def __init__(self, base_url: str, max_tokens: int) -> None:
+        self.response: httpx.Response | None = None
+        body = {"model": MODEL, "prompt": "drain", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        self._thread = threading.Thread(target=self._send, args=(base_url, body), daemon=True)
+        self._thread.start()
+
+    def _send(self, base_url: str, body: dict[str, Any]) -> None:
+        self.response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=EXIT_TIMEOUT_S)
+
+    def join(self) -> None:
+        self._thread.join(EXIT_TIMEOUT_S)
+        assert not self._thread.is_alive(), "the request never ended"
+
+
+def _wait_running(base_url: str, num_running: int) -> None:
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while httpx.get(f"{base_url}/health", timeout=5).json()["num_running"] < num_running:
+        assert time.monotonic() < deadline, f"fewer than {num_running} requests ever ran"
+        time.sleep(0.05)
+
+
 def _wait_draining(base_url: str) -> None:
     deadline = time.monotonic() + DRAIN_START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -139,11 +164,13 @@ def _wait_draining(base_url: str) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_drains_503s_new_requests_cuts_late_streams_and_exits_0(checkpoint: Path, tmp_path: Path) -> None:
+def test_sigterm_drains_503s_new_requests_cuts_late_requests_and_exits_0(checkpoint: Path, tmp_path: Path) -> None:
     grace_s = 4.0
     flags = ["--max-model-len", str(LONG_CONTEXT), "--shutdown-timeout-s", str(grace_s)]
     with server_process(checkpoint, flags, tmp_path / "server.log") as (base_url, process):
         late = _Stream(base_url, LONG_STREAM_TOKENS)
+        plain = _Plain(base_url, LONG_STREAM_TOKENS)
+        _wait_running(base_url, 2)
         short = _Stream(base_url, SHORT_STREAM_TOKENS)
         process.send_signal(signal.SIGTERM)
         signalled_at = time.monotonic()
@@ -159,6 +186,7 @@ def test_sigterm_drains_503s_new_requests_cuts_late_streams_and_exits_0(checkpoi
 
         short.join()
         late.join()
+        plain.join()
         assert process.wait(timeout=EXIT_TIMEOUT_S) == 0
     assert not (short.cut_off or late.cut_off)
     assert short.lines[-1] == DONE and json.loads(short.lines[-2][len("data: "):])["choices"][0]["finish_reason"] \
@@ -166,6 +194,8 @@ def test_sigterm_drains_503s_new_requests_cuts_late_streams_and_exits_0(checkpoi
     assert late.lines[-1] == DONE and late.lines.count(DONE) == 1
     assert late.error()["code"] == "server_shutting_down"
     assert late.ended_at - signalled_at >= grace_s * 0.9  # cut at the end of the grace period, not before
+    assert plain.response is not None and plain.response.status_code == 503
+    assert plain.response.json()["error"]["code"] == "server_shutting_down"
 
 
 @pytest.mark.slow
