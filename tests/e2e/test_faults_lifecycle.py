@@ -5,8 +5,7 @@ failure found in the background and a fatal device fault end the process with ex
 one ERROR line (streams in flight get an error event and [DONE]); SIGTERM drains: new requests
 get 503 with Retry-After while running ones finish, streams still running at the end of the
 grace period get a `server_shutting_down` event and [DONE] (other requests a 503), and the
-process exits 0; a second
-signal does the same at once and exits 1.
+process exits 0; a second signal does the same at once and exits 1.
 """
 
 from __future__ import annotations
