@@ -143,13 +143,13 @@ def make_speculator(config: EngineConfig, model: MoEModel) -> Speculator | None:
     """The next-layer prefetcher `config.prefetch` names (None: demand loads only)."""
     spec = model.spec
     if config.prefetch is PrefetchMode.NEXT_LAYER:
-        return RouterSpeculator([layer.router for layer in model.dense.layers], spec.top_k, config.prefetch_margin)
+        return RouterSpeculator(model.routers, spec.top_k, config.prefetch_margin)
     width = spec.top_k + config.prefetch_margin
-    if config.prefetch is PrefetchMode.AFFINITY and spec.num_layers > 1:
+    if config.prefetch is PrefetchMode.AFFINITY and spec.num_moe_layers > 1:
         min_score = AFFINITY_MIN_SCORE if config.prefetch_min_score is None else config.prefetch_min_score
-        return AffinitySpeculator(AffinityPredictor(spec.num_layers, spec.num_experts), width, min_score)
-    if config.prefetch is PrefetchMode.LOGISTIC and spec.num_layers > 1:
-        predictor = LogisticPredictor(spec.num_layers, spec.num_experts, top_k=spec.top_k)
+        return AffinitySpeculator(AffinityPredictor(spec.num_moe_layers, spec.num_experts), width, min_score)
+    if config.prefetch is PrefetchMode.LOGISTIC and spec.num_moe_layers > 1:
+        predictor = LogisticPredictor(spec.num_moe_layers, spec.num_experts, top_k=spec.top_k)
         if config.prefetch_trace is not None:
             predictor.fit(training_trace(config.prefetch_trace, spec))
         min_score = LOGISTIC_MIN_PROBABILITY if config.prefetch_min_score is None else config.prefetch_min_score
@@ -163,9 +163,9 @@ def training_trace(path: str, spec: ModelSpec) -> RoutingTrace:
         trace = load_trace(path)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot read prefetch_trace {path}: {exc}") from exc
-    if (trace.num_layers, trace.num_experts) != (spec.num_layers, spec.num_experts):
+    if (trace.num_layers, trace.num_experts) != (spec.num_moe_layers, spec.num_experts):
         raise ModelLoadError(f"prefetch_trace {path} has {trace.num_layers} layers x {trace.num_experts} experts, "
-                             f"the model {spec.num_layers} x {spec.num_experts}")
+                             f"the model {spec.num_moe_layers} x {spec.num_experts}")
     return trace
 
 
@@ -178,7 +178,7 @@ def attach_routing_consumers(
     preload = isinstance(experts, OffloadedExperts) and config.task_preload
     if not preload and config.record_trace is None:
         return
-    recorder = RoutingRecorder(spec.num_layers)
+    recorder = RoutingRecorder(spec.num_moe_layers)
     engine.runner.attach_recorder(recorder)
     if preload:
         assert isinstance(experts, OffloadedExperts)
@@ -186,9 +186,9 @@ def attach_routing_consumers(
         tasks = engine.scheduler.slo.tasks
         insensitive = frozenset(name for name, t in tasks.tasks.items() if not t.prediction_sensitive)
         max_tasks = per_task_capacity(tasks, config.max_tasks)
-        predictor = TaskProfilePredictor(spec.num_layers, spec.num_experts, config.preload_refresh_every,
+        predictor = TaskProfilePredictor(spec.num_moe_layers, spec.num_experts, config.preload_refresh_every,
                                          insensitive, max_tasks)
-        per_layer = max(spec.top_k, min(spec.num_experts, cache.num_slots // spec.num_layers))
+        per_layer = max(spec.top_k, min(spec.num_experts, cache.num_slots // spec.num_moe_layers))
         # a preload may fill the cache except one layer's worst-case demand, so the prefill's
         # first layers cannot evict the preloads of its later layers before they are reached
         one_layer = min(spec.num_experts, config.max_num_batched_tokens * spec.top_k)

@@ -1,7 +1,7 @@
 """Checkpoint loading: Hugging Face config + safetensors (single file or sharded) -> ModelWeights.
 
 Tensors are read through safetensors' memory map with the Hub weight names, cast to the
-requested dtype, and fused into the runtime's layouts (see `engine.models.weights`).
+requested dtype, and fused into the runtime's layouts (see `engine.models.checkpoint`).
 Every failure (missing directory, unsupported architecture, corrupt or truncated file,
 missing tensor) is raised as a ModelLoadError with a one-line message.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +19,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from engine.errors import ModelLoadError
+from engine.models.checkpoint import expert_weights, layer_weights
 from engine.models.registry import spec_from_config
-from engine.models.spec import ModelSpec, QKNorm
-from engine.models.weights import (
-    AttentionWeights,
-    DenseWeights,
-    LayerWeights,
-    ModelWeights,
-    SharedExpertWeights,
-)
+from engine.models.spec import ModelSpec
+from engine.models.weights import DenseWeights, LayerWeights, ModelWeights
 from engine.progress import progress
 from engine.types import ExpertKey
 
@@ -132,47 +126,6 @@ def resolve_dtype(name: str, hf_config: Any) -> torch.dtype:
     return table[name]
 
 
-def _layer(spec: ModelSpec, src: TensorSource, layer: int, dtype: torch.dtype) -> LayerWeights:
-    p = f"model.layers.{layer}"
-    att = f"{p}.self_attn"
-    qkv = torch.cat([src.get(f"{att}.{n}_proj.weight", dtype) for n in "qkv"])
-    qkv_bias = torch.cat([src.get(f"{att}.{n}_proj.bias", dtype) for n in "qkv"]) if spec.qkv_bias else None
-    with_norm = spec.qk_norm is not QKNorm.NONE
-    attention = AttentionWeights(
-        qkv=qkv,
-        qkv_bias=qkv_bias,
-        o=src.get(f"{att}.o_proj.weight", dtype),
-        o_bias=src.get(f"{att}.o_proj.bias", dtype) if spec.o_bias else None,
-        q_norm=src.get(f"{att}.q_norm.weight", dtype) if with_norm else None,
-        k_norm=src.get(f"{att}.k_norm.weight", dtype) if with_norm else None,
-    )
-    shared = None
-    if spec.shared_expert_prefix is not None and spec.shared_expert_intermediate_size > 0:
-        sp = spec.shared_expert_prefix.format(layer=layer)
-        shared = SharedExpertWeights(
-            gate_up=torch.cat([src.get(f"{sp}.gate_proj.weight", dtype), src.get(f"{sp}.up_proj.weight", dtype)]),
-            down=src.get(f"{sp}.down_proj.weight", dtype),
-            gate=src.get(f"{sp}_gate.weight", dtype),
-        )
-    return LayerWeights(
-        input_norm=src.get(f"{p}.input_layernorm.weight", dtype),
-        post_attention_norm=src.get(f"{p}.post_attention_layernorm.weight", dtype),
-        attention=attention,
-        router=src.get(spec.router_name.format(layer=layer), dtype),
-        shared_expert=shared,
-    )
-
-
-def _experts(
-    spec: ModelSpec, src: TensorSource, layer: int, dtype: torch.dtype
-) -> Iterator[tuple[ExpertKey, tuple[torch.Tensor, torch.Tensor]]]:
-    names = spec.expert_names
-    for expert in range(spec.num_experts):
-        fmt = {"layer": layer, "expert": expert}
-        gate_up = torch.cat([src.get(names.gate.format(**fmt), dtype), src.get(names.up.format(**fmt), dtype)])
-        yield ExpertKey(layer, expert), (gate_up, src.get(names.down.format(**fmt), dtype))
-
-
 def load_model(path: Path | str, dtype: str = "auto", show_progress: bool = True) -> LoadedModel:
     """Load a supported Hugging Face MoE checkpoint from a local directory."""
     path = Path(path)
@@ -183,8 +136,8 @@ def load_model(path: Path | str, dtype: str = "auto", show_progress: bool = True
         layers: list[LayerWeights] = []
         experts: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in progress(range(spec.num_layers), show=show_progress, desc="loading layers", unit="layer"):
-            layers.append(_layer(spec, src, layer, torch_dtype))
-            experts.update(_experts(spec, src, layer, torch_dtype))
+            layers.append(layer_weights(spec, src, layer, torch_dtype))
+            experts.update(expert_weights(spec, src, layer, torch_dtype))
         embed = src.get("model.embed_tokens.weight", torch_dtype)
         lm_head = embed if spec.tie_word_embeddings else src.get("lm_head.weight", torch_dtype)
         dense = DenseWeights(

@@ -50,7 +50,7 @@ class ModelRunner:
     def __init__(
         self,
         model: MoEModel,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[tuple[torch.Tensor, ...]],
         block_size: int,
         eos_token_ids: frozenset[int],
     ) -> None:

@@ -195,5 +195,5 @@ def build_expert_provider(
         sizing.num_slots * store.expert_nbytes / 2**20, policy_name,
     )
     # one instance of the policy per MoE layer, as in trace replay (see cache_policies.partitioned)
-    policy = PartitionedPolicy(lambda: make_policy(policy_name), sizing.num_slots, spec.num_layers)
+    policy = PartitionedPolicy(lambda: make_policy(policy_name), sizing.num_slots, spec.num_moe_layers)
     return OffloadedExperts(ExpertCache(store, sizing.num_slots, device, policy, copy_engine))

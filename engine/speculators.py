@@ -63,7 +63,8 @@ class RouterSpeculator:
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor) -> list[int]:
         if layer + 1 >= len(self.routers):
             return []
-        probs = torch.softmax(linear(x, self.routers[layer + 1]), dim=-1, dtype=torch.float32)  # [T, E]
+        router = self.routers[layer + 1]  # fp32 for some models whatever x's dtype
+        probs = torch.softmax(linear(x.to(router.dtype), router), dim=-1, dtype=torch.float32)  # [T, E]
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, torch.topk(probs, self.width, dim=-1).indices, True)
         return _rank_union(probs.cpu(), chosen.cpu(), max(self.width, self.num_experts // 2))
 

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# with their features turned on: dense first layers, YaRN with mscale, group-limited routing, routing bias
+NEW_ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
+
+# the generic features on the architectures above: (arch, config overrides) by name
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # dense MLP layers interleaved with MoE layers (MoE layers 1, 2, 4, 5), YaRN with its attention factor
+    "qwen2_moe-dense-yarn": ("qwen2_moe", dict(num_hidden_layers=6, mlp_only_layers=[0, 3], rope_parameters=YARN)),
+    # every second layer MoE (decoder_sparse_step), llama3 rope
+    "qwen3_moe-sparse_step-llama3": ("qwen3_moe", dict(
+        num_hidden_layers=4, decoder_sparse_step=2, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+}
 
 
 def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
@@ -39,19 +54,40 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     elif arch == "olmoe":
         cfg = dict(common, intermediate_size=24, num_experts=8, norm_topk_prob=False, clip_qkv=None)
         cls = transformers.OlmoeConfig
+    elif arch in NEW_ARCHITECTURES:
+        # MLA with v_head_dim != qk_nope_head_dim, one dense first layer, 4 groups of 2 experts (the best 2 compete),
+        # YaRN whose mscale and mscale_all_dim change both the rope's magnitude and the softmax scale
+        deepseek_yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 2.0, "mscale_all_dim": 0.5}
+        cfg = dict(common, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
+                   n_routed_experts=8, first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=8,
+                   qk_rope_head_dim=8, v_head_dim=12, n_group=4, topk_group=2, rope_parameters=deepseek_yarn)
+        if arch == "deepseek_v2":  # V2-Lite's plain q projection, softmax routing (top-3: groups ranked by
+            # their best expert limit the choice only when top_k > topk_group)
+            cfg.update(q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy", routed_scaling_factor=2.0,
+                       num_experts_per_tok=3)
+            cls = transformers.DeepseekV2Config
+        else:  # q LoRA, sigmoid routing with a correction bias, renormalised
+            cfg.update(q_lora_rank=24, n_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                       rope_interleave=True)
+            cls = transformers.DeepseekV3Config
     else:
-        raise ValueError(f"unknown arch {arch!r}; known: {ARCHITECTURES}")
+        raise ValueError(f"unknown arch {arch!r}; known: {ARCHITECTURES + NEW_ARCHITECTURES}")
     cfg.update(overrides)
     return cls(**cfg)
 
 
 def make_tiny_checkpoint(arch: str, directory: Path, seed: int = 0, max_shard_size: str | None = None,
                          **overrides: Any) -> Path:
-    """Write a tiny random checkpoint of `arch` plus a byte-level BPE tokenizer into `directory`."""
+    """Write a tiny random checkpoint of `arch` (or of a named variant in VARIANTS) plus a
+    byte-level BPE tokenizer into `directory`."""
     import transformers
 
     from engine.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
 
+    if arch in VARIANTS:
+        arch, variant = VARIANTS[arch]
+        overrides = {**copy.deepcopy(variant), **overrides}
     tokenizer = build_byte_level_tokenizer()
     config = tiny_config(arch, len(tokenizer), **overrides)
     config.bos_token_id = tokenizer.bos_token_id
@@ -63,6 +99,9 @@ def make_tiny_checkpoint(arch: str, directory: Path, seed: int = 0, max_shard_si
         for name, param in model.named_parameters():
             if name.endswith("gate.weight") or "norm" in name:
                 param.normal_(mean=1.0 if "norm" in name else 0.0, std=0.5 if "norm" not in name else 0.1)
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:  # routing biases: zero at init
+            if name.endswith("e_score_correction_bias"):
+                tensor.normal_(std=0.2)
     directory.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
@@ -88,6 +127,16 @@ def hf_greedy(model: Any, prompt_ids: list[int], num_tokens: int) -> list[int]:
             out.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return out
+
+
+def hf_next_tokens(model: Any, prompt_ids: list[int], continuation: list[int]) -> list[int]:
+    """The oracle's greedy choice after the prompt and after each prefix of `continuation`, from one
+    forward over prompt + continuation[:-1]: equal to `continuation` exactly when `continuation` is
+    the oracle's greedy continuation (each token its argmax given the tokens before it)."""
+    ids = torch.tensor([prompt_ids + continuation[:-1]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1:]
+    return logits.argmax(dim=-1).tolist()
 
 
 def run_to_completion(engine: Any, arrivals: dict[int, list[Any]]) -> dict[str, list[int]]:

@@ -5,6 +5,8 @@ at the end of its `context_len` tokens. New keys/values are written into the pag
 at `slot_mapping`, then each sequence's whole context is gathered by its block table into
 a padded [B, Kmax] view and one SDPA call serves prefill, chunked prefill and decode alike;
 on a CPU, decode-only steps (fp32) go to the C kernel instead, which reads the cache in place.
+Multi-head latent attention (DeepSeek) caches one entry per token, the compressed latent and the
+rope key, and attends with queries absorbed into latent space (`paged_latent_attention`).
 """
 
 from __future__ import annotations
@@ -77,18 +79,42 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, H, Dh]; k, v: [T, Hkv, Dh]; caches: [S, Hkv, Dh]. Returns [T, H * Dh]."""
-    _, num_heads, head_dim = q.shape
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.max_query_len == 1 and kernel_decode_attention(q, k_cache):  # decode step: one query per sequence
         return decode_attention(q, k_cache, v_cache, meta.gather_slots, meta.context_lens, scale)
     keys = k_cache[meta.gather_slots].transpose(1, 2)  # [B, Hkv, K, Dh]
     values = v_cache[meta.gather_slots].transpose(1, 2)
+    return _attend(q, keys, values, meta, scale)
+
+
+def paged_latent_attention(
+    q: torch.Tensor,
+    entry: torch.Tensor,
+    cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    value_dim: int,
+) -> torch.Tensor:
+    """Multi-head latent attention over a paged cache of one entry per token: the latent (its first
+    `value_dim` = C dims, which are also the values) and the rope key. q: [T, H, C + Dr] (queries
+    absorbed into latent space, then their rope part); entry: [T, 1, C + Dr]; cache: [S, 1, C + Dr].
+    Returns the attended latents [T, H * C]."""
+    cache.index_copy_(0, meta.slot_mapping, entry)
+    keys = cache[meta.gather_slots].transpose(1, 2)  # [B, 1, K, C + Dr]
+    return _attend(q, keys, keys[..., :value_dim], meta, scale)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: AttentionMetadata,
+            scale: float) -> torch.Tensor:
+    """One SDPA call over the gathered context: q [T, H, Dk], keys [B, Hkv, K, Dk], values
+    [B, Hkv, K, Dv]. Returns [T, H * Dv]."""
+    _, num_heads, head_dim = q.shape
     queries = q.new_zeros(meta.num_seqs * meta.max_query_len, num_heads, head_dim)
     queries[meta.query_index] = q
     queries = queries.view(meta.num_seqs, meta.max_query_len, num_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=num_heads != k.shape[1]
-    )  # [B, H, Q, Dh]
-    out = out.transpose(1, 2).reshape(meta.num_seqs * meta.max_query_len, num_heads * head_dim)
+        queries, keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=num_heads != keys.shape[1]
+    )  # [B, H, Q, Dv]
+    out = out.transpose(1, 2).reshape(meta.num_seqs * meta.max_query_len, num_heads * values.shape[-1])
     return out[meta.query_index]

@@ -1,9 +1,11 @@
-"""Our forward pass for decoder-only MoE transformers (Mixtral, Qwen2/3-MoE, OLMoE).
+"""Our forward pass for decoder-only MoE transformers (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3).
 
-Pure functions over `DenseWeights` plus an `ExpertProvider`; the spec decides biases,
-q/k norms, the shared expert and top-k renormalisation. Shapes: T tokens, D hidden,
-H heads, Hkv kv heads, Dh head dim, E experts, A active experts per token, F expert
-intermediate size, V vocab.
+Pure functions over `DenseWeights` plus an `ExpertProvider`; the spec decides the attention
+(grouped-query, or latent: `engine.models.latent_attention`), biases, q/k norms, the rope,
+which layers are dense, the router and the shared expert. Expert-side
+callbacks (routing observer, speculator, provider) see MoE-layer indices. Shapes: T tokens,
+D hidden, H heads, Hkv kv heads, Dh head dim, R rotary dims, E experts, A active experts per
+token, F expert intermediate size, V vocab.
 """
 
 from __future__ import annotations
@@ -14,31 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.attention import AttentionMetadata, paged_attention
-from engine.models.cpu_kernels import ExpertRows, Routing, expert_ffn, linear, rms_norm, rope
-from engine.models.cpu_kernels import route as route_kernel
+from engine.models.cpu_kernels import ExpertRows, Routing, expert_ffn, linear, rms_norm
 from engine.models.experts import ExpertProvider
+from engine.models.latent_attention import latent_attention
+from engine.models.packed import Matrix
+from engine.models.rope import RotaryEmbedding, apply_rope
+from engine.models.router import route
 from engine.models.spec import ModelSpec, QKNorm
-from engine.models.weights import AttentionWeights, DenseWeights, LayerWeights, SharedExpertWeights
+from engine.models.weights import AttentionWeights, DenseWeights, LatentAttentionWeights, LayerWeights, MLPWeights
 
-RoutingObserver = Callable[[int, torch.Tensor], None]  # (layer, topk_ids [T, A])
-# (layer, the layer's input hidden state [T, D], its topk_ids [T, A]) -> experts of layer + 1 to prefetch
+RoutingObserver = Callable[[int, torch.Tensor], None]  # (MoE layer, topk_ids [T, A])
+# (MoE layer l, its input hidden state [T, D], its topk_ids [T, A]) -> experts of MoE layer l + 1 to prefetch
 Speculator = Callable[[int, torch.Tensor, torch.Tensor], list[int]]
-RoutingOverride = Callable[[int], torch.Tensor]  # layer -> topk_ids [T, A] to use instead of the router's
-
-
-class RotaryEmbedding:
-    """cos/sin tables for rotate-half rotary embeddings. Dh head dim, P positions."""
-
-    def __init__(self, head_dim: int, theta: float, max_positions: int, device: torch.device) -> None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [P, Dh]
-        self.cos = emb.cos().to(device)
-        self.sin = emb.sin().to(device)
-
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, Dh] at positions [T]: looked up once per step, used by every layer."""
-        return self.cos[positions], self.sin[positions]
+RoutingOverride = Callable[[int], torch.Tensor]  # MoE layer -> topk_ids [T, A] to use instead of the router's
+KVCache = tuple[torch.Tensor, ...]  # one layer's paged cache tensors, shaped by `ModelSpec.kv_entry_shapes`
 
 
 class MoEModel:
@@ -53,27 +44,39 @@ class MoEModel:
         self.experts = experts
         self.device = device
         self.packed = packed
-        self.rotary = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.max_position_embeddings, device)
-        self.scale = spec.head_dim**-0.5
+        self.rotary = RotaryEmbedding(spec.rope, device)
+        self.moe_index = [spec.moe_index(layer) for layer in range(spec.num_layers)]
         self.routing_observer: RoutingObserver | None = None
         self.speculator: Speculator | None = None  # None: no next-layer prefetch
         self.routing_override: RoutingOverride | None = None  # benchmarks: replay recorded routing
+
+    @property
+    def routers(self) -> list[Matrix]:
+        """The MoE layers' routers, by MoE-layer index."""
+        return [self.dense.layers[layer].router for layer in self.spec.moe_layers]
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[KVCache],
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final-normed hidden states [T, D]."""
         x = self.dense.embed(input_ids)
         rotary = self.rotary.tables(positions)
         for layer_idx, layer in enumerate(self.dense.layers):
             h = rms_norm(x, layer.input_norm, self.spec.rms_norm_eps)
-            x = x + self._attention(layer.attention, h, rotary, meta, kv_caches[layer_idx])
+            if isinstance(layer.attention, LatentAttentionWeights):
+                x = x + latent_attention(self.spec, layer.attention, h, rotary, meta, kv_caches[layer_idx][0])
+            else:
+                x = x + self._attention(layer.attention, h, rotary, meta, kv_caches[layer_idx])
             h = rms_norm(x, layer.post_attention_norm, self.spec.rms_norm_eps)
-            x = x + self._moe(layer_idx, layer, h)
+            moe_layer = self.moe_index[layer_idx]
+            if moe_layer is None:
+                x = x + self._mlp(layer.mlp, h)
+            else:
+                x = x + self._moe(moe_layer, layer, h)
         return rms_norm(x, self.dense.final_norm, self.spec.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,7 @@ class MoEModel:
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
     ) -> torch.Tensor:
         spec = self.spec
         num_tokens = x.shape[0]
@@ -104,41 +107,24 @@ class MoEModel:
         if spec.qk_norm is QKNorm.PER_HEAD:
             q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
             k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
-        q = rope(q, *rotary)
-        k = rope(k, *rotary)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        q = apply_rope(q, *rotary)
+        k = apply_rope(k, *rotary)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, spec.attention_scale)
         return linear(out, w.o, w.o_bias)
 
-    def route(self, layer_idx: int, layer: LayerWeights, x: torch.Tensor) -> Routing:
-        """Router: x [T, D] -> the top-k experts of each token with their weights (softmax
-        probabilities, renormalised if the spec says so, in x's dtype), grouped by expert. With a
-        routing override the ids come from it and the weights are the router's probabilities at
-        those ids. One C call on CPU; torch elsewhere."""
-        top_k = self.spec.top_k
-        logits = linear(x, layer.router)  # [T, E]
-        override = None if self.routing_override is None else self.routing_override(layer_idx)
-        routing = route_kernel(logits, top_k, self.spec.norm_topk_prob, x.dtype, override)
-        if routing is not None:
-            return routing
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if override is None:
-            weights, ids = torch.topk(probs, top_k, dim=-1)
-        else:
-            ids = override.to(device=x.device, dtype=torch.long)
-            weights = probs.gather(1, ids)
-        if self.spec.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        flat_ids = ids.flatten()  # [T * A]
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.spec.num_experts).tolist()
-        return Routing(ids, counts, order, order // top_k, weights.to(x.dtype).float().flatten()[order])
+    def route(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> Routing:
+        """Router of MoE layer `moe_layer`: x [T, D] -> each token's top-k experts and weights,
+        grouped by expert (see `engine.models.router`). With a routing override the ids come from it."""
+        override = None if self.routing_override is None else self.routing_override(moe_layer)
+        return route(self.spec.routing, self.spec.num_experts, self.spec.top_k, layer.router, layer.router_bias, x,
+                     override)
 
-    def _moe(self, layer_idx: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def _moe(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         num_tokens, hidden = x.shape
         top_k = self.spec.top_k
-        routing = self.route(layer_idx, layer, x)
+        routing = self.route(moe_layer, layer, x)
         if self.routing_observer is not None:
-            self.routing_observer(layer_idx, routing.ids)
+            self.routing_observer(moe_layer, routing.ids)
         counts = routing.counts
         starts = [0] * len(counts)
         for e in range(1, len(counts)):
@@ -146,11 +132,11 @@ class MoEModel:
         needed = [e for e, c in enumerate(counts) if c]
         # each (token, slot) pair gets its own row, so experts may finish in any order
         # and the final sum over slots is still taken in one fixed order (bit-exact)
-        fetched = self.experts.fetch(layer_idx, needed)
+        fetched = self.experts.fetch(moe_layer, needed)
         if self.speculator is not None:
-            guesses = self.speculator(layer_idx, x, routing.ids)
-            if guesses and layer_idx + 1 < self.spec.num_layers:
-                self.experts.hint(layer_idx + 1, guesses)
+            guesses = self.speculator(moe_layer, x, routing.ids)
+            if guesses and moe_layer + 1 < self.spec.num_moe_layers:
+                self.experts.hint(moe_layer + 1, guesses)
         if self.packed:
             # the kernel computes in fp32 (bf16 weights too); the sum over slots is rounded to x's dtype once
             out = torch.zeros(num_tokens * top_k, hidden)
@@ -166,14 +152,15 @@ class MoEModel:
                     gate, up = F.linear(x[routing.tokens[first:last]], gate_up).chunk(2, dim=-1)
                     expert_out = F.linear(F.silu(gate) * up, down) * routing.scale[first:last, None]
                     out[routing.order[first:last]] = expert_out.to(out.dtype)
-        self.experts.done(layer_idx, needed)
+        self.experts.done(moe_layer, needed)
         routed = out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
         if layer.shared_expert is not None:
-            routed = routed + self._shared_expert(layer.shared_expert, x)
+            routed = routed + self._mlp(layer.shared_expert, x)
         return routed
 
     @staticmethod
-    def _shared_expert(w: SharedExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(w: MLPWeights, x: torch.Tensor) -> torch.Tensor:
+        """A dense layer's SwiGLU MLP, or a shared expert (scaled by sigmoid(gate x) when it has a gate)."""
         gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
         out = linear(F.silu(gate) * up, w.down)
-        return torch.sigmoid(linear(x, w.gate)) * out
+        return out if w.gate is None else torch.sigmoid(linear(x, w.gate)) * out

@@ -1,8 +1,10 @@
 """Supported architectures: each maps a Hugging Face config to a ModelSpec.
 
 Mixtral, Qwen2-MoE (shared expert with a sigmoid gate), Qwen3-MoE (per-head q/k norm,
-norm_topk_prob) and OLMoE (full q/k norm, optional clip_qkv). Configs that change the
-math in ways we do not implement are refused with a ModelLoadError naming the field.
+norm_topk_prob; both with optional dense layers), OLMoE (full q/k norm, optional clip_qkv)
+and DeepSeek-V2/V3 (multi-head latent attention, ungated shared experts, dense first layers,
+group-limited routing; V3 with sigmoid scores and a correction bias). Configs that change the math in ways we do not implement are
+refused with a ModelLoadError naming the field.
 """
 
 from __future__ import annotations
@@ -12,12 +14,20 @@ from typing import Any
 
 from engine.errors import ModelLoadError
 from engine.models.spec import (
+    AttentionKind,
     ExpertWeightNames,
+    GroupScoring,
+    LatentAttentionSpec,
     ModelSpec,
     QKNorm,
+    RopeScaling,
+    RopeSpec,
+    RouterScoring,
+    RoutingSpec,
     base_fields,
     config_value,
     require,
+    yarn_mscale,
 )
 
 LAYER = "model.layers.{layer}"
@@ -28,24 +38,29 @@ HF_MLP_EXPERT = ExpertWeightNames(
 )
 
 
-def _require_all_layers_sparse(config: Any) -> None:
-    step = config_value(config, "decoder_sparse_step", 1)
-    require(step == 1, f"decoder_sparse_step={step} is not supported: every layer must be an MoE layer (1)")
-    dense = config_value(config, "mlp_only_layers", []) or []
-    require(not dense, f"mlp_only_layers={dense} is not supported: every layer must be an MoE layer")
+def _qwen_moe_layers(config: Any, num_experts: int) -> tuple[int, ...]:
+    """Qwen2/3-MoE: layer l is sparse unless listed in mlp_only_layers, and only every
+    decoder_sparse_step-th layer ((l + 1) % step == 0) is."""
+    step = int(config_value(config, "decoder_sparse_step", 1) or 1)
+    require(step >= 1, f"decoder_sparse_step={step} must be >= 1")
+    dense = set(config_value(config, "mlp_only_layers", []) or [])
+    num_layers = int(config_value(config, "num_hidden_layers"))
+    return tuple(layer for layer in range(num_layers)
+                 if num_experts > 0 and layer not in dense and (layer + 1) % step == 0)
 
 
 def mixtral_spec(config: Any) -> ModelSpec:
     """MixtralForCausalLM: top-k of softmax, always renormalised; no biases."""
     window = config_value(config, "sliding_window")
     require(window is None, f"sliding_window={window} is not supported: only full attention is implemented")
+    base = base_fields(config)
     return ModelSpec(
         architecture="MixtralForCausalLM",
-        **base_fields(config),
+        **base,
         num_experts=int(config_value(config, "num_local_experts")),
         top_k=int(config_value(config, "num_experts_per_tok")),
         moe_intermediate_size=int(config_value(config, "intermediate_size")),
-        norm_topk_prob=True,
+        routing=RoutingSpec(norm_topk_prob=True),
         qkv_bias=False,
         o_bias=False,
         qk_norm=QKNorm.NONE,
@@ -58,19 +73,21 @@ def mixtral_spec(config: Any) -> ModelSpec:
             down=LAYER + ".block_sparse_moe.experts.{expert}.w2.weight",
         ),
         shared_expert_prefix=None,
+        moe_layers=tuple(range(base["num_layers"])),
     )
 
 
 def qwen2_moe_spec(config: Any) -> ModelSpec:
-    """Qwen2MoeForCausalLM: q/k/v biases, a shared expert scaled by sigmoid(gate(x))."""
-    _require_all_layers_sparse(config)
+    """Qwen2MoeForCausalLM: q/k/v biases, a shared expert scaled by sigmoid(gate(x)), dense
+    layers by decoder_sparse_step / mlp_only_layers."""
+    num_experts = int(config_value(config, "num_experts"))
     return ModelSpec(
         architecture="Qwen2MoeForCausalLM",
         **base_fields(config),
-        num_experts=int(config_value(config, "num_experts")),
+        num_experts=num_experts,
         top_k=int(config_value(config, "num_experts_per_tok")),
         moe_intermediate_size=int(config_value(config, "moe_intermediate_size")),
-        norm_topk_prob=bool(config_value(config, "norm_topk_prob", False)),
+        routing=RoutingSpec(norm_topk_prob=bool(config_value(config, "norm_topk_prob", False))),
         qkv_bias=bool(config_value(config, "qkv_bias", True)),
         o_bias=False,
         qk_norm=QKNorm.NONE,
@@ -79,20 +96,24 @@ def qwen2_moe_spec(config: Any) -> ModelSpec:
         router_name=LAYER + ".mlp.gate.weight",
         expert_names=HF_MLP_EXPERT,
         shared_expert_prefix=LAYER + ".mlp.shared_expert",
+        shared_expert_gated=True,
+        moe_layers=_qwen_moe_layers(config, num_experts),
+        dense_intermediate_size=int(config_value(config, "intermediate_size", 0)),
     )
 
 
 def qwen3_moe_spec(config: Any) -> ModelSpec:
-    """Qwen3MoeForCausalLM: per-head RMSNorm on q and k, optional attention bias."""
-    _require_all_layers_sparse(config)
+    """Qwen3MoeForCausalLM: per-head RMSNorm on q and k, optional attention bias, dense layers
+    by decoder_sparse_step / mlp_only_layers."""
     bias = bool(config_value(config, "attention_bias", False))
+    num_experts = int(config_value(config, "num_experts", config_value(config, "num_local_experts", 0)))
     return ModelSpec(
         architecture="Qwen3MoeForCausalLM",
         **base_fields(config),
-        num_experts=int(config_value(config, "num_experts", config_value(config, "num_local_experts", 0))),
+        num_experts=num_experts,
         top_k=int(config_value(config, "num_experts_per_tok")),
         moe_intermediate_size=int(config_value(config, "moe_intermediate_size")),
-        norm_topk_prob=bool(config_value(config, "norm_topk_prob", False)),
+        routing=RoutingSpec(norm_topk_prob=bool(config_value(config, "norm_topk_prob", False))),
         qkv_bias=bias,
         o_bias=bias,
         qk_norm=QKNorm.PER_HEAD,
@@ -101,6 +122,8 @@ def qwen3_moe_spec(config: Any) -> ModelSpec:
         router_name=LAYER + ".mlp.gate.weight",
         expert_names=HF_MLP_EXPERT,
         shared_expert_prefix=None,
+        moe_layers=_qwen_moe_layers(config, num_experts),
+        dense_intermediate_size=int(config_value(config, "intermediate_size", 0)),
     )
 
 
@@ -108,13 +131,14 @@ def olmoe_spec(config: Any) -> ModelSpec:
     """OlmoeForCausalLM: RMSNorm over the full q and k projections, optional clip_qkv."""
     bias = bool(config_value(config, "attention_bias", False))
     clip = config_value(config, "clip_qkv")
+    base = base_fields(config)
     return ModelSpec(
         architecture="OlmoeForCausalLM",
-        **base_fields(config),
+        **base,
         num_experts=int(config_value(config, "num_experts")),
         top_k=int(config_value(config, "num_experts_per_tok")),
         moe_intermediate_size=int(config_value(config, "intermediate_size")),
-        norm_topk_prob=bool(config_value(config, "norm_topk_prob", False)),
+        routing=RoutingSpec(norm_topk_prob=bool(config_value(config, "norm_topk_prob", False))),
         qkv_bias=bias,
         o_bias=bias,
         qk_norm=QKNorm.FULL,
@@ -123,7 +147,120 @@ def olmoe_spec(config: Any) -> ModelSpec:
         router_name=LAYER + ".mlp.gate.weight",
         expert_names=HF_MLP_EXPERT,
         shared_expert_prefix=None,
+        moe_layers=tuple(range(base["num_layers"])),
     )
+
+
+def _deepseek_routing(config: Any, version: int, num_experts: int, top_k: int) -> RoutingSpec:
+    """V2: softmax top-k (group-limited by the best expert of each group with topk_method
+    group_limited_greedy), never renormalised; V3: sigmoid scores, a correction bias for the
+    choice, groups ranked by their two best scores, optionally renormalised. Both scale the
+    weights by routed_scaling_factor."""
+    method = config_value(config, "topk_method")
+    scoring = config_value(config, "scoring_func")
+    n_group = int(config_value(config, "n_group") or 1)
+    topk_group = int(config_value(config, "topk_group") or 1)
+    scaling = float(config_value(config, "routed_scaling_factor", 1.0))
+    if version == 2:
+        require(scoring in (None, "softmax"), f"scoring_func={scoring!r} is not supported for DeepSeek-V2: only 'softmax'")
+        require(method in ("greedy", "group_limited_greedy"),
+                f"topk_method={method!r} is not supported for DeepSeek-V2: only 'greedy' and 'group_limited_greedy'")
+        require(not config_value(config, "norm_topk_prob", False),
+                "norm_topk_prob=True is not supported for DeepSeek-V2 (transformers ignores it, the original code "
+                "renormalises instead of scaling)")
+        if method == "greedy":
+            n_group = topk_group = 1
+        routing = RoutingSpec(RouterScoring.SOFTMAX, False, scaling, n_group, topk_group, GroupScoring.MAX,
+                              correction_bias=False, in_fp32=True, round_weights=False)
+    else:
+        require(scoring in (None, "sigmoid"), f"scoring_func={scoring!r} is not supported for DeepSeek-V3: only 'sigmoid'")
+        require(method in (None, "noaux_tc"), f"topk_method={method!r} is not supported for DeepSeek-V3: only 'noaux_tc'")
+        routing = _sigmoid_group_routing(config, scaling, n_group, topk_group)
+    _check_groups(routing, num_experts, top_k)
+    return routing
+
+
+def _sigmoid_group_routing(config: Any, scaling: float, n_group: int, topk_group: int) -> RoutingSpec:
+    """DeepSeek-V3: sigmoid scores, bias-corrected group-limited choice, fp32 weights."""
+    return RoutingSpec(RouterScoring.SIGMOID, bool(config_value(config, "norm_topk_prob", True)), scaling, n_group,
+                       topk_group, GroupScoring.TOP2_SUM, correction_bias=True, in_fp32=True, round_weights=False)
+
+
+def _check_groups(routing: RoutingSpec, num_experts: int, top_k: int) -> None:
+    groups, kept = routing.num_groups, routing.topk_groups
+    require(groups >= 1 and num_experts % groups == 0, f"n_group={groups} must divide the {num_experts} routed experts")
+    require(1 <= kept <= groups, f"topk_group={kept} must be between 1 and n_group={groups}")
+    per_group = num_experts // groups
+    require(top_k <= kept * per_group,
+            f"num_experts_per_tok={top_k} exceeds the {kept * per_group} experts of topk_group={kept} groups")
+    require(routing.group_scoring is not GroupScoring.TOP2_SUM or groups == 1 or per_group >= 2,
+            f"n_group={groups} leaves fewer than 2 experts per group (groups are ranked by their two best)")
+
+
+def _mla_softmax_scale(rope: RopeSpec, qk_head_dim: int) -> float:
+    """DeepSeek's softmax scale: qk_head_dim^-0.5, times yarn_mscale(factor, mscale_all_dim)^2 under a scaled rope."""
+    scale = qk_head_dim**-0.5
+    if rope.scaling is not RopeScaling.DEFAULT and rope.mscale_all_dim:
+        scale *= yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
+    return scale
+
+
+def _deepseek_spec(config: Any, version: int) -> ModelSpec:
+    """DeepseekV2/V3ForCausalLM: multi-head latent attention (interleaved rope on the rope dims,
+    DeepSeek's YaRN softmax scale), first_k_dense_replace dense layers, ungated shared experts."""
+    freq = config_value(config, "moe_layer_freq", 1)
+    require(freq == 1, f"moe_layer_freq={freq} is not supported: every layer from first_k_dense_replace on is MoE (1)")
+    require(not config_value(config, "attention_bias", False), "attention_bias=True is not supported for DeepSeek")
+    require(not config_value(config, "mlp_bias", False), "mlp_bias=True is not supported for DeepSeek")
+    q_lora = config_value(config, "q_lora_rank")
+    mla = LatentAttentionSpec(
+        q_lora_rank=None if q_lora is None else int(q_lora),
+        kv_lora_rank=int(config_value(config, "kv_lora_rank")),
+        qk_nope_head_dim=int(config_value(config, "qk_nope_head_dim")),
+        qk_rope_head_dim=int(config_value(config, "qk_rope_head_dim")),
+        v_head_dim=int(config_value(config, "v_head_dim")),
+    )
+    interleaved = version == 2 or bool(config_value(config, "rope_interleave", True))
+    base = base_fields(config, rotary_head_dim=mla.qk_rope_head_dim, interleaved_rope=interleaved)
+    qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    base.update(head_dim=qk_head_dim, num_kv_heads=base["num_heads"],
+                attention_scale=_mla_softmax_scale(base["rope"], qk_head_dim))
+    num_experts = int(config_value(config, "n_routed_experts"))
+    top_k = int(config_value(config, "num_experts_per_tok"))
+    first_moe = int(config_value(config, "first_k_dense_replace", 0) or 0)
+    shared = int(config_value(config, "n_shared_experts", 0) or 0)
+    moe_intermediate = int(config_value(config, "moe_intermediate_size"))
+    return ModelSpec(
+        architecture=f"DeepseekV{version}ForCausalLM",
+        **base,
+        num_experts=num_experts,
+        top_k=top_k,
+        moe_intermediate_size=moe_intermediate,
+        routing=_deepseek_routing(config, version, num_experts, top_k),
+        qkv_bias=False,
+        o_bias=False,
+        qk_norm=QKNorm.NONE,
+        clip_qkv=None,
+        shared_expert_intermediate_size=shared * moe_intermediate,
+        router_name=LAYER + ".mlp.gate.weight",
+        expert_names=HF_MLP_EXPERT,
+        shared_expert_prefix=LAYER + ".mlp.shared_experts" if shared else None,
+        moe_layers=tuple(range(first_moe, base["num_layers"])),
+        dense_intermediate_size=int(config_value(config, "intermediate_size", 0)),
+        router_bias_name=LAYER + ".mlp.gate.e_score_correction_bias" if version == 3 else None,
+        attention=AttentionKind.MLA,
+        mla=mla,
+    )
+
+
+def deepseek_v2_spec(config: Any) -> ModelSpec:
+    """DeepseekV2ForCausalLM (V2, V2-Lite, V2.5)."""
+    return _deepseek_spec(config, 2)
+
+
+def deepseek_v3_spec(config: Any) -> ModelSpec:
+    """DeepseekV3ForCausalLM (V3, R1, Moonlight, Kimi-K2 shapes)."""
+    return _deepseek_spec(config, 3)
 
 
 ARCHITECTURES: dict[str, Callable[[Any], ModelSpec]] = {
@@ -131,6 +268,8 @@ ARCHITECTURES: dict[str, Callable[[Any], ModelSpec]] = {
     "Qwen2MoeForCausalLM": qwen2_moe_spec,
     "Qwen3MoeForCausalLM": qwen3_moe_spec,
     "OlmoeForCausalLM": olmoe_spec,
+    "DeepseekV2ForCausalLM": deepseek_v2_spec,
+    "DeepseekV3ForCausalLM": deepseek_v3_spec,
 }
 
 
@@ -141,6 +280,9 @@ def spec_from_config(config: Any) -> ModelSpec:
         if name in ARCHITECTURES:
             spec = ARCHITECTURES[name](config)
             require(spec.top_k <= spec.num_experts, f"num_experts_per_tok={spec.top_k} exceeds the {spec.num_experts} experts")
+            require(spec.num_moe_layers > 0, "the config has no MoE layer: moe-serve serves Mixture-of-Experts models")
+            require(spec.num_moe_layers == spec.num_layers or spec.dense_intermediate_size > 0,
+                    "intermediate_size is needed for the dense (non-MoE) layers")
             return spec
     raise ModelLoadError(
         f"unsupported architecture {names or 'unknown'}: supported are {', '.join(sorted(ARCHITECTURES))}"

@@ -1,9 +1,9 @@
 """Weight containers of the MoE runtime: dense (always device-resident) and routed experts.
 
-Routed experts are addressable per (layer, expert) so the offload tier can move them one
-at a time; everything else lives in `DenseWeights`. Fused layouts are built here once:
-q/k/v become one projection, each expert's gate and up become one `gate_up` matrix; for the
-CPU kernels every matrix a product reads is then packed (`pack_dense`, `pack_expert`).
+Routed experts are addressable per (MoE layer, expert) so the offload tier can move them one
+at a time; everything else lives in `DenseWeights`. The layouts are fused at load
+(`engine.models.checkpoint`): q/k/v become one projection, each gate and up one `gate_up`
+matrix; for the CPU kernels every matrix a product reads is then packed (`pack_dense`, `pack_expert`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -23,6 +24,8 @@ from engine.types import ExpertKey
 class AttentionWeights:
     """One layer's attention. qkv: [(H + 2*Hkv) * Dh, D], o: [D, H * Dh]."""
 
+    MATRICES: ClassVar[tuple[str, ...]] = ("qkv", "o")  # the fields a product reads
+
     qkv: Matrix
     qkv_bias: torch.Tensor | None
     o: Matrix
@@ -32,23 +35,47 @@ class AttentionWeights:
 
 
 @dataclass
-class SharedExpertWeights:
-    """Qwen2-MoE's always-on expert and its sigmoid gate. gate_up: [2S, D], down: [D, S], gate: [1, D]."""
+class LatentAttentionWeights:
+    """One layer's multi-head latent attention (DeepSeek), its rope dims de-interleaved at load.
+    C latent rank, Q q_lora_rank (D without q LoRA), Dn/Dr/Dv nope/rope/value head dims.
+    q: [H * (Dn + Dr), Q] after q_a [Q, D] and its norm [Q] (q LoRA only); kv_a: [C + Dr, D] (the
+    latent, then the rope key); kv_a_norm: [C]; kv_b split per head: k_up [H, Dn, C] (absorbed into
+    the queries) and v_up [H, Dv, C] (applied to the attended latents); o: [D, H * Dv]."""
+
+    MATRICES: ClassVar[tuple[str, ...]] = ("q", "q_a", "kv_a", "o")
+
+    q: Matrix
+    q_a: Matrix | None
+    q_a_norm: torch.Tensor | None
+    kv_a: Matrix
+    kv_a_norm: torch.Tensor
+    k_up: torch.Tensor
+    v_up: torch.Tensor
+    o: Matrix
+
+
+@dataclass
+class MLPWeights:
+    """A SwiGLU MLP: a dense layer's MLP, or an MoE layer's always-on shared expert (Qwen2-MoE
+    scales it by sigmoid(gate x)). gate_up: [2F, D], down: [D, F], gate: [1, D]."""
 
     gate_up: Matrix
     down: Matrix
-    gate: Matrix
+    gate: Matrix | None = None
 
 
 @dataclass
 class LayerWeights:
-    """Everything of one decoder layer except its routed experts. router: [E, D]."""
+    """Everything of one decoder layer except its routed experts. An MoE layer has a router [E, D]
+    (and maybe a shared expert, and DeepSeek-V3's fp32 correction bias [E]); a dense layer an mlp."""
 
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
-    attention: AttentionWeights
-    router: Matrix
-    shared_expert: SharedExpertWeights | None
+    attention: AttentionWeights | LatentAttentionWeights
+    router: Matrix | None
+    shared_expert: MLPWeights | None
+    mlp: MLPWeights | None = None
+    router_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -80,14 +107,16 @@ class DenseWeights:
     def _tensors(self) -> list[torch.Tensor]:
         out = [_storage(self.embed_tokens), self.final_norm, _storage(self.lm_head)]
         for layer in self.layers:
-            att = layer.attention
-            out += [layer.input_norm, layer.post_attention_norm, _storage(layer.router), _storage(att.qkv),
-                    _storage(att.o)]
-            out += [t for t in (att.qkv_bias, att.o_bias, att.q_norm, att.k_norm) if t is not None]
-            if layer.shared_expert is not None:
-                shared = layer.shared_expert
-                out += [_storage(shared.gate_up), _storage(shared.down), _storage(shared.gate)]
+            attention = [getattr(layer.attention, f.name) for f in dataclasses.fields(layer.attention)]
+            out += [layer.input_norm, layer.post_attention_norm]
+            out += [_storage(m) for m in (*attention, layer.router, layer.router_bias,
+                                          *_mlp_matrices(layer.shared_expert), *_mlp_matrices(layer.mlp))
+                    if m is not None]
         return out
+
+
+def _mlp_matrices(mlp: MLPWeights | None) -> tuple[Matrix | None, ...]:
+    return () if mlp is None else (mlp.gate_up, mlp.down, mlp.gate)
 
 
 def _storage(matrix: Matrix) -> torch.Tensor:
@@ -95,16 +124,21 @@ def _storage(matrix: Matrix) -> torch.Tensor:
 
 
 def _map_matrices(dense: DenseWeights, fn: Callable[[Matrix], Matrix]) -> DenseWeights:
-    """`dense` with fn applied to every matrix a product reads (routers, q/k/v, o, shared experts,
-    lm_head); the embedding table, norms and biases stay as they are."""
+    """`dense` with fn applied to every matrix a product reads (routers, the attention's `MATRICES`,
+    shared experts, dense MLPs, lm_head); the embedding table, norms, biases and MLA's per-head
+    up-projections stay as they are."""
+    def mlp(weights: MLPWeights | None) -> MLPWeights | None:
+        if weights is None:
+            return None
+        return MLPWeights(fn(weights.gate_up), fn(weights.down), None if weights.gate is None else fn(weights.gate))
+
     layers = []
     for layer in dense.layers:
-        att, shared = layer.attention, layer.shared_expert
-        if shared is not None:
-            shared = SharedExpertWeights(fn(shared.gate_up), fn(shared.down), fn(shared.gate))
+        att = layer.attention
+        matrices = {name: fn(getattr(att, name)) for name in att.MATRICES if getattr(att, name) is not None}
         layers.append(dataclasses.replace(
-            layer, router=fn(layer.router), shared_expert=shared,
-            attention=dataclasses.replace(att, qkv=fn(att.qkv), o=fn(att.o)),
+            layer, router=None if layer.router is None else fn(layer.router), shared_expert=mlp(layer.shared_expert),
+            mlp=mlp(layer.mlp), attention=dataclasses.replace(att, **matrices),
         ))
     return DenseWeights(dense.embed_tokens, layers, dense.final_norm, fn(dense.lm_head))
 

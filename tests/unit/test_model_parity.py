@@ -1,7 +1,9 @@
-"""Invariant 2: each architecture matches transformers' logits and greedy tokens."""
+"""Invariant 2: each architecture (and each generic feature: rope scalings, dense layers) matches
+transformers' logits and greedy tokens."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.builder import build_engine
@@ -10,9 +12,23 @@ from engine.models.attention import AttentionMetadata
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from engine.models.packed import PackedMatrix
-from tests.helpers import hf_greedy, hf_model, make_tiny_checkpoint, run_to_completion
+from tests.helpers import (
+    ARCHITECTURES,
+    NEW_ARCHITECTURES,
+    VARIANTS,
+    hf_model,
+    hf_next_tokens,
+    make_tiny_checkpoint,
+    run_to_completion,
+)
 
 PROMPT_LENGTHS = (3, 11, 7, 1)
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES + NEW_ARCHITECTURES + tuple(VARIANTS))
+def arch_checkpoint(request, checkpoint_factory):
+    """(name, checkpoint dir) for each architecture and each feature variant."""
+    return request.param, checkpoint_factory(request.param)
 
 
 def _prompts(vocab_size: int) -> list[list[int]]:
@@ -83,4 +99,5 @@ def test_greedy_tokens_match_transformers_for_32_steps(arch_checkpoint) -> None:
     requests = [EngineRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
     tokens = run_to_completion(engine, {0: requests})
     for i, prompt in enumerate(prompts):
-        assert tokens[f"r{i}"] == hf_greedy(oracle, prompt, 32)
+        assert len(tokens[f"r{i}"]) == 32
+        assert tokens[f"r{i}"] == hf_next_tokens(oracle, prompt, tokens[f"r{i}"])

@@ -1,0 +1,121 @@
+"""Hub weight names -> the runtime's weight containers, as the spec says.
+
+`layer_weights` assembles one decoder layer's non-expert weights (attention, norms, and a
+dense MLP or the router with its shared expert), `expert_weights` the layer's routed experts,
+keyed by MoE-layer index. q/k/v and each gate/up pair are fused here; MLA's kv_b is split per
+head for the absorbed path and interleaved rope dims are de-interleaved. Reads through any
+`TensorReader` (the loader's memory-mapped safetensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from engine.models.spec import AttentionKind, ModelSpec, QKNorm
+from engine.models.weights import AttentionWeights, ExpertTensors, LatentAttentionWeights, LayerWeights, MLPWeights
+from engine.types import ExpertKey
+
+
+class TensorReader(Protocol):
+    """Name -> tensor lookup over a checkpoint."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The named tensor cast to `dtype` (contiguous); a one-line ModelLoadError when missing."""
+        ...
+
+
+def _mlp(src: TensorReader, prefix: str, dtype: torch.dtype, gated: bool = False) -> MLPWeights:
+    """The SwiGLU MLP under `prefix` (gate_proj, up_proj, down_proj; with `gated` Qwen2-MoE's `{prefix}_gate`)."""
+    return MLPWeights(
+        gate_up=torch.cat([src.get(f"{prefix}.gate_proj.weight", dtype), src.get(f"{prefix}.up_proj.weight", dtype)]),
+        down=src.get(f"{prefix}.down_proj.weight", dtype),
+        gate=src.get(f"{prefix}_gate.weight", dtype) if gated else None,
+    )
+
+
+def _deinterleave(rope_rows: torch.Tensor) -> torch.Tensor:
+    """Rows of an interleaved rope (pairs 2i, 2i+1 rotate together) reordered evens first, then odds:
+    rotate-half rope on the reordered projections gives the same q.k (both sides reordered alike)."""
+    return torch.cat([rope_rows[0::2], rope_rows[1::2]])
+
+
+def _attention(spec: ModelSpec, src: TensorReader, prefix: str, dtype: torch.dtype) -> AttentionWeights:
+    with_norm = spec.qk_norm is not QKNorm.NONE
+    return AttentionWeights(
+        qkv=torch.cat([src.get(f"{prefix}.{n}_proj.weight", dtype) for n in "qkv"]),
+        qkv_bias=torch.cat([src.get(f"{prefix}.{n}_proj.bias", dtype) for n in "qkv"]) if spec.qkv_bias else None,
+        o=src.get(f"{prefix}.o_proj.weight", dtype),
+        o_bias=src.get(f"{prefix}.o_proj.bias", dtype) if spec.o_bias else None,
+        q_norm=src.get(f"{prefix}.q_norm.weight", dtype) if with_norm else None,
+        k_norm=src.get(f"{prefix}.k_norm.weight", dtype) if with_norm else None,
+    )
+
+
+def _latent_attention(spec: ModelSpec, src: TensorReader, prefix: str, dtype: torch.dtype) -> LatentAttentionWeights:
+    mla = spec.mla
+    assert mla is not None
+    heads, nope, rope_dim, rank = spec.num_heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
+    lora = mla.q_lora_rank is not None
+    q = src.get(f"{prefix}.{'q_b_proj' if lora else 'q_proj'}.weight", dtype).view(heads, nope + rope_dim, -1)
+    kv_a = src.get(f"{prefix}.kv_a_proj_with_mqa.weight", dtype)
+    if spec.rope.interleaved:
+        q = torch.cat([q[:, :nope], _deinterleave(q[:, nope:].transpose(0, 1)).transpose(0, 1)], dim=1)
+        kv_a = torch.cat([kv_a[:rank], _deinterleave(kv_a[rank:])])
+    kv_b = src.get(f"{prefix}.kv_b_proj.weight", dtype).view(heads, nope + mla.v_head_dim, rank)
+    return LatentAttentionWeights(
+        q=q.reshape(heads * (nope + rope_dim), -1).contiguous(),
+        q_a=src.get(f"{prefix}.q_a_proj.weight", dtype) if lora else None,
+        q_a_norm=src.get(f"{prefix}.q_a_layernorm.weight", dtype) if lora else None,
+        kv_a=kv_a.contiguous(),
+        kv_a_norm=src.get(f"{prefix}.kv_a_layernorm.weight", dtype),
+        k_up=kv_b[:, :nope].contiguous(),
+        v_up=kv_b[:, nope:].contiguous(),
+        o=src.get(f"{prefix}.o_proj.weight", dtype),
+    )
+
+
+def layer_weights(spec: ModelSpec, src: TensorReader, layer: int, dtype: torch.dtype) -> LayerWeights:
+    """Decoder layer `layer`'s weights except its routed experts."""
+    prefix = f"model.layers.{layer}"
+    if spec.attention is AttentionKind.MLA:
+        attention: AttentionWeights | LatentAttentionWeights = _latent_attention(spec, src, f"{prefix}.self_attn", dtype)
+    else:
+        attention = _attention(spec, src, f"{prefix}.self_attn", dtype)
+    router = shared = mlp = router_bias = None
+    if spec.moe_index(layer) is None:
+        mlp = _mlp(src, f"{prefix}.mlp", dtype)
+    else:
+        router_dtype = torch.float32 if spec.routing.in_fp32 else dtype
+        router = src.get(spec.router_name.format(layer=layer), router_dtype)
+        if spec.router_bias_name is not None:
+            router_bias = src.get(spec.router_bias_name.format(layer=layer), torch.float32).reshape(-1)
+        if spec.shared_expert_prefix is not None and spec.shared_expert_intermediate_size > 0:
+            shared = _mlp(src, spec.shared_expert_prefix.format(layer=layer), dtype, spec.shared_expert_gated)
+    return LayerWeights(
+        input_norm=src.get(f"{prefix}.input_layernorm.weight", dtype),
+        post_attention_norm=src.get(f"{prefix}.post_attention_layernorm.weight", dtype),
+        attention=attention,
+        router=router,
+        shared_expert=shared,
+        mlp=mlp,
+        router_bias=router_bias,
+    )
+
+
+def expert_weights(spec: ModelSpec, src: TensorReader, layer: int,
+                   dtype: torch.dtype) -> Iterator[tuple[ExpertKey, ExpertTensors]]:
+    """Decoder layer `layer`'s routed experts as (gate_up, down), keyed by its MoE-layer index
+    (nothing for a dense layer)."""
+    moe_layer = spec.moe_index(layer)
+    if moe_layer is None:
+        return
+    names = spec.expert_names
+    for expert in range(spec.num_experts):
+        fmt = {"layer": layer, "expert": expert}
+        gate_up = torch.cat([src.get(names.gate.format(**fmt), dtype), src.get(names.up.format(**fmt), dtype)])
+        yield ExpertKey(moe_layer, expert), (gate_up, src.get(names.down.format(**fmt), dtype))
