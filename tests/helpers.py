@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-# with their features turned on: dense first layers, YaRN with mscale, group-limited routing, routing bias
-NEW_ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
+# with their features turned on: dense first layers, YaRN (with mscale), group-limited routing, routing
+# biases, partial rotary and q/k norms (GLM-4.5), interleaved rope and tied embeddings (ERNIE-4.5)
+NEW_ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe")
 
 # the generic features on the architectures above: (arch, config overrides) by name
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
@@ -54,6 +55,18 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     elif arch == "olmoe":
         cfg = dict(common, intermediate_size=24, num_experts=8, norm_topk_prob=False, clip_qkv=None)
         cls = transformers.OlmoeConfig
+    elif arch == "glm4_moe":
+        cfg = dict(common, num_hidden_layers=3, head_dim=16, intermediate_size=48, moe_intermediate_size=16,
+                   n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+                   norm_topk_prob=True, routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True,
+                   rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                    "original_max_position_embeddings": 64, "partial_rotary_factor": 0.5})
+        cls = transformers.Glm4MoeConfig
+    elif arch == "ernie4_5_moe":
+        cfg = dict(common, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
+                   moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1,
+                   tie_word_embeddings=True)
+        cls = transformers.Ernie4_5_MoeConfig
     elif arch in NEW_ARCHITECTURES:
         # MLA with v_head_dim != qk_nope_head_dim, one dense first layer, 4 groups of 2 experts (the best 2 compete),
         # YaRN whose mscale and mscale_all_dim change both the rope's magnitude and the softmax scale

@@ -46,9 +46,20 @@ def _deinterleave(rope_rows: torch.Tensor) -> torch.Tensor:
 
 def _attention(spec: ModelSpec, src: TensorReader, prefix: str, dtype: torch.dtype) -> AttentionWeights:
     with_norm = spec.qk_norm is not QKNorm.NONE
+    heads = {"q": spec.num_heads, "k": spec.num_kv_heads, "v": spec.num_kv_heads}
+
+    def projection(name: str, kind: str) -> torch.Tensor:  # q/k rows with an interleaved rope de-interleaved
+        tensor = src.get(f"{prefix}.{name}_proj.{kind}", dtype)
+        if not spec.rope.interleaved or name == "v":
+            return tensor
+        per_head = tensor.view(heads[name], spec.head_dim, -1)
+        rotary = spec.rope.rotary_dim
+        rotated = _deinterleave(per_head[:, :rotary].transpose(0, 1)).transpose(0, 1)
+        return torch.cat([rotated, per_head[:, rotary:]], dim=1).reshape(tensor.shape)
+
     return AttentionWeights(
-        qkv=torch.cat([src.get(f"{prefix}.{n}_proj.weight", dtype) for n in "qkv"]),
-        qkv_bias=torch.cat([src.get(f"{prefix}.{n}_proj.bias", dtype) for n in "qkv"]) if spec.qkv_bias else None,
+        qkv=torch.cat([projection(n, "weight") for n in "qkv"]),
+        qkv_bias=torch.cat([projection(n, "bias") for n in "qkv"]) if spec.qkv_bias else None,
         o=src.get(f"{prefix}.o_proj.weight", dtype),
         o_bias=src.get(f"{prefix}.o_proj.bias", dtype) if spec.o_bias else None,
         q_norm=src.get(f"{prefix}.q_norm.weight", dtype) if with_norm else None,

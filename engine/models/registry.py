@@ -2,8 +2,10 @@
 
 Mixtral, Qwen2-MoE (shared expert with a sigmoid gate), Qwen3-MoE (per-head q/k norm,
 norm_topk_prob; both with optional dense layers), OLMoE (full q/k norm, optional clip_qkv)
-and DeepSeek-V2/V3 (multi-head latent attention, ungated shared experts, dense first layers,
-group-limited routing; V3 with sigmoid scores and a correction bias). Configs that change the math in ways we do not implement are
+DeepSeek-V2/V3 (multi-head latent attention, ungated shared experts, dense first layers,
+group-limited routing; V3 with sigmoid scores and a correction bias), GLM-4.5 (V3's routing with
+grouped-query attention, partial rotary, optional q/k norm) and ERNIE-4.5 (interleaved rope,
+softmax routing with a correction bias). Configs that change the math in ways we do not implement are
 refused with a ModelLoadError naming the field.
 """
 
@@ -181,7 +183,7 @@ def _deepseek_routing(config: Any, version: int, num_experts: int, top_k: int) -
 
 
 def _sigmoid_group_routing(config: Any, scaling: float, n_group: int, topk_group: int) -> RoutingSpec:
-    """DeepSeek-V3: sigmoid scores, bias-corrected group-limited choice, fp32 weights."""
+    """DeepSeek-V3 and GLM-4.5: sigmoid scores, bias-corrected group-limited choice, fp32 weights."""
     return RoutingSpec(RouterScoring.SIGMOID, bool(config_value(config, "norm_topk_prob", True)), scaling, n_group,
                        topk_group, GroupScoring.TOP2_SUM, correction_bias=True, in_fp32=True, round_weights=False)
 
@@ -263,6 +265,81 @@ def deepseek_v3_spec(config: Any) -> ModelSpec:
     return _deepseek_spec(config, 3)
 
 
+def glm4_moe_spec(config: Any) -> ModelSpec:
+    """Glm4MoeForCausalLM (GLM-4.5, GLM-4.5-Air): partial rotary, optional per-head q/k norm, q/k/v
+    biases, first_k_dense_replace dense layers, DeepSeek-V3's routing, ungated shared experts."""
+    bias = bool(config_value(config, "attention_bias", False))
+    num_experts = int(config_value(config, "n_routed_experts"))
+    top_k = int(config_value(config, "num_experts_per_tok"))
+    routing = _sigmoid_group_routing(config, float(config_value(config, "routed_scaling_factor", 1.0)),
+                                     int(config_value(config, "n_group") or 1), int(config_value(config, "topk_group") or 1))
+    _check_groups(routing, num_experts, top_k)
+    base = base_fields(config)
+    shared = int(config_value(config, "n_shared_experts", 0) or 0)
+    moe_intermediate = int(config_value(config, "moe_intermediate_size"))
+    return ModelSpec(
+        architecture="Glm4MoeForCausalLM",
+        **base,
+        num_experts=num_experts,
+        top_k=top_k,
+        moe_intermediate_size=moe_intermediate,
+        routing=routing,
+        qkv_bias=bias,
+        o_bias=False,
+        qk_norm=QKNorm.PER_HEAD if config_value(config, "use_qk_norm", False) else QKNorm.NONE,
+        clip_qkv=None,
+        shared_expert_intermediate_size=shared * moe_intermediate,
+        router_name=LAYER + ".mlp.gate.weight",
+        expert_names=HF_MLP_EXPERT,
+        shared_expert_prefix=LAYER + ".mlp.shared_experts" if shared else None,
+        moe_layers=tuple(range(int(config_value(config, "first_k_dense_replace", 0) or 0), base["num_layers"])),
+        dense_intermediate_size=int(config_value(config, "intermediate_size", 0)),
+        router_bias_name=LAYER + ".mlp.gate.e_score_correction_bias",
+    )
+
+
+def _ernie_moe_layers(config: Any, num_layers: int) -> tuple[int, ...]:
+    """ERNIE-4.5: every moe_layer_interval-th layer from moe_layer_start_index to moe_layer_end_index."""
+    bounds = {name: config_value(config, name, default) for name, default in
+              (("moe_layer_start_index", 0), ("moe_layer_end_index", -1), ("moe_layer_interval", 1))}
+    for name, value in bounds.items():
+        require(isinstance(value, int), f"{name}={value!r} is not supported: only one integer (text-only models)")
+    start, end, interval = bounds.values()
+    end = num_layers - 1 if end == -1 else end
+    require(interval >= 1, f"moe_layer_interval={interval} must be >= 1")
+    return tuple(layer for layer in range(num_layers) if (layer + 1) % interval == 0 and start <= layer <= end)
+
+
+def ernie4_5_moe_spec(config: Any) -> ModelSpec:
+    """Ernie4_5_MoeForCausalLM (ERNIE-4.5-21B-A3B): interleaved rope, fp32 softmax router whose
+    choice adds a correction bias, renormalised; ungated shared experts; moe_layer_* dense layers."""
+    require(not config_value(config, "use_bias", False),
+            "use_bias=True is not supported for ERNIE-4.5 (biases in every linear layer)")
+    base = base_fields(config, interleaved_rope=True)
+    num_experts = int(config_value(config, "moe_num_experts", config_value(config, "num_experts", 0)))
+    shared = int(config_value(config, "moe_num_shared_experts", 0) or 0)
+    moe_intermediate = int(config_value(config, "moe_intermediate_size"))
+    return ModelSpec(
+        architecture="Ernie4_5_MoeForCausalLM",
+        **base,
+        num_experts=num_experts,
+        top_k=int(config_value(config, "moe_k", config_value(config, "num_experts_per_tok", 0))),
+        moe_intermediate_size=moe_intermediate,
+        routing=RoutingSpec(RouterScoring.SOFTMAX, norm_topk_prob=True, correction_bias=True, in_fp32=True),
+        qkv_bias=False,
+        o_bias=False,
+        qk_norm=QKNorm.NONE,
+        clip_qkv=None,
+        shared_expert_intermediate_size=shared * moe_intermediate,
+        router_name=LAYER + ".mlp.gate.weight",
+        expert_names=HF_MLP_EXPERT,
+        shared_expert_prefix=LAYER + ".mlp.shared_experts" if shared else None,
+        moe_layers=_ernie_moe_layers(config, base["num_layers"]),
+        dense_intermediate_size=int(config_value(config, "intermediate_size", 0)),
+        router_bias_name=LAYER + ".mlp.moe_statics.e_score_correction_bias",
+    )
+
+
 ARCHITECTURES: dict[str, Callable[[Any], ModelSpec]] = {
     "MixtralForCausalLM": mixtral_spec,
     "Qwen2MoeForCausalLM": qwen2_moe_spec,
@@ -270,6 +347,8 @@ ARCHITECTURES: dict[str, Callable[[Any], ModelSpec]] = {
     "OlmoeForCausalLM": olmoe_spec,
     "DeepseekV2ForCausalLM": deepseek_v2_spec,
     "DeepseekV3ForCausalLM": deepseek_v3_spec,
+    "Glm4MoeForCausalLM": glm4_moe_spec,
+    "Ernie4_5_MoeForCausalLM": ernie4_5_moe_spec,
 }
 
 

@@ -85,7 +85,7 @@ class GroupScoring(enum.Enum):
     """How group-limited routing ranks a group of experts."""
 
     MAX = "max"  # DeepSeek-V2 group_limited_greedy: the group's best expert
-    TOP2_SUM = "top2_sum"  # DeepSeek-V3: the sum of the group's two best (bias-corrected) scores
+    TOP2_SUM = "top2_sum"  # DeepSeek-V3, GLM-4.5: the sum of the group's two best (bias-corrected) scores
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class RoutingSpec:
     group_scoring: GroupScoring = GroupScoring.MAX
     correction_bias: bool = False  # e_score_correction_bias: added to the scores for the choice only
     in_fp32: bool = False  # router weights (and logits) kept in fp32 whatever the model's dtype
-    round_weights: bool = True  # routing weights rounded to the activations' dtype (DeepSeek keeps fp32)
+    round_weights: bool = True  # routing weights rounded to the activations' dtype (DeepSeek, GLM keep fp32)
 
     @property
     def is_plain_softmax(self) -> bool:
