@@ -22,8 +22,6 @@ from engine.types import ExpertKey
 class TensorReader(Protocol):
     """Name -> tensor lookup over a checkpoint."""
 
-    def __contains__(self, name: str) -> bool: ...
-
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The named tensor cast to `dtype` (contiguous); a one-line ModelLoadError when missing."""
         ...

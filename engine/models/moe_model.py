@@ -1,11 +1,11 @@
-"""Our forward pass for decoder-only MoE transformers (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3).
+"""Our forward pass for decoder-only MoE transformers (every architecture of `engine.models.registry`).
 
 Pure functions over `DenseWeights` plus an `ExpertProvider`; the spec decides the attention
 (grouped-query, or latent: `engine.models.latent_attention`), biases, q/k norms, the rope,
-which layers are dense, the router and the shared expert. Expert-side
-callbacks (routing observer, speculator, provider) see MoE-layer indices. Shapes: T tokens,
-D hidden, H heads, Hkv kv heads, Dh head dim, R rotary dims, E experts, A active experts per
-token, F expert intermediate size, V vocab.
+which layers are dense, the router and the shared expert. Expert-side callbacks (routing
+observer, speculator, provider) see MoE-layer indices. Shapes: T tokens, D hidden, H heads,
+Hkv kv heads, Dh head dim, R rotary dims, E experts, A active experts per token, F expert
+intermediate size, V vocab.
 """
 
 from __future__ import annotations
