@@ -1,7 +1,8 @@
 """The FastAPI application factory: `create_app(engine, options)`.
 
-It wires the routes, the OpenAI-shaped error handlers, the API-key, request-id, body-size and
-shutdown-drain middleware, a per-app Prometheus registry and the tokenizer worker thread.
+It wires the routes, the OpenAI-shaped error handlers, the middleware (request id, unhandled
+errors, allowed hosts, shutdown drain, API key, body size and time limits), a per-app Prometheus
+registry, and the body-parser and tokenizer threads (optionally the /docs page).
 Importing this module does not import torch; the engine owns all model work.
 """
 
@@ -19,19 +20,26 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from server.auth import ApiKeyMiddleware
-from server.context import ServingContext, TokenizerWorker
+from server.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT_S
+from server.context import ServingContext
+from server.docs_ui import install_docs
 from server.drain import DrainMiddleware, DrainState
 from server.errors import install_error_handlers
 from server.metrics import register_metrics
-from server.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from server.routes import build_router
+from server.middleware import (
+    AllowedHostsMiddleware,
+    RequestBodyMiddleware,
+    RequestIdMiddleware,
+    UnhandledErrorMiddleware,
+)
+from server.request_body import BodyParser
+from server.routes import build_router, document_request_bodies
+from server.tokenizer_pool import TokenizerPool
 
 if TYPE_CHECKING:
     from engine.async_engine import AsyncLLMEngine
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
 
 
 def package_version() -> str:
@@ -51,24 +59,29 @@ class ServerOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     version: str = field(default_factory=package_version)
     protect_health_and_metrics: bool = False
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    allowed_hosts: list[str] | None = None
+    docs: bool = False
 
 
 def create_app(engine: AsyncLLMEngine, options: ServerOptions) -> FastAPI:
     """A FastAPI app serving `engine` (started by the caller) under the OpenAI API."""
-    tokenizer = TokenizerWorker(engine)
-    ctx = ServingContext(engine=engine, served_model_name=options.served_model_name, tokenizer=tokenizer)
+    ctx = ServingContext(engine=engine, served_model_name=options.served_model_name,
+                         tokenizer=TokenizerPool(engine), bodies=BodyParser())
     registry = CollectorRegistry()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        tokenizer.shutdown()
+        ctx.shutdown()
 
     app = FastAPI(
         title="moe-serve",
         version=options.version,
         description="OpenAI-compatible serving of Mixture-of-Experts models.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.serving = ctx
     app.state.drain = DrainState()  # shared with the server's lifecycle (server/serve.py)
@@ -76,11 +89,18 @@ def create_app(engine: AsyncLLMEngine, options: ServerOptions) -> FastAPI:
     app.state.request_metrics = register_metrics(registry, engine, options.served_model_name, options.version)
     install_error_handlers(app)
     app.include_router(build_router(ctx, options.version, registry))
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_request_bytes)
+    document_request_bodies(app)
+    if options.docs:
+        install_docs(app)
+    app.add_middleware(RequestBodyMiddleware, max_bytes=options.max_request_bytes,
+                       timeout_s=options.request_timeout_s)
     if options.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=options.api_key,
                            protect_health_and_metrics=options.protect_health_and_metrics)
     app.add_middleware(DrainMiddleware, state=app.state.drain, served_model_name=options.served_model_name)
+    if options.allowed_hosts:
+        app.add_middleware(AllowedHostsMiddleware, allowed_hosts=options.allowed_hosts)
+    app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(RequestIdMiddleware)
     logger.info("serving model %r (API key %s)", options.served_model_name,
                 "required" if options.api_key else "not required")

@@ -35,7 +35,8 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     ctx.check_model(body.model)
     ctx.check_ready()
     task = request_task(body.task, request)
-    prompt_ids = await ctx.tokenizer.render_chat([message.template_dict() for message in body.messages])
+    prompt_ids = await ctx.tokenizer.render_chat([message.template_dict() for message in body.messages],
+                                                 ctx.prompt_limit(body.output_limit(), PROMPT_PARAM))
     max_tokens = ctx.output_budget(len(prompt_ids), body.output_limit(), PROMPT_PARAM)
     engine_requests = build_engine_requests(
         engine_request_ids(http_request_id(request), body.n), prompt_ids, body, max_tokens, body.num_logprobs(), task

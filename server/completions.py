@@ -15,6 +15,7 @@ from server.errors import APIError, ErrorCode
 from server.generation import ChoiceEvent, ChoiceState, MergedGeneration, collect, run_until_disconnected, \
     start_generation
 from server.protocol import CompletionRequest
+from server.request_body import Precheck, TokenIdPromptCheck
 from server.responses import (
     CompletionChoice,
     CompletionResponse,
@@ -46,7 +47,10 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     engine_requests = []
     num_prompt_tokens = 0
     for p, prompt in enumerate(prompts):
-        prompt_ids = await ctx.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        if isinstance(prompt, str):
+            prompt_ids = await ctx.tokenizer.encode(prompt, ctx.prompt_limit(requested, PROMPT_PARAM))
+        else:
+            prompt_ids = prompt
         budget = ctx.output_budget(len(prompt_ids), requested, PROMPT_PARAM)
         max_tokens = budget if requested is not None else min(DEFAULT_MAX_TOKENS, budget)
         num_prompt_tokens += len(prompt_ids)
@@ -62,6 +66,14 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     finally:
         await generation.aclose()
     return JSONResponse((await stream.response(choices)).model_dump(mode="json"))
+
+
+def token_id_precheck(ctx: ServingContext) -> Precheck | None:
+    """The body precheck that refuses token-id prompts longer than the context by their count
+    (none while the model loads: those requests get 503 anyway)."""
+    if not ctx.engine.is_ready:
+        return None
+    return TokenIdPromptCheck(ctx.prompt_limit(None, PROMPT_PARAM))
 
 
 class _CompletionStream:

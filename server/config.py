@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from engine.config import EngineConfig
 
 ENV_PREFIX = "MOE_SERVE_"
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
 
 
 class ConfigError(Exception):
@@ -40,8 +42,33 @@ class ServeConfig(EngineConfig):
     host: str = Field(default="127.0.0.1", description="address to bind")
     port: int = Field(default=8000, ge=1, le=65535)
     api_key: str | None = Field(default=None, description="require this Bearer key on /v1 routes")
+    auth_health_and_metrics: bool = Field(default=False,
+                                          description="require the API key on /health and /metrics too")
     log_level: LogLevel = LogLevel.INFO
     shutdown_timeout_s: float = Field(default=30.0, ge=0, description="grace period for running requests on SIGTERM")
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1024,
+                                   description="largest request body; larger ones get 413")
+    request_timeout_s: float = Field(default=DEFAULT_REQUEST_TIMEOUT_S, gt=0,
+                                     description="seconds a client has to send its whole request body (then 408)")
+    allowed_hosts: list[str] | None = Field(
+        default=None, description="comma-separated Host names the server answers (e.g. localhost,127.0.0.1; "
+                                  "*.example.com, * for any); others get 400. Unset: any host")
+    docs: bool = Field(default=False, description="serve the interactive API page at /docs")
+
+    @field_validator("auth_health_and_metrics")
+    @classmethod
+    def _needs_a_key(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("api_key"):
+            raise ValueError("requires api_key to be set")
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        """Flags and environment variables give one comma-separated string; no host at all is unset."""
+        if isinstance(value, str):
+            value = [host.strip() for host in value.split(",") if host.strip()]
+        return value or None
 
 
 def _read_profile(path: Path) -> dict[str, Any]:

@@ -1,76 +1,26 @@
-"""What the route handlers share: the engine, the served model id, a tokenizer worker.
-
-Tokenization and chat-template rendering run on one dedicated worker thread so that a
-long prompt never blocks the event loop and the tokenizer is never used concurrently.
-"""
+"""What the route handlers share: the engine, the served model id, the body parser and the
+tokenizer pool (both keep long work off the event loop)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import re
 import secrets
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import jinja2
 from fastapi import Request
 
-from server.errors import APIError, ErrorCode, ErrorType, retry_after_header
+from server.errors import APIError, ErrorCode, ErrorType, context_length_error, retry_after_header
 from server.protocol import TASK_NAME_PATTERN
+from server.request_body import BodyParser
+from server.token_bound import PromptLimit
+from server.tokenizer_pool import TokenizerPool
 
 if TYPE_CHECKING:
     from engine.async_engine import AsyncLLMEngine
 
-logger = logging.getLogger(__name__)
-
 LOADING_RETRY_AFTER_S = 5.0
 TASK_HEADER = "X-Task"
-
-
-class TokenizerWorker:
-    """Runs the engine's tokenizer on a single background thread."""
-
-    def __init__(self, engine: AsyncLLMEngine) -> None:
-        self._engine = engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        tokenizer = self._engine.tokenizer
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except (jinja2.TemplateError, ValueError) as exc:
-            raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages",
-                           code=ErrorCode.INVALID_VALUE) from exc
-        return list(tokenizer.encode(text, add_special_tokens=False))
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self._engine.tokenizer.encode(text))
-
-    def _token_texts(self, token_ids: list[int]) -> list[str]:
-        tokenizer = self._engine.tokenizer
-        return [tokenizer.decode([token_id]) for token_id in token_ids]
-
-    async def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt token ids for `messages` with the generation prompt appended."""
-        return await self._run(self._render_chat, messages)
-
-    async def encode(self, text: str) -> list[int]:
-        """Token ids of a raw text prompt (with the tokenizer's special tokens)."""
-        return await self._run(self._encode, text)
-
-    async def token_texts(self, token_ids: list[int]) -> list[str]:
-        """The text of each token on its own."""
-        if not token_ids:
-            return []
-        return await self._run(self._token_texts, token_ids)
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -79,7 +29,8 @@ class ServingContext:
 
     engine: AsyncLLMEngine
     served_model_name: str
-    tokenizer: TokenizerWorker
+    tokenizer: TokenizerPool
+    bodies: BodyParser
 
     def check_model(self, model: str) -> None:
         """404 for any model id other than the one served."""
@@ -95,21 +46,22 @@ class ServingContext:
             raise APIError(503, "the model is still loading", ErrorType.UNAVAILABLE, ErrorCode.MODEL_LOADING,
                            headers=retry_after_header(LOADING_RETRY_AFTER_S))
 
+    def prompt_limit(self, requested: int | None, prompt_param: str) -> PromptLimit:
+        """The longest prompt that leaves room for `requested` output tokens (one when None)."""
+        return PromptLimit(self.engine.max_model_len, requested, prompt_param)
+
     def output_budget(self, num_prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
         """Tokens the request may generate; 400 context_length_exceeded when it cannot fit."""
         max_len = self.engine.max_model_len
         available = max_len - num_prompt_tokens
         if available <= 0 or (requested is not None and requested > available):
-            wanted = f" and {requested} in the completion" if requested is not None else ""
-            raise APIError(
-                400,
-                f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{num_prompt_tokens + (requested or 0)} tokens ({num_prompt_tokens} in the prompt{wanted}). "
-                "Please reduce the length of the prompt or the completion.",
-                code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                param=prompt_param,
-            )
+            raise context_length_error(max_len, num_prompt_tokens, requested, prompt_param)
         return requested if requested is not None else available
+
+    def shutdown(self) -> None:
+        """Stop the tokenizer threads and the body parser process."""
+        self.tokenizer.shutdown()
+        self.bodies.shutdown()
 
 
 def engine_request_ids(http_request_id: str, count: int) -> list[str]:
@@ -134,6 +86,6 @@ def request_task(task_from_metadata: str | None, request: Request) -> str | None
     return header
 
 
-async def token_text_map(tokenizer: TokenizerWorker, token_ids: list[int]) -> dict[int, str]:
+async def token_text_map(tokenizer: TokenizerPool, token_ids: list[int]) -> dict[int, str]:
     """token id -> its text, for the ids the logprob formats need."""
     return dict(zip(token_ids, await tokenizer.token_texts(token_ids), strict=True))

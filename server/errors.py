@@ -2,13 +2,13 @@
 engine errors, pydantic validation errors and Starlette HTTP errors to it.
 
 Every error the server sends has the body `{"error": {"message", "type", "param", "code"}}`
-with a string (or null) code; validation problems are 400, never FastAPI's default 422.
+with a string code (one derived from the status when none is given); validation problems are
+400, never FastAPI's default 422.
 """
 
 from __future__ import annotations
 
 import enum
-import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +25,6 @@ from engine.errors import (
     InvalidRequestError,
     QueueFullError,
 )
-
-logger = logging.getLogger(__name__)
 
 # The status a client that went away is logged with (nobody reads the response).
 CLIENT_CLOSED_REQUEST = 499
@@ -48,6 +46,7 @@ class ErrorType(str, enum.Enum):
 class ErrorCode(str, enum.Enum):
     """The `code` field of an error body."""
 
+    INVALID_REQUEST = "invalid_request"
     INVALID_VALUE = "invalid_value"
     INVALID_JSON = "invalid_json"
     MISSING_REQUIRED = "missing_required_parameter"
@@ -60,11 +59,32 @@ class ErrorCode(str, enum.Enum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     REQUEST_TOO_LARGE = "request_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
+    INVALID_HOST = "invalid_host"
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
     ENGINE_DEAD = "engine_dead"
     MODEL_LOADING = "model_loading"
     SERVER_SHUTTING_DOWN = "server_shutting_down"
     SERVER_ERROR = "server_error"
+
+
+# The code of an error raised without one, by status (other 4xx: invalid_request, 5xx: server_error).
+_STATUS_CODES = {
+    400: ErrorCode.INVALID_VALUE,
+    401: ErrorCode.INVALID_API_KEY,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    408: ErrorCode.REQUEST_TIMEOUT,
+    413: ErrorCode.REQUEST_TOO_LARGE,
+    429: ErrorCode.RATE_LIMIT_EXCEEDED,
+}
+
+
+def default_code(status_code: int) -> ErrorCode:
+    """The code an error of `status_code` gets when it is raised without one."""
+    if status_code in _STATUS_CODES:
+        return _STATUS_CODES[status_code]
+    return ErrorCode.INVALID_REQUEST if status_code < 500 else ErrorCode.SERVER_ERROR
 
 
 class APIError(Exception):
@@ -83,9 +103,14 @@ class APIError(Exception):
         self.status_code = status_code
         self.message = message
         self.error_type = error_type
+        code = default_code(status_code) if code is None else code
         self.code = code.value if isinstance(code, ErrorCode) else code
         self.param = param
         self.headers = headers or {}
+
+    def __reduce__(self) -> tuple[type[APIError], tuple[Any, ...]]:
+        """Pickled with every field (it crosses from the body parser process)."""
+        return APIError, (self.status_code, self.message, self.error_type, self.code, self.param, self.headers)
 
     def body(self) -> dict[str, Any]:
         """The JSON body `{"error": {...}}`."""
@@ -117,6 +142,21 @@ def from_engine_error(exc: EngineError, prompt_param: str | None = None) -> APIE
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), ErrorType.UNAVAILABLE, ErrorCode.ENGINE_DEAD)
     return APIError(500, str(exc), ErrorType.SERVER, exc.code)
+
+
+def context_length_error(max_model_len: int, num_prompt_tokens: int, requested: int | None, param: str,
+                         at_least: bool = False) -> APIError:
+    """400 context_length_exceeded; `at_least`: the prompt's count is a lower bound (not tokenized)."""
+    wanted = f" and {requested} in the completion" if requested is not None else ""
+    qualifier = "at least " if at_least else ""
+    return APIError(
+        400,
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{qualifier}{num_prompt_tokens + (requested or 0)} tokens ({qualifier}{num_prompt_tokens} in the prompt"
+        f"{wanted}). Please reduce the length of the prompt or the completion.",
+        code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+        param=param,
+    )
 
 
 def param_from_loc(loc: Sequence[int | str]) -> str | None:
@@ -173,26 +213,24 @@ async def _engine_error_handler(_request: Request, exc: Exception) -> Response:
 
 async def _http_handler(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    codes = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
     error_type = ErrorType.NOT_FOUND if exc.status_code == 404 else ErrorType.INVALID_REQUEST
-    return APIError(exc.status_code, str(exc.detail), error_type, codes.get(exc.status_code),
-                    headers=dict(exc.headers or {})).to_response()
+    return APIError(exc.status_code, str(exc.detail), error_type, headers=dict(exc.headers or {})).to_response()
 
 
 async def _disconnected_handler(_request: Request, _exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-async def _unexpected_handler(_request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error while serving a request", exc_info=exc)
-    return APIError(500, "internal server error", ErrorType.SERVER, ErrorCode.SERVER_ERROR).to_response()
+def internal_error() -> APIError:
+    """The 500 of an exception nothing else handled (the middleware logs it)."""
+    return APIError(500, "internal server error", ErrorType.SERVER, ErrorCode.SERVER_ERROR)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error path of `app` answer in the OpenAI error shape."""
+    """Make every error path of `app` answer in the OpenAI error shape (an unexpected exception
+    becomes a 500 in `server.middleware.UnhandledErrorMiddleware`, inside the request-id one)."""
     app.add_exception_handler(APIError, _api_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(EngineError, _engine_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(ClientDisconnectedError, _disconnected_handler)
-    app.add_exception_handler(Exception, _unexpected_handler)

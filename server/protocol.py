@@ -2,7 +2,8 @@
 
 Unknown fields are rejected (extra="forbid"); OpenAI parameters this server does not
 implement are declared so that any non-empty value is rejected with a 400 naming them,
-never silently ignored. Response bodies live in `server.responses`.
+never silently ignored. Types are strict (`"10"` or `true` is no integer, `"yes"` no boolean;
+a float field still takes an integer, as OpenAI's do). Response bodies live in `server.responses`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ MAX_STOP_SEQUENCES = 8
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 TASK_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+# Every request model: unknown fields rejected, no type coercion.
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 def _reject_if_set(value: Any, info: ValidationInfo) -> Any:
@@ -48,7 +51,7 @@ class Role(str, enum.Enum):
 class TextPart(BaseModel):
     """One `{"type": "text", "text": ...}` part of a message's content."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     type: Literal["text"]
     text: str
@@ -57,9 +60,9 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     """One chat message; content is a string or an array of text parts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    role: Role
+    role: Annotated[Role, Field(strict=False)]  # the enum from its JSON string
     content: str | list[TextPart]
     name: str | None = Field(default=None, max_length=256)
 
@@ -70,7 +73,7 @@ class ChatMessage(BaseModel):
             raise PydanticCustomError("string_type", "content must be a string or an array of text parts")
         for part in value if isinstance(value, list) else []:
             if isinstance(part, dict) and part.get("type", "text") != "text":
-                raise PydanticCustomError("unsupported_parameter", "content parts of type {kind!r} are not supported",
+                raise PydanticCustomError("unsupported_parameter", "content parts of type '{kind}' are not supported",
                                           {"kind": str(part.get("type"))})
         return value
 
@@ -92,7 +95,7 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     """Options that only apply when `stream` is true."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     include_usage: bool = False
 
@@ -100,7 +103,7 @@ class StreamOptions(BaseModel):
 class ResponseFormat(BaseModel):
     """Only plain text output is supported."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     type: Literal["text"]
 
@@ -122,7 +125,7 @@ StopField = Annotated[
 class GenerationParams(BaseModel):
     """Parameters shared by chat and text completions (OpenAI's plus a few extras)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -200,7 +203,7 @@ class ChatCompletionRequest(GenerationParams):
     @classmethod
     def _text_only(cls, value: Any) -> Any:
         if isinstance(value, dict) and value.get("type") != "text":
-            raise PydanticCustomError("unsupported_parameter", "response_format {kind!r} is not supported",
+            raise PydanticCustomError("unsupported_parameter", "response_format '{kind}' is not supported",
                                       {"kind": str(value.get("type"))})
         return value
 

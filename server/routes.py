@@ -1,22 +1,52 @@
-"""The HTTP routes: OpenAI endpoints under /v1, plus /health, /version and /metrics."""
+"""The HTTP routes: OpenAI endpoints under /v1, plus /health, /version and /metrics.
+
+The /v1 POST routes parse their bodies themselves (`ServingContext.bodies`: large ones off the
+event loop), so their request schemas are added to the OpenAPI document by
+`document_request_bodies` rather than by FastAPI's body parameters.
+"""
 
 from __future__ import annotations
 
 import enum
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from server.chat import create_chat_completion
-from server.completions import create_completion
+from server.completions import create_completion, token_id_precheck
 from server.context import ServingContext
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList, now
 
 _STREAM_DOC = {"content": {"text/event-stream": {}}, "description": "JSON body, or SSE chunks when stream is true"}
 _ERROR_DOC = {"description": 'OpenAI error body: {"error": {"message", "type", "param", "code"}}'}
+_SCHEMAS_REF = "#/components/schemas/{model}"
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest)
+
+
+def _request_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    schema = {"$ref": _SCHEMAS_REF.format(model=model.__name__)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def document_request_bodies(app: FastAPI) -> None:
+    """Put the request models' JSON schemas into `app`'s OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        document = generate()
+        if fresh:
+            _, definitions = models_json_schema([(model, "validation") for model in REQUEST_MODELS],
+                                                ref_template=_SCHEMAS_REF)
+            document.setdefault("components", {}).setdefault("schemas", {}).update(definitions.get("$defs", {}))
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class HealthStatus(str, enum.Enum):
@@ -49,18 +79,20 @@ def build_router(ctx: ServingContext, version: str, registry: CollectorRegistry)
     """Every route of the server, bound to `ctx`."""
     router = APIRouter()
     created = now()
-    errors: dict[int | str, dict[str, Any]] = {code: _ERROR_DOC for code in (400, 401, 404, 413, 429, 503)}
+    errors: dict[int | str, dict[str, Any]] = {code: _ERROR_DOC for code in (400, 401, 404, 408, 413, 429, 503)}
 
-    @router.post("/v1/chat/completions", tags=["openai"],
+    @router.post("/v1/chat/completions", tags=["openai"], openapi_extra=_request_body_doc(ChatCompletionRequest),
                  responses={200: {"model": ChatCompletionResponse, **_STREAM_DOC}, **errors})
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
         """Chat completion (OpenAI-compatible)."""
+        body = await ctx.bodies.parse(request, ChatCompletionRequest)
         return await create_chat_completion(ctx, body, request)
 
-    @router.post("/v1/completions", tags=["openai"],
+    @router.post("/v1/completions", tags=["openai"], openapi_extra=_request_body_doc(CompletionRequest),
                  responses={200: {"model": CompletionResponse, **_STREAM_DOC}, **errors})
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def completions(request: Request) -> Response:
         """Text completion (OpenAI-compatible, legacy)."""
+        body = await ctx.bodies.parse(request, CompletionRequest, token_id_precheck(ctx))
         return await create_completion(ctx, body, request)
 
     @router.get("/v1/models", tags=["openai"], response_model=ModelList)

@@ -136,7 +136,12 @@ def serve(config: ServeConfig) -> int:
 def run_server(engine: AsyncLLMEngine, config: ServeConfig) -> int:
     """Serve `engine` (started by the caller) until a signal or a fatal engine fault, then stop the
     engine; returns the exit code. Signals are handled only when called from the main thread."""
-    options = ServerOptions(api_key=config.api_key, served_model_name=served_model_name(config))
+    options = ServerOptions(
+        api_key=config.api_key, served_model_name=served_model_name(config),
+        max_request_bytes=config.max_request_bytes, request_timeout_s=config.request_timeout_s,
+        allowed_hosts=config.allowed_hosts, docs=config.docs,
+        protect_health_and_metrics=config.auth_health_and_metrics,
+    )
     app = create_app(engine, options)
     server = LifecycleServer(
         uvicorn.Config(

@@ -112,3 +112,26 @@ def test_help_on_every_command() -> None:
     for args in (["--help"], ["serve", "--help"], ["generate", "--help"], ["trace", "--help"]):
         result = run_cli(*args)
         assert result.returncode == 0 and "usage" in result.stdout
+
+
+def test_http_settings_come_from_flags_environment_and_yaml(tmp_path: Path) -> None:
+    from server.cli import build_parser
+    from server.config import ConfigError, ServeConfig, load_config
+
+    profile = tmp_path / "http.yaml"
+    profile.write_text("allowed_hosts: [localhost, '*.example.com']\nmax_request_bytes: 2097152\n")
+    args = build_parser().parse_args(["serve", "--request-timeout-s", "5", "--docs", "true", "--api-key", "k",
+                                      "--auth-health-and-metrics", "true"])
+    flags = {name: getattr(args, name) for name in ServeConfig.model_fields}
+    config = load_config(ServeConfig, profile, flags, environ={"MOE_SERVE_MAX_REQUEST_BYTES": "3000000"})
+    assert config.allowed_hosts == ["localhost", "*.example.com"] and config.max_request_bytes == 3_000_000
+    assert (config.request_timeout_s, config.docs, config.auth_health_and_metrics) == (5.0, True, True)
+    hosts = load_config(ServeConfig, None, {"allowed_hosts": "localhost, 127.0.0.1"}, environ={})
+    assert hosts.allowed_hosts == ["localhost", "127.0.0.1"]
+    defaults = load_config(ServeConfig, None, {}, environ={"MOE_SERVE_ALLOWED_HOSTS": ""})
+    assert (defaults.allowed_hosts, defaults.docs, defaults.auth_health_and_metrics) == (None, False, False)
+    assert (defaults.max_request_bytes, defaults.request_timeout_s) == (4 * 2**20, 30.0)
+    with pytest.raises(ConfigError, match="auth_health_and_metrics .*requires api_key"):
+        load_config(ServeConfig, None, {"auth_health_and_metrics": "true"}, environ={})
+    with pytest.raises(ConfigError, match="request_timeout_s"):
+        load_config(ServeConfig, None, {"request_timeout_s": "0"}, environ={})

@@ -4,6 +4,7 @@ plus a property test: no request body, however malformed, gets anything but 400.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -37,7 +38,7 @@ def _assert_openai_shape(body: dict[str, Any]) -> None:
     assert set(body) == {"error"}
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert body["error"]["code"] is None or isinstance(body["error"]["code"], str)
+    assert isinstance(body["error"]["code"], str) and body["error"]["code"]
     assert body["error"]["param"] is None or isinstance(body["error"]["param"], str)
 
 
@@ -93,6 +94,38 @@ def test_bad_chat_bodies_get_a_400_naming_the_field(body: dict[str, Any], param:
     assert error is not None and error.status_code == 400
     assert error.param == param and error.code == code
     _assert_openai_shape(error.body())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", "10"), ("max_tokens", True), ("max_tokens", 10.0), ("n", "2"), ("seed", "7"), ("stream", "yes"),
+     ("stream", 1), ("logprobs", "true"), ("top_logprobs", False), ("temperature", "0.5"), ("temperature", True),
+     ("top_k", "5"), ("ignore_eos", "false"), ("priority", 1.5)],
+)
+def test_no_type_coercion_a_string_or_a_boolean_is_no_number(field: str, value: Any) -> None:
+    body = {"model": "m", "messages": MESSAGES, "logprobs": True, field: value}
+    error = _error(ChatCompletionRequest, body)
+    assert error is not None and (error.status_code, error.param, error.code) == (400, field, "invalid_value")
+
+
+def test_number_fields_take_integers_as_openai_does() -> None:
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, "temperature": 1, "top_p": 1,
+                                                "presence_penalty": -2, "repetition_penalty": 2})
+    assert (req.temperature, req.top_p, req.presence_penalty, req.repetition_penalty) == (1.0, 1.0, -2.0, 2.0)
+    assert isinstance(req.temperature, float)
+    error = _error(ChatCompletionRequest, {"model": "m", "messages": MESSAGES, "stream_options": {"include_usage": 1},
+                                           "stream": True})
+    assert error is not None and error.param == "stream_options.include_usage"
+    error = _error(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": True})
+    assert error is not None and error.param == "logprobs"
+
+
+def test_messages_name_the_unsupported_kind() -> None:
+    parts = _error(ChatCompletionRequest, {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    fmt = _error(ChatCompletionRequest, {"model": "m", "messages": MESSAGES, "response_format": {"type": "json_schema"}})
+    assert parts is not None and parts.message == "content parts of type 'image_url' are not supported"
+    assert fmt is not None and fmt.message == "response_format 'json_schema' is not supported"
 
 
 def test_accepted_empty_values_of_unsupported_parameters_and_text_response_format() -> None:
@@ -200,7 +233,59 @@ def test_health_reports_engine_stats_and_version_is_served(app_client: Any) -> N
     assert health.json() | {"num_running": 0} == {"status": "ok", "model": "tiny", "num_running": 0,
                                                     "num_waiting": 0, "kv_cache_usage": 0.0}
     assert app_client.get("/version").json()["version"]
-    assert app_client.get("/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]
+
+
+def test_the_openapi_document_has_the_request_bodies_and_docs_are_off_by_default(app_client: Any) -> None:
+    document = app_client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    for path, model in (("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/completions", "CompletionRequest")):
+        ref = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{model}" and "messages" in schemas["ChatCompletionRequest"]["properties"]
+    refs = {value for value in _walk(document) if isinstance(value, str) and value.startswith("#/")}
+    assert all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs)  # every reference resolves
+    assert app_client.get("/docs").status_code == 404 and app_client.get("/redoc").status_code == 404
+
+
+def _walk(value: Any) -> Any:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk(item)
+    else:
+        yield value
+
+
+def test_the_docs_page_needs_no_network(app_client: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerOptions, create_app
+
+    engine = app_client.app.state.serving.engine
+    with TestClient(create_app(engine, ServerOptions(served_model_name="tiny", docs=True))) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+        assert "http://" not in page.text and "https://" not in page.text
+        assets = re.findall(r'(?:href|src)="([^"]+)"', page.text)
+        assert len(assets) == 3
+        for asset in assets:
+            assert client.get(asset).status_code == 200 and asset.startswith("/docs/assets/")
+
+
+def test_health_and_metrics_can_be_put_behind_the_key(app_client: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerOptions, create_app
+
+    engine = app_client.app.state.serving.engine
+    for protect in (False, True):
+        options = ServerOptions(served_model_name="tiny", api_key="sk-1", protect_health_and_metrics=protect)
+        with TestClient(create_app(engine, options)) as client:
+            for path in ("/health", "/metrics"):
+                assert client.get(path).status_code == (401 if protect else 200)
+                assert client.get(path, headers={"Authorization": "Bearer sk-1"}).status_code == 200
+            assert client.get("/version").status_code == 200
 
 
 def test_a_body_over_the_limit_is_413_and_unknown_routes_are_openai_404s(app_client: Any) -> None:

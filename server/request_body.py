@@ -1,0 +1,162 @@
+"""Request bodies decoded, parsed and validated; large ones in a parser process (`BodyParser`).
+
+A body of up to `INLINE_BODY_BYTES` is parsed on the event loop (that costs less than a hop).
+A larger one goes to a parser process, one body at a time: turning megabytes of JSON into
+objects holds the GIL for tens of milliseconds at a stretch, which on a thread of the server
+would stall the event loop (/health among its requests) and, worse, the engine thread, whose
+every torch call gives the GIL up and must win it back. Only the bytes go there and only the
+validated model (or the error) comes back.
+
+Text must be UTF-8 with no lone surrogate in any string: a JSON escape `\\ud800`..`\\udfff`
+without its pair is a 400 naming the field, instead of reaching the tokenizer and the response
+encoder. A picklable precheck sees the parsed JSON before pydantic converts it: the early
+count of token-id prompts (`TokenIdPromptCheck`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import re
+import signal
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from server.errors import APIError, ErrorCode, from_validation_errors
+from server.token_bound import PromptLimit
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+INLINE_BODY_BYTES = 64 * 1024
+PARSER_NICENESS = 10
+# A lone surrogate can only come from a JSON escape (the body is decoded as strict UTF-8);
+# bodies without one of these are not searched.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+Precheck = Callable[[Any], None]
+
+
+@dataclass(frozen=True)
+class TokenIdPromptCheck:
+    """A precheck: a token-id prompt (or batch entry) in the field `limit.param` that cannot fit
+    is refused by its length, before pydantic converts a single id."""
+
+    limit: PromptLimit
+
+    def __call__(self, data: Any) -> None:
+        prompt = data.get(self.limit.param) if isinstance(data, dict) else None
+        if not isinstance(prompt, list) or not prompt:
+            return
+        for ids in prompt if isinstance(prompt[0], list) else [prompt]:
+            if isinstance(ids, list) and ids and type(ids[0]) is int:
+                self.limit.check(len(ids), exact=True)
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _param(path: list[str | int]) -> str | None:
+    """`["messages", 0, "content"]` -> `"messages[0].content"`."""
+    param = ""
+    for part in path:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else part)
+    return param or None
+
+
+def lone_surrogate_path(value: Any) -> tuple[list[str | int], bool] | None:
+    """Where the first lone surrogate is: (path, True when it is in a key under that path)."""
+    stack: list[tuple[list[str | int], Any]] = [([], value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if _has_lone_surrogate(item):
+                return path, False
+        elif isinstance(item, dict):
+            if any(_has_lone_surrogate(key) for key in item):
+                return path, True
+            stack.extend((path + [key], child) for key, child in reversed(list(item.items())))
+        elif isinstance(item, list):
+            stack.extend((path + [index], child) for index, child in reversed(list(enumerate(item)))
+                         if isinstance(child, (str, dict, list)))
+    return None
+
+
+def _surrogate_error(path: list[str | int], in_key: bool) -> APIError:
+    param = _param(path)
+    where = (f"a key of '{param}'" if param else "a key of the request body") if in_key else f"'{param}'"
+    return APIError(400, f"Invalid value for {where}: the text contains a lone surrogate (a \\ud800-\\udfff "
+                         "escape without its pair), which is not valid Unicode", code=ErrorCode.INVALID_VALUE,
+                    param=param)
+
+
+def parse_body(raw: bytes, model: type[M], precheck: Precheck | None = None) -> M:
+    """`raw` as a validated `model`, or the OpenAI-shaped 400 that says what is wrong with it."""
+    if not raw:
+        raise APIError(400, "Missing required parameter: 'request body'", code=ErrorCode.MISSING_REQUIRED)
+    try:
+        text = raw.decode("utf-8")
+        data = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise APIError(400, "the request body is not valid JSON", code=ErrorCode.INVALID_JSON) from exc
+    if _SURROGATE_ESCAPE.search(text):
+        found = lone_surrogate_path(data)
+        if found is not None:
+            raise _surrogate_error(*found)
+    if precheck is not None:
+        precheck(data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_errors(exc.errors()) from exc
+
+
+def _start_parser_process() -> None:
+    """In the parser process: below the server's CPU priority (a body is worth less than a token of
+    a running request), and deaf to Ctrl-C, which reaches the whole process group (the server
+    decides when to stop)."""
+    os.nice(PARSER_NICENESS)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class BodyParser:
+    """Parses request bodies: small ones inline, large ones in a parser process started on first use."""
+
+    def __init__(self) -> None:
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_start_parser_process)
+        return self._executor
+
+    async def parse(self, request: Request, model: type[M], precheck: Precheck | None = None) -> M:
+        raw = await request.body()
+        if len(raw) <= INLINE_BODY_BYTES:
+            return parse_body(raw, model, precheck)
+        try:
+            return await asyncio.wrap_future(self._pool().submit(parse_body, raw, model, precheck))
+        except BrokenProcessPool:
+            logger.warning("the body parser process died; the next large body starts a new one")
+            self._executor = None
+            raise
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
