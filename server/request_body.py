@@ -22,6 +22,8 @@ import multiprocessing
 import os
 import re
 import signal
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -40,6 +42,7 @@ M = TypeVar("M", bound=BaseModel)
 
 INLINE_BODY_BYTES = 64 * 1024
 PARSER_NICENESS = 10
+PARENT_POLL_S = 1.0
 # A lone surrogate can only come from a JSON escape (the body is decoded as strict UTF-8);
 # bodies without one of these are not searched.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -126,12 +129,20 @@ def parse_body(raw: bytes, model: type[M], precheck: Precheck | None = None) -> 
         raise from_validation_errors(exc.errors()) from exc
 
 
-def _start_parser_process() -> None:
+def _exit_with(server_pid: int) -> None:
+    """In the parser process: exit once the server is gone (killed, it cannot say so)."""
+    while os.getppid() == server_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(0)
+
+
+def _start_parser_process(server_pid: int) -> None:
     """In the parser process: below the server's CPU priority (a body is worth less than a token of
-    a running request), and deaf to Ctrl-C, which reaches the whole process group (the server
-    decides when to stop)."""
+    a running request), deaf to Ctrl-C, which reaches the whole process group (the server decides
+    when to stop), and gone with the server."""
     os.nice(PARSER_NICENESS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(server_pid,), name="parent-watch", daemon=True).start()
 
 
 class BodyParser:
@@ -143,7 +154,7 @@ class BodyParser:
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_start_parser_process)
+                                                 initializer=_start_parser_process, initargs=(os.getpid(),))
         return self._executor
 
     async def parse(self, request: Request, model: type[M], precheck: Precheck | None = None) -> M:

@@ -283,3 +283,34 @@ def test_the_head_of_line_benchmark_runs_against_a_live_server(server: Server) -
     for row in rows:
         assert row.large_answered >= 1 and row.large_statuses == f"{row.large_answered}x 400"
         assert 0 < row.idle_chat_ms and 0 < row.chat_ms and 0 < row.health_ms and row.chat_ratio > 0
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_the_body_parser_process_does_not_outlive_a_killed_server(checkpoint_factory: Any, tmp_path: Path) -> None:
+    checkpoint = checkpoint_factory("mixtral")
+    with server_process(checkpoint, ["--max-model-len", str(MAX_MODEL_LEN)], tmp_path / "server.log") as (
+            base_url, process):
+        reply = httpx.post(f"{base_url}/v1/completions", content=_big_token_ids(checkpoint.name), timeout=120,
+                           headers={"Content-Type": "application/json"})
+        assert reply.json()["error"]["code"] == "context_length_exceeded"
+        helpers = _children(process.pid)
+        assert helpers, "the large body was not parsed in a child process"
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in helpers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in helpers)
