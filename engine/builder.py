@@ -95,16 +95,9 @@ def eos_ids(loaded: LoadedModel, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
-    """Load everything named by `config` and return a ready engine."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    path = model_path(config)
-    device = resolve_device(config.device)
-    loaded = load_model(path, dtype=config.dtype.value, show_progress=show_progress)
-    tokenizer = load_tokenizer(path)
-    spec = loaded.spec
-    dtype = loaded.weights.dense.embed_tokens.dtype
+def kv_cache_blocks(spec: ModelSpec, config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """The context length served and the KV-cache blocks for it: the kv_cache_gb budget, at most what
+    max_num_seqs sequences of max_model_len can use; a budget below one sequence is refused."""
     max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
     block_bytes = kv_bytes_per_block(spec, config.block_size, dtype)
     budget_blocks = int(config.kv_cache_gb * 2**30) // block_bytes
@@ -115,6 +108,21 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
             f"kv_cache_gb={config.kv_cache_gb} holds {num_blocks * config.block_size} tokens, less than one "
             f"max_model_len={max_model_len} sequence; raise kv_cache_gb or lower max_model_len"
         )
+    return max_model_len, num_blocks
+
+
+def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
+    """Load everything named by `config` and return a ready engine."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    path = model_path(config)
+    device = resolve_device(config.device)
+    loaded = load_model(path, dtype=config.dtype.value, show_progress=show_progress)
+    tokenizer = load_tokenizer(path)
+    spec = loaded.spec
+    dtype = loaded.weights.dense.embed_tokens.dtype
+    max_model_len, num_blocks = kv_cache_blocks(spec, config, dtype)
+    block_bytes = kv_bytes_per_block(spec, config.block_size, dtype)
     packed = packs_weights(device, dtype)  # the CPU kernels' layout, packed once here
     dense = pack_dense(loaded.weights.dense) if packed else loaded.weights.dense
     experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens,

@@ -1,4 +1,4 @@
-"""The `moe-serve` command: `serve`, `generate` and `trace` subcommands.
+"""The `moe-serve` command: `serve`, `generate`, `plan` and `trace` subcommands.
 
 Errors a user can cause (bad flags, missing or corrupt checkpoints, prompts too long,
 invalid sampling values) print one line to stderr and exit non-zero, never a traceback.
@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from engine.config import EngineConfig
+from engine.config import DType, EngineConfig
 from engine.errors import EngineError
 from server.config import ConfigError, LogLevel, ServeConfig, load_config
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-serve", description="Serve Mixture-of-Experts models with an OpenAI-compatible API."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,trace}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,plan,trace}")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                            description="Run the OpenAI-compatible HTTP server (the demo model when --model is not given).")
@@ -60,6 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object (token_ids, text, ...)")
     gen.add_argument("--config", type=Path, default=None, help="YAML profile, e.g. configs/cpu.yaml")
     _add_config_flags(gen, EngineConfig, skip=set())
+
+    plan = sub.add_parser("plan", help="size the expert cache and memory for a checkpoint (no weights read)",
+                          description="From the checkpoint's config.json alone: expert and non-expert sizes, KV "
+                          "bytes per token, the expert cache serve would get on --gpu-gb, the smallest GPU and host "
+                          "RAM, and the expected expert bytes copied per token.")
+    plan.add_argument("--model", type=Path, required=True, help="checkpoint directory (config.json is enough)")
+    plan.add_argument("--gpu-gb", type=float, required=True, help="GPU memory to plan for, in GiB")
+    plan.add_argument("--host-gb", type=float, default=None, help="host RAM for the host tier, in GiB")
+    plan.add_argument("--dtype", default="auto", choices=[d.value for d in DType])
+    plan.add_argument("--max-model-len", type=int, default=None,
+                      help="context length the KV cache holds (default 4096, at most the model's)")
+    plan.add_argument("--max-num-seqs", type=int, default=1, help="sequences of max-model-len in the KV cache")
+    plan.add_argument("--trace", type=Path, default=None,
+                      help="routing trace (npz/jsonl) of this model: expected copies by replay instead of uniform")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
 
     from engine.trace_cli import add_trace_parser
 
@@ -110,6 +125,19 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the offloading plan for a checkpoint config."""
+    from engine.planning import format_plan, make_plan
+
+    if args.gpu_gb <= 0 or (args.host_gb is not None and args.host_gb <= 0) or args.max_num_seqs < 1 \
+            or (args.max_model_len is not None and args.max_model_len < 16):
+        raise ConfigError("--gpu-gb and --host-gb must be > 0, --max-num-seqs >= 1, --max-model-len >= 16")
+    plan = make_plan(args.model, args.gpu_gb, args.host_gb, DType(args.dtype), args.max_model_len,
+                     args.max_num_seqs, args.trace)
+    print(json.dumps(plan.as_dict()) if args.json else format_plan(plan, args.model))
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start the engine thread and the HTTP server; SIGTERM drains then exits 0."""
     from server.serve import serve
@@ -127,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "plan":
+            return run_plan(args)
         return int(args.handler(args))
     except (ConfigError, EngineError) as exc:
         print(f"moe-serve: error: {exc}", file=sys.stderr)
