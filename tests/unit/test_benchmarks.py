@@ -82,3 +82,24 @@ def test_soak_counts_answers_of_the_wrong_status_as_lost_and_fails(tmp_path: Pat
     summary = json.loads(done.stdout.strip().splitlines()[-1])["summary"]
     assert not summary["passed"] and summary["lost"] > 0 and summary["lost_kinds"].get("status") == summary["lost"]
     assert "lost: chat: status: got 400, expected 200" in done.stderr
+
+
+def test_mla_decode_compares_the_latent_cache_with_expanded_kv_in_alternating_rounds() -> None:
+    geometry = {"hidden_size": 64, "num_heads": 4, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+                "v_head_dim": 12, "num_experts": 8, "num_shared_experts": 2, "top_k": 2, "moe_intermediate_size": 16,
+                "intermediate_size": 48, "vocab_size": 128}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mla_decode", "--layers", "3", "--contexts", "16,40",
+                           "--batch", "2", "--steps", "2", "--rounds", "2", "--device", "cpu", "--geometry",
+                           json.dumps(geometry), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    rounds = [line.split(": ")[0] for line in lines if " round " in line]
+    assert rounds == [f"context {c} round {r} {v}" for c in (16, 40) for r in (0, 1) for v in ("latent", "expanded")]
+    result = json.loads(lines[-1])
+    for row in result["rows"]:
+        # per token and layer: latent 16 + rope key 8 values; expanded 4 heads x (8 + 8 key + 12 value), fp32
+        assert row["latent_kv_bytes_per_token"] == 3 * (16 + 8) * 4
+        assert row["expanded_kv_bytes_per_token"] == 3 * 4 * (8 + 8 + 12) * 4
+        assert row["max_logit_difference"] < 1e-4 * row["max_logit"]  # the same function, computed two ways
+        assert len(row["latent_rounds"]) == len(row["expanded_rounds"]) == 2 and row["latent_tok_s"] > 0
