@@ -126,7 +126,7 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
     packed = packs_weights(device, dtype)  # the CPU kernels' layout, packed once here
     dense = pack_dense(loaded.weights.dense) if packed else loaded.weights.dense
     experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens,
-                                    pack=packed)
+                                    pack=packed and spec.expert_mlp.is_plain)
     model = MoEModel(spec, _dense_to(dense, device), experts, device, packed=packed)
     if isinstance(experts, OffloadedExperts):
         model.speculator = make_speculator(config, model)

@@ -11,7 +11,9 @@ import torch
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # with their features turned on: dense first layers, YaRN (with mscale), group-limited routing, routing
 # biases, partial rotary and q/k norms (GLM-4.5), interleaved rope and tied embeddings (ERNIE-4.5)
-NEW_ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe")
+# gpt-oss: attention sinks, sliding-window layers (a window shorter than the test prompts), YaRN, a biased router,
+# biased experts whose clamped SwiGLU clamps (a small limit)
+NEW_ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "gpt_oss")
 
 # the generic features on the architectures above: (arch, config overrides) by name
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
@@ -67,7 +69,7 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
                    moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1,
                    tie_word_embeddings=True)
         cls = transformers.Ernie4_5_MoeConfig
-    elif arch in NEW_ARCHITECTURES:
+    elif arch in ("deepseek_v2", "deepseek_v3"):
         # MLA with v_head_dim != qk_nope_head_dim, one dense first layer, 4 groups of 2 experts (the best 2 compete),
         # YaRN whose mscale and mscale_all_dim change both the rope's magnitude and the softmax scale
         deepseek_yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
@@ -84,6 +86,14 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
             cfg.update(q_lora_rank=24, n_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.5,
                        rope_interleave=True)
             cls = transformers.DeepseekV3Config
+    elif arch == "gpt_oss":  # hidden and intermediate sizes multiples of 32: MXFP4 blocks
+        layers = overrides.get("num_hidden_layers", 2)
+        cfg = dict(common, head_dim=8, intermediate_size=32, num_local_experts=8, sliding_window=4,
+                   layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                   swiglu_limit=0.3, swiglu_alpha=1.5, attention_bias=True,
+                   rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})
+        cls = transformers.GptOssConfig
     else:
         raise ValueError(f"unknown arch {arch!r}; known: {ARCHITECTURES + NEW_ARCHITECTURES}")
     cfg.update(overrides)
@@ -115,10 +125,52 @@ def make_tiny_checkpoint(arch: str, directory: Path, seed: int = 0, max_shard_si
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:  # routing biases: zero at init
             if name.endswith("e_score_correction_bias"):
                 tensor.normal_(std=0.2)
+            elif name.endswith(("sinks", "router.weight", "router.bias", "proj_bias")):  # gpt-oss: all near zero
+                tensor.normal_(std=1.0 if name.endswith("sinks") else 0.5)
     directory.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     save_tokenizer(tokenizer, directory)
+    return directory
+
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [..., R, C] -> MXFP4 (blocks uint8 [..., R, C / 32, 16], scales uint8 [..., R, C / 32]) as the
+    published gpt-oss checkpoints store it: per block of 32 values an e8m0 exponent (biased by 127) that
+    brings the block's largest magnitude to at most 6, each value rounded to the nearest E2M1 code,
+    two codes a byte (the low nibble first)."""
+    *prefix, rows, cols = weight.shape
+    grouped = weight.float().reshape(*prefix, rows, cols // 32, 32)
+    amax = grouped.abs().amax(dim=-1).clamp(min=2.0**-126)
+    exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = grouped / torch.exp2(exponent)[..., None]
+    table = torch.tensor(FP4_VALUES)
+    codes = (scaled[..., None] - table).abs().argmin(dim=-1).to(torch.uint8)  # ties: the first (smaller) code
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8)
+
+
+def make_mxfp4_checkpoint(directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A tiny gpt-oss checkpoint in the published MXFP4 layout: the experts' `gate_up_proj` and
+    `down_proj` replaced by their `_blocks` and `_scales` (quantized from the random weights, stored
+    [E, out, in / 32, 16] and [E, out, in / 32]) and quantization_config {'quant_method': 'mxfp4'}."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_checkpoint("gpt_oss", directory, seed=seed, **overrides)
+    tensors = load_file(directory / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = quantize_mxfp4(tensors.pop(name).transpose(1, 2))  # stored as [E, out, in]
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 
 

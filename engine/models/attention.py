@@ -5,6 +5,9 @@ at the end of its `context_len` tokens. New keys/values are written into the pag
 at `slot_mapping`, then each sequence's whole context is gathered by its block table into
 a padded [B, Kmax] view and one SDPA call serves prefill, chunked prefill and decode alike;
 on a CPU, decode-only steps (fp32) go to the C kernel instead, which reads the cache in place.
+A sliding-window layer masks the keys older than its window (`AttentionMetadata.mask_for`); with
+attention sinks (gpt-oss) a learned logit per head joins each query's softmax and takes its share of
+the probability without contributing a value; both run in torch.
 Multi-head latent attention (DeepSeek) caches one entry per token, the compressed latent and the
 rope key, and attends with queries absorbed into latent space (`paged_latent_attention`).
 """
@@ -12,7 +15,7 @@ rope key, and attends with queries absorbed into latent space (`paged_latent_att
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,22 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B] tokens each sequence attends (its cached context plus the new ones)
     num_seqs: int
     max_query_len: int
+    query_pos: torch.Tensor  # [B, Q] absolute position of each query row
+    real_rows: torch.Tensor  # [B, Q] False for padding query rows
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """The mask of a layer attending the `window` most recent positions (itself included), or
+        `mask` for full attention (None). Padding query rows keep one key so no row is empty."""
+        if window is None:
+            return self.mask
+        if window not in self._window_masks:
+            key_pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
+            recent = key_pos[None, None, :] > self.query_pos[:, :, None] - window  # [B, Q, K]
+            windowed = self.mask & recent[:, None]
+            windowed[:, 0, :, 0] |= ~self.real_rows
+            self._window_masks[window] = windowed
+        return self._window_masks[window]
 
     @classmethod
     def build(
@@ -66,6 +85,8 @@ class AttentionMetadata:
             context_lens=ctx_t.to(device),
             num_seqs=num_seqs,
             max_query_len=max_q,
+            query_pos=query_pos.to(device),
+            real_rows=real.to(device),
         )
 
 
@@ -77,15 +98,36 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [T, H, Dh]; k, v: [T, Hkv, Dh]; caches: [S, Hkv, Dh]. Returns [T, H * Dh]."""
+    """q: [T, H, Dh]; k, v: [T, Hkv, Dh]; caches: [S, Hkv, Dh]. Returns [T, H * Dh]. With `window`
+    each query attends its `window` most recent positions only; `sinks` [H] are per-head logits
+    that join each query's softmax with a zero value."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    if meta.max_query_len == 1 and kernel_decode_attention(q, k_cache):  # decode step: one query per sequence
+    plain = window is None and sinks is None
+    if plain and meta.max_query_len == 1 and kernel_decode_attention(q, k_cache):  # decode: one query per sequence
         return decode_attention(q, k_cache, v_cache, meta.gather_slots, meta.context_lens, scale)
     keys = k_cache[meta.gather_slots].transpose(1, 2)  # [B, Hkv, K, Dh]
     values = v_cache[meta.gather_slots].transpose(1, 2)
-    return _attend(q, keys, values, meta, scale)
+    mask = meta.mask_for(window)
+    if sinks is not None:
+        keys, values, mask = _with_sinks(keys, values, mask, sinks)
+    return _attend(q, keys, values, meta, scale, mask)
+
+
+def _with_sinks(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One more key and value, both zero, whose logit is each head's sink: an additive mask
+    [B, H, Q, K + 1] (0 or -inf over the context, the sink in the last column)."""
+    batch, _, queries, _ = mask.shape
+    zero = keys.new_zeros(*keys.shape[:2], 1, keys.shape[-1])
+    keys = torch.cat([keys, zero], dim=2)
+    values = torch.cat([values, values.new_zeros(*values.shape[:2], 1, values.shape[-1])], dim=2)
+    context = torch.zeros(mask.shape, dtype=keys.dtype, device=keys.device).masked_fill_(~mask, float("-inf"))
+    sink_column = sinks.to(keys.dtype)[None, :, None, None].expand(batch, -1, queries, 1)
+    return keys, values, torch.cat([context.expand(batch, sinks.shape[0], queries, -1), sink_column], dim=-1)
 
 
 def paged_latent_attention(
@@ -102,19 +144,19 @@ def paged_latent_attention(
     Returns the attended latents [T, H * C]."""
     cache.index_copy_(0, meta.slot_mapping, entry)
     keys = cache[meta.gather_slots].transpose(1, 2)  # [B, 1, K, C + Dr]
-    return _attend(q, keys, keys[..., :value_dim], meta, scale)
+    return _attend(q, keys, keys[..., :value_dim], meta, scale, meta.mask)
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: AttentionMetadata,
-            scale: float) -> torch.Tensor:
+            scale: float, mask: torch.Tensor) -> torch.Tensor:
     """One SDPA call over the gathered context: q [T, H, Dk], keys [B, Hkv, K, Dk], values
-    [B, Hkv, K, Dv]. Returns [T, H * Dv]."""
+    [B, Hkv, K, Dv], mask boolean [B, 1, Q, K] or additive. Returns [T, H * Dv]."""
     _, num_heads, head_dim = q.shape
     queries = q.new_zeros(meta.num_seqs * meta.max_query_len, num_heads, head_dim)
     queries[meta.query_index] = q
     queries = queries.view(meta.num_seqs, meta.max_query_len, num_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=num_heads != keys.shape[1]
+        queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=num_heads != keys.shape[1]
     )  # [B, H, Q, Dv]
     out = out.transpose(1, 2).reshape(meta.num_seqs * meta.max_query_len, num_heads * values.shape[-1])
     return out[meta.query_index]

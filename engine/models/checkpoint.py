@@ -3,7 +3,9 @@
 `layer_weights` assembles one decoder layer's non-expert weights (attention, norms, and a
 dense MLP or the router with its shared expert), `expert_weights` the layer's routed experts,
 keyed by MoE-layer index. q/k/v and each gate/up pair are fused here; MLA's kv_b is split per
-head for the absorbed path and interleaved rope dims are de-interleaved. Reads through any
+head for the absorbed path and interleaved rope dims are de-interleaved. Experts stacked per layer
+(gpt-oss) are split per expert, their interleaved gate/up rows reordered gate first, and MXFP4 experts
+dequantized one expert at a time. Reads through any
 `TensorReader` (the loader's memory-mapped safetensors).
 """
 
@@ -14,7 +16,8 @@ from typing import Protocol
 
 import torch
 
-from engine.models.spec import AttentionKind, ModelSpec, QKNorm
+from engine.models.mxfp4 import MXFP4Expert
+from engine.models.spec import AttentionKind, FusedExpertWeightNames, ModelSpec, QKNorm
 from engine.models.weights import AttentionWeights, ExpertTensors, LatentAttentionWeights, LayerWeights, MLPWeights
 from engine.types import ExpertKey
 
@@ -62,6 +65,7 @@ def _attention(spec: ModelSpec, src: TensorReader, prefix: str, dtype: torch.dty
         o_bias=src.get(f"{prefix}.o_proj.bias", dtype) if spec.o_bias else None,
         q_norm=src.get(f"{prefix}.q_norm.weight", dtype) if with_norm else None,
         k_norm=src.get(f"{prefix}.k_norm.weight", dtype) if with_norm else None,
+        sinks=src.get(f"{prefix}.sinks", dtype) if spec.attention_sinks else None,
     )
 
 
@@ -101,8 +105,9 @@ def layer_weights(spec: ModelSpec, src: TensorReader, layer: int, dtype: torch.d
     else:
         router_dtype = torch.float32 if spec.routing.in_fp32 else dtype
         router = src.get(spec.router_name.format(layer=layer), router_dtype)
-        if spec.router_bias_name is not None:
-            router_bias = src.get(spec.router_bias_name.format(layer=layer), torch.float32).reshape(-1)
+        if spec.router_bias_name is not None:  # a logit bias in the router's dtype, a correction bias in fp32
+            bias_dtype = router_dtype if spec.routing.logit_bias else torch.float32
+            router_bias = src.get(spec.router_bias_name.format(layer=layer), bias_dtype).reshape(-1)
         if spec.shared_expert_prefix is not None and spec.shared_expert_intermediate_size > 0:
             shared = _mlp(src, spec.shared_expert_prefix.format(layer=layer), dtype, spec.shared_expert_gated)
     return LayerWeights(
@@ -117,14 +122,43 @@ def layer_weights(spec: ModelSpec, src: TensorReader, layer: int, dtype: torch.d
 
 
 def expert_weights(spec: ModelSpec, src: TensorReader, layer: int,
-                   dtype: torch.dtype) -> Iterator[tuple[ExpertKey, ExpertTensors]]:
-    """Decoder layer `layer`'s routed experts as (gate_up, down), keyed by its MoE-layer index
-    (nothing for a dense layer)."""
+                   dtype: torch.dtype) -> Iterator[tuple[ExpertKey, ExpertTensors | MXFP4Expert]]:
+    """Decoder layer `layer`'s routed experts as (gate_up, down) (and biases), keyed by its MoE-layer
+    index (nothing for a dense layer); MXFP4 experts as `MXFP4Expert`, dequantized when read."""
     moe_layer = spec.moe_index(layer)
     if moe_layer is None:
         return
     names = spec.expert_names
+    if isinstance(names, FusedExpertWeightNames):
+        yield from _stacked_experts(spec, src, names, layer, moe_layer, dtype)
+        return
     for expert in range(spec.num_experts):
         fmt = {"layer": layer, "expert": expert}
         gate_up = torch.cat([src.get(names.gate.format(**fmt), dtype), src.get(names.up.format(**fmt), dtype)])
         yield ExpertKey(moe_layer, expert), (gate_up, src.get(names.down.format(**fmt), dtype))
+
+
+def _gate_first(interleaved: torch.Tensor) -> torch.Tensor:
+    """Rows (or a bias) whose gate and up alternate (gate 2i, up 2i+1) as [gate; up]."""
+    return torch.cat([interleaved[0::2], interleaved[1::2]]).contiguous()
+
+
+def _stacked_experts(spec: ModelSpec, src: TensorReader, names: FusedExpertWeightNames, layer: int, moe_layer: int,
+                     dtype: torch.dtype) -> Iterator[tuple[ExpertKey, ExpertTensors | MXFP4Expert]]:
+    """gpt-oss: one layer's experts from tensors stacked over experts, as (gate_up [2F, D], down [D, F],
+    gate_up_bias [2F], down_bias [D]); MXFP4 experts stay 4-bit, dequantized when read (`MXFP4Expert`)."""
+    gate_up_name, down_name = names.gate_up.format(layer=layer), names.down.format(layer=layer)
+    gate_up_bias, down_bias = src.get(gate_up_name + "_bias", dtype), src.get(down_name + "_bias", dtype)
+    if spec.mxfp4_experts:  # blocks [E, out, in / 32, 16] and scales [E, out, in / 32]
+        (gu_blocks, gu_scales), (d_blocks, d_scales) = [
+            (src.get(f"{name}_blocks", torch.uint8), src.get(f"{name}_scales", torch.uint8))
+            for name in (gate_up_name, down_name)]
+        for expert in range(spec.num_experts):  # gate/up rows reordered before dequantizing (it is per row)
+            yield ExpertKey(moe_layer, expert), MXFP4Expert(
+                (_gate_first(gu_blocks[expert]), _gate_first(gu_scales[expert])), (d_blocks[expert], d_scales[expert]),
+                _gate_first(gate_up_bias[expert]), down_bias[expert].contiguous(), dtype)
+        return
+    gate_up_all, down_all = src.get(gate_up_name, dtype), src.get(down_name, dtype)  # [E, D, 2F], [E, F, D]
+    for expert in range(spec.num_experts):
+        yield ExpertKey(moe_layer, expert), (_gate_first(gate_up_all[expert].t()), down_all[expert].t().contiguous(),
+                                             _gate_first(gate_up_bias[expert]), down_bias[expert].contiguous())

@@ -43,7 +43,7 @@ class ResidentExperts:
     """Every routed expert resident in memory: the all-resident reference run."""
 
     def __init__(self, experts: Mapping[ExpertKey, ExpertTensors], device: torch.device) -> None:
-        self._experts = {key: (gu.to(device), down.to(device)) for key, (gu, down) in experts.items()}
+        self._experts = {key: tuple(t.to(device) for t in tensors) for key, tensors in experts.items()}
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[list[tuple[int, ExpertTensors]]]:
         return iter([[(expert, self._experts[ExpertKey(layer, expert)]) for expert in expert_ids]])
@@ -59,4 +59,4 @@ class ResidentExperts:
 
     def nbytes(self) -> int:
         """Bytes held by all routed experts."""
-        return sum(gu.numel() * gu.element_size() + d.numel() * d.element_size() for gu, d in self._experts.values())
+        return sum(t.numel() * t.element_size() for tensors in self._experts.values() for t in tensors)

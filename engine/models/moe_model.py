@@ -1,9 +1,10 @@
 """Our forward pass for decoder-only MoE transformers (every architecture of `engine.models.registry`).
 
 Pure functions over `DenseWeights` plus an `ExpertProvider`; the spec decides the attention
-(grouped-query, or latent: `engine.models.latent_attention`), biases, q/k norms, the rope,
-which layers are dense, the router and the shared expert. Expert-side callbacks (routing
-observer, speculator, provider) see MoE-layer indices. Shapes: T tokens, D hidden, H heads,
+(grouped-query, or latent: `engine.models.latent_attention`; sliding windows and sinks), biases,
+q/k norms, the rope, which layers are dense, the router, the routed experts' activation and
+biases, and the shared expert. Expert-side callbacks (routing observer, speculator, provider)
+see MoE-layer indices. Shapes: T tokens, D hidden, H heads,
 Hkv kv heads, Dh head dim, R rotary dims, E experts, A active experts per token, F expert
 intermediate size, V vocab.
 """
@@ -22,7 +23,7 @@ from engine.models.latent_attention import latent_attention
 from engine.models.packed import Matrix
 from engine.models.rope import RotaryEmbedding, apply_rope
 from engine.models.router import route
-from engine.models.spec import ModelSpec, QKNorm
+from engine.models.spec import ExpertActivation, ExpertMLPSpec, ModelSpec, QKNorm
 from engine.models.weights import AttentionWeights, DenseWeights, LatentAttentionWeights, LayerWeights, MLPWeights
 
 RoutingObserver = Callable[[int, torch.Tensor], None]  # (MoE layer, topk_ids [T, A])
@@ -35,7 +36,8 @@ KVCache = tuple[torch.Tensor, ...]  # one layer's paged cache tensors, shaped by
 class MoEModel:
     """Runs one step of the model over a flattened batch of tokens. With `packed` the weights are
     in the CPU kernels' packed layout (`engine.models.weights.pack_dense`, `pack_expert`) and the
-    routed experts run in the C kernel; otherwise every product runs in torch."""
+    routed experts run in the C kernel when it computes their MLP (`ExpertMLPSpec.is_plain`);
+    otherwise every product runs in torch."""
 
     def __init__(self, spec: ModelSpec, dense: DenseWeights, experts: ExpertProvider, device: torch.device,
                  packed: bool = False) -> None:
@@ -44,6 +46,7 @@ class MoEModel:
         self.experts = experts
         self.device = device
         self.packed = packed
+        self.packed_experts = packed and spec.expert_mlp.is_plain
         self.rotary = RotaryEmbedding(spec.rope, device)
         self.moe_index = [spec.moe_index(layer) for layer in range(spec.num_layers)]
         self.routing_observer: RoutingObserver | None = None
@@ -70,7 +73,8 @@ class MoEModel:
             if isinstance(layer.attention, LatentAttentionWeights):
                 x = x + latent_attention(self.spec, layer.attention, h, rotary, meta, kv_caches[layer_idx][0])
             else:
-                x = x + self._attention(layer.attention, h, rotary, meta, kv_caches[layer_idx])
+                window = self.spec.window(layer_idx)
+                x = x + self._attention(layer.attention, h, rotary, meta, kv_caches[layer_idx], window)
             h = rms_norm(x, layer.post_attention_norm, self.spec.rms_norm_eps)
             moe_layer = self.moe_index[layer_idx]
             if moe_layer is None:
@@ -90,6 +94,7 @@ class MoEModel:
         rotary: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_cache: KVCache,
+        window: int | None,
     ) -> torch.Tensor:
         spec = self.spec
         num_tokens = x.shape[0]
@@ -109,7 +114,7 @@ class MoEModel:
             k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
         q = apply_rope(q, *rotary)
         k = apply_rope(k, *rotary)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, spec.attention_scale)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, spec.attention_scale, window, w.sinks)
         return linear(out, w.o, w.o_bias)
 
     def route(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> Routing:
@@ -137,7 +142,7 @@ class MoEModel:
             guesses = self.speculator(moe_layer, x, routing.ids)
             if guesses and moe_layer + 1 < self.spec.num_moe_layers:
                 self.experts.hint(moe_layer + 1, guesses)
-        if self.packed:
+        if self.packed_experts:
             # the kernel computes in fp32 (bf16 weights too); the sum over slots is rounded to x's dtype once
             out = torch.zeros(num_tokens * top_k, hidden)
             rows = ExpertRows(x, routing.tokens, routing.order, routing.scale, self.spec.moe_intermediate_size)
@@ -147,11 +152,10 @@ class MoEModel:
         else:
             out = x.new_zeros(num_tokens * top_k, hidden)
             for ready in fetched:
-                for expert, (gate_up, down) in ready:
+                for expert, tensors in ready:
                     first, last = starts[expert], starts[expert] + counts[expert]
-                    gate, up = F.linear(x[routing.tokens[first:last]], gate_up).chunk(2, dim=-1)
-                    expert_out = F.linear(F.silu(gate) * up, down) * routing.scale[first:last, None]
-                    out[routing.order[first:last]] = expert_out.to(out.dtype)
+                    expert_out = _expert_mlp(self.spec.expert_mlp, tensors, x[routing.tokens[first:last]])
+                    out[routing.order[first:last]] = (expert_out * routing.scale[first:last, None]).to(out.dtype)
         self.experts.done(moe_layer, needed)
         routed = out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
         if layer.shared_expert is not None:
@@ -164,3 +168,19 @@ class MoEModel:
         gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
         out = linear(F.silu(gate) * up, w.down)
         return out if w.gate is None else torch.sigmoid(linear(x, w.gate)) * out
+
+
+def _expert_mlp(spec: ExpertMLPSpec, tensors: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+    """One routed expert on its tokens x [N, D] (torch): SwiGLU, or gpt-oss' clamped SwiGLU
+    ((up + 1) * gate * sigmoid(alpha * gate), gate clamped above and up both sides at `limit`), with
+    the gate_up and down biases when the spec has them."""
+    gate_up, down, *biases = tensors
+    gate_up_bias, down_bias = biases if spec.biases else (None, None)
+    gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
+    if spec.activation is ExpertActivation.CLAMPED_SWIGLU:
+        gate = gate.clamp(max=spec.swiglu_limit)
+        up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
+        hidden = (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
+    else:
+        hidden = F.silu(gate) * up
+    return F.linear(hidden, down, down_bias)

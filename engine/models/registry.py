@@ -4,9 +4,10 @@ Mixtral, Qwen2-MoE (shared expert with a sigmoid gate), Qwen3-MoE (per-head q/k 
 norm_topk_prob; both with optional dense layers), OLMoE (full q/k norm, optional clip_qkv)
 DeepSeek-V2/V3 (multi-head latent attention, ungated shared experts, dense first layers,
 group-limited routing; V3 with sigmoid scores and a correction bias), GLM-4.5 (V3's routing with
-grouped-query attention, partial rotary, optional q/k norm) and ERNIE-4.5 (interleaved rope,
-softmax routing with a correction bias). Configs that change the math in ways we do not implement are
-refused with a ModelLoadError naming the field.
+grouped-query attention, partial rotary, optional q/k norm), ERNIE-4.5 (interleaved rope,
+softmax routing with a correction bias) and gpt-oss (attention sinks, alternating sliding-window
+and full layers, a biased router, biased experts with a clamped SwiGLU, MXFP4 experts). Configs
+that change the math in ways we do not implement are refused with a ModelLoadError naming the field.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from typing import Any
 from engine.errors import ModelLoadError
 from engine.models.spec import (
     AttentionKind,
+    ExpertActivation,
+    ExpertMLPSpec,
     ExpertWeightNames,
+    FusedExpertWeightNames,
     GroupScoring,
     LatentAttentionSpec,
     ModelSpec,
@@ -340,6 +344,55 @@ def ernie4_5_moe_spec(config: Any) -> ModelSpec:
     )
 
 
+GPT_OSS_LAYER_TYPES = {"sliding_attention": True, "full_attention": False}  # layer type -> windowed
+
+
+def _gpt_oss_windows(config: Any, num_layers: int) -> tuple[int | None, ...]:
+    """gpt-oss' layer_types: `sliding_window` tokens for each sliding_attention layer, None for full attention."""
+    layer_types = list(config_value(config, "layer_types") or [])
+    require(len(layer_types) == num_layers, f"layer_types has {len(layer_types)} entries for {num_layers} layers")
+    unknown = sorted({t for t in layer_types if t not in GPT_OSS_LAYER_TYPES})
+    require(not unknown, f"layer_types {unknown} are not supported: only {', '.join(GPT_OSS_LAYER_TYPES)}")
+    window = config_value(config, "sliding_window")
+    if any(GPT_OSS_LAYER_TYPES[t] for t in layer_types):
+        require(isinstance(window, int) and window >= 1, f"sliding_window={window!r} must be a positive integer")
+    return tuple(window if GPT_OSS_LAYER_TYPES[t] else None for t in layer_types)
+
+
+def gpt_oss_spec(config: Any) -> ModelSpec:
+    """GptOssForCausalLM (gpt-oss-20b, gpt-oss-120b): grouped-query attention with q/k/v/o biases,
+    a learned sink logit per head, sliding-window layers by layer_types, YaRN; a biased router whose
+    softmax runs over the top-k logits; experts stacked per layer with biases and the clamped SwiGLU,
+    stored in MXFP4 (quant_method 'mxfp4') or plain."""
+    base = base_fields(config, quantizations=("mxfp4",))
+    bias = bool(config_value(config, "attention_bias", True))
+    experts = LAYER + ".mlp.experts"
+    return ModelSpec(
+        architecture="GptOssForCausalLM",
+        **base,
+        num_experts=int(config_value(config, "num_local_experts")),
+        top_k=int(config_value(config, "num_experts_per_tok")),
+        moe_intermediate_size=int(config_value(config, "intermediate_size")),
+        routing=RoutingSpec(RouterScoring.SOFTMAX_OF_TOPK, logit_bias=True),
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=QKNorm.NONE,
+        clip_qkv=None,
+        shared_expert_intermediate_size=0,
+        router_name=LAYER + ".mlp.router.weight",
+        expert_names=FusedExpertWeightNames(gate_up=experts + ".gate_up_proj", down=experts + ".down_proj"),
+        shared_expert_prefix=None,
+        moe_layers=tuple(range(base["num_layers"])),
+        router_bias_name=LAYER + ".mlp.router.bias",
+        layer_windows=_gpt_oss_windows(config, base["num_layers"]),
+        attention_sinks=True,
+        expert_mlp=ExpertMLPSpec(ExpertActivation.CLAMPED_SWIGLU, biases=True,
+                                 swiglu_alpha=float(config_value(config, "swiglu_alpha", 1.702) or 1.702),
+                                 swiglu_limit=float(config_value(config, "swiglu_limit", 7.0))),
+        mxfp4_experts=config_value(config, "quantization_config") is not None,
+    )
+
+
 ARCHITECTURES: dict[str, Callable[[Any], ModelSpec]] = {
     "MixtralForCausalLM": mixtral_spec,
     "Qwen2MoeForCausalLM": qwen2_moe_spec,
@@ -349,6 +402,7 @@ ARCHITECTURES: dict[str, Callable[[Any], ModelSpec]] = {
     "DeepseekV3ForCausalLM": deepseek_v3_spec,
     "Glm4MoeForCausalLM": glm4_moe_spec,
     "Ernie4_5_MoeForCausalLM": ernie4_5_moe_spec,
+    "GptOssForCausalLM": gpt_oss_spec,
 }
 
 

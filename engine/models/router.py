@@ -1,6 +1,7 @@
 """An MoE layer's router: hidden states -> each token's top-k experts and their weights.
 
-Softmax or sigmoid scores; optionally group-limited (only the best `topk_groups` of
+Softmax or sigmoid scores, or (gpt-oss) a softmax over the top-k logits only, the router's linear
+optionally biased; optionally group-limited (only the best `topk_groups` of
 `num_groups` expert groups compete) with a correction bias that steers the choice but not the
 weights (DeepSeek-V3); renormalised and scaled as the spec says. Plain softmax top-k runs in
 one C call on the CPU (`cpu_kernels.route`); everything else in torch.
@@ -37,17 +38,22 @@ def route(spec: RoutingSpec, num_experts: int, top_k: int, router: Matrix, bias:
     """x [T, D] -> the top-k experts of each token and their weights, grouped by expert. With an
     override [T, A] the ids come from it and the weights are the router's at those ids. Weights
     are rounded to x's dtype like the reference models unless the spec keeps them in fp32."""
-    logits = linear(x.float() if spec.in_fp32 else x, router)  # [T, E]
+    logits = linear(x.float() if spec.in_fp32 else x, router, bias if spec.logit_bias else None)  # [T, E]
     if spec.is_plain_softmax:
         routing = route_kernel(logits, top_k, spec.norm_topk_prob, x.dtype, override)
         if routing is not None:
             return routing
+    choice_bias = bias if spec.correction_bias else None
+    if spec.scoring is RouterScoring.SOFTMAX_OF_TOPK:
+        ids = torch.topk(logits, top_k, dim=-1).indices if override is None else override.to(x.device, torch.long)
+        weights = torch.softmax(logits.gather(1, ids).float(), dim=-1)
+        return _grouped(spec, ids, weights, num_experts, top_k, x.dtype)
     if spec.scoring is RouterScoring.SOFTMAX:
         scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
     else:
         scores = torch.sigmoid(logits.float())
     if override is None:
-        ids = _choose(spec, scores, bias, top_k)
+        ids = _choose(spec, scores, choice_bias, top_k)
     else:
         ids = override.to(device=x.device, dtype=torch.long)
     weights = scores.gather(1, ids)
@@ -55,8 +61,14 @@ def route(spec: RoutingSpec, num_experts: int, top_k: int, router: Matrix, bias:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if spec.scaling_factor != 1.0:
         weights = weights * spec.scaling_factor
+    return _grouped(spec, ids, weights, num_experts, top_k, x.dtype)
+
+
+def _grouped(spec: RoutingSpec, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, top_k: int,
+             dtype: torch.dtype) -> Routing:
+    """ids, fp32 weights [T, A] -> the Routing grouped by expert (weights rounded to `dtype` unless kept fp32)."""
     if spec.round_weights:
-        weights = weights.to(x.dtype).float()
+        weights = weights.to(dtype).float()
     flat_ids = ids.flatten()  # [T * A]
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()

@@ -3,8 +3,9 @@
 Each supported Hugging Face architecture (see `engine.models.registry`) turns its config
 into a ModelSpec and names its weights; the runtime in `engine.models.moe_model` only
 reads the spec: the attention kind (grouped-query or multi-head latent), the rope and its
-scaling, which layers are MoE layers (the others have a dense MLP), how the router scores
-and picks experts, and the shared expert. Nothing here imports torch.
+scaling, which layers attend through a sliding window and whether attention has sinks, which
+layers are MoE layers (the others have a dense MLP), how the router scores and picks experts,
+the routed experts' activation and biases, and the shared expert. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class RouterScoring(enum.Enum):
 
     SOFTMAX = "softmax"
     SIGMOID = "sigmoid"
+    SOFTMAX_OF_TOPK = "softmax_of_topk"  # gpt-oss: the top-k logits, then a softmax over those k only
 
 
 class GroupScoring(enum.Enum):
@@ -101,12 +103,35 @@ class RoutingSpec:
     correction_bias: bool = False  # e_score_correction_bias: added to the scores for the choice only
     in_fp32: bool = False  # router weights (and logits) kept in fp32 whatever the model's dtype
     round_weights: bool = True  # routing weights rounded to the activations' dtype (DeepSeek, GLM keep fp32)
+    logit_bias: bool = False  # gpt-oss: the router linear's bias, added to the logits (choice and weights)
 
     @property
     def is_plain_softmax(self) -> bool:
         """Softmax top-k (optionally renormalised) and nothing else: what the C routing kernel computes."""
         return (self.scoring is RouterScoring.SOFTMAX and self.num_groups == 1 and not self.correction_bias
-                and self.scaling_factor == 1.0 and not self.in_fp32)
+                and self.scaling_factor == 1.0 and not self.in_fp32 and not self.logit_bias)
+
+
+class ExpertActivation(enum.Enum):
+    """The routed experts' gated activation of (gate, up)."""
+
+    SWIGLU = "swiglu"  # silu(gate) * up
+    CLAMPED_SWIGLU = "clamped_swiglu"  # gpt-oss: gate, up clamped to `limit`; (up + 1) * gate * sigmoid(alpha * gate)
+
+
+@dataclass(frozen=True)
+class ExpertMLPSpec:
+    """The routed experts' MLP beyond the plain bias-free SwiGLU (the C expert kernel's case)."""
+
+    activation: ExpertActivation = ExpertActivation.SWIGLU
+    biases: bool = False  # gate_up and down biases (gpt-oss)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    @property
+    def is_plain(self) -> bool:
+        """SwiGLU without biases: what the C expert kernel computes on packed experts."""
+        return self.activation is ExpertActivation.SWIGLU and not self.biases
 
 
 @dataclass(frozen=True)
@@ -115,6 +140,17 @@ class ExpertWeightNames:
 
     gate: str
     up: str
+    down: str
+
+
+@dataclass(frozen=True)
+class FusedExpertWeightNames:
+    """Hub weight names of one layer's routed experts stacked in one tensor each (format with layer=):
+    gpt-oss' `gate_up_proj` [E, D, 2F] (gate and up interleaved along 2F) and `down_proj` [E, F, D],
+    each with a `_bias` ([E, 2F], [E, D]); in MXFP4 checkpoints `_blocks` and `_scales` instead of the
+    weight itself (see `engine.models.mxfp4`)."""
+
+    gate_up: str
     down: str
 
 
@@ -149,7 +185,7 @@ class ModelSpec:
     shared_expert_intermediate_size: int
     tie_word_embeddings: bool
     router_name: str  # e.g. "model.layers.{layer}.mlp.gate.weight"
-    expert_names: ExpertWeightNames
+    expert_names: ExpertWeightNames | FusedExpertWeightNames
     shared_expert_prefix: str | None  # e.g. "model.layers.{layer}.mlp.shared_expert"
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
@@ -159,6 +195,15 @@ class ModelSpec:
     router_bias_name: str | None = None  # e.g. "model.layers.{layer}.mlp.gate.e_score_correction_bias"
     attention: AttentionKind = AttentionKind.GQA
     mla: LatentAttentionSpec | None = None
+    layer_windows: tuple[int | None, ...] = ()  # per decoder layer: its sliding window in tokens, None (or no
+    # entry) for full attention; a query attends the `window` most recent tokens, itself included
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head joins each query's softmax (`sinks`)
+    expert_mlp: ExpertMLPSpec = ExpertMLPSpec()
+    mxfp4_experts: bool = False  # the routed experts are stored in MXFP4 (dequantized expert by expert at load)
+
+    def window(self, layer: int) -> int | None:
+        """Decoder layer `layer`'s sliding window (None: full attention)."""
+        return self.layer_windows[layer] if layer < len(self.layer_windows) else None
 
     @property
     def num_moe_layers(self) -> int:
@@ -264,9 +309,11 @@ def require(condition: bool, message: str) -> None:
         raise ModelLoadError(message)
 
 
-def base_fields(config: Any, rotary_head_dim: int | None = None, interleaved_rope: bool = False) -> dict[str, Any]:
+def base_fields(config: Any, rotary_head_dim: int | None = None, interleaved_rope: bool = False,
+                quantizations: tuple[str, ...] = ()) -> dict[str, Any]:
     """Fields every supported architecture reads the same way (the rope over `rotary_head_dim`,
-    by default the head dim)."""
+    by default the head dim); a quantization_config is refused unless its quant_method is one of
+    `quantizations`."""
     hidden = int(config_value(config, "hidden_size"))
     num_heads = int(config_value(config, "num_attention_heads"))
     head_dim = int(config_value(config, "head_dim") or hidden // num_heads)
@@ -274,8 +321,9 @@ def base_fields(config: Any, rotary_head_dim: int | None = None, interleaved_rop
     require(act == "silu", f"unsupported hidden_act {act!r}: only 'silu' is implemented")
     require(not config_value(config, "use_sliding_window", False), "sliding-window attention is not implemented")
     quantization = config_value(config, "quantization_config")
-    require(quantization is None, f"quantization_config {_quant_method(quantization)!r} is not supported: "
-            "only unquantized fp32/bf16/fp16 checkpoints load")
+    require(quantization is None or _quant_method(quantization) in quantizations,
+            f"quantization_config {_quant_method(quantization)!r} is not supported: "
+            f"only unquantized fp32/bf16/fp16 checkpoints load{''.join(' (or ' + q + ')' for q in quantizations)}")
     return {
         "vocab_size": int(config_value(config, "vocab_size")),
         "hidden_size": hidden,

@@ -22,7 +22,7 @@ from engine.types import ExpertKey
 
 @dataclass
 class AttentionWeights:
-    """One layer's attention. qkv: [(H + 2*Hkv) * Dh, D], o: [D, H * Dh]."""
+    """One layer's attention. qkv: [(H + 2*Hkv) * Dh, D], o: [D, H * Dh]; sinks: [H] (gpt-oss)."""
 
     MATRICES: ClassVar[tuple[str, ...]] = ("qkv", "o")  # the fields a product reads
 
@@ -32,6 +32,7 @@ class AttentionWeights:
     o_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
+    sinks: torch.Tensor | None = None
 
 
 @dataclass
@@ -167,8 +168,9 @@ def pack_dense(dense: DenseWeights) -> DenseWeights:
     return dataclasses.replace(packed, embed_tokens=packed.lm_head) if tied else packed
 
 
-# (gate_up [2F, D], down [D, F]); packed for the CPU kernels: their blocks, see `pack_expert`
-ExpertTensors = tuple[torch.Tensor, torch.Tensor]
+# (gate_up [2F, D], down [D, F]), then with biased experts (gpt-oss) (gate_up_bias [2F], down_bias [D]);
+# packed for the CPU kernels (bias-free SwiGLU experts only): their blocks, see `pack_expert`
+ExpertTensors = tuple[torch.Tensor, ...]
 
 
 def pack_expert(tensors: ExpertTensors, arena: Arena | None = None) -> ExpertTensors:

@@ -21,7 +21,9 @@ from tests.helpers import NEW_ARCHITECTURES, hf_model, run_to_completion
 from tests.unit.test_offload import MIN_FRACTION, run
 
 # each with 4 MoE layers of 8 experts: the minimum cache (one layer) is a quarter of the experts
-CHECKPOINTS = {"qwen2_moe-dense-yarn": {}, **{arch: {"num_hidden_layers": 5} for arch in NEW_ARCHITECTURES}}
+# (gpt-oss has no dense layer: 4 layers, sliding-window and full attention alternating)
+CHECKPOINTS = {"qwen2_moe-dense-yarn": {},
+               **{arch: {"num_hidden_layers": 4 if arch == "gpt_oss" else 5} for arch in NEW_ARCHITECTURES}}
 NUM_MOE_LAYERS = 4
 
 
