@@ -20,6 +20,8 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # dense MLP layers interleaved with MoE layers (MoE layers 1, 2, 4, 5), YaRN with its attention factor
     "qwen2_moe-dense-yarn": ("qwen2_moe", dict(num_hidden_layers=6, mlp_only_layers=[0, 3], rope_parameters=YARN)),
+    # sliding-window attention in every layer, a window shorter than the test prompts
+    "mixtral-sliding_window": ("mixtral", dict(sliding_window=4)),
     # every second layer MoE (decoder_sparse_step), llama3 rope
     "qwen3_moe-sparse_step-llama3": ("qwen3_moe", dict(
         num_hidden_layers=4, decoder_sparse_step=2, rope_parameters={

@@ -56,9 +56,11 @@ def _qwen_moe_layers(config: Any, num_experts: int) -> tuple[int, ...]:
 
 
 def mixtral_spec(config: Any) -> ModelSpec:
-    """MixtralForCausalLM: top-k of softmax, always renormalised; no biases."""
+    """MixtralForCausalLM: top-k of softmax, always renormalised; no biases; every layer attends
+    through `sliding_window` when it is set."""
     window = config_value(config, "sliding_window")
-    require(window is None, f"sliding_window={window} is not supported: only full attention is implemented")
+    require(window is None or (isinstance(window, int) and window >= 1),
+            f"sliding_window={window!r} must be a positive integer or null")
     base = base_fields(config)
     return ModelSpec(
         architecture="MixtralForCausalLM",
@@ -80,6 +82,7 @@ def mixtral_spec(config: Any) -> ModelSpec:
         ),
         shared_expert_prefix=None,
         moe_layers=tuple(range(base["num_layers"])),
+        layer_windows=(window,) * base["num_layers"] if window is not None else (),
     )
 
 

@@ -59,8 +59,8 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 
 
 def test_unsupported_config_is_refused(tmp_path: Path) -> None:
-    path = make_tiny_checkpoint("mixtral", tmp_path, sliding_window=16)
-    assert_one_line_error(run_cli("generate", "--model", str(path), "--prompt", "hi"), "sliding_window=16")
+    path = make_tiny_checkpoint("mixtral", tmp_path, hidden_act="gelu")
+    assert_one_line_error(run_cli("generate", "--model", str(path), "--prompt", "hi"), "hidden_act 'gelu'")
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
