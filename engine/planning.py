@@ -1,14 +1,15 @@
 """`moe-serve plan`: what serving a checkpoint with offloading takes, from its config alone.
 
 Sizes come from the ModelSpec (no weight is read): one routed expert as the host tier stores it
-(gate_up and down, 64-byte aligned, at the chosen dtype), the non-expert weights the device holds
-(embeddings, attention, norms, routers, shared experts, dense MLPs; routers and correction biases
-kept in fp32 where the loader keeps them), and the KV bytes per token. The GPU budget is split as
-serve splits it: the non-expert weights, the KV cache (`engine.builder.kv_cache_blocks`), a working
-reserve, and the rest for the expert cache (`engine.offload.size_expert_cache`); the printed serve
-flags reproduce exactly that cache. Expected copies per token: under uniform routing a MoE layer
-with a share f of its experts resident misses top_k * (1 - f) experts per token; with a routing
-trace, the trace's misses replayed through the cache policy at the per-layer share of the slots.
+(gate_up and down, with gpt-oss' biases, 64-byte aligned, at the chosen dtype), the non-expert
+weights the device holds (embeddings, attention with its biases and sinks, norms, routers, shared
+experts, dense MLPs; routers and biases in fp32 where the loader keeps them), and the KV bytes per
+token. The GPU budget is split as serve splits it: the non-expert weights, the KV cache
+(`engine.builder.kv_cache_blocks`), a working reserve, and the rest for the expert cache
+(`engine.offload.size_expert_cache`); the printed serve flags reproduce exactly that cache.
+Expected copies per token: under uniform routing a MoE layer with a share f of its experts
+resident misses top_k * (1 - f) experts per token; with a routing trace, the trace's misses
+replayed through the cache policy at the per-layer share of the slots.
 """
 
 from __future__ import annotations
@@ -85,12 +86,14 @@ def non_expert_nbytes(spec: ModelSpec, dtype: torch.dtype) -> int:
             params += 3 * hidden * spec.dense_intermediate_size
             continue
         router = spec.num_experts * hidden
+        router_bias = spec.num_experts if spec.router_bias_name is not None else 0
         if spec.routing.in_fp32:
-            fp32_params += router
+            fp32_params += router + router_bias
+        elif spec.routing.logit_bias:  # a logit bias in the router's dtype, a correction bias in fp32
+            params += router + router_bias
         else:
             params += router
-        if spec.router_bias_name is not None:
-            fp32_params += spec.num_experts
+            fp32_params += router_bias
         if spec.shared_expert_prefix is not None and spec.shared_expert_intermediate_size > 0:
             params += 3 * hidden * spec.shared_expert_intermediate_size + (hidden if spec.shared_expert_gated else 0)
     return params * element + fp32_params * 4
@@ -113,6 +116,7 @@ def _attention_params(spec: ModelSpec) -> int:
     params = qkv_rows * hidden + q_width * hidden
     params += qkv_rows if spec.qkv_bias else 0
     params += hidden if spec.o_bias else 0
+    params += heads if spec.attention_sinks else 0
     if spec.qk_norm is QKNorm.PER_HEAD:
         params += 2 * spec.head_dim
     elif spec.qk_norm is QKNorm.FULL:
@@ -121,11 +125,13 @@ def _attention_params(spec: ModelSpec) -> int:
 
 
 def expert_nbytes(spec: ModelSpec, dtype: torch.dtype) -> int:
-    """One routed expert as the host tier stores it: (gate_up [2F, D], down [D, F]), each 64-byte aligned."""
+    """One routed expert as the host tier stores it: (gate_up [2F, D], down [D, F]) and with expert biases
+    (gpt-oss) their biases [2F], [D], each 64-byte aligned; MXFP4 experts are stored dequantized to `dtype`."""
     hidden, inner = spec.hidden_size, spec.moe_intermediate_size
-    tensors = [torch.empty((2 * inner, hidden), dtype=dtype, device="meta"),
-               torch.empty((hidden, inner), dtype=dtype, device="meta")]
-    return layout_for(tensors)[1]
+    shapes = [(2 * inner, hidden), (hidden, inner)]
+    if spec.expert_mlp.biases:
+        shapes += [(2 * inner,), (hidden,)]
+    return layout_for([torch.empty(shape, dtype=dtype, device="meta") for shape in shapes])[1]
 
 
 def reserve_nbytes(spec: ModelSpec, max_num_batched_tokens: int) -> int:

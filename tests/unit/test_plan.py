@@ -24,10 +24,10 @@ from engine.offload import OffloadedExperts
 from engine.planning import GIB, HOST_RESERVE_BYTES, make_plan, reserve_nbytes
 from engine.traces import RoutingTrace, save_trace
 from server.cli import main
-from tests.helpers import tiny_config
+from tests.helpers import make_mxfp4_checkpoint, tiny_config
 
 FP32_ROUTERS = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe")  # routers, correction biases kept fp32
-ALL = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *FP32_ROUTERS)
+ALL = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *FP32_ROUTERS, "gpt_oss")
 CONTEXT = 128
 
 
@@ -47,8 +47,9 @@ def hand_geometry(arch: str, vocab_size: int) -> dict[str, int]:
     """From the tiny config: MoE layers, experts per layer, top-k, one fp32 expert, fp32 KV bytes/token."""
     config = tiny_config(arch, vocab_size)
     hidden, layers = config.hidden_size, config.num_hidden_layers
-    inner = config.intermediate_size if arch in ("mixtral", "olmoe") else config.moe_intermediate_size
-    experts = {"mixtral": "num_local_experts", "ernie4_5_moe": "moe_num_experts",
+    inner = config.intermediate_size if arch in ("mixtral", "olmoe", "gpt_oss") else config.moe_intermediate_size
+    expert_biases = 2 * inner + hidden if arch == "gpt_oss" else 0
+    experts = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "ernie4_5_moe": "moe_num_experts",
                "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts",
                "glm4_moe": "n_routed_experts"}.get(arch, "num_experts")
     top_k = config.moe_k if arch == "ernie4_5_moe" else config.num_experts_per_tok
@@ -59,7 +60,7 @@ def hand_geometry(arch: str, vocab_size: int) -> dict[str, int]:
         kv = layers * 2 * config.num_key_value_heads * head_dim * 4
     dense_layers = getattr(config, "first_k_dense_replace", None) or getattr(config, "moe_layer_start_index", 0)
     return {"moe_layers": layers - dense_layers, "experts": getattr(config, experts), "top_k": top_k,
-            "expert": 3 * hidden * inner * 4, "kv": kv}
+            "expert": (3 * hidden * inner + expert_biases) * 4, "kv": kv}
 
 
 @pytest.mark.parametrize("arch", ALL)
@@ -87,6 +88,14 @@ def test_bf16_halves_everything_but_the_fp32_routers_and_biases(arch: str, check
     assert plan.experts_nbytes == experts // 2
     assert plan.non_expert_nbytes == (others - kept) // 2 + kept
     assert plan.dtype == "bfloat16"
+
+
+def test_mxfp4_experts_are_sized_as_the_host_tier_holds_them_dequantized(checkpoint_factory, tmp_path: Path) -> None:
+    plain = make_plan(checkpoint_factory("gpt_oss"), gpu_gb=2, dtype=DType.BFLOAT16, max_model_len=CONTEXT)
+    mxfp4 = make_plan(make_mxfp4_checkpoint(tmp_path / "mxfp4"), gpu_gb=2, dtype=DType.BFLOAT16,
+                      max_model_len=CONTEXT)
+    assert (mxfp4.expert_nbytes, mxfp4.experts_nbytes, mxfp4.non_expert_nbytes) == \
+        (plain.expert_nbytes, plain.experts_nbytes, plain.non_expert_nbytes)
 
 
 def budget_for_slots(arch: str, path: Path, slots: float) -> float:
