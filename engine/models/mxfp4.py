@@ -21,6 +21,8 @@ from engine.errors import ModelLoadError
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK = 32  # values per scale
 SCALE_BIAS = 127
+_CODES = torch.arange(256)
+_BYTE_VALUES = torch.tensor(FP4_VALUES)[torch.stack([_CODES & 0x0F, _CODES >> 4], dim=-1)]  # byte -> its 2 values
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -30,9 +32,8 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
         raise ModelLoadError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} and scales {tuple(scales.shape)} "
                              f"{scales.dtype} do not match: expected uint8 [R, G, 16] and uint8 [R, G]")
     rows, groups, _ = blocks.shape
-    table = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    values = torch.stack([table[(blocks & 0x0F).long()], table[(blocks >> 4).long()]], dim=-1)  # [R, G, 16, 2]
-    values = values.view(rows, groups, BLOCK) * torch.exp2(scales.float() - SCALE_BIAS)[..., None]
+    values = _BYTE_VALUES.to(blocks.device)[blocks.int()].view(rows, groups, BLOCK)  # [R, G, 32] fp32
+    values *= torch.exp2(scales.float() - SCALE_BIAS)[..., None]
     return values.view(rows, groups * BLOCK).to(dtype)
 
 
