@@ -141,7 +141,8 @@ def reserve_nbytes(spec: ModelSpec, max_num_batched_tokens: int) -> int:
 
 
 def make_plan(model: Path, gpu_gb: float, host_gb: float | None = None, dtype: DType = DType.AUTO,
-              max_model_len: int | None = None, max_num_seqs: int = 1, trace: Path | None = None) -> Plan:
+              max_model_len: int | None = None, max_num_seqs: int = 1, trace: Path | None = None,
+              trace_tokens: int | None = None) -> Plan:
     """The plan for serving the checkpoint config in `model` on a `gpu_gb` GiB GPU (no weight is read);
     the KV cache holds `max_num_seqs` sequences of `max_model_len` (default PLAN_MAX_MODEL_LEN) tokens."""
     max_model_len = max_model_len or PLAN_MAX_MODEL_LEN
@@ -179,7 +180,7 @@ def make_plan(model: Path, gpu_gb: float, host_gb: float | None = None, dtype: D
         misses = spec.num_moe_layers * spec.top_k * (1 - fraction)
     else:
         routing_model = str(trace)
-        misses = _trace_misses_per_token(trace, spec, sizing.num_slots)
+        misses = _trace_misses_per_token(trace, spec, sizing.num_slots, trace_tokens)
     return Plan(
         architecture=spec.architecture, dtype=str(torch_dtype).removeprefix("torch."), num_layers=spec.num_layers,
         num_moe_layers=spec.num_moe_layers, num_experts=total_experts, expert_nbytes=one_expert,
@@ -209,8 +210,9 @@ def _gib_down(nbytes: int) -> float:
     return round(steps * FLAG_STEP_GIB, 6)
 
 
-def _trace_misses_per_token(path: Path, spec: ModelSpec, num_slots: int) -> float:
-    """Misses per token replaying the trace through the default policy with each layer's share of the slots."""
+def _trace_misses_per_token(path: Path, spec: ModelSpec, num_slots: int, max_tokens: int | None) -> float:
+    """Misses per token replaying the trace (its first `max_tokens` tokens when given) through the default
+    policy with each layer's share of the slots."""
     try:
         trace = load_trace(path)
     except (OSError, ValueError, KeyError) as exc:
@@ -218,6 +220,8 @@ def _trace_misses_per_token(path: Path, spec: ModelSpec, num_slots: int) -> floa
     if (trace.num_layers, trace.num_experts) != (spec.num_moe_layers, spec.num_experts):
         raise ModelLoadError(f"trace {path} has {trace.num_layers} layers x {trace.num_experts} experts, "
                              f"the model {spec.num_moe_layers} x {spec.num_experts}")
+    if max_tokens is not None:
+        trace = trace.slice_tokens(0, max_tokens)
     per_layer = min(spec.num_experts, max(spec.top_k, num_slots // spec.num_moe_layers))
     result = replay(trace, lambda: make_policy(DEFAULT_POLICY), per_layer)
     return result.misses / result.tokens if result.tokens else 0.0

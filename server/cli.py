@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-num-seqs", type=int, default=1, help="sequences of max-model-len in the KV cache")
     plan.add_argument("--trace", type=Path, default=None,
                       help="routing trace (npz/jsonl) of this model: expected copies by replay instead of uniform")
+    plan.add_argument("--trace-tokens", type=int, default=None, help="replay only the trace's first N tokens")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
 
     from engine.trace_cli import add_trace_parser
@@ -130,10 +131,12 @@ def run_plan(args: argparse.Namespace) -> int:
     from engine.planning import format_plan, make_plan
 
     if args.gpu_gb <= 0 or (args.host_gb is not None and args.host_gb <= 0) or args.max_num_seqs < 1 \
-            or (args.max_model_len is not None and args.max_model_len < 16):
-        raise ConfigError("--gpu-gb and --host-gb must be > 0, --max-num-seqs >= 1, --max-model-len >= 16")
+            or (args.max_model_len is not None and args.max_model_len < 16) \
+            or (args.trace_tokens is not None and args.trace_tokens < 1):
+        raise ConfigError("--gpu-gb and --host-gb must be > 0, --max-num-seqs and --trace-tokens >= 1, "
+                          "--max-model-len >= 16")
     plan = make_plan(args.model, args.gpu_gb, args.host_gb, DType(args.dtype), args.max_model_len,
-                     args.max_num_seqs, args.trace)
+                     args.max_num_seqs, args.trace, args.trace_tokens)
     print(json.dumps(plan.as_dict()) if args.json else format_plan(plan, args.model))
     return 0
 

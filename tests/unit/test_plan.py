@@ -142,6 +142,9 @@ def test_a_trace_replaces_uniform_routing_with_its_misses(checkpoint_factory, tm
                      max_model_len=CONTEXT, trace=tmp_path / "t.npz")
     assert plan.expected_misses_per_token == pytest.approx(2 * 3 / tokens)  # the first token's misses only
     assert plan.routing_model == str(tmp_path / "t.npz")
+    first_ten = make_plan(path, gpu_gb=budget_for_slots("deepseek_v2", path, 12.5), dtype=DType.FLOAT32,
+                          max_model_len=CONTEXT, trace=tmp_path / "t.npz", trace_tokens=10)
+    assert first_ten.expected_misses_per_token == pytest.approx(2 * 3 / 10)
     wrong = RoutingTrace(expert_ids[:, :1], np.array([0, tokens]), np.array([0], dtype=np.int32), num_experts=8)
     save_trace(tmp_path / "wrong.npz", wrong)
     with pytest.raises(ModelLoadError, match="has 1 layers x 8 experts, the model 2 x 8"):
