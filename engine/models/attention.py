@@ -144,7 +144,18 @@ def paged_latent_attention(
     Returns the attended latents [T, H * C]."""
     cache.index_copy_(0, meta.slot_mapping, entry)
     keys = cache[meta.gather_slots].transpose(1, 2)  # [B, 1, K, C + Dr]
-    return _attend(q, keys, keys[..., :value_dim], meta, scale, meta.mask)
+    _, num_heads, head_dim = q.shape
+    # The heads share the one latent key head: fold them into the query axis (one head of H * Q
+    # queries) instead of letting SDPA broadcast the keys to every head (14x slower on the CPU).
+    queries = q.new_zeros(meta.num_seqs * meta.max_query_len, num_heads, head_dim)
+    queries[meta.query_index] = q
+    queries = queries.view(meta.num_seqs, 1, meta.max_query_len, num_heads, head_dim).transpose(2, 3)
+    queries = queries.reshape(meta.num_seqs, 1, num_heads * meta.max_query_len, head_dim)  # [B, 1, H * Q, C + Dr]
+    mask = meta.mask.unsqueeze(2).expand(-1, -1, num_heads, -1, -1).reshape(
+        meta.num_seqs, 1, num_heads * meta.max_query_len, meta.mask.shape[-1])  # [B, 1, H * Q, K]
+    out = F.scaled_dot_product_attention(queries, keys, keys[..., :value_dim], attn_mask=mask, scale=scale)
+    out = out.view(meta.num_seqs, num_heads, meta.max_query_len, value_dim).transpose(1, 2)  # [B, Q, H, C]
+    return out.reshape(meta.num_seqs * meta.max_query_len, num_heads * value_dim)[meta.query_index]
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: AttentionMetadata,
