@@ -159,20 +159,20 @@ def make_speculator(config: EngineConfig, model: MoEModel) -> Speculator | None:
     if config.prefetch is PrefetchMode.LOGISTIC and spec.num_moe_layers > 1:
         predictor = LogisticPredictor(spec.num_moe_layers, spec.num_experts, top_k=spec.top_k)
         if config.prefetch_trace is not None:
-            predictor.fit(training_trace(config.prefetch_trace, spec))
+            predictor.fit(model_trace(config.prefetch_trace, spec, "prefetch_trace"))
         min_score = LOGISTIC_MIN_PROBABILITY if config.prefetch_min_score is None else config.prefetch_min_score
         return LogisticSpeculator(predictor, width, min_score)
     return None
 
 
-def training_trace(path: str, spec: ModelSpec) -> RoutingTrace:
-    """The routing trace a predictor trains on; it must have the served model's layers and experts."""
+def model_trace(path: str, spec: ModelSpec, what: str) -> RoutingTrace:
+    """A routing trace of this model (its MoE layers and experts); errors name the setting `what`."""
     try:
         trace = load_trace(path)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot read prefetch_trace {path}: {exc}") from exc
+        raise ModelLoadError(f"cannot read {what} {path}: {exc}") from exc
     if (trace.num_layers, trace.num_experts) != (spec.num_moe_layers, spec.num_experts):
-        raise ModelLoadError(f"prefetch_trace {path} has {trace.num_layers} layers x {trace.num_experts} experts, "
+        raise ModelLoadError(f"{what} {path} has {trace.num_layers} layers x {trace.num_experts} experts, "
                              f"the model {spec.num_moe_layers} x {spec.num_experts}")
     return trace
 

@@ -60,14 +60,14 @@ def layout_for(tensors: Sequence[torch.Tensor]) -> tuple[tuple[TensorLayout, ...
     return tuple(layouts), max(offset, ALIGNMENT)
 
 
-def _in_units(nbytes: int) -> str:
+def size_text(nbytes: float, digits: int = 1) -> str:
     """`nbytes` in the largest binary unit that keeps it at least 1, e.g. 288.0 KiB."""
     value, unit = float(nbytes), "bytes"
     for larger in ("KiB", "MiB", "GiB", "TiB"):
         if value < 1024:
             break
         value, unit = value / 1024, larger
-    return f"{value:.1f} {unit}"
+    return f"{value:.{digits}f} {unit}"
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -96,9 +96,9 @@ def _file_backed_slab(directory: Path, size: int) -> torch.Tensor:
                 room = "a file that large is not allowed there"
             else:
                 free = shutil.disk_usage(directory).free
-                room = f"only {free} bytes ({_in_units(free)}) are available there"
+                room = f"only {free} bytes ({size_text(free)}) are available there"
             raise HostTierSpaceError(
-                f"the file-backed host tier needs {size} bytes ({_in_units(size)}) in {directory} "
+                f"the file-backed host tier needs {size} bytes ({size_text(size)}) in {directory} "
                 f"(host_tier_dir) but {room} ({exc.strerror or exc}); free space, choose another "
                 f"host_tier_dir or raise host_memory_gb"
             ) from exc

@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 
 from cache_policies import DEFAULT_POLICY, make_policy
-from engine.builder import kv_cache_blocks
+from engine.builder import kv_cache_blocks, model_trace
 from engine.config import DType, EngineConfig
 from engine.errors import ModelLoadError
 from engine.expert_store import layout_for, min_slots_for_step
+from engine.expert_store import size_text as binary_size_text
 from engine.kv_cache import kv_bytes_per_block
 from engine.loader import read_spec, resolve_dtype
 from engine.models.spec import ModelSpec, QKNorm
 from engine.offload import size_expert_cache
 from engine.trace_sim import replay
-from engine.traces import load_trace
 
 GIB = 2**30
 RESERVE_FIXED_BYTES = GIB  # CUDA context, allocator slack and copy staging
@@ -213,13 +213,7 @@ def _gib_down(nbytes: int) -> float:
 def _trace_misses_per_token(path: Path, spec: ModelSpec, num_slots: int, max_tokens: int | None) -> float:
     """Misses per token replaying the trace (its first `max_tokens` tokens when given) through the default
     policy with each layer's share of the slots."""
-    try:
-        trace = load_trace(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot read trace {path}: {exc}") from exc
-    if (trace.num_layers, trace.num_experts) != (spec.num_moe_layers, spec.num_experts):
-        raise ModelLoadError(f"trace {path} has {trace.num_layers} layers x {trace.num_experts} experts, "
-                             f"the model {spec.num_moe_layers} x {spec.num_experts}")
+    trace = model_trace(str(path), spec, "trace")
     if max_tokens is not None:
         trace = trace.slice_tokens(0, max_tokens)
     per_layer = min(spec.num_experts, max(spec.top_k, num_slots // spec.num_moe_layers))
@@ -229,12 +223,7 @@ def _trace_misses_per_token(path: Path, spec: ModelSpec, num_slots: int, max_tok
 
 def size_text(nbytes: float) -> str:
     """`nbytes` in the largest binary unit that keeps it at least 1, e.g. 1.50 GiB."""
-    value, unit = float(nbytes), "bytes"
-    for larger in ("KiB", "MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, larger
-    return f"{value:.2f} {unit}"
+    return binary_size_text(nbytes, digits=2)
 
 
 def _element_size(dtype: torch.dtype) -> int:
