@@ -48,9 +48,9 @@ class _GroupHistory:
         self.bit: dict[Hashable, int] = {}  # key -> bit position
         self.keys: list[Hashable] = []  # bit position -> key
         self.masks: dict[int, int] = {}  # step -> keys used (bit mask)
-        self.subsets: dict[int, list[int]] = {}  # step -> its index entries (subset masks)
         self.future: dict[int, int] = {}  # indexed step -> keys used in the next `horizon` steps
-        self.index: dict[int, list[int]] = {}  # subset mask -> steps containing it, oldest first
+        # subset mask -> the step containing it, or the steps (oldest first) when several do
+        self.index: dict[int, int | list[int]] = {}
         self.subset_sizes: set[int] = set()  # sizes of the indexed subsets
         self.steps = 0
         self.last_size = 0
@@ -86,20 +86,21 @@ class _GroupHistory:
         self.masks[step] = mask
         self.last_size = len(bits)
         if len(bits) <= self.max_keys:
-            need = _needed_overlap(len(bits))
-            self.subset_sizes.add(need)
-            self.subsets[step] = [sum(1 << b for b in combo) for combo in combinations(bits, need)]
+            self.subset_sizes.add(_needed_overlap(len(bits)))
         source = step - self.horizon
-        if source in self.subsets:
+        subsets = self._subsets(source)
+        if subsets:
             future = 0
             for later in range(source + 1, step + 1):
                 future |= self.masks.get(later, 0)
             self.future[source] = future
             index, bucket = self.index, self.bucket
-            for subset in self.subsets[source]:
+            for subset in subsets:
                 steps = index.get(subset)
                 if steps is None:
-                    index[subset] = [source]
+                    index[subset] = source
+                elif isinstance(steps, int):
+                    index[subset] = [steps, source] if bucket > 1 else source
                 else:
                     steps.append(source)
                     if len(steps) > bucket:
@@ -110,16 +111,33 @@ class _GroupHistory:
         self.query_key = None
         self.query_scores = None
 
+    def _subsets(self, step: int) -> list[int]:
+        """Index entries of a recorded step: the masks of its ceil(2/3 k)-key subsets (none when
+        the step is unknown or has more than `max_keys` keys). Recomputed from the step's mask
+        rather than stored, which keeps the history a few KiB per step smaller."""
+        mask = self.masks.get(step)
+        if mask is None or mask.bit_count() > self.max_keys:
+            return []
+        bits = []
+        while mask:
+            low = mask & -mask
+            bits.append(low.bit_length() - 1)
+            mask ^= low
+        return [sum(1 << b for b in combo) for combo in combinations(bits, _needed_overlap(len(bits)))]
+
     def _forget(self, step: int) -> None:
+        index = self.index
+        if step in self.future:
+            for subset in self._subsets(step):
+                steps = index.get(subset)
+                if steps == step:
+                    del index[subset]
+                elif isinstance(steps, list) and steps[0] == step:
+                    del steps[0]
+                    if len(steps) == 1:
+                        index[subset] = steps[0]
         self.masks.pop(step, None)
         self.future.pop(step, None)
-        index = self.index
-        for subset in self.subsets.pop(step, ()):
-            steps = index.get(subset)
-            if steps and steps[0] == step:
-                del steps[0]
-                if not steps:
-                    del index[subset]
 
     def previous_scores(self) -> dict[int, float]:
         """`scores` of the last finished step (computed once, on first use)."""
@@ -140,7 +158,11 @@ class _GroupHistory:
                 continue
             for combo in combinations(bits, need):
                 steps = index.get(sum(1 << b for b in combo))
-                if steps:
+                if steps is None:
+                    continue
+                if isinstance(steps, int):
+                    shared[steps] = shared.get(steps, 0) + 1
+                else:
                     for step in steps:
                         shared[step] = shared.get(step, 0) + 1
         if not shared:
@@ -170,7 +192,7 @@ class ContextPolicy(MarkovPolicy):
         horizon: int = 4,
         neighbours: int = 16,
         bucket: int = 32,
-        history_steps: int = 8192,
+        history_steps: int = 2048,
         max_context_keys: int = 8,
         frequency_weight: float = 0.1,
         frequency_half_life: float = 32.0,

@@ -148,7 +148,11 @@ def test_context_memory_is_bounded_and_big_steps_are_safe() -> None:
     feed(policy, [rng.sample(range(64), 6) for _ in range(2000)])
     group = policy._groups[None]
     assert len(group.masks) <= 50 + 4 + 1
-    assert all(len(steps) <= 8 for steps in group.index.values())
+    assert len(group.future) <= 50 + 1
+    referenced = list(group.index.values())
+    assert all(isinstance(steps, int) or 2 <= len(steps) <= 8 for steps in referenced)
+    live = set(group.future)  # every index entry points at a step still in the history
+    assert all(({steps} if isinstance(steps, int) else set(steps)) <= live for steps in referenced)
     feed(policy, [list(range(40))])  # a batched step larger than max_context_keys: no subset blow-up
     assert policy.victim(list(range(40, 64))) in range(40, 64)
 
