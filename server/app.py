@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from server.auth import ApiKeyMiddleware
 from server.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT_S
@@ -69,6 +69,7 @@ def create_app(engine: AsyncLLMEngine, options: ServerOptions) -> FastAPI:
     ctx = ServingContext(engine=engine, served_model_name=options.served_model_name,
                          tokenizer=TokenizerPool(engine), bodies=BodyParser())
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes, open fds, CPU seconds
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

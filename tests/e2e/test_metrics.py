@@ -70,6 +70,7 @@ def test_metrics_cover_the_dashboard_and_agree_with_the_responses(offload_server
 
     used = dashboard_metric_names(json.loads(Path(DASHBOARD).read_text()))
     assert used <= names, f"dashboard metrics missing from /metrics: {sorted(used - names)}"
+    assert totals["process_resident_memory_bytes"] > 0 and totals["process_open_fds"] > 0
 
     num_requests = NUM_COMPLETIONS + NUM_STREAMED_CHATS
     assert totals["moe_serve_requests_finished_total"] == num_requests
