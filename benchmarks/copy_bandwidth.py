@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cuda_ext import CopyBackend, CopyPriority, load_copy_engine
+from moe_serve.cuda_ext import CopyBackend, CopyPriority, load_copy_engine
 
 logger = logging.getLogger(__name__)
 MIB = 1 << 20

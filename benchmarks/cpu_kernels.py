@@ -25,9 +25,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.models.cpu_kernels import ExpertRows, expert_ffn, kernel_flavour, linear
-from engine.models.packed import PackedMatrix
-from engine.models.weights import pack_expert
+from moe_serve.engine.model.cpu_kernels import ExpertRows, expert_ffn, kernel_flavour, linear
+from moe_serve.engine.model.packed import PackedMatrix
+from moe_serve.engine.model.weights import pack_expert
 
 WORKING_SET_BYTES = 256 * 2**20  # weights cycled through per case: far more than a last-level cache
 

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.engine_vs_hf import make_checkpoint
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.progress import progress
-from engine.request import EngineRequest
-from engine.sampling_params import SamplingParams
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.progress import progress
 
 WARMUP_ROUNDS = 2
 TASK_TOKEN_STARTS = {"chat": 10, "code": 150, "summarize": 300}

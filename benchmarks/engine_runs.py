@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from engine.llm_engine import LLMEngine
-from engine.offload import OffloadedExperts
-from engine.request import EngineRequest
-from engine.sampling_params import SamplingParams
+from moe_serve.engine.core.llm_engine import LLMEngine
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.offload.provider import OffloadedExperts
 
 
 def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams,

@@ -30,13 +30,13 @@ import torch
 import transformers
 
 from benchmarks.engine_runs import run_to_completion
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.progress import progress
-from engine.request import EngineRequest
-from engine.sampling_params import SamplingParams
-from engine.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.llm_engine import LLMEngine
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
+from moe_serve.engine.progress import progress
 
 BANDWIDTH_BUFFER_BYTES = 1 << 30  # far larger than any last-level cache
 

@@ -25,7 +25,7 @@ def free_port() -> int:
 def live_server(model: Path, extra_args: Sequence[str]) -> Iterator[str]:
     """Yields the base URL of a healthy server; SIGTERM on exit."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(port),
+    cmd = [sys.executable, "-m", "moe_serve.server.cli", "serve", "--model", str(model), "--port", str(port),
            "--log-level", "warning", "--dtype", "float32", *extra_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     base = f"http://127.0.0.1:{port}"

@@ -33,16 +33,16 @@ from typing import Any
 
 import torch
 
-from engine.models.attention import AttentionMetadata
-from engine.models.checkpoint import expert_weights, layer_weights
-from engine.models.cpu_kernels import rms_norm
-from engine.models.experts import ResidentExperts
-from engine.models.latent_attention import LATENT_NORM_EPS
-from engine.models.moe_model import KVCache, MoEModel
-from engine.models.registry import spec_from_config
-from engine.models.rope import apply_rope
-from engine.models.spec import ModelSpec
-from engine.models.weights import DenseWeights, LatentAttentionWeights, LayerWeights
+from moe_serve.engine.model.attention import AttentionMetadata
+from moe_serve.engine.model.checkpoint import expert_weights, layer_weights
+from moe_serve.engine.model.cpu_kernels import rms_norm
+from moe_serve.engine.model.experts import ResidentExperts
+from moe_serve.engine.model.latent_attention import LATENT_NORM_EPS
+from moe_serve.engine.model.moe_model import KVCache, MoEModel
+from moe_serve.engine.model.registry import spec_from_config
+from moe_serve.engine.model.rope import apply_rope
+from moe_serve.engine.model.spec import ModelSpec
+from moe_serve.engine.model.weights import DenseWeights, LatentAttentionWeights, LayerWeights
 
 BLOCK_SIZE = 16
 
@@ -128,7 +128,7 @@ class ExpandedMLAModel(MoEModel):
         mla = spec.mla
         assert mla is not None
         num_tokens, heads = x.shape[0], spec.num_heads
-        nope, rope_dim, rank = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
+        nope, rope_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim
         q = torch.nn.functional.linear(x, lat.q).view(num_tokens, heads, nope + rope_dim)
         q_nope, q_rope = q.split([nope, rope_dim], dim=-1)
         keys, values = expand(spec, lat, x, rotary)
@@ -146,7 +146,7 @@ def expand(spec: ModelSpec, lat: LatentAttentionWeights, x: torch.Tensor,
     """Tokens x [T, D] -> their expanded keys [T, H, Dn + Dr] and values [T, H, Dv]."""
     mla = spec.mla
     assert mla is not None
-    num_tokens, heads, rope_dim = x.shape[0], spec.num_heads, mla.qk_rope_head_dim
+    num_tokens, rope_dim = x.shape[0], mla.qk_rope_head_dim
     latent, k_rope = torch.nn.functional.linear(x, lat.kv_a).split([mla.kv_lora_rank, rope_dim], dim=-1)
     latent = rms_norm(latent.contiguous(), lat.kv_a_norm, LATENT_NORM_EPS)
     return expand_latent(spec, lat, latent, apply_rope(k_rope.reshape(num_tokens, 1, rope_dim).contiguous(), *rotary))

@@ -28,12 +28,12 @@ import torch
 
 from benchmarks.engine_runs import counters_since, offload_counters, run_to_completion
 from benchmarks.engine_vs_hf import make_checkpoint
-from cache_policies import DEFAULT_POLICY
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.progress import progress
-from engine.sampling_params import SamplingParams
+from moe_serve.cache_policies import DEFAULT_POLICY
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.llm_engine import LLMEngine
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.progress import progress
 
 
 def timed(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, prefix: str) -> float:

@@ -26,14 +26,14 @@ import torch
 import transformers
 
 from benchmarks.engine_runs import counters_since, offload_counters, run_to_completion
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.progress import progress
-from engine.sampling_params import SamplingParams
-from engine.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
-from engine.trace_routing import TraceRouter
-from engine.traces import RoutingTrace, load_trace, save_trace
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.llm_engine import LLMEngine
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
+from moe_serve.engine.progress import progress
+from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace, save_trace
+from moe_serve.engine.traces.trace_router import TraceRouter
 
 DEFAULT_TRACE = "../shared/traces/deepseek-v2-lite-puffin-train.npz"
 

@@ -39,11 +39,11 @@ import httpx
 
 from benchmarks.engine_vs_hf import make_checkpoint
 from benchmarks.live_server import live_server
-from engine.async_engine import AsyncLLMEngine
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.request import EngineRequest
-from engine.sampling_params import SamplingParams
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.async_engine import AsyncLLMEngine
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
 
 MODEL_NAME = "bench"
 TABLE_KEYS = ["ttft_p50_ms", "ttft_p99_ms", "itl_mean_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms",

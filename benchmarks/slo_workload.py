@@ -28,7 +28,7 @@ import yaml
 
 from benchmarks.engine_vs_hf import make_checkpoint
 from benchmarks.live_server import live_server
-from engine.progress import progress
+from moe_serve.engine.progress import progress
 
 # task: (prompt tokens, output tokens, TTFT SLO s, TPOT SLO s)
 TASK_MIX = {

@@ -234,7 +234,7 @@ def started_server(model: Path | None, server_args: Sequence[str], startup_timeo
                    ) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     """`moe-serve serve` on a free loopback port until healthy; yields (base URL, process, its log); stops it."""
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "moe_serve.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "warning", *(["--model", str(model)] if model else []), *DEFAULT_SERVER_FLAGS,
                *server_args]
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:

@@ -26,8 +26,8 @@ from collections.abc import Hashable, Iterable
 from heapq import nlargest
 from itertools import combinations
 
-from cache_policies.base import group_of
-from cache_policies.markov import MarkovPolicy
+from moe_serve.cache_policies.base import group_of
+from moe_serve.cache_policies.markov import MarkovPolicy
 
 
 def _needed_overlap(size: int) -> int:

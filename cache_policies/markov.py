@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterable
 
-from cache_policies.base import CachePolicy
+from moe_serve.cache_policies.base import CachePolicy
 
 
 class MarkovPolicy(CachePolicy):

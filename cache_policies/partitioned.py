@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterable
 
-from cache_policies.base import CachePolicy, group_of
+from moe_serve.cache_policies.base import CachePolicy, group_of
 
 
 class PartitionedPolicy(CachePolicy):

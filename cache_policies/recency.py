@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 
-from cache_policies.base import CachePolicy
+from moe_serve.cache_policies.base import CachePolicy
 
 
 class LRUPolicy(CachePolicy):

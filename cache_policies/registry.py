@@ -6,11 +6,11 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from cache_policies.base import CachePolicy
-from cache_policies.context import ContextPolicy
-from cache_policies.frequency import DecayedLFUPolicy, LFUDAPolicy, LFUPolicy
-from cache_policies.markov import MarkovPolicy
-from cache_policies.recency import FIFOPolicy, LRUPolicy
+from moe_serve.cache_policies.base import CachePolicy
+from moe_serve.cache_policies.context import ContextPolicy
+from moe_serve.cache_policies.frequency import DecayedLFUPolicy, LFUDAPolicy, LFUPolicy
+from moe_serve.cache_policies.markov import MarkovPolicy
+from moe_serve.cache_policies.recency import FIFOPolicy, LRUPolicy
 
 
 class PolicyName(str, Enum):

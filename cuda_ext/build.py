@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from cuda_ext.native import build_dir, load_extension
+from moe_serve.cuda_ext.native import build_dir, load_extension
 
 logger = logging.getLogger(__name__)
 

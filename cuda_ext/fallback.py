@@ -14,7 +14,7 @@ from enum import Enum
 
 import torch
 
-from cuda_ext.api import CopyBackend, CopyEngine, CopyPair, CopyPriority, CopyTicket, check_copies
+from moe_serve.cuda_ext.api import CopyBackend, CopyEngine, CopyPair, CopyPriority, CopyTicket, check_copies
 
 
 class _Status(Enum):

@@ -6,9 +6,9 @@ import logging
 
 import torch
 
-from cuda_ext.api import CopyBackend, CopyEngine
-from cuda_ext.fallback import TorchCopyEngine
-from cuda_ext.native import NativeCopyEngine
+from moe_serve.cuda_ext.api import CopyBackend, CopyEngine
+from moe_serve.cuda_ext.fallback import TorchCopyEngine
+from moe_serve.cuda_ext.native import NativeCopyEngine
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cuda_ext.api import CopyBackend, CopyEngine, CopyPair, CopyPriority, CopyTicket, check_copies
+from moe_serve.cuda_ext.api import CopyBackend, CopyEngine, CopyPair, CopyPriority, CopyTicket, check_copies
 
 logger = logging.getLogger(__name__)
 

@@ -9,28 +9,28 @@ from typing import Any
 
 import torch
 
-from engine.block_manager import BlockManager
-from engine.config import DeviceKind, EngineConfig, PrefetchMode
-from engine.errors import ModelLoadError
-from engine.kv_cache import allocate_kv_cache, kv_bytes_per_block
-from engine.llm_engine import LLMEngine
-from engine.loader import LoadedModel, load_model
-from engine.model_runner import ModelRunner
-from engine.models.cpu_kernels import packs_weights
-from engine.models.moe_model import MoEModel, Speculator
-from engine.models.weights import pack_dense
-from engine.expert_cache import SlotState
-from engine.models.experts import ResidentExperts
-from engine.offload import OffloadedExperts, build_expert_provider
-from engine.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
-from engine.models.spec import ModelSpec
-from engine.predictors import AFFINITY_MIN_SCORE, AffinityPredictor, TaskProfilePredictor
-from engine.routing import RoutingRecorder, TaskExpertCost, TaskPreloader, TraceWriter
-from engine.scheduler import Scheduler, SchedulerConfig
-from engine.scheduling_policy import NoExpertCost, ServiceTimeModel, SloContext
-from engine.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
-from engine.tasks import TaskTable, per_task_capacity
-from engine.traces import RoutingTrace, load_trace
+from moe_serve.engine.config import DeviceKind, EngineConfig, PrefetchMode
+from moe_serve.engine.core.block_manager import BlockManager
+from moe_serve.engine.core.kv_cache import allocate_kv_cache, kv_bytes_per_block
+from moe_serve.engine.core.llm_engine import LLMEngine
+from moe_serve.engine.core.model_runner import ModelRunner
+from moe_serve.engine.core.scheduler import Scheduler, SchedulerConfig
+from moe_serve.engine.core.scheduling_policy import NoExpertCost, ServiceTimeModel, SloContext
+from moe_serve.engine.core.tasks import TaskTable, per_task_capacity
+from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.model.cpu_kernels import packs_weights
+from moe_serve.engine.model.experts import ResidentExperts
+from moe_serve.engine.model.loader import LoadedModel, load_model
+from moe_serve.engine.model.moe_model import MoEModel, Speculator
+from moe_serve.engine.model.spec import ModelSpec
+from moe_serve.engine.model.weights import pack_dense
+from moe_serve.engine.offload.expert_cache import SlotState
+from moe_serve.engine.offload.provider import OffloadedExperts, build_expert_provider
+from moe_serve.engine.prefetch.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
+from moe_serve.engine.prefetch.predictors import AFFINITY_MIN_SCORE, AffinityPredictor, TaskProfilePredictor
+from moe_serve.engine.prefetch.routing import RoutingRecorder, TaskExpertCost, TaskPreloader, TraceWriter
+from moe_serve.engine.prefetch.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
+from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def model_path(config: EngineConfig) -> Path:
     """The checkpoint directory, building the bundled demo model when none is given."""
     if config.model:
         return Path(config.model).expanduser()
-    from engine.demo_model import ensure_demo_model
+    from moe_serve.engine.model.demo_model import ensure_demo_model
 
     return ensure_demo_model()
 
@@ -72,7 +72,7 @@ def served_model_name(config: EngineConfig) -> str:
         return config.served_model_name
     if config.model:
         return Path(config.model).expanduser().name
-    from engine.demo_model import DEMO_MODEL_NAME
+    from moe_serve.engine.model.demo_model import DEMO_MODEL_NAME
 
     return DEMO_MODEL_NAME
 

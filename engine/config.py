@@ -6,8 +6,15 @@ import enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.scheduling_policy import SchedulingPolicyName
-from engine.tasks import DEFAULT_MAX_TASKS
+DEFAULT_MAX_TASKS = 64  # distinct task names with their own state
+
+
+class SchedulingPolicyName(str, enum.Enum):
+    """`--scheduling-policy` values."""
+
+    FCFS = "fcfs"
+    PRIORITY = "priority"
+    SLO = "slo"
 
 
 class DType(str, enum.Enum):

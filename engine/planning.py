@@ -20,17 +20,17 @@ from pathlib import Path
 
 import torch
 
-from cache_policies import DEFAULT_POLICY, make_policy
-from engine.builder import kv_cache_blocks, model_trace
-from engine.config import DType, EngineConfig
-from engine.errors import ModelLoadError
-from engine.expert_store import layout_for, min_slots_for_step
-from engine.expert_store import size_text as binary_size_text
-from engine.kv_cache import kv_bytes_per_block
-from engine.loader import read_spec, resolve_dtype
-from engine.models.spec import ModelSpec, QKNorm
-from engine.offload import size_expert_cache
-from engine.trace_sim import replay
+from moe_serve.cache_policies import DEFAULT_POLICY, make_policy
+from moe_serve.engine.builder import kv_cache_blocks, model_trace
+from moe_serve.engine.config import DType, EngineConfig
+from moe_serve.engine.core.kv_cache import kv_bytes_per_block
+from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.model.loader import read_spec, resolve_dtype
+from moe_serve.engine.model.spec import ModelSpec, QKNorm
+from moe_serve.engine.offload.expert_store import layout_for, min_slots_for_step
+from moe_serve.engine.offload.expert_store import size_text as binary_size_text
+from moe_serve.engine.offload.provider import size_expert_cache
+from moe_serve.engine.traces.replay import replay
 
 GIB = 2**30
 RESERVE_FIXED_BYTES = GIB  # CUDA context, allocator slack and copy staging

@@ -10,10 +10,10 @@ import json
 import logging
 import sys
 
-from cache_policies import DEFAULT_POLICY, available_policies
-from engine.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
-from engine.predictors import AFFINITY_MIN_SCORE, affinity_recall, recall_at
-from engine.prefetch_sim import (
+from moe_serve.cache_policies import DEFAULT_POLICY, available_policies
+from moe_serve.engine.prefetch.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
+from moe_serve.engine.prefetch.predictors import AFFINITY_MIN_SCORE, affinity_recall, recall_at
+from moe_serve.engine.prefetch.replay import (
     PCIE4_X16_EFFECTIVE_GBPS,
     RTX_24GB_COMPUTE_MS_PER_LAYER,
     Prefetcher,
@@ -22,8 +22,8 @@ from engine.prefetch_sim import (
     available_prefetchers,
     simulate_prefetch,
 )
-from engine.trace_sim import Oracle, ReplayResult, simulate, validate_cache_size
-from engine.traces import KNOWN_GEOMETRIES, RoutingTrace, load_trace
+from moe_serve.engine.traces.replay import Oracle, ReplayResult, simulate, validate_cache_size
+from moe_serve.engine.traces.trace_file import KNOWN_GEOMETRIES, RoutingTrace, load_trace
 
 logger = logging.getLogger(__name__)
 

@@ -8,36 +8,35 @@ Importing this module does not import torch; the engine owns all model work.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from server.auth import ApiKeyMiddleware
-from server.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT_S
-from server.context import ServingContext
-from server.docs_ui import install_docs
-from server.drain import DrainMiddleware, DrainState
-from server.errors import install_error_handlers
-from server.metrics import register_metrics
-from server.middleware import (
+from moe_serve.server.auth import ApiKeyMiddleware
+from moe_serve.server.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT_S
+from moe_serve.server.context import ServingContext
+from moe_serve.server.docs_ui import install_docs
+from moe_serve.server.drain import DrainMiddleware, DrainState
+from moe_serve.server.errors import install_error_handlers
+from moe_serve.server.metrics import register_metrics
+from moe_serve.server.middleware import (
     AllowedHostsMiddleware,
     RequestBodyMiddleware,
     RequestIdMiddleware,
     UnhandledErrorMiddleware,
 )
-from server.request_body import BodyParser
-from server.routes import build_router, document_request_bodies
-from server.tokenizer_pool import TokenizerPool
+from moe_serve.server.request_body import BodyParser
+from moe_serve.server.routes import build_router, document_request_bodies
+from moe_serve.server.tokenizer_pool import TokenizerPool
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncLLMEngine
+    from moe_serve.engine.core.async_engine import AsyncLLMEngine
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import hmac
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import APIError, ErrorCode, ErrorType
+from moe_serve.server.errors import APIError, ErrorCode, ErrorType
 
 API_PREFIX = "/v1"
 OPS_PATHS = frozenset({"/health", "/metrics"})

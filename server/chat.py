@@ -10,11 +10,17 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.context import ServingContext, engine_request_ids, http_request_id, request_task, token_text_map
-from server.generation import ChoiceEvent, ChoiceState, MergedGeneration, collect, run_until_disconnected, \
-    start_generation
-from server.protocol import ChatCompletionRequest
-from server.responses import (
+from moe_serve.server.context import ServingContext, engine_request_ids, http_request_id, request_task, token_text_map
+from moe_serve.server.generation import (
+    ChoiceEvent,
+    ChoiceState,
+    MergedGeneration,
+    collect,
+    run_until_disconnected,
+    start_generation,
+)
+from moe_serve.server.protocol import ChatCompletionRequest
+from moe_serve.server.responses import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionResponse,
@@ -24,8 +30,8 @@ from server.responses import (
     new_id,
     now,
 )
-from server.sampling import build_engine_requests
-from server.sse import GenerationStreamingResponse, sse_event
+from moe_serve.server.sampling import build_engine_requests
+from moe_serve.server.sse import GenerationStreamingResponse, sse_event
 
 PROMPT_PARAM = "messages"
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from engine.config import DType, EngineConfig
-from engine.errors import EngineError
-from server.config import ConfigError, LogLevel, ServeConfig, load_config
+from moe_serve.engine.config import DType, EngineConfig
+from moe_serve.engine.errors import EngineError
+from moe_serve.server.config import ConfigError, LogLevel, ServeConfig, load_config
 
 logger = logging.getLogger("moe_serve")
 
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--trace-tokens", type=int, default=None, help="replay only the trace's first N tokens")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
 
-    from engine.trace_cli import add_trace_parser
+    from moe_serve.engine.trace_cli import add_trace_parser
 
     add_trace_parser(sub)
     return parser
@@ -94,9 +94,9 @@ def _engine_flags(args: argparse.Namespace, cls: type[BaseModel]) -> dict[str, A
 
 def run_generate(args: argparse.Namespace) -> int:
     """Generate for one prompt with the synchronous engine and print the result."""
-    from engine.builder import build_engine
-    from engine.request import EngineRequest
-    from engine.sampling_params import SamplingParams
+    from moe_serve.engine.builder import build_engine
+    from moe_serve.engine.core.request import EngineRequest
+    from moe_serve.engine.core.sampling_params import SamplingParams
 
     config = load_config(EngineConfig, args.config, _engine_flags(args, EngineConfig))
     _configure_logging(LogLevel.WARNING)
@@ -128,7 +128,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the offloading plan for a checkpoint config."""
-    from engine.planning import format_plan, make_plan
+    from moe_serve.engine.planning import format_plan, make_plan
 
     if args.gpu_gb <= 0 or (args.host_gb is not None and args.host_gb <= 0) or args.max_num_seqs < 1 \
             or (args.max_model_len is not None and args.max_model_len < 16) \
@@ -143,7 +143,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start the engine thread and the HTTP server; SIGTERM drains then exits 0."""
-    from server.serve import serve
+    from moe_serve.server.serve import serve
 
     config = load_config(ServeConfig, args.config, _engine_flags(args, ServeConfig))
     _configure_logging(config.log_level)

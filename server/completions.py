@@ -10,13 +10,19 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.context import ServingContext, engine_request_ids, http_request_id, request_task, token_text_map
-from server.errors import APIError, ErrorCode
-from server.generation import ChoiceEvent, ChoiceState, MergedGeneration, collect, run_until_disconnected, \
-    start_generation
-from server.protocol import CompletionRequest
-from server.request_body import Precheck, TokenIdPromptCheck
-from server.responses import (
+from moe_serve.server.context import ServingContext, engine_request_ids, http_request_id, request_task, token_text_map
+from moe_serve.server.errors import APIError, ErrorCode
+from moe_serve.server.generation import (
+    ChoiceEvent,
+    ChoiceState,
+    MergedGeneration,
+    collect,
+    run_until_disconnected,
+    start_generation,
+)
+from moe_serve.server.protocol import CompletionRequest
+from moe_serve.server.request_body import Precheck, TokenIdPromptCheck
+from moe_serve.server.responses import (
     CompletionChoice,
     CompletionResponse,
     Usage,
@@ -25,8 +31,8 @@ from server.responses import (
     new_id,
     now,
 )
-from server.sampling import build_engine_requests
-from server.sse import GenerationStreamingResponse, sse_event
+from moe_serve.server.sampling import build_engine_requests
+from moe_serve.server.sse import GenerationStreamingResponse, sse_event
 
 PROMPT_PARAM = "prompt"
 MAX_CHOICES = 64

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from engine.config import EngineConfig
+from moe_serve.engine.config import EngineConfig
 
 ENV_PREFIX = "MOE_SERVE_"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20

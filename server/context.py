@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from server.errors import APIError, ErrorCode, ErrorType, context_length_error, retry_after_header
-from server.protocol import TASK_NAME_PATTERN
-from server.request_body import BodyParser
-from server.token_bound import PromptLimit
-from server.tokenizer_pool import TokenizerPool
+from moe_serve.server.errors import APIError, ErrorCode, ErrorType, context_length_error, retry_after_header
+from moe_serve.server.protocol import TASK_NAME_PATTERN
+from moe_serve.server.request_body import BodyParser
+from moe_serve.server.token_bound import PromptLimit
+from moe_serve.server.tokenizer_pool import TokenizerPool
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncLLMEngine
+    from moe_serve.engine.core.async_engine import AsyncLLMEngine
 
 LOADING_RETRY_AFTER_S = 5.0
 TASK_HEADER = "X-Task"

@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError, ErrorCode, ErrorType, retry_after_header
-from server.routes import HealthStatus
-from server.sse import DONE_EVENT, sse_event
+from moe_serve.server.errors import APIError, ErrorCode, ErrorType, retry_after_header
+from moe_serve.server.routes import HealthStatus
+from moe_serve.server.sse import DONE_EVENT, sse_event
 
 HEALTH_PATH = "/health"
 # Still answered while draining: a scrape or a version check costs nothing and ends at once.

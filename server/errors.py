@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import (
+from moe_serve.engine.errors import (
     ContextLengthExceededError,
     EngineDeadError,
     EngineError,

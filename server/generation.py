@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
-from engine.errors import EngineError
-from engine.request import EngineRequest, RequestOutput
-from engine.sampling_params import FinishReason, TokenLogprob
-from server.errors import ClientDisconnectedError, from_engine_error
-from server.metrics import RequestTimer, ServerMetrics
+from moe_serve.engine.core.request import EngineRequest, RequestOutput
+from moe_serve.engine.core.sampling_params import FinishReason, TokenLogprob
+from moe_serve.engine.errors import EngineError
+from moe_serve.server.errors import ClientDisconnectedError, from_engine_error
+from moe_serve.server.metrics import RequestTimer, ServerMetrics
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncLLMEngine
+    from moe_serve.engine.core.async_engine import AsyncLLMEngine
 
 logger = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.request import DEFAULT_TASK, EngineRequest, RequestOutput
+from moe_serve.engine.core.request import DEFAULT_TASK, EngineRequest, RequestOutput
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncLLMEngine
-    from engine.expert_cache import ExpertCache, ExpertCacheStats
-    from engine.tasks import TaskTable
+    from moe_serve.engine.core.async_engine import AsyncLLMEngine
+    from moe_serve.engine.core.tasks import TaskTable
+    from moe_serve.engine.offload.expert_cache import ExpertCache, ExpertCacheStats
 
 PREFIX = "moe_serve"
 ABORTED = "abort"
@@ -191,7 +191,7 @@ class EngineCollector(Collector):
         yield from self._cache_families()
 
     def _info(self) -> InfoMetricFamily:
-        from cache_policies import DEFAULT_POLICY
+        from moe_serve.cache_policies import DEFAULT_POLICY
 
         config = self._engine.config
         device = str(self._engine.engine.runner.model.device) if self._engine.is_ready else config.device.value
@@ -233,7 +233,7 @@ class EngineCollector(Collector):
     def _cache(self) -> ExpertCache | None:
         if not self._engine.is_ready:
             return None
-        from engine.offload import OffloadedExperts
+        from moe_serve.engine.offload.provider import OffloadedExperts
 
         experts = self._engine.engine.runner.model.experts
         return experts.cache if isinstance(experts, OffloadedExperts) else None

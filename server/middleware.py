@@ -16,7 +16,7 @@ import anyio
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError, ErrorCode, internal_error
+from moe_serve.server.errors import APIError, ErrorCode, internal_error
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from server.errors import APIError, ErrorCode, from_validation_errors
-from server.token_bound import PromptLimit
+from moe_serve.server.errors import APIError, ErrorCode, from_validation_errors
+from moe_serve.server.token_bound import PromptLimit
 
 logger = logging.getLogger(__name__)
 

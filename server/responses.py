@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from engine.sampling_params import TokenLogprob
+from moe_serve.engine.core.sampling_params import TokenLogprob
 
 
 def new_id(prefix: str) -> str:

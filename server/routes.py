@@ -16,11 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server.chat import create_chat_completion
-from server.completions import create_completion, token_id_precheck
-from server.context import ServingContext
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList, now
+from moe_serve.server.chat import create_chat_completion
+from moe_serve.server.completions import create_completion, token_id_precheck
+from moe_serve.server.context import ServingContext
+from moe_serve.server.protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.server.responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList, now
 
 _STREAM_DOC = {"content": {"text/event-stream": {}}, "description": "JSON body, or SSE chunks when stream is true"}
 _ERROR_DOC = {"description": 'OpenAI error body: {"error": {"message", "type", "param", "code"}}'}

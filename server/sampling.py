@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.request import DEFAULT_TASK, EngineRequest
-from engine.sampling_params import SamplingParams
-from server.errors import APIError, ErrorCode
-from server.protocol import GenerationParams
+from moe_serve.engine.core.request import DEFAULT_TASK, EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.server.errors import APIError, ErrorCode
+from moe_serve.server.protocol import GenerationParams
 
 _SEED_MODULUS = 2**64
 

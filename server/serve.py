@@ -24,13 +24,13 @@ from types import FrameType
 
 import uvicorn
 
-from engine.async_engine import AsyncLLMEngine
-from engine.builder import model_path, resolve_device, served_model_name
-from engine.config import EngineConfig
-from engine.loader import read_spec
-from server.app import ServerOptions, create_app
-from server.config import ServeConfig
-from server.drain import DrainState
+from moe_serve.engine.builder import model_path, resolve_device, served_model_name
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.async_engine import AsyncLLMEngine
+from moe_serve.engine.model.loader import read_spec
+from moe_serve.server.app import ServerOptions, create_app
+from moe_serve.server.config import ServeConfig
+from moe_serve.server.drain import DrainState
 
 logger = logging.getLogger(__name__)
 

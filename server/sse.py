@@ -12,8 +12,8 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from engine.errors import EngineError
-from server.errors import APIError, ErrorCode, ErrorType, from_engine_error
+from moe_serve.engine.errors import EngineError
+from moe_serve.server.errors import APIError, ErrorCode, ErrorType, from_engine_error
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import context_length_error
+from moe_serve.server.errors import context_length_error
 
 # The most UTF-8 bytes of one character: an unknown character that becomes one token covers this.
 MAX_CHAR_BYTES = 4

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import jinja2
 
-from server.errors import APIError, ErrorCode
-from server.token_bound import PromptLimit, TokenBound
+from moe_serve.server.errors import APIError, ErrorCode
+from moe_serve.server.token_bound import PromptLimit, TokenBound
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncLLMEngine
+    from moe_serve.engine.core.async_engine import AsyncLLMEngine
 
 T = TypeVar("T")
 

@@ -108,7 +108,7 @@ def make_tiny_checkpoint(arch: str, directory: Path, seed: int = 0, max_shard_si
     byte-level BPE tokenizer into `directory`."""
     import transformers
 
-    from engine.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
+    from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
 
     if arch in VARIANTS:
         arch, variant = VARIANTS[arch]

@@ -61,8 +61,8 @@ def free_port() -> int:
 def build_native_code() -> None:
     """Compile (or find cached) what `moe-serve serve` builds on first use on a CPU device; a
     failed build is left to the server, which falls back to torch and says so."""
-    from cuda_ext.native import load_extension
-    from engine.models.cpu_kernels import kernel_flavour
+    from moe_serve.cuda_ext.native import load_extension
+    from moe_serve.engine.model.cpu_kernels import kernel_flavour
 
     try:
         load_extension(with_cuda=False)
@@ -89,7 +89,7 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen[bytes], timeout_
 
 
 def serve_command(checkpoint: Path, port: int, extra_args: Sequence[str],
-                  launcher: Sequence[str] = ("server.cli",)) -> list[str]:
+                  launcher: Sequence[str] = ("moe_serve.server.cli",)) -> list[str]:
     """`python -m <launcher> serve` of `checkpoint` on 127.0.0.1:`port`, fp32 on the CPU, logging
     warnings and errors only unless `extra_args` say otherwise (later flags win)."""
     return [
@@ -100,7 +100,7 @@ def serve_command(checkpoint: Path, port: int, extra_args: Sequence[str],
 
 @contextmanager
 def server_process(checkpoint: Path, extra_args: Sequence[str], log_path: Path,
-                   launcher: Sequence[str] = ("server.cli",)) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+                   launcher: Sequence[str] = ("moe_serve.server.cli",)) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run `moe-serve serve` (`serve_command`) on a free port until healthy (failing the test with
     the server's log otherwise); yields (base URL, process); SIGTERM, then SIGKILL, on exit."""
     build_native_code()

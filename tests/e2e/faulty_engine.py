@@ -12,15 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import engine.builder
-from server.cli import main
+from moe_serve.engine import builder
+from moe_serve.server.cli import main
 
 DEVICE_FAULT = "CUDA error: an illegal memory access was encountered"
 
 
 def build_faulty_engine(marker: Path) -> Any:
-    """`engine.builder.build_engine`, with the model's forward raising DEVICE_FAULT once `marker` exists."""
-    build_engine = engine.builder.build_engine
+    """`moe_serve.engine.builder.build_engine`, with the model's forward raising DEVICE_FAULT once `marker` exists."""
+    build_engine = builder.build_engine
 
     def build(config: Any, show_progress: bool = True) -> Any:
         built = build_engine(config, show_progress)
@@ -39,5 +39,5 @@ def build_faulty_engine(marker: Path) -> Any:
 
 
 if __name__ == "__main__":
-    engine.builder.build_engine = build_faulty_engine(Path(sys.argv[1]))
+    builder.build_engine = build_faulty_engine(Path(sys.argv[1]))
     sys.exit(main(sys.argv[2:]))

@@ -128,7 +128,7 @@ def test_many_task_names_are_folded_and_metric_labels_stay_bounded(offload_serve
 
 def _serve_until_exit(checkpoint: Path, host_tier_dir: Path) -> tuple[int, str]:
     """Run `serve` with a file-backed host tier in `host_tier_dir`; (exit code, log) once it exits."""
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "moe_serve.server.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1",
                "--port", str(free_port()), "--dtype", "float32", "--device", "cpu", "--log-level", "warning",
                "--expert-cache-fraction", "0.5", "--host-memory-gb", "0.000001", "--host-tier-dir", str(host_tier_dir)]
     try:

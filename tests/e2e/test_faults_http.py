@@ -248,7 +248,7 @@ def test_health_and_metrics_behind_the_key(checkpoint_factory: Any, tmp_path: Pa
     key = {"Authorization": "Bearer sk-ops"}
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint_factory("mixtral")),
+    command = [sys.executable, "-m", "moe_serve.server.cli", "serve", "--model", str(checkpoint_factory("mixtral")),
                "--port", str(port), "--dtype", "float32", "--device", "cpu", "--log-level", "warning"]
     env = {**os.environ, "MOE_SERVE_API_KEY": "sk-ops", "MOE_SERVE_AUTH_HEALTH_AND_METRICS": "true"}
     with (tmp_path / "server.log").open("wb") as log:

@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.errors import ModelLoadError
-from engine.loader import read_spec
+from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.model.loader import read_spec
 from tests.e2e.conftest import REPO_ROOT, build_native_code, free_port, serve_command, server_process
 from tests.e2e.faulty_engine import DEVICE_FAULT
 from tests.helpers import make_tiny_checkpoint

@@ -116,7 +116,7 @@ def test_logprobs_are_greedy_consistent_in_both_modes(client: openai.OpenAI, liv
 
 
 def _engine_greedy_text(server: LiveServer, prompt: str, max_tokens: int, chat: bool) -> str:
-    command = [sys.executable, "-m", "server.cli", "generate", "--model", str(server.checkpoint), "--prompt", prompt,
+    command = [sys.executable, "-m", "moe_serve.server.cli", "generate", "--model", str(server.checkpoint), "--prompt", prompt,
                "--max-tokens", str(max_tokens), "--ignore-eos", "--json", "--dtype", "float32", "--device", "cpu",
                "--max-model-len", str(server.max_model_len)] + (["--chat"] if chat else [])
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, check=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cache_policies import make_policy
-from cuda_ext import CopyBackend, CopyPriority, load_copy_engine
-from engine.expert_cache import ExpertCache
-from engine.expert_store import HostExpertStore
-from engine.types import ExpertKey
+from moe_serve.cache_policies import make_policy
+from moe_serve.cuda_ext import CopyBackend, CopyPriority, load_copy_engine
+from moe_serve.engine.offload.expert_cache import ExpertCache
+from moe_serve.engine.offload.expert_store import HostExpertStore
+from moe_serve.engine.types import ExpertKey
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 MIB = 1 << 20

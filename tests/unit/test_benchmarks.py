@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks.soak_traffic import BAD_INPUTS, Scenario, build_deck
-from engine.traces import RoutingTrace, save_trace
+from moe_serve.engine.traces.trace_file import RoutingTrace, save_trace
 from tests.helpers import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]

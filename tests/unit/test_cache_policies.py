@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cache_policies import DEFAULT_POLICY, CachePolicy, PolicyName, available_policies, make_policy
-from cache_policies.context import ContextPolicy
-from cache_policies.frequency import DecayedLFUPolicy, LFUDAPolicy, LFUPolicy
-from cache_policies.markov import MarkovPolicy
-from cache_policies.recency import FIFOPolicy, LRUPolicy
+from moe_serve.cache_policies import DEFAULT_POLICY, CachePolicy, PolicyName, available_policies, make_policy
+from moe_serve.cache_policies.context import ContextPolicy
+from moe_serve.cache_policies.frequency import DecayedLFUPolicy, LFUDAPolicy, LFUPolicy
+from moe_serve.cache_policies.markov import MarkovPolicy
+from moe_serve.cache_policies.recency import FIFOPolicy, LRUPolicy
 
 
 def feed(policy: CachePolicy, steps: list[list[str]]) -> CachePolicy:
@@ -185,7 +185,7 @@ def test_policies_do_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, cache_policies, engine.traces, engine.trace_sim; sys.exit('torch' in sys.modules)"
+    code = "import sys, moe_serve.cache_policies, moe_serve.engine.traces.trace_file, moe_serve.engine.traces.replay; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -212,7 +212,7 @@ def _shared_cache_hits(policy: CachePolicy, capacity: int, steps: int, layers: i
 
 
 def test_partitioned_policy_turns_the_layer_cycle_into_hits() -> None:
-    from cache_policies.partitioned import PartitionedPolicy
+    from moe_serve.cache_policies.partitioned import PartitionedPolicy
 
     # 4 layers x 2 experts in a 6-slot pool: one global LRU ranking evicts exactly the next layer's experts
     assert _shared_cache_hits(LRUPolicy(), capacity=6, steps=20, layers=4, per_layer=2) == 0
@@ -221,7 +221,7 @@ def test_partitioned_policy_turns_the_layer_cycle_into_hits() -> None:
 
 
 def test_partitioned_policy_takes_victims_from_the_group_most_over_its_share() -> None:
-    from cache_policies.partitioned import PartitionedPolicy
+    from moe_serve.cache_policies.partitioned import PartitionedPolicy
 
     policy = PartitionedPolicy(LRUPolicy, capacity=4, num_groups=2)  # a share of 2 slots per layer
     for key in [(1, 0), (0, 0), (0, 1), (0, 2)]:
@@ -233,7 +233,7 @@ def test_partitioned_policy_takes_victims_from_the_group_most_over_its_share() -
 
 
 def test_partitioned_policy_evicts_the_layer_used_furthest_ahead_on_equal_shares() -> None:
-    from cache_policies.partitioned import PartitionedPolicy
+    from moe_serve.cache_policies.partitioned import PartitionedPolicy
 
     policy = PartitionedPolicy(LRUPolicy, capacity=4, num_groups=4)
     for layer in (2, 3, 0, 1):  # layer 1 was the last computed: layer 2 comes next, layer 1 last

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "moe_serve.server.cli", *args], cwd=REPO, capture_output=True, text=True,
                           env=full_env, timeout=300)
 
 
@@ -115,8 +115,8 @@ def test_help_on_every_command() -> None:
 
 
 def test_http_settings_come_from_flags_environment_and_yaml(tmp_path: Path) -> None:
-    from server.cli import build_parser
-    from server.config import ConfigError, ServeConfig, load_config
+    from moe_serve.server.cli import build_parser
+    from moe_serve.server.config import ConfigError, ServeConfig, load_config
 
     profile = tmp_path / "http.yaml"
     profile.write_text("allowed_hosts: [localhost, '*.example.com']\nmax_request_bytes: 2097152\n")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cuda_ext import CopyBackend, CopyEngine, CopyPriority, load_copy_engine
-from cuda_ext.native import TORCH_BATON, build_lock
+from moe_serve.cuda_ext import CopyBackend, CopyEngine, CopyPriority, load_copy_engine
+from moe_serve.cuda_ext.native import TORCH_BATON, build_lock
 
 CPU_BACKENDS = [CopyBackend.CPU_EXTENSION, CopyBackend.TORCH]
 MIB = 1 << 20
@@ -181,7 +181,7 @@ def test_bad_copies_are_rejected(engine: CopyEngine, src: torch.Tensor, dst: tor
 
 
 def test_default_backend_on_cpu_is_the_extension(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="cuda_ext"):
+    with caplog.at_level(logging.INFO, logger="moe_serve.cuda_ext"):
         engine = load_copy_engine(torch.device("cpu"))
     engine.shutdown()
     assert engine.backend is CopyBackend.CPU_EXTENSION

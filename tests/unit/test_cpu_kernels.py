@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models import cpu_kernels
-from engine.models.cpu_kernels import ExpertRows, expert_ffn, kernel_flavour, linear, packs_weights
-from engine.models.packed import PackedMatrix, pack_blocks, unpack_blocks
-from engine.models.weights import pack_expert
+from moe_serve.engine.model import cpu_kernels
+from moe_serve.engine.model.cpu_kernels import ExpertRows, expert_ffn, kernel_flavour, linear, packs_weights
+from moe_serve.engine.model.packed import PackedMatrix, pack_blocks, unpack_blocks
+from moe_serve.engine.model.weights import pack_expert
 
 CPU = torch.device("cpu")
 
@@ -207,7 +207,7 @@ def test_disabled_by_environment(monkeypatch, fresh_loader) -> None:
 def test_missing_compiler_falls_back_with_a_warning(monkeypatch, fresh_loader, tmp_path, caplog) -> None:
     monkeypatch.setenv("MOE_SERVE_EXT_DIR", str(tmp_path))  # nothing cached: it must compile
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with caplog.at_level("WARNING", logger="engine.models.cpu_kernels"):
+    with caplog.at_level("WARNING", logger="moe_serve.engine.model.cpu_kernels"):
         assert kernel_flavour() == "torch"
     assert "C kernels unavailable" in caplog.text
     assert not packs_weights(CPU, torch.float32)
@@ -218,14 +218,14 @@ def test_compile_error_falls_back_with_a_warning(monkeypatch, fresh_loader, tmp_
     broken.write_text("this is not C\n")
     monkeypatch.setenv("MOE_SERVE_EXT_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
-    with caplog.at_level("WARNING", logger="engine.models.cpu_kernels"):
+    with caplog.at_level("WARNING", logger="moe_serve.engine.model.cpu_kernels"):
         assert kernel_flavour() == "torch"
     assert "compiling the C kernels failed" in caplog.text
     assert not list(tmp_path.glob("kernels/*.so"))  # no half-written library left behind
 
 
 def test_decode_attention_matches_sdpa_over_paged_slots() -> None:
-    from engine.models.cpu_kernels import decode_attention, kernel_decode_attention
+    from moe_serve.engine.model.cpu_kernels import decode_attention, kernel_decode_attention
 
     gen = torch.Generator().manual_seed(7)
     seqs, heads, kv_heads, head_dim, slots_total = 3, 8, 2, 24, 64

@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from engine import demo_model
-from engine.demo_model import DEMO_MODEL_NAME, default_cache_dir, ensure_demo_model
-from engine.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
+from moe_serve.engine.model import demo_model
+from moe_serve.engine.model.demo_model import DEMO_MODEL_NAME, default_cache_dir, ensure_demo_model
+from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
 
 ROUND_TRIP_TEXTS = (
     "plain ASCII, with punctuation: (a + b) * c!",
@@ -118,7 +118,7 @@ def test_reuse_does_not_rebuild(demo_dir: Path, monkeypatch: pytest.MonkeyPatch,
         raise AssertionError("rebuilt a complete demo model")
 
     monkeypatch.setattr(demo_model, "write_demo_model", fail)
-    with caplog.at_level(logging.WARNING, logger="engine.demo_model"):
+    with caplog.at_level(logging.WARNING, logger="moe_serve.engine.model.demo_model"):
         assert ensure_demo_model(demo_dir.parent) == demo_dir
     after = (demo_dir / "model.safetensors").stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

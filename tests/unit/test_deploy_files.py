@@ -17,10 +17,10 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Metric
 
-from engine.async_engine import AsyncLLMEngine
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from server.metrics import register_metrics
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.async_engine import AsyncLLMEngine
+from moe_serve.server.metrics import register_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER = REPO_ROOT / "docker"
@@ -69,7 +69,7 @@ def test_dockerfiles_run_the_server_as_a_non_root_user_with_a_health_check(docke
     assert re.search(r"^USER (?!root|0\b)\S+", final_stage, re.MULTILINE)
     assert "HEALTHCHECK" in final_stage and "/health" in final_stage
     assert 'VOLUME ["/models"]' in final_stage
-    assert "python -m cuda_ext.build" in text
+    assert "python -m moe_serve.cuda_ext.build" in text
     for line in re.findall(r"^# hadolint ignore=.*$", text, re.MULTILINE):
         preceding = text.split(line)[0].rstrip().splitlines()[-1]
         assert preceding.startswith("#"), f"{line!r} needs a reason in the comment above it"
@@ -79,7 +79,7 @@ def test_cuda_image_compiles_the_extension_for_consumer_and_datacenter_gpus() ->
     text = DOCKERFILES[0].read_text()
     assert "FROM nvidia/cuda:" in text and "-devel-" in text and "-runtime-" in text
     assert text.count('TORCH_CUDA_ARCH_LIST="7.5;8.0;8.6;8.9;9.0+PTX"') == 2  # build and runtime must agree
-    assert "python -m cuda_ext.build --cuda" in text
+    assert "python -m moe_serve.cuda_ext.build --cuda" in text
 
 
 def test_compose_file_follows_the_compose_specification() -> None:

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
-from engine.tokenizer_builder import build_byte_level_tokenizer
+from moe_serve.engine.core.detokenizer import IncrementalDetokenizer
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer
 
 TEXTS = ["Hello wörld! 你好，世界 🎉🚀 naïve café", "def f(x):\n    return x * 2  # ✓", "日本語のテキスト😀😃😄"]
 

@@ -7,14 +7,13 @@ import asyncio
 import pytest
 import torch
 
-from engine.async_engine import AsyncLLMEngine
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
-from engine.request import EngineRequest
-from engine.sampling_params import FinishReason, SamplingParams
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.async_engine import AsyncLLMEngine
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import FinishReason, SamplingParams
+from moe_serve.engine.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
 from tests.helpers import run_to_completion
-
 
 # one 16-token block of the tiny Mixtral: keys+values x 2 layers x 16 tokens x 2 kv heads x 8 dims x fp32
 KV_BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 4

@@ -9,16 +9,16 @@ import asyncio
 import pytest
 import torch
 
-from engine.async_engine import AsyncLLMEngine
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.errors import EngineDeadError, EngineFatalError, EngineStepError, ModelLoadError
-from engine.llm_engine import MAX_CONSECUTIVE_FAILED_STEPS, LLMEngine
-from engine.offload import OffloadedExperts
-from engine.request import EngineRequest
-from engine.sampling_params import FinishReason, SamplingParams
-from engine.tasks import TaskNames
-from server.errors import ErrorType, from_engine_error
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.async_engine import AsyncLLMEngine
+from moe_serve.engine.core.llm_engine import MAX_CONSECUTIVE_FAILED_STEPS, LLMEngine
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import FinishReason, SamplingParams
+from moe_serve.engine.core.tasks import TaskNames
+from moe_serve.engine.errors import EngineDeadError, EngineFatalError, EngineStepError, ModelLoadError
+from moe_serve.engine.offload.provider import OffloadedExperts
+from moe_serve.server.errors import ErrorType, from_engine_error
 from tests.helpers import run_to_completion
 
 NUM_LAYERS = 4  # 4 layers x 8 experts: at fraction 0.25 one layer of a prefill needs every slot

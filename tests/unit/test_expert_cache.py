@@ -17,13 +17,19 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from cache_policies import make_policy
-from cache_policies.recency import LRUPolicy
-from cuda_ext import CopyBackend, CopyEngine, load_copy_engine
-from engine.expert_cache import (ExpertCache, ExpertCacheFullError, ExpertSlot, SlotState, min_slots_for_step,
-                                 slots_for_budget)
-from engine.expert_store import ALIGNMENT, HostExpertStore
-from engine.types import ExpertKey
+from moe_serve.cache_policies import make_policy
+from moe_serve.cache_policies.recency import LRUPolicy
+from moe_serve.cuda_ext import CopyBackend, CopyEngine, load_copy_engine
+from moe_serve.engine.offload.expert_cache import (
+    ExpertCache,
+    ExpertCacheFullError,
+    ExpertSlot,
+    SlotState,
+    min_slots_for_step,
+    slots_for_budget,
+)
+from moe_serve.engine.offload.expert_store import ALIGNMENT, HostExpertStore
+from moe_serve.engine.types import ExpertKey
 
 NUM_LAYERS, NUM_EXPERTS = 2, 6
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +61,7 @@ def file_backed_store_in_subprocess(directory: Path,
     code = textwrap.dedent("""
         import resource, sys
         from pathlib import Path
-        from engine.expert_store import HostExpertStore, HostTierSpaceError
+        from moe_serve.engine.offload.expert_store import HostExpertStore, HostTierSpaceError
         from tests.unit.test_expert_cache import make_experts
         experts = make_experts()
         if sys.argv[2] != "none":

@@ -17,15 +17,15 @@ import transformers
 from safetensors import safe_open
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.errors import ModelLoadError
-from engine.loader import load_model, read_spec
-from engine.models.mxfp4 import MXFP4Expert, dequantize
-from engine.models.rope import attention_factor, inverse_frequencies
-from engine.models.spec import ExpertActivation, RouterScoring
-from engine.offload import OffloadedExperts
-from engine.types import ExpertKey
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.model.loader import load_model, read_spec
+from moe_serve.engine.model.mxfp4 import MXFP4Expert, dequantize
+from moe_serve.engine.model.rope import attention_factor, inverse_frequencies
+from moe_serve.engine.model.spec import ExpertActivation, RouterScoring
+from moe_serve.engine.offload.provider import OffloadedExperts
+from moe_serve.engine.types import ExpertKey
 from tests.helpers import hf_next_tokens, make_mxfp4_checkpoint
 from tests.unit.test_model_parity import _engine_logits, _prompts
 from tests.unit.test_offload import MIN_FRACTION, run, workload

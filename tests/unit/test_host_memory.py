@@ -7,8 +7,8 @@ import gc
 import pytest
 import torch
 
-from engine.host_memory import ALIGNMENT, Arena, advised_buffer
-from engine.models.packed import pack_blocks, packed_shape
+from moe_serve.engine.host_memory import ALIGNMENT, Arena, advised_buffer
+from moe_serve.engine.model.packed import pack_blocks, packed_shape
 
 
 def test_an_advised_buffer_is_zeroed_writable_and_outlives_its_mapping_handle() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.logistic_predictor import LogisticPredictor
-from engine.predictors import affinity_recall, recall_at
-from engine.traces import RoutingTrace
+from moe_serve.engine.prefetch.logistic_predictor import LogisticPredictor
+from moe_serve.engine.prefetch.predictors import affinity_recall, recall_at
+from moe_serve.engine.traces.trace_file import RoutingTrace
 
 NUM_EXPERTS, NUM_LAYERS, TOP_K = 12, 4, 2
 

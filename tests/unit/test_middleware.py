@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from server.errors import APIError, default_code
-from server.middleware import (
+from moe_serve.server.errors import APIError, default_code
+from moe_serve.server.middleware import (
     AllowedHostsMiddleware,
     RequestBodyMiddleware,
     RequestIdMiddleware,

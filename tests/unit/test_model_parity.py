@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.models.attention import AttentionMetadata
-from engine.request import EngineRequest
-from engine.sampling_params import SamplingParams
-from engine.models.packed import PackedMatrix
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.model.attention import AttentionMetadata
+from moe_serve.engine.model.packed import PackedMatrix
 from tests.helpers import (
     ARCHITECTURES,
     NEW_ARCHITECTURES,

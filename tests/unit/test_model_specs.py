@@ -11,9 +11,9 @@ import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from engine.errors import ModelLoadError
-from engine.models.registry import spec_from_config
-from engine.models.rope import attention_factor
+from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.model.registry import spec_from_config
+from moe_serve.engine.model.rope import attention_factor
 from tests.helpers import tiny_config
 
 VOCAB = 64

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache_policies import available_policies
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.errors import ModelLoadError
-from engine.expert_store import HostTierSpaceError
-from engine.offload import OffloadedExperts
-from engine.request import EngineRequest
-from engine.sampling_params import SamplingParams
-from engine.speculators import LogisticSpeculator
-from engine.traces import RoutingTrace, save_trace
+from moe_serve.cache_policies import available_policies
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.offload.expert_store import HostTierSpaceError
+from moe_serve.engine.offload.provider import OffloadedExperts
+from moe_serve.engine.prefetch.speculators import LogisticSpeculator
+from moe_serve.engine.traces.trace_file import RoutingTrace, save_trace
 from tests.helpers import ARCHITECTURES, run_to_completion
 from tests.unit.test_expert_cache import mounted_tmpfs
 

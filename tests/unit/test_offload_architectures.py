@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.offload import OffloadedExperts
-from engine.request import EngineRequest
-from engine.sampling_params import SamplingParams
-from engine.traces import load_trace
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.offload.provider import OffloadedExperts
+from moe_serve.engine.traces.trace_file import load_trace
 from tests.helpers import NEW_ARCHITECTURES, hf_model, run_to_completion
 from tests.unit.test_offload import MIN_FRACTION, run
 

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from engine.builder import build_engine
-from engine.config import DType, EngineConfig, OffloadMode
-from engine.errors import ModelLoadError
-from engine.offload import OffloadedExperts
-from engine.planning import GIB, HOST_RESERVE_BYTES, make_plan, reserve_nbytes
-from engine.traces import RoutingTrace, save_trace
-from server.cli import main
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import DType, EngineConfig, OffloadMode
+from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.offload.provider import OffloadedExperts
+from moe_serve.engine.planning import GIB, HOST_RESERVE_BYTES, make_plan, reserve_nbytes
+from moe_serve.engine.traces.trace_file import RoutingTrace, save_trace
+from moe_serve.server.cli import main
 from tests.helpers import make_mxfp4_checkpoint, tiny_config
 
 FP32_ROUTERS = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe")  # routers, correction biases kept fp32
@@ -102,7 +102,7 @@ def budget_for_slots(arch: str, path: Path, slots: float) -> float:
     """The --gpu-gb whose leftover after weights, KV cache and reserve holds `slots` experts."""
     _, others, _ = checkpoint_bytes(path)
     hand = hand_geometry(arch, json.loads((path / "config.json").read_text())["vocab_size"])
-    from engine.loader import read_spec
+    from moe_serve.engine.model.loader import read_spec
 
     reserve = reserve_nbytes(read_spec(path)[1], EngineConfig().max_num_batched_tokens)
     return (others + CONTEXT * hand["kv"] + reserve + slots * hand["expert"]) / GIB

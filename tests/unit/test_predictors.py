@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.predictors import (
+from moe_serve.engine.prefetch.predictors import (
     AffinityPredictor,
     PredictorStats,
     TaskProfilePredictor,
@@ -13,7 +13,7 @@ from engine.predictors import (
     online_affinity_predictions,
     score,
 )
-from engine.traces import RoutingTrace
+from moe_serve.engine.traces.trace_file import RoutingTrace
 
 NUM_EXPERTS, NUM_LAYERS, TOP_K = 16, 4, 2
 
@@ -136,7 +136,7 @@ def test_score_and_running_stats() -> None:
 
 
 def test_task_profile_scores_are_request_usage_shares_and_skip_unlikely_experts() -> None:
-    from engine.predictors import TaskProfilePredictor
+    from moe_serve.engine.prefetch.predictors import TaskProfilePredictor
 
     predictor = TaskProfilePredictor(num_layers=1, num_experts=4, refresh_every=1)
     predictor.observe_request("t", np.array([[[0, 1]], [[0, 1]]]))

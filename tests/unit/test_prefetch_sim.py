@@ -10,17 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_policies import make_policy
-from engine.prefetch_sim import (
+from moe_serve.cache_policies import make_policy
+from moe_serve.engine.prefetch.replay import (
     Prefetcher,
     TimingModel,
     predictions,
     replay_prefetch,
     simulate_prefetch,
 )
-from engine.trace_cli import main
-from engine.trace_sim import replay
-from engine.traces import RoutingTrace, save_trace
+from moe_serve.engine.trace_cli import main
+from moe_serve.engine.traces.replay import replay
+from moe_serve.engine.traces.trace_file import RoutingTrace, save_trace
 
 TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 DEEPSEEK = TRACES / "deepseek-v2-lite-puffin-train.npz"
@@ -190,7 +190,7 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: l
 
 @pytest.mark.skipif(not DEEPSEEK.is_file(), reason="shared traces not present")
 def test_real_deepseek_prefetch_smoke() -> None:
-    from engine.traces import load_trace
+    from moe_serve.engine.traces.trace_file import load_trace
 
     trace = load_trace(DEEPSEEK)
     learn, measured = trace.slice_prompts(0, 20), trace.slice_prompts(20, 30).slice_tokens(0, 200)

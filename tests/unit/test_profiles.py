@@ -11,9 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.config import DeviceKind, OffloadMode
-from engine.scheduling_policy import SchedulingPolicyName
-from server.config import ServeConfig, load_config
+from moe_serve.engine.config import DeviceKind, OffloadMode, SchedulingPolicyName
+from moe_serve.server.config import ServeConfig, load_config
 from tests.e2e.conftest import free_port, wait_until_healthy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +28,7 @@ def _load(name: str) -> ServeConfig:
 
 
 def _serve(profile: str, port: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "server.cli", "serve", "--config", str(CONFIGS / profile),
+    command = [sys.executable, "-m", "moe_serve.server.cli", "serve", "--config", str(CONFIGS / profile),
                "--port", str(port), "--log-level", "warning"]
     return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -12,16 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from engine.errors import (
+from moe_serve.engine.errors import (
     ContextLengthExceededError,
     EngineDeadError,
     InvalidRequestError,
     ModelLoadError,
     QueueFullError,
 )
-from server.auth import key_matches
-from server.errors import APIError, from_engine_error, from_validation_errors, param_from_loc
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.server.auth import key_matches
+from moe_serve.server.errors import APIError, from_engine_error, from_validation_errors, param_from_loc
+from moe_serve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -215,9 +215,9 @@ def test_any_body_either_validates_or_maps_to_an_openai_400(body: dict[str, Any]
 def app_client(checkpoint_factory: Any) -> Any:
     from fastapi.testclient import TestClient
 
-    from engine.async_engine import AsyncLLMEngine
-    from engine.config import EngineConfig
-    from server.app import ServerOptions, create_app
+    from moe_serve.engine.config import EngineConfig
+    from moe_serve.engine.core.async_engine import AsyncLLMEngine
+    from moe_serve.server.app import ServerOptions, create_app
 
     engine = AsyncLLMEngine(EngineConfig(model=str(checkpoint_factory("mixtral")), dtype="float32", device="cpu",
                                          max_model_len=64, max_waiting=8))
@@ -260,7 +260,7 @@ def _walk(value: Any) -> Any:
 def test_the_docs_page_needs_no_network(app_client: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from server.app import ServerOptions, create_app
+    from moe_serve.server.app import ServerOptions, create_app
 
     engine = app_client.app.state.serving.engine
     with TestClient(create_app(engine, ServerOptions(served_model_name="tiny", docs=True))) as client:
@@ -276,7 +276,7 @@ def test_the_docs_page_needs_no_network(app_client: Any) -> None:
 def test_health_and_metrics_can_be_put_behind_the_key(app_client: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from server.app import ServerOptions, create_app
+    from moe_serve.server.app import ServerOptions, create_app
 
     engine = app_client.app.state.serving.engine
     for protect in (False, True):
@@ -298,9 +298,9 @@ def test_a_body_over_the_limit_is_413_and_unknown_routes_are_openai_404s(app_cli
 def test_loading_and_dead_engines_answer_503(tmp_path: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from engine.async_engine import AsyncLLMEngine
-    from engine.config import EngineConfig
-    from server.app import ServerOptions, create_app
+    from moe_serve.engine.config import EngineConfig
+    from moe_serve.engine.core.async_engine import AsyncLLMEngine
+    from moe_serve.server.app import ServerOptions, create_app
 
     loading = AsyncLLMEngine(EngineConfig(model=str(tmp_path / "absent")))
     with TestClient(create_app(loading, ServerOptions(served_model_name="m"))) as client:

@@ -10,10 +10,17 @@ from typing import Any
 
 import pytest
 
-from server.errors import APIError, ErrorType
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.request_body import INLINE_BODY_BYTES, BodyParser, TokenIdPromptCheck, lone_surrogate_path, parse_body
-from server.token_bound import PromptLimit
+from moe_serve.server.errors import APIError, ErrorType
+from moe_serve.server.protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.server.request_body import (
+    INLINE_BODY_BYTES,
+    BodyParser,
+    TokenIdPromptCheck,
+    lone_surrogate_path,
+    parse_body,
+)
+from moe_serve.server.token_bound import PromptLimit
+
 
 def _error(raw: bytes, model: type = ChatCompletionRequest, precheck: Any = None) -> APIError:
     with pytest.raises(APIError) as info:

@@ -10,9 +10,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeRotaryEmbedding
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
-from engine.errors import ModelLoadError
-from engine.models.rope import RotaryEmbedding, attention_factor, inverse_frequencies
-from engine.models.spec import rope_of
+from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.model.rope import RotaryEmbedding, attention_factor, inverse_frequencies
+from moe_serve.engine.model.spec import rope_of
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, head_dim=16, max_position_embeddings=512)
 SCALED = {

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.predictors import TaskProfilePredictor
-from engine.request import EngineRequest
-from engine.routing import TaskExpertCost
-from engine.sampling_params import SamplingParams
-from engine.traces import load_trace
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.prefetch.predictors import TaskProfilePredictor
+from moe_serve.engine.prefetch.routing import TaskExpertCost
+from moe_serve.engine.traces.trace_file import load_trace
 from tests.helpers import run_to_completion
 
 LAYERS = 4

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampler import Sampler
-from engine.sampling_params import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SamplingParams
+from moe_serve.engine.core.sampler import Sampler
+from moe_serve.engine.core.sampling_params import (
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+    MIN_TEMPERATURE,
+    SamplingParams,
+)
 
 V = 50
 

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.errors import QueueFullError
-from engine.request import EngineRequest
-from engine.sampling_params import FinishReason, SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
-from engine.scheduling_policy import SchedulingPolicyName, ServiceTimeModel, SloContext
-from engine.sequence import Sequence
-from engine.tasks import OutputLengthEstimator, TaskLru, TaskNames, TaskSpec, TaskTable
+from moe_serve.engine.config import SchedulingPolicyName
+from moe_serve.engine.core.block_manager import BlockManager
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import FinishReason, SamplingParams
+from moe_serve.engine.core.scheduler import Scheduler, SchedulerConfig
+from moe_serve.engine.core.scheduling_policy import ServiceTimeModel, SloContext
+from moe_serve.engine.core.sequence import Sequence
+from moe_serve.engine.core.tasks import OutputLengthEstimator, TaskLru, TaskNames, TaskSpec, TaskTable
+from moe_serve.engine.errors import QueueFullError
 
 TASKS = TaskTable.from_mapping({
     "chat": {"ttft_slo_s": 1.0, "tpot_slo_s": 0.1, "output_len_prior": 64},
@@ -47,7 +48,7 @@ def seq(rid: str, task: str = "default", prompt_len: int = 10, arrival: float = 
 
 
 def admitted_order(scheduler: Scheduler, seqs: list[Sequence], monkeypatch, now: float) -> list[str]:
-    monkeypatch.setattr("engine.scheduler.time.monotonic", lambda: now)
+    monkeypatch.setattr("moe_serve.engine.core.scheduler.time.monotonic", lambda: now)
     for s in seqs:
         scheduler.add(s)
     order = []
@@ -61,7 +62,7 @@ def admitted_order(scheduler: Scheduler, seqs: list[Sequence], monkeypatch, now:
 
 
 def test_scheduler_and_policies_import_no_torch() -> None:
-    code = "import sys, engine.scheduler, cache_policies; assert 'torch' not in sys.modules"
+    code = "import sys, moe_serve.engine.core.scheduler, moe_serve.cache_policies; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
@@ -113,7 +114,7 @@ def test_slo_batches_same_task_when_switching_costs_more_than_the_slack_gap(monk
     table = TaskTable.from_mapping({"x": {"ttft_slo_s": 5.0}, "y": {"ttft_slo_s": 5.0}})
     scheduler = make_scheduler(SchedulingPolicyName.SLO, max_num_seqs=8, cost={"x": 1.0, "y": 1.0})
     scheduler.slo.tasks = table
-    monkeypatch.setattr("engine.scheduler.time.monotonic", lambda: 1.0)
+    monkeypatch.setattr("moe_serve.engine.core.scheduler.time.monotonic", lambda: 1.0)
     scheduler.add(seq("x0", "x", arrival=0.0))
     scheduler.schedule()  # x0 is running
     scheduler.add(seq("y1", "y", arrival=0.2))

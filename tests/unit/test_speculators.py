@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.builder import build_engine
-from engine.config import EngineConfig
-from engine.logistic_predictor import LogisticPredictor
-from engine.predictors import AffinityPredictor
-from engine.request import EngineRequest
-from engine.sampling_params import SamplingParams
-from engine.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
-from engine.trace_routing import TraceRouter
-from engine.traces import RoutingTrace
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.prefetch.logistic_predictor import LogisticPredictor
+from moe_serve.engine.prefetch.predictors import AffinityPredictor
+from moe_serve.engine.prefetch.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
+from moe_serve.engine.traces.trace_file import RoutingTrace
+from moe_serve.engine.traces.trace_router import TraceRouter
 from tests.helpers import run_to_completion
 
 
@@ -123,7 +123,7 @@ def test_trace_router_makes_the_engine_route_as_the_trace_says(checkpoint_factor
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     run_to_completion(engine, {0: [EngineRequest("a", list(range(5, 25)), params)],
                                1: [EngineRequest("b", list(range(40, 43)), params)]})
-    per_layer = [torch.cat([ids for layer, ids in seen if layer == l]) for l in range(spec.num_layers)]
+    per_layer = [torch.cat([ids for layer, ids in seen if layer == index]) for index in range(spec.num_layers)]
     # request a replays prompt 0 (rows 0..25: 20 prompt + 5 decode tokens computed), b prompt 1 (rows 30..37)
     routed = torch.stack(per_layer, dim=1).sort(dim=-1).values  # [tokens, L, K] in step order
     expected_rows = {tuple(r) for r in np.sort(trace.expert_ids[list(range(0, 25)) + list(range(30, 38))], -1)

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from engine.tokenizer_builder import build_byte_level_tokenizer
-from server.errors import APIError
-from server.token_bound import MAX_CHAR_BYTES, MAX_NORMALIZER_SHRINK, PromptLimit, TokenBound
+from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer
+from moe_serve.server.errors import APIError
+from moe_serve.server.token_bound import MAX_CHAR_BYTES, MAX_NORMALIZER_SHRINK, PromptLimit, TokenBound
 
 CORPUS = ["hello world, the quick brown fox " * 4, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA " * 8, "über café 😀 日本語 " * 4]
 TEXTS = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200) | st.sampled_from(

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from engine.tokenizer_builder import build_byte_level_tokenizer
-from server.errors import APIError
-from server.token_bound import PromptLimit
-from server.tokenizer_pool import SMALL_INPUT_CHARS, Lane, TokenizerPool, lane_for
+from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer
+from moe_serve.server.errors import APIError
+from moe_serve.server.token_bound import PromptLimit
+from moe_serve.server.tokenizer_pool import SMALL_INPUT_CHARS, Lane, TokenizerPool, lane_for
 
 LONG_TEXT = "the quick brown fox jumps over the lazy dog " * 10_000  # 440 KB: half a second to encode
 ROOMY = PromptLimit(max_model_len=10**8, requested=None, param="prompt")

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_policies import available_policies, make_policy
-from engine.trace_cli import main
-from engine.trace_sim import next_use, replay, replay_belady, simulate
-from engine.traces import RoutingTrace, load_trace, save_trace
+from moe_serve.cache_policies import available_policies, make_policy
+from moe_serve.engine.trace_cli import main
+from moe_serve.engine.traces.replay import next_use, replay, replay_belady, simulate
+from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace, save_trace
 
 TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 DEEPSEEK = TRACES / "deepseek-v2-lite-puffin-train.npz"

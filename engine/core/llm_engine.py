@@ -1,0 +1,269 @@
+"""The synchronous engine: add requests, call step(), get RequestOutputs.
+
+step() = scheduler.schedule() -> model_runner.execute() -> scheduler.update(), then the
+output processor detokenizes and applies the stop rules. `engine.async_engine` runs
+this in its own thread for the server.
+
+Faults: when the model step raises, every request of that step ends with an
+EngineStepError (its KV blocks, queue entry and per-request state freed) and the engine
+goes on; a request whose row alone failed (non-finite logits) ends the same way while the
+rest of its batch continues. A device fault, or MAX_CONSECUTIVE_FAILED_STEPS failed steps
+in a row, raises EngineFatalError: the engine cannot go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_serve.engine.core.block_manager import BlockManager
+from moe_serve.engine.core.detokenizer import IncrementalDetokenizer
+from moe_serve.engine.core.model_runner import ModelRunner, is_device_fault
+from moe_serve.engine.core.request import EngineRequest, RequestOutput
+from moe_serve.engine.core.sampling_params import FinishReason, TokenLogprob
+from moe_serve.engine.core.scheduler import Scheduler, SchedulerOutput
+from moe_serve.engine.core.sequence import Sequence
+from moe_serve.engine.core.tasks import TaskNames
+from moe_serve.engine.errors import (
+    ContextLengthExceededError,
+    EngineError,
+    EngineFatalError,
+    EngineStepError,
+    InvalidRequestError,
+)
+from moe_serve.engine.prefetch.routing import TaskPreloader, TraceWriter
+
+logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILED_STEPS = 3
+
+
+def describe_exception(exc: BaseException) -> str:
+    """`Type: first line of the message`, for one-line errors and logs."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's queues and KV usage.
+
+    expected_wait_s: seconds a request arriving now would wait before its prefill starts (the
+    scheduler's estimate from the queues and measured step times; Retry-After uses it).
+    num_task_names_folded: requests whose task name was served as `default` (max_tasks reached).
+    """
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    running_by_task: dict[str, int] = field(default_factory=dict)
+    waiting_by_task: dict[str, int] = field(default_factory=dict)
+    output_len_mean_abs_error: float = 0.0
+    expected_wait_s: float = 0.0
+    num_task_names_folded: int = 0
+
+
+@dataclass
+class _Tracked:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+
+
+class LLMEngine:
+    """Scheduler + model runner + output processing, driven one step at a time."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        tokenizer: Any,
+        max_model_len: int,
+        model_name: str,
+    ) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.model_name = model_name
+        self.vocab_size = runner.model.spec.vocab_size
+        self._tracked: dict[str, _Tracked] = {}
+        self.preloader: TaskPreloader | None = None
+        self.trace_writer: TraceWriter | None = None
+        self.task_names = TaskNames(scheduler.slo.tasks, scheduler.config.max_tasks)
+        self.num_failed_steps = 0
+        self._consecutive_failed_steps = 0
+
+    @property
+    def blocks(self) -> BlockManager:
+        return self.scheduler.blocks
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raise an InvalidRequestError for a request that can never be served."""
+        try:
+            request.sampling.validate()
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if num_prompt >= self.max_model_len:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {self.max_model_len} tokens, "
+                f"but the prompt has {num_prompt} tokens"
+            )
+        if request.request_id in self._tracked:
+            raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Validate and queue a request (raises EngineError subclasses). Its task name is folded
+        here (`TaskNames`), so every component sees the folded name."""
+        self.validate(request)
+        request.task = self.task_names.fold(request.task)
+        seq = Sequence(request)
+        self.scheduler.add(seq)
+        self._tracked[request.request_id] = _Tracked(
+            seq, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling)
+        )
+        if self.preloader is not None:
+            self.preloader.preload(request.task)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; None if it is unknown or already done."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            return None
+        return self._finish(tracked, FinishReason.ABORT, [], "", None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def close(self) -> None:
+        """Flush what is buffered (routing trace files)."""
+        if self.trace_writer is not None:
+            self.trace_writer.flush()
+
+    def stats(self) -> EngineStats:
+        """Safe to call from another thread: the queues are copied before they are read."""
+        running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
+        return EngineStats(
+            num_running=len(running),
+            num_waiting=len(waiting),
+            kv_cache_usage=self.blocks.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            running_by_task=dict(Counter(seq.request.task for seq in running)),
+            waiting_by_task=dict(Counter(seq.request.task for seq in waiting)),
+            output_len_mean_abs_error=self.scheduler.lengths.mean_abs_error,
+            expected_wait_s=self.scheduler.expected_wait_s(running, waiting),
+            num_task_names_folded=self.task_names.num_folded,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch and return every request's new output (a failed request's
+        last output carries its error); raises EngineFatalError when the engine cannot go on."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        started = time.monotonic()
+        num_prefill = sum(s.num_new_tokens for s in out.scheduled if s.seq.num_uncomputed_tokens > 1)
+        try:
+            result = self.runner.execute(out, [self.blocks.table(s.seq.seq_id) for s in out.scheduled])
+        except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine decides whether to go on
+            return self._fail_step(out, exc)
+        self._consecutive_failed_steps = 0
+        self.scheduler.update(out, {seq_id: token for seq_id, (token, _) in result.sampled.items()})
+        now = time.monotonic()
+        self.scheduler.slo.service.observe_step(num_prefill, now - started)
+        outputs = [self._fail(self._tracked[seq_id], EngineStepError(message))
+                   for seq_id, message in result.failed.items()]
+        for seq_id, (token, logprob) in result.sampled.items():
+            tracked = self._tracked[seq_id]
+            if tracked.seq.first_token_time is None:
+                tracked.seq.first_token_time = now
+            try:
+                outputs.append(self._process(tracked, token, logprob))
+            except Exception as exc:  # noqa: BLE001 - e.g. the tokenizer failing on this request's text
+                logger.warning("request %s failed while processing its output: %s", seq_id, exc, exc_info=exc)
+                outputs.append(self._fail(tracked, EngineStepError(
+                    f"processing this request's output failed ({describe_exception(exc)})")))
+        return outputs
+
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """End every request of a step that raised `exc`, or raise EngineFatalError."""
+        self.num_failed_steps += 1
+        self._consecutive_failed_steps += 1
+        what = describe_exception(exc)
+        if is_device_fault(exc):
+            raise EngineFatalError(f"the device failed during an engine step ({what})") from exc
+        if self._consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+            raise EngineFatalError(
+                f"{self._consecutive_failed_steps} engine steps in a row failed; the last with {what}") from exc
+        logger.warning("an engine step failed (%s); failing its %d requests", what, len(out.scheduled),
+                       exc_info=exc)
+        self.runner.recover(exc)
+        return [self._fail(self._tracked[item.seq.seq_id], EngineStepError(f"the engine step serving this request "
+                                                                             f"failed ({what})"))
+                for item in out.scheduled]
+
+    def _fail(self, tracked: _Tracked, error: EngineError) -> RequestOutput:
+        """End a request with `error`: freed like an abort, its last output carries the error."""
+        output = self._finish(tracked, FinishReason.ABORT, [], "", None)
+        output.error = error
+        return output
+
+    def _process(self, tracked: _Tracked, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq, params = tracked.seq, tracked.seq.request.sampling
+        logprobs = [logprob] if logprob is not None else None
+        num_out = len(seq.output_token_ids)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.runner.eos_token_ids
+        if token in stop_ids and num_out >= params.min_tokens:
+            return self._finish(tracked, FinishReason.STOP, [token], tracked.detok.flush(), logprobs)
+        delta = tracked.detok.add_tokens([token])
+        if delta.stopped:
+            return self._finish(tracked, FinishReason.STOP, [token], delta.text, logprobs)
+        if num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(tracked, FinishReason.LENGTH, [token], delta.text + tracked.detok.flush(), logprobs)
+        return RequestOutput(
+            request_id=seq.seq_id,
+            new_token_ids=[token],
+            new_text=delta.text,
+            new_logprobs=logprobs,
+            finished=False,
+            finish_reason=None,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_output_tokens=num_out,
+        )
+
+    def _finish(
+        self,
+        tracked: _Tracked,
+        reason: FinishReason,
+        tokens: list[int],
+        text: str,
+        logprobs: list[TokenLogprob] | None,
+    ) -> RequestOutput:
+        seq = tracked.seq
+        self.scheduler.finish(seq, reason)
+        self.runner.forget(seq.seq_id)
+        if self.runner.recorder is not None:
+            self.runner.recorder.finish(seq.seq_id, seq.request.task, aborted=reason is FinishReason.ABORT)
+        del self._tracked[seq.seq_id]
+        return RequestOutput(
+            request_id=seq.seq_id,
+            new_token_ids=tokens,
+            new_text=text,
+            new_logprobs=logprobs,
+            finished=True,
+            finish_reason=reason,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_output_tokens=len(seq.output_token_ids),
+            first_scheduled_time=seq.first_scheduled_time,
+        )

@@ -1,0 +1,173 @@
+"""Paged causal attention over a varlen batch of sequences.
+
+A step's tokens are flattened ([T, ...]); each sequence contributes `query_len` new tokens
+at the end of its `context_len` tokens. New keys/values are written into the paged cache
+at `slot_mapping`, then each sequence's whole context is gathered by its block table into
+a padded [B, Kmax] view and one SDPA call serves prefill, chunked prefill and decode alike;
+on a CPU, decode-only steps (fp32) go to the C kernel instead, which reads the cache in place.
+A sliding-window layer masks the keys older than its window (`AttentionMetadata.mask_for`); with
+attention sinks (gpt-oss) a learned logit per head joins each query's softmax and takes its share of
+the probability without contributing a value; both run in torch.
+Multi-head latent attention (DeepSeek) caches one entry per token, the compressed latent and the
+rope key, and attends with queries absorbed into latent space (`paged_latent_attention`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from moe_serve.engine.model.cpu_kernels import decode_attention, kernel_decode_attention
+
+
+@dataclass
+class AttentionMetadata:
+    """Index tensors for one step. T tokens, B sequences, Q = max query len, K = max context len."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    gather_slots: torch.Tensor  # [B, K] cache slot of each context position (padded with 0)
+    query_index: torch.Tensor  # [T] position of each token in the flattened [B * Q] query layout
+    mask: torch.Tensor  # [B, 1, Q, K] True where a query may attend a key
+    context_lens: torch.Tensor  # [B] tokens each sequence attends (its cached context plus the new ones)
+    num_seqs: int
+    max_query_len: int
+    query_pos: torch.Tensor  # [B, Q] absolute position of each query row
+    real_rows: torch.Tensor  # [B, Q] False for padding query rows
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """The mask of a layer attending the `window` most recent positions (itself included), or
+        `mask` for full attention (None). Padding query rows keep one key so no row is empty."""
+        if window is None:
+            return self.mask
+        if window not in self._window_masks:
+            key_pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
+            recent = key_pos[None, None, :] > self.query_pos[:, :, None] - window  # [B, Q, K]
+            windowed = self.mask & recent[:, None]
+            windowed[:, 0, :, 0] |= ~self.real_rows
+            self._window_masks[window] = windowed
+        return self._window_masks[window]
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        context_lens: Sequence[int],
+        query_lens: Sequence[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        """Index tensors for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new."""
+        num_seqs = len(context_lens)
+        max_q, max_k = max(query_lens), max(context_lens)
+        width = max(len(table) for table in block_tables)
+        tables = torch.tensor([list(table) + [0] * (width - len(table)) for table in block_tables], dtype=torch.long)
+        ctx_t = torch.tensor(context_lens)
+        q_t = torch.tensor(query_lens)
+        key_pos = torch.arange(max_k)
+        gather = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, K]
+        gather.masked_fill_(key_pos[None, :] >= ctx_t[:, None], 0)
+        # query row r of sequence i sits at absolute position ctx - q + r; rows r >= q are padding
+        query_pos = (ctx_t - q_t)[:, None] + torch.arange(max_q)[None, :]  # [B, Q]
+        real = torch.arange(max_q)[None, :] < q_t[:, None]
+        slot_mapping = gather.gather(1, query_pos.clamp(max=max_k - 1))[real]
+        query_index = torch.arange(num_seqs * max_q).view(num_seqs, max_q)[real]
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_t[:, None, None])
+        mask[:, :, 0] = True  # padding query rows attend one key instead of none (their output is dropped)
+        return cls(
+            slot_mapping=slot_mapping.to(device),
+            gather_slots=gather.to(device),
+            query_index=query_index.to(device),
+            mask=mask[:, None].to(device),
+            context_lens=ctx_t.to(device),
+            num_seqs=num_seqs,
+            max_query_len=max_q,
+            query_pos=query_pos.to(device),
+            real_rows=real.to(device),
+        )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q: [T, H, Dh]; k, v: [T, Hkv, Dh]; caches: [S, Hkv, Dh]. Returns [T, H * Dh]. With `window`
+    each query attends its `window` most recent positions only; `sinks` [H] are per-head logits
+    that join each query's softmax with a zero value."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    plain = window is None and sinks is None
+    if plain and meta.max_query_len == 1 and kernel_decode_attention(q, k_cache):  # decode: one query per sequence
+        return decode_attention(q, k_cache, v_cache, meta.gather_slots, meta.context_lens, scale)
+    keys = k_cache[meta.gather_slots].transpose(1, 2)  # [B, Hkv, K, Dh]
+    values = v_cache[meta.gather_slots].transpose(1, 2)
+    mask = meta.mask_for(window)
+    if sinks is not None:
+        keys, values, mask = _with_sinks(keys, values, mask, sinks)
+    return _attend(q, keys, values, meta, scale, mask)
+
+
+def _with_sinks(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One more key and value, both zero, whose logit is each head's sink: an additive mask
+    [B, H, Q, K + 1] (0 or -inf over the context, the sink in the last column)."""
+    batch, _, queries, _ = mask.shape
+    zero = keys.new_zeros(*keys.shape[:2], 1, keys.shape[-1])
+    keys = torch.cat([keys, zero], dim=2)
+    values = torch.cat([values, values.new_zeros(*values.shape[:2], 1, values.shape[-1])], dim=2)
+    context = torch.zeros(mask.shape, dtype=keys.dtype, device=keys.device).masked_fill_(~mask, float("-inf"))
+    sink_column = sinks.to(keys.dtype)[None, :, None, None].expand(batch, -1, queries, 1)
+    return keys, values, torch.cat([context.expand(batch, sinks.shape[0], queries, -1), sink_column], dim=-1)
+
+
+def paged_latent_attention(
+    q: torch.Tensor,
+    entry: torch.Tensor,
+    cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    value_dim: int,
+) -> torch.Tensor:
+    """Multi-head latent attention over a paged cache of one entry per token: the latent (its first
+    `value_dim` = C dims, which are also the values) and the rope key. q: [T, H, C + Dr] (queries
+    absorbed into latent space, then their rope part); entry: [T, 1, C + Dr]; cache: [S, 1, C + Dr].
+    Returns the attended latents [T, H * C]."""
+    cache.index_copy_(0, meta.slot_mapping, entry)
+    keys = cache[meta.gather_slots].transpose(1, 2)  # [B, 1, K, C + Dr]
+    _, num_heads, head_dim = q.shape
+    # The heads share the one latent key head: fold them into the query axis (one head of H * Q
+    # queries) instead of letting SDPA broadcast the keys to every head (14x slower on the CPU).
+    queries = q.new_zeros(meta.num_seqs * meta.max_query_len, num_heads, head_dim)
+    queries[meta.query_index] = q
+    queries = queries.view(meta.num_seqs, 1, meta.max_query_len, num_heads, head_dim).transpose(2, 3)
+    queries = queries.reshape(meta.num_seqs, 1, num_heads * meta.max_query_len, head_dim)  # [B, 1, H * Q, C + Dr]
+    mask = meta.mask.unsqueeze(2).expand(-1, -1, num_heads, -1, -1).reshape(
+        meta.num_seqs, 1, num_heads * meta.max_query_len, meta.mask.shape[-1])  # [B, 1, H * Q, K]
+    out = F.scaled_dot_product_attention(queries, keys, keys[..., :value_dim], attn_mask=mask, scale=scale)
+    out = out.view(meta.num_seqs, num_heads, meta.max_query_len, value_dim).transpose(1, 2)  # [B, Q, H, C]
+    return out.reshape(meta.num_seqs * meta.max_query_len, num_heads * value_dim)[meta.query_index]
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: AttentionMetadata,
+            scale: float, mask: torch.Tensor) -> torch.Tensor:
+    """One SDPA call over the gathered context: q [T, H, Dk], keys [B, Hkv, K, Dk], values
+    [B, Hkv, K, Dv], mask boolean [B, 1, Q, K] or additive. Returns [T, H * Dv]."""
+    _, num_heads, head_dim = q.shape
+    queries = q.new_zeros(meta.num_seqs * meta.max_query_len, num_heads, head_dim)
+    queries[meta.query_index] = q
+    queries = queries.view(meta.num_seqs, meta.max_query_len, num_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=num_heads != keys.shape[1]
+    )  # [B, H, Q, Dv]
+    out = out.transpose(1, 2).reshape(meta.num_seqs * meta.max_query_len, num_heads * values.shape[-1])
+    return out[meta.query_index]

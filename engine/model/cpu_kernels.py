@@ -1,0 +1,396 @@
+"""CPU kernels, fp32 or bf16: linear layers, the routed-expert FFN, decode attention, RMSNorm,
+the rotary embedding and the router's top-k.
+
+`csrc/cpu_kernels.c` multiplies by weights in the packed layout of `engine.models.packed`
+(blocks of 16 outputs stored k-major, packed once at load: `packs_weights` says when), in tiles
+of up to 6 activation rows whose accumulators stay in registers, each block streamed once per
+tile; bf16 weights are widened in registers and summed in fp32. It splits the output blocks
+across torch's thread count, and computes a whole group of experts (gather, gate/up, SiLU, down,
+routing weight, scatter) in one call. It also has the attention of decode steps, read straight
+from the paged KV cache (no gathered copy, no padding), RMSNorm, the rotary embedding, and the
+router's softmax top-k with the grouping of assignments by expert. It is compiled with the
+system C compiler on first use into the extension cache (AVX2/FMA and AVX-512 when the CPU has
+them) and called through ctypes, which releases the GIL.
+
+Each output is summed in one fixed order whatever the number of rows or the grouping of experts
+into calls, so a sequence's result does not depend on what it is batched with (decode and
+prefill alike), nor on which experts were resident. Plain (unpacked) weights, other devices or
+dtypes, no compiler, or MOE_SERVE_CPU_KERNEL=0 go to torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from moe_serve.cuda_ext.native import cache_root
+from moe_serve.engine.model.packed import Matrix, PackedMatrix, packed_shape
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.c"
+DISABLE_ENV = "MOE_SERVE_CPU_KERNEL"
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_loaded = False
+_flavour = "torch"
+
+_P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag
+_SIGNATURES = {  # name: (argument types, result type)
+    "linear": ([_P, _P, _P, _P, _I, _L, _L, _L, _L, _L, _I], _I),
+    "moe_experts": ([_P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _I, _L, _P, _P, _P, _I], None),
+    "paged_decode_attention": ([_P, _P, _P, _I, _P, _L, _P, _L, _L, _L, _L, ctypes.c_float, _P, _P, _I], _I),
+    "rope": ([_P, _L, _P, _P, _P, _L, _L, _L, _I], None),
+    "rms_norm": ([_P, _L, _P, _P, _L, _L, ctypes.c_float, _I], None),
+    "route": ([_P, _I, _L, _L, _L, _P, _I, _P, _P, _P, _P, _P], _I),
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _vector_flags(cpu: set[str]) -> tuple[list[str], str]:
+    """The compiler's vector flags for a CPU with these /proc/cpuinfo flags, and the flavour."""
+    if not {"avx2", "fma"} <= cpu:
+        return [], "c"
+    if "avx512f" in cpu:  # 512-bit vectors where the compiler finds a use for them
+        return ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"], "c-avx512"
+    return ["-mavx2", "-mfma"], "c-avx2"
+
+
+def build_library(vector: list[str]) -> Path:
+    """The kernels compiled with these vector flags (cached by source and flags, so a prebuilt
+    library needs no compiler here), compiling first if missing."""
+    flags = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", *vector]  # no FMA contraction: vector and scalar code round alike
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    directory = cache_root() / "kernels"
+    target = directory / f"cpu_kernels-{digest}.so"
+    if not target.exists():
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise OSError(f"no C compiler (cc or gcc) on PATH and no prebuilt {target.name} in {directory}")
+        directory.mkdir(parents=True, exist_ok=True)
+        logger.info("building the CPU kernels (first start only) in %s", directory)
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".so", delete=False) as tmp:
+            partial = Path(tmp.name)
+        try:
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"], check=True,
+                           capture_output=True, text=True)
+            os.replace(partial, target)  # atomic: a concurrent process sees the whole library or none
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """Loads a kernels library and declares its functions' signatures."""
+    library = ctypes.CDLL(str(path))
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = restype
+    return library
+
+
+def _load() -> ctypes.CDLL | None:
+    """The kernels' library, loaded (compiling if needed) on the first call; None: use torch."""
+    global _library, _loaded, _flavour
+    if _loaded:  # every decode call comes here: no lock once settled
+        return _library
+    with _lock:
+        if _loaded:
+            return _library
+        _loaded = True
+        if os.environ.get(DISABLE_ENV, "1") == "0":
+            logger.info("CPU kernels: torch (disabled by %s=0)", DISABLE_ENV)
+            return None
+        try:
+            vector, flavour = _vector_flags(_cpu_flags())
+            library = open_library(build_library(vector))
+        except subprocess.CalledProcessError as exc:
+            lines = (exc.stderr or "").strip().splitlines()
+            logger.warning("CPU kernels: torch (compiling the C kernels failed: %s)",
+                           lines[-1] if lines else exc)
+            return None
+        except OSError as exc:
+            logger.warning("CPU kernels: torch (C kernels unavailable: %s)", exc)
+            return None
+        _library, _flavour = library, flavour
+        logger.info("CPU kernels: C (%s), packed weights", flavour)
+        return library
+
+
+def kernel_flavour() -> str:
+    """Which implementation serves small CPU batches: "c-avx512", "c-avx2", "c" or "torch"."""
+    _load()
+    return _flavour
+
+
+def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model on `device` with weights of `dtype` runs on the C kernels, so its weights
+    should be packed at load (fp32 or bf16 on the CPU, with the kernels built)."""
+    return device.type == "cpu" and dtype in _WEIGHT_KINDS and _load() is not None
+
+
+def _plain_f32_cpu(*tensors: torch.Tensor) -> bool:
+    for t in tensors:  # a loop, not all(genexpr): this runs for every layer
+        if not t.is_cpu or t.dtype != torch.float32 or t.requires_grad:
+            return False
+    return True
+
+
+def _weight_kind(weight: torch.Tensor) -> int | None:
+    """The kernels' weight flag (0 fp32, 1 bf16) for a CPU weight they can read, else None."""
+    if not weight.is_cpu or weight.requires_grad:
+        return None
+    return _WEIGHT_KINDS.get(weight.dtype)
+
+
+def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for x [T, K] and weight [N, K], like `F.linear`. A packed weight runs
+    the C kernel (fp32 or bf16, any number of rows; bf16 products are summed in fp32 and each
+    result, with its bias, rounded to bf16 once, as torch's CPU GEMM does); a plain one torch."""
+    if not isinstance(weight, PackedMatrix):
+        return F.linear(x, weight, bias)
+    blocks = weight.blocks
+    kind = _weight_kind(blocks)
+    n, k = weight.shape
+    library = _load()
+    if not (library is not None and kind is not None and x.dtype is blocks.dtype and x.dim() == 2 and x.is_cpu
+            and x.stride(1) == 1 and blocks.is_contiguous() and blocks.shape == packed_shape(n, k)
+            and (bias is None or (bias.shape == (n,) and bias.dtype is blocks.dtype and bias.is_contiguous()
+                                  and bias.is_cpu))):
+        return F.linear(x, weight.unpack(), bias)
+    if x.shape[1] != k:
+        raise ValueError(f"linear: x has {x.shape[1]} columns but weight is {tuple(weight.shape)}")
+    rows = x.shape[0]
+    out = x.new_empty(rows, n)
+    if rows == 0:
+        return out
+    status = library.linear(blocks.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), out.data_ptr(),
+                            kind, n, k, rows, x.stride(0), n, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("linear: out of memory for the kernel's scratch rows")
+    return out
+
+
+class ExpertRows:
+    """The assignment rows of one MoE layer call, grouped by expert, for `expert_ffn`.
+
+    Row r assigns token `tokens[r]` to an expert with routing weight `scale[r]`; its result
+    goes to row `dest[r]` of the output. Rows of one expert are contiguous. x (fp32 or bf16)
+    is held in fp32, the precision the kernel computes in."""
+
+    def __init__(self, x: torch.Tensor, tokens: torch.Tensor, dest: torch.Tensor, scale: torch.Tensor,
+                 ffn: int) -> None:
+        rows = tokens.shape[0]
+        if not (x.dim() == 2 and x.is_cpu and x.dtype in _WEIGHT_KINDS and dest.shape == scale.shape == (rows,)):
+            raise ValueError("ExpertRows needs fp32 or bf16 CPU x [T, H], and tokens, dest, scale of one length")
+        self.x = x.float().contiguous()
+        self.tokens = tokens.to(torch.int64).contiguous()
+        self.dest = dest.to(torch.int64).contiguous()
+        self.scale = scale.float().contiguous()
+        if rows:  # the kernel trusts the indices: check them once per layer
+            low, high = torch.aminmax(self.tokens)
+            if int(low) < 0 or int(high) >= x.shape[0]:
+                raise ValueError(f"ExpertRows: token indices must be in [0, {x.shape[0]})")
+            low, high = torch.aminmax(self.dest)
+            if int(low) < 0:
+                raise ValueError("ExpertRows: destination rows must be >= 0")
+            self.dest_rows = int(high) + 1
+        else:
+            self.dest_rows = 0
+        self.h = torch.empty(rows, 2 * ffn)
+        self.act = torch.empty(rows, ffn)
+        self.ffn = ffn
+
+
+def expert_ffn(rows: ExpertRows, out: torch.Tensor,
+               groups: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> None:
+    """out[dest[r]] = scale[r] * down(silu(gate x) * up x) for the rows [begin, end) of each
+    (begin, end, gate_up, down) group, the weights packed (`engine.models.weights.pack_expert`:
+    gate_up [2F, H] as [ceil(2F/16), H, 16], down [H, F] as [ceil(H/16), F, 16]), all fp32 or all
+    bf16; out is fp32. Computed in fp32. Needs the C kernels (`packs_weights`)."""
+    library = _load()
+    if library is None:
+        raise RuntimeError("expert_ffn needs the C kernels (packed experts exist only where they load)")
+    if not (out.is_contiguous() and out.shape[1] == rows.x.shape[1] and out.shape[0] >= rows.dest_rows
+            and _plain_f32_cpu(out)):
+        raise ValueError("out must be a contiguous fp32 CPU tensor [rows, hidden] covering every destination row")
+    if not groups:
+        return
+    hidden = rows.x.shape[1]
+    gate_up_shape, down_shape = packed_shape(2 * rows.ffn, hidden), packed_shape(hidden, rows.ffn)
+    dtype = groups[0][2].dtype
+    kind = _WEIGHT_KINDS.get(dtype)
+    n, num_rows = len(groups), rows.tokens.shape[0]
+    table = (ctypes.c_int64 * (4 * n))()  # begin[n], end[n], gate_up addresses[n], down addresses[n]
+    for i, (begin, end, gate_up, down) in enumerate(groups):
+        # the kernel trusts these: a wrong one would read out of bounds (spelled out: this runs per expert)
+        if (kind is None or gate_up.shape != gate_up_shape or down.shape != down_shape or gate_up.dtype is not dtype
+                or down.dtype is not dtype or not gate_up.is_cpu or not down.is_cpu
+                or not gate_up.is_contiguous() or not down.is_contiguous()):
+            raise ValueError("packed expert weights must be contiguous CPU tensors, all fp32 or all bf16, of shapes "
+                             f"{gate_up_shape}, {down_shape}")
+        if not 0 <= begin <= end <= num_rows:
+            raise ValueError(f"group rows [{begin}, {end}) outside the {num_rows} assignment rows")
+        table[i], table[n + i], table[2 * n + i], table[3 * n + i] = begin, end, gate_up.data_ptr(), down.data_ptr()
+    base = ctypes.addressof(table)
+    library.moe_experts(
+        rows.x.data_ptr(), hidden, rows.ffn, rows.tokens.data_ptr(), rows.dest.data_ptr(), rows.scale.data_ptr(),
+        base, base + 8 * n, base + 16 * n, base + 24 * n, kind,
+        n, out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),
+    )
+
+
+def kernel_decode_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention` runs the C kernel for these tensors (fp32 or bf16)."""
+    if not (q.dim() == 3 and k_cache.dim() == 3 and q.is_contiguous() and k_cache.is_contiguous()
+            and q.dtype is k_cache.dtype and _weight_kind(k_cache) is not None and q.is_cpu):
+        return False
+    return _load() is not None
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query row per sequence against its cached context: q [B, H, D], caches [S, Hkv, D],
+    slots [B, K] (cache slot of each context position, K >= every context length), context_lens [B].
+    Returns [B, H * D] in q's dtype (computed in fp32, rounded once). Call only where
+    `kernel_decode_attention` said yes."""
+    if _library is None:
+        raise RuntimeError("decode_attention needs the C kernels (check kernel_decode_attention first)")
+    seqs, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    kind = _weight_kind(k_cache)
+    if not (kind is not None and v_cache.shape == k_cache.shape and v_cache.dtype is k_cache.dtype
+            and v_cache.is_contiguous() and v_cache.is_cpu and k_cache.shape[2] == head_dim and heads % kv_heads == 0):
+        raise ValueError("caches must be contiguous fp32 or bf16 CPU [S, Hkv, D] matching q, with Hkv dividing H")
+    slots = slots.to(torch.int64).contiguous()
+    context_lens = context_lens.to(torch.int64).contiguous()
+    if slots.shape[0] != seqs or context_lens.shape != (seqs,) or int(context_lens.max()) > slots.shape[1]:
+        raise ValueError("slots must be [B, K] with K >= every context length, context_lens [B]")
+    low, high = torch.aminmax(slots)
+    if int(low) < 0 or int(high) >= k_cache.shape[0]:
+        raise ValueError(f"cache slots must be in [0, {k_cache.shape[0]})")
+    out = q.new_empty(seqs, heads * head_dim)
+    scratch = torch.empty(seqs * heads, slots.shape[1])
+    status = _library.paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kind, slots.data_ptr(), slots.shape[1],
+        context_lens.data_ptr(), seqs, heads, kv_heads, head_dim, scale, out.data_ptr(), scratch.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("decode_attention: out of memory for the kernel's scratch rows")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, computed in fp32 and cast back like the reference
+    implementations (bf16: the normalised row is rounded before the weight multiplies it): one C
+    call for fp32 or bf16 CPU rows [T, D], torch otherwise."""
+    kind = _weight_kind(x)
+    applies = (kind is not None and x.dim() == 2 and x.stride(1) == 1 and weight.shape == x.shape[1:]
+               and weight.is_contiguous() and weight.dtype is x.dtype)
+    library = _load() if applies else None
+    if library is None:
+        return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    out = x.new_empty(x.shape)
+    library.rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps, kind)
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of x [T, heads, Dh] with fp32 cos, sin [T, Dh] (the tables at
+    each token's position), like x * cos + rotate_half(x) * sin: one C call for fp32 or bf16 CPU x
+    (the same bits as torch's ops in x's dtype), torch otherwise. Returns a new tensor."""
+    tokens, heads, head_dim = x.shape
+    kind = _weight_kind(x)
+    applies = (kind is not None and x.stride(2) == 1 and x.stride(1) == head_dim and head_dim % 2 == 0
+               and cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape == (tokens, head_dim)
+               and _plain_f32_cpu(cos, sin))
+    library = _load() if applies else None
+    if library is None:
+        half = head_dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos[:, None, :].to(x.dtype) + rotated * sin[:, None, :].to(x.dtype)
+    out = x.new_empty(tokens, heads, head_dim)
+    library.rope(x.data_ptr(), x.stride(0), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim, kind)
+    return out
+
+
+class Routing(NamedTuple):
+    """One MoE layer's routing, with its (token, slot) assignments grouped by expert.
+
+    Assignment a = t * top_k + slot. `order` lists the assignments sorted (stably) by expert,
+    `tokens[i]` is the token of `order[i]` and `scale[i]` its routing weight (fp32, holding
+    values of the activations' dtype); `counts[e]` assignments go to expert e."""
+
+    ids: torch.Tensor  # [T, top_k] int64
+    counts: list[int]
+    order: torch.Tensor  # [T * top_k] int64
+    tokens: torch.Tensor  # [T * top_k] int64
+    scale: torch.Tensor  # [T * top_k] fp32
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool, act_dtype: torch.dtype,
+          override: torch.Tensor | None = None) -> Routing | None:
+    """Softmax top-k routing (or the `override` ids [T, top_k]) and the grouping by expert in
+    one C call for fp32/bf16 CPU logits [T, E]; None where the kernel does not apply (use the
+    torch path). Weights are renormalised to sum 1 with `normalize` and rounded to `act_dtype`."""
+    kind = _weight_kind(logits)
+    if kind is None or logits.dtype is not act_dtype or logits.dim() != 2 or not logits.is_contiguous():
+        return None
+    library = _load()
+    if library is None:
+        return None
+    tokens, experts = logits.shape
+    if not 0 < top_k <= experts:
+        raise ValueError(f"top_k must be in [1, {experts}], got {top_k}")
+    if override is not None:
+        override = override.to(torch.int64).contiguous()
+        if override.shape != (tokens, top_k) or not bool(((override >= 0) & (override < experts)).all()):
+            raise ValueError(f"routing override must be [{tokens}, {top_k}] expert ids below {experts}")
+    ids = torch.empty(tokens, top_k, dtype=torch.int64)
+    counts = torch.empty(experts, dtype=torch.int64)
+    order, token = torch.empty(tokens * top_k, dtype=torch.int64), torch.empty(tokens * top_k, dtype=torch.int64)
+    scale = torch.empty(tokens * top_k)
+    status = library.route(logits.data_ptr(), kind, tokens, experts, top_k,
+                           None if override is None else override.data_ptr(), int(normalize), ids.data_ptr(),
+                           counts.data_ptr(), order.data_ptr(), token.data_ptr(), scale.data_ptr())
+    if status != 0:
+        raise MemoryError("route: out of memory for the kernel's scratch rows")
+    return Routing(ids, counts.tolist(), order, token, scale)
+
+
+def main() -> None:
+    """`python -m engine.models.cpu_kernels`: compile ahead of time (images); fails if it cannot."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if kernel_flavour() == "torch":
+        raise SystemExit("the C kernels could not be built (see the warning above)")
+
+
+if __name__ == "__main__":
+    main()

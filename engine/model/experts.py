@@ -1,0 +1,62 @@
+"""Where a MoE layer gets its routed experts' weights from.
+
+`ExpertProvider` is the seam between the model code and the offload tier: a layer asks
+for the experts its tokens routed to and computes them as soon as the provider
+yields them (the already resident ones as one group, then misses as their copies land), and says when it
+is done so their slots can be reused. `ResidentExperts` keeps every expert in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
+
+import torch
+
+from moe_serve.engine.model.weights import ExpertTensors
+from moe_serve.engine.types import ExpertKey
+
+
+class ExpertProvider(Protocol):
+    """Supplies routed-expert weights to the MoE layers."""
+
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[list[tuple[int, ExpertTensors]]]:
+        """Claim the experts now (starting any loads), and return an iterator of groups of
+        (expert, weights): each group is every claimed expert usable at that moment, in the order
+        they become usable, so a layer can compute a group in one call while the rest load."""
+        ...
+
+    def done(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """The layer finished with these experts."""
+        ...
+
+    def hint(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """These experts of `layer` will probably be needed soon (prefetch if useful)."""
+        ...
+
+    def end_step(self) -> None:
+        """One engine step (a forward over every layer) finished."""
+        ...
+
+
+class ResidentExperts:
+    """Every routed expert resident in memory: the all-resident reference run."""
+
+    def __init__(self, experts: Mapping[ExpertKey, ExpertTensors], device: torch.device) -> None:
+        self._experts = {key: tuple(t.to(device) for t in tensors) for key, tensors in experts.items()}
+
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[list[tuple[int, ExpertTensors]]]:
+        return iter([[(expert, self._experts[ExpertKey(layer, expert)]) for expert in expert_ids]])
+
+    def done(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Nothing to release: resident experts are never evicted."""
+
+    def hint(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Nothing to prefetch: every expert is already resident."""
+
+    def end_step(self) -> None:
+        """No per-step state."""
+
+    def nbytes(self) -> int:
+        """Bytes held by all routed experts."""
+        return sum(t.numel() * t.element_size() for tensors in self._experts.values() for t in tensors)

@@ -1,0 +1,192 @@
+"""Our forward pass for decoder-only MoE transformers (every architecture of `engine.models.registry`).
+
+Pure functions over `DenseWeights` plus an `ExpertProvider`; the spec decides the attention
+(grouped-query, or latent: `engine.models.latent_attention`; sliding windows and sinks), biases,
+q/k norms, the rope, which layers are dense, the router, the routed experts' activation and
+biases, and the shared expert. Expert-side callbacks (routing observer, speculator, provider)
+see MoE-layer indices. Shapes: T tokens, D hidden, H heads,
+Hkv kv heads, Dh head dim, R rotary dims, E experts, A active experts per token, F expert
+intermediate size, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moe_serve.engine.model.attention import AttentionMetadata, paged_attention
+from moe_serve.engine.model.cpu_kernels import ExpertRows, Routing, expert_ffn, linear, rms_norm
+from moe_serve.engine.model.experts import ExpertProvider
+from moe_serve.engine.model.latent_attention import latent_attention
+from moe_serve.engine.model.packed import Matrix
+from moe_serve.engine.model.rope import RotaryEmbedding, apply_rope
+from moe_serve.engine.model.router import route
+from moe_serve.engine.model.spec import ExpertActivation, ExpertMLPSpec, ModelSpec, QKNorm
+from moe_serve.engine.model.weights import (
+    AttentionWeights,
+    DenseWeights,
+    LatentAttentionWeights,
+    LayerWeights,
+    MLPWeights,
+)
+
+RoutingObserver = Callable[[int, torch.Tensor], None]  # (MoE layer, topk_ids [T, A])
+# (MoE layer l, its input hidden state [T, D], its topk_ids [T, A]) -> experts of MoE layer l + 1 to prefetch
+Speculator = Callable[[int, torch.Tensor, torch.Tensor], list[int]]
+RoutingOverride = Callable[[int], torch.Tensor]  # MoE layer -> topk_ids [T, A] to use instead of the router's
+KVCache = tuple[torch.Tensor, ...]  # one layer's paged cache tensors, shaped by `ModelSpec.kv_entry_shapes`
+
+
+class MoEModel:
+    """Runs one step of the model over a flattened batch of tokens. With `packed` the weights are
+    in the CPU kernels' packed layout (`engine.models.weights.pack_dense`, `pack_expert`) and the
+    routed experts run in the C kernel when it computes their MLP (`ExpertMLPSpec.is_plain`);
+    otherwise every product runs in torch."""
+
+    def __init__(self, spec: ModelSpec, dense: DenseWeights, experts: ExpertProvider, device: torch.device,
+                 packed: bool = False) -> None:
+        self.spec = spec
+        self.dense = dense
+        self.experts = experts
+        self.device = device
+        self.packed = packed
+        self.packed_experts = packed and spec.expert_mlp.is_plain
+        self.rotary = RotaryEmbedding(spec.rope, device)
+        self.moe_index = [spec.moe_index(layer) for layer in range(spec.num_layers)]
+        self.routing_observer: RoutingObserver | None = None
+        self.speculator: Speculator | None = None  # None: no next-layer prefetch
+        self.routing_override: RoutingOverride | None = None  # benchmarks: replay recorded routing
+
+    @property
+    def routers(self) -> list[Matrix]:
+        """The MoE layers' routers, by MoE-layer index."""
+        return [self.dense.layers[layer].router for layer in self.spec.moe_layers]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final-normed hidden states [T, D]."""
+        x = self.dense.embed(input_ids)
+        rotary = self.rotary.tables(positions)
+        for layer_idx, layer in enumerate(self.dense.layers):
+            h = rms_norm(x, layer.input_norm, self.spec.rms_norm_eps)
+            if isinstance(layer.attention, LatentAttentionWeights):
+                x = x + latent_attention(self.spec, layer.attention, h, rotary, meta, kv_caches[layer_idx][0])
+            else:
+                window = self.spec.window(layer_idx)
+                x = x + self._attention(layer.attention, h, rotary, meta, kv_caches[layer_idx], window)
+            h = rms_norm(x, layer.post_attention_norm, self.spec.rms_norm_eps)
+            moe_layer = self.moe_index[layer_idx]
+            if moe_layer is None:
+                x = x + self._mlp(layer.mlp, h)
+            else:
+                x = x + self._moe(moe_layer, layer, h)
+        return rms_norm(x, self.dense.final_norm, self.spec.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, D] -> fp32 logits [N, V]."""
+        return linear(hidden, self.dense.lm_head).float()
+
+    def _attention(
+        self,
+        w: AttentionWeights,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        window: int | None,
+    ) -> torch.Tensor:
+        spec = self.spec
+        num_tokens = x.shape[0]
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        qkv = linear(x, w.qkv, w.qkv_bias)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        if spec.qk_norm is QKNorm.FULL:
+            q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
+            k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
+        if spec.clip_qkv is not None:
+            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+        q = q.reshape(num_tokens, spec.num_heads, spec.head_dim)
+        k = k.reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
+        v = v.reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
+        if spec.qk_norm is QKNorm.PER_HEAD:
+            q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
+            k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
+        q = apply_rope(q, *rotary)
+        k = apply_rope(k, *rotary)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, spec.attention_scale, window, w.sinks)
+        return linear(out, w.o, w.o_bias)
+
+    def route(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> Routing:
+        """Router of MoE layer `moe_layer`: x [T, D] -> each token's top-k experts and weights,
+        grouped by expert (see `engine.models.router`). With a routing override the ids come from it."""
+        override = None if self.routing_override is None else self.routing_override(moe_layer)
+        return route(self.spec.routing, self.spec.num_experts, self.spec.top_k, layer.router, layer.router_bias, x,
+                     override)
+
+    def _moe(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        num_tokens, hidden = x.shape
+        top_k = self.spec.top_k
+        routing = self.route(moe_layer, layer, x)
+        if self.routing_observer is not None:
+            self.routing_observer(moe_layer, routing.ids)
+        counts = routing.counts
+        starts = [0] * len(counts)
+        for e in range(1, len(counts)):
+            starts[e] = starts[e - 1] + counts[e - 1]
+        needed = [e for e, c in enumerate(counts) if c]
+        # each (token, slot) pair gets its own row, so experts may finish in any order
+        # and the final sum over slots is still taken in one fixed order (bit-exact)
+        fetched = self.experts.fetch(moe_layer, needed)
+        if self.speculator is not None:
+            guesses = self.speculator(moe_layer, x, routing.ids)
+            if guesses and moe_layer + 1 < self.spec.num_moe_layers:
+                self.experts.hint(moe_layer + 1, guesses)
+        if self.packed_experts:
+            # the kernel computes in fp32 (bf16 weights too); the sum over slots is rounded to x's dtype once
+            out = torch.zeros(num_tokens * top_k, hidden)
+            rows = ExpertRows(x, routing.tokens, routing.order, routing.scale, self.spec.moe_intermediate_size)
+            for ready in fetched:  # one kernel call per group of usable experts
+                groups = [(starts[e], starts[e] + counts[e], gate_up, down) for e, (gate_up, down) in ready]
+                expert_ffn(rows, out, groups)
+        else:
+            out = x.new_zeros(num_tokens * top_k, hidden)
+            for ready in fetched:
+                for expert, tensors in ready:
+                    first, last = starts[expert], starts[expert] + counts[expert]
+                    expert_out = _expert_mlp(self.spec.expert_mlp, tensors, x[routing.tokens[first:last]])
+                    out[routing.order[first:last]] = (expert_out * routing.scale[first:last, None]).to(out.dtype)
+        self.experts.done(moe_layer, needed)
+        routed = out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+        if layer.shared_expert is not None:
+            routed = routed + self._mlp(layer.shared_expert, x)
+        return routed
+
+    @staticmethod
+    def _mlp(w: MLPWeights, x: torch.Tensor) -> torch.Tensor:
+        """A dense layer's SwiGLU MLP, or a shared expert (scaled by sigmoid(gate x) when it has a gate)."""
+        gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
+        out = linear(F.silu(gate) * up, w.down)
+        return out if w.gate is None else torch.sigmoid(linear(x, w.gate)) * out
+
+
+def _expert_mlp(spec: ExpertMLPSpec, tensors: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+    """One routed expert on its tokens x [N, D] (torch): SwiGLU, or gpt-oss' clamped SwiGLU
+    ((up + 1) * gate * sigmoid(alpha * gate), gate clamped above and up both sides at `limit`), with
+    the gate_up and down biases when the spec has them."""
+    gate_up, down, *biases = tensors
+    gate_up_bias, down_bias = biases if spec.biases else (None, None)
+    gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
+    if spec.activation is ExpertActivation.CLAMPED_SWIGLU:
+        gate = gate.clamp(max=spec.swiglu_limit)
+        up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
+        hidden = (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
+    else:
+        hidden = F.silu(gate) * up
+    return F.linear(hidden, down, down_bias)

@@ -1,0 +1,92 @@
+"""The package's shape: one namespace, one-way imports between modules and between layers."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDERS = {"server": "moe_serve.server", "engine": "moe_serve.engine",
+           "cache_policies": "moe_serve.cache_policies", "cuda_ext": "moe_serve.cuda_ext"}
+
+
+def module_files() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the installed packages."""
+    out = {}
+    for folder, package in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            out[name.removesuffix(".__init__")] = path
+    return out
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """moe_serve modules `path` imports anywhere in its body (function-level imports too,
+    TYPE_CHECKING-only imports excluded: they do not run)."""
+    tree = ast.parse(path.read_text())
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(child) for stmt in node.body for child in ast.walk(stmt))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(target for target in targets if target in modules and target != name)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = module_files()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def test_generic_names_are_not_installed(tmp_path: Path) -> None:
+    """Outside the checkout only `moe_serve.*` imports: `server`, `engine`, ... stay free."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    for folder, package in FOLDERS.items():
+        generic = subprocess.run([sys.executable, "-c", f"import {folder}"], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True)
+        assert generic.returncode != 0 and "No module named" in generic.stderr, folder
+        subprocess.run([sys.executable, "-c", f"import {package}"], cwd=tmp_path, env=env, check=True)
+
+
+def test_only_the_server_imports_the_server() -> None:
+    offenders = {name: sorted(d for d in deps if d.startswith("moe_serve.server"))
+                 for name, deps in graph().items() if not name.startswith("moe_serve.server")}
+    assert not {name: deps for name, deps in offenders.items() if deps}
+
+
+def test_module_imports_have_no_cycles() -> None:
+    edges = graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(edges[node]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
