@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from moe_serve.engine.core.detokenizer import IncrementalDetokenizer
@@ -105,10 +105,25 @@ def test_random_token_ids_concatenate_to_decode(tokenizer, data, chunk: int) -> 
         assert all("\ufffd" not in d for d in deltas)
 
 
+def first_stop(tokenizer, ids: list[int], stops: list[str], chunk: int) -> tuple[str, int, int] | None:
+    """Oracle: generation ends at the first chunk after which the text decoded so far (less a
+    trailing incomplete character) contains a stop string; there the earliest-starting match
+    (then the shortest) is cut. Returns (that text, match start, match length), or None."""
+    for end in range(chunk, len(ids) + chunk, chunk):
+        text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+        if end < len(ids):
+            text = text.rstrip("\ufffd")
+        hits = [(text.find(s), len(s)) for s in stops if s in text]
+        if hits:
+            return (text, *min(hits))
+    return None
+
+
 @settings(max_examples=80, deadline=None)
 @given(text=st.text(st.characters(codec="utf-8"), min_size=1, max_size=30),
        stops=st.lists(st.text(min_size=1, max_size=3), min_size=1, max_size=3), include=st.booleans(),
        chunk=st.integers(1, 3))
+@example(text="0\u00f90", stops=["\u00f9", "0\u00f90"], include=False, chunk=1)  # the later stop completes first
 def test_stop_strings_against_a_string_oracle(tokenizer, text: str, stops: list[str], include: bool, chunk: int) -> None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     decoded = tokenizer.decode(ids, skip_special_tokens=True)
@@ -116,13 +131,13 @@ def test_stop_strings_against_a_string_oracle(tokenizer, text: str, stops: list[
     deltas, stopped, detok = stream_chunks(tokenizer, ids, params, chunk)
     out = "".join(deltas)
     assert out == detok.text
-    hits = [(decoded.find(s), len(s)) for s in stops if s in decoded]
-    if not hits:
+    cut = first_stop(tokenizer, ids, stops, chunk)
+    if cut is None:
         assert not stopped and out == decoded
         return
     assert stopped or decoded.endswith("\ufffd")  # a trailing U+FFFD is only complete at flush()
-    index, length = min(hits)
-    assert out == decoded[: index + length if include else index]  # a match completed by flush() is cut too
+    text, index, length = cut
+    assert out == text[: index + length if include else index]  # a match completed by flush() is cut too
     assert all("\ufffd" not in d for d in deltas) or "\ufffd" in decoded
 
 
