@@ -1,23 +1,9 @@
 """Nearest-context policy: the Markov priority plus "what followed the most similar past steps".
 
-Routing at a layer is a function of the token and its context, so a step whose expert set
-overlaps strongly with an earlier step's tends to be followed by similar experts. On top of
-`MarkovPolicy`'s priority (one-step transitions, decayed frequency, recency) each key gets
-
-    context_weight x (share of the `neighbours` most similar past steps after which the
-                      key was used within `horizon` steps)
-
-where a past step is similar when its expert set shares at least two thirds of the current
-step's keys (4 of 6 for a top-6 model), the most overlapping first, then the most recent.
-The current step's set is the keys accessed so far this step; while fewer than that are
-known (early in a step's misses) the previous step's finished set is used instead.
-
-Everything is learned online from the on_* calls. Keys are grouped: tuple keys by their
-first element (the engine's `ExpertKey(layer, expert)`, so each MoE layer has its own
-history), any other key into one group (trace replay, one policy per layer). Steps whose
-group set is larger than `max_context_keys` (big batches) are remembered but not matched.
-Memory is bounded: only the last `history_steps` steps of each group are searchable and
-each index bucket keeps its `bucket` most recent steps.
+Each key gets `MarkovPolicy`'s priority + context_weight x (share of the `neighbours` most
+similar past steps after which it was used within `horizon` steps), similar meaning sharing at
+least two thirds of the step's keys. One bounded history per key group (the engine's MoE
+layer). Algorithm, memory and measurements: docs/cache_policies.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""The default policy: a next-step predictor learned online from consecutive steps.
+"""Markov policy: a next-step predictor learned online from consecutive steps.
 
-Each key's priority estimates how likely it is to be needed again soon, from three
-signals the policy learns from the on_* calls alone:
-
-- transition: P(key used in the next step | keys used in this step, or in the last
-  finished step while none is yet), from counts of
-  (key used at step s -> key used at step s+1) pairs seen so far (a sparse Markov model
-  over keys; it learns, e.g., that a new request's first token always routes the same way
-  after the previous request's last tokens, and which experts follow which);
-- frequency: an exponentially decayed use count (long-term popularity across requests);
-- recency: 0.5 ** (steps since last use / recency_half_life) (reuse within a request).
-
-The transition term is a sum per key over the step's keys, brought up to date lazily when a
-priority is asked for (so a step without evictions costs nothing); victim() is then
-O(candidates) plus the new keys' transition rows.
+A key's priority = P(used next step | keys of this step) from sparse transition counts
++ a decayed use count (popularity) + a recency term (reuse within a request); the transition
+sums are brought up to date lazily, so a step without evictions costs nothing.
+Details and measurements: docs/cache_policies.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """One policy per MoE layer over a slot pool that every layer shares.
 
-The engine keeps a single pool of expert slots and visits the layers in order every step.
-A policy that ranks all keys in one list compares keys whose next uses are at very
-different distances: while layer l evicts, a key of layer l+1 is needed a moment later and
-a key of layer l-1 a whole step later, so recency-like scores evict exactly the keys about
-to be used and the layer cycle becomes LRU's worst case (a cache shorter than the cycle
-hits nothing). `PartitionedPolicy` gives each group of keys (the MoE layer: the first
-element of a tuple key; other keys form one group) its own policy instance, as trace replay
-does (N slots per layer), and an equal share of the slots. An eviction takes its victim
-from the group most over its share; among groups equally far over, from the one whose
-next use is furthest away in the layer cycle (the layer just used first, then the one
-before it). Inside the group the group's own policy picks the victim.
+`PartitionedPolicy` gives each key group (the MoE layer) its own policy instance and an equal
+share of the slots; an eviction takes its victim from the group most over its share (among
+equals, the one next needed furthest ahead in the layer cycle), and that group's policy picks
+the key. Why one ranking across layers fails: docs/cache_policies.md, "In the live engine".
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Host buffers for weights the CPU kernels stream: anonymous memory advised for huge pages.
 
-A decode step on the CPU reads every weight it uses once, front to back, at the memory's
-streaming rate; with 4 KiB pages that stream crosses a page (a TLB miss, and a stop for the
-hardware prefetcher) every 4 KiB. `advised_buffer` maps anonymous memory and asks the kernel
-for transparent huge pages (MADV_HUGEPAGE: honoured where THP is `always` or `madvise`),
-which on the development machine raised the expert FFN's read rate by 5-20%. `Arena` carves
-many aligned tensors out of one such buffer. Where the advice is not available the buffer is
-plain memory; nothing else changes.
+`advised_buffer` maps anonymous memory with MADV_HUGEPAGE (honoured where transparent huge
+pages are `always` or `madvise`; plain memory elsewhere); `Arena` carves many aligned tensors
+out of one such buffer. Why and what it gained: docs/operations.md.
 """
 
 from __future__ import annotations

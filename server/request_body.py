@@ -1,16 +1,9 @@
 """Request bodies decoded, parsed and validated; large ones in a parser process (`BodyParser`).
 
-A body of up to `INLINE_BODY_BYTES` is parsed on the event loop (that costs less than a hop).
-A larger one goes to a parser process, one body at a time: turning megabytes of JSON into
-objects holds the GIL for tens of milliseconds at a stretch, which on a thread of the server
-would stall the event loop (/health among its requests) and, worse, the engine thread, whose
-every torch call gives the GIL up and must win it back. Only the bytes go there and only the
-validated model (or the error) comes back.
-
-Text must be UTF-8 with no lone surrogate in any string: a JSON escape `\\ud800`..`\\udfff`
-without its pair is a 400 naming the field, instead of reaching the tokenizer and the response
-encoder. A picklable precheck sees the parsed JSON before pydantic converts it: the early
-count of token-id prompts (`TokenIdPromptCheck`).
+Bodies up to `INLINE_BODY_BYTES` are parsed on the event loop; larger ones in a parser process,
+so megabytes of JSON never hold the GIL against the event loop and the engine thread. Strings
+must be UTF-8 without lone surrogates (a 400 naming the field). `TokenIdPromptCheck` counts
+token-id prompts before pydantic converts them. Why: docs/api.md, "Large inputs".
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
 """Batched token sampling: penalties, min_tokens, temperature, top-k, top-p, seeds, logprobs.
 
-Order of processing (vLLM's): repetition penalty (HF-style, over prompt and output tokens),
-presence/frequency penalties (OpenAI-style, over output tokens), the min_tokens mask of eos
-and stop_token_ids, then for random rows temperature, top-k and top-p.
-
-Greedy rows take torch.argmax of the penalised logits, so they equal a transformers greedy
-oracle when no penalty is set. Random rows are sampled by inverse CDF (one uniform number
-per row, searched in the cumulative distribution), so no full sort or per-token
-noise is needed; a row whose request has a seed draws its number from its own
-torch.Generator, so a seeded request gives the same tokens in any batch. Unseeded rows
-share one draw from the default generator.
-
-Logprobs are the model's: log_softmax of the raw logits, before penalties, the min_tokens
-mask and temperature (OpenAI's convention; vLLM's default "raw_logprobs" is the same).
-
-A row whose penalised (or tempered) logits are not finite (NaN, +inf, or nothing but -inf) or
-whose sampled id falls outside the vocabulary gets an error instead of a token; the other rows
-are sampled as usual. Temperatures below MIN_TEMPERATURE are greedy and the repetition penalty
-is clamped (see `engine.sampling_params`), so no request's parameters can make float32 overflow.
-
+Processing order (vLLM's), greedy rows equal to a transformers argmax, inverse-CDF draws with
+per-request generators for seeded rows, and logprobs taken before penalties: docs/api.md,
+"Sampling". A row whose logits are not finite or whose id falls outside the vocabulary gets an
+error instead of a token; the other rows are sampled as usual.
 Shapes: B rows, V vocabulary, R rows that need a given step.
 """
 

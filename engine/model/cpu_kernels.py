@@ -1,21 +1,9 @@
 """CPU kernels, fp32 or bf16: linear layers, the routed-expert FFN, decode attention, RMSNorm,
-the rotary embedding and the router's top-k.
-
-`csrc/cpu_kernels.c` multiplies by weights in the packed layout of `engine.models.packed`
-(blocks of 16 outputs stored k-major, packed once at load: `packs_weights` says when), in tiles
-of up to 6 activation rows whose accumulators stay in registers, each block streamed once per
-tile; bf16 weights are widened in registers and summed in fp32. It splits the output blocks
-across torch's thread count, and computes a whole group of experts (gather, gate/up, SiLU, down,
-routing weight, scatter) in one call. It also has the attention of decode steps, read straight
-from the paged KV cache (no gathered copy, no padding), RMSNorm, the rotary embedding, and the
-router's softmax top-k with the grouping of assignments by expert. It is compiled with the
-system C compiler on first use into the extension cache (AVX2/FMA and AVX-512 when the CPU has
-them) and called through ctypes, which releases the GIL.
-
-Each output is summed in one fixed order whatever the number of rows or the grouping of experts
-into calls, so a sequence's result does not depend on what it is batched with (decode and
-prefill alike), nor on which experts were resident. Plain (unpacked) weights, other devices or
-dtypes, no compiler, or MOE_SERVE_CPU_KERNEL=0 go to torch.
+the rotary embedding and the router's top-k, in `csrc/cpu_kernels.c` over the packed layout of
+`engine.model.packed`; compiled on first use into the extension cache, called through ctypes
+(which releases the GIL). Each output is summed in one fixed order whatever the batch or the
+expert grouping, so results do not depend on batching. Plain weights, other devices or
+dtypes, no compiler, or MOE_SERVE_CPU_KERNEL=0 go to torch. Design: docs/operations.md.
 """
 
 from __future__ import annotations
