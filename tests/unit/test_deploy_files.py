@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Metric
 from moe_serve.engine.builder import build_engine
 from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.core.async_engine import AsyncLLMEngine
+from moe_serve.server.config import ServeConfig
 from moe_serve.server.metrics import register_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +108,7 @@ def test_compose_wires_the_server_prometheus_and_grafana() -> None:
     assert "moe-serve" in cpu["networks"]["default"]["aliases"]
     for server in (gpu, cpu):
         assert "/health" in " ".join(server["healthcheck"]["test"])
+        assert int(server["stop_grace_period"].removesuffix("s")) > ServeConfig().shutdown_timeout_s  # drain fits
         assert any(_mount(volume)[1] == "/models" for volume in server["volumes"])
         assert (REPO_ROOT / server["command"][-1].replace("${GPU_PROFILE:-gpu-12gb}", "gpu-12gb")).is_file()
     for name in ("prometheus", "grafana"):
