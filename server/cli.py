@@ -115,6 +115,8 @@ def run_generate(args: argparse.Namespace) -> int:
     text, finish_reason = "", None
     while engine.has_unfinished:
         for out in engine.step():
+            if out.error is not None:
+                raise out.error  # main() prints it as one `moe-serve: error:` line, exit 1
             token_ids += out.new_token_ids
             text += out.new_text
             finish_reason = out.finish_reason

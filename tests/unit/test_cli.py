@@ -135,3 +135,16 @@ def test_http_settings_come_from_flags_environment_and_yaml(tmp_path: Path) -> N
         load_config(ServeConfig, None, {"auth_health_and_metrics": "true"}, environ={})
     with pytest.raises(ConfigError, match="request_timeout_s"):
         load_config(ServeConfig, None, {"request_timeout_s": "0"}, environ={})
+
+
+def test_generate_request_failing_in_the_engine_is_one_error_line(tmp_path: Path) -> None:
+    """A checkpoint whose output head is NaN: the sampler fails the row, and `generate` says so
+    (exit 1, one line) instead of printing an empty text that ended in `abort`."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_tiny_checkpoint("mixtral", tmp_path / "nan-head")
+    weights = load_file(path / "model.safetensors")
+    weights["lm_head.weight"].fill_(float("nan"))
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line_error(run_cli("generate", "--model", str(path), "--prompt", "hi", "--max-tokens", "3"),
+                          "non-finite logits")
