@@ -26,14 +26,13 @@ import torch
 import transformers
 
 from benchmarks.engine_runs import counters_since, offload_counters, run_to_completion
-from moe_serve.engine.builder import build_engine
+from moe_serve.engine.builder import RoutingReplay, build_engine
 from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.core.llm_engine import LLMEngine
 from moe_serve.engine.core.sampling_params import SamplingParams
 from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
 from moe_serve.engine.progress import progress
 from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace, save_trace
-from moe_serve.engine.traces.trace_router import TraceRouter
 
 DEFAULT_TRACE = "../shared/traces/deepseek-v2-lite-puffin-train.npz"
 
@@ -76,13 +75,9 @@ def training_trace(directory: Path, trace: RoutingTrace, args: argparse.Namespac
 
 
 def replaying_engine(path: Path, trace: RoutingTrace, args: argparse.Namespace, **overrides) -> LLMEngine:
-    engine = build_engine(EngineConfig(model=str(path), dtype=args.dtype, device=args.device,
-                                       max_num_seqs=max(args.batch, 1), task_preload=False, **overrides),
-                          show_progress=False)
-    spec = engine.runner.model.spec
-    engine.runner.replay_routing(TraceRouter(trace, spec.num_layers, spec.num_experts, spec.top_k,
-                                             first_layer=args.first_layer))
-    return engine
+    return build_engine(EngineConfig(model=str(path), dtype=args.dtype, device=args.device,
+                                     max_num_seqs=max(args.batch, 1), task_preload=False, **overrides),
+                        show_progress=False, replay=RoutingReplay(trace, first_layer=args.first_layer))
 
 
 def measure(engine: LLMEngine, args: argparse.Namespace) -> dict:

@@ -1,36 +1,42 @@
-"""Assembles an LLMEngine from an EngineConfig: checkpoint, tokenizer, device, KV budget."""
+"""Assembles an LLMEngine from an EngineConfig: checkpoint, tokenizer, device, KV budget, expert
+offload, prefetch and routing consumers. Every component is built before the ones that use it and
+passed to their constructors; nothing is attached afterwards."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moe_serve.engine.config import DeviceKind, EngineConfig, PrefetchMode
+from moe_serve.engine.core.async_engine import AsyncLLMEngine
 from moe_serve.engine.core.block_manager import BlockManager
 from moe_serve.engine.core.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from moe_serve.engine.core.llm_engine import LLMEngine
 from moe_serve.engine.core.model_runner import ModelRunner
 from moe_serve.engine.core.scheduler import Scheduler, SchedulerConfig
-from moe_serve.engine.core.scheduling_policy import NoExpertCost, ServiceTimeModel, SloContext
+from moe_serve.engine.core.scheduling_policy import ExpertCostModel, NoExpertCost, ServiceTimeModel, SloContext
+from moe_serve.engine.core.step import StepObserver
 from moe_serve.engine.core.tasks import TaskTable, per_task_capacity
 from moe_serve.engine.errors import ModelLoadError
 from moe_serve.engine.model.cpu_kernels import packs_weights
-from moe_serve.engine.model.experts import ResidentExperts
 from moe_serve.engine.model.loader import LoadedModel, load_model
-from moe_serve.engine.model.moe_model import MoEModel, Speculator
+from moe_serve.engine.model.moe_model import MoEModel, Speculator, moe_routers
+from moe_serve.engine.model.packed import Matrix
 from moe_serve.engine.model.spec import ModelSpec
 from moe_serve.engine.model.weights import pack_dense
-from moe_serve.engine.offload.expert_cache import SlotState
+from moe_serve.engine.offload.expert_cache import ExpertCache, SlotState
 from moe_serve.engine.offload.provider import OffloadedExperts, build_expert_provider
 from moe_serve.engine.prefetch.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
 from moe_serve.engine.prefetch.predictors import AFFINITY_MIN_SCORE, AffinityPredictor, TaskProfilePredictor
 from moe_serve.engine.prefetch.routing import RoutingRecorder, TaskExpertCost, TaskPreloader, TraceWriter
 from moe_serve.engine.prefetch.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
 from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace
+from moe_serve.engine.traces.trace_router import TraceRouter
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +117,30 @@ def kv_cache_blocks(spec: ModelSpec, config: EngineConfig, dtype: torch.dtype) -
     return max_model_len, num_blocks
 
 
-def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
-    """Load everything named by `config` and return a ready engine."""
+@dataclass(frozen=True)
+class RoutingReplay:
+    """Benchmarks: route every token as `trace` recorded (the model's MoE layer l takes the trace's
+    layer `first_layer + l`) instead of by the model's routers (`TraceRouter`)."""
+
+    trace: RoutingTrace
+    first_layer: int = 0
+
+
+@dataclass(frozen=True)
+class RoutingConsumers:
+    """What consumes live routing, built before the model: the recorder (None when nothing
+    consumes routing), the eMoE preloader and the scheduler's expert-cost model (offloaded experts
+    with task preloading), and the `--record-trace` writer."""
+
+    recorder: RoutingRecorder | None = None
+    preloader: TaskPreloader | None = None
+    expert_cost: ExpertCostModel = field(default_factory=NoExpertCost)
+    trace_writer: TraceWriter | None = None
+
+
+def build_engine(config: EngineConfig, show_progress: bool = True, replay: RoutingReplay | None = None) -> LLMEngine:
+    """Load everything named by `config` and return a ready engine; each component is built
+    before the components that use it and handed to their constructors."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     path = model_path(config)
@@ -124,12 +152,18 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
     max_model_len, num_blocks = kv_cache_blocks(spec, config, dtype)
     block_bytes = kv_bytes_per_block(spec, config.block_size, dtype)
     packed = packs_weights(device, dtype)  # the CPU kernels' layout, packed once here
-    dense = pack_dense(loaded.weights.dense) if packed else loaded.weights.dense
+    dense = _dense_to(pack_dense(loaded.weights.dense) if packed else loaded.weights.dense, device)
     experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens,
                                     pack=packed and spec.expert_mlp.is_plain)
-    model = MoEModel(spec, _dense_to(dense, device), experts, device, packed=packed)
-    if isinstance(experts, OffloadedExperts):
-        model.speculator = make_speculator(config, model)
+    cache = experts.cache if isinstance(experts, OffloadedExperts) else None
+    tasks = load_task_table(config.tasks_file)
+    routing = routing_consumers(config, spec, tasks, cache, device)
+    speculator = None if cache is None else make_speculator(config, spec, moe_routers(spec, dense))
+    router = None if replay is None else TraceRouter(replay.trace, spec.num_moe_layers, spec.num_experts, spec.top_k,
+                                                     first_layer=replay.first_layer)
+    model = MoEModel(spec, dense, experts, device, packed=packed, speculator=speculator,
+                     routing_observer=routing.recorder, routing_override=router)
+    observers = [o for o in (routing.recorder, speculator, router) if isinstance(o, StepObserver)]
     kv = allocate_kv_cache(spec, num_blocks, config.block_size, dtype, device)
     logger.info(
         "KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
@@ -139,19 +173,23 @@ def build_engine(config: EngineConfig, show_progress: bool = True) -> LLMEngine:
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                         config.scheduling_policy, config.reject_unattainable, config.max_tasks),
         BlockManager(num_blocks, config.block_size),
-        SloContext(load_task_table(config.tasks_file), ServiceTimeModel(), NoExpertCost(), config.starvation_s),
+        SloContext(tasks, ServiceTimeModel(), routing.expert_cost, config.starvation_s),
     )
-    runner = ModelRunner(model, kv, config.block_size, eos_ids(loaded, tokenizer))
-    engine = LLMEngine(scheduler, runner, tokenizer, max_model_len, served_model_name(config))
-    attach_routing_consumers(engine, config, experts, device)
-    return engine
+    runner = ModelRunner(model, kv, config.block_size, eos_ids(loaded, tokenizer), observers)
+    return LLMEngine(scheduler, runner, tokenizer, max_model_len, served_model_name(config),
+                     preloader=routing.preloader, trace_writer=routing.trace_writer, expert_cache=cache)
 
 
-def make_speculator(config: EngineConfig, model: MoEModel) -> Speculator | None:
-    """The next-layer prefetcher `config.prefetch` names (None: demand loads only)."""
-    spec = model.spec
+def build_async_engine(config: EngineConfig) -> AsyncLLMEngine:
+    """The server's engine: `build_engine(config)` run on the engine thread once it starts."""
+    return AsyncLLMEngine(config, build_engine)
+
+
+def make_speculator(config: EngineConfig, spec: ModelSpec, routers: list[Matrix]) -> Speculator | None:
+    """The next-layer prefetcher `config.prefetch` names (None: demand loads only); `routers`: the
+    MoE layers' routers on the device."""
     if config.prefetch is PrefetchMode.NEXT_LAYER:
-        return RouterSpeculator(model.routers, spec.top_k, config.prefetch_margin)
+        return RouterSpeculator(routers, spec.top_k, config.prefetch_margin)
     width = spec.top_k + config.prefetch_margin
     if config.prefetch is PrefetchMode.AFFINITY and spec.num_moe_layers > 1:
         min_score = AFFINITY_MIN_SCORE if config.prefetch_min_score is None else config.prefetch_min_score
@@ -177,21 +215,16 @@ def model_trace(path: str, spec: ModelSpec, what: str) -> RoutingTrace:
     return trace
 
 
-def attach_routing_consumers(
-    engine: LLMEngine, config: EngineConfig, experts: ResidentExperts | OffloadedExperts, device: torch.device
-) -> None:
+def routing_consumers(config: EngineConfig, spec: ModelSpec, tasks: TaskTable, cache: ExpertCache | None,
+                      device: torch.device) -> RoutingConsumers:
     """Record routing when something consumes it: eMoE task preloading (offloaded experts only),
     the scheduler's expert-loading cost model, and `--record-trace` files."""
-    spec = engine.runner.model.spec
-    preload = isinstance(experts, OffloadedExperts) and config.task_preload
+    preload = cache is not None and config.task_preload
     if not preload and config.record_trace is None:
-        return
-    recorder = RoutingRecorder(spec.num_moe_layers)
-    engine.runner.attach_recorder(recorder)
+        return RoutingConsumers()
+    preloader, expert_cost, writer = None, NoExpertCost(), None
     if preload:
-        assert isinstance(experts, OffloadedExperts)
-        cache = experts.cache
-        tasks = engine.scheduler.slo.tasks
+        assert cache is not None
         insensitive = frozenset(name for name, t in tasks.tasks.items() if not t.prediction_sensitive)
         max_tasks = per_task_capacity(tasks, config.max_tasks)
         predictor = TaskProfilePredictor(spec.num_moe_layers, spec.num_experts, config.preload_refresh_every,
@@ -200,18 +233,18 @@ def attach_routing_consumers(
         # a preload may fill the cache except one layer's worst-case demand, so the prefill's
         # first layers cannot evict the preloads of its later layers before they are reached
         one_layer = min(spec.num_experts, config.max_num_batched_tokens * spec.top_k)
-        engine.preloader = TaskPreloader(predictor, tasks, spec.num_experts, cache.prefetch,
-                                         max_experts=max(spec.top_k, cache.num_slots - one_layer))
-        recorder.consumers.append(engine.preloader.observe)
+        preloader = TaskPreloader(predictor, tasks, spec.num_experts, cache.prefetch,
+                                  max_experts=max(spec.top_k, cache.num_slots - one_layer))
         gbps = config.expert_link_gbps or (25.0 if device.type == "cuda" else 8.0)
-        engine.scheduler.slo.expert_cost = TaskExpertCost(
+        expert_cost = TaskExpertCost(
             predictor, per_layer, lambda key: cache.state_of(key) is SlotState.RESIDENT,
             cache.store.expert_nbytes / (gbps * 1e9), max_tasks=max_tasks,
         )
     if config.record_trace is not None:
-        engine.trace_writer = TraceWriter(Path(config.record_trace).expanduser(), spec.num_experts,
-                                          spec.architecture, config.record_trace_tokens)
-        recorder.consumers.append(engine.trace_writer.add)
+        writer = TraceWriter(Path(config.record_trace).expanduser(), spec.num_experts, spec.architecture,
+                             config.record_trace_tokens)
+    consumers = ([preloader.observe] if preloader else []) + ([writer.add] if writer else [])
+    return RoutingConsumers(RoutingRecorder(spec.num_moe_layers, consumers), preloader, expert_cost, writer)
 
 
 def _dense_to(dense: Any, device: torch.device) -> Any:

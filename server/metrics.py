@@ -3,16 +3,15 @@ expert-cache series read at scrape time.
 
 `ServerMetrics` owns the histograms and counters the server observes when an engine request
 finishes (it knows arrival, first-token and per-token times). `EngineCollector` is a custom
-Collector that turns read-only snapshots of the engine (queues, KV usage, preemptions,
-output-length error, folded task names) and of the expert cache (hits, misses, copies, stalls,
-prefetches) into metric families on every scrape. Both live on the app's own CollectorRegistry.
+Collector that turns the engine's latest published snapshot (`EngineStats`: queues, KV usage,
+preemptions, output-length error, folded task names, and the expert cache's hits, misses, copies,
+stalls and prefetches) into metric families on every scrape; it reads no live engine object. Both live on the app's own CollectorRegistry.
 A `task` label is a name of the task table or `default`, never a client's arbitrary name, so
 the label sets stay bounded whatever names clients send. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,12 +24,11 @@ from moe_serve.engine.core.request import DEFAULT_TASK, EngineRequest, RequestOu
 
 if TYPE_CHECKING:
     from moe_serve.engine.core.async_engine import AsyncLLMEngine
+    from moe_serve.engine.core.stats import EngineStats
     from moe_serve.engine.core.tasks import TaskTable
-    from moe_serve.engine.offload.expert_cache import ExpertCache, ExpertCacheStats
 
 PREFIX = "moe_serve"
 ABORTED = "abort"
-SNAPSHOT_ATTEMPTS = 3
 
 # vLLM's bucket boundaries (seconds)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -77,6 +75,11 @@ class RequestTimer:
         return added
 
 
+def latest_stats(engine: AsyncLLMEngine) -> EngineStats | None:
+    """The engine's last published snapshot while it runs (None while loading or dead)."""
+    return engine.stats() if engine.is_ready else None
+
+
 class TaskTableSource:
     """The engine's task/SLO table once the engine is loaded (None before)."""
 
@@ -84,7 +87,8 @@ class TaskTableSource:
         self._engine = engine
 
     def table(self) -> TaskTable | None:
-        return self._engine.engine.scheduler.slo.tasks if self._engine.is_ready else None
+        stats = latest_stats(self._engine)
+        return None if stats is None else stats.tasks
 
     def label(self, task: str) -> str:
         """`task` if the task table knows it, else `default` (bounds label cardinality)."""
@@ -161,60 +165,48 @@ def _per_layer(name: str, doc: str, values: Mapping[int, float]) -> CounterMetri
     return family
 
 
-def _cache_stats(cache: ExpertCache) -> ExpertCacheStats:
-    """cache.stats() deep-copies dicts the engine thread may grow meanwhile: retry on that race."""
-    for _ in range(SNAPSHOT_ATTEMPTS - 1):
-        try:
-            return cache.stats()
-        except RuntimeError:
-            time.sleep(0)
-    return cache.stats()
-
-
 class EngineCollector(Collector):
-    """Engine and expert-cache families built from read-only snapshots at scrape time."""
+    """Engine and expert-cache families built from the engine's published snapshot at scrape time."""
 
     def __init__(self, engine: AsyncLLMEngine, served_model_name: str, version: str) -> None:
         self._engine = engine
         self._model = served_model_name
         self._version = version
-        self._tasks = TaskTableSource(engine)
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        yield self._info()
-        if not self._engine.is_ready:
+        stats = latest_stats(self._engine)
+        yield self._info(stats)
+        if stats is None:
             return
-        yield from self._engine_families()
-        yield from self._cache_families()
+        yield from self._engine_families(stats)
+        yield from self._cache_families(stats)
 
-    def _info(self) -> InfoMetricFamily:
+    def _info(self, stats: EngineStats | None) -> InfoMetricFamily:
         from moe_serve.cache_policies import DEFAULT_POLICY
 
         config = self._engine.config
-        device = str(self._engine.engine.runner.model.device) if self._engine.is_ready else config.device.value
         info = InfoMetricFamily(f"{PREFIX}_model", "The served model and how it is served.")
         info.add_metric([], {
             "version": self._version,
             "model": self._model,
             "cache_policy": DEFAULT_POLICY if config.cache_policy == "default" else config.cache_policy,
             "scheduling_policy": config.scheduling_policy.value,
-            "device": device,
-            "offload": str(self._cache() is not None).lower(),
+            "device": config.device.value if stats is None else stats.device,
+            "offload": str(stats is not None and stats.offload).lower(),
         })
         return info
 
-    def _engine_families(self) -> Iterator[Metric]:
-        stats = self._engine.stats()
+    @staticmethod
+    def _engine_families(stats: EngineStats) -> Iterator[Metric]:
         for name, doc, by_task in (("requests_running", "Requests being computed.", stats.running_by_task),
                                    ("requests_waiting", "Requests waiting to be scheduled.", stats.waiting_by_task)):
             family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["task"])
-            table = self._tasks.table()
-            counts = dict.fromkeys(table.tasks if table is not None else (), 0)  # 0, not absent, when idle
+            counts = dict.fromkeys(stats.tasks.tasks, 0)  # 0, not absent, when idle
             for task, count in by_task.items():
-                label = self._tasks.label(task)
+                label = task if task in stats.tasks.tasks else DEFAULT_TASK
                 counts[label] = counts.get(label, 0) + count
             for task, count in sorted(counts.items()):
                 family.add_metric([task], count)
@@ -230,35 +222,26 @@ class EngineCollector(Collector):
                                   "Requests served as task 'default' because max_tasks distinct task names were "
                                   "already tracked.", value=stats.num_task_names_folded)
 
-    def _cache(self) -> ExpertCache | None:
-        if not self._engine.is_ready:
-            return None
-        from moe_serve.engine.offload.provider import OffloadedExperts
-
-        experts = self._engine.engine.runner.model.experts
-        return experts.cache if isinstance(experts, OffloadedExperts) else None
-
-    def _cache_families(self) -> Iterator[Metric]:
-        cache = self._cache()
+    @staticmethod
+    def _cache_families(stats: EngineStats) -> Iterator[Metric]:
+        cache = stats.expert_cache
         if cache is None:
             return
-        stats = _cache_stats(cache)
-        yield _per_layer("expert_cache_hits", "Expert acquisitions served by the device cache.", stats.hits)
-        yield _per_layer("expert_cache_misses", "Expert acquisitions that needed a host-to-device copy.", stats.misses)
-        yield _per_layer("expert_cache_evictions", "Experts evicted from the device cache.", stats.evictions)
-        yield _per_layer("expert_copy_bytes", "Expert bytes copied host-to-device.", stats.bytes_copied)
+        yield _per_layer("expert_cache_hits", "Expert acquisitions served by the device cache.", cache.hits)
+        yield _per_layer("expert_cache_misses", "Expert acquisitions that needed a host-to-device copy.", cache.misses)
+        yield _per_layer("expert_cache_evictions", "Experts evicted from the device cache.", cache.evictions)
+        yield _per_layer("expert_copy_bytes", "Expert bytes copied host-to-device.", cache.bytes_copied)
         yield _per_layer("expert_copy_stall_seconds", "Time compute waited on pending expert copies.",
-                         stats.stall_seconds)
-        nbytes = cache.store.expert_nbytes
+                         cache.stall_seconds)
         yield GaugeMetricFamily(f"{PREFIX}_expert_cache_resident_bytes", "Bytes of device slots holding an expert.",
-                                value=cache.num_occupied_slots * nbytes)
+                                value=cache.resident_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_expert_cache_capacity_bytes", "Byte budget of the device expert cache.",
-                                value=cache.num_slots * nbytes)
+                                value=cache.capacity_bytes)
         for name, doc, value in (
-            ("issued", "Prefetch copies started.", stats.prefetch_issued),
-            ("used", "Prefetched experts acquired before eviction.", stats.prefetch_used),
-            ("wasted", "Prefetched experts evicted or cancelled before any use.", stats.prefetch_wasted),
-            ("late", "Prefetched experts acquired while their copy was still pending.", stats.prefetch_late),
+            ("issued", "Prefetch copies started.", cache.prefetch_issued),
+            ("used", "Prefetched experts acquired before eviction.", cache.prefetch_used),
+            ("wasted", "Prefetched experts evicted or cancelled before any use.", cache.prefetch_wasted),
+            ("late", "Prefetched experts acquired while their copy was still pending.", cache.prefetch_late),
         ):
             yield CounterMetricFamily(f"{PREFIX}_expert_prefetches_{name}", doc, value=value)
 

@@ -24,7 +24,7 @@ from types import FrameType
 
 import uvicorn
 
-from moe_serve.engine.builder import model_path, resolve_device, served_model_name
+from moe_serve.engine.builder import build_async_engine, model_path, resolve_device, served_model_name
 from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.core.async_engine import AsyncLLMEngine
 from moe_serve.engine.model.loader import read_spec
@@ -128,7 +128,7 @@ def serve(config: ServeConfig) -> int:
     """Serve HTTP until a shutdown signal or a fatal engine fault; returns the process exit code."""
     resolve_device(config.device)  # refuse at once (one line, exit 1) when CUDA is asked for but absent
     check_model(config)
-    engine = AsyncLLMEngine(config)
+    engine = build_async_engine(config)
     engine.start()
     return run_server(engine, config)
 

@@ -1,8 +1,10 @@
 """AsyncLLMEngine: the engine loop in its own thread, with an asyncio face for the server.
 
-The thread owns the model and the device; it loads the checkpoint, then repeatedly
-drains its inbox (add/abort) and calls LLMEngine.step(). Outputs cross back to the
-event loop with `loop.call_soon_threadsafe`. The event loop never runs model code.
+The thread owns the model and the device; it builds the engine (the `build` callable it was
+given, e.g. the builder's `build_engine`), then repeatedly drains its inbox (add/abort) and calls
+LLMEngine.step(). Outputs cross back to the event loop with `loop.call_soon_threadsafe`. The event
+loop never runs model code. After every step and every drained add/abort, the thread publishes
+the engine's `EngineStats` snapshot; `stats()` returns the latest one.
 
 A request that fails (its step raised, its logits were not finite) gets its error on its
 own stream; the engine goes on. A load failure or a fatal fault stops the engine: every
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_serve.engine.config import EngineConfig
-from moe_serve.engine.core.llm_engine import EngineStats, LLMEngine, describe_exception
+from moe_serve.engine.core.llm_engine import LLMEngine, describe_exception
 from moe_serve.engine.core.request import EngineRequest, RequestOutput
+from moe_serve.engine.core.stats import EngineStats
 from moe_serve.engine.errors import EngineDeadError, EngineError, EngineStepError
 
 logger = logging.getLogger(__name__)
@@ -42,10 +45,12 @@ class _Stream:
 class AsyncLLMEngine:
     """Thread-hosted engine; `generate` streams a request's outputs to async callers."""
 
-    def __init__(self, config: EngineConfig, build: Callable[[EngineConfig], LLMEngine] | None = None) -> None:
+    def __init__(self, config: EngineConfig, build: Callable[[EngineConfig], LLMEngine]) -> None:
+        """`build(config)` runs on the engine thread and returns the engine it steps."""
         self.config = config
         self._build = build
         self._engine: LLMEngine | None = None
+        self._stats: EngineStats | None = None
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -60,7 +65,7 @@ class AsyncLLMEngine:
     @classmethod
     def from_engine(cls, engine: LLMEngine, config: EngineConfig | None = None) -> AsyncLLMEngine:
         """Wrap an already-built engine (tests and benchmarks)."""
-        return cls(config or EngineConfig(), build=lambda _cfg: engine)
+        return cls(config or EngineConfig(), lambda _cfg: engine)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, wait: bool = False, timeout: float | None = None) -> None:
@@ -106,7 +111,11 @@ class AsyncLLMEngine:
         return self.engine.max_model_len
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        """The snapshot the engine thread published last (safe on any thread)."""
+        stats = self._stats
+        if stats is None:
+            raise EngineDeadError("the engine is not loaded")
+        return stats
 
     # -- requests ----------------------------------------------------------------------
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
@@ -139,12 +148,8 @@ class AsyncLLMEngine:
     # -- engine thread -----------------------------------------------------------------
     def _run(self) -> None:
         try:
-            if self._build is None:
-                from moe_serve.engine.builder import build_engine
-
-                self._engine = build_engine(self.config)
-            else:
-                self._engine = self._build(self.config)
+            self._engine = self._build(self.config)
+            self._stats = self._engine.stats()
         except BaseException as exc:  # noqa: BLE001 - reported to the starter, never swallowed
             self.load_error = exc
             self._die("the model failed to load", exc)
@@ -172,21 +177,26 @@ class AsyncLLMEngine:
     def _loop(self, engine: LLMEngine) -> None:
         while not self._stopping.is_set():
             block = not engine.has_unfinished
-            self._drain_inbox(engine, block)
+            if self._drain_inbox(engine, block):
+                self._stats = engine.stats()
             if not engine.has_unfinished:
                 continue
-            for output in engine.step():
+            outputs = engine.step()
+            self._stats = engine.stats()
+            for output in outputs:
                 self._deliver(output.request_id, output if output.error is None else output.error)
 
-    def _drain_inbox(self, engine: LLMEngine, block: bool) -> None:
+    def _drain_inbox(self, engine: LLMEngine, block: bool) -> bool:
+        """Run the queued adds and aborts (waiting up to IDLE_POLL_S for one when `block`);
+        whether there was any."""
         try:
             command, arg = self._inbox.get(timeout=IDLE_POLL_S) if block else self._inbox.get_nowait()
         except queue.Empty:
-            return
+            return False
         while True:
             if command == "add":
                 try:
-                    engine.add_request(arg)
+                    engine.add_validated_request(arg)
                 except EngineError as exc:
                     self._deliver(arg.request_id, exc)
                 except Exception as exc:  # noqa: BLE001 - this request fails, the engine goes on
@@ -201,7 +211,7 @@ class AsyncLLMEngine:
             try:
                 command, arg = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         with self._lock:

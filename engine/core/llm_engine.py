@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from moe_serve.engine.core.block_manager import BlockManager
 from moe_serve.engine.core.detokenizer import IncrementalDetokenizer
@@ -26,6 +26,7 @@ from moe_serve.engine.core.request import EngineRequest, RequestOutput
 from moe_serve.engine.core.sampling_params import FinishReason, TokenLogprob
 from moe_serve.engine.core.scheduler import Scheduler, SchedulerOutput
 from moe_serve.engine.core.sequence import Sequence
+from moe_serve.engine.core.stats import EngineStats, ExpertCacheSnapshot, frozen
 from moe_serve.engine.core.tasks import TaskNames
 from moe_serve.engine.errors import (
     ContextLengthExceededError,
@@ -34,7 +35,9 @@ from moe_serve.engine.errors import (
     EngineStepError,
     InvalidRequestError,
 )
-from moe_serve.engine.prefetch.routing import TaskPreloader, TraceWriter
+
+if TYPE_CHECKING:
+    from moe_serve.engine.offload.expert_cache import ExpertCache
 
 logger = logging.getLogger(__name__)
 
@@ -47,24 +50,19 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-@dataclass
-class EngineStats:
-    """A snapshot of the engine's queues and KV usage.
+class Preloader(Protocol):
+    """Starts loading a task's likely experts before its prefill (eMoE task preloading)."""
 
-    expected_wait_s: seconds a request arriving now would wait before its prefill starts (the
-    scheduler's estimate from the queues and measured step times; Retry-After uses it).
-    num_task_names_folded: requests whose task name was served as `default` (max_tasks reached).
-    """
+    def preload(self, task: str) -> int:
+        """Start the copies; returns how many started."""
+        ...
 
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions: int
-    running_by_task: dict[str, int] = field(default_factory=dict)
-    waiting_by_task: dict[str, int] = field(default_factory=dict)
-    output_len_mean_abs_error: float = 0.0
-    expected_wait_s: float = 0.0
-    num_task_names_folded: int = 0
+
+class Flushable(Protocol):
+    """Buffers output that `flush` writes (routing trace files)."""
+
+    def flush(self) -> object:
+        ...
 
 
 @dataclass
@@ -83,16 +81,23 @@ class LLMEngine:
         tokenizer: Any,
         max_model_len: int,
         model_name: str,
+        *,
+        preloader: Preloader | None = None,
+        trace_writer: Flushable | None = None,
+        expert_cache: ExpertCache | None = None,
     ) -> None:
+        """`preloader`: told each new request's task; `trace_writer`: flushed on close;
+        `expert_cache`: the offloaded experts' device cache, whose counters the stats carry."""
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.model_name = model_name
         self.vocab_size = runner.model.spec.vocab_size
+        self.preloader = preloader
+        self.trace_writer = trace_writer
+        self._expert_cache = expert_cache
         self._tracked: dict[str, _Tracked] = {}
-        self.preloader: TaskPreloader | None = None
-        self.trace_writer: TraceWriter | None = None
         self.task_names = TaskNames(scheduler.slo.tasks, scheduler.config.max_tasks)
         self.num_failed_steps = 0
         self._consecutive_failed_steps = 0
@@ -102,7 +107,8 @@ class LLMEngine:
         return self.scheduler.blocks
 
     def validate(self, request: EngineRequest) -> None:
-        """Raise an InvalidRequestError for a request that can never be served."""
+        """Raise an InvalidRequestError for a request that can never be served (its own fields
+        only: safe to call on another thread before `add_validated_request`)."""
         try:
             request.sampling.validate()
         except ValueError as exc:
@@ -117,13 +123,18 @@ class LLMEngine:
                 f"this model's maximum context length is {self.max_model_len} tokens, "
                 f"but the prompt has {num_prompt} tokens"
             )
-        if request.request_id in self._tracked:
-            raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
 
     def add_request(self, request: EngineRequest) -> None:
-        """Validate and queue a request (raises EngineError subclasses). Its task name is folded
-        here (`TaskNames`), so every component sees the folded name."""
+        """Validate and queue a request (raises EngineError subclasses)."""
         self.validate(request)
+        self.add_validated_request(request)
+
+    def add_validated_request(self, request: EngineRequest) -> None:
+        """Queue a request `validate` accepted (raises InvalidRequestError for an id in use, and
+        the scheduler's QueueFullError). Its task name is folded here (`TaskNames`), so every
+        component sees the folded name."""
+        if request.request_id in self._tracked:
+            raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
         request.task = self.task_names.fold(request.task)
         seq = Sequence(request)
         self.scheduler.add(seq)
@@ -150,18 +161,21 @@ class LLMEngine:
             self.trace_writer.flush()
 
     def stats(self) -> EngineStats:
-        """Safe to call from another thread: the queues are copied before they are read."""
+        """A snapshot of the engine now (call on the thread that steps the engine)."""
         running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
         return EngineStats(
             num_running=len(running),
             num_waiting=len(waiting),
             kv_cache_usage=self.blocks.usage,
             num_preemptions=self.scheduler.num_preemptions,
-            running_by_task=dict(Counter(seq.request.task for seq in running)),
-            waiting_by_task=dict(Counter(seq.request.task for seq in waiting)),
+            running_by_task=frozen(Counter(seq.request.task for seq in running)),
+            waiting_by_task=frozen(Counter(seq.request.task for seq in waiting)),
             output_len_mean_abs_error=self.scheduler.lengths.mean_abs_error,
             expected_wait_s=self.scheduler.expected_wait_s(running, waiting),
             num_task_names_folded=self.task_names.num_folded,
+            tasks=self.scheduler.slo.tasks,
+            device=str(self.runner.model.device),
+            expert_cache=None if self._expert_cache is None else ExpertCacheSnapshot.of(self._expert_cache),
         )
 
     def step(self) -> list[RequestOutput]:
@@ -252,9 +266,7 @@ class LLMEngine:
     ) -> RequestOutput:
         seq = tracked.seq
         self.scheduler.finish(seq, reason)
-        self.runner.forget(seq.seq_id)
-        if self.runner.recorder is not None:
-            self.runner.recorder.finish(seq.seq_id, seq.request.task, aborted=reason is FinishReason.ABORT)
+        self.runner.forget(seq.seq_id, completed=reason is not FinishReason.ABORT)
         del self._tracked[seq.seq_id]
         return RequestOutput(
             request_id=seq.seq_id,

@@ -1,7 +1,8 @@
 """Runs a scheduled step on the model: builds the flat batch, runs the forward, samples.
 
 Owns the device-side state: the model, the KV-cache tensors, the sampler and each
-request's seeded random generator, and says which faults leave the device unusable.
+request's seeded random generator, tells the step observers it was built with what each step
+runs, and says which faults leave the device unusable.
 """
 
 from __future__ import annotations
@@ -15,15 +16,26 @@ from moe_serve.engine.core.sampler import Sampler, SamplerOutput
 from moe_serve.engine.core.sampling_params import TokenLogprob
 from moe_serve.engine.core.scheduler import SchedulerOutput
 from moe_serve.engine.core.sequence import Sequence
+from moe_serve.engine.core.step import StepChunk, StepLayout, StepObserver
 from moe_serve.engine.model.attention import AttentionMetadata
 from moe_serve.engine.model.moe_model import MoEModel
-from moe_serve.engine.prefetch.routing import RoutingRecorder
-from moe_serve.engine.prefetch.speculators import SequenceAwareSpeculator
-from moe_serve.engine.traces.trace_router import TraceRouter
 
 # messages of device faults that leave a CUDA context unusable (older torch raises them as plain RuntimeError)
 _DEVICE_FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access")
 _ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
+
+
+@dataclass(frozen=True)
+class PreparedStep:
+    """A step's flat batch: token ids and positions [T], attention metadata, the rows whose logits
+    are sampled (one per sampling sequence), and the layout the observers get."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logit_rows: list[int]
+    sampling_seqs: list[Sequence]
+    layout: StepLayout
 
 
 @dataclass
@@ -53,33 +65,21 @@ class ModelRunner:
         kv_caches: list[tuple[torch.Tensor, ...]],
         block_size: int,
         eos_token_ids: frozenset[int],
+        observers: SequenceT[StepObserver] = (),
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(model.spec.vocab_size)
+        self._observers = tuple(observers)
         self._generators: dict[str, torch.Generator] = {}
-        self.recorder: RoutingRecorder | None = None
-        self.trace_router: TraceRouter | None = None
 
-    def attach_recorder(self, recorder: RoutingRecorder) -> None:
-        """Capture every step's routing per request (for eMoE profiles and trace files)."""
-        self.recorder = recorder
-        self.model.routing_observer = recorder
-
-    def replay_routing(self, router: TraceRouter) -> None:
-        """Benchmarks: route every token as the trace says instead of by the model's routers."""
-        self.trace_router = router
-        self.model.routing_override = router
-
-    def forget(self, seq_id: str) -> None:
-        """Drop per-request state of a finished sequence."""
+    def forget(self, seq_id: str, completed: bool) -> None:
+        """Drop per-request state of a finished sequence (`completed`: not aborted or failed)."""
         self._generators.pop(seq_id, None)
-        if self.trace_router is not None:
-            self.trace_router.forget(seq_id)
-        if isinstance(self.model.speculator, SequenceAwareSpeculator):
-            self.model.speculator.forget(seq_id)
+        for observer in self._observers:
+            observer.forget(seq_id, completed)
 
     def recover(self, exc: BaseException) -> None:
         """After a failed step: free what the allocator caches when the failure was out of memory.
@@ -104,13 +104,23 @@ class ModelRunner:
 
         An exception propagates to the caller (who fails the step's requests) after the expert
         provider has ended the step, which releases any expert the failed forward still held."""
+        step = self._prepare(out, block_tables)
+        hidden = self._run(step)
+        return self._sample(step, hidden)
+
+    def _prepare(self, out: SchedulerOutput, block_tables: SequenceT[SequenceT[int]]) -> PreparedStep:
+        """The flat batch of the scheduled chunks, in schedule order."""
         input_ids: list[int] = []
         positions: list[int] = []
         logit_rows: list[int] = []
         sampling_seqs: list[Sequence] = []
+        chunks: list[StepChunk] = []
         for item in out.scheduled:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
+            rows = range(len(input_ids), len(input_ids) + item.num_new_tokens)
+            prefill = item.num_new_tokens > 1 or start < len(seq.prompt_token_ids)
+            chunks.append(StepChunk(seq.seq_id, seq.request.task, start, rows, prefill))
             input_ids.extend(seq.token_ids(start, end))
             positions.extend(range(start, end))
             if item.samples:
@@ -124,39 +134,39 @@ class ModelRunner:
             self.block_size,
             device,
         )
-        # (sequence id, rows, whether the chunk starts the sequence) per chunk, in row order
-        layout = [(s.seq.seq_id, s.num_new_tokens, s.seq.num_computed_tokens == 0) for s in out.scheduled]
-        if self.recorder is not None:
-            self.recorder.begin_step(layout)
-        if isinstance(self.model.speculator, SequenceAwareSpeculator):
-            self.model.speculator.begin_step(layout)
-        if self.trace_router is not None:
-            self.trace_router.begin_step(
-                [(s.seq.seq_id, s.seq.num_computed_tokens, s.num_new_tokens) for s in out.scheduled]
-            )
+        return PreparedStep(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta,
+                            logit_rows, sampling_seqs, StepLayout(tuple(chunks)))
+
+    def _run(self, step: PreparedStep) -> torch.Tensor:
+        """The forward over the step's rows, between the observers' begin_step and end_step."""
+        for observer in self._observers:
+            observer.begin_step(step.layout)
         try:
-            hidden = self.model.forward(
-                torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta, self.kv_caches
-            )
+            hidden = self.model.forward(step.input_ids, step.positions, step.meta, self.kv_caches)
         finally:
             self.model.experts.end_step()
-        if self.recorder is not None:
-            self.recorder.end_step()
-        if not sampling_seqs:
+        for observer in self._observers:
+            observer.end_step()
+        return hidden
+
+    def _sample(self, step: PreparedStep, hidden: torch.Tensor) -> StepResult:
+        """A token (and logprob) per sampling sequence, or why it got none."""
+        seqs = step.sampling_seqs
+        if not seqs:
             return StepResult()
-        logits = self.model.logits(hidden[torch.tensor(logit_rows, device=device)])
-        result: SamplerOutput = self.sampler(
+        logits = self.model.logits(hidden[torch.tensor(step.logit_rows, device=self.model.device)])
+        sampled: SamplerOutput = self.sampler(
             logits,
-            [s.request.sampling for s in sampling_seqs],
-            [s.prompt_token_ids for s in sampling_seqs],
-            [s.output_token_ids for s in sampling_seqs],
-            [self._generator(s) for s in sampling_seqs],
+            [s.request.sampling for s in seqs],
+            [s.prompt_token_ids for s in seqs],
+            [s.output_token_ids for s in seqs],
+            [self._generator(s) for s in seqs],
             self.eos_token_ids,
         )
-        step = StepResult()
-        for seq, token, logprob, error in zip(sampling_seqs, result.token_ids, result.logprobs, result.errors):
+        result = StepResult()
+        for seq, token, logprob, error in zip(seqs, sampled.token_ids, sampled.logprobs, sampled.errors):
             if error is None:
-                step.sampled[seq.seq_id] = (token, logprob)
+                result.sampled[seq.seq_id] = (token, logprob)
             else:
-                step.failed[seq.seq_id] = error
-        return step
+                result.failed[seq.seq_id] = error
+        return result

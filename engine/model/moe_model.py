@@ -46,7 +46,11 @@ class MoEModel:
     otherwise every product runs in torch."""
 
     def __init__(self, spec: ModelSpec, dense: DenseWeights, experts: ExpertProvider, device: torch.device,
-                 packed: bool = False) -> None:
+                 packed: bool = False, *, speculator: Speculator | None = None,
+                 routing_observer: RoutingObserver | None = None,
+                 routing_override: RoutingOverride | None = None) -> None:
+        """`speculator`: next-layer prefetch (None: demand loads only); `routing_observer` sees each
+        MoE layer's routing; `routing_override` (benchmarks) routes as recorded instead of by the routers."""
         self.spec = spec
         self.dense = dense
         self.experts = experts
@@ -55,14 +59,14 @@ class MoEModel:
         self.packed_experts = packed and spec.expert_mlp.is_plain
         self.rotary = RotaryEmbedding(spec.rope, device)
         self.moe_index = [spec.moe_index(layer) for layer in range(spec.num_layers)]
-        self.routing_observer: RoutingObserver | None = None
-        self.speculator: Speculator | None = None  # None: no next-layer prefetch
-        self.routing_override: RoutingOverride | None = None  # benchmarks: replay recorded routing
+        self._speculator = speculator
+        self._routing_observer = routing_observer
+        self._routing_override = routing_override
 
     @property
-    def routers(self) -> list[Matrix]:
-        """The MoE layers' routers, by MoE-layer index."""
-        return [self.dense.layers[layer].router for layer in self.spec.moe_layers]
+    def speculator(self) -> Speculator | None:
+        """The next-layer prefetcher this model was built with (None: demand loads only)."""
+        return self._speculator
 
     def forward(
         self,
@@ -126,7 +130,7 @@ class MoEModel:
     def route(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> Routing:
         """Router of MoE layer `moe_layer`: x [T, D] -> each token's top-k experts and weights,
         grouped by expert (see `engine.models.router`). With a routing override the ids come from it."""
-        override = None if self.routing_override is None else self.routing_override(moe_layer)
+        override = None if self._routing_override is None else self._routing_override(moe_layer)
         return route(self.spec.routing, self.spec.num_experts, self.spec.top_k, layer.router, layer.router_bias, x,
                      override)
 
@@ -134,8 +138,8 @@ class MoEModel:
         num_tokens, hidden = x.shape
         top_k = self.spec.top_k
         routing = self.route(moe_layer, layer, x)
-        if self.routing_observer is not None:
-            self.routing_observer(moe_layer, routing.ids)
+        if self._routing_observer is not None:
+            self._routing_observer(moe_layer, routing.ids)
         counts = routing.counts
         starts = [0] * len(counts)
         for e in range(1, len(counts)):
@@ -144,8 +148,8 @@ class MoEModel:
         # each (token, slot) pair gets its own row, so experts may finish in any order
         # and the final sum over slots is still taken in one fixed order (bit-exact)
         fetched = self.experts.fetch(moe_layer, needed)
-        if self.speculator is not None:
-            guesses = self.speculator(moe_layer, x, routing.ids)
+        if self._speculator is not None:
+            guesses = self._speculator(moe_layer, x, routing.ids)
             if guesses and moe_layer + 1 < self.spec.num_moe_layers:
                 self.experts.hint(moe_layer + 1, guesses)
         if self.packed_experts:
@@ -174,6 +178,11 @@ class MoEModel:
         gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
         out = linear(F.silu(gate) * up, w.down)
         return out if w.gate is None else torch.sigmoid(linear(x, w.gate)) * out
+
+
+def moe_routers(spec: ModelSpec, dense: DenseWeights) -> list[Matrix]:
+    """The MoE layers' routers, by MoE-layer index (what a router-based speculator needs before the model exists)."""
+    return [dense.layers[layer].router for layer in spec.moe_layers]
 
 
 def _expert_mlp(spec: ExpertMLPSpec, tensors: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_serve.engine.core.step import StepLayout
 from moe_serve.engine.core.tasks import TaskLru, TaskTable
 from moe_serve.engine.prefetch.predictors import TaskProfilePredictor
 from moe_serve.engine.traces.trace_file import RoutingTrace, save_trace
@@ -29,22 +30,25 @@ RoutingConsumer = Callable[[str, str, np.ndarray], None]  # (request_id, task, r
 
 
 class RoutingRecorder:
-    """Collects routing per request across steps (chunked prefill, decode, preemption)."""
+    """Collects routing per request across steps (chunked prefill, decode, preemption): the model's
+    routing observer and a step observer of the model runner."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, consumers: Sequence[RoutingConsumer]) -> None:
         self.num_layers = num_layers
-        self.consumers: list[RoutingConsumer] = []
+        self.consumers = tuple(consumers)
         self._layers: list[torch.Tensor] = []
         self._layout: list[tuple[str, int]] = []
         self._per_request: dict[str, list[np.ndarray]] = {}
+        self._task_of: dict[str, str] = {}
 
-    def begin_step(self, layout: Sequence[tuple[str, int, bool]]) -> None:
-        """Tokens of this step: (request id, token count, starts from scratch) in batch order."""
+    def begin_step(self, layout: StepLayout) -> None:
+        """Tokens of this step, in batch order."""
         self._layers = []
-        self._layout = [(rid, n) for rid, n, _ in layout]
-        for rid, _, fresh in layout:
-            if fresh:  # first chunk, or recompute after preemption: forget what was recorded
-                self._per_request[rid] = []
+        self._layout = [(chunk.seq_id, chunk.num_tokens) for chunk in layout]
+        for chunk in layout:
+            self._task_of[chunk.seq_id] = chunk.task
+            if chunk.starts_sequence:  # first chunk, or recompute after preemption: forget what was recorded
+                self._per_request[chunk.seq_id] = []
 
     def __call__(self, layer: int, topk_ids: torch.Tensor) -> None:
         self._layers.append(topk_ids)
@@ -58,14 +62,15 @@ class RoutingRecorder:
             self._per_request.setdefault(rid, []).append(routing[start : start + count])
             start += count
 
-    def finish(self, request_id: str, task: str, aborted: bool) -> None:
-        """Hand a finished request's routing to the consumers (aborted ones are dropped)."""
-        chunks = self._per_request.pop(request_id, [])
-        if aborted or not chunks:
+    def forget(self, seq_id: str, completed: bool) -> None:
+        """Hand a finished request's routing to the consumers (aborted or failed ones are dropped)."""
+        chunks = self._per_request.pop(seq_id, [])
+        task = self._task_of.pop(seq_id, None)
+        if not completed or not chunks or task is None:
             return
         routing = np.concatenate(chunks)
         for consume in self.consumers:
-            consume(request_id, task, routing)
+            consume(seq_id, task, routing)
 
 
 class TaskPreloader:

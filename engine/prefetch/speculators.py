@@ -21,12 +21,10 @@ batch does not flood the link with guesses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
-
 import numpy as np
 import torch
 
+from moe_serve.engine.core.step import StepLayout
 from moe_serve.engine.model.cpu_kernels import linear
 from moe_serve.engine.model.packed import Matrix
 from moe_serve.engine.prefetch.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
@@ -97,24 +95,11 @@ class AffinitySpeculator:
         return _rank_guesses(scores, self.width, self.min_score, self.predictor.num_experts)
 
 
-@runtime_checkable
-class SequenceAwareSpeculator(Protocol):
-    """A speculator that keeps per-sequence state: told each step's rows and finished sequences."""
-
-    def begin_step(self, layout: Sequence[tuple[str, int, bool]]) -> None:
-        """(sequence id, rows, whether the chunk starts the sequence) per scheduled chunk, in row order."""
-        ...
-
-    def forget(self, seq_id: str) -> None:
-        """The sequence finished."""
-        ...
-
-
 class LogisticSpeculator:
     """Per-row logistic prediction of layer l+1's experts from the routing history.
 
-    `begin_step(layout)` names each step's rows: (sequence id, rows, whether the chunk starts
-    the sequence), in row order, as the model runner schedules them. A row's previous token is
+    It is a step observer of the model runner: `begin_step(layout)` names each step's rows, in row
+    order, as the runner lays them out. A row's previous token is
     the row before it in its chunk, or the sequence's last token of an earlier step, or none at
     a prompt's first token. Guesses come only from rows whose previous token's routing at l+1
     is already known (decode rows, a chunk's first row): inside a prefill chunk it is computed
@@ -134,27 +119,23 @@ class LogisticSpeculator:
         self._previous_row = np.zeros(0, dtype=np.int64)  # [T] row of the previous token in this step, -1: none here
         self._carried: np.ndarray | None = None  # [T, L, K] the previous token's routing from an earlier step (-1: none)
 
-    def begin_step(self, layout: Sequence[tuple[str, int, bool]]) -> None:
-        self._finish_step()
-        rows = sum(n for _, n, _ in layout)
+    def begin_step(self, layout: StepLayout) -> None:
+        self._step = {}
+        rows = layout.num_rows
         previous_row = np.full(rows, -1, dtype=np.int64)
         carried: np.ndarray | None = None
-        start = 0
-        for seq_id, n, first_chunk in layout:
+        for chunk in layout:
+            start, n = chunk.rows.start, chunk.num_tokens
             previous_row[start + 1:start + n] = np.arange(start, start + n - 1)
-            last = None if first_chunk else self._last.get(seq_id)
+            last = None if chunk.starts_sequence else self._last.get(chunk.seq_id)
             if last is not None and n:
                 if carried is None:
                     carried = np.full((rows, *last.shape), -1, dtype=np.int64)
                 carried[start] = last
-            start += n
-        self._rows = [(seq_id, n) for seq_id, n, _ in layout]
+        self._rows = [(chunk.seq_id, chunk.num_tokens) for chunk in layout]
         self._previous_row, self._carried = previous_row, carried
 
-    def forget(self, seq_id: str) -> None:
-        self._last.pop(seq_id, None)
-
-    def _finish_step(self) -> None:
+    def end_step(self) -> None:
         """Remember each sequence's last row of the finished step (all layers routed)."""
         if self._step and len(self._step) == self.predictor.num_layers:
             routing = np.stack([self._step[layer] for layer in range(self.predictor.num_layers)], axis=1)  # T, L, K
@@ -164,6 +145,9 @@ class LogisticSpeculator:
                 if n and end <= len(routing):
                     self._last[seq_id] = routing[end - 1]
         self._step = {}
+
+    def forget(self, seq_id: str, completed: bool) -> None:
+        self._last.pop(seq_id, None)
 
     def _previous_at(self, layer: int, rows: int) -> np.ndarray:
         """[T, K] the previous token's experts at `layer` where known (-1 elsewhere)."""

@@ -12,11 +12,10 @@ the chosen experts. Generated text is meaningless: this is for measuring, never 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
+from moe_serve.engine.core.step import StepLayout
 from moe_serve.engine.traces.trace_file import RoutingTrace
 
 
@@ -45,21 +44,24 @@ class TraceRouter:
         self._start_of: dict[str, int] = {}
         self._rows = torch.zeros(0, dtype=torch.long)
 
-    def begin_step(self, layout: Sequence[tuple[str, int, int]]) -> None:
-        """This step's tokens in batch order: (request id, first position, token count)."""
+    def begin_step(self, layout: StepLayout) -> None:
+        """This step's tokens in batch order: each request's positions from its chunk's start."""
         chunks = []
-        for request_id, start, count in layout:
-            first = self._start_of.get(request_id)
+        for chunk in layout:
+            first = self._start_of.get(chunk.seq_id)
             if first is None:
                 first = self._prompt_starts[self._next_prompt % len(self._prompt_starts)]
                 self._next_prompt += 1
-                self._start_of[request_id] = first
-            chunks.append(torch.arange(first + start, first + start + count) % len(self._ids))
+                self._start_of[chunk.seq_id] = first
+            chunks.append(torch.arange(first + chunk.start, first + chunk.start + chunk.num_tokens) % len(self._ids))
         self._rows = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
 
-    def forget(self, request_id: str) -> None:
+    def end_step(self) -> None:
+        """Nothing to do: the rows stay until the next step's layout."""
+
+    def forget(self, seq_id: str, completed: bool) -> None:
         """The request finished: drop its assignment."""
-        self._start_of.pop(request_id, None)
+        self._start_of.pop(seq_id, None)
 
     def __call__(self, layer: int) -> torch.Tensor:
         """Expert ids [T, K] of this step's tokens at the model's layer `layer`."""

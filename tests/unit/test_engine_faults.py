@@ -5,11 +5,13 @@ a device fault or repeated failures stop the engine with a reason; task names st
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
-from moe_serve.engine.builder import build_engine
+from moe_serve.engine.builder import build_async_engine, build_engine
 from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.core.async_engine import AsyncLLMEngine
 from moe_serve.engine.core.llm_engine import MAX_CONSECUTIVE_FAILED_STEPS, LLMEngine
@@ -49,18 +51,20 @@ def _reference(path, requests: list[EngineRequest]) -> dict[str, list[int]]:
 
 
 class RaiseInsideLayer:
-    """A next-layer speculator that raises inside MoE layer `layer` (after the layer acquired its
-    experts, before it releases them) whenever it is armed."""
+    """Wraps an expert provider's `fetch`: raises inside MoE layer `layer` (after the layer acquired
+    its experts, before it releases them) whenever it is armed."""
 
-    def __init__(self, layer: int) -> None:
+    def __init__(self, fetch: Callable[[int, list[int]], Any], layer: int) -> None:
+        self.fetch = fetch
         self.layer = layer
         self.armed = False
 
-    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor) -> list[int]:
+    def __call__(self, layer: int, expert_ids: list[int]) -> Any:
+        groups = self.fetch(layer, expert_ids)
         if self.armed and layer == self.layer:
             self.armed = False
             raise RuntimeError("injected fault inside a MoE layer")
-        return []
+        return groups
 
 
 def _drain(engine: LLMEngine) -> dict[str, list]:
@@ -75,13 +79,13 @@ def _drain(engine: LLMEngine) -> dict[str, list]:
     return results
 
 
-def test_a_fault_inside_a_moe_layer_fails_its_step_and_leaks_no_expert_pin(mixtral) -> None:
+def test_a_fault_inside_a_moe_layer_fails_its_step_and_leaks_no_expert_pin(mixtral, monkeypatch) -> None:
     engine = _engine(mixtral, expert_cache_fraction=0.25, prefetch="none", max_num_batched_tokens=64)
     experts = engine.runner.model.experts
     assert isinstance(experts, OffloadedExperts)
     cache = experts.cache
-    fault = RaiseInsideLayer(layer=1)
-    engine.runner.model.speculator = fault
+    fault = RaiseInsideLayer(experts.fetch, layer=1)
+    monkeypatch.setattr(experts, "fetch", fault)
     after = [_request(f"after{i}", 40 + 30 * i) for i in range(4)]
     expected = _reference(mixtral, after)
     for round_, request in enumerate(after):  # a leaked pin per failed step would soon starve the cache
@@ -219,7 +223,7 @@ def test_the_async_engine_fails_one_stream_goes_on_then_dies_with_a_reason(mixtr
 
 
 def test_a_load_failure_sets_a_one_line_dead_reason(tmp_path) -> None:
-    async_engine = AsyncLLMEngine(EngineConfig(model=str(tmp_path / "missing")))
+    async_engine = build_async_engine(EngineConfig(model=str(tmp_path / "missing")))
     with pytest.raises(ModelLoadError):
         async_engine.start(wait=True, timeout=60)
     assert async_engine.is_dead and isinstance(async_engine.fatal_error, ModelLoadError)

@@ -90,3 +90,38 @@ def test_module_imports_have_no_cycles() -> None:
     for node in sorted(edges):
         if node not in state:
             visit(node)
+
+
+# Packages from the bottom up: a module may import its own layer and the layers below it, never above.
+# The traces sit on the core: the trace router is one of the model runner's step observers.
+LAYERS = (
+    ("leaves", ("moe_serve.engine.errors", "moe_serve.engine.types", "moe_serve.engine.progress",
+                "moe_serve.engine.host_memory", "moe_serve.engine.config", "moe_serve.engine.exports",
+                "moe_serve.cache_policies", "moe_serve.cuda_ext")),
+    ("model", ("moe_serve.engine.model",)),
+    ("offload", ("moe_serve.engine.offload",)),
+    ("core", ("moe_serve.engine.core",)),
+    ("traces", ("moe_serve.engine.traces",)),
+    ("prefetch", ("moe_serve.engine.prefetch",)),
+    ("wiring", ("moe_serve.engine.builder", "moe_serve.engine.planning", "moe_serve.engine.trace_cli",
+                "moe_serve.engine")),
+    ("server", ("moe_serve.server",)),
+)
+
+
+def layer_of(module: str) -> int:
+    """Index in LAYERS of the longest package prefix naming `module`."""
+    best, rank = "", -1
+    for index, (_, packages) in enumerate(LAYERS):
+        for package in packages:
+            if (module == package or module.startswith(package + ".")) and len(package) > len(best):
+                best, rank = package, index
+    assert rank >= 0, f"{module} is in no layer of LAYERS"
+    return rank
+
+
+def test_packages_import_only_their_own_layer_and_the_layers_below() -> None:
+    upward = sorted(f"{name} ({LAYERS[layer_of(name)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
+                    for name, deps in graph().items() for dep in deps if layer_of(dep) > layer_of(name))
+    assert not upward, "\n".join(upward)
+

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from moe_serve.engine.builder import build_engine
+from moe_serve.engine.builder import RoutingReplay, build_engine
 from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.core.step import StepChunk, StepLayout
 from moe_serve.engine.prefetch.logistic_predictor import LogisticPredictor
 from moe_serve.engine.prefetch.predictors import AffinityPredictor
 from moe_serve.engine.prefetch.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
-from moe_serve.engine.traces.trace_file import RoutingTrace
+from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace
 from moe_serve.engine.traces.trace_router import TraceRouter
 from tests.helpers import run_to_completion
 
@@ -40,13 +41,24 @@ def test_affinity_speculator_drops_guesses_below_the_score_and_caps_the_batch_un
     assert len(loose(0, torch.zeros(3, 4), torch.tensor([[0], [0], [0]]))) <= 4  # cap: half of 8 experts
 
 
+def layout(*chunks: tuple[str, int, int]) -> StepLayout:
+    """A step of (sequence id, tokens, first position) chunks in row order."""
+    out, row = [], 0
+    for seq_id, count, start in chunks:
+        out.append(StepChunk(seq_id, "default", start, range(row, row + count), prefill=count > 1))
+        row += count
+    return StepLayout(tuple(out))
+
+
 def decode_steps(speculator: LogisticSpeculator, routing: list[list[list[int]]], seq_id: str = "s",
                  first: bool = True) -> list[list[list[int]]]:
     """Feed one sequence's tokens one step at a time ([T][L][K] routing); returns each step's guesses per layer."""
     x, guesses = torch.zeros(1, 4), []
     for index, token in enumerate(routing):
-        speculator.begin_step([(seq_id, 1, first and index == 0)])
+        start = 0 if first and index == 0 else 1 + index
+        speculator.begin_step(layout((seq_id, 1, start)))
         guesses.append([sorted(speculator(layer, x, torch.tensor([ids]))) for layer, ids in enumerate(token)])
+        speculator.end_step()
     return guesses
 
 
@@ -60,7 +72,7 @@ def carried_sequences(speculator: LogisticSpeculator, count: int, length: int,
         pair = sorted(rng.choice(8, 2, replace=False).tolist())
         routing = [[sorted(rng.choice(8, 2, replace=False).tolist()), pair] for _ in range(length)]
         out.append((pair, decode_steps(speculator, routing, seq_id=f"s{index}")))
-        speculator.forget(f"s{index}")
+        speculator.forget(f"s{index}", completed=True)
     return out
 
 
@@ -84,14 +96,16 @@ def test_logistic_speculator_knows_rows_sequences_and_forgets_finished_ones() ->
     # one step: a new sequence's 3-token prefill chunk, then "s" decoding. The chunk's first row starts
     # its prompt and its other rows' predecessors route at layer 1 only in this same pass: no guesses
     # from them; "s" remembers its last token's layer 1 across steps
-    speculator.begin_step([("new", 3, True), ("s", 1, False)])
+    speculator.begin_step(layout(("new", 3, 0), ("s", 1, 1)))
     assert sorted(speculator(0, x.new_zeros(4, 4), torch.tensor([[0, 1], [2, 3], [4, 7], [0, 3]]))) == [5, 6]
     speculator(1, x.new_zeros(4, 4), torch.tensor([[1, 2], [1, 2], [1, 2], [5, 6]]))
-    speculator.begin_step([("new", 1, False)])  # its last prefill row's layer 1 was [1, 2]
+    speculator.end_step()
+    speculator.begin_step(layout(("new", 1, 3)))  # its last prefill row's layer 1 was [1, 2]
     assert sorted(speculator(0, x[:1], torch.tensor([[0, 3]]))) == [1, 2]
     speculator(1, x[:1], torch.tensor([[1, 2]]))
-    speculator.forget("s")
-    speculator.begin_step([("s", 1, False)])
+    speculator.end_step()
+    speculator.forget("s", completed=True)
+    speculator.begin_step(layout(("s", 1, 2)))
     assert speculator(0, x[:1], torch.tensor([[0, 3]])) == []
 
 
@@ -112,24 +126,21 @@ def synthetic_trace(num_layers: int = 2, num_experts: int = 8, top_k: int = 2) -
                         prompt_ids=np.arange(len(lengths), dtype=np.int32), num_experts=num_experts)
 
 
-def test_trace_router_makes_the_engine_route_as_the_trace_says(checkpoint_factory) -> None:
+def test_trace_router_makes_the_engine_route_as_the_trace_says(checkpoint_factory, tmp_path) -> None:
     trace = synthetic_trace()
     engine = build_engine(EngineConfig(model=str(checkpoint_factory("mixtral")), dtype="float32",
-                                       max_num_batched_tokens=16), show_progress=False)
-    spec = engine.runner.model.spec
-    engine.runner.replay_routing(TraceRouter(trace, spec.num_layers, spec.num_experts, spec.top_k))
-    seen: list[tuple[int, torch.Tensor]] = []
-    engine.runner.model.routing_observer = lambda layer, ids: seen.append((layer, ids.clone()))
+                                       max_num_batched_tokens=16, record_trace=str(tmp_path)),
+                          show_progress=False, replay=RoutingReplay(trace))
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     run_to_completion(engine, {0: [EngineRequest("a", list(range(5, 25)), params)],
                                1: [EngineRequest("b", list(range(40, 43)), params)]})
-    per_layer = [torch.cat([ids for layer, ids in seen if layer == index]) for index in range(spec.num_layers)]
+    engine.close()
+    recorded = load_trace(next(tmp_path.glob("*.npz")))
     # request a replays prompt 0 (rows 0..25: 20 prompt + 5 decode tokens computed), b prompt 1 (rows 30..37)
-    routed = torch.stack(per_layer, dim=1).sort(dim=-1).values  # [tokens, L, K] in step order
-    expected_rows = {tuple(r) for r in np.sort(trace.expert_ids[list(range(0, 25)) + list(range(30, 38))], -1)
-                     .reshape(33, -1).tolist()}
-    assert {tuple(r) for r in routed.reshape(len(routed), -1).tolist()} == expected_rows
-    assert len(routed) == 33
+    for request_id, rows in (("a", range(0, 25)), ("b", range(30, 38))):
+        p = recorded.request_ids.index(request_id)
+        routed = recorded.expert_ids[recorded.offsets[p] : recorded.offsets[p + 1]]
+        assert np.array_equal(np.sort(routed, -1), np.sort(trace.expert_ids[list(rows)], -1))
 
 
 def test_trace_router_refuses_a_trace_of_another_geometry() -> None:

@@ -1,0 +1,84 @@
+"""The engine's state as other threads may read it: immutable snapshots built on the engine thread.
+
+`EngineStats` holds the queues by task, KV usage, preemptions, the output-length estimator's
+error, folded task names, the expected wait of a new request, the task table, the device and,
+when experts are offloaded, an `ExpertCacheSnapshot`. The engine thread builds one after every
+step and every request added, finished or aborted, and publishes it by one reference assignment
+(`AsyncLLMEngine.stats`); /health, /metrics and Retry-After read nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moe_serve.engine.core.tasks import TaskTable
+    from moe_serve.engine.offload.expert_cache import ExpertCache
+
+
+def frozen(mapping: Mapping[str, int] | Mapping[int, int] | Mapping[int, float]) -> Mapping:
+    """A read-only copy of `mapping`."""
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True)
+class ExpertCacheSnapshot:
+    """The device expert cache's counters since start (per-layer mappings keyed by MoE layer) and
+    its occupancy."""
+
+    hits: Mapping[int, int]
+    misses: Mapping[int, int]
+    evictions: Mapping[int, int]
+    bytes_copied: Mapping[int, int]
+    stall_seconds: Mapping[int, float]
+    prefetch_issued: int
+    prefetch_used: int
+    prefetch_wasted: int
+    prefetch_late: int
+    resident_bytes: int
+    capacity_bytes: int
+
+    @classmethod
+    def of(cls, cache: ExpertCache) -> ExpertCacheSnapshot:
+        """Read `cache` (on the engine thread, which owns it)."""
+        stats = cache.stats()
+        nbytes = cache.store.expert_nbytes
+        return cls(
+            hits=frozen(stats.hits), misses=frozen(stats.misses), evictions=frozen(stats.evictions),
+            bytes_copied=frozen(stats.bytes_copied), stall_seconds=frozen(stats.stall_seconds),
+            prefetch_issued=stats.prefetch_issued, prefetch_used=stats.prefetch_used,
+            prefetch_wasted=stats.prefetch_wasted, prefetch_late=stats.prefetch_late,
+            resident_bytes=cache.num_occupied_slots * nbytes, capacity_bytes=cache.num_slots * nbytes,
+        )
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine.
+
+    expected_wait_s: seconds a request arriving now would wait before its prefill starts (the
+    scheduler's estimate from the queues and measured step times; Retry-After uses it).
+    num_task_names_folded: requests whose task name was served as `default` (max_tasks reached).
+    expert_cache: None when every expert is resident (no offload).
+    """
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    running_by_task: Mapping[str, int]
+    waiting_by_task: Mapping[str, int]
+    output_len_mean_abs_error: float
+    expected_wait_s: float
+    num_task_names_folded: int
+    tasks: TaskTable
+    device: str
+    expert_cache: ExpertCacheSnapshot | None
+
+    @property
+    def offload(self) -> bool:
+        """Whether routed experts are offloaded to the host (a device cache holds some)."""
+        return self.expert_cache is not None
