@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from moe_serve.server.errors import APIError, ErrorCode, ErrorType, context_length_error, retry_after_header
+from moe_serve.engine.core.request import check_context_length
+from moe_serve.engine.errors import ContextLengthExceeded
+from moe_serve.server.errors import APIError, ErrorCode, ErrorType, from_engine_error, retry_after_header
 from moe_serve.server.protocol import TASK_NAME_PATTERN
 from moe_serve.server.request_body import BodyParser
 from moe_serve.server.token_bound import PromptLimit
@@ -52,10 +54,10 @@ class ServingContext:
 
     def output_budget(self, num_prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
         """Tokens the request may generate; 400 context_length_exceeded when it cannot fit."""
-        max_len = self.engine.max_model_len
-        available = max_len - num_prompt_tokens
-        if available <= 0 or (requested is not None and requested > available):
-            raise context_length_error(max_len, num_prompt_tokens, requested, prompt_param)
+        try:
+            available = check_context_length(self.engine.max_model_len, num_prompt_tokens, requested)
+        except ContextLengthExceeded as exc:
+            raise from_engine_error(exc, prompt_param) from exc
         return requested if requested is not None else available
 
     def shutdown(self) -> None:

@@ -22,6 +22,7 @@ from moe_serve.engine.errors import (
     ContextLengthExceededError,
     EngineDeadError,
     EngineError,
+    InvalidParameter,
     InvalidRequestError,
     QueueFullError,
 )
@@ -131,9 +132,12 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 
 
 def from_engine_error(exc: EngineError, prompt_param: str | None = None) -> APIError:
-    """The HTTP error for an exception the engine raised at its boundary."""
+    """The HTTP error for an exception the engine raised at its boundary, by its type; `param`
+    is the exception's field, or `prompt_param` (the request's prompt field) for context length."""
     if isinstance(exc, ContextLengthExceededError):
         return APIError(400, str(exc), code=ErrorCode.CONTEXT_LENGTH_EXCEEDED, param=prompt_param)
+    if isinstance(exc, InvalidParameter):
+        return APIError(400, str(exc), code=ErrorCode.INVALID_VALUE, param=exc.param)
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), code=exc.code)
     if isinstance(exc, QueueFullError):
@@ -142,21 +146,6 @@ def from_engine_error(exc: EngineError, prompt_param: str | None = None) -> APIE
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), ErrorType.UNAVAILABLE, ErrorCode.ENGINE_DEAD)
     return APIError(500, str(exc), ErrorType.SERVER, exc.code)
-
-
-def context_length_error(max_model_len: int, num_prompt_tokens: int, requested: int | None, param: str,
-                         at_least: bool = False) -> APIError:
-    """400 context_length_exceeded; `at_least`: the prompt's count is a lower bound (not tokenized)."""
-    wanted = f" and {requested} in the completion" if requested is not None else ""
-    qualifier = "at least " if at_least else ""
-    return APIError(
-        400,
-        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{qualifier}{num_prompt_tokens + (requested or 0)} tokens ({qualifier}{num_prompt_tokens} in the prompt"
-        f"{wanted}). Please reduce the length of the prompt or the completion.",
-        code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-        param=param,
-    )
 
 
 def param_from_loc(loc: Sequence[int | str]) -> str | None:

@@ -6,7 +6,6 @@ from typing import Any
 
 from moe_serve.engine.core.request import DEFAULT_TASK, EngineRequest
 from moe_serve.engine.core.sampling_params import SamplingParams
-from moe_serve.server.errors import APIError, ErrorCode
 from moe_serve.server.protocol import GenerationParams
 
 _SEED_MODULUS = 2**64
@@ -14,7 +13,8 @@ _SEED_MODULUS = 2**64
 
 def build_sampling_params(params: GenerationParams, max_tokens: int, num_logprobs: int | None,
                           seed: int | None) -> SamplingParams:
-    """SamplingParams for one choice; a 400 naming the field when the engine rejects a value."""
+    """SamplingParams for one choice; InvalidParameter (a 400 naming the field) for a value the
+    engine rejects."""
     optional: dict[str, Any] = {
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -32,13 +32,7 @@ def build_sampling_params(params: GenerationParams, max_tokens: int, num_logprob
         logprobs=num_logprobs,
         **{name: value for name, value in optional.items() if value is not None},
     )
-    try:
-        sampling.validate()
-    except ValueError as exc:
-        message = str(exc)
-        first_word = message.split(maxsplit=1)[0] if message else ""
-        param = first_word if first_word in SamplingParams.__dataclass_fields__ else None
-        raise APIError(400, message, code=ErrorCode.INVALID_VALUE, param=param) from exc
+    sampling.validate()
     return sampling
 
 

@@ -18,7 +18,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moe_serve.server.errors import context_length_error
+from moe_serve.engine.core.request import check_context_length
+from moe_serve.engine.errors import ContextLengthExceeded
+from moe_serve.server.errors import from_engine_error
 
 # The most UTF-8 bytes of one character: an unknown character that becomes one token covers this.
 MAX_CHAR_BYTES = 4
@@ -89,21 +91,20 @@ def model_keeps_input(model: Any, byte_level: bool) -> bool:
 
 @dataclass(frozen=True)
 class PromptLimit:
-    """How long a prompt may be: the context minus the requested output (or one token)."""
+    """How long a prompt in the field `param` may be: the engine's context-length rule
+    (`check_context_length`) applied before the prompt is tokenized or parsed."""
 
     max_model_len: int
     requested: int | None
     param: str
 
-    @property
-    def max_prompt_tokens(self) -> int:
-        return self.max_model_len - (self.requested if self.requested is not None else 1)
-
     def check(self, min_prompt_tokens: int, exact: bool) -> None:
         """400 context_length_exceeded when a prompt of (at least) this many tokens cannot fit."""
-        if min_prompt_tokens > self.max_prompt_tokens:
-            raise context_length_error(self.max_model_len, min_prompt_tokens, self.requested, self.param,
-                                       at_least=not exact)
+        try:
+            check_context_length(self.max_model_len, min_prompt_tokens, self.requested,
+                                 prompt_is_lower_bound=not exact)
+        except ContextLengthExceeded as exc:
+            raise from_engine_error(exc, self.param) from exc
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from moe_serve.engine.errors import InvalidParameter
+
 MAX_TOP_LOGPROBS = 20
 MIN_SEED = -(2**63)  # the range torch.Generator.manual_seed accepts
 MAX_SEED = 2**64
@@ -70,7 +72,8 @@ class SamplingParams:
         return min(max(self.repetition_penalty, MIN_REPETITION_PENALTY), MAX_REPETITION_PENALTY)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field outside its allowed range."""
+        """Raise InvalidParameter (a ValueError) naming the first field outside its allowed range;
+        the fields are named as in the OpenAI API."""
         if self.top_k == -1:
             self.top_k = 0
         checks = [
@@ -90,4 +93,4 @@ class SamplingParams:
         ]
         for ok, name, rule, value in checks:
             if not ok:
-                raise ValueError(f"{name} {rule}, got {value!r}")
+                raise InvalidParameter(name, f"{name} {rule}, got {value!r}")

@@ -252,3 +252,33 @@ def test_bad_input_gets_an_openai_error_and_the_server_stays_healthy(
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
     assert _health(live_server)["status"] == "ok"
+
+
+def test_a_field_the_engine_rejects_and_the_context_length_get_a_400_naming_the_field(live_server: LiveServer) -> None:
+    """One validation boundary: the engine's add-time check answers before any response byte
+    (streaming too), with `param` carried by the exception; one context-length rule."""
+    def post(route: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = httpx.post(f"{live_server.v1}/{route}", json={"model": live_server.model, **body},
+                              headers=live_server.auth(), timeout=30)
+        assert response.status_code == 400, response.text
+        return response.json()["error"]
+
+    for stream in (False, True):
+        error = post("chat/completions", {"messages": MESSAGES, "max_tokens": 4, "min_tokens": 5, "n": 2,
+                                          "stream": stream})
+        assert (error["code"], error["param"], error["message"]) == (
+            "invalid_value", "min_tokens", "min_tokens must be in [0, max_tokens], got 5")
+    error = post("completions", {"prompt": "hi", "min_tokens": 17})
+    assert (error["code"], error["param"]) == ("invalid_value", "min_tokens")
+    n = live_server.max_model_len
+    error = post("completions", {"prompt": [1, 2], "max_tokens": n - 1})
+    assert (error["code"], error["param"], error["message"]) == (
+        "context_length_exceeded", "prompt", f"This model's maximum context length is {n} tokens. However, you "
+        f"requested {n + 1} tokens (2 in the prompt and {n - 1} in the completion). Please reduce the length of the "
+        "prompt or the completion.")
+    error = post("completions", {"prompt": [1] * n})
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+    assert f"you requested {n} tokens ({n} in the prompt)" in error["message"]
+    error = post("chat/completions", {"messages": MESSAGES, "max_completion_tokens": n})
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+    assert _health(live_server)["status"] == "ok"

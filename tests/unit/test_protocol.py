@@ -4,6 +4,7 @@ plus a property test: no request body, however malformed, gets anything but 400.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from typing import Any
 
@@ -13,8 +14,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from moe_serve.engine.errors import (
+    ContextLengthExceeded,
     ContextLengthExceededError,
     EngineDeadError,
+    InvalidParameter,
     InvalidRequestError,
     ModelLoadError,
     QueueFullError,
@@ -177,6 +180,24 @@ def test_engine_errors_map_to_statuses_and_headers() -> None:
     assert dead.status_code == 503
     for error in (too_long, full, dead):
         _assert_openai_shape(error.body())
+
+
+def test_engine_errors_carry_their_field_as_data() -> None:
+    bad = from_engine_error(InvalidParameter("top_p", "top_p must be in (0, 1], got 0.0"), "messages")
+    assert (bad.status_code, bad.code, bad.param, bad.message) == (400, "invalid_value", "top_p",
+                                                                   "top_p must be in (0, 1], got 0.0")
+    exceeded = ContextLengthExceeded(max_model_len=64, num_prompt_tokens=60, requested_max_tokens=10)
+    too_long = from_engine_error(exceeded, "prompt")
+    assert (too_long.status_code, too_long.code, too_long.param) == (400, "context_length_exceeded", "prompt")
+    assert too_long.message == ("This model's maximum context length is 64 tokens. However, you requested 70 tokens "
+                                "(60 in the prompt and 10 in the completion). Please reduce the length of the prompt "
+                                "or the completion.")
+    for error in (bad, too_long):
+        _assert_openai_shape(error.body())
+    for exc in (InvalidParameter("stop", "stop must be non-empty strings, got ['']"), exceeded,
+                ContextLengthExceeded(64, 200, None, prompt_is_lower_bound=True)):
+        copy = pickle.loads(pickle.dumps(exc))
+        assert type(copy) is type(exc) and str(copy) == str(exc) and vars(copy) == vars(exc)
 
 
 def test_api_key_comparison_needs_the_bearer_scheme_and_the_exact_key() -> None:

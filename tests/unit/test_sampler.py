@@ -12,6 +12,7 @@ from moe_serve.engine.core.sampling_params import (
     MIN_TEMPERATURE,
     SamplingParams,
 )
+from moe_serve.engine.errors import InvalidParameter, InvalidRequestError
 
 V = 50
 
@@ -89,11 +90,15 @@ def test_logprobs_are_raw_log_softmax_with_sorted_top_n() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("temperature", 2.5), ("top_p", 0.0), ("max_tokens", 0), ("presence_penalty", 3.0), ("top_k", -5),
-     ("repetition_penalty", 0.0), ("logprobs", 21), ("stop", [""])],
+     ("repetition_penalty", 0.0), ("logprobs", 21), ("stop", [""]), ("frequency_penalty", -2.5),
+     ("min_tokens", 17), ("stop_token_ids", [-1]), ("seed", -(2**63) - 1)],
 )
 def test_validate_names_the_field(field: str, value) -> None:
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as info:
         SamplingParams(**{field: value}).validate()
+    # the field travels as data: an InvalidParameter, which is also the engine's InvalidRequestError
+    assert isinstance(info.value, InvalidParameter) and isinstance(info.value, InvalidRequestError)
+    assert info.value.param == field and info.value.code == "invalid_value"
 
 
 def test_top_k_minus_one_means_off() -> None:

@@ -4,6 +4,7 @@ fallback and a Unicode-normalizing tokenizer; tokenizers that can drop input get
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,7 +13,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from moe_serve.engine.core.request import check_context_length
+from moe_serve.engine.errors import ContextLengthExceeded
 from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer
+from moe_serve.server.context import ServingContext
 from moe_serve.server.errors import APIError
 from moe_serve.server.token_bound import MAX_CHAR_BYTES, MAX_NORMALIZER_SHRINK, PromptLimit, TokenBound
 
@@ -101,3 +105,39 @@ def test_a_prompt_limit_leaves_room_for_the_requested_output() -> None:
     PromptLimit(max_model_len=100, requested=None, param="prompt").check(99, exact=True)
     with pytest.raises(APIError):
         PromptLimit(max_model_len=100, requested=None, param="prompt").check(100, exact=True)
+
+
+def test_one_context_length_rule_for_the_engine_the_prompt_limit_and_the_output_budget() -> None:
+    """prompt + requested output (one token when none is requested) must fit; the byte-bound
+    check, the server's output budget and the engine all apply `check_context_length`."""
+    ctx = ServingContext(engine=SimpleNamespace(max_model_len=20), served_model_name="m", tokenizer=None, bodies=None)
+    for num_prompt in range(0, 24):
+        for requested in (None, 1, 5, 19, 20, 25):
+            fits = num_prompt + (requested or 1) <= 20
+            limit = PromptLimit(max_model_len=20, requested=requested, param="prompt")
+            if fits:
+                assert check_context_length(20, num_prompt, requested) == 20 - num_prompt
+                limit.check(num_prompt, exact=True)
+                assert ctx.output_budget(num_prompt, requested, "prompt") == (requested or 20 - num_prompt)
+                continue
+            with pytest.raises(ContextLengthExceeded) as engine_error:
+                check_context_length(20, num_prompt, requested)
+            exceeded = engine_error.value
+            assert (exceeded.max_model_len, exceeded.num_prompt_tokens, exceeded.requested_max_tokens) == (
+                20, num_prompt, requested)
+            with pytest.raises(APIError) as bound_error:
+                limit.check(num_prompt, exact=True)
+            with pytest.raises(APIError) as budget_error:
+                ctx.output_budget(num_prompt, requested, "prompt")
+            for error in (bound_error.value, budget_error.value):
+                assert (error.status_code, error.code, error.param, error.message) == (
+                    400, "context_length_exceeded", "prompt", str(exceeded))
+
+
+def test_the_context_length_message_is_openais() -> None:
+    assert str(ContextLengthExceeded(32, 40)) == (
+        "This model's maximum context length is 32 tokens. However, you requested 40 tokens (40 in the prompt). "
+        "Please reduce the length of the prompt or the completion.")
+    assert str(ContextLengthExceeded(32, 30, 8, prompt_is_lower_bound=True)) == (
+        "This model's maximum context length is 32 tokens. However, you requested at least 38 tokens (at least 30 "
+        "in the prompt and 8 in the completion). Please reduce the length of the prompt or the completion.")
