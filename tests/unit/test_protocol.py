@@ -236,12 +236,12 @@ def test_any_body_either_validates_or_maps_to_an_openai_400(body: dict[str, Any]
 def app_client(checkpoint_factory: Any) -> Any:
     from fastapi.testclient import TestClient
 
+    from moe_serve.engine.builder import build_async_engine
     from moe_serve.engine.config import EngineConfig
-    from moe_serve.engine.core.async_engine import AsyncLLMEngine
     from moe_serve.server.app import ServerOptions, create_app
 
-    engine = AsyncLLMEngine(EngineConfig(model=str(checkpoint_factory("mixtral")), dtype="float32", device="cpu",
-                                         max_model_len=64, max_waiting=8))
+    engine = build_async_engine(EngineConfig(model=str(checkpoint_factory("mixtral")), dtype="float32", device="cpu",
+                                             max_model_len=64, max_waiting=8))
     engine.start(wait=True, timeout=120)
     with TestClient(create_app(engine, ServerOptions(served_model_name="tiny", max_request_bytes=4096))) as client:
         yield client
@@ -319,11 +319,11 @@ def test_a_body_over_the_limit_is_413_and_unknown_routes_are_openai_404s(app_cli
 def test_loading_and_dead_engines_answer_503(tmp_path: Any) -> None:
     from fastapi.testclient import TestClient
 
+    from moe_serve.engine.builder import build_async_engine
     from moe_serve.engine.config import EngineConfig
-    from moe_serve.engine.core.async_engine import AsyncLLMEngine
     from moe_serve.server.app import ServerOptions, create_app
 
-    loading = AsyncLLMEngine(EngineConfig(model=str(tmp_path / "absent")))
+    loading = build_async_engine(EngineConfig(model=str(tmp_path / "absent")))
     with TestClient(create_app(loading, ServerOptions(served_model_name="m"))) as client:
         assert client.get("/health").json()["status"] == "loading"
         busy = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
