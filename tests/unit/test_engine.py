@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from moe_serve.engine.builder import build_engine
 from moe_serve.engine.config import EngineConfig
@@ -13,6 +16,8 @@ from moe_serve.engine.core.async_engine import AsyncLLMEngine
 from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import FinishReason, SamplingParams
 from moe_serve.engine.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
+from moe_serve.server.metrics import register_metrics
+from moe_serve.server.routes import health_body
 from tests.helpers import run_to_completion
 
 # one 16-token block of the tiny Mixtral: keys+values x 2 layers x 16 tokens x 2 kv heads x 8 dims x fp32
@@ -154,3 +159,41 @@ def test_async_engine_streams_and_aborts_on_close(mixtral) -> None:
         async_engine.shutdown()
     assert got == expected
     assert usage == 0.0
+
+
+def test_the_engine_thread_publishes_one_immutable_snapshot_that_metrics_and_health_read(mixtral) -> None:
+    config = EngineConfig(model=str(mixtral), dtype="float32", expert_cache_fraction=0.5)
+    async_engine = AsyncLLMEngine.from_engine(build_engine(config, show_progress=False), config)
+    async_engine.start(wait=True)
+
+    async def serve() -> list[int]:
+        return [t async for out in async_engine.generate(EngineRequest("s", [5, 6, 7], _greedy(4)))
+                for t in out.new_token_ids]
+
+    try:
+        idle = async_engine.stats()  # published on start, before any step
+        assert idle is async_engine.stats()  # read, never rebuilt, by other threads
+        assert (idle.num_running, idle.num_waiting, idle.kv_cache_usage) == (0, 0, 0.0)
+        assert idle.offload and idle.expert_cache is not None and idle.expert_cache.capacity_bytes > 0
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            idle.num_running = 1  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            idle.expert_cache.misses[0] = 1  # type: ignore[index]
+        assert len(asyncio.run(serve())) == 4
+        served = async_engine.stats()
+    finally:
+        async_engine.shutdown()
+    assert served is not idle and (served.num_running, served.num_waiting, served.kv_cache_usage) == (0, 0, 0.0)
+    assert served.expert_cache is not None and sum(served.expert_cache.misses.values()) > 0
+    # /metrics and /health need nothing of the engine but its config, its state flags and the snapshot
+    stand_in = SimpleNamespace(config=config, is_ready=True, is_dead=False, stats=lambda: served)
+    registry = CollectorRegistry()
+    register_metrics(registry, stand_in, "tiny", "0.0.0")  # type: ignore[arg-type]
+    samples = {s.name: s.value for family in registry.collect() for s in family.samples if not s.labels}
+    assert samples["moe_serve_expert_cache_capacity_bytes"] == served.expert_cache.capacity_bytes
+    assert samples["moe_serve_expert_prefetches_issued_total"] == served.expert_cache.prefetch_issued
+    misses = sum(s.value for family in registry.collect() for s in family.samples
+                 if s.name == "moe_serve_expert_cache_misses_total")
+    assert misses == sum(served.expert_cache.misses.values())
+    status, body = health_body(SimpleNamespace(engine=stand_in, served_model_name="tiny"))  # type: ignore[arg-type]
+    assert status == 200 and body["num_running"] == 0 and body["kv_cache_usage"] == 0.0
