@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from moe_serve.engine.core.block_manager import BlockManager
 from moe_serve.engine.core.detokenizer import IncrementalDetokenizer
 from moe_serve.engine.core.model_runner import ModelRunner, is_device_fault
-from moe_serve.engine.core.request import EngineRequest, RequestOutput
+from moe_serve.engine.core.request import EngineRequest, RequestOutput, check_context_length
 from moe_serve.engine.core.sampling_params import FinishReason, TokenLogprob
 from moe_serve.engine.core.scheduler import Scheduler, SchedulerOutput
 from moe_serve.engine.core.sequence import Sequence
 from moe_serve.engine.core.stats import EngineStats, ExpertCacheSnapshot, frozen
 from moe_serve.engine.core.tasks import TaskNames
 from moe_serve.engine.errors import (
-    ContextLengthExceededError,
     EngineError,
     EngineFatalError,
     EngineStepError,
@@ -109,20 +108,13 @@ class LLMEngine:
     def validate(self, request: EngineRequest) -> None:
         """Raise an InvalidRequestError for a request that can never be served (its own fields
         only: safe to call on another thread before `add_validated_request`)."""
-        try:
-            request.sampling.validate()
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from exc
+        request.sampling.validate()
         num_prompt = len(request.prompt_token_ids)
         if num_prompt == 0:
             raise InvalidRequestError("the prompt is empty")
         if any(not 0 <= t < self.vocab_size for t in request.prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if num_prompt >= self.max_model_len:
-            raise ContextLengthExceededError(
-                f"this model's maximum context length is {self.max_model_len} tokens, "
-                f"but the prompt has {num_prompt} tokens"
-            )
+        check_context_length(self.max_model_len, num_prompt)  # one output token must fit
 
     def add_request(self, request: EngineRequest) -> None:
         """Validate and queue a request (raises EngineError subclasses)."""

@@ -197,3 +197,24 @@ def test_the_engine_thread_publishes_one_immutable_snapshot_that_metrics_and_hea
     assert misses == sum(served.expert_cache.misses.values())
     status, body = health_body(SimpleNamespace(engine=stand_in, served_model_name="tiny"))  # type: ignore[arg-type]
     assert status == 200 and body["num_running"] == 0 and body["kv_cache_usage"] == 0.0
+
+
+def test_a_request_through_the_async_engine_is_validated_once_on_the_event_loop(mixtral, monkeypatch) -> None:
+    engine = _engine(mixtral)
+    calls: list[str] = []
+    validate = engine.validate
+    monkeypatch.setattr(engine, "validate", lambda request: (calls.append(request.request_id), validate(request)))
+    async_engine = AsyncLLMEngine.from_engine(engine)
+    async_engine.start(wait=True)
+
+    async def serve() -> list[int]:
+        with pytest.raises(InvalidRequestError, match="temperature"):  # refused before it is queued
+            [out async for out in async_engine.generate(EngineRequest("bad", [5], SamplingParams(temperature=5.0)))]
+        return [t async for out in async_engine.generate(EngineRequest("ok", [5, 6, 7], _greedy(3)))
+                for t in out.new_token_ids]
+
+    try:
+        assert asyncio.run(serve()) == _alone(mixtral, [5, 6, 7], 3)
+    finally:
+        async_engine.shutdown()
+    assert calls == ["bad", "ok"]
