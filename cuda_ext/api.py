@@ -3,7 +3,9 @@
 Every backend (CUDA extension, CPU extension, pure-torch fallback) implements `CopyEngine`
 with the same semantics: `submit` queues one copy per (src, dst) pair of contiguous uint8
 tensors; a DEMAND copy starts before every PREFETCH copy still queued; each copy has its
-own `CopyTicket`; `cancel` drops a still-queued copy; sources are only ever read.
+own `CopyTicket`; `cancel` drops a still-queued copy; sources are only ever read. A copy that
+fails on the engine's own thread fails only its ticket: `done`, `wait` and `synchronize` raise
+`CopyError` with the reason, and the engine goes on with the other copies.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from enum import Enum, IntEnum
 import torch
 
 CopyPair = tuple[torch.Tensor, torch.Tensor]
+
+
+class CopyError(RuntimeError):
+    """A copy failed on the copy engine's thread (a failing copy, a CUDA error); says why."""
 
 
 class CopyPriority(IntEnum):
@@ -37,7 +43,12 @@ class CopyTicket(ABC):
 
     @abstractmethod
     def done(self) -> bool:
-        """True once the destination holds every byte of the source."""
+        """True once the destination holds every byte of the source, False while it is pending
+        (or cancelled); raises CopyError if the copy failed."""
+
+    @abstractmethod
+    def failed(self) -> bool:
+        """True if the copy failed (its done, wait and synchronize raise CopyError)."""
 
     @abstractmethod
     def cancelled(self) -> bool:
@@ -49,12 +60,13 @@ class CopyTicket(ABC):
 
         CPU: blocks until the bytes landed. CUDA: makes the current stream wait on the copy's
         event (the host blocks at most until a still-queued copy is handed to a copy stream).
-        A queued copy is promoted to DEMAND first. Returns at once for a cancelled copy.
+        A queued copy is promoted to DEMAND first. Returns at once for a cancelled copy;
+        raises CopyError if the copy failed.
         """
 
     @abstractmethod
     def synchronize(self) -> None:
-        """Blocks the host until the copy finished (or was cancelled)."""
+        """Blocks the host until the copy finished (or was cancelled); raises CopyError if it failed."""
 
 
 class CopyEngine(ABC):

@@ -1,8 +1,9 @@
 """Pure-torch copy engine: Python worker threads doing `dst.copy_(src)`; the reference backend.
 
 Same queue semantics as the extension: two FIFO levels (DEMAND before PREFETCH), one ticket
-per copy, cancel of queued copies. With a CUDA destination each worker copies on its own
-side stream and the ticket carries a CUDA event, so `wait()` never blocks the host on the copy.
+per copy, cancel of queued copies, a failing copy fails only its ticket (CopyError). With a
+CUDA destination each worker copies on its own side stream and the ticket carries a CUDA event,
+so `wait()` never blocks the host on the copy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from enum import Enum
 
 import torch
 
-from moe_serve.cuda_ext.api import CopyBackend, CopyEngine, CopyPair, CopyPriority, CopyTicket, check_copies
+from moe_serve.cuda_ext.api import (
+    CopyBackend,
+    CopyEngine,
+    CopyError,
+    CopyPair,
+    CopyPriority,
+    CopyTicket,
+    check_copies,
+)
 
 
 class _Status(Enum):
@@ -22,6 +31,7 @@ class _Status(Enum):
     RUNNING = "running"
     DONE = "done"
     CANCELLED = "cancelled"
+    FAILED = "failed"
 
 
 class TorchCopyTicket(CopyTicket):
@@ -33,24 +43,35 @@ class TorchCopyTicket(CopyTicket):
         self.status = _Status.QUEUED
         self.finished = threading.Event()
         self.cuda_event: torch.cuda.Event | None = None
+        self.error = ""
 
     def done(self) -> bool:
-        if not self.finished.is_set() or self.status is not _Status.DONE:
+        if not self.finished.is_set():
             return False
-        return self.cuda_event is None or self.cuda_event.query()
+        self._raise_if_failed()
+        return self.status is _Status.DONE and (self.cuda_event is None or self.cuda_event.query())
+
+    def failed(self) -> bool:
+        return self.status is _Status.FAILED
 
     def cancelled(self) -> bool:
         return self.status is _Status.CANCELLED
 
     def wait(self) -> None:
         self.finished.wait()
+        self._raise_if_failed()
         if self.cuda_event is not None:
             torch.cuda.current_stream().wait_event(self.cuda_event)
 
     def synchronize(self) -> None:
         self.finished.wait()
+        self._raise_if_failed()
         if self.cuda_event is not None:
             self.cuda_event.synchronize()
+
+    def _raise_if_failed(self) -> None:
+        if self.status is _Status.FAILED:
+            raise CopyError(f"copy failed: {self.error}")
 
 
 class TorchCopyEngine(CopyEngine):
@@ -64,6 +85,7 @@ class TorchCopyEngine(CopyEngine):
         self._cond = threading.Condition()
         self._levels: tuple[deque[TorchCopyTicket], ...] = tuple(deque() for _ in CopyPriority)
         self._closed = False
+        self._inject: tuple[int, str] = (0, "")
         self._workers = [
             threading.Thread(target=self._run, name=f"torch-copy-{i}", daemon=True) for i in range(num_workers)
         ]
@@ -97,6 +119,11 @@ class TorchCopyEngine(CopyEngine):
             self._cond.notify()
             return True
 
+    def inject_failures(self, count: int, message: str) -> None:
+        """Test hook: the next `count` copies to run fail with `message` on a worker thread."""
+        with self._cond:
+            self._inject = (count, message)
+
     def shutdown(self) -> None:
         with self._cond:
             if self._closed:
@@ -117,6 +144,13 @@ class TorchCopyEngine(CopyEngine):
         ticket.src = ticket.dst = None
         ticket.finished.set()
 
+    def _injected_failure(self) -> None:
+        with self._cond:
+            count, message = self._inject
+            if count > 0:
+                self._inject = (count - 1, message)
+                raise RuntimeError(message)
+
     def _pop(self) -> TorchCopyTicket | None:
         """Next queued ticket (marked RUNNING), or None once shut down; holds the lock."""
         with self._cond:
@@ -136,14 +170,21 @@ class TorchCopyEngine(CopyEngine):
         while (ticket := self._pop()) is not None:
             src, dst = ticket.src, ticket.dst
             assert src is not None and dst is not None
-            if dst.is_cuda or src.is_cuda:
-                device = dst.device if dst.is_cuda else src.device
-                stream = stream or torch.cuda.Stream(device=device)
-                with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
-                    ticket.cuda_event = torch.cuda.Event()
-                    ticket.cuda_event.record(stream)
+            try:
+                self._injected_failure()
+                if dst.is_cuda or src.is_cuda:
+                    device = dst.device if dst.is_cuda else src.device
+                    stream = stream or torch.cuda.Stream(device=device)
+                    with torch.cuda.stream(stream):
+                        dst.copy_(src, non_blocking=True)
+                        ticket.cuda_event = torch.cuda.Event()
+                        ticket.cuda_event.record(stream)
+                else:
+                    dst.copy_(src)
+            except Exception as error:  # fails this ticket only; the worker goes on
+                ticket.error = f"{type(error).__name__}: {error}"
+                status = _Status.FAILED
             else:
-                dst.copy_(src)
+                status = _Status.DONE
             with self._cond:
-                self._finish(ticket, _Status.DONE)
+                self._finish(ticket, status)

@@ -21,12 +21,14 @@ def default_backend(device: torch.device) -> CopyBackend:
 
 
 def load_copy_engine(device: torch.device, num_workers: int = 2,
-                     backend: CopyBackend | str | None = None) -> CopyEngine:
+                     backend: CopyBackend | str | None = None, chunk_bytes: int | None = None) -> CopyEngine:
     """A copy engine for copies into `device`, logging which backend runs.
 
     `num_workers` is the worker-thread count (CPU extension, torch fallback) or the number of
     copy streams (CUDA). With `backend=None` the best backend is chosen and a failed build
     falls back to the torch engine with a WARNING; an explicit backend that fails raises.
+    `chunk_bytes` sets the native engines' chunk size (None: their default; the torch engine
+    copies whole).
     """
     device = torch.device(device)
     chosen = default_backend(device) if backend is None else CopyBackend(backend)
@@ -37,7 +39,7 @@ def load_copy_engine(device: torch.device, num_workers: int = 2,
         engine = TorchCopyEngine(num_workers)
     else:
         try:
-            engine = NativeCopyEngine(chosen, device, num_workers)
+            engine = NativeCopyEngine(chosen, device, num_workers, chunk_bytes)
         except Exception as error:  # a compiler or toolkit problem: the torch engine still works
             if backend is not None:
                 raise

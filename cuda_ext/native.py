@@ -2,7 +2,9 @@
 
 One extension per flavour: `moe_copy_engine_cpu` (bindings + CPU worker threads) and
 `moe_copy_engine_cuda` (the same plus the CUDA copy streams). The loaded module is cached
-per flavour for the life of the process.
+per flavour for the life of the process. The C++ standard is the one torch's extension builder
+passes (no -std of ours after it); a CUDA build with no visible GPU and no TORCH_CUDA_ARCH_LIST
+gets DEFAULT_CUDA_ARCHS (torch's own default reads the visible GPUs and fails without one).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import inspect
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -19,14 +23,23 @@ from typing import Any
 
 import torch
 
-from moe_serve.cuda_ext.api import CopyBackend, CopyEngine, CopyPair, CopyPriority, CopyTicket, check_copies
+from moe_serve.cuda_ext.api import (
+    CopyBackend,
+    CopyEngine,
+    CopyError,
+    CopyPair,
+    CopyPriority,
+    CopyTicket,
+    check_copies,
+)
 
 logger = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ("bindings.cpp", "copy_engine_cpu.cpp")
 CUDA_SOURCES = ("copy_engine_cuda.cu",)
-CXX_FLAGS = ["-O3", "-std=c++17"]
+CXX_FLAGS = ["-O3"]
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"  # Ampere, Ada, Hopper; PTX for anything newer
 TORCH_BATON = "lock"  # torch.utils.cpp_extension's build lock file in the build directory
 
 
@@ -46,6 +59,31 @@ def build_dir(with_cuda: bool) -> Path:
     return directory
 
 
+def cxx_standard() -> str:
+    """The -std value torch's extension builder passes (e.g. c++20), for compiles outside it."""
+    from torch.utils import cpp_extension
+
+    found = re.findall(r"'-std=(c\+\+\d+)'", inspect.getsource(cpp_extension._write_ninja_file_to_build_library))
+    if found:
+        return found[0]
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 14) else "c++17"
+
+
+@contextlib.contextmanager
+def cuda_arch_list() -> Iterator[None]:
+    """Sets TORCH_CUDA_ARCH_LIST to DEFAULT_CUDA_ARCHS for the build if it is unset and no GPU is visible."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        yield
+        return
+    logger.info("no GPU visible: building the CUDA copy engine for TORCH_CUDA_ARCH_LIST=%s", DEFAULT_CUDA_ARCHS)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    try:
+        yield
+    finally:
+        del os.environ["TORCH_CUDA_ARCH_LIST"]
+
+
 @functools.cache
 def load_extension(with_cuda: bool) -> ModuleType:
     """Compiles on first use (ninja; a later process reuses the build) and imports the module."""
@@ -58,7 +96,7 @@ def load_extension(with_cuda: bool) -> ModuleType:
         flags.append("-DMOE_WITH_CUDA")
     name = "moe_copy_engine_cuda" if with_cuda else "moe_copy_engine_cpu"
     directory = build_dir(with_cuda)
-    with build_lock(directory):
+    with build_lock(directory), cuda_arch_list() if with_cuda else contextlib.nullcontext():
         if is_stale(directory / f"{name}.so", sources):
             logger.info("building the copy engine (%s; first start only, may take a few minutes) in %s",
                         "cuda" if with_cuda else "cpu", directory)
@@ -96,30 +134,47 @@ def build_lock(directory: Path) -> Iterator[None]:
 
 
 class NativeCopyTicket(CopyTicket):
-    """Wraps the extension's ticket; `wait` passes the current CUDA stream on a CUDA engine."""
+    """Wraps the extension's ticket; `wait` passes the current CUDA stream on a CUDA engine; the
+    extension's CopyFailed becomes CopyError."""
 
-    def __init__(self, handle: Any, device: torch.device | None) -> None:
+    def __init__(self, handle: Any, device: torch.device | None, copy_failed: type[Exception]) -> None:
         self.handle = handle
         self._device = device
+        self._copy_failed = copy_failed
 
     def done(self) -> bool:
-        return bool(self.handle.done())
+        try:
+            return bool(self.handle.done())
+        except self._copy_failed as error:
+            raise CopyError(str(error)) from None
+
+    def failed(self) -> bool:
+        return bool(self.handle.failed())
 
     def cancelled(self) -> bool:
         return bool(self.handle.cancelled())
 
     def wait(self) -> None:
         stream = torch.cuda.current_stream(self._device).cuda_stream if self._device is not None else 0
-        self.handle.wait(stream)
+        try:
+            self.handle.wait(stream)
+        except self._copy_failed as error:
+            raise CopyError(str(error)) from None
 
     def synchronize(self) -> None:
-        self.handle.synchronize()
+        try:
+            self.handle.synchronize()
+        except self._copy_failed as error:
+            raise CopyError(str(error)) from None
 
 
 class NativeCopyEngine(CopyEngine):
-    """The C++ engine: CPU worker threads (memcpy) or CUDA copy streams (cudaMemcpyAsync + events)."""
+    """The C++ engine: CPU worker threads (memcpy) or CUDA copy streams (cudaMemcpyAsync + events).
+    Large copies move `chunk_bytes` at a time (default 8 MiB); a DEMAND copy overtakes a running
+    PREFETCH copy at its next chunk."""
 
-    def __init__(self, backend: CopyBackend, device: torch.device, num_workers: int) -> None:
+    def __init__(self, backend: CopyBackend, device: torch.device, num_workers: int,
+                 chunk_bytes: int | None = None) -> None:
         if backend is CopyBackend.TORCH:
             raise ValueError("the torch backend is not native")
         with_cuda = backend is CopyBackend.CUDA
@@ -127,12 +182,14 @@ class NativeCopyEngine(CopyEngine):
         self.backend = backend
         self._device = torch.device("cuda", device.index or 0) if with_cuda else None
         device_index = self._device.index if self._device is not None else -1
-        self._engine = module.CopyEngine(backend.value, device_index, num_workers)
+        chunking = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+        self._engine = module.CopyEngine(backend.value, device_index, num_workers, **chunking)
+        self._copy_failed: type[Exception] = module.CopyFailed
 
     def submit(self, copies: Sequence[CopyPair], priority: CopyPriority) -> list[CopyTicket]:
         check_copies(copies)
         handles = self._engine.submit(list(copies), int(CopyPriority(priority)))
-        return [NativeCopyTicket(handle, self._device) for handle in handles]
+        return [NativeCopyTicket(handle, self._device, self._copy_failed) for handle in handles]
 
     def cancel(self, ticket: CopyTicket) -> bool:
         assert isinstance(ticket, NativeCopyTicket)
@@ -141,6 +198,10 @@ class NativeCopyEngine(CopyEngine):
     def promote(self, ticket: CopyTicket) -> bool:
         assert isinstance(ticket, NativeCopyTicket)
         return bool(self._engine.promote(ticket.handle))
+
+    def inject_failures(self, count: int, message: str) -> None:
+        """Test hook: the next `count` copies to run fail with `message` on the engine's thread."""
+        self._engine.fail_next(count, message)
 
     def shutdown(self) -> None:
         self._engine.shutdown()

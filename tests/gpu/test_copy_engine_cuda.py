@@ -1,12 +1,15 @@
-"""CUDA copy engine: bytes against the torch reference, priority, stream ordering, the expert cache on a GPU."""
+"""CUDA copy engine: bytes against the torch reference, priority, chunked overtaking, failures on the
+dispatcher, stream ordering, the expert cache on a GPU."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 
 from moe_serve.cache_policies import make_policy
-from moe_serve.cuda_ext import CopyBackend, CopyPriority, load_copy_engine
+from moe_serve.cuda_ext import CopyBackend, CopyError, CopyPriority, load_copy_engine
 from moe_serve.engine.offload.expert_cache import ExpertCache
 from moe_serve.engine.offload.expert_store import HostExpertStore
 from moe_serve.engine.types import ExpertKey
@@ -41,6 +44,38 @@ def test_demand_overtakes_queued_prefetches_on_cuda() -> None:
                            CopyPriority.DEMAND)[0]
     demand.synchronize()
     assert not prefetches[-1].done()
+    engine.shutdown()
+
+
+def test_demand_overtakes_a_running_prefetch_on_cuda() -> None:
+    engine = load_copy_engine(torch.device("cuda"), num_workers=1, backend=CopyBackend.CUDA, chunk_bytes=4 * MIB)
+    big_src = torch.ones(512 * MIB, dtype=torch.uint8).pin_memory()
+    big_dst = torch.zeros(big_src.numel(), dtype=torch.uint8, device="cuda")
+    demand_src = torch.full((4 * MIB,), 7, dtype=torch.uint8).pin_memory()
+    demand_dst = torch.zeros(demand_src.numel(), dtype=torch.uint8, device="cuda")
+    big = engine.submit([(big_src, big_dst)], CopyPriority.PREFETCH)[0]
+    time.sleep(0.002)  # the dispatcher has issued its first chunks
+    demand = engine.submit([(demand_src, demand_dst)], CopyPriority.DEMAND)[0]
+    demand.synchronize()
+    assert not big.done(), "the DEMAND copy waited for the whole 512 MiB PREFETCH copy"
+    big.synchronize()
+    assert torch.equal(demand_dst.cpu(), demand_src) and bool((big_dst == 1).all())
+    engine.shutdown()
+
+
+def test_a_failing_copy_on_the_dispatcher_fails_only_its_ticket() -> None:
+    engine = load_copy_engine(torch.device("cuda"), num_workers=1, backend=CopyBackend.CUDA)
+    srcs = [torch.full((MIB,), i + 1, dtype=torch.uint8).pin_memory() for i in range(3)]
+    dsts = [torch.zeros(MIB, dtype=torch.uint8, device="cuda") for _ in srcs]
+    engine.inject_failures(1, "injected fault")
+    failing, *others = engine.submit(list(zip(srcs, dsts)), CopyPriority.PREFETCH)
+    with pytest.raises(CopyError, match="injected fault"):
+        failing.synchronize()
+    assert failing.failed()
+    for ticket in others:
+        ticket.synchronize()
+    assert all(torch.equal(dst.cpu(), src) for src, dst in zip(srcs[1:], dsts[1:]))
+    assert int(dsts[0].count_nonzero()) == 0
     engine.shutdown()
 
 

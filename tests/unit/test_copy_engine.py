@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from moe_serve.cuda_ext import CopyBackend, CopyEngine, CopyPriority, load_copy_engine
-from moe_serve.cuda_ext.native import TORCH_BATON, build_lock
+from moe_serve.cuda_ext import CopyBackend, CopyEngine, CopyError, CopyPriority, load_copy_engine
+from moe_serve.cuda_ext.native import (
+    CXX_FLAGS,
+    DEFAULT_CUDA_ARCHS,
+    TORCH_BATON,
+    build_lock,
+    cuda_arch_list,
+    cxx_standard,
+)
 
 CPU_BACKENDS = [CopyBackend.CPU_EXTENSION, CopyBackend.TORCH]
 MIB = 1 << 20
@@ -199,7 +209,7 @@ def test_cuda_source_compiles_with_nvcc(tmp_path: Path) -> None:
     from torch.utils.cpp_extension import include_paths
 
     csrc = Path(__file__).resolve().parents[2] / "cuda_ext" / "csrc"
-    command = ["nvcc", "-c", "-std=c++17", "-O3", "-DMOE_WITH_CUDA",
+    command = ["nvcc", "-c", f"-std={cxx_standard()}", "-O3", "-DMOE_WITH_CUDA", "-Xcompiler", "-Wall,-Wextra,-Werror",
                *(f"-I{path}" for path in include_paths()),
                str(csrc / "copy_engine_cuda.cu"), "-o", str(tmp_path / "copy_engine_cuda.o")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -216,3 +226,101 @@ def test_a_killed_builds_stale_torch_lock_does_not_block_the_next_build(tmp_path
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(tmp_path / "moe-serve-build.lock", "w") as other:  # released on exit
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda backend: backend.value)
+def test_a_copy_failing_on_the_worker_fails_only_its_ticket(backend: CopyBackend) -> None:
+    engine = load_copy_engine(torch.device("cpu"), num_workers=1, backend=backend)
+    generator = torch.Generator().manual_seed(5)
+    srcs = [random_bytes(n, generator) for n in (MIB, 64 * MIB, MIB)]
+    dsts = [torch.zeros_like(src) for src in srcs]
+    engine.inject_failures(1, "injected fault")  # the next copy to start raises on the worker thread
+    failing, *others = engine.submit(list(zip(srcs, dsts)), CopyPriority.PREFETCH)
+    assert others[-1].done() is False and not others[-1].failed(), "pending (behind 64 MiB) is not failed"
+    with pytest.raises(CopyError, match="injected fault"):
+        failing.wait()
+    assert failing.failed() and not failing.cancelled()
+    with pytest.raises(CopyError, match="injected fault"):
+        failing.done()
+    with pytest.raises(CopyError, match="injected fault"):
+        failing.synchronize()
+    for ticket in others:
+        ticket.wait()
+        assert ticket.done() and not ticket.failed()
+    assert int(dsts[0].count_nonzero()) == 0
+    assert all(torch.equal(src, dst) for src, dst in zip(srcs[1:], dsts[1:]))
+    later = engine.submit([(srcs[0], dsts[0])], CopyPriority.DEMAND)[0]
+    later.wait()
+    assert torch.equal(srcs[0], dsts[0]), "the engine goes on after a failure"
+    engine.shutdown()
+
+
+def test_copies_complete_while_python_holds_the_gil() -> None:
+    """The workers never take the GIL: with the switch interval at 100 s this thread keeps the
+    GIL while it polls, and copies through views that only the engine still references (the
+    expert cache's pattern: their release used to need the GIL) complete all the same."""
+    engine = load_copy_engine(torch.device("cpu"), num_workers=2, backend=CopyBackend.CPU_EXTENSION)
+    src = torch.arange(64 * MIB, dtype=torch.int64).to(torch.uint8)
+    dst = torch.zeros_like(src)
+    chunk = 4 * MIB
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        tickets = engine.submit([(src[i:i + chunk], dst[i:i + chunk]) for i in range(0, src.numel(), chunk)],
+                                CopyPriority.PREFETCH)
+        deadline = time.perf_counter() + 10.0
+        while not all(ticket.done() for ticket in tickets) and time.perf_counter() < deadline:
+            pass
+        finished = sum(ticket.done() for ticket in tickets)
+    finally:
+        sys.setswitchinterval(interval)
+    assert finished == len(tickets), f"{finished} of {len(tickets)} copies completed without the GIL"
+    assert torch.equal(src, dst)
+    engine.shutdown()
+
+
+def test_demand_overtakes_a_running_prefetch_within_a_chunk() -> None:
+    engine = load_copy_engine(torch.device("cpu"), num_workers=1, backend=CopyBackend.CPU_EXTENSION,
+                              chunk_bytes=MIB)
+    big_src = torch.ones(256 * MIB, dtype=torch.uint8)
+    big_dst = torch.zeros_like(big_src).fill_(0)  # touch every page: the copy is memcpy-bound
+    demand_src = torch.full((MIB,), 7, dtype=torch.uint8)
+    demand_dst = torch.zeros_like(demand_src)
+    big = engine.submit([(big_src, big_dst)], CopyPriority.PREFETCH)[0]
+    deadline = time.perf_counter() + 10.0
+    while int(big_dst[0]) == 0 and time.perf_counter() < deadline:  # its first chunk landed: it runs
+        time.sleep(0.0001)
+    demand = engine.submit([(demand_src, demand_dst)], CopyPriority.DEMAND)[0]
+    demand.wait()
+    assert not big.done(), "the DEMAND copy waited for the whole 256 MiB PREFETCH copy"
+    assert not engine.cancel(big), "a started (parked) copy cannot be cancelled"
+    assert torch.equal(demand_dst, demand_src)
+    big.wait()
+    assert torch.equal(big_dst, big_src), "the parked copy resumes where it stopped"
+    engine.shutdown()
+
+
+def test_promoted_parked_copy_runs_next(single_worker: CopyEngine) -> None:
+    generator = torch.Generator().manual_seed(6)
+    srcs = [random_bytes(8 * MIB, generator) for _ in range(8)]
+    dsts = [torch.zeros_like(src) for src in srcs]
+    tickets = single_worker.submit(list(zip(srcs, dsts)), CopyPriority.PREFETCH)
+    assert single_worker.promote(tickets[-1]) or tickets[-1].done()
+    tickets[-1].wait()
+    for ticket in tickets:
+        ticket.wait()
+    assert all(torch.equal(src, dst) for src, dst in zip(srcs, dsts))
+
+
+def test_the_cxx_standard_is_torchs_and_a_gpu_less_cuda_build_gets_default_archs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not any(flag.startswith("-std") for flag in CXX_FLAGS), "torch's own -std must not be overridden"
+    assert cxx_standard() in {"c++17", "c++20"}
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with cuda_arch_list():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == DEFAULT_CUDA_ARCHS
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.9")
+    with cuda_arch_list():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.9"
