@@ -1,14 +1,8 @@
-"""The host expert tier: every routed expert packed into one contiguous uint8 slab.
+"""The host expert tier: every routed expert packed into one read-only uint8 slab.
 
-Each expert owns one contiguous byte range of `expert_nbytes` bytes (one copy per expert);
-inside it each tensor starts at a 64-byte aligned offset. The slab is pinned when asked
-and CUDA is available, so copies to the device run as asynchronous DMA. When the experts
-exceed the host RAM budget the slab is instead a shared memory map of a file (unlinked at
-once, so it disappears with the process): the OS keeps the recently used experts in its
-page cache and reads the rest back from disk, and copies from it are pageable. The file's
-blocks are allocated before it is mapped, so a disk too small is a HostTierSpaceError at
-start-up, never a SIGBUS when a page is first written. Read-only after construction:
-nothing is ever written back.
+Owns the slab (pinned RAM, or a file-backed map when the experts exceed the host budget), each
+expert's aligned byte range (`source`), the typed views over a copy of it (`unpack`), and the
+helpers that size the device tier. Layout and the file-backed tier: docs/offload.md.
 """
 
 from __future__ import annotations

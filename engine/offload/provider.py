@@ -1,12 +1,8 @@
-"""Offloaded experts: the ExpertProvider backed by the device expert cache.
+"""Offloaded experts: the ExpertProvider over the expert cache, and building it from the config.
 
-Routed experts live packed in the host tier (`HostExpertStore`); a bounded pool of device
-slots (`ExpertCache`) holds the ones in use. A layer acquires every expert its tokens
-routed to (hits are usable at once, misses start demand copies), computes each expert
-as soon as its slot is ready, never waiting on copies it does not need yet, and releases
-them when done. Results do not depend on the order, see `MoEModel._moe`. A forward that
-fails between a layer's acquire and its release leaves those pins behind: the end of the
-step releases them, so a failed step never shrinks the cache.
+Owns `OffloadedExperts` (acquire a layer's experts, compute each as its slot becomes ready,
+release; pins a failed step leaves behind are released at the step's end), the cache sizing,
+the offload decision and `build_expert_provider`. Details: docs/offload.md.
 """
 
 from __future__ import annotations
@@ -29,8 +25,9 @@ from moe_serve.engine.host_memory import Arena
 from moe_serve.engine.model.experts import ResidentExperts
 from moe_serve.engine.model.spec import ModelSpec
 from moe_serve.engine.model.weights import ExpertTensors, pack_expert, packed_experts_nbytes
-from moe_serve.engine.offload.expert_cache import ExpertCache, ExpertSlot
+from moe_serve.engine.offload.expert_cache import ExpertCache
 from moe_serve.engine.offload.expert_store import HostExpertStore, min_slots_for_step, slots_for_budget
+from moe_serve.engine.offload.slot_pool import ExpertSlot
 from moe_serve.engine.types import ExpertKey
 
 logger = logging.getLogger(__name__)

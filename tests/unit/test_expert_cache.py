@@ -1,4 +1,4 @@
-"""Host expert store and device expert cache: layout, accounting, errors, and a stateful model check."""
+"""Host expert store, device slot pool and expert cache: layout, accounting, errors, and a stateful model check."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from moe_serve.cache_policies import make_policy
 from moe_serve.cache_policies.recency import LRUPolicy
 from moe_serve.cuda_ext import CopyBackend, CopyEngine, load_copy_engine
+from moe_serve.cuda_ext.api import CopyPriority
 from moe_serve.engine.offload.expert_cache import (
     ExpertCache,
     ExpertCacheFullError,
@@ -29,6 +30,7 @@ from moe_serve.engine.offload.expert_cache import (
     slots_for_budget,
 )
 from moe_serve.engine.offload.expert_store import ALIGNMENT, HostExpertStore
+from moe_serve.engine.offload.slot_pool import SlotPool
 from moe_serve.engine.types import ExpertKey
 
 NUM_LAYERS, NUM_EXPERTS = 2, 6
@@ -159,6 +161,28 @@ def test_sizing_helpers() -> None:
     assert slots_for_budget(10 * 1024, expert_nbytes=3000) == 3
     with pytest.raises(ValueError):
         min_slots_for_step(0, 2, 1)
+
+
+def test_slot_pool_fills_pins_and_frees_a_slot(engine: CopyEngine) -> None:
+    experts = make_experts()
+    store = HostExpertStore.from_tensors(experts, pin=True)
+    pool = SlotPool(2, store.expert_nbytes, torch.device("cpu"), engine, store.unpack)
+    key = ExpertKey(1, 3)
+    pool.begin_load(pool.claim_free(), key)
+    pool.submit([key], [store.source(key)], CopyPriority.DEMAND)
+    (handle,) = pool.pin([key])
+    if pool.needs_wait(handle):
+        pool.wait_copy(handle)
+    assert all(torch.equal(view, original) for view, original in zip(pool.views(handle), experts[key], strict=True))
+    assert (pool.num_occupied, pool.num_pinned, pool.evictable()) == (1, 1, [])
+    with pytest.raises(ValueError, match="more than it is acquired"):
+        pool.unpin([key, key])
+    pool.unpin([key])
+    assert pool.evictable() == [key] and pool.state_of(key) is SlotState.RESIDENT
+    pool.free(key)
+    assert pool.state_of(key) is SlotState.FREE and pool.num_free == 2 and not pool.problems()
+    with pytest.raises(ValueError, match="stale slot handle"):
+        pool.ready(handle)
 
 
 def test_hits_misses_evictions_and_bytes(engine: CopyEngine) -> None:
