@@ -149,8 +149,9 @@ async def collect(generation: MergedGeneration, first: ChoiceEvent | None, num_c
 async def start_generation(
     engine: AsyncLLMEngine, request: Request, requests: list[EngineRequest], prompt_param: str
 ) -> tuple[MergedGeneration, ChoiceEvent | None]:
-    """Submit `requests` and wait for the first output, so that engine errors (queue full,
-    context length, ...) become HTTP errors before any response byte is sent."""
+    """Submit `requests` and wait for the first output, so that engine errors (a value the
+    engine's validation rejects, context length, queue full, ...) become HTTP errors before any
+    response byte is sent."""
     generation = MergedGeneration(engine, requests, request.app.state.request_metrics)
     try:
         first = await run_until_disconnected(request, generation.next_event)

@@ -1,4 +1,4 @@
-"""From validated API parameters to the engine's EngineRequests (one per choice)."""
+"""From parsed API parameters to the engine's EngineRequests (one per choice)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ _SEED_MODULUS = 2**64
 
 def build_sampling_params(params: GenerationParams, max_tokens: int, num_logprobs: int | None,
                           seed: int | None) -> SamplingParams:
-    """SamplingParams for one choice; InvalidParameter (a 400 naming the field) for a value the
-    engine rejects."""
+    """SamplingParams for one choice, unvalidated: the engine checks them once, when the request is
+    added and before any response byte (InvalidParameter, a 400 naming the field)."""
     optional: dict[str, Any] = {
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -23,7 +23,7 @@ def build_sampling_params(params: GenerationParams, max_tokens: int, num_logprob
         "frequency_penalty": params.frequency_penalty,
         "repetition_penalty": params.repetition_penalty,
     }
-    sampling = SamplingParams(
+    return SamplingParams(
         max_tokens=max_tokens,
         seed=seed,
         stop=params.stop_list(),
@@ -32,8 +32,6 @@ def build_sampling_params(params: GenerationParams, max_tokens: int, num_logprob
         logprobs=num_logprobs,
         **{name: value for name, value in optional.items() if value is not None},
     )
-    sampling.validate()
-    return sampling
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
