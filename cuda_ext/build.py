@@ -1,6 +1,6 @@
 """Ahead-of-time build of the copy-engine extension into its cache dir (for images and installs).
 
-Run `python -m cuda_ext.build` after installing; the server's first start then skips the compile.
+Run `python -m moe_serve.cuda_ext.build` after installing; the server's first start then skips the compile.
 """
 
 from __future__ import annotations
