@@ -1,17 +1,32 @@
 """Paged KV-cache bookkeeping: which fixed-size blocks each sequence owns. No torch import.
 
 The tensors live in `engine.kv_cache`; this module only hands out block ids under a fixed
-budget so the scheduler can decide admission and preemption in pure Python.
+budget so the scheduler can decide admission and preemption in pure Python. When every
+attention layer has a sliding window, the blocks that slid out of it are returned early
+(`free_slid_out`): their table entries become `FREED`, so positions stay where they were.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
+
+FREED = -1  # the table entry of a block returned because no query can attend it again
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     """Blocks that hold `num_tokens` tokens."""
     return (num_tokens + block_size - 1) // block_size
+
+
+def kv_free_window(layer_windows: Sequence[int | None], num_layers: int) -> int | None:
+    """The window past which KV blocks can be freed: the largest window when every one of the
+    `num_layers` layers has one (`layer_windows` per layer, None or missing: full attention),
+    else None (a full-attention layer attends every block)."""
+    windows = list(layer_windows[:num_layers])
+    if len(windows) < num_layers or num_layers == 0 or any(w is None for w in windows):
+        return None
+    return max(w for w in windows if w is not None)
 
 
 class BlockManager:
@@ -24,6 +39,7 @@ class BlockManager:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._tables: dict[str, list[int]] = {}
+        self._num_freed: dict[str, int] = {}  # leading table entries already FREED, per sequence
 
     @property
     def num_free(self) -> int:
@@ -35,8 +51,13 @@ class BlockManager:
         return 1.0 - len(self._free) / self.num_blocks
 
     def table(self, seq_id: str) -> list[int]:
-        """The block table of a sequence (empty if it owns nothing)."""
+        """The block table of a sequence (empty if it owns nothing); entry i holds positions
+        [i * block_size, (i + 1) * block_size), FREED once they slid out of every window."""
         return self._tables.get(seq_id, [])
+
+    def num_live(self, seq_id: str) -> int:
+        """Blocks `seq_id` holds now (its table less the FREED entries)."""
+        return len(self.table(seq_id)) - self._num_freed.get(seq_id, 0)
 
     def extra_blocks(self, seq_id: str, num_tokens: int) -> int:
         """Blocks still to allocate so that `seq_id` can hold `num_tokens` tokens."""
@@ -54,6 +75,22 @@ class BlockManager:
         table = self._tables.setdefault(seq_id, [])
         table.extend(self._free.popleft() for _ in range(extra))
 
+    def free_slid_out(self, seq_id: str, num_computed: int, window: int) -> int:
+        """Free the blocks of `seq_id` that no query from position `num_computed` on attends through
+        a `window`-token window (their last position < num_computed - window + 1); returns how many."""
+        table = self._tables.get(seq_id)
+        if table is None:
+            return 0
+        first = self._num_freed.get(seq_id, 0)
+        last = min(len(table), max(0, num_computed - window + 1) // self.block_size)
+        for i in range(first, last):
+            self._free.append(table[i])
+            table[i] = FREED
+        if last > first:
+            self._num_freed[seq_id] = last
+        return max(0, last - first)
+
     def free(self, seq_id: str) -> None:
-        """Return every block of `seq_id` to the free list."""
-        self._free.extend(self._tables.pop(seq_id, []))
+        """Return every block `seq_id` still holds to the free list."""
+        table = self._tables.pop(seq_id, [])
+        self._free.extend(table[self._num_freed.pop(seq_id, 0):])

@@ -1,7 +1,8 @@
 """The synchronous engine: add requests, call step(), get RequestOutputs.
 
 step() = scheduler.schedule() -> model_runner.execute() -> scheduler.update(), then the
-output processor detokenizes and applies the stop rules. `engine.async_engine` runs
+output processor detokenizes and applies the stop rules. When every attention layer has a
+sliding window, the KV blocks that slid out of it are freed after each step. `engine.async_engine` runs
 this in its own thread for the server.
 
 Faults: when the model step raises, every request of that step ends with an
@@ -19,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from moe_serve.engine.core.block_manager import BlockManager
+from moe_serve.engine.core.block_manager import BlockManager, kv_free_window
 from moe_serve.engine.core.detokenizer import IncrementalDetokenizer
 from moe_serve.engine.core.model_runner import ModelRunner, is_device_fault
 from moe_serve.engine.core.request import EngineRequest, RequestOutput, check_context_length
@@ -93,6 +94,8 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.model_name = model_name
         self.vocab_size = runner.model.spec.vocab_size
+        # past this window (every layer slides) a sequence's old KV blocks are freed after each step
+        self.kv_window = kv_free_window(runner.model.spec.layer_windows, runner.model.spec.num_layers)
         self.preloader = preloader
         self.trace_writer = trace_writer
         self._expert_cache = expert_cache
@@ -184,6 +187,9 @@ class LLMEngine:
             return self._fail_step(out, exc)
         self._consecutive_failed_steps = 0
         self.scheduler.update(out, {seq_id: token for seq_id, (token, _) in result.sampled.items()})
+        if self.kv_window is not None:
+            for item in out.scheduled:
+                self.blocks.free_slid_out(item.seq.seq_id, item.seq.num_computed_tokens, self.kv_window)
         now = time.monotonic()
         self.scheduler.slo.service.observe_step(num_prefill, now - started)
         outputs = [self._fail(self._tracked[seq_id], EngineStepError(message))

@@ -2,8 +2,9 @@
 
 A step's tokens are flattened ([T, ...]); each sequence contributes `query_len` new tokens
 at the end of its `context_len` tokens. New keys/values are written into the paged cache
-at `slot_mapping`, then each sequence's whole context is gathered by its block table into
-a padded [B, Kmax] view and one SDPA call serves prefill, chunked prefill and decode alike;
+at `slot_mapping`, then each sequence's context is gathered by its block table into a padded
+[B, Kmax] view (from its first live block: the leading blocks the block manager freed after they
+slid out of every window are skipped) and one SDPA call serves prefill, chunked prefill and decode alike;
 on a CPU, decode-only steps (fp32) go to the C kernel instead, which reads the cache in place.
 A sliding-window layer masks the keys older than its window (`AttentionMetadata.mask_for`); with
 attention sinks (gpt-oss) a learned logit per head joins each query's softmax and takes its share of
@@ -28,10 +29,11 @@ class AttentionMetadata:
     """Index tensors for one step. T tokens, B sequences, Q = max query len, K = max context len."""
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    gather_slots: torch.Tensor  # [B, K] cache slot of each context position (padded with 0)
+    gather_slots: torch.Tensor  # [B, K] cache slot of each gathered key (padded with 0)
+    key_pos: torch.Tensor  # [B, K] absolute position of each gathered key (its first live position onwards)
     query_index: torch.Tensor  # [T] position of each token in the flattened [B * Q] query layout
     mask: torch.Tensor  # [B, 1, Q, K] True where a query may attend a key
-    context_lens: torch.Tensor  # [B] tokens each sequence attends (its cached context plus the new ones)
+    context_lens: torch.Tensor  # [B] keys gathered per sequence (its live cached context plus the new tokens)
     num_seqs: int
     max_query_len: int
     query_pos: torch.Tensor  # [B, Q] absolute position of each query row
@@ -44,8 +46,7 @@ class AttentionMetadata:
         if window is None:
             return self.mask
         if window not in self._window_masks:
-            key_pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
-            recent = key_pos[None, None, :] > self.query_pos[:, :, None] - window  # [B, Q, K]
+            recent = self.key_pos[:, None, :] > self.query_pos[:, :, None] - window  # [B, Q, K]
             windowed = self.mask & recent[:, None]
             windowed[:, 0, :, 0] |= ~self.real_rows
             self._window_masks[window] = windowed
@@ -60,29 +61,35 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device,
     ) -> AttentionMetadata:
-        """Index tensors for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new."""
+        """Index tensors for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new.
+        A table's leading FREED entries (negative: slid out of every window) are never gathered."""
         num_seqs = len(context_lens)
-        max_q, max_k = max(query_lens), max(context_lens)
         width = max(len(table) for table in block_tables)
         tables = torch.tensor([list(table) + [0] * (width - len(table)) for table in block_tables], dtype=torch.long)
         ctx_t = torch.tensor(context_lens)
         q_t = torch.tensor(query_lens)
-        key_pos = torch.arange(max_k)
-        gather = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, K]
-        gather.masked_fill_(key_pos[None, :] >= ctx_t[:, None], 0)
+        # each sequence's keys start at its first live block
+        start = (tables < 0).cumprod(dim=1).sum(dim=1) * block_size  # [B]
+        max_q, max_k = max(query_lens), int((ctx_t - start).max())
+        key_pos = start[:, None] + torch.arange(max_k)[None, :]  # [B, K]
+        valid = key_pos < ctx_t[:, None]
+        held = key_pos.clamp(max=width * block_size - 1)
+        gather = tables.gather(1, held // block_size) * block_size + held % block_size
+        gather.masked_fill_(~valid, 0)
         # query row r of sequence i sits at absolute position ctx - q + r; rows r >= q are padding
         query_pos = (ctx_t - q_t)[:, None] + torch.arange(max_q)[None, :]  # [B, Q]
         real = torch.arange(max_q)[None, :] < q_t[:, None]
-        slot_mapping = gather.gather(1, query_pos.clamp(max=max_k - 1))[real]
+        slot_mapping = gather.gather(1, (query_pos - start[:, None]).clamp(max=max_k - 1))[real]
         query_index = torch.arange(num_seqs * max_q).view(num_seqs, max_q)[real]
-        mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_t[:, None, None])
+        mask = (key_pos[:, None, :] <= query_pos[:, :, None]) & valid[:, None, :]
         mask[:, :, 0] = True  # padding query rows attend one key instead of none (their output is dropped)
         return cls(
             slot_mapping=slot_mapping.to(device),
             gather_slots=gather.to(device),
+            key_pos=key_pos.to(device),
             query_index=query_index.to(device),
             mask=mask[:, None].to(device),
-            context_lens=ctx_t.to(device),
+            context_lens=(ctx_t - start).to(device),
             num_seqs=num_seqs,
             max_query_len=max_q,
             query_pos=query_pos.to(device),
