@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import server_process
 from tests.helpers import make_tiny_checkpoint
-from tests.unit.test_deploy_files import DASHBOARD, dashboard_metric_names, exposed_names
+from tests.project.test_deploy_files import DASHBOARD, dashboard_metric_names, exposed_names
 
 pytestmark = pytest.mark.e2e
 

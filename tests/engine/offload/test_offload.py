@@ -15,8 +15,8 @@ from moe_serve.engine.offload.expert_store import HostTierSpaceError
 from moe_serve.engine.offload.provider import OffloadedExperts
 from moe_serve.engine.prefetch.speculators import LogisticSpeculator
 from moe_serve.engine.traces.trace_file import RoutingTrace, save_trace
+from tests.engine.offload.test_expert_cache import mounted_tmpfs
 from tests.helpers import ARCHITECTURES, run_to_completion
-from tests.unit.test_expert_cache import mounted_tmpfs
 
 NUM_LAYERS = 4  # 4 layers x 8 experts: the minimum cache (one layer, 8 slots) is a quarter of the experts
 MIN_FRACTION = 0.25

@@ -22,7 +22,7 @@ from moe_serve.engine.trace_cli import main
 from moe_serve.engine.traces.replay import replay
 from moe_serve.engine.traces.trace_file import RoutingTrace, save_trace
 
-TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[3].parent / "shared" / "traces"
 DEEPSEEK = TRACES / "deepseek-v2-lite-puffin-train.npz"
 
 # 1 MB over 1 GB/s: one copy takes exactly 1 ms

@@ -63,7 +63,7 @@ def admitted_order(scheduler: Scheduler, seqs: list[Sequence], monkeypatch, now:
 
 def test_scheduler_and_policies_import_no_torch() -> None:
     code = "import sys, moe_serve.engine.core.scheduler, moe_serve.cache_policies; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[3])
 
 
 def test_fcfs_admits_in_arrival_order(monkeypatch) -> None:

@@ -19,7 +19,7 @@ from moe_serve.engine.trace_cli import main
 from moe_serve.engine.traces.replay import next_use, replay, replay_belady, simulate
 from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace, save_trace
 
-TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[3].parent / "shared" / "traces"
 DEEPSEEK = TRACES / "deepseek-v2-lite-puffin-train.npz"
 MIXTRAL = TRACES / "mixtral-8x7b-humaneval-decode.jsonl"
 

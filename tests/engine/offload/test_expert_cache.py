@@ -34,7 +34,7 @@ from moe_serve.engine.offload.slot_pool import SlotPool
 from moe_serve.engine.types import ExpertKey
 
 NUM_LAYERS, NUM_EXPERTS = 2, 6
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @contextmanager
@@ -64,7 +64,7 @@ def file_backed_store_in_subprocess(directory: Path,
         import resource, sys
         from pathlib import Path
         from moe_serve.engine.offload.expert_store import HostExpertStore, HostTierSpaceError
-        from tests.unit.test_expert_cache import make_experts
+        from tests.engine.offload.test_expert_cache import make_experts
         experts = make_experts()
         if sys.argv[2] != "none":
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))

@@ -26,9 +26,9 @@ from moe_serve.engine.model.rope import attention_factor, inverse_frequencies
 from moe_serve.engine.model.spec import ExpertActivation, RouterScoring
 from moe_serve.engine.offload.provider import OffloadedExperts
 from moe_serve.engine.types import ExpertKey
+from tests.engine.model.test_model_parity import _engine_logits, _prompts
+from tests.engine.offload.test_offload import MIN_FRACTION, run, workload
 from tests.helpers import hf_next_tokens, make_mxfp4_checkpoint
-from tests.unit.test_model_parity import _engine_logits, _prompts
-from tests.unit.test_offload import MIN_FRACTION, run, workload
 
 # openai/gpt-oss-20b's config.json as published (abridged to what the math reads)
 GPT_OSS_20B = {

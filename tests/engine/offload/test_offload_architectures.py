@@ -17,8 +17,8 @@ from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import SamplingParams
 from moe_serve.engine.offload.provider import OffloadedExperts
 from moe_serve.engine.traces.trace_file import load_trace
+from tests.engine.offload.test_offload import MIN_FRACTION, run
 from tests.helpers import NEW_ARCHITECTURES, hf_model, run_to_completion
-from tests.unit.test_offload import MIN_FRACTION, run
 
 # each with 4 MoE layers of 8 experts: the minimum cache (one layer) is a quarter of the experts
 # (gpt-oss has no dense layer: 4 layers, sliding-window and full attention alternating)
