@@ -1,20 +1,13 @@
 """The expert offload tier: host store, device slot pool, expert cache and the provider over them."""
 
-from moe_serve.engine.offload.expert_cache import ExpertCache, ExpertCacheFullError, ExpertCacheStats
-from moe_serve.engine.offload.expert_store import (
-    HostExpertStore,
-    HostTierSpaceError,
-    min_slots_for_step,
-    slots_for_budget,
-)
-from moe_serve.engine.offload.provider import (
-    CacheSizing,
-    OffloadedExperts,
-    build_expert_provider,
-    size_expert_cache,
-)
-from moe_serve.engine.offload.slot_pool import ExpertSlot, SlotPool, SlotState
+from moe_serve.engine.exports import lazy_exports
 
-__all__ = ["CacheSizing", "ExpertCache", "ExpertCacheFullError", "ExpertCacheStats", "ExpertSlot",
-           "HostExpertStore", "HostTierSpaceError", "OffloadedExperts", "SlotPool", "SlotState",
-           "build_expert_provider", "min_slots_for_step", "size_expert_cache", "slots_for_budget"]
+_NAMES = {
+    "ExpertCache": "expert_cache", "ExpertCacheFullError": "expert_cache", "ExpertCacheStats": "expert_cache",
+    "HostExpertStore": "expert_store", "HostTierSpaceError": "expert_store", "min_slots_for_step": "expert_store",
+    "slots_for_budget": "expert_store", "CacheSizing": "provider", "OffloadedExperts": "provider",
+    "build_expert_provider": "provider", "size_expert_cache": "provider", "ExpertSlot": "slot_pool",
+    "SlotPool": "slot_pool", "SlotState": "slot_pool",
+}
+__all__ = sorted(_NAMES)
+__getattr__ = lazy_exports(__name__, _NAMES)
