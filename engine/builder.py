@@ -158,7 +158,7 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
     cache = experts.cache if isinstance(experts, OffloadedExperts) else None
     tasks = load_task_table(config.tasks_file)
     routing = routing_consumers(config, spec, tasks, cache, device)
-    speculator = None if cache is None else make_speculator(config, spec, moe_routers(spec, dense))
+    speculator = None if cache is None else make_speculator(config, spec, moe_routers(spec, dense), device)
     router = None if replay is None else TraceRouter(replay.trace, spec.num_moe_layers, spec.num_experts, spec.top_k,
                                                      first_layer=replay.first_layer)
     model = MoEModel(spec, dense, experts, device, packed=packed, speculator=speculator,
@@ -185,16 +185,25 @@ def build_async_engine(config: EngineConfig) -> AsyncLLMEngine:
     return AsyncLLMEngine(config, build_engine)
 
 
-def make_speculator(config: EngineConfig, spec: ModelSpec, routers: list[Matrix]) -> Speculator | None:
-    """The next-layer prefetcher `config.prefetch` names (None: demand loads only); `routers`: the
-    MoE layers' routers on the device."""
-    if config.prefetch is PrefetchMode.NEXT_LAYER:
+def prefetch_mode(config: EngineConfig, device: torch.device) -> PrefetchMode:
+    """The configured prefetch mode, `auto` resolved for `device` (see `PrefetchMode`)."""
+    if config.prefetch is not PrefetchMode.AUTO:
+        return config.prefetch
+    return PrefetchMode.AFFINITY if device.type == "cuda" else PrefetchMode.NONE
+
+
+def make_speculator(config: EngineConfig, spec: ModelSpec, routers: list[Matrix],
+                    device: torch.device) -> Speculator | None:
+    """The next-layer prefetcher `config.prefetch` names for `device` (None: demand loads only);
+    `routers`: the MoE layers' routers on the device."""
+    mode = prefetch_mode(config, device)
+    if mode is PrefetchMode.NEXT_LAYER:
         return RouterSpeculator(routers, spec.top_k, config.prefetch_margin)
     width = spec.top_k + config.prefetch_margin
-    if config.prefetch is PrefetchMode.AFFINITY and spec.num_moe_layers > 1:
+    if mode is PrefetchMode.AFFINITY and spec.num_moe_layers > 1:
         min_score = AFFINITY_MIN_SCORE if config.prefetch_min_score is None else config.prefetch_min_score
         return AffinitySpeculator(AffinityPredictor(spec.num_moe_layers, spec.num_experts), width, min_score)
-    if config.prefetch is PrefetchMode.LOGISTIC and spec.num_moe_layers > 1:
+    if mode is PrefetchMode.LOGISTIC and spec.num_moe_layers > 1:
         predictor = LogisticPredictor(spec.num_moe_layers, spec.num_experts, top_k=spec.top_k)
         if config.prefetch_trace is not None:
             predictor.fit(model_trace(config.prefetch_trace, spec, "prefetch_trace"))

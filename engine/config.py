@@ -48,8 +48,11 @@ class PrefetchMode(str, enum.Enum):
     applies layer l+1's router to layer l's hidden state; `affinity` ranks layer l+1's experts by
     co-activation with layer l's choice (learned online); `logistic` by a per-layer logistic
     regression over the token's last layers' routing and the previous token's (learned online,
-    optionally trained on a trace first); `none` loads on demand only."""
+    optionally trained on a trace first); `none` loads on demand only; `auto` is each hardware's
+    measured best: `none` on a CPU (a prefetch copy is a memcpy on the computing cores), `affinity`
+    on CUDA (the fewest demand misses of the modes that learn online; configs/README.md)."""
 
+    AUTO = "auto"
     NONE = "none"
     NEXT_LAYER = "next_layer"
     AFFINITY = "affinity"
@@ -85,7 +88,7 @@ class EngineConfig(BaseModel):
         default=None, description="directory for a file-backed host tier (default: <cache>/moe-serve/host-tier)"
     )
     cache_policy: str = Field(default="default", description="expert-cache eviction policy (see cache_policies)")
-    prefetch: PrefetchMode = PrefetchMode.NEXT_LAYER
+    prefetch: PrefetchMode = PrefetchMode.AUTO
     prefetch_margin: int = Field(default=2, ge=0, le=64, description="extra experts per token beyond top-k to prefetch")
     prefetch_min_score: float | None = Field(
         default=None, ge=0, le=1, description="lowest score worth a prefetch copy: affinity's co-activation score "
