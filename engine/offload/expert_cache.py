@@ -100,7 +100,9 @@ class ExpertCache:
         for key in misses:  # a key holding a slot is known
             self._check_known(key)
         if pool.num_loading:
+            self._drop_failed()
             pool.refresh_loading()
+        misses = [key for key in unique if key not in pool]  # a dropped failed copy is a miss again
         if misses:
             self._ensure_capacity(len(misses), requested=set(unique))
         for key in unique:
@@ -148,6 +150,7 @@ class ExpertCache:
         step; a key with no such victim is skipped. Queued copies run after every DEMAND copy.
         """
         pool = self.pool
+        self._drop_failed()
         pool.refresh_loading()
         started: list[ExpertKey] = []
         for key in dict.fromkeys(keys):
@@ -249,6 +252,14 @@ class ExpertCache:
         """An unused preload issued in this or the previous step (its request may not have reached it yet)."""
         step = self._preloads.get(key)
         return step is not None and step >= self._step - 1
+
+    def _drop_failed(self) -> None:
+        """Frees the slots of failed copies nobody holds (the failure already failed the step that
+        waited on it, see `SlotPool._refresh`); the next use of such an expert copies it again."""
+        for key in self.pool.failed_unpinned():
+            logger.warning("the copy of expert %s failed; its slot is freed and its next use copies it again", key)
+            self._stats.bytes_copied[key.layer] -= self.store.expert_nbytes
+            self._drop(key, wasted=key in self._prefetched_unused)
 
     def _evict(self, victim: ExpertKey) -> int:
         self._stats.evictions[victim.layer] += 1

@@ -238,11 +238,18 @@ class SlotPool:
         if index is None:
             return False
         record = self._slots[index]
-        if record.state is not SlotState.LOADING or record.ticket is None:
+        if record.state is not SlotState.LOADING or record.ticket is None or record.ticket.failed():
             return False
         record.ticket.synchronize()
         self._refresh(index)
         return True
+
+    def failed_unpinned(self) -> list[ExpertKey]:
+        """Keys of unpinned slots whose copy failed: the cache frees them, so a later use copies again."""
+        slots = self._slots
+        return [key for index in sorted(self._loading)
+                if slots[index].refcount == 0 and (ticket := slots[index].ticket) is not None and ticket.failed()
+                and (key := slots[index].key) is not None]
 
     def refresh_loading(self) -> None:
         """Polls every pending copy; landed ones become RESIDENT."""
@@ -293,8 +300,17 @@ class SlotPool:
         return index
 
     def _refresh(self, index: int) -> None:
+        """A landed copy makes its slot RESIDENT. A failed one raises CopyError while the slot is
+        pinned (its user cannot go on) and otherwise waits in LOADING for `failed_unpinned`."""
         record = self._slots[index]
-        if record.state is SlotState.LOADING and record.ticket is not None and record.ticket.done():
+        ticket = record.ticket
+        if record.state is not SlotState.LOADING or ticket is None:
+            return
+        if ticket.failed():
+            if record.refcount:
+                ticket.done()  # raises the copy's CopyError
+            return
+        if ticket.done():
             record.state, record.ticket = SlotState.RESIDENT, None
             self._loading.discard(index)
             if record.refcount == 0:

@@ -269,3 +269,24 @@ def test_ten_thousand_task_names_leave_bounded_per_task_state(mixtral) -> None:
     assert _per_task_sizes(engine) == sizes
     assert engine.task_names.num_folded == 0
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_failed_expert_copy_fails_its_step_and_the_next_use_copies_again(mixtral) -> None:
+    """The copy engine fails a demand copy (on its own thread): the step that waits on it fails its
+    requests, the slot is freed, and later requests copy that expert again and get the
+    all-resident tokens; nothing leaks and the process never aborts."""
+    engine = _engine(mixtral, offload="on", expert_cache_fraction=0.5, prefetch="none")
+    cache = engine.runner.model.experts.cache
+    cache.pool.copy_engine.inject_failures(1, "injected copy failure")
+    engine.add_request(_request("first", 1))
+    first = _drain(engine)["first"]
+    assert isinstance(first[2], EngineStepError) and "injected copy failure" in str(first[2])
+    cache.check_invariants()
+    later = [_request("a", 3), _request("b", 40)]
+    for request in later:
+        engine.add_request(request)
+    results = _drain(engine)
+    assert {rid: entry[0] for rid, entry in results.items()} == _reference(mixtral, later)
+    assert all(entry[2] is None for entry in results.values())
+    cache.check_invariants()
+    assert cache.num_pinned_slots == 0
