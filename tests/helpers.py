@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+
+from moe_serve.engine.builder import build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.model.attention import AttentionMetadata
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # with their features turned on: dense first layers, YaRN (with mscale), group-limited routing, routing
@@ -218,3 +228,62 @@ def run_to_completion(engine: Any, arrivals: dict[int, list[Any]]) -> dict[str, 
             tokens[out.request_id] += out.new_token_ids
         step += 1
     return tokens
+
+
+# shared by several test modules
+
+PROMPT_LENGTHS = (3, 11, 7, 1)
+
+
+@contextmanager
+def mounted_tmpfs(directory: Path, size_bytes: int, read_only: bool = False) -> Iterator[Path]:
+    """A tmpfs of `size_bytes` mounted on `directory` (skips the test where mounting is not permitted)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    options = f"size={size_bytes}" + (",ro" if read_only else "")
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                                 capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        pytest.skip(f"cannot run mount: {exc}")
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True, timeout=30)
+
+
+MIN_FRACTION = 0.25
+
+
+def workload() -> dict[int, list[EngineRequest]]:
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (12, 7, 16)]
+    prompts = [list(range(5, 25)), list(range(40, 43)), list(range(100, 131))]
+    requests = [EngineRequest(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    return {0: requests[:2], 2: requests[2:]}
+
+
+def run_workload(path, **overrides) -> tuple[dict[str, list[int]], object]:
+    overrides.setdefault("dtype", "float32")
+    engine = build_engine(EngineConfig(model=str(path), max_num_batched_tokens=16, **overrides), show_progress=False)
+    return run_to_completion(engine, workload()), engine
+
+
+def parity_prompts(vocab_size: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+def engine_logits(engine, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """One prefill forward over every prompt: each prompt's fp32 logits [its length, V]."""
+    runner = engine.runner
+    tables = []
+    for i, prompt in enumerate(prompts):
+        engine.blocks.grow(f"p{i}", len(prompt))
+        tables.append(engine.blocks.table(f"p{i}"))
+    lens = [len(p) for p in prompts]
+    meta = AttentionMetadata.build(tables, lens, lens, runner.block_size, runner.model.device)
+    ids = torch.tensor([t for p in prompts for t in p])
+    positions = torch.cat([torch.arange(n) for n in lens])
+    with torch.inference_mode():
+        return runner.model.logits(runner.model.forward(ids, positions, meta, runner.kv_caches)).split(lens)

@@ -20,8 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import REPO_ROOT, free_port, server_process
-from tests.engine.offload.test_expert_cache import mounted_tmpfs
-from tests.helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint, mounted_tmpfs
 
 pytestmark = pytest.mark.e2e
 

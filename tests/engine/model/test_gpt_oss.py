@@ -26,9 +26,15 @@ from moe_serve.engine.model.rope import attention_factor, inverse_frequencies
 from moe_serve.engine.model.spec import ExpertActivation, RouterScoring
 from moe_serve.engine.offload.provider import OffloadedExperts
 from moe_serve.engine.types import ExpertKey
-from tests.engine.model.test_model_parity import _engine_logits, _prompts
-from tests.engine.offload.test_offload import MIN_FRACTION, run, workload
-from tests.helpers import hf_next_tokens, make_mxfp4_checkpoint
+from tests.helpers import (
+    MIN_FRACTION,
+    engine_logits,
+    hf_next_tokens,
+    make_mxfp4_checkpoint,
+    parity_prompts,
+    run_workload,
+    workload,
+)
 
 # openai/gpt-oss-20b's config.json as published (abridged to what the math reads)
 GPT_OSS_20B = {
@@ -109,9 +115,9 @@ def test_mxfp4_checkpoint_matches_the_dequantized_transformers_model(mxfp4_check
         assert stored.get_tensor("model.layers.0.mlp.experts.gate_up_proj_blocks").dtype is torch.uint8
     assert not any(name.endswith(("experts.gate_up_proj", "experts.down_proj")) for name in names)
     engine = build_engine(EngineConfig(model=str(path), dtype="float32"), show_progress=False)
-    prompts = _prompts(engine.vocab_size)
+    prompts = parity_prompts(engine.vocab_size)
     with torch.inference_mode():
-        for prompt, got in zip(prompts, _engine_logits(engine, prompts), strict=True):
+        for prompt, got in zip(prompts, engine_logits(engine, prompts), strict=True):
             assert (got - oracle(torch.tensor([prompt])).logits[0]).abs().max().item() <= 1e-4
 
 
@@ -119,9 +125,9 @@ def test_mxfp4_bf16_is_as_close_to_the_fp32_logits_as_transformers_bf16(mxfp4_ch
     path, truth = mxfp4_checkpoint
     theirs = _dequantized_oracle(path, torch.bfloat16)
     engine = build_engine(EngineConfig(model=str(path), dtype="bfloat16"), show_progress=False)
-    prompts = _prompts(engine.vocab_size)
+    prompts = parity_prompts(engine.vocab_size)
     with torch.inference_mode():
-        for prompt, ours in zip(prompts, _engine_logits(engine, prompts), strict=True):
+        for prompt, ours in zip(prompts, engine_logits(engine, prompts), strict=True):
             expected = truth(torch.tensor([prompt])).logits[0]
             their_error = (theirs(torch.tensor([prompt])).logits[0].float() - expected).abs().max().item()
             our_error = (ours - expected).abs().max().item()
@@ -158,7 +164,7 @@ def _assert_transformers_greedy(tokens: dict[str, list[int]], oracle) -> None:
 @pytest.mark.parametrize("offload", [dict(offload="off"), dict(expert_cache_fraction=MIN_FRACTION)])
 def test_mxfp4_greedy_tokens_are_transformers_resident_and_offloaded(mxfp4_checkpoint, offload: dict) -> None:
     path, oracle = mxfp4_checkpoint
-    tokens, engine = run(path, **offload)
+    tokens, engine = run_workload(path, **offload)
     assert isinstance(engine.runner.model.experts, OffloadedExperts) == ("expert_cache_fraction" in offload)
     _assert_transformers_greedy(tokens, oracle)
 
@@ -169,6 +175,6 @@ def test_greedy_tokens_are_transformers_past_the_sliding_window(checkpoint_facto
     """All-resident and offloaded: prompts of 20 and 31 tokens (prefilled in chunks of 16) and decodes
     far past the 4-token window."""
     path = checkpoint_factory("gpt_oss", num_hidden_layers=4)
-    tokens, _ = run(path, **offload)
+    tokens, _ = run_workload(path, **offload)
     _assert_transformers_greedy(tokens, transformers.AutoModelForCausalLM.from_pretrained(path).eval())
 

@@ -10,19 +10,18 @@ from moe_serve.engine.builder import build_engine
 from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import SamplingParams
-from moe_serve.engine.model.attention import AttentionMetadata
 from moe_serve.engine.model.packed import PackedMatrix
 from tests.helpers import (
     ARCHITECTURES,
     NEW_ARCHITECTURES,
     VARIANTS,
+    engine_logits,
     hf_model,
     hf_next_tokens,
     make_tiny_checkpoint,
+    parity_prompts,
     run_to_completion,
 )
-
-PROMPT_LENGTHS = (3, 11, 7, 1)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES + NEW_ARCHITECTURES + tuple(VARIANTS))
@@ -31,33 +30,13 @@ def arch_checkpoint(request, checkpoint_factory):
     return request.param, checkpoint_factory(request.param)
 
 
-def _prompts(vocab_size: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
-
-
-def _engine_logits(engine, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
-    """One prefill forward over every prompt: each prompt's fp32 logits [its length, V]."""
-    runner = engine.runner
-    tables = []
-    for i, prompt in enumerate(prompts):
-        engine.blocks.grow(f"p{i}", len(prompt))
-        tables.append(engine.blocks.table(f"p{i}"))
-    lens = [len(p) for p in prompts]
-    meta = AttentionMetadata.build(tables, lens, lens, runner.block_size, runner.model.device)
-    ids = torch.tensor([t for p in prompts for t in p])
-    positions = torch.cat([torch.arange(n) for n in lens])
-    with torch.inference_mode():
-        return runner.model.logits(runner.model.forward(ids, positions, meta, runner.kv_caches)).split(lens)
-
-
 def test_logits_match_transformers(arch_checkpoint) -> None:
     _, path = arch_checkpoint
     engine = build_engine(EngineConfig(model=str(path), dtype="float32"), show_progress=False)
     oracle = hf_model(path)
-    prompts = _prompts(engine.vocab_size)
+    prompts = parity_prompts(engine.vocab_size)
     with torch.inference_mode():
-        for prompt, got in zip(prompts, _engine_logits(engine, prompts), strict=True):
+        for prompt, got in zip(prompts, engine_logits(engine, prompts), strict=True):
             expected = oracle(torch.tensor([prompt])).logits[0]
             assert (got - expected).abs().max().item() <= 1e-4
 
@@ -69,9 +48,9 @@ def test_tied_embeddings_match_transformers_with_one_packed_table(tmp_path) -> N
     if isinstance(dense.lm_head, PackedMatrix):  # the C kernels: the embedding lookups read the packed lm_head
         assert dense.embed_tokens is dense.lm_head
     oracle = hf_model(path)
-    prompts = _prompts(engine.vocab_size)
+    prompts = parity_prompts(engine.vocab_size)
     with torch.inference_mode():
-        for prompt, got in zip(prompts, _engine_logits(engine, prompts), strict=True):
+        for prompt, got in zip(prompts, engine_logits(engine, prompts), strict=True):
             assert (got - oracle(torch.tensor([prompt])).logits[0]).abs().max().item() <= 1e-4
 
 
@@ -81,9 +60,9 @@ def test_bf16_is_as_close_to_the_fp32_logits_as_transformers_bf16(arch_checkpoin
     _, path = arch_checkpoint
     engine = build_engine(EngineConfig(model=str(path), dtype="bfloat16"), show_progress=False)
     truth, theirs = hf_model(path), hf_model(path, torch.bfloat16)
-    prompts = _prompts(engine.vocab_size)
+    prompts = parity_prompts(engine.vocab_size)
     with torch.inference_mode():
-        for prompt, ours in zip(prompts, _engine_logits(engine, prompts), strict=True):
+        for prompt, ours in zip(prompts, engine_logits(engine, prompts), strict=True):
             expected = truth(torch.tensor([prompt])).logits[0]
             their_error = (theirs(torch.tensor([prompt])).logits[0].float() - expected).abs().max().item()
             our_error = (ours - expected).abs().max().item()
@@ -94,7 +73,7 @@ def test_greedy_tokens_match_transformers_for_32_steps(arch_checkpoint) -> None:
     _, path = arch_checkpoint
     engine = build_engine(EngineConfig(model=str(path), dtype="float32"), show_progress=False)
     oracle = hf_model(path)
-    prompts = _prompts(engine.vocab_size)
+    prompts = parity_prompts(engine.vocab_size)
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     requests = [EngineRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
     tokens = run_to_completion(engine, {0: requests})

@@ -8,7 +8,6 @@ import textwrap
 import time
 from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,27 +31,10 @@ from moe_serve.engine.offload.expert_cache import (
 from moe_serve.engine.offload.expert_store import ALIGNMENT, HostExpertStore
 from moe_serve.engine.offload.slot_pool import SlotPool
 from moe_serve.engine.types import ExpertKey
+from tests.helpers import mounted_tmpfs
 
 NUM_LAYERS, NUM_EXPERTS = 2, 6
 REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-@contextmanager
-def mounted_tmpfs(directory: Path, size_bytes: int, read_only: bool = False) -> Iterator[Path]:
-    """A tmpfs of `size_bytes` mounted on `directory` (skips the test where mounting is not permitted)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    options = f"size={size_bytes}" + (",ro" if read_only else "")
-    try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
-                                 capture_output=True, text=True, timeout=30)
-    except OSError as exc:
-        pytest.skip(f"cannot run mount: {exc}")
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", str(directory)], check=True, timeout=30)
 
 
 def file_backed_store_in_subprocess(directory: Path,

@@ -15,30 +15,15 @@ from moe_serve.engine.offload.expert_store import HostTierSpaceError
 from moe_serve.engine.offload.provider import OffloadedExperts
 from moe_serve.engine.prefetch.speculators import LogisticSpeculator
 from moe_serve.engine.traces.trace_file import RoutingTrace, save_trace
-from tests.engine.offload.test_expert_cache import mounted_tmpfs
-from tests.helpers import ARCHITECTURES, run_to_completion
+from tests.helpers import ARCHITECTURES, MIN_FRACTION, mounted_tmpfs, run_workload
 
 NUM_LAYERS = 4  # 4 layers x 8 experts: the minimum cache (one layer, 8 slots) is a quarter of the experts
-MIN_FRACTION = 0.25
-
-
-def workload() -> dict[int, list[EngineRequest]]:
-    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (12, 7, 16)]
-    prompts = [list(range(5, 25)), list(range(40, 43)), list(range(100, 131))]
-    requests = [EngineRequest(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
-    return {0: requests[:2], 2: requests[2:]}
-
-
-def run(path, **overrides) -> tuple[dict[str, list[int]], object]:
-    overrides.setdefault("dtype", "float32")
-    engine = build_engine(EngineConfig(model=str(path), max_num_batched_tokens=16, **overrides), show_progress=False)
-    return run_to_completion(engine, workload()), engine
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def arch_reference(request, checkpoint_factory):
     path = checkpoint_factory(request.param, num_hidden_layers=NUM_LAYERS)
-    tokens, _ = run(path, offload="off")
+    tokens, _ = run_workload(path, offload="off")
     return path, tokens
 
 
@@ -46,7 +31,7 @@ def arch_reference(request, checkpoint_factory):
 @pytest.mark.parametrize("policy", available_policies())
 def test_greedy_tokens_equal_the_all_resident_run(arch_reference, fraction: float, policy: str) -> None:
     path, reference = arch_reference
-    tokens, engine = run(path, expert_cache_fraction=fraction, cache_policy=policy, prefetch="none")
+    tokens, engine = run_workload(path, expert_cache_fraction=fraction, cache_policy=policy, prefetch="none")
     experts = engine.runner.model.experts
     assert isinstance(experts, OffloadedExperts)
     stats = experts.cache.stats()
@@ -61,7 +46,7 @@ def test_greedy_tokens_equal_the_all_resident_run(arch_reference, fraction: floa
 def test_prefetch_keeps_the_all_resident_tokens(arch_reference, fraction: float, prefetch: str) -> None:
     path, reference = arch_reference
     # min score 0: the affinity and logistic speculators guess as soon as they have seen one step's routing
-    tokens, engine = run(path, expert_cache_fraction=fraction, prefetch=prefetch, prefetch_margin=2,
+    tokens, engine = run_workload(path, expert_cache_fraction=fraction, prefetch=prefetch, prefetch_margin=2,
                          prefetch_min_score=0.0)
     stats = engine.runner.model.experts.cache.stats()
     assert tokens == reference
@@ -70,8 +55,8 @@ def test_prefetch_keeps_the_all_resident_tokens(arch_reference, fraction: float,
 
 def test_bf16_offloading_keeps_the_bf16_all_resident_tokens(checkpoint_factory) -> None:
     path = checkpoint_factory("qwen2_moe", num_hidden_layers=NUM_LAYERS)
-    reference, _ = run(path, offload="off", dtype="bfloat16")
-    tokens, engine = run(path, expert_cache_fraction=MIN_FRACTION, prefetch="next_layer", dtype="bfloat16")
+    reference, _ = run_workload(path, offload="off", dtype="bfloat16")
+    tokens, engine = run_workload(path, expert_cache_fraction=MIN_FRACTION, prefetch="next_layer", dtype="bfloat16")
     assert tokens == reference
     assert sum(engine.runner.model.experts.cache.stats().evictions.values()) > 0
 
@@ -106,13 +91,13 @@ def test_every_engine_step_ends_a_cache_step(checkpoint_factory, monkeypatch) ->
 
 def test_a_host_tier_over_the_host_budget_is_file_backed_and_changes_nothing(arch_reference, tmp_path) -> None:
     path, reference = arch_reference
-    tokens, engine = run(path, expert_cache_fraction=0.5, prefetch="none", host_memory_gb=1e-6,
+    tokens, engine = run_workload(path, expert_cache_fraction=0.5, prefetch="none", host_memory_gb=1e-6,
                          host_tier_dir=str(tmp_path))
     store = engine.runner.model.experts.cache.store
     assert store.file_backed and not store.is_pinned
     assert tokens == reference
     assert not list(tmp_path.iterdir())  # the backing file is unlinked once mapped
-    _, in_ram = run(path, expert_cache_fraction=0.5, prefetch="none", host_memory_gb=64.0)
+    _, in_ram = run_workload(path, expert_cache_fraction=0.5, prefetch="none", host_memory_gb=64.0)
     assert not in_ram.runner.model.experts.cache.store.file_backed  # within the budget: plain RAM
 
 

@@ -17,8 +17,7 @@ from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import SamplingParams
 from moe_serve.engine.offload.provider import OffloadedExperts
 from moe_serve.engine.traces.trace_file import load_trace
-from tests.engine.offload.test_offload import MIN_FRACTION, run
-from tests.helpers import NEW_ARCHITECTURES, hf_model, run_to_completion
+from tests.helpers import MIN_FRACTION, NEW_ARCHITECTURES, hf_model, run_to_completion, run_workload
 
 # each with 4 MoE layers of 8 experts: the minimum cache (one layer) is a quarter of the experts
 # (gpt-oss has no dense layer: 4 layers, sliding-window and full attention alternating)
@@ -35,7 +34,7 @@ def reference(checkpoint_factory):
     def get(name: str, dtype: str = "float32") -> tuple:
         if (name, dtype) not in made:
             path = checkpoint_factory(name, **CHECKPOINTS[name])
-            tokens, engine = run(path, offload="off", dtype=dtype)
+            tokens, engine = run_workload(path, offload="off", dtype=dtype)
             assert engine.runner.model.spec.num_moe_layers == NUM_MOE_LAYERS
             made[name, dtype] = path, tokens
         return made[name, dtype]
@@ -47,7 +46,7 @@ def reference(checkpoint_factory):
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_offloaded_greedy_tokens_equal_the_all_resident_run(reference, name: str, fraction: float) -> None:
     path, expected = reference(name)
-    tokens, engine = run(path, expert_cache_fraction=fraction, prefetch="none")
+    tokens, engine = run_workload(path, expert_cache_fraction=fraction, prefetch="none")
     experts = engine.runner.model.experts
     assert isinstance(experts, OffloadedExperts)
     assert tokens == expected
@@ -61,7 +60,7 @@ def test_offloaded_greedy_tokens_equal_the_all_resident_run(reference, name: str
 def test_prefetch_across_dense_layers_keeps_the_all_resident_tokens(reference, prefetch: str) -> None:
     """Speculators see MoE layers only: layer l's guesses are for the next MoE layer, past a dense one."""
     path, expected = reference("qwen2_moe-dense-yarn")
-    tokens, engine = run(path, expert_cache_fraction=MIN_FRACTION, prefetch=prefetch, prefetch_margin=2,
+    tokens, engine = run_workload(path, expert_cache_fraction=MIN_FRACTION, prefetch=prefetch, prefetch_margin=2,
                          prefetch_min_score=0.0)
     stats = engine.runner.model.experts.cache.stats()
     assert tokens == expected
@@ -72,7 +71,7 @@ def test_prefetch_across_dense_layers_keeps_the_all_resident_tokens(reference, p
 def test_bf16_offloading_with_prefetch_keeps_the_bf16_all_resident_tokens(reference, name: str) -> None:
     """bf16 activations with fp32 routers, in the model and in the router speculator."""
     path, expected = reference(name, "bfloat16")
-    tokens, engine = run(path, expert_cache_fraction=MIN_FRACTION, prefetch="next_layer", dtype="bfloat16")
+    tokens, engine = run_workload(path, expert_cache_fraction=MIN_FRACTION, prefetch="next_layer", dtype="bfloat16")
     stats = engine.runner.model.experts.cache.stats()
     assert tokens == expected
     assert sum(stats.evictions.values()) > 0 and stats.prefetch_issued > 0
