@@ -9,12 +9,11 @@ in docs/offload.md. Owned by the engine thread: not thread-safe.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -180,8 +179,11 @@ class ExpertCache:
         self.policy.on_step()
 
     def stats(self) -> ExpertCacheStats:
-        """A snapshot of the counters."""
-        return copy.deepcopy(self._stats)
+        """A snapshot of the counters (its per-layer dicts are copies; the engine thread takes one
+        every step, so no generic deep copy)."""
+        live = self._stats
+        return replace(live, **{f.name: defaultdict(counts.default_factory, counts) for f in fields(live)
+                                if isinstance(counts := getattr(live, f.name), defaultdict)})
 
     def check_invariants(self) -> None:
         """Raises AssertionError if the slot bookkeeping is inconsistent."""
