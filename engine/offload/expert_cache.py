@@ -99,8 +99,7 @@ class ExpertCache:
         for key in misses:  # a key holding a slot is known
             self._check_known(key)
         if pool.num_loading:
-            self._drop_failed()
-            pool.refresh_loading()
+            self._refresh_loading()
         misses = [key for key in unique if key not in pool]  # a dropped failed copy is a miss again
         if misses:
             self._ensure_capacity(len(misses), requested=set(unique))
@@ -149,8 +148,7 @@ class ExpertCache:
         step; a key with no such victim is skipped. Queued copies run after every DEMAND copy.
         """
         pool = self.pool
-        self._drop_failed()
-        pool.refresh_loading()
+        self._refresh_loading()
         started: list[ExpertKey] = []
         for key in dict.fromkeys(keys):
             self._check_known(key)
@@ -255,10 +253,11 @@ class ExpertCache:
         step = self._preloads.get(key)
         return step is not None and step >= self._step - 1
 
-    def _drop_failed(self) -> None:
-        """Frees the slots of failed copies nobody holds (the failure already failed the step that
-        waited on it, see `SlotPool._refresh`); the next use of such an expert copies it again."""
-        for key in self.pool.failed_unpinned():
+    def _refresh_loading(self) -> None:
+        """Polls the pending copies and frees the slots of failed ones nobody holds (the failure
+        already failed the step that waited on it, see `SlotPool._refresh`); the next use of such an
+        expert copies it again."""
+        for key in self.pool.refresh_loading():
             logger.warning("the copy of expert %s failed; its slot is freed and its next use copies it again", key)
             self._stats.bytes_copied[key.layer] -= self.store.expert_nbytes
             self._drop(key, wasted=key in self._prefetched_unused)

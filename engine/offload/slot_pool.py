@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from moe_serve.cuda_ext.api import CopyEngine, CopyPriority, CopyTicket
+from moe_serve.cuda_ext.api import CopyEngine, CopyError, CopyPriority, CopyTicket
 from moe_serve.engine.host_memory import advised_buffer
 from moe_serve.engine.types import ExpertKey
 
@@ -244,17 +244,10 @@ class SlotPool:
         self._refresh(index)
         return True
 
-    def failed_unpinned(self) -> list[ExpertKey]:
-        """Keys of unpinned slots whose copy failed: the cache frees them, so a later use copies again."""
-        slots = self._slots
-        return [key for index in sorted(self._loading)
-                if slots[index].refcount == 0 and (ticket := slots[index].ticket) is not None and ticket.failed()
-                and (key := slots[index].key) is not None]
-
-    def refresh_loading(self) -> None:
-        """Polls every pending copy; landed ones become RESIDENT."""
-        for index in list(self._loading):
-            self._refresh(index)
+    def refresh_loading(self) -> list[ExpertKey]:
+        """Polls every pending copy; landed ones become RESIDENT. Returns the keys of unpinned slots
+        whose copy failed: the cache frees them, so a later use copies again."""
+        return [self._slots[index].key for index in list(self._loading) if self._refresh(index)]
 
     def free(self, key: ExpertKey) -> None:
         """Empties `key`'s unpinned slot (evicted or cancelled) back onto the free list."""
@@ -299,22 +292,25 @@ class SlotPool:
             raise ValueError(f"wait on {slot.key} which is not acquired")
         return index
 
-    def _refresh(self, index: int) -> None:
+    def _refresh(self, index: int) -> bool:
         """A landed copy makes its slot RESIDENT. A failed one raises CopyError while the slot is
-        pinned (its user cannot go on) and otherwise waits in LOADING for `failed_unpinned`."""
+        pinned (its user cannot go on) and otherwise stays LOADING: True then, for the cache to free."""
         record = self._slots[index]
         ticket = record.ticket
         if record.state is not SlotState.LOADING or ticket is None:
-            return
-        if ticket.failed():
+            return False
+        try:
+            landed = ticket.done()
+        except CopyError:
             if record.refcount:
-                ticket.done()  # raises the copy's CopyError
-            return
-        if ticket.done():
+                raise
+            return True
+        if landed:
             record.state, record.ticket = SlotState.RESIDENT, None
             self._loading.discard(index)
             if record.refcount == 0:
                 self._idle[record.key] = None
+        return False
 
     def _views(self, record: _Slot) -> tuple[torch.Tensor, ...]:
         """The typed weight views of a loaded slot (built once per slot)."""
