@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from moe_serve.engine.core.guided.spec import GuidedDecoding
 from moe_serve.engine.errors import InvalidParameter
 
 MAX_TOP_LOGPROBS = 20
@@ -44,6 +45,8 @@ class SamplingParams:
     alternatives. Logprobs are those of the model (log_softmax of the raw logits, before
     penalties and temperature), like OpenAI's. A temperature below MIN_TEMPERATURE is greedy;
     the repetition penalty is applied clamped to [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY].
+    guided: the output must match this grammar (the engine compiles it when the request is added;
+    a spec it cannot compile is a GuidedCompileError naming the spec's `param`).
     """
 
     max_tokens: int = 16
@@ -60,6 +63,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    guided: GuidedDecoding | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -94,3 +98,5 @@ class SamplingParams:
         for ok, name, rule, value in checks:
             if not ok:
                 raise InvalidParameter(name, f"{name} {rule}, got {value!r}")
+        if self.guided is not None:
+            self.guided.validate()
