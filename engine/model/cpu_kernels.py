@@ -1,5 +1,6 @@
-"""CPU kernels, fp32 or bf16: linear layers, the routed-expert FFN, decode attention, RMSNorm,
-the rotary embedding and the router's top-k, in `csrc/cpu_kernels.c` over the packed layout of
+"""CPU kernels, fp32 or bf16: linear layers, the routed-expert FFN (also on int8, int4 and MXFP4
+experts, `engine.model.quant`, dequantized in registers), decode attention, RMSNorm, the rotary
+embedding and the router's top-k, in `csrc/cpu_kernels.c` over the packed layout of
 `engine.model.packed`; compiled on first use into the extension cache, called through ctypes
 (which releases the GIL). Each output is summed in one fixed order whatever the batch or the
 expert grouping, so results do not depend on batching. Plain weights, other devices or
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from moe_serve.cuda_ext.native import cache_root
 from moe_serve.engine.model.packed import Matrix, PackedMatrix, packed_shape
+from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag
 _SIGNATURES = {  # name: (argument types, result type)
     "linear": ([_P, _P, _P, _P, _I, _L, _L, _L, _L, _L, _I], _I),
-    "moe_experts": ([_P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _I, _L, _P, _P, _P, _I], None),
+    "moe_experts": ([_P, _L, _L, _P, _P, _P, _P, _P, _P, _I, _L, _L, _P, _P, _P, _I], None),
     "paged_decode_attention": ([_P, _P, _P, _I, _P, _L, _P, _L, _L, _L, _L, ctypes.c_float, _P, _P, _I], _I),
     "rope": ([_P, _L, _P, _P, _P, _L, _L, _L, _I], None),
     "rms_norm": ([_P, _L, _P, _P, _L, _L, ctypes.c_float, _I], None),
@@ -216,12 +218,17 @@ class ExpertRows:
         self.ffn = ffn
 
 
-def expert_ffn(rows: ExpertRows, out: torch.Tensor,
-               groups: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> None:
+ExpertGroup = tuple[int | torch.Tensor, ...]  # (begin, end, *the expert's stored matrices)
+
+
+def expert_ffn(rows: ExpertRows, out: torch.Tensor, groups: Sequence[ExpertGroup],
+               expert_format: ExpertFormat = MODEL_DTYPE) -> None:
     """out[dest[r]] = scale[r] * down(silu(gate x) * up x) for the rows [begin, end) of each
-    (begin, end, gate_up, down) group, the weights packed (`engine.models.weights.pack_expert`:
-    gate_up [2F, H] as [ceil(2F/16), H, 16], down [H, F] as [ceil(H/16), F, 16]), all fp32 or all
-    bf16; out is fp32. Computed in fp32. Needs the C kernels (`packs_weights`)."""
+    (begin, end, *matrices) group. In the model dtype the matrices are (gate_up, down) packed
+    (`engine.models.weights.pack_expert`: gate_up [2F, H] as [ceil(2F/16), H, 16], down [H, F] as
+    [ceil(H/16), F, 16]), all fp32 or all bf16; in a quantized `expert_format` they are the expert's
+    stored tensors (`ExpertFormat.encode`, biases excluded). out is fp32. Computed in fp32. Needs the C
+    kernels (`packs_weights`)."""
     library = _load()
     if library is None:
         raise RuntimeError("expert_ffn needs the C kernels (packed experts exist only where they load)")
@@ -231,25 +238,34 @@ def expert_ffn(rows: ExpertRows, out: torch.Tensor,
     if not groups:
         return
     hidden = rows.x.shape[1]
-    gate_up_shape, down_shape = packed_shape(2 * rows.ffn, hidden), packed_shape(hidden, rows.ffn)
-    dtype = groups[0][2].dtype
-    kind = _WEIGHT_KINDS.get(dtype)
+    if expert_format.quantized:
+        kind, group = int(expert_format.kind), expert_format.group
+        expected = expert_format.matrix_layouts(2 * rows.ffn, hidden) + expert_format.matrix_layouts(hidden, rows.ffn)
+    else:
+        dtype = groups[0][2].dtype
+        kind, group = _WEIGHT_KINDS.get(dtype), 0
+        expected = [(packed_shape(2 * rows.ffn, hidden), dtype), (packed_shape(hidden, rows.ffn), dtype)]
+    per_matrix = len(expected) // 2
     n, num_rows = len(groups), rows.tokens.shape[0]
-    table = (ctypes.c_int64 * (4 * n))()  # begin[n], end[n], gate_up addresses[n], down addresses[n]
-    for i, (begin, end, gate_up, down) in enumerate(groups):
+    table = (ctypes.c_int64 * (8 * n))()  # begin[n], end[n], then 6 addresses per group (3 per matrix)
+    for i, (begin, end, *matrices) in enumerate(groups):
         # the kernel trusts these: a wrong one would read out of bounds (spelled out: this runs per expert)
-        if (kind is None or gate_up.shape != gate_up_shape or down.shape != down_shape or gate_up.dtype is not dtype
-                or down.dtype is not dtype or not gate_up.is_cpu or not down.is_cpu
-                or not gate_up.is_contiguous() or not down.is_contiguous()):
-            raise ValueError("packed expert weights must be contiguous CPU tensors, all fp32 or all bf16, of shapes "
-                             f"{gate_up_shape}, {down_shape}")
+        if kind is None or len(matrices) != len(expected) or any(
+                tuple(t.shape) != shape or t.dtype is not dtype or not t.is_cpu or not t.is_contiguous()
+                for t, (shape, dtype) in zip(matrices, expected)):
+            raise ValueError(f"{expert_format.name} expert weights must be contiguous CPU tensors, "
+                             "all fp32 or all bf16, of shapes "
+                             f"{', '.join(str(shape) for shape, _ in expected)}")
         if not 0 <= begin <= end <= num_rows:
             raise ValueError(f"group rows [{begin}, {end}) outside the {num_rows} assignment rows")
-        table[i], table[n + i], table[2 * n + i], table[3 * n + i] = begin, end, gate_up.data_ptr(), down.data_ptr()
+        table[i], table[n + i] = begin, end
+        for m in range(2):
+            for j, tensor in enumerate(matrices[m * per_matrix:(m + 1) * per_matrix]):
+                table[2 * n + 6 * i + 3 * m + j] = tensor.data_ptr()
     base = ctypes.addressof(table)
     library.moe_experts(
         rows.x.data_ptr(), hidden, rows.ffn, rows.tokens.data_ptr(), rows.dest.data_ptr(), rows.scale.data_ptr(),
-        base, base + 8 * n, base + 16 * n, base + 24 * n, kind,
+        base, base + 8 * n, base + 16 * n, kind, group,
         n, out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),
     )
 

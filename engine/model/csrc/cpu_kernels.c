@@ -257,15 +257,168 @@ static void block_tile_any(const void *block, int bf16, int64_t k, const float *
 #undef TILE_CASE
 }
 
-/* One packed block (outputs b * PACK .. b * PACK + cols - 1) against the activation rows [begin, end):
+/* Quantized weights (engine/model/quant.py): the same blocks of PACK outputs, k-major, as codes.
+ * INT8: int8 codes [k][PACK], one fp32 scale per output; INT4: 4-bit codes, 8 bytes per k step (byte i
+ * holds output i in its low nibble and output i + 8 in its high one), per group of `group` k steps an
+ * fp16 scale and a uint8 zero point per output (8 without zero points): w = (code - zero) * scale;
+ * MXFP4: 4-bit E2M1 codes laid out as INT4, per group of 32 an e8m0 scale per output: w = FP4[code] *
+ * 2^(scale - 127). The codes are widened to fp32 in registers: each output sums code * x over a group
+ * in one fused multiply-add chain, then adds scale * that sum to its total (one more fused multiply-add
+ * per group), in that order whatever the rows, the tile, or vector or scalar code. */
+enum { KIND_FP32 = 0, KIND_BF16 = 1, KIND_INT8 = 2, KIND_INT4 = 3, KIND_MXFP4 = 4 };
+
+typedef struct {
+    const void *w;        /* the block's codes (or fp32 / bf16 weights) */
+    const void *scale;    /* INT8: fp32 [PACK]; INT4: fp16 [groups][PACK]; MXFP4: uint8 [groups][PACK] */
+    const uint8_t *zero;  /* INT4 with zero points: [groups][PACK], else NULL */
+    int kind;
+    int64_t group;        /* k steps per scale (k for INT8) */
+} wblock;
+
+static const float FP4_TABLE[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+static inline float from_fp16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);  /* inf / NaN */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;
+    else {  /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 0x400u)) man <<= 1, --exp;
+        bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+    }
+    float v;
+    __builtin_memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline float from_e8m0(uint8_t e) {
+    return ldexpf(1.f, (int)e - 127);
+}
+
+/* The group's scale and zero point of each of the block's PACK outputs. */
+static inline void group_params(const wblock *b, int64_t g, float s[PACK], float z[PACK]) {
+    for (int j = 0; j < PACK; ++j) {
+        if (b->kind == KIND_INT8) s[j] = ((const float *)b->scale)[j], z[j] = 0.f;
+        else if (b->kind == KIND_INT4) {
+            s[j] = from_fp16(((const uint16_t *)b->scale)[g * PACK + j]);
+            z[j] = b->zero ? (float)b->zero[g * PACK + j] : 8.f;
+        } else s[j] = from_e8m0(((const uint8_t *)b->scale)[g * PACK + j]), z[j] = 0.f;
+    }
+}
+
+/* Code value of output j at step kk (before the scale). */
+static inline float code_at(const wblock *b, int64_t kk, int j, const float z[PACK]) {
+    if (b->kind == KIND_INT8) return (float)((const int8_t *)b->w)[kk * PACK + j];
+    uint8_t byte = ((const uint8_t *)b->w)[kk * (PACK / 2) + (j & 7)];
+    int code = j < 8 ? byte & 0x0f : byte >> 4;
+    return b->kind == KIND_INT4 ? (float)code - z[j] : FP4_TABLE[code];
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* The 16 code values of step kk as two 8-lane vectors (outputs 0-7, 8-15). */
+static inline __attribute__((always_inline)) void codes16(const void *w, int kind, int64_t kk, __m256 z0, __m256 z1,
+                                                           __m256 *w0, __m256 *w1) {
+    if (kind == KIND_INT8) {
+        __m128i bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)w + kk * PACK));
+        *w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+        *w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+        return;
+    }
+    __m256i both = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)w + kk * (PACK / 2))));
+    __m256i lo = _mm256_and_si256(both, _mm256_set1_epi32(0x0f)), hi = _mm256_srli_epi32(both, 4);
+    if (kind == KIND_INT4) {
+        *w0 = _mm256_sub_ps(_mm256_cvtepi32_ps(lo), z0);
+        *w1 = _mm256_sub_ps(_mm256_cvtepi32_ps(hi), z1);
+        return;
+    }
+    const __m256 magnitudes = _mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f);  /* indexed by code & 7 */
+    __m256i sign_lo = _mm256_slli_epi32(_mm256_and_si256(lo, _mm256_set1_epi32(8)), 28);
+    __m256i sign_hi = _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(8)), 28);
+    *w0 = _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, lo), _mm256_castsi256_ps(sign_lo));
+    *w1 = _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, hi), _mm256_castsi256_ps(sign_hi));
+}
+
+/* acc[r][j] = sum over groups of scale * sum_kk code * x[r][kk] for r < R (constant after inlining). */
+static inline __attribute__((always_inline)) void qblock_tile(const wblock *b, int kind, int64_t k, const float *const *x,
+                                                              int R, float acc_out[TILE_ROWS][PACK]) {
+    int bytes_per_step = kind == KIND_INT8 ? PACK : PACK / 2;
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < PACK; ++j) acc_out[r][j] = 0.f;
+    for (int64_t g = 0, g0 = 0; g0 < k; ++g, g0 += b->group) {
+        int64_t g1 = g0 + b->group < k ? g0 + b->group : k;
+        float s[PACK], z[PACK];
+        group_params(b, g, s, z);
+        __m256 z0 = _mm256_loadu_ps(z), z1 = _mm256_loadu_ps(z + 8);
+        __m256 acc[TILE_ROWS][2];
+#pragma GCC unroll 6
+        for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t kk = g0; kk < g1; ++kk) {
+            __builtin_prefetch((const char *)b->w + (kk + PACK_AHEAD) * bytes_per_step, 0, 3);
+            __m256 w0, w1;
+            codes16(b->w, kind, kk, z0, z1, &w0, &w1);
+#pragma GCC unroll 6
+            for (int r = 0; r < R; ++r) {
+                __m256 xv = _mm256_broadcast_ss(x[r] + kk);
+                acc[r][0] = _mm256_fmadd_ps(w0, xv, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w1, xv, acc[r][1]);
+            }
+        }
+        __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < R; ++r) {
+            _mm256_storeu_ps(acc_out[r], _mm256_fmadd_ps(s0, acc[r][0], _mm256_loadu_ps(acc_out[r])));
+            _mm256_storeu_ps(acc_out[r] + 8, _mm256_fmadd_ps(s1, acc[r][1], _mm256_loadu_ps(acc_out[r] + 8)));
+        }
+    }
+}
+#else
+static inline void qblock_tile(const wblock *b, int kind, int64_t k, const float *const *x, int R,
+                               float acc_out[TILE_ROWS][PACK]) {
+    (void)kind;
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < PACK; ++j) acc_out[r][j] = 0.f;
+    for (int64_t g = 0, g0 = 0; g0 < k; ++g, g0 += b->group) {
+        int64_t g1 = g0 + b->group < k ? g0 + b->group : k;
+        float s[PACK], z[PACK];
+        group_params(b, g, s, z);
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < PACK; ++j) {
+                float a = 0.f;
+                for (int64_t kk = g0; kk < g1; ++kk) a = MADD(a, code_at(b, kk, j, z), x[r][kk]);
+                acc_out[r][j] = MADD(acc_out[r][j], s[j], a);
+            }
+    }
+}
+#endif
+
+/* qblock_tile for any R <= TILE_ROWS and quantized kind, dispatched to a constant-size instance. */
+static void qblock_tile_any(const wblock *b, int64_t k, const float *const *x, int R, float acc[TILE_ROWS][PACK]) {
+#define QTILE_KIND(n, kind) \
+    case kind: qblock_tile(b, kind, k, x, n, acc); break;
+#define QTILE_CASE(n) \
+    case n: \
+        switch (b->kind) { QTILE_KIND(n, KIND_INT8) QTILE_KIND(n, KIND_INT4) default: QTILE_KIND(n, KIND_MXFP4) } \
+        break;
+    switch (R) {
+        QTILE_CASE(1) QTILE_CASE(2) QTILE_CASE(3) QTILE_CASE(4) QTILE_CASE(5) default: QTILE_CASE(6)
+    }
+#undef QTILE_CASE
+#undef QTILE_KIND
+}
+
+/* One packed block `wb` (outputs b * PACK .. b * PACK + cols - 1) against the activation rows [begin, end):
  * y[y_row(i) * ldy + j] = scale(i) * dot(w[j], x[x_row(i)]), or dot + bias[j] with a bias and no scale,
  * for j < cols, where a NULL x_row, y_row is the identity and a NULL scale is 1. x rows are ldx floats
  * apart; y is fp32, or bf16 where y_bf16 != 0 (each result rounded once). */
-static void block_rows(const void *block, int bf16, int64_t k, int cols, int64_t begin, int64_t end, const float *x,
+static void block_rows(const wblock *wb, int64_t k, int cols, int64_t begin, int64_t end, const float *x,
                        const int64_t *x_row, int64_t ldx, void *y, int y_bf16, const int64_t *y_row, int64_t ldy,
                        const float *scale, const float *bias) {
     float acc[TILE_ROWS][PACK];
     float *wide = NULL;
+    const void *block = wb->w;
+    int bf16 = wb->kind == KIND_BF16, quantized = wb->kind >= KIND_INT8;
     if (bf16 && end - begin > WIDEN_ROWS && (wide = malloc(sizeof(float) * k * PACK))) {
         /* many tiles will read this block: widen it once (the same values, so the same bits) */
         widen_into(block, 1, k * PACK, k * PACK, wide, 1);
@@ -275,7 +428,8 @@ static void block_rows(const void *block, int bf16, int64_t k, int cols, int64_t
         int R = end - i < TILE_ROWS ? (int)(end - i) : TILE_ROWS;
         const float *xs[TILE_ROWS];
         for (int r = 0; r < R; ++r) xs[r] = x + (x_row ? x_row[i + r] : i + r) * ldx;
-        block_tile_any(block, bf16, k, xs, R, acc);
+        if (quantized) qblock_tile_any(wb, k, xs, R, acc);
+        else block_tile_any(block, bf16, k, xs, R, acc);
         for (int r = 0; r < R; ++r) {
             int64_t yi = (y_row ? y_row[i + r] : i + r) * ldy;
             float s = scale ? scale[i + r] : 1.f;
@@ -318,23 +472,45 @@ int linear(const void *w, const void *bias, const void *x, void *y, int bf16, in
         int64_t b = item / chunks, begin = item % chunks * chunk_rows, end = begin + chunk_rows < m ? begin + chunk_rows : m;
         int cols = n - b * PACK < PACK ? (int)(n - b * PACK) : PACK;
         void *yb = (char *)y + b * PACK * (bf16 ? 2 : 4);
-        block_rows(block_at(w, bf16, b, k), bf16, k, cols, begin, end, xw, NULL, bf16 ? k : ldx, yb, bf16, NULL, ldy, NULL,
-                   bw ? bw + b * PACK : NULL);
+        wblock wb = {block_at(w, bf16, b, k), NULL, NULL, bf16 ? KIND_BF16 : KIND_FP32, k};
+        block_rows(&wb, k, cols, begin, end, xw, NULL, bf16 ? k : ldx, yb, bf16, NULL, ldy, NULL, bw ? bw + b * PACK : NULL);
     }
     free(bw);
     return 0;
 }
 
+/* Block b of a packed [n, k] matrix whose stored tensors sit at addresses m[0..2] (codes or weights,
+ * scales, zero points), in weight kind `kind` with `group` k steps per scale. */
+static wblock matrix_block(const int64_t *m, int kind, int64_t group, int64_t b, int64_t k) {
+    wblock wb = {NULL, NULL, NULL, kind, kind >= KIND_INT8 ? group : k};
+    if (kind <= KIND_BF16) {
+        wb.w = block_at((const void *)m[0], kind, b, k);
+        return wb;
+    }
+    if (kind == KIND_INT8) {
+        wb.w = (const int8_t *)m[0] + b * k * PACK, wb.scale = (const float *)m[1] + b * PACK, wb.group = k;
+        return wb;
+    }
+    int64_t groups = (k + group - 1) / group;
+    wb.w = (const uint8_t *)m[0] + b * k * (PACK / 2);
+    wb.scale = (const char *)m[1] + b * groups * PACK * (kind == KIND_INT4 ? 2 : 1);
+    wb.zero = m[2] ? (const uint8_t *)m[2] + b * groups * PACK : NULL;
+    return wb;
+}
+
 /* Routed experts for the rows of `groups` groups (one per expert).
  *
  * Row r (an assignment of token tokens[r] to an expert) belongs to the group g with
- * begin[g] <= r < end[g]; group g's weights are gate_up[g] (packed [2*ffn, hidden]: gate rows
- * then up rows) and down[g] (packed [hidden, ffn]), passed as addresses. Computes
+ * begin[g] <= r < end[g]; group g's weights are gate_up (packed [2*ffn, hidden]: gate rows then up
+ * rows) and down (packed [hidden, ffn]), whose stored tensors' addresses are matrices[g * 6 + 0..2]
+ * (gate_up: weights or codes, scales, zero points; 0 where the kind has none) and matrices[g * 6 + 3..5]
+ * (down). Computes
  *     out[dest[r], :] = scale[r] * down(silu(gate x) * (up x)),  x = x[tokens[r], :]
- * using h ([rows, 2*ffn]) and act ([rows, ffn]) as scratch, indexed by r. The weights are fp32, or
- * bf16 where bf16 != 0; everything else is fp32. Work items are (group, block) pairs. */
+ * using h ([rows, 2*ffn]) and act ([rows, ffn]) as scratch, indexed by r. The weights are of `kind`
+ * (fp32, bf16, or quantized with `group` k steps per scale); everything else is fp32. Work items are
+ * (group, block) pairs. */
 void moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *tokens, const int64_t *dest, const float *scale,
-                 const int64_t *begin, const int64_t *end, const int64_t *gate_up, const int64_t *down, int bf16,
+                 const int64_t *begin, const int64_t *end, const int64_t *matrices, int kind, int64_t group,
                  int64_t groups, float *out, float *h, float *act, int threads) {
     int64_t up_rows = 2 * ffn, up_blocks = (up_rows + PACK - 1) / PACK, down_blocks = (hidden + PACK - 1) / PACK;
 #pragma omp parallel num_threads(threads)
@@ -343,8 +519,8 @@ void moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *tok
         for (int64_t i = 0; i < groups * up_blocks; ++i) {
             int64_t g = i / up_blocks, b = i % up_blocks;
             int cols = up_rows - b * PACK < PACK ? (int)(up_rows - b * PACK) : PACK;
-            block_rows(block_at((const void *)gate_up[g], bf16, b, hidden), bf16, hidden, cols, begin[g], end[g], x, tokens,
-                       hidden, h + b * PACK, 0, NULL, up_rows, NULL, NULL);
+            wblock wb = matrix_block(matrices + g * 6, kind, group, b, hidden);
+            block_rows(&wb, hidden, cols, begin[g], end[g], x, tokens, hidden, h + b * PACK, 0, NULL, up_rows, NULL, NULL);
         }
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; ++g)
@@ -357,8 +533,8 @@ void moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *tok
         for (int64_t i = 0; i < groups * down_blocks; ++i) {
             int64_t g = i / down_blocks, b = i % down_blocks;
             int cols = hidden - b * PACK < PACK ? (int)(hidden - b * PACK) : PACK;
-            block_rows(block_at((const void *)down[g], bf16, b, ffn), bf16, ffn, cols, begin[g], end[g], act, NULL, ffn,
-                       out + b * PACK, 0, dest, hidden, scale, NULL);
+            wblock wb = matrix_block(matrices + g * 6 + 3, kind, group, b, ffn);
+            block_rows(&wb, ffn, cols, begin[g], end[g], act, NULL, ffn, out + b * PACK, 0, dest, hidden, scale, NULL);
         }
     }
 }

@@ -1,0 +1,262 @@
+"""Low-bit formats of the routed experts' weights: int8, int4 and MXFP4, and the model dtype.
+
+Owns each format's reference quantization and dequantization (plain torch over the logical
+[N, K] codes), its packed layout (what the host tier, the device slots and the C kernels hold:
+blocks of `PACK_WIDTH` outputs, k-major, like `engine.model.packed`) and its byte size.
+`ExpertFormat` turns one expert's (gate_up, down, *biases) into its stored tensors and back.
+Layouts and measured quality/speed: docs/quantization.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from moe_serve.engine.model.packed import PACK_WIDTH, pack_blocks, unpack_blocks
+from moe_serve.engine.model.weights import ExpertTensors
+
+# the 16 E2M1 (FP4) values by their 4-bit code (sign bit first), as in engine.model.mxfp4
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_GROUP = 32  # values per e8m0 scale
+E8M0_BIAS = 127
+INT4_GROUPS = (32, 64, 128)
+INT4_DEFAULT_GROUP = 64
+_FP16_MIN_SCALE = 2.0**-14  # the smallest normal fp16: int4 scales never underflow
+
+
+class WeightKind(enum.IntEnum):
+    """The C kernels' weight kinds (`kind` in csrc/cpu_kernels.c)."""
+
+    FP32 = 0
+    BF16 = 1
+    INT8 = 2
+    INT4 = 3
+    MXFP4 = 4
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """A weight [N, K] as logical codes: `codes` [N, K] (int8 for INT8; 0..15 uint8 for INT4 and
+    MXFP4), `scales` [N, groups] (fp32 per row for INT8, fp16 for INT4, e8m0 uint8 for MXFP4) and,
+    for INT4 with zero points, `zeros` [N, groups] uint8 (without: the zero point is 8)."""
+
+    kind: WeightKind
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group: int  # K for INT8 (one scale per row)
+
+
+# -- reference quantization and dequantization (logical layout, plain torch) -------------------
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedMatrix:
+    """Symmetric int8, one fp32 scale per output row: code = round(w / s), s = max|w| / 127."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return QuantizedMatrix(WeightKind.INT8, codes, scales[:, None].contiguous(), None, w.shape[1])
+
+
+def quantize_int4(weight: torch.Tensor, group: int, zero_points: bool) -> QuantizedMatrix:
+    """Group-wise int4 along K (the last group may be shorter), fp16 scales. With zero points:
+    the group's [min, max] (widened to hold 0) over 15 steps, w = (code - zero) * s; without:
+    symmetric, s = max|w| / 7, w = (code - 8) * s."""
+    w = weight.float()
+    rows, cols = w.shape
+    groups = -(-cols // group)
+    padded = torch.zeros(rows, groups * group)
+    padded[:, :cols] = w
+    grouped = padded.view(rows, groups, group)
+    if zero_points:
+        low, high = grouped.amin(dim=2).clamp(max=0), grouped.amax(dim=2).clamp(min=0)
+        scales = ((high - low) / 15).clamp(min=_FP16_MIN_SCALE).half()
+        zeros = torch.round(-low / scales.float()).clamp(0, 15)
+    else:
+        scales = (grouped.abs().amax(dim=2) / 7).clamp(min=_FP16_MIN_SCALE).half()
+        zeros = torch.full_like(scales, 8, dtype=torch.float32)
+    codes = torch.round(grouped / scales.float()[..., None] + zeros[..., None]).clamp(0, 15)
+    codes = codes.view(rows, groups * group)[:, :cols].to(torch.uint8).contiguous()
+    return QuantizedMatrix(WeightKind.INT4, codes, scales, zeros.to(torch.uint8) if zero_points else None, group)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> QuantizedMatrix:
+    """MXFP4 (OCP microscaling): per 32 values along K an e8m0 exponent bringing the block's largest
+    magnitude to at most 6, each value rounded to the nearest E2M1 value (ties to the smaller)."""
+    w = weight.float()
+    rows, cols = w.shape
+    groups = -(-cols // MXFP4_GROUP)
+    padded = torch.zeros(rows, groups * MXFP4_GROUP)
+    padded[:, :cols] = w
+    grouped = padded.view(rows, groups, MXFP4_GROUP)
+    amax = grouped.abs().amax(dim=2).clamp(min=2.0**-126)
+    exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-E8M0_BIAS, E8M0_BIAS)
+    scaled = grouped / torch.exp2(exponent)[..., None]
+    midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    magnitude = torch.bucketize(scaled.abs(), midpoints)  # ties go to the smaller value
+    codes = (magnitude | ((scaled < 0) & (magnitude > 0)).to(torch.int64) << 3).view(rows, groups * MXFP4_GROUP)
+    scales = (exponent + E8M0_BIAS).to(torch.uint8)
+    return QuantizedMatrix(WeightKind.MXFP4, codes[:, :cols].to(torch.uint8).contiguous(), scales, None, MXFP4_GROUP)
+
+
+def mxfp4_from_published(blocks: torch.Tensor, scales: torch.Tensor) -> QuantizedMatrix:
+    """The gpt-oss checkpoint layout (blocks uint8 [R, G, 16], two codes a byte, the low nibble first;
+    scales uint8 [R, G]) as logical codes [R, G * 32]: the same 4-bit values, nothing expanded."""
+    rows, groups, _ = blocks.shape
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).view(rows, groups * MXFP4_GROUP)
+    return QuantizedMatrix(WeightKind.MXFP4, codes.contiguous(), scales.contiguous(), None, MXFP4_GROUP)
+
+
+def dequantize(matrix: QuantizedMatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference: the weight [N, K] each format's codes stand for, computed in fp32."""
+    rows, cols = matrix.codes.shape
+    per_column = torch.arange(cols) // matrix.group  # the group of each column
+    if matrix.kind is WeightKind.INT8:
+        weight = matrix.codes.float() * matrix.scales.float()
+    elif matrix.kind is WeightKind.INT4:
+        zeros = matrix.zeros.float() if matrix.zeros is not None else torch.full(matrix.scales.shape, 8.0)
+        weight = (matrix.codes.float() - zeros[:, per_column]) * matrix.scales.float()[:, per_column]
+    else:
+        values = torch.tensor(FP4_VALUES)[matrix.codes.long()]
+        weight = values * torch.exp2(matrix.scales.float() - E8M0_BIAS)[:, per_column]
+    return weight.to(dtype)
+
+
+# -- the packed layout ------------------------------------------------------------------------
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (0..15) -> uint8 [ceil(N / 16), K, 8]: byte i of a block step holds output i
+    (low nibble) and output i + 8 (high nibble), so one 8-byte load widens to two 8-lane vectors."""
+    blocks = pack_blocks(codes)
+    return (blocks[..., :8] | (blocks[..., 8:] << 4)).contiguous()
+
+
+def _unpack_nibbles(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    return unpack_blocks(torch.cat([packed & 0x0F, packed >> 4], dim=-1), rows)
+
+
+def _pack_groups(values: torch.Tensor) -> torch.Tensor:
+    """Per-(row, group) values [N, G] -> [ceil(N / 16), G, 16]: one block's 16 outputs side by side."""
+    return pack_blocks(values)
+
+
+def pack(matrix: QuantizedMatrix) -> tuple[torch.Tensor, ...]:
+    """The stored tensors: INT8 (codes int8 [B, K, 16], scales fp32 [B, 1, 16]); INT4 (codes uint8
+    [B, K, 8], scales fp16 [B, G, 16], with zero points zeros uint8 [B, G, 16]); MXFP4 (codes uint8
+    [B, K, 8], scales uint8 [B, G, 16]); B = ceil(N / 16), padding outputs are zero."""
+    if matrix.kind is WeightKind.INT8:
+        codes = pack_blocks(matrix.codes)
+    else:
+        codes = _pack_nibbles(matrix.codes)
+    stored = (codes, _pack_groups(matrix.scales))
+    return stored if matrix.zeros is None else (*stored, _pack_groups(matrix.zeros))
+
+
+def unpack(kind: WeightKind, stored: tuple[torch.Tensor, ...], rows: int, group: int) -> QuantizedMatrix:
+    """The logical codes a `pack` produced (`group` = K for INT8)."""
+    codes, scales, *zeros = stored
+    logical = unpack_blocks(codes, rows) if kind is WeightKind.INT8 else _unpack_nibbles(codes, rows)
+    return QuantizedMatrix(kind, logical, unpack_blocks(scales, rows), unpack_blocks(zeros[0], rows) if zeros else None,
+                           group)
+
+
+# -- formats ----------------------------------------------------------------------------------
+
+_INT4_NAME = re.compile(r"^int4(?:-g(\d+))?(-sym)?$")
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How routed experts are stored. `kind` None: the model dtype (plain or packed, as today);
+    otherwise each of an expert's two matrices becomes its `pack`ed tensors, biases stay as they are."""
+
+    name: str
+    kind: WeightKind | None = None
+    group: int = 0  # INT4 / MXFP4 values per scale
+    zero_points: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind is not None
+
+    @property
+    def tensors_per_matrix(self) -> int:
+        return 1 if self.kind is None else 3 if self.zero_points else 2
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedMatrix:
+        if self.kind is WeightKind.INT8:
+            return quantize_int8(weight)
+        if self.kind is WeightKind.INT4:
+            return quantize_int4(weight, self.group, self.zero_points)
+        if self.kind is WeightKind.MXFP4:
+            return quantize_mxfp4(weight)
+        raise ValueError(f"format {self.name!r} does not quantize")
+
+    def encode(self, tensors: ExpertTensors) -> ExpertTensors:
+        """One expert's (gate_up, down, *biases) as stored: each matrix quantized and packed."""
+        if self.kind is None:
+            return tensors
+        gate_up, down, *biases = tensors
+        return (*pack(self.quantize(gate_up)), *pack(self.quantize(down)), *biases)
+
+    def encode_quantized(self, gate_up: QuantizedMatrix, down: QuantizedMatrix,
+                         biases: tuple[torch.Tensor, ...] = ()) -> ExpertTensors:
+        """An expert already in this format's codes (an MXFP4 checkpoint) as stored."""
+        return (*pack(gate_up), *pack(down), *biases)
+
+    def matrices(self, stored: ExpertTensors) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...],
+                                                       tuple[torch.Tensor, ...]]:
+        """The stored tensors split into (gate_up's, down's, the biases)."""
+        n = self.tensors_per_matrix
+        return tuple(stored[:n]), tuple(stored[n:2 * n]), tuple(stored[2 * n:])
+
+    def decode(self, stored: ExpertTensors, hidden: int, ffn: int, dtype: torch.dtype) -> ExpertTensors:
+        """The torch path: (gate_up [2F, D], down [D, F], *biases) dequantized to `dtype` (one expert)."""
+        if self.kind is None:
+            return stored
+        gate_up, down, biases = self.matrices(stored)
+        group_up, group_down = (hidden, ffn) if self.kind is WeightKind.INT8 else (self.group, self.group)
+        return (dequantize(unpack(self.kind, gate_up, 2 * ffn, group_up), dtype),
+                dequantize(unpack(self.kind, down, hidden, group_down), dtype), *biases)
+
+    def matrix_layouts(self, rows: int, cols: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of each stored tensor of a quantized [rows, cols] matrix (see `pack`)."""
+        blocks = -(-rows // PACK_WIDTH)
+        if self.kind is WeightKind.INT8:
+            return [((blocks, cols, PACK_WIDTH), torch.int8), ((blocks, 1, PACK_WIDTH), torch.float32)]
+        groups = -(-cols // self.group)
+        scale_dtype = torch.float16 if self.kind is WeightKind.INT4 else torch.uint8
+        layouts = [((blocks, cols, PACK_WIDTH // 2), torch.uint8), ((blocks, groups, PACK_WIDTH), scale_dtype)]
+        return layouts + ([((blocks, groups, PACK_WIDTH), torch.uint8)] if self.zero_points else [])
+
+    def matrix_nbytes(self, rows: int, cols: int, model_dtype: torch.dtype) -> int:
+        """Bytes of one [rows, cols] matrix as stored (block padding included, alignment not)."""
+        if self.kind is None:
+            return rows * cols * model_dtype.itemsize
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.matrix_layouts(rows, cols))
+
+
+MODEL_DTYPE = ExpertFormat("model")
+EXPERT_DTYPES = ("auto", "model", "int8", "int4", "mxfp4")  # the option's names; int4 also as int4-g{32,64,128}[-sym]
+
+
+def parse_expert_dtype(name: str) -> ExpertFormat | None:
+    """The format `--expert-dtype` names (None: `auto`, the checkpoint's own). Raises ValueError."""
+    if name == "auto":
+        return None
+    if name == "model":
+        return MODEL_DTYPE
+    if name == "int8":
+        return ExpertFormat("int8", WeightKind.INT8)
+    if name == "mxfp4":
+        return ExpertFormat("mxfp4", WeightKind.MXFP4, MXFP4_GROUP)
+    match = _INT4_NAME.match(name)
+    if match:
+        group = int(match.group(1) or INT4_DEFAULT_GROUP)
+        if group in INT4_GROUPS:
+            return ExpertFormat(f"int4-g{group}{match.group(2) or ''}", WeightKind.INT4, group, not match.group(2))
+    raise ValueError(f"unknown expert dtype {name!r}: allowed are {', '.join(EXPERT_DTYPES)}, "
+                     f"int4-g{{{','.join(map(str, INT4_GROUPS))}}}[-sym]")
