@@ -9,16 +9,18 @@ a float field still takes an integer, as OpenAI's do). Response bodies live in `
 from __future__ import annotations
 
 import enum
+import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_N = 16
 MAX_STOP_SEQUENCES = 8
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+MAX_TOOLS = 128
 TASK_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 # Every request model: unknown fields rejected, no type coercion.
 STRICT = ConfigDict(extra="forbid", strict=True)
@@ -40,12 +42,96 @@ Unsupported = Annotated[
 
 
 class Role(str, enum.Enum):
-    """Who wrote a chat message (`developer` is rendered as `system`)."""
+    """Who wrote a chat message (`developer` is rendered as `system`; `tool` carries a call's result)."""
 
     SYSTEM = "system"
     DEVELOPER = "developer"
     USER = "user"
     ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class FunctionDefinition(BaseModel):
+    """A function the model may call: its name, what it does, its parameters' JSON Schema."""
+
+    model_config = STRICT
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def parameters_schema(self) -> dict[str, Any]:
+        """The parameters' schema; a function without one takes an empty object."""
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
+class ChatTool(BaseModel):
+    """One entry of `tools` (function tools only)."""
+
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = STRICT
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice naming the function the model must call."""
+
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+def check_tool_choice(choice: ToolChoice | None, names: list[str]) -> None:
+    """Raise a validation error when `choice` needs a tool that `names` lacks."""
+    if choice == "required" and not names:
+        raise PydanticCustomError("value_error", "tool_choice 'required' needs tools")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise PydanticCustomError("value_error", "tool_choice names function '{name}', which is not in tools",
+                                  {"name": choice.function.name})
+
+
+class FunctionCall(BaseModel):
+    """A call the assistant made: the function's name and its arguments as JSON text."""
+
+    model_config = STRICT
+
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """One `tool_calls` entry of an assistant message sent back in the conversation."""
+
+    model_config = STRICT
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def template_dict(self) -> dict[str, Any]:
+        """As chat templates read it: arguments as an object when they are a JSON object."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        if not isinstance(arguments, dict):
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
 
 
 class TextPart(BaseModel):
@@ -58,18 +144,21 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message; content is a string or an array of text parts."""
+    """One chat message; content is a string or an array of text parts (None in an assistant
+    message that only calls tools)."""
 
     model_config = STRICT
 
     role: Annotated[Role, Field(strict=False)]  # the enum from its JSON string
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
     @field_validator("content", mode="before")
     @classmethod
     def _content_is_text(cls, value: Any) -> Any:
-        if not isinstance(value, (str, list)):
+        if value is not None and not isinstance(value, (str, list)):
             raise PydanticCustomError("string_type", "content must be a string or an array of text parts")
         for part in value if isinstance(value, list) else []:
             if isinstance(part, dict) and part.get("type", "text") != "text":
@@ -77,18 +166,35 @@ class ChatMessage(BaseModel):
                                           {"kind": str(part.get("type"))})
         return value
 
+    @model_validator(mode="after")
+    def _fields_fit_the_role(self) -> ChatMessage:
+        if self.content is None and not (self.role is Role.ASSISTANT and self.tool_calls):
+            raise PydanticCustomError("value_error", "content is required unless an assistant message has tool_calls")
+        if self.tool_calls and self.role is not Role.ASSISTANT:
+            raise PydanticCustomError("value_error", "only assistant messages carry tool_calls")
+        if self.tool_call_id is not None and self.role is not Role.TOOL:
+            raise PydanticCustomError("value_error", "only tool messages carry tool_call_id")
+        return self
+
     def text(self) -> str:
-        """The content as one string (text parts joined by newlines)."""
+        """The content as one string (text parts joined by newlines; empty when None)."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
 
-    def template_dict(self) -> dict[str, str]:
+    def template_dict(self) -> dict[str, Any]:
         """The message as the chat template expects it."""
         role = Role.SYSTEM if self.role is Role.DEVELOPER else self.role
-        message = {"role": role.value, "content": self.text()}
+        message: dict[str, Any] = {"role": role.value, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["content"] = self.text() if self.content is not None else None
+            message["tool_calls"] = [call.template_dict() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -100,12 +206,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(BaseModel):
+    """`response_format.json_schema`: a named JSON Schema the output must match."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatType(str, enum.Enum):
+    """What the output must be."""
+
+    TEXT = "text"
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # JSON matching `json_schema.schema`
+
+
 class ResponseFormat(BaseModel):
-    """Only plain text output is supported."""
+    """`response_format`: text (the default), any JSON object, or JSON matching a schema."""
 
     model_config = STRICT
 
-    type: Literal["text"]
+    type: Annotated[ResponseFormatType, Field(strict=False)]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type is ResponseFormatType.JSON_SCHEMA) != (self.json_schema is not None):
+            raise PydanticCustomError("value_error", "json_schema is required with type 'json_schema' and only then")
+        return self
 
 
 def _stop_sequences(value: str | list[str] | None) -> str | list[str] | None:
@@ -147,6 +279,7 @@ class GenerationParams(BaseModel):
     min_tokens: int = Field(default=0, ge=0, description="extra: no stop before this many tokens")
     ignore_eos: bool = Field(default=False, description="extra: keep generating past end-of-sequence")
     priority: int = Field(default=0, description="extra: scheduling priority")
+    response_format: ResponseFormat | None = None
     logit_bias: Unsupported
     service_tier: Unsupported
     store: Unsupported
@@ -187,10 +320,9 @@ class ChatCompletionRequest(GenerationParams):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
-    tools: Unsupported
-    tool_choice: Unsupported
-    parallel_tool_calls: Unsupported
+    tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
     functions: Unsupported
     function_call: Unsupported
     audio: Unsupported
@@ -199,12 +331,18 @@ class ChatCompletionRequest(GenerationParams):
     reasoning_effort: Unsupported
     web_search_options: Unsupported
 
-    @field_validator("response_format", mode="before")
+    @field_validator("tools")
     @classmethod
-    def _text_only(cls, value: Any) -> Any:
-        if isinstance(value, dict) and value.get("type") != "text":
-            raise PydanticCustomError("unsupported_parameter", "response_format '{kind}' is not supported",
-                                      {"kind": str(value.get("type"))})
+    def _distinct_names(cls, value: list[ChatTool] | None) -> list[ChatTool] | None:
+        names = [tool.function.name for tool in value or []]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError("value_error", "tools must have distinct function names")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _fits_tools(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        check_tool_choice(value, [tool.function.name for tool in info.data.get("tools") or []])
         return value
 
     @field_validator("top_logprobs")

@@ -17,6 +17,7 @@ import enum
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import jinja2
@@ -43,6 +44,29 @@ def lane_for(num_chars: int) -> Lane:
     return Lane.SMALL if num_chars <= SMALL_INPUT_CHARS else Lane.LARGE
 
 
+@dataclass(frozen=True)
+class ChatTemplateInfo:
+    """What tool support needs to know of the tokenizer: its chat template's source, the tokens
+    added to its vocabulary (markers such as `<tool_call>` or `[TOOL_CALLS]`) and the special ones
+    among them (those the detokenizer drops unless told otherwise)."""
+
+    source: str
+    added_tokens: frozenset[str]
+    special_tokens: frozenset[str]
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template reads the `tools` it is given."""
+        return "tools" in self.source
+
+
+def _template_source(tokenizer: Any) -> str:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates: the default one (and tool_use when present)
+        return "\n".join(str(template.get(name, "")) for name in ("default", "tool_use"))
+    return str(template)
+
+
 class TokenizerPool:
     """The engine's tokenizer on two worker threads (one copy each)."""
 
@@ -52,6 +76,7 @@ class TokenizerPool:
                            for lane in Lane}
         self._local = threading.local()
         self._bound: TokenBound | None = None
+        self._template_info: ChatTemplateInfo | None = None
 
     def _tokenizer(self) -> Any:
         """This worker thread's own copy of the tokenizer."""
@@ -68,10 +93,16 @@ class TokenizerPool:
     async def _run(self, lane: Lane, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executors[lane], fn, *args)
 
-    def _render_chat(self, messages: list[dict[str, str]], limit: PromptLimit) -> list[int]:
+    def _chat_template_info(self) -> ChatTemplateInfo:
+        tokenizer = self._tokenizer()
+        return ChatTemplateInfo(_template_source(tokenizer), frozenset(tokenizer.get_added_vocab()),
+                                frozenset(tokenizer.all_special_tokens))
+
+    def _render_chat(self, messages: list[dict[str, Any]], limit: PromptLimit,
+                     tools: list[dict[str, Any]] | None) -> list[int]:
         tokenizer = self._tokenizer()
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         except (jinja2.TemplateError, ValueError) as exc:
             raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages",
                            code=ErrorCode.INVALID_VALUE) from exc
@@ -85,11 +116,18 @@ class TokenizerPool:
         tokenizer = self._tokenizer()
         return [tokenizer.decode([token_id]) for token_id in token_ids]
 
-    async def render_chat(self, messages: list[dict[str, str]], limit: PromptLimit) -> list[int]:
-        """Prompt token ids for `messages` with the generation prompt appended; a rendered text too
-        long for `limit` is refused before it is encoded."""
-        num_chars = sum(len(message["content"]) for message in messages)
-        return await self._run(lane_for(num_chars), self._render_chat, messages, limit)
+    async def render_chat(self, messages: list[dict[str, Any]], limit: PromptLimit,
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt token ids for `messages` (and the `tools` the template may describe) with the
+        generation prompt appended; a rendered text too long for `limit` is refused before it is encoded."""
+        num_chars = sum(len(str(message.get("content") or "")) for message in messages)
+        return await self._run(lane_for(num_chars), self._render_chat, messages, limit, tools)
+
+    async def chat_template_info(self) -> ChatTemplateInfo:
+        """The chat template's source and the added and special tokens (read once)."""
+        if self._template_info is None:
+            self._template_info = await self._run(Lane.SMALL, self._chat_template_info)
+        return self._template_info
 
     async def encode(self, text: str, limit: PromptLimit) -> list[int]:
         """Token ids of a raw text prompt (with the tokenizer's special tokens); a text too long for

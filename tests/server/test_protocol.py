@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from moe_serve.engine.core.guided.spec import GuidedDecoding
 from moe_serve.engine.errors import (
     ContextLengthExceeded,
     ContextLengthExceededError,
@@ -25,8 +26,10 @@ from moe_serve.engine.errors import (
 from moe_serve.server.auth import key_matches
 from moe_serve.server.errors import APIError, from_engine_error, from_validation_errors, param_from_loc
 from moe_serve.server.protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.server.sampling import response_format_guided
 
 MESSAGES = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 def _error(cls: type, body: Any) -> APIError | None:
@@ -73,7 +76,10 @@ def test_max_completion_tokens_wins_and_logprobs_map_to_a_top_count() -> None:
     [
         ({"model": "m"}, "messages", "missing_required_parameter"),
         ({"model": "m", "messages": []}, "messages", "invalid_value"),
-        ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "invalid_value"),
+        ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "invalid_value"),
+        ({"model": "m", "messages": [{"role": "user", "content": None}]}, "messages[0]", "invalid_value"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[0]",
+         "invalid_value"),
         ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_value"),
         ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
          "messages[0].content", "unsupported_parameter"),
@@ -81,10 +87,22 @@ def test_max_completion_tokens_wins_and_logprobs_map_to_a_top_count() -> None:
         ({"model": "m", "messages": MESSAGES, "temperature": 5}, "temperature", "invalid_value"),
         ({"model": "m", "messages": MESSAGES, "n": 0}, "n", "invalid_value"),
         ({"model": "m", "messages": MESSAGES, "stop": ["ok", ""]}, "stop", "invalid_value"),
-        ({"model": "m", "messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
+        ({"model": "m", "messages": MESSAGES, "tools": [{"type": "function"}]}, "tools[0].function",
+         "missing_required_parameter"),
+        ({"model": "m", "messages": MESSAGES, "tools": [{"type": "custom", "custom": {}}]}, "tools[0].type",
+         "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "tools": [TOOL, TOOL]}, "tools", "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "tool_choice": "required"}, "tool_choice", "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "tools": [TOOL], "tool_choice": {
+            "type": "function", "function": {"name": "other"}}}, "tool_choice", "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "functions": [TOOL["function"]]}, "functions", "unsupported_parameter"),
         ({"model": "m", "messages": MESSAGES, "logit_bias": {"1": 5}}, "logit_bias", "unsupported_parameter"),
-        ({"model": "m", "messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format",
-         "unsupported_parameter"),
+        ({"model": "m", "messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format.type",
+         "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "response_format": {"type": "json_schema"}}, "response_format",
+         "invalid_value"),
+        ({"model": "m", "messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
+            "schema": {}}}}, "response_format.json_schema.name", "missing_required_parameter"),
         ({"model": "m", "messages": MESSAGES, "frobnicate": 1}, "frobnicate", "unknown_parameter"),
         ({"model": "m", "messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options",
          "invalid_value"),
@@ -126,9 +144,40 @@ def test_number_fields_take_integers_as_openai_does() -> None:
 def test_messages_name_the_unsupported_kind() -> None:
     parts = _error(ChatCompletionRequest, {"model": "m", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
-    fmt = _error(ChatCompletionRequest, {"model": "m", "messages": MESSAGES, "response_format": {"type": "json_schema"}})
     assert parts is not None and parts.message == "content parts of type 'image_url' are not supported"
-    assert fmt is not None and fmt.message == "response_format 'json_schema' is not supported"
+
+
+def test_tool_calls_and_results_reach_the_template_with_object_arguments() -> None:
+    req = ChatCompletionRequest.model_validate({"model": "m", "tools": [TOOL], "tool_choice": {
+        "type": "function", "function": {"name": "get_weather"}}, "parallel_tool_calls": False, "messages": [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]},
+        {"role": "tool", "content": "rain", "tool_call_id": "call_1"},
+    ]})
+    assert req.messages[1].template_dict() == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]}
+    assert req.messages[2].template_dict() == {"role": "tool", "content": "rain", "tool_call_id": "call_1"}
+    assert req.tools is not None and req.tools[0].function.parameters_schema() == {"type": "object"}
+    assert req.parallel_tool_calls is False
+
+
+@pytest.mark.parametrize(("response_format", "expected"), [
+    (None, None),
+    ({"type": "text"}, None),
+    ({"type": "json_object"}, GuidedDecoding.json_object()),
+    ({"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}, "strict": True}},
+     GuidedDecoding.json_schema({"type": "object"}, strict=True, param="response_format.json_schema.schema")),
+    ({"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}},
+     GuidedDecoding.json_schema({"type": "integer"}, strict=False, param="response_format.json_schema.schema")),
+])
+def test_response_format_maps_to_the_engines_guided_decoding(response_format: dict[str, Any] | None,
+                                                              expected: GuidedDecoding | None) -> None:
+    for cls, prompt in ((ChatCompletionRequest, {"messages": MESSAGES}), (CompletionRequest, {"prompt": "x"})):
+        req = cls.model_validate({"model": "m", **prompt, "response_format": response_format})
+        assert response_format_guided(req.response_format) == expected
 
 
 def test_accepted_empty_values_of_unsupported_parameters_and_text_response_format() -> None:
