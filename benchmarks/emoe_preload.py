@@ -57,8 +57,9 @@ def run(path: Path, requests: list[tuple[str, list[int]]], preload: bool, fracti
     `overlap` each arrives once the previous one has produced half its tokens, so it waits for
     (at most) one running decode step and then joins the batch: continuous batching."""
     engine = build_engine(EngineConfig(model=str(path), dtype="float32", expert_cache_fraction=fraction,
-                                       prefetch="none", task_preload=preload, preload_refresh_every=4),
-                          show_progress=False)
+                                       prefetch="none", task_preload=preload), show_progress=False)
+    if engine.preloader is not None:
+        engine.preloader.predictor.refresh_every = 4  # the refresh period of the published figures
     cache = engine.runner.model.experts.cache
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     warmup = WARMUP_ROUNDS * len(TASK_TOKEN_STARTS)  # not measured: profiles are still being learned

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from moe_serve.engine.config import DeviceKind, EngineConfig, PrefetchMode
+from moe_serve.engine.config import DeviceKind, EngineConfig, PrefetchMode, PreloadMode, SchedulingPolicyName
 from moe_serve.engine.core.async_engine import AsyncLLMEngine
 from moe_serve.engine.core.block_manager import BlockManager
-from moe_serve.engine.core.kv_cache import allocate_kv_cache, kv_bytes_per_block
+from moe_serve.engine.core.kv_cache import KV_BLOCK_SIZE, allocate_kv_cache, kv_bytes_per_block
 from moe_serve.engine.core.llm_engine import LLMEngine
 from moe_serve.engine.core.model_runner import ModelRunner
 from moe_serve.engine.core.scheduler import Scheduler, SchedulerConfig
@@ -33,7 +33,13 @@ from moe_serve.engine.offload.expert_cache import ExpertCache, SlotState
 from moe_serve.engine.offload.provider import OffloadedExperts, build_expert_provider
 from moe_serve.engine.prefetch.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
 from moe_serve.engine.prefetch.predictors import AFFINITY_MIN_SCORE, AffinityPredictor, TaskProfilePredictor
-from moe_serve.engine.prefetch.routing import RoutingRecorder, TaskExpertCost, TaskPreloader, TraceWriter
+from moe_serve.engine.prefetch.routing import (
+    RoutingConsumer,
+    RoutingRecorder,
+    TaskExpertCost,
+    TaskPreloader,
+    TraceWriter,
+)
 from moe_serve.engine.prefetch.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
 from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace
 from moe_serve.engine.traces.trace_router import TraceRouter
@@ -101,17 +107,18 @@ def eos_ids(loaded: LoadedModel, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def kv_cache_blocks(spec: ModelSpec, config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
+def kv_cache_blocks(spec: ModelSpec, config: EngineConfig, dtype: torch.dtype,
+                    block_size: int = KV_BLOCK_SIZE) -> tuple[int, int]:
     """The context length served and the KV-cache blocks for it: the kv_cache_gb budget, at most what
     max_num_seqs sequences of max_model_len can use; a budget below one sequence is refused."""
     max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
-    block_bytes = kv_bytes_per_block(spec, config.block_size, dtype)
+    block_bytes = kv_bytes_per_block(spec, block_size, dtype)
     budget_blocks = int(config.kv_cache_gb * 2**30) // block_bytes
-    useful_blocks = config.max_num_seqs * -(-max_model_len // config.block_size)
+    useful_blocks = config.max_num_seqs * -(-max_model_len // block_size)
     num_blocks = min(budget_blocks, useful_blocks)
-    if num_blocks * config.block_size < max_model_len:
+    if num_blocks * block_size < max_model_len:
         raise ModelLoadError(
-            f"kv_cache_gb={config.kv_cache_gb} holds {num_blocks * config.block_size} tokens, less than one "
+            f"kv_cache_gb={config.kv_cache_gb} holds {num_blocks * block_size} tokens, less than one "
             f"max_model_len={max_model_len} sequence; raise kv_cache_gb or lower max_model_len"
         )
     return max_model_len, num_blocks
@@ -138,9 +145,11 @@ class RoutingConsumers:
     trace_writer: TraceWriter | None = None
 
 
-def build_engine(config: EngineConfig, show_progress: bool = True, replay: RoutingReplay | None = None) -> LLMEngine:
+def build_engine(config: EngineConfig, show_progress: bool = True, replay: RoutingReplay | None = None,
+                 block_size: int = KV_BLOCK_SIZE) -> LLMEngine:
     """Load everything named by `config` and return a ready engine; each component is built
-    before the components that use it and handed to their constructors."""
+    before the components that use it and handed to their constructors. `block_size`: tokens per
+    KV block (tests use small blocks to reach block boundaries in short sequences)."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     path = model_path(config)
@@ -149,8 +158,8 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
     tokenizer = load_tokenizer(path)
     spec = loaded.spec
     dtype = loaded.weights.dense.embed_tokens.dtype
-    max_model_len, num_blocks = kv_cache_blocks(spec, config, dtype)
-    block_bytes = kv_bytes_per_block(spec, config.block_size, dtype)
+    max_model_len, num_blocks = kv_cache_blocks(spec, config, dtype, block_size)
+    block_bytes = kv_bytes_per_block(spec, block_size, dtype)
     packed = packs_weights(device, dtype)  # the CPU kernels' layout, packed once here
     dense = _dense_to(pack_dense(loaded.weights.dense) if packed else loaded.weights.dense, device)
     experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens,
@@ -164,18 +173,18 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
     model = MoEModel(spec, dense, experts, device, packed=packed, speculator=speculator,
                      routing_observer=routing.recorder, routing_override=router)
     observers = [o for o in (routing.recorder, speculator, router) if isinstance(o, StepObserver)]
-    kv = allocate_kv_cache(spec, num_blocks, config.block_size, dtype, device)
+    kv = allocate_kv_cache(spec, num_blocks, block_size, dtype, device)
     logger.info(
-        "KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
+        "KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, block_size,
         num_blocks * block_bytes / 2**20, device,
     )
     scheduler = Scheduler(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
-                        config.scheduling_policy, config.reject_unattainable, config.max_tasks),
-        BlockManager(num_blocks, config.block_size),
-        SloContext(tasks, ServiceTimeModel(), routing.expert_cost, config.starvation_s),
+                        config.scheduling_policy, max_tasks=config.max_tasks),
+        BlockManager(num_blocks, block_size),
+        SloContext(tasks, ServiceTimeModel(), routing.expert_cost),
     )
-    runner = ModelRunner(model, kv, config.block_size, eos_ids(loaded, tokenizer), observers)
+    runner = ModelRunner(model, kv, block_size, eos_ids(loaded, tokenizer), observers)
     return LLMEngine(scheduler, runner, tokenizer, max_model_len, served_model_name(config),
                      preloader=routing.preloader, trace_writer=routing.trace_writer, expert_cache=cache)
 
@@ -190,6 +199,13 @@ def prefetch_mode(config: EngineConfig, device: torch.device) -> PrefetchMode:
     if config.prefetch is not PrefetchMode.AUTO:
         return config.prefetch
     return PrefetchMode.AFFINITY if device.type == "cuda" else PrefetchMode.NONE
+
+
+def task_preload(config: EngineConfig, device: torch.device) -> bool:
+    """Whether eMoE task preloading runs, `auto` resolved for `device` (see `PreloadMode`)."""
+    if config.task_preload is PreloadMode.AUTO:
+        return device.type == "cuda"
+    return config.task_preload is PreloadMode.ON
 
 
 def make_speculator(config: EngineConfig, spec: ModelSpec, routers: list[Matrix],
@@ -226,33 +242,36 @@ def model_trace(path: str, spec: ModelSpec, what: str) -> RoutingTrace:
 
 def routing_consumers(config: EngineConfig, spec: ModelSpec, tasks: TaskTable, cache: ExpertCache | None,
                       device: torch.device) -> RoutingConsumers:
-    """Record routing when something consumes it: eMoE task preloading (offloaded experts only),
-    the scheduler's expert-loading cost model, and `--record-trace` files."""
-    preload = cache is not None and config.task_preload
-    if not preload and config.record_trace is None:
+    """Record routing when something consumes it: eMoE task preloading and the `slo` scheduler's
+    expert-loading cost model (both with offloaded experts only; they share the per-task routing
+    profiles), and `--record-trace` files."""
+    preload = cache is not None and task_preload(config, device)
+    profiles = preload or (cache is not None and config.scheduling_policy is SchedulingPolicyName.SLO)
+    if not profiles and config.record_trace is None:
         return RoutingConsumers()
-    preloader, expert_cost, writer = None, NoExpertCost(), None
-    if preload:
+    preloader, expert_cost, writer, predictor = None, NoExpertCost(), None, None
+    if profiles:
         assert cache is not None
         insensitive = frozenset(name for name, t in tasks.tasks.items() if not t.prediction_sensitive)
         max_tasks = per_task_capacity(tasks, config.max_tasks)
-        predictor = TaskProfilePredictor(spec.num_moe_layers, spec.num_experts, config.preload_refresh_every,
-                                         insensitive, max_tasks)
+        predictor = TaskProfilePredictor(spec.num_moe_layers, spec.num_experts, insensitive_tasks=insensitive,
+                                         max_tasks=max_tasks)
         per_layer = max(spec.top_k, min(spec.num_experts, cache.num_slots // spec.num_moe_layers))
-        # a preload may fill the cache except one layer's worst-case demand, so the prefill's
-        # first layers cannot evict the preloads of its later layers before they are reached
-        one_layer = min(spec.num_experts, config.max_num_batched_tokens * spec.top_k)
-        preloader = TaskPreloader(predictor, tasks, spec.num_experts, cache.prefetch,
-                                  max_experts=max(spec.top_k, cache.num_slots - one_layer))
+        if preload:
+            # a preload may fill the cache except one layer's worst-case demand, so the prefill's
+            # first layers cannot evict the preloads of its later layers before they are reached
+            one_layer = min(spec.num_experts, config.max_num_batched_tokens * spec.top_k)
+            preloader = TaskPreloader(predictor, tasks, spec.num_experts, cache.prefetch,
+                                      max_experts=max(spec.top_k, cache.num_slots - one_layer))
         gbps = config.expert_link_gbps or (25.0 if device.type == "cuda" else 8.0)
         expert_cost = TaskExpertCost(
             predictor, per_layer, lambda key: cache.state_of(key) is SlotState.RESIDENT,
             cache.store.expert_nbytes / (gbps * 1e9), max_tasks=max_tasks,
         )
     if config.record_trace is not None:
-        writer = TraceWriter(Path(config.record_trace).expanduser(), spec.num_experts, spec.architecture,
-                             config.record_trace_tokens)
-    consumers = ([preloader.observe] if preloader else []) + ([writer.add] if writer else [])
+        writer = TraceWriter(Path(config.record_trace).expanduser(), spec.num_experts, spec.architecture)
+    consumers: list[RoutingConsumer] = [] if predictor is None else [predictor.observe_routing]
+    consumers += [writer.add] if writer else []
     return RoutingConsumers(RoutingRecorder(spec.num_moe_layers, consumers), preloader, expert_cost, writer)
 
 

@@ -23,7 +23,7 @@ import torch
 from moe_serve.cache_policies import DEFAULT_POLICY, make_policy
 from moe_serve.engine.builder import kv_cache_blocks, model_trace
 from moe_serve.engine.config import DType, EngineConfig
-from moe_serve.engine.core.kv_cache import kv_bytes_per_block
+from moe_serve.engine.core.kv_cache import KV_BLOCK_SIZE, kv_bytes_per_block
 from moe_serve.engine.errors import ModelLoadError
 from moe_serve.engine.model.loader import read_spec, resolve_dtype
 from moe_serve.engine.model.spec import ModelSpec, QKNorm
@@ -151,11 +151,11 @@ def make_plan(model: Path, gpu_gb: float, host_gb: float | None = None, dtype: D
     kv_per_token = kv_bytes_per_block(spec, 1, torch_dtype)
     base = EngineConfig(model=str(model), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
     context = min(max_model_len, spec.max_position_embeddings)
-    kv_needed = max_num_seqs * -(-context // base.block_size) * kv_bytes_per_block(spec, base.block_size, torch_dtype)
+    kv_needed = max_num_seqs * -(-context // KV_BLOCK_SIZE) * kv_bytes_per_block(spec, KV_BLOCK_SIZE, torch_dtype)
     kv_gb = _gib_up(kv_needed)
     config = base.model_copy(update={"kv_cache_gb": kv_gb})
     served_len, num_blocks = kv_cache_blocks(spec, config, torch_dtype)
-    kv_nbytes = num_blocks * kv_bytes_per_block(spec, config.block_size, torch_dtype)
+    kv_nbytes = num_blocks * kv_bytes_per_block(spec, KV_BLOCK_SIZE, torch_dtype)
     one_expert = expert_nbytes(spec, torch_dtype)
     total_experts = spec.num_moe_layers * spec.num_experts
     dense = non_expert_nbytes(spec, torch_dtype)

@@ -9,6 +9,8 @@ import torch
 
 from moe_serve.engine.model.spec import ModelSpec
 
+KV_BLOCK_SIZE = 16  # tokens per KV block (vLLM's default; a sequence wastes under one block)
+
 
 def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes across all layers (everything the cache stores per token)."""

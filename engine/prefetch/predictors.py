@@ -276,6 +276,10 @@ class TaskProfilePredictor:
         """Tasks with a profile."""
         return len(self._profiles)
 
+    def observe_routing(self, request_id: str, task: str, routing: np.ndarray) -> None:
+        """A finished request's routing, as the live routing recorder hands it to its consumers."""
+        self.observe_request(task, routing)
+
     def observe_request(self, task: str, routing: np.ndarray) -> None:
         """A served request of `task` routed as `routing` ([T, L, K] expert ids)."""
         routing = np.asarray(routing, dtype=np.int64)

@@ -27,6 +27,7 @@ from moe_serve.engine.types import ExpertKey
 logger = logging.getLogger(__name__)
 
 RoutingConsumer = Callable[[str, str, np.ndarray], None]  # (request_id, task, routing [T, L, A])
+TRACE_FILE_TOKENS = 100_000  # tokens per --record-trace file before it rotates (bounds the routing held in RAM)
 
 
 class RoutingRecorder:
@@ -98,9 +99,6 @@ class TaskPreloader:
         self.num_preloads = 0
         self.num_experts_preloaded = 0
 
-    def observe(self, request_id: str, task: str, routing: np.ndarray) -> None:
-        self.predictor.observe_request(task, routing)
-
     def plan(self, task: str) -> dict[ExpertKey, float]:
         """The experts to preload for `task` (in preload order) with their probabilities of use."""
         if not self.tasks.get(task).prediction_sensitive:
@@ -125,7 +123,7 @@ class TaskPreloader:
 class TraceWriter:
     """Writes finished requests' routing into rotated npz files under `directory`."""
 
-    def __init__(self, directory: Path, num_experts: int, model: str, tokens_per_file: int) -> None:
+    def __init__(self, directory: Path, num_experts: int, model: str, tokens_per_file: int = TRACE_FILE_TOKENS) -> None:
         self.directory = directory
         self.num_experts = num_experts
         self.model = model

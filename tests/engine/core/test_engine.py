@@ -68,7 +68,7 @@ def test_chunked_prefill_gives_the_same_tokens(mixtral) -> None:
 
 
 def test_preemption_when_kv_cache_is_full_gives_the_same_tokens(mixtral) -> None:
-    engine = _engine(mixtral, kv_cache_gb=12 * KV_BLOCK_BYTES / 2**30, max_model_len=64, block_size=16)
+    engine = _engine(mixtral, kv_cache_gb=12 * KV_BLOCK_BYTES / 2**30, max_model_len=64)
     assert engine.blocks.num_blocks == 12
     prompts = [_prompt(30, s, engine.vocab_size) for s in range(4)]
     requests = [EngineRequest(f"p{i}", p, _greedy(30)) for i, p in enumerate(prompts)]

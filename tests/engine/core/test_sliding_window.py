@@ -91,12 +91,12 @@ def test_mixtral_sliding_window_frees_blocks_and_matches_transformers(checkpoint
     preempted (so freed blocks are reused by other sequences); the tokens equal transformers' and
     those of the same engine that frees nothing (and is preempted for it)."""
     path = checkpoint_factory("mixtral", sliding_window=WINDOW)
-    config = dict(model=str(path), dtype="float32", block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN,
+    config = dict(model=str(path), dtype="float32", max_model_len=MAX_MODEL_LEN,
                   max_num_batched_tokens=16)
-    freeing = build_engine(EngineConfig(**config), show_progress=False)
+    freeing = build_engine(EngineConfig(**config), show_progress=False, block_size=BLOCK_SIZE)
     block_bytes = kv_bytes_per_block(freeing.runner.model.spec, BLOCK_SIZE, torch.float32)
     small = EngineConfig(**config, kv_cache_gb=MAX_MODEL_LEN // BLOCK_SIZE * block_bytes / 2**30)
-    freeing, keeping = build_engine(small, show_progress=False), build_engine(small, show_progress=False)
+    freeing, keeping = (build_engine(small, show_progress=False, block_size=BLOCK_SIZE) for _ in range(2))
     keeping.kv_window = None
     assert freeing.kv_window == WINDOW and freeing.blocks.num_blocks == MAX_MODEL_LEN // BLOCK_SIZE
     requests = _requests(freeing.vocab_size)
@@ -115,8 +115,8 @@ def test_mixtral_sliding_window_frees_blocks_and_matches_transformers(checkpoint
 def test_a_full_attention_layer_frees_nothing(checkpoint_factory) -> None:
     """gpt-oss alternates sliding and full layers: every block stays until the sequence ends."""
     path = checkpoint_factory("gpt_oss")
-    engine = build_engine(EngineConfig(model=str(path), dtype="float32", block_size=BLOCK_SIZE),
-                          show_progress=False)
+    engine = build_engine(EngineConfig(model=str(path), dtype="float32"), show_progress=False,
+                          block_size=BLOCK_SIZE)
     assert engine.kv_window is None
     for request in _requests(engine.vocab_size)[:2]:
         engine.add_request(request)

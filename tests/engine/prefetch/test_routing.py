@@ -23,7 +23,8 @@ def greedy(n: int) -> SamplingParams:
 def test_record_trace_writes_rotated_npz_with_tasks(tmp_path, checkpoint_factory) -> None:
     path = checkpoint_factory("olmoe", num_hidden_layers=LAYERS)
     engine = build_engine(EngineConfig(model=str(path), dtype="float32", record_trace=str(tmp_path / "traces"),
-                                       record_trace_tokens=40, max_num_batched_tokens=16), show_progress=False)
+                                       max_num_batched_tokens=16), show_progress=False)
+    engine.trace_writer.tokens_per_file = 40  # rotate within this short run
     requests = [EngineRequest(f"r{i}", list(range(10 + i, 30 + 2 * i)), greedy(6 + i), task=task)
                 for i, task in enumerate(["chat", "code", "chat"])]
     run_to_completion(engine, {0: requests[:2], 3: requests[2:]})
@@ -72,7 +73,7 @@ def test_task_preload_prefetches_a_tasks_experts_and_keeps_tokens(checkpoint_fac
         return out, engine
 
     reference, _ = serve(offload="off")
-    tokens, engine = serve(expert_cache_fraction=0.5, prefetch="none", task_preload=True, preload_refresh_every=1)
+    tokens, engine = serve(expert_cache_fraction=0.5, prefetch="none", task_preload="on")
     assert tokens == reference
     assert engine.preloader is not None and engine.preloader.num_preloads == len(prompts) - 1
     assert engine.preloader.num_experts_preloaded > 0
