@@ -1,7 +1,9 @@
 """Checkpoint loading: Hugging Face config + safetensors (single file or sharded) -> ModelWeights.
 
 Tensors are read through safetensors' memory map with the Hub weight names, cast to the
-requested dtype, and fused into the runtime's layouts (see `engine.models.checkpoint`).
+requested dtype, and fused into the runtime's layouts (see `engine.models.checkpoint`); routed
+experts are stored in the requested `ExpertFormat` (`engine.model.quant`), quantized one expert at
+a time as they are read, and an MXFP4 checkpoint's experts can stay 4-bit.
 Every failure (missing directory, unsupported architecture, corrupt or truncated file,
 missing tensor) is raised as a ModelLoadError with a one-line message.
 """
@@ -20,9 +22,11 @@ from safetensors import SafetensorError, safe_open
 
 from moe_serve.engine.errors import ModelLoadError
 from moe_serve.engine.model.checkpoint import expert_weights, layer_weights
+from moe_serve.engine.model.mxfp4 import MXFP4Expert
+from moe_serve.engine.model.quant import MODEL_DTYPE, MXFP4_FORMAT, ExpertFormat, parse_expert_dtype
 from moe_serve.engine.model.registry import spec_from_config
 from moe_serve.engine.model.spec import ModelSpec
-from moe_serve.engine.model.weights import DenseWeights, LayerWeights, ModelWeights
+from moe_serve.engine.model.weights import DenseWeights, ExpertTensors, LayerWeights, ModelWeights
 from moe_serve.engine.progress import progress
 from moe_serve.engine.types import ExpertKey
 
@@ -34,12 +38,14 @@ INDEX_FILE = "model.safetensors.index.json"
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready for the runtime: its spec, its weights and its HF config."""
+    """A checkpoint ready for the runtime: its spec, its weights, its HF config, and the format its
+    routed experts are stored in."""
 
     spec: ModelSpec
     weights: ModelWeights
     hf_config: Any
     path: Path
+    expert_format: ExpertFormat = MODEL_DTYPE
 
 
 def load_hf_config(path: Path) -> Any:
@@ -126,18 +132,47 @@ def resolve_dtype(name: str, hf_config: Any) -> torch.dtype:
     return table[name]
 
 
-def load_model(path: Path | str, dtype: str = "auto", show_progress: bool = True) -> LoadedModel:
-    """Load a supported Hugging Face MoE checkpoint from a local directory."""
+def resolve_expert_format(name: str, spec: ModelSpec) -> ExpertFormat:
+    """The format `expert_dtype` names; `auto` keeps a pre-quantized (MXFP4) checkpoint's experts as
+    they are and otherwise takes the model dtype."""
+    try:
+        chosen = parse_expert_dtype(name)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if chosen is None:
+        return MXFP4_FORMAT if spec.mxfp4_experts else MODEL_DTYPE
+    return chosen
+
+
+def stored_expert(expert: ExpertTensors | MXFP4Expert, expert_format: ExpertFormat) -> ExpertTensors | MXFP4Expert:
+    """One expert as `expert_format` stores it. MXFP4 codes stay as they are in MXFP4; in the model
+    dtype an MXFP4 expert stays lazy (dequantized when the host tier reads it)."""
+    if isinstance(expert, MXFP4Expert):
+        if expert_format.kind is MXFP4_FORMAT.kind:
+            return expert_format.encode_quantized(*expert.quantized())
+        if not expert_format.quantized:
+            return expert
+        return expert_format.encode(tuple(expert))
+    return expert_format.encode(expert)
+
+
+def load_model(path: Path | str, dtype: str = "auto", show_progress: bool = True,
+               expert_dtype: str = "model") -> LoadedModel:
+    """Load a supported Hugging Face MoE checkpoint from a local directory, its routed experts in
+    the format `expert_dtype` names (`engine.model.quant.EXPERT_DTYPES`)."""
     path = Path(path)
     hf_config, spec = read_spec(path)
     torch_dtype = resolve_dtype(dtype, hf_config)
+    expert_format = resolve_expert_format(expert_dtype, spec)
+    desc = "loading layers" if not expert_format.quantized else f"loading layers ({expert_format.name} experts)"
     with ExitStack() as stack:
         src = TensorSource(path, stack)
         layers: list[LayerWeights] = []
-        experts: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in progress(range(spec.num_layers), show=show_progress, desc="loading layers", unit="layer"):
+        experts: dict[ExpertKey, ExpertTensors] = {}
+        for layer in progress(range(spec.num_layers), show=show_progress, desc=desc, unit="layer"):
             layers.append(layer_weights(spec, src, layer, torch_dtype))
-            experts.update(expert_weights(spec, src, layer, torch_dtype))
+            for key, expert in expert_weights(spec, src, layer, torch_dtype):
+                experts[key] = stored_expert(expert, expert_format)  # one expert at a time: no second full copy
         embed = src.get("model.embed_tokens.weight", torch_dtype)
         lm_head = embed if spec.tie_word_embeddings else src.get("lm_head.weight", torch_dtype)
         dense = DenseWeights(
@@ -149,7 +184,8 @@ def load_model(path: Path | str, dtype: str = "auto", show_progress: bool = True
     if embed.shape != (spec.vocab_size, spec.hidden_size):
         raise ModelLoadError(f"embed_tokens has shape {tuple(embed.shape)}, config says ({spec.vocab_size}, {spec.hidden_size})")
     logger.info(
-        "loaded %s from %s: %d layers, %d experts/layer (top-%d), dtype %s",
-        spec.architecture, path, spec.num_layers, spec.num_experts, spec.top_k, torch_dtype,
+        "loaded %s from %s: %d layers, %d experts/layer (top-%d), dtype %s, experts %s",
+        spec.architecture, path, spec.num_layers, spec.num_experts, spec.top_k, torch_dtype, expert_format.name,
     )
-    return LoadedModel(spec=spec, weights=ModelWeights(dense=dense, experts=experts), hf_config=hf_config, path=path)
+    return LoadedModel(spec=spec, weights=ModelWeights(dense=dense, experts=experts), hf_config=hf_config, path=path,
+                       expert_format=expert_format)

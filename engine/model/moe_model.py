@@ -21,6 +21,7 @@ from moe_serve.engine.model.cpu_kernels import ExpertRows, Routing, expert_ffn, 
 from moe_serve.engine.model.experts import ExpertProvider
 from moe_serve.engine.model.latent_attention import latent_attention
 from moe_serve.engine.model.packed import Matrix
+from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat
 from moe_serve.engine.model.rope import RotaryEmbedding, apply_rope
 from moe_serve.engine.model.router import route
 from moe_serve.engine.model.spec import ExpertActivation, ExpertMLPSpec, ModelSpec, QKNorm
@@ -43,12 +44,15 @@ class MoEModel:
     """Runs one step of the model over a flattened batch of tokens. With `packed` the weights are
     in the CPU kernels' packed layout (`engine.models.weights.pack_dense`, `pack_expert`) and the
     routed experts run in the C kernel when it computes their MLP (`ExpertMLPSpec.is_plain`);
-    otherwise every product runs in torch."""
+    otherwise every product runs in torch. `expert_format` is how the provider's experts are stored
+    (`engine.model.quant`): quantized experts are computed by the C kernel from their codes, or in
+    torch dequantized one expert at a time."""
 
     def __init__(self, spec: ModelSpec, dense: DenseWeights, experts: ExpertProvider, device: torch.device,
                  packed: bool = False, *, speculator: Speculator | None = None,
                  routing_observer: RoutingObserver | None = None,
-                 routing_override: RoutingOverride | None = None) -> None:
+                 routing_override: RoutingOverride | None = None,
+                 expert_format: ExpertFormat = MODEL_DTYPE) -> None:
         """`speculator`: next-layer prefetch (None: demand loads only); `routing_observer` sees each
         MoE layer's routing; `routing_override` (benchmarks) routes as recorded instead of by the routers."""
         self.spec = spec
@@ -57,6 +61,7 @@ class MoEModel:
         self.device = device
         self.packed = packed
         self.packed_experts = packed and spec.expert_mlp.is_plain
+        self.expert_format = expert_format
         self.rotary = RotaryEmbedding(spec.rope, device)
         self.moe_index = [spec.moe_index(layer) for layer in range(spec.num_layers)]
         self._speculator = speculator
@@ -157,12 +162,14 @@ class MoEModel:
             out = torch.zeros(num_tokens * top_k, hidden)
             rows = ExpertRows(x, routing.tokens, routing.order, routing.scale, self.spec.moe_intermediate_size)
             for ready in fetched:  # one kernel call per group of usable experts
-                groups = [(starts[e], starts[e] + counts[e], gate_up, down) for e, (gate_up, down) in ready]
-                expert_ffn(rows, out, groups)
+                groups = [(starts[e], starts[e] + counts[e], *tensors) for e, tensors in ready]
+                expert_ffn(rows, out, groups, self.expert_format)
         else:
             out = x.new_zeros(num_tokens * top_k, hidden)
+            decode, ffn = self.expert_format.decode, self.spec.moe_intermediate_size
             for ready in fetched:
-                for expert, tensors in ready:
+                for expert, stored in ready:
+                    tensors = decode(stored, hidden, ffn, x.dtype)  # quantized: dequantized for this expert only
                     first, last = starts[expert], starts[expert] + counts[expert]
                     expert_out = _expert_mlp(self.spec.expert_mlp, tensors, x[routing.tokens[first:last]])
                     out[routing.order[first:last]] = (expert_out * routing.scale[first:last, None]).to(out.dtype)

@@ -5,7 +5,8 @@ values, the low nibble first) and `_scales` uint8 [R, C / 32] (one e8m0 exponent
 values, biased by 127): value = FP4[nibble] * 2^(scale - 127), the layout transformers'
 `integrations/mxfp4.py` reads. Every dequantized value is exact in bf16 and fp32. `MXFP4Expert`
 keeps one expert 4-bit until its tensors are read, so loading never holds the whole model dequantized:
-each expert is expanded on its way into the host tier (or the resident experts).
+each expert is expanded on its way into the host tier (or the resident experts); in the MXFP4 expert
+format (`engine.model.quant`) its codes are kept instead (`MXFP4Expert.quantized`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import overload
 import torch
 
 from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.model.quant import QuantizedMatrix, mxfp4_from_published
 
 # the 16 E2M1 values by their 4-bit code (sign bit first)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -65,6 +67,11 @@ class MXFP4Expert(Sequence[torch.Tensor]):
         if index < 2:
             return dequantize(*self._matrices[index], self._dtype)
         return self._biases[index - 2]
+
+    def quantized(self) -> tuple[QuantizedMatrix, QuantizedMatrix, tuple[torch.Tensor, torch.Tensor]]:
+        """(gate_up, down) as MXFP4 codes (nothing expanded) and the two biases."""
+        gate_up, down = (mxfp4_from_published(*matrix) for matrix in self._matrices)
+        return gate_up, down, self._biases
 
     @property
     def stored_nbytes(self) -> int:

@@ -113,14 +113,15 @@ def mxfp4_from_published(blocks: torch.Tensor, scales: torch.Tensor) -> Quantize
 def dequantize(matrix: QuantizedMatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reference: the weight [N, K] each format's codes stand for, computed in fp32."""
     rows, cols = matrix.codes.shape
-    per_column = torch.arange(cols) // matrix.group  # the group of each column
+    device = matrix.codes.device
+    per_column = torch.arange(cols, device=device) // matrix.group  # the group of each column
     if matrix.kind is WeightKind.INT8:
         weight = matrix.codes.float() * matrix.scales.float()
     elif matrix.kind is WeightKind.INT4:
-        zeros = matrix.zeros.float() if matrix.zeros is not None else torch.full(matrix.scales.shape, 8.0)
+        zeros = matrix.zeros.float() if matrix.zeros is not None else torch.full(matrix.scales.shape, 8.0, device=device)
         weight = (matrix.codes.float() - zeros[:, per_column]) * matrix.scales.float()[:, per_column]
     else:
-        values = torch.tensor(FP4_VALUES)[matrix.codes.long()]
+        values = torch.tensor(FP4_VALUES, device=device)[matrix.codes.long()]
         weight = values * torch.exp2(matrix.scales.float() - E8M0_BIAS)[:, per_column]
     return weight.to(dtype)
 
@@ -240,6 +241,7 @@ class ExpertFormat:
 
 
 MODEL_DTYPE = ExpertFormat("model")
+MXFP4_FORMAT = ExpertFormat("mxfp4", WeightKind.MXFP4, MXFP4_GROUP)
 EXPERT_DTYPES = ("auto", "model", "int8", "int4", "mxfp4")  # the option's names; int4 also as int4-g{32,64,128}[-sym]
 
 
@@ -252,7 +254,7 @@ def parse_expert_dtype(name: str) -> ExpertFormat | None:
     if name == "int8":
         return ExpertFormat("int8", WeightKind.INT8)
     if name == "mxfp4":
-        return ExpertFormat("mxfp4", WeightKind.MXFP4, MXFP4_GROUP)
+        return MXFP4_FORMAT
     match = _INT4_NAME.match(name)
     if match:
         group = int(match.group(1) or INT4_DEFAULT_GROUP)
