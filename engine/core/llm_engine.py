@@ -1,7 +1,8 @@
 """The synchronous engine: add requests, call step(), get RequestOutputs.
 
 step() = scheduler.schedule() -> model_runner.execute() -> scheduler.update(), then the
-output processor detokenizes and applies the stop rules. When every attention layer has a
+output processor advances each constrained request's grammar matcher, detokenizes and applies
+the stop rules (a request whose grammar is complete stops). When every attention layer has a
 sliding window, the KV blocks that slid out of it are freed after each step. `engine.async_engine` runs
 this in its own thread for the server.
 
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from moe_serve.engine.core.block_manager import BlockManager, kv_free_window
 from moe_serve.engine.core.detokenizer import IncrementalDetokenizer
+from moe_serve.engine.core.guided.compiler import GuidedCompiler
 from moe_serve.engine.core.model_runner import ModelRunner, is_device_fault
 from moe_serve.engine.core.request import EngineRequest, RequestOutput, check_context_length
 from moe_serve.engine.core.sampling_params import FinishReason, TokenLogprob
@@ -100,6 +102,7 @@ class LLMEngine:
         self.trace_writer = trace_writer
         self._expert_cache = expert_cache
         self._tracked: dict[str, _Tracked] = {}
+        self.guided = GuidedCompiler(tokenizer, self.vocab_size, runner.eos_token_ids)
         self.task_names = TaskNames(scheduler.slo.tasks, scheduler.config.max_tasks)
         self.num_failed_steps = 0
         self._consecutive_failed_steps = 0
@@ -110,8 +113,11 @@ class LLMEngine:
 
     def validate(self, request: EngineRequest) -> None:
         """Raise an InvalidRequestError for a request that can never be served (its own fields
-        only: safe to call on another thread before `add_validated_request`)."""
+        only: safe to call on another thread before `add_validated_request`); a grammar spec is
+        compiled here (a GuidedCompileError when it cannot be) and cached for the add."""
         request.sampling.validate()
+        if request.sampling.guided is not None:
+            self.guided.compile(request.sampling.guided)
         num_prompt = len(request.prompt_token_ids)
         if num_prompt == 0:
             raise InvalidRequestError("the prompt is empty")
@@ -130,8 +136,10 @@ class LLMEngine:
         component sees the folded name."""
         if request.request_id in self._tracked:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+        guided = request.sampling.guided
+        matcher = None if guided is None else self.guided.matcher(guided)
         request.task = self.task_names.fold(request.task)
-        seq = Sequence(request)
+        seq = Sequence(request, guided=matcher)
         self.scheduler.add(seq)
         self._tracked[request.request_id] = _Tracked(
             seq, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling)
@@ -231,6 +239,9 @@ class LLMEngine:
 
     def _process(self, tracked: _Tracked, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq, params = tracked.seq, tracked.seq.request.sampling
+        if seq.guided is not None and not seq.guided.accept(token):
+            return self._fail(tracked, EngineStepError(
+                f"the sampled token {token} does not match the request's grammar ({seq.guided.error})"))
         logprobs = [logprob] if logprob is not None else None
         num_out = len(seq.output_token_ids)
         stop_ids = set(params.stop_token_ids)
@@ -241,6 +252,8 @@ class LLMEngine:
         delta = tracked.detok.add_tokens([token])
         if delta.stopped:
             return self._finish(tracked, FinishReason.STOP, [token], delta.text, logprobs)
+        if seq.guided is not None and seq.guided.is_finished:
+            return self._finish(tracked, FinishReason.STOP, [token], delta.text + tracked.detok.flush(), logprobs)
         if num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return self._finish(tracked, FinishReason.LENGTH, [token], delta.text + tracked.detok.flush(), logprobs)
         return RequestOutput(

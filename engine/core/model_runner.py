@@ -2,16 +2,19 @@
 
 Owns the device-side state: the model, the KV-cache tensors, the sampler and each
 request's seeded random generator, tells the step observers it was built with what each step
-runs, and says which faults leave the device unusable.
+runs, and says which faults leave the device unusable. The grammar masks of constrained
+sequences are computed on a worker thread while the forward runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceT
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 import torch
 
+from moe_serve.engine.core.guided.matcher import MaskWorker, TokenMasks
 from moe_serve.engine.core.sampler import Sampler, SamplerOutput
 from moe_serve.engine.core.sampling_params import TokenLogprob
 from moe_serve.engine.core.scheduler import SchedulerOutput
@@ -74,6 +77,7 @@ class ModelRunner:
         self.sampler = Sampler(model.spec.vocab_size)
         self._observers = tuple(observers)
         self._generators: dict[str, torch.Generator] = {}
+        self._mask_worker: MaskWorker | None = None  # started with the first constrained step
 
     def forget(self, seq_id: str, completed: bool) -> None:
         """Drop per-request state of a finished sequence (`completed`: not aborted or failed)."""
@@ -105,8 +109,23 @@ class ModelRunner:
         An exception propagates to the caller (who fails the step's requests) after the expert
         provider has ended the step, which releases any expert the failed forward still held."""
         step = self._prepare(out, block_tables)
-        hidden = self._run(step)
-        return self._sample(step, hidden)
+        pending_masks = self._start_masks(step.sampling_seqs)
+        try:
+            hidden = self._run(step)
+        except BaseException:
+            if pending_masks is not None:  # the matchers are the engine's again once this returns
+                wait([pending_masks])
+            raise
+        masks = None if pending_masks is None else pending_masks.result()
+        return self._sample(step, hidden, masks)
+
+    def _start_masks(self, seqs: SequenceT[Sequence]) -> Future[TokenMasks] | None:
+        """Start computing the grammar masks of the constrained sampling sequences (None: none is)."""
+        if all(seq.guided is None for seq in seqs):
+            return None
+        if self._mask_worker is None:
+            self._mask_worker = MaskWorker()
+        return self._mask_worker.start([seq.guided for seq in seqs])
 
     def _prepare(self, out: SchedulerOutput, block_tables: SequenceT[SequenceT[int]]) -> PreparedStep:
         """The flat batch of the scheduled chunks, in schedule order."""
@@ -149,8 +168,9 @@ class ModelRunner:
             observer.end_step()
         return hidden
 
-    def _sample(self, step: PreparedStep, hidden: torch.Tensor) -> StepResult:
-        """A token (and logprob) per sampling sequence, or why it got none."""
+    def _sample(self, step: PreparedStep, hidden: torch.Tensor, masks: TokenMasks | None) -> StepResult:
+        """A token (and logprob) per sampling sequence, or why it got none (a matcher that failed
+        fails its sequence alone)."""
         seqs = step.sampling_seqs
         if not seqs:
             return StepResult()
@@ -162,9 +182,12 @@ class ModelRunner:
             [s.output_token_ids for s in seqs],
             [self._generator(s) for s in seqs],
             self.eos_token_ids,
+            masks,
         )
         result = StepResult()
-        for seq, token, logprob, error in zip(seqs, sampled.token_ids, sampled.logprobs, sampled.errors):
+        errors = sampled.errors if masks is None else [masks.errors.get(row, error)
+                                                        for row, error in enumerate(sampled.errors)]
+        for seq, token, logprob, error in zip(seqs, sampled.token_ids, sampled.logprobs, errors):
             if error is None:
                 result.sampled[seq.seq_id] = (token, logprob)
             else:

@@ -1,8 +1,10 @@
-"""Batched token sampling: penalties, min_tokens, temperature, top-k, top-p, seeds, logprobs.
+"""Batched token sampling: grammar masks, penalties, min_tokens, temperature, top-k, top-p, seeds,
+logprobs.
 
 Processing order (vLLM's), greedy rows equal to a transformers argmax, inverse-CDF draws with
 per-request generators for seeded rows, and logprobs taken before penalties: docs/api.md,
-"Sampling". A row whose logits are not finite or whose id falls outside the vocabulary gets an
+"Sampling". A constrained row's tokens outside its grammar mask get -inf first (its logprobs stay
+the model's). A row whose logits are not finite or whose id falls outside the vocabulary gets an
 error instead of a token; the other rows are sampled as usual.
 Shapes: B rows, V vocabulary, R rows that need a given step.
 """
@@ -12,10 +14,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from moe_serve.engine.core.sampling_params import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from moe_serve.engine.core.guided.matcher import TokenMasks
 
 TOP_P_CANDIDATES = 128
 
@@ -47,9 +53,13 @@ class Sampler:
         output_ids: Sequence[Sequence[int]],
         generators: Sequence[torch.Generator | None],
         eos_token_ids: frozenset[int],
+        masks: TokenMasks | None = None,
     ) -> SamplerOutput:
+        """`masks`: the allowed tokens of the grammar-constrained rows."""
         raw = logits.float()  # B, V
         logits = raw.clone()
+        if masks is not None:
+            self._grammar_mask(logits, masks)
         self._repetition_penalty(logits, params, prompt_ids, output_ids)
         self._presence_frequency_penalties(logits, params, output_ids)
         self._min_tokens_mask(logits, params, output_ids, eos_token_ids)
@@ -82,6 +92,12 @@ class Sampler:
         token_ids = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long, device=device)
         keep = (token_ids >= 0) & (token_ids < self.vocab_size)
         return batch_rows[keep], token_ids[keep]
+
+    def _grammar_mask(self, logits: torch.Tensor, masks: TokenMasks) -> None:
+        """-inf for each constrained row's tokens its grammar does not allow next."""
+        rows = torch.tensor(masks.rows, device=logits.device)
+        allowed = masks.allowed(logits.shape[1], logits.device)  # R, V
+        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
     def _repetition_penalty(
         self,

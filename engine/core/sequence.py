@@ -1,12 +1,17 @@
-"""A request's state inside the engine: its tokens, progress and status. No torch import."""
+"""A request's state inside the engine: its tokens, progress, status and grammar position.
+No torch import."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import FinishReason
+
+if TYPE_CHECKING:
+    from moe_serve.engine.core.guided.matcher import GuidedMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -19,7 +24,8 @@ class SequenceStatus(enum.Enum):
 
 @dataclass
 class Sequence:
-    """One request being served: prompt, generated tokens and how many are in the KV cache."""
+    """One request being served: prompt, generated tokens and how many are in the KV cache;
+    `guided`: where its output is in its grammar (when the request is constrained)."""
 
     request: EngineRequest
     output_token_ids: list[int] = field(default_factory=list)
@@ -30,6 +36,7 @@ class Sequence:
     predicted_output_len: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    guided: GuidedMatcher | None = None
 
     @property
     def seq_id(self) -> str:
