@@ -27,7 +27,9 @@ def frozen(mapping: Mapping[str, int] | Mapping[int, int] | Mapping[int, float])
 @dataclass(frozen=True)
 class ExpertCacheSnapshot:
     """The device expert cache's counters since start (per-layer mappings keyed by MoE layer) and
-    its occupancy."""
+    its occupancy: `num_experts` routed experts per layer in the host store, `resident_experts`
+    the sorted expert ids per layer holding a slot (resident or loading; refreshed at most every
+    0.25 s, `SlotPool.residency`)."""
 
     hits: Mapping[int, int]
     misses: Mapping[int, int]
@@ -40,6 +42,8 @@ class ExpertCacheSnapshot:
     prefetch_late: int
     resident_bytes: int
     capacity_bytes: int
+    num_experts: Mapping[int, int]
+    resident_experts: Mapping[int, tuple[int, ...]]
 
     @classmethod
     def of(cls, cache: ExpertCache) -> ExpertCacheSnapshot:
@@ -52,6 +56,8 @@ class ExpertCacheSnapshot:
             prefetch_issued=stats.prefetch_issued, prefetch_used=stats.prefetch_used,
             prefetch_wasted=stats.prefetch_wasted, prefetch_late=stats.prefetch_late,
             resident_bytes=cache.num_occupied_slots * nbytes, capacity_bytes=cache.num_slots * nbytes,
+            num_experts=cache.store.experts_per_layer,
+            resident_experts=cache.pool.residency(),
         )
 
 

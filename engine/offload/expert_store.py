@@ -11,9 +11,11 @@ import errno
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -113,6 +115,7 @@ class HostExpertStore:
         self._slab = slab
         self._keys = tuple(keys)
         self._index = {key: i for i, key in enumerate(self._keys)}
+        self.experts_per_layer: Mapping[int, int] = MappingProxyType(Counter(key.layer for key in self._keys))
         self.layouts = tuple(layouts)
         self.expert_nbytes = expert_nbytes
         self.file_backed = file_backed

@@ -9,10 +9,12 @@ evicted, is the ExpertCache's choice. Owned by the engine thread: not thread-saf
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Callable, Sequence, Set
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -22,6 +24,8 @@ from moe_serve.engine.host_memory import advised_buffer
 from moe_serve.engine.types import ExpertKey
 
 logger = logging.getLogger(__name__)
+# the residency map is rebuilt at most this often after a change: ~60 us at 400 slots, too much per step
+RESIDENCY_REFRESH_S = 0.25
 
 __all__ = ["ExpertSlot", "SlotPool", "SlotState"]
 
@@ -73,6 +77,8 @@ class SlotPool:
         self._loading: set[int] = set()
         # keys whose slot is RESIDENT with refcount 0 (the eviction candidates), in the order they became so
         self._idle: dict[ExpertKey, None] = {}
+        self._residency: Mapping[int, tuple[int, ...]] = MappingProxyType({})
+        self._residency_at, self._residency_stale = float("-inf"), False
         logger.info("expert slot pool: %d slots x %d bytes on %s", num_slots, slot_nbytes, self.device)
 
     # -- reading -------------------------------------------------------------------------------
@@ -89,6 +95,18 @@ class SlotPool:
     def num_occupied(self) -> int:
         """Slots holding a key (resident or loading); safe to read from another thread."""
         return len(self._slot_of)
+
+    def residency(self) -> Mapping[int, tuple[int, ...]]:
+        """MoE layer -> sorted expert ids holding a slot (resident or loading), read-only; after a
+        change it is rebuilt at most every RESIDENCY_REFRESH_S, so it may lag by that much."""
+        now = time.monotonic()
+        if self._residency_stale and now - self._residency_at >= RESIDENCY_REFRESH_S:
+            by_layer: dict[int, list[int]] = defaultdict(list)
+            for key in self._slot_of:
+                by_layer[key.layer].append(key.expert)
+            self._residency = MappingProxyType({layer: tuple(sorted(by_layer[layer])) for layer in sorted(by_layer)})
+            self._residency_at, self._residency_stale = now, False
+        return self._residency
 
     @property
     def num_loading(self) -> int:
@@ -208,6 +226,7 @@ class SlotPool:
             record.last_use = None
         record.state, record.key = SlotState.LOADING, key
         self._slot_of[key] = index
+        self._residency_stale = True
         self._loading.add(index)
 
     def submit(self, keys: Sequence[ExpertKey], sources: Sequence[torch.Tensor], priority: CopyPriority) -> None:
@@ -252,6 +271,7 @@ class SlotPool:
     def free(self, key: ExpertKey) -> None:
         """Empties `key`'s unpinned slot (evicted or cancelled) back onto the free list."""
         index = self._slot_of.pop(key)
+        self._residency_stale = True
         record = self._slots[index]
         assert record.refcount == 0
         self._idle.pop(key, None)

@@ -20,6 +20,8 @@ from moe_serve.cache_policies import make_policy
 from moe_serve.cache_policies.recency import LRUPolicy
 from moe_serve.cuda_ext import CopyBackend, CopyEngine, load_copy_engine
 from moe_serve.cuda_ext.api import CopyPriority
+from moe_serve.engine.core.stats import ExpertCacheSnapshot
+from moe_serve.engine.offload import slot_pool
 from moe_serve.engine.offload.expert_cache import (
     ExpertCache,
     ExpertCacheFullError,
@@ -183,6 +185,22 @@ def test_hits_misses_evictions_and_bytes(engine: CopyEngine) -> None:
     assert cache.state_of(keys[1]) is SlotState.FREE
     assert stats.hit_rate == pytest.approx(1 / 5)
     cache.check_invariants()
+
+
+def test_snapshot_residency_follows_the_slots_at_most_every_refresh_period(engine: CopyEngine, monkeypatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(slot_pool.time, "monotonic", lambda: clock[0])
+    cache = make_cache(engine, num_slots=3)
+    keys = [ExpertKey(0, 2), ExpertKey(1, 3), ExpertKey(0, 0)]
+    cache.acquire(keys)
+    cache.release(keys)
+    snapshot = ExpertCacheSnapshot.of(cache)
+    assert snapshot.resident_experts == {0: (0, 2), 1: (3,)}
+    assert snapshot.num_experts == {layer: NUM_EXPERTS for layer in range(NUM_LAYERS)}
+    cache.acquire([ExpertKey(1, 5)])  # evicts the least recent key, ExpertKey(0, 2)
+    assert ExpertCacheSnapshot.of(cache).resident_experts == {0: (0, 2), 1: (3,)}  # within the period
+    clock[0] += slot_pool.RESIDENCY_REFRESH_S
+    assert ExpertCacheSnapshot.of(cache).resident_experts == {0: (0,), 1: (3, 5)}
 
 
 def test_step_needing_more_slots_than_exist_is_a_clear_error(engine: CopyEngine) -> None:
