@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from moe_serve.server.errors import APIError, ErrorCode, ErrorType
 
 API_PREFIX = "/v1"
-OPS_PATHS = frozenset({"/health", "/metrics"})
+OPS_PATHS = frozenset({"/health", "/metrics", "/dashboard", "/dashboard/data"})
 _BEARER = "bearer "
 
 

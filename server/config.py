@@ -43,7 +43,7 @@ class ServeConfig(EngineConfig):
     port: int = Field(default=8000, ge=1, le=65535)
     api_key: str | None = Field(default=None, description="require this Bearer key on /v1 routes")
     auth_health_and_metrics: bool = Field(default=False,
-                                          description="require the API key on /health and /metrics too")
+                                          description="require the API key on /health, /metrics and /dashboard too")
     log_level: LogLevel = LogLevel.INFO
     shutdown_timeout_s: float = Field(default=30.0, ge=0, description="grace period for running requests on SIGTERM")
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1024,
