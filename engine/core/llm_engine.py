@@ -142,7 +142,8 @@ class LLMEngine:
         seq = Sequence(request, guided=matcher)
         self.scheduler.add(seq)
         self._tracked[request.request_id] = _Tracked(
-            seq, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling)
+            seq, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling,
+                                         skip_special_tokens=request.sampling.skip_special_tokens)
         )
         if self.preloader is not None:
             self.preloader.preload(request.task)

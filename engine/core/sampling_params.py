@@ -45,6 +45,8 @@ class SamplingParams:
     alternatives. Logprobs are those of the model (log_softmax of the raw logits, before
     penalties and temperature), like OpenAI's. A temperature below MIN_TEMPERATURE is greedy;
     the repetition penalty is applied clamped to [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY].
+    skip_special_tokens: special tokens are left out of the output text (the server keeps them
+    when a tool-call format marks its calls with special tokens).
     guided: the output must match this grammar (the engine compiles it when the request is added;
     a spec it cannot compile is a GuidedCompileError naming the spec's `param`).
     """
@@ -63,6 +65,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     guided: GuidedDecoding | None = None
 
     @property

@@ -5,9 +5,10 @@ event loop (validation) and the engine thread at once. Why llguidance: docs/stru
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import llguidance
@@ -55,12 +56,22 @@ def _json_schema(text: str, strict: bool) -> dict[str, Any] | bool:
     return schema
 
 
-def _lark_literal(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
+def _lark_literal(text: str, special_tokens: Mapping[str, int]) -> str:
+    """`text` as Lark terms: quoted strings, and `<[id]>` for each special token's text in it (a
+    marker such as Mistral's `[TOOL_CALLS]` is one special token, never its characters)."""
+    if not text:
+        return '""'
+    if not special_tokens:
+        return json.dumps(text, ensure_ascii=False)
+    pattern = "|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
+    parts = re.split(f"({pattern})", text)
+    return " ".join(f"<[{special_tokens[part]}]>" if part in special_tokens else json.dumps(part, ensure_ascii=False)
+                    for part in parts if part)
 
 
-def grammar_text(spec: GuidedDecoding) -> str:
-    """The llguidance grammar of `spec` (not yet checked)."""
+def grammar_text(spec: GuidedDecoding, special_tokens: Mapping[str, int]) -> str:
+    """The llguidance grammar of `spec` (not yet checked); `special_tokens`: text -> id of the
+    tokenizer's special tokens, matched as tokens in tagged_json's literals."""
     if spec.kind is GuidedKind.JSON_OBJECT:
         return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if spec.kind is GuidedKind.JSON_SCHEMA:
@@ -70,9 +81,9 @@ def grammar_text(spec: GuidedDecoding) -> str:
     if spec.kind is GuidedKind.GRAMMAR:
         return llguidance.LLMatcher.grammar_from_lark(spec.source)
     values = " | ".join(f"%json {json.dumps(_json_schema(s, spec.strict))}" for s in spec.schemas)
-    items = f"item ({_lark_literal(spec.separator)} item)*" if spec.multiple else "item"
+    items = f"item ({_lark_literal(spec.separator, special_tokens)} item)*" if spec.multiple else "item"
     lark = (f"start: {items}\n"
-            f"item: {_lark_literal(spec.begin)} value {_lark_literal(spec.end)}\n"
+            f"item: {_lark_literal(spec.begin, special_tokens)} value {_lark_literal(spec.end, special_tokens)}\n"
             f"value: {values}\n")
     return llguidance.LLMatcher.grammar_from_lark(lark)
 
@@ -89,6 +100,7 @@ class GuidedCompiler:
         self._eos_token_ids = sorted(eos_token_ids)
         self.cache_size = cache_size
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._special_tokens: dict[str, int] = {}
         self._cache: OrderedDict[tuple[object, ...], llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -101,6 +113,8 @@ class GuidedCompiler:
             if self._tokenizer is None:
                 self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
                                                                eos_token=self._eos_token_ids)
+                self._special_tokens = {text: token_id for text, token_id in self._hf_tokenizer.get_added_vocab().items()
+                                        if self._tokenizer.is_special_token(token_id)}
             return self._tokenizer
 
     def compile(self, spec: GuidedDecoding) -> llguidance.LLMatcher:
@@ -125,7 +139,7 @@ class GuidedCompiler:
     def _build(self, spec: GuidedDecoding) -> llguidance.LLMatcher:
         tokenizer = self._ll_tokenizer()
         try:
-            grammar = grammar_text(spec)
+            grammar = grammar_text(spec, self._special_tokens)
         except ValueError as exc:  # llguidance rejects a schema that is not a JSON object or boolean
             raise GuidedCompileError(spec.param, f"{spec.param}: {exc}", str(exc)) from exc
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
@@ -136,7 +150,7 @@ class GuidedCompiler:
             for schema, param in zip(spec.schemas, spec.schema_params):
                 alone = GuidedDecoding(GuidedKind.JSON_SCHEMA, schema, strict=spec.strict, param=param)
                 try:
-                    message = llguidance.LLMatcher.validate_grammar(grammar_text(alone), tokenizer)
+                    message = llguidance.LLMatcher.validate_grammar(grammar_text(alone, {}), tokenizer)
                 except ValueError as exc:
                     message = str(exc)
                 if message:

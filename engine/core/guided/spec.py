@@ -94,8 +94,9 @@ class GuidedDecoding:
                     schema_params: Sequence[str] | None = None) -> GuidedDecoding:
         """`begin + value + end`, the value a JSON value valid against one of `schemas`; with
         `multiple`, one or more such items joined by `separator`. E.g. Hermes tool calls:
-        begin `<tool_call>\\n`, end `\\n</tool_call>`, one schema per function. `schema_params`
-        names each schema's API field (default `param[i]`)."""
+        begin `<tool_call>\\n`, end `\\n</tool_call>`, one schema per function. The text of one of
+        the tokenizer's special tokens in begin, end or separator (Mistral's `[TOOL_CALLS]`) is that
+        token. `schema_params` names each schema's API field (default `param[i]`)."""
         names = tuple(schema_params) if schema_params is not None else tuple(f"{param}[{i}]" for i in range(len(schemas)))
         if len(names) != len(schemas):
             raise ValueError(f"{len(schemas)} schemas but {len(names)} schema_params")

@@ -141,6 +141,17 @@ def test_tagged_json_gives_one_or_several_tool_calls_each_matching_one_schema(en
             validate(call, WEATHER if call["name"] == "get_weather" else TIME)
 
 
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_a_special_token_in_a_tagged_json_marker_is_that_token(engine, skip_special_tokens: bool) -> None:
+    marker = "<|im_start|>"  # a special token of the test tokenizer, as Mistral's [TOOL_CALLS] is of Mistral's
+    spec = GuidedDecoding.tagged_json(marker, "", [TIME])
+    params = sampled(spec, seed=0, skip_special_tokens=skip_special_tokens)
+    [(tokens, text, reason)] = run(engine, [EngineRequest("special", prompt(0, engine.vocab_size), params)]).values()
+    assert reason is FinishReason.STOP and tokens[0] == engine.tokenizer.convert_tokens_to_ids(marker)
+    assert text.startswith(marker) != skip_special_tokens
+    validate(json.loads(text.removeprefix(marker)), TIME)
+
+
 def test_unconstrained_rows_of_a_mixed_batch_equal_the_unconstrained_run(engine) -> None:
     vocab = engine.vocab_size
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
