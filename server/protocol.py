@@ -124,14 +124,17 @@ class MessageToolCall(BaseModel):
     function: FunctionCall
 
     def template_dict(self) -> dict[str, Any]:
-        """As chat templates read it: arguments as an object when they are a JSON object."""
-        try:
-            arguments: Any = json.loads(self.function.arguments)
-        except json.JSONDecodeError:
-            arguments = self.function.arguments
-        if not isinstance(arguments, dict):
-            arguments = self.function.arguments
-        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+        return tool_call_template_dict(self.id, self.function.name, self.function.arguments)
+
+
+def tool_call_template_dict(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """A tool call as chat templates read it: arguments as an object when they are a JSON object."""
+    try:
+        value: Any = json.loads(arguments)
+    except json.JSONDecodeError:
+        value = arguments
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": value if isinstance(value, dict) else arguments}}
 
 
 class TextPart(BaseModel):

@@ -1,4 +1,5 @@
-"""The HTTP routes: OpenAI endpoints under /v1, plus /health, /version and /metrics.
+"""The HTTP routes: OpenAI endpoints under /v1 (chat, completions, responses, models), plus
+/health, /version and /metrics.
 
 The /v1 POST routes parse their bodies themselves (`ServingContext.bodies`: large ones off the
 event loop), so their request schemas are added to the OpenAPI document by
@@ -21,11 +22,13 @@ from moe_serve.server.completions import create_completion, token_id_precheck
 from moe_serve.server.context import ServingContext
 from moe_serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from moe_serve.server.responses import ChatCompletionResponse, CompletionResponse, ModelCard, ModelList, now
+from moe_serve.server.responses_api import ResponseStore, create_response
+from moe_serve.server.responses_protocol import ResponsesRequest
 
 _STREAM_DOC = {"content": {"text/event-stream": {}}, "description": "JSON body, or SSE chunks when stream is true"}
 _ERROR_DOC = {"description": 'OpenAI error body: {"error": {"message", "type", "param", "code"}}'}
 _SCHEMAS_REF = "#/components/schemas/{model}"
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, ResponsesRequest)
 
 
 def _request_body_doc(model: type[BaseModel]) -> dict[str, Any]:
@@ -79,6 +82,7 @@ def build_router(ctx: ServingContext, version: str, registry: CollectorRegistry)
     """Every route of the server, bound to `ctx`."""
     router = APIRouter()
     created = now()
+    stored_responses = ResponseStore()
     errors: dict[int | str, dict[str, Any]] = {code: _ERROR_DOC for code in (400, 401, 404, 408, 413, 429, 503)}
 
     @router.post("/v1/chat/completions", tags=["openai"], openapi_extra=_request_body_doc(ChatCompletionRequest),
@@ -94,6 +98,19 @@ def build_router(ctx: ServingContext, version: str, registry: CollectorRegistry)
         """Text completion (OpenAI-compatible, legacy)."""
         body = await ctx.bodies.parse(request, CompletionRequest, token_id_precheck(ctx))
         return await create_completion(ctx, body, request)
+
+    @router.post("/v1/responses", tags=["openai"], openapi_extra=_request_body_doc(ResponsesRequest),
+                 responses={200: {"description": "a response object, or SSE events when stream is true",
+                                  "content": {"text/event-stream": {}}}, **errors})
+    async def responses(request: Request) -> Response:
+        """Create a model response (the Responses API)."""
+        body = await ctx.bodies.parse(request, ResponsesRequest)
+        return await create_response(ctx, stored_responses, body, request)
+
+    @router.get("/v1/responses/{response_id}", tags=["openai"], responses={404: _ERROR_DOC})
+    async def retrieve_response(response_id: str) -> JSONResponse:
+        """A stored response by id."""
+        return JSONResponse(stored_responses.get(response_id).body)
 
     @router.get("/v1/models", tags=["openai"], response_model=ModelList)
     async def list_models() -> ModelList:

@@ -21,11 +21,8 @@ from moe_serve.server.tokenizer_pool import ChatTemplateInfo
 from moe_serve.server.tool_parsers import ForcedCall, ToolCallFormat, ToolCallParser, detect_format, parser_for
 
 TOOL_PROMPT = (
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}}\n</tool_call>"
+    "# Tools\n\nFunctions you may call:\n<tools>\n{tools}\n</tools>\n\nTo call one, reply with <tool_call>\n"
+    "{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
 )
 
 
