@@ -65,9 +65,10 @@ def _vector_flags(cpu: set[str]) -> tuple[list[str], str]:
     """The compiler's vector flags for a CPU with these /proc/cpuinfo flags, and the flavour."""
     if not {"avx2", "fma"} <= cpu:
         return [], "c"
+    f16c = ["-mf16c"] if "f16c" in cpu else []  # the quantized experts' fp16 scales
     if "avx512f" in cpu:  # 512-bit vectors where the compiler finds a use for them
-        return ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"], "c-avx512"
-    return ["-mavx2", "-mfma"], "c-avx2"
+        return ["-mavx2", "-mfma", *f16c, "-mavx512f", "-mprefer-vector-width=512"], "c-avx512"
+    return ["-mavx2", "-mfma", *f16c], "c-avx2"
 
 
 def build_library(vector: list[str]) -> Path:

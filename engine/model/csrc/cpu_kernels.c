@@ -292,8 +292,12 @@ static inline float from_fp16(uint16_t h) {
     return v;
 }
 
+/* 2^(e - 127): the exponent field itself, or for e = 0 the subnormal 2^-127. */
 static inline float from_e8m0(uint8_t e) {
-    return ldexpf(1.f, (int)e - 127);
+    uint32_t bits = e ? (uint32_t)e << 23 : 0x00400000u;
+    float v;
+    __builtin_memcpy(&v, &bits, sizeof v);
+    return v;
 }
 
 /* The group's scale and zero point of each of the block's PACK outputs. */
@@ -315,7 +319,30 @@ static inline float code_at(const wblock *b, int64_t kk, int j, const float z[PA
     return b->kind == KIND_INT4 ? (float)code - z[j] : FP4_TABLE[code];
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* The group's scales and zero points of the block's 16 outputs as two 8-lane vectors each (group_params). */
+static inline __attribute__((always_inline)) void group_vectors(const wblock *b, int kind, int64_t g, __m256 s[2],
+                                                                 __m256 z[2]) {
+    if (kind == KIND_INT8) {
+        s[0] = _mm256_loadu_ps((const float *)b->scale), s[1] = _mm256_loadu_ps((const float *)b->scale + 8);
+        z[0] = z[1] = _mm256_setzero_ps();
+        return;
+    }
+    for (int h = 0; h < 2; ++h) {
+        int64_t i = g * PACK + 8 * h;
+        if (kind == KIND_INT4) {
+            s[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)b->scale + i)));
+            z[h] = b->zero ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b->zero + i))))
+                           : _mm256_set1_ps(8.f);
+        } else {
+            __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)b->scale + i)));
+            __m256i bits = _mm256_blendv_epi8(_mm256_slli_epi32(e, 23), _mm256_set1_epi32(0x00400000),
+                                              _mm256_cmpeq_epi32(e, _mm256_setzero_si256()));
+            s[h] = _mm256_castsi256_ps(bits), z[h] = _mm256_setzero_ps();
+        }
+    }
+}
+
 /* The 16 code values of step kk as two 8-lane vectors (outputs 0-7, 8-15). */
 static inline __attribute__((always_inline)) void codes16(const void *w, int kind, int64_t kk, __m256 z0, __m256 z1,
                                                            __m256 *w0, __m256 *w1) {
@@ -348,16 +375,16 @@ static inline __attribute__((always_inline)) void qblock_tile(const wblock *b, i
         for (int j = 0; j < PACK; ++j) acc_out[r][j] = 0.f;
     for (int64_t g = 0, g0 = 0; g0 < k; ++g, g0 += b->group) {
         int64_t g1 = g0 + b->group < k ? g0 + b->group : k;
-        float s[PACK], z[PACK];
-        group_params(b, g, s, z);
-        __m256 z0 = _mm256_loadu_ps(z), z1 = _mm256_loadu_ps(z + 8);
+        __m256 s[2], z[2];
+        group_vectors(b, kind, g, s, z);
         __m256 acc[TILE_ROWS][2];
 #pragma GCC unroll 6
         for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
         for (int64_t kk = g0; kk < g1; ++kk) {
-            __builtin_prefetch((const char *)b->w + (kk + PACK_AHEAD) * bytes_per_step, 0, 3);
+            if ((kk * bytes_per_step) % 64 == 0)  /* once per cache line */
+                __builtin_prefetch((const char *)b->w + (kk + PACK_AHEAD) * bytes_per_step, 0, 3);
             __m256 w0, w1;
-            codes16(b->w, kind, kk, z0, z1, &w0, &w1);
+            codes16(b->w, kind, kk, z[0], z[1], &w0, &w1);
 #pragma GCC unroll 6
             for (int r = 0; r < R; ++r) {
                 __m256 xv = _mm256_broadcast_ss(x[r] + kk);
@@ -365,12 +392,10 @@ static inline __attribute__((always_inline)) void qblock_tile(const wblock *b, i
                 acc[r][1] = _mm256_fmadd_ps(w1, xv, acc[r][1]);
             }
         }
-        __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
 #pragma GCC unroll 6
-        for (int r = 0; r < R; ++r) {
-            _mm256_storeu_ps(acc_out[r], _mm256_fmadd_ps(s0, acc[r][0], _mm256_loadu_ps(acc_out[r])));
-            _mm256_storeu_ps(acc_out[r] + 8, _mm256_fmadd_ps(s1, acc[r][1], _mm256_loadu_ps(acc_out[r] + 8)));
-        }
+        for (int r = 0; r < R; ++r)
+            for (int h = 0; h < 2; ++h)
+                _mm256_storeu_ps(acc_out[r] + 8 * h, _mm256_fmadd_ps(s[h], acc[r][h], _mm256_loadu_ps(acc_out[r] + 8 * h)));
     }
 }
 #else
