@@ -176,6 +176,7 @@ class LLMEngine:
             waiting_by_task=frozen(Counter(seq.request.task for seq in waiting)),
             output_len_mean_abs_error=self.scheduler.lengths.mean_abs_error,
             expected_wait_s=self.scheduler.expected_wait_s(running, waiting),
+            expected_wait_by_task=frozen(self.scheduler.expected_wait_by_task(running, waiting, time.monotonic())),
             num_task_names_folded=self.task_names.num_folded,
             tasks=self.scheduler.slo.tasks,
             device=str(self.runner.model.device),

@@ -12,14 +12,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from moe_serve.engine.core.tasks import TaskTable
     from moe_serve.engine.offload.expert_cache import ExpertCache
 
 
-def frozen(mapping: Mapping[str, int] | Mapping[int, int] | Mapping[int, float]) -> Mapping:
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def frozen(mapping: Mapping[K, V]) -> Mapping[K, V]:
     """A read-only copy of `mapping`."""
     return MappingProxyType(dict(mapping))
 
@@ -29,7 +33,8 @@ class ExpertCacheSnapshot:
     """The device expert cache's counters since start (per-layer mappings keyed by MoE layer) and
     its occupancy: `num_experts` routed experts per layer in the host store, `resident_experts`
     the sorted expert ids per layer holding a slot (resident or loading; refreshed at most every
-    0.25 s, `SlotPool.residency`)."""
+    0.25 s, `SlotPool.residency`); `lookups_by_task` / `misses_by_task`: (row, MoE layer, routed
+    expert) lookups by the task of the row, and those that missed (`TaskHitCounter`)."""
 
     hits: Mapping[int, int]
     misses: Mapping[int, int]
@@ -44,6 +49,8 @@ class ExpertCacheSnapshot:
     capacity_bytes: int
     num_experts: Mapping[int, int]
     resident_experts: Mapping[int, tuple[int, ...]]
+    lookups_by_task: Mapping[str, int]
+    misses_by_task: Mapping[str, int]
 
     @classmethod
     def of(cls, cache: ExpertCache) -> ExpertCacheSnapshot:
@@ -58,6 +65,7 @@ class ExpertCacheSnapshot:
             resident_bytes=cache.num_occupied_slots * nbytes, capacity_bytes=cache.num_slots * nbytes,
             num_experts=cache.store.experts_per_layer,
             resident_experts=cache.pool.residency(),
+            lookups_by_task=frozen(stats.lookups_by_task), misses_by_task=frozen(stats.misses_by_task),
         )
 
 
@@ -66,7 +74,8 @@ class EngineStats:
     """A snapshot of the engine.
 
     expected_wait_s: seconds a request arriving now would wait before its prefill starts (the
-    scheduler's estimate from the queues and measured step times; Retry-After uses it).
+    scheduler's estimate from the queues and measured step times; Retry-After uses it);
+    `expected_wait_by_task` the same for a request of each task of the table.
     num_task_names_folded: requests whose task name was served as `default` (max_tasks reached).
     expert_cache: None when every expert is resident (no offload).
     """
@@ -79,6 +88,7 @@ class EngineStats:
     waiting_by_task: Mapping[str, int]
     output_len_mean_abs_error: float
     expected_wait_s: float
+    expected_wait_by_task: Mapping[str, float]
     num_task_names_folded: int
     tasks: TaskTable
     device: str

@@ -46,6 +46,9 @@ class ExpertCacheStats:
     prefetch_used: int = 0  # acquired before eviction (includes late ones)
     prefetch_wasted: int = 0  # evicted or cancelled before any use
     prefetch_late: int = 0  # acquired while its copy was still pending
+    # per task: (row, MoE layer, routed expert) lookups and those that missed (`TaskHitCounter`)
+    lookups_by_task: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    misses_by_task: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     @property
     def hit_rate(self) -> float:
@@ -64,6 +67,7 @@ class ExpertCache:
         self._preloads: dict[ExpertKey, int] = {}  # key of a still unused scored prefetch -> step it was issued in
         self._stats = ExpertCacheStats()
         self._step = 0
+        self._step_misses: list[ExpertKey] = []  # demand misses since `take_step_misses` last ran
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +118,7 @@ class ExpertCache:
             for key in misses:
                 self._stats.misses[key.layer] += 1
                 self.policy.on_access(key)
+            self._step_misses.extend(misses)
         return pool.pin(keys)
 
     def take_ready(self, slot: ExpertSlot) -> tuple[torch.Tensor, ...] | None:
@@ -175,6 +180,18 @@ class ExpertCache:
         """End of one engine step: forwarded to the policy."""
         self._step += 1
         self.policy.on_step()
+
+    def take_step_misses(self) -> list[ExpertKey]:
+        """The keys that missed in `acquire` since the last call (and forgets them)."""
+        misses, self._step_misses = self._step_misses, []
+        return misses
+
+    def record_task_lookups(self, lookups: dict[str, int], misses: dict[str, int]) -> None:
+        """Adds a step's per-task lookups and misses (`TaskHitCounter`) to the counters."""
+        for task, count in lookups.items():
+            self._stats.lookups_by_task[task] += count
+        for task, count in misses.items():
+            self._stats.misses_by_task[task] += count
 
     def stats(self) -> ExpertCacheStats:
         """A snapshot of the counters (its per-layer dicts are copies; the engine thread takes one
