@@ -163,7 +163,7 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
     packed = packs_weights(device, dtype)  # the CPU kernels' layout, packed once here
     dense = _dense_to(pack_dense(loaded.weights.dense) if packed else loaded.weights.dense, device)
     experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens,
-                                    pack=packed and spec.expert_mlp.is_plain)
+                                    pack=packed and spec.expert_mlp.is_plain and not loaded.expert_format.quantized)
     cache = experts.cache if isinstance(experts, OffloadedExperts) else None
     tasks = load_task_table(config.tasks_file)
     routing = routing_consumers(config, spec, tasks, cache, device)
@@ -171,7 +171,7 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
     router = None if replay is None else TraceRouter(replay.trace, spec.num_moe_layers, spec.num_experts, spec.top_k,
                                                      first_layer=replay.first_layer)
     model = MoEModel(spec, dense, experts, device, packed=packed, speculator=speculator,
-                     routing_observer=routing.recorder, routing_override=router)
+                     routing_observer=routing.recorder, routing_override=router, expert_format=loaded.expert_format)
     observers = [o for o in (routing.recorder, speculator, router) if isinstance(o, StepObserver)]
     kv = allocate_kv_cache(spec, num_blocks, block_size, dtype, device)
     logger.info(

@@ -93,6 +93,12 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(default=32, ge=1, le=4096)
     max_num_batched_tokens: int = Field(default=512, ge=16, description="tokens per step (prefill chunk size)")
     max_waiting: int = Field(default=256, ge=1, description="waiting-queue bound; beyond it requests get 429")
+    expert_dtype: str = Field(
+        default="auto", pattern=r"^(auto|model|int8|mxfp4|int4(-g(32|64|128))?(-sym)?)$",
+        description="routed experts' storage: auto (an MXFP4 checkpoint stays MXFP4, else the model dtype), model, "
+                    "int8, int4 (group 64 with zero points; int4-g32/-g128, -sym without zero points) or mxfp4; "
+                    "quantized at load, expert by expert (docs/quantization.md)",
+    )
     offload: OffloadMode = OffloadMode.AUTO
     expert_cache_gb: float | None = Field(default=None, gt=0, description="device expert-cache budget in GiB")
     expert_cache_fraction: float | None = Field(

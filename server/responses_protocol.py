@@ -80,11 +80,20 @@ InputItem = Annotated[
     Annotated[InputMessage, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
-    Discriminator(_item_type),
+    Discriminator(_item_type, custom_error_type="invalid_input_item",
+                  custom_error_message="input items are of type message, function_call or function_call_output"),
 ]
 
 
-def input_messages(items: str | list[InputItem]) -> list[dict[str, Any]]:
+def _input_kind(value: Any) -> str:
+    return "str" if isinstance(value, str) else "list"
+
+
+# A text or a list of items; the tags are type names, which error locations leave out.
+Input = Annotated[Annotated[str, Tag("str")] | Annotated[list[InputItem], Tag("list")], Discriminator(_input_kind)]
+
+
+def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
     """Input items as chat-template messages: consecutive function calls join the assistant
     message before them, a call's output is a `tool` message."""
     if isinstance(items, str):
@@ -172,7 +181,7 @@ class ResponsesRequest(BaseModel):
     model_config = STRICT
 
     model: str
-    input: str | list[InputItem]
+    input: Input
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)

@@ -26,6 +26,8 @@ from moe_serve.engine.errors import (
 from moe_serve.server.auth import key_matches
 from moe_serve.server.errors import APIError, from_engine_error, from_validation_errors, param_from_loc
 from moe_serve.server.protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.server.responses_api import ResponseStore, StoredResponse
+from moe_serve.server.responses_protocol import ResponsesRequest, input_messages
 from moe_serve.server.sampling import response_format_guided
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -410,3 +412,54 @@ def test_no_request_body_gets_a_5xx_from_the_real_engine(app_client: Any, body: 
         assert response.text.rstrip().endswith("data: [DONE]") and '"error"' not in response.text
     else:
         assert response.json()["object"] == "chat.completion"
+
+
+def test_responses_input_items_become_template_messages() -> None:
+    req = ResponsesRequest.model_validate({"model": "m", "input": [
+        {"role": "developer", "content": "Be terse."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+        {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+         "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather", "arguments": '{"c": 1}'},
+        {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "rain"},
+    ]})
+    assert input_messages(req.input) == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"c": 1}}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": {}}}]},
+        {"role": "tool", "content": "rain", "tool_call_id": "call_1"},
+    ]
+    assert input_messages("hi") == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": [{"type": "image", "url": "x"}]}, "input[0]"),
+    ({"input": "x", "reasoning": {"effort": "low"}}, "reasoning"),
+    ({"input": "x", "tool_choice": {"type": "function", "name": "f"}}, "tool_choice"),
+    ({"input": "x", "text": {"format": {"type": "text", "schema": {}}}}, "text.format.schema"),
+])
+def test_bad_responses_bodies_name_the_field(body: dict[str, Any], param: str) -> None:
+    error = _error(ResponsesRequest, {"model": "m", **body})
+    assert error is not None and error.status_code == 400 and error.param == param
+
+
+def test_responses_text_format_maps_to_guided_decoding() -> None:
+    req = ResponsesRequest.model_validate({"model": "m", "input": "x", "text": {"format": {
+        "type": "json_schema", "name": "a", "schema": {"type": "object"}, "strict": True}}})
+    assert req.guided() == GuidedDecoding.json_schema({"type": "object"}, strict=True, param="text.format.schema")
+    assert ResponsesRequest.model_validate({"model": "m", "input": "x"}).guided() is None
+
+
+def test_the_response_store_keeps_the_most_recently_used() -> None:
+    store = ResponseStore(max_responses=2)
+    for name in ("a", "b"):
+        store.put(name, StoredResponse({"id": name}, []))
+    store.get("a")
+    store.put("c", StoredResponse({"id": "c"}, []))
+    assert len(store) == 2 and store.get("a").body == {"id": "a"}
+    with pytest.raises(APIError) as error:
+        store.get("b", "previous_response_id")
+    assert (error.value.status_code, error.value.param) == (404, "previous_response_id")
