@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from moe_serve.engine.core.tasks import TaskTable, per_task_capacity
 from moe_serve.engine.errors import ModelLoadError
 from moe_serve.engine.model.cpu_kernels import packs_weights
 from moe_serve.engine.model.loader import LoadedModel, load_model
-from moe_serve.engine.model.moe_model import MoEModel, Speculator, moe_routers
+from moe_serve.engine.model.moe_model import MoEModel, RoutingObserver, Speculator, moe_routers
 from moe_serve.engine.model.packed import Matrix
 from moe_serve.engine.model.spec import ModelSpec
 from moe_serve.engine.model.weights import pack_dense
@@ -41,6 +42,7 @@ from moe_serve.engine.prefetch.routing import (
     TraceWriter,
 )
 from moe_serve.engine.prefetch.speculators import AffinitySpeculator, LogisticSpeculator, RouterSpeculator
+from moe_serve.engine.prefetch.task_hits import TaskHitCounter
 from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace
 from moe_serve.engine.traces.trace_router import TraceRouter
 
@@ -154,7 +156,7 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
         torch.set_num_threads(config.num_threads)
     path = model_path(config)
     device = resolve_device(config.device)
-    loaded = load_model(path, dtype=config.dtype.value, show_progress=show_progress)
+    loaded = load_model(path, dtype=config.dtype.value, show_progress=show_progress, expert_dtype=config.expert_dtype)
     tokenizer = load_tokenizer(path)
     spec = loaded.spec
     dtype = loaded.weights.dense.embed_tokens.dtype
@@ -170,9 +172,11 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
     speculator = None if cache is None else make_speculator(config, spec, moe_routers(spec, dense), device)
     router = None if replay is None else TraceRouter(replay.trace, spec.num_moe_layers, spec.num_experts, spec.top_k,
                                                      first_layer=replay.first_layer)
+    task_hits = None if cache is None else TaskHitCounter(cache, spec.num_experts)
     model = MoEModel(spec, dense, experts, device, packed=packed, speculator=speculator,
-                     routing_observer=routing.recorder, routing_override=router, expert_format=loaded.expert_format)
-    observers = [o for o in (routing.recorder, speculator, router) if isinstance(o, StepObserver)]
+                     routing_observer=fan_out([routing.recorder, task_hits]), routing_override=router,
+                     expert_format=loaded.expert_format)
+    observers = [o for o in (routing.recorder, task_hits, speculator, router) if isinstance(o, StepObserver)]
     kv = allocate_kv_cache(spec, num_blocks, block_size, dtype, device)
     logger.info(
         "KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, block_size,
@@ -187,6 +191,19 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
     runner = ModelRunner(model, kv, block_size, eos_ids(loaded, tokenizer), observers)
     return LLMEngine(scheduler, runner, tokenizer, max_model_len, served_model_name(config),
                      preloader=routing.preloader, trace_writer=routing.trace_writer, expert_cache=cache)
+
+
+def fan_out(observers: Sequence[RoutingObserver | None]) -> RoutingObserver | None:
+    """One routing observer calling each of `observers` (None when there is none)."""
+    present = [observer for observer in observers if observer is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+
+    def observe(layer: int, topk_ids: torch.Tensor) -> None:
+        for observer in present:
+            observer(layer, topk_ids)
+
+    return observe
 
 
 def build_async_engine(config: EngineConfig) -> AsyncLLMEngine:
