@@ -124,7 +124,7 @@ class ModelRunner:
         if all(seq.guided is None for seq in seqs):
             return None
         if self._mask_worker is None:
-            self._mask_worker = MaskWorker()
+            self._mask_worker = MaskWorker(self.model.spec.vocab_size, self.model.device)
         return self._mask_worker.start([seq.guided for seq in seqs])
 
     def _prepare(self, out: SchedulerOutput, block_tables: SequenceT[SequenceT[int]]) -> PreparedStep:

@@ -57,9 +57,7 @@ class Sampler:
     ) -> SamplerOutput:
         """`masks`: the allowed tokens of the grammar-constrained rows."""
         raw = logits.float()  # B, V
-        logits = raw.clone()
-        if masks is not None:
-            self._grammar_mask(logits, masks)
+        logits = raw.clone() if masks is None else _masked(raw, masks)
         self._repetition_penalty(logits, params, prompt_ids, output_ids)
         self._presence_frequency_penalties(logits, params, output_ids)
         self._min_tokens_mask(logits, params, output_ids, eos_token_ids)
@@ -92,12 +90,6 @@ class Sampler:
         token_ids = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long, device=device)
         keep = (token_ids >= 0) & (token_ids < self.vocab_size)
         return batch_rows[keep], token_ids[keep]
-
-    def _grammar_mask(self, logits: torch.Tensor, masks: TokenMasks) -> None:
-        """-inf for each constrained row's tokens its grammar does not allow next."""
-        rows = torch.tensor(masks.rows, device=logits.device)
-        allowed = masks.allowed(logits.shape[1], logits.device)  # R, V
-        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
     def _repetition_penalty(
         self,
@@ -166,6 +158,16 @@ class Sampler:
             top = list(zip(top_ids_list[i][:n], top_values_list[i][:n]))
             result[row] = TokenLogprob(token_id=token_ids[row], logprob=chosen_values[i], top=top)
         return result
+
+
+def _masked(raw: torch.Tensor, masks: TokenMasks) -> torch.Tensor:
+    """A copy of the [B, V] logits with the grammar's bias added to its constrained rows
+    (-inf for the tokens their grammar does not allow next)."""
+    if masks.rows == list(range(raw.shape[0])):
+        return raw + masks.bias  # the copy and the mask in one pass
+    logits = raw.clone()
+    logits.index_add_(0, torch.tensor(masks.rows, device=raw.device), masks.bias)
+    return logits
 
 
 def _select(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:

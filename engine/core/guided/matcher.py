@@ -1,5 +1,5 @@
 """Each constrained sequence's position in its grammar (`GuidedMatcher`), and a step's token masks
-(`TokenMasks`), computed on a worker thread while the forward runs (`MaskWorker`).
+as a logit bias (`TokenMasks`), computed on a worker thread while the forward runs (`MaskWorker`).
 Shapes: R constrained rows, W = ceil(V / 32) mask words, V vocabulary."""
 
 from __future__ import annotations
@@ -40,23 +40,27 @@ class GuidedMatcher:
 
 @dataclass(frozen=True)
 class TokenMasks:
-    """The allowed next tokens of the constrained rows of a sampling batch: bit t of `bitmask[i]`
-    is set when row `rows[i]` may sample token t. `errors`: rows whose matcher failed, and why."""
+    """The allowed next tokens of the constrained rows of a sampling batch, as a bias to add to
+    their logits: `bias[i]` is 0 where row `rows[i]` may sample the token, -inf where it may not.
+    `errors`: rows whose matcher failed, and why."""
 
     rows: list[int]
-    bitmask: torch.Tensor  # R, W int32
+    bias: torch.Tensor  # R, V float32, on the logits' device
     errors: dict[int, str]
 
-    def allowed(self, vocab_size: int, device: torch.device) -> torch.Tensor:
-        """[R, vocab_size] bool: True where the token is allowed."""
-        bits = torch.arange(32, dtype=torch.int32, device=device)
-        words = self.bitmask.to(device, non_blocking=True)
-        unpacked = (words.unsqueeze(-1) >> bits) & 1  # R, W, 32: bit b of word w is token 32 w + b
-        return unpacked.reshape(len(self.rows), -1)[:, :vocab_size].bool()
+
+def mask_bias(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[R, W] int32 bitmasks (bit b of word w: token 32 w + b allowed) -> [R, vocab_size] 0 / -inf."""
+    words = bitmask.to(device, non_blocking=True)
+    bits = torch.arange(32, dtype=torch.int32, device=device)
+    allowed = ((words.unsqueeze(-1) >> bits) & 1).reshape(len(bitmask), -1)[:, :vocab_size].bool()  # R, V
+    return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
 
-def compute_masks(matchers: Sequence[GuidedMatcher | None], executor: llguidance.LLExecutor) -> TokenMasks:
-    """The masks of the rows that have a matcher (their index in `matchers`)."""
+def compute_masks(matchers: Sequence[GuidedMatcher | None], executor: llguidance.LLExecutor, vocab_size: int,
+                  device: torch.device) -> TokenMasks:
+    """The masks of the rows that have a matcher (their index in `matchers`), for logits of
+    `vocab_size` tokens on `device`."""
     rows = [row for row, m in enumerate(matchers) if m is not None]
     constrained = [m for m in matchers if m is not None]
     width = (constrained[0].vocab_size + 31) // 32
@@ -65,14 +69,17 @@ def compute_masks(matchers: Sequence[GuidedMatcher | None], executor: llguidance
     executor.unsafe_compute_mask_ptr([(m.matcher, i) for i, m in enumerate(constrained)], bitmask.data_ptr(),
                                      width * 4, len(rows))
     errors = {row: m.error for row, m in zip(rows, constrained) if m.error is not None}
-    return TokenMasks(rows, bitmask, errors)
+    return TokenMasks(rows, mask_bias(bitmask, vocab_size, device), errors)
 
 
 class MaskWorker:
-    """Computes a step's masks on its own thread: `start` before the forward, `Future.result()`
-    before sampling. llguidance computes masks without the GIL, so the forward is not held up."""
+    """Computes a step's masks (and their logit bias) on its own thread: `start` before the forward,
+    `Future.result()` before sampling. llguidance computes masks without the GIL, so the forward
+    is not held up; what is left for the sampler is one add."""
 
-    def __init__(self) -> None:
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-serve-masks")
         self._executor = llguidance.LLExecutor()
 
@@ -81,4 +88,4 @@ class MaskWorker:
         no row is constrained."""
         if all(m is None for m in matchers):
             return None
-        return self._thread.submit(compute_masks, list(matchers), self._executor)
+        return self._thread.submit(compute_masks, list(matchers), self._executor, self.vocab_size, self.device)

@@ -35,6 +35,7 @@ PERSON = {
     "required": ["name", "age", "role", "active", "tags"],
     "additionalProperties": False,
 }
+CPU = torch.device("cpu")
 WEATHER = {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}},
     "required": ["name", "arguments"]}
@@ -182,26 +183,30 @@ def test_eos_is_allowed_only_where_the_grammar_accepts(engine) -> None:
     tokens = [tokenizer.convert_tokens_to_ids(c) for c in "abcd"]  # one byte-level token per letter
     matcher = engine.guided.matcher(GuidedDecoding.regex("ab(cd)?"))
     for i, token in enumerate(tokens):
-        masks = compute_masks([None, matcher], executor)
-        allowed = masks.allowed(engine.vocab_size, torch.device("cpu"))[0]
+        masks = compute_masks([None, matcher], executor, engine.vocab_size, CPU)
+        allowed = masks.bias[0] == 0
         assert masks.rows == [1] and bool(allowed[token])
         assert bool(allowed[eos]) == (i == 2)  # after "ab" only
         assert matcher.accept(token)
         assert matcher.is_finished == (i == 3)
-    allowed = compute_masks([matcher], executor).allowed(engine.vocab_size, torch.device("cpu"))[0]
+    allowed = compute_masks([matcher], executor, engine.vocab_size, CPU).bias[0] == 0
     assert allowed.nonzero().flatten().tolist() == [eos] and matcher.is_finished
 
 
 def test_the_sampler_masks_only_constrained_rows(engine) -> None:
     vocab = engine.vocab_size
     matcher = engine.guided.matcher(GuidedDecoding.regex("[0-9]+"))
-    masks = compute_masks([None, matcher, None], llguidance.LLExecutor())
+    masks = compute_masks([None, matcher, None], llguidance.LLExecutor(), vocab, CPU)
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(temperature=0.0)] * 3
     out = Sampler(vocab)(logits, params, [[1]] * 3, [[]] * 3, [None] * 3, frozenset(), masks)
     assert out.token_ids[0] == int(logits[0].argmax()) and out.token_ids[2] == int(logits[2].argmax())
-    assert engine.tokenizer.decode([out.token_ids[1]]).isdigit()
+    best_digit = int((logits[1] + masks.bias[0]).argmax())
+    assert out.token_ids[1] == best_digit and engine.tokenizer.decode([best_digit]).isdigit()
     assert out.logprobs == [None] * 3 and out.errors == [None] * 3
+    every_row = compute_masks([matcher], llguidance.LLExecutor(), vocab, CPU)  # the one-pass path
+    alone = Sampler(vocab)(logits[1:2], params[:1], [[1]], [[]], [None], frozenset(), every_row)
+    assert alone.token_ids == [best_digit]
 
 
 @pytest.mark.parametrize(("spec", "param", "part"), [
