@@ -1,5 +1,5 @@
-"""Quantized experts through the model: loading in each format (MXFP4 checkpoints kept 4-bit),
-offloading that leaves the greedy tokens unchanged, and the torch path against the C kernel."""
+"""Quantized experts through the engine (`expert_dtype`): loading in each format (MXFP4 checkpoints
+kept 4-bit), offloading that leaves the greedy tokens unchanged, and the torch path against the C kernel."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from moe_serve.engine.model.loader import load_model
 from moe_serve.engine.model.moe_model import MoEModel
 from moe_serve.engine.model.mxfp4 import MXFP4Expert
 from moe_serve.engine.model.quant import MODEL_DTYPE, MXFP4_FORMAT, WeightKind, parse_expert_dtype
-from moe_serve.engine.offload.provider import OffloadedExperts, build_expert_provider
+from moe_serve.engine.offload.provider import OffloadedExperts
 from moe_serve.engine.types import ExpertKey
 from tests.helpers import (
     MIN_FRACTION,
@@ -30,19 +30,15 @@ FORMATS = ("int8", "int4-g32", "int4-g64-sym", "mxfp4")
 
 
 def quantized_engine(path, expert_dtype: str, packed: bool | None = None, **overrides):
-    """An engine whose model runs the experts stored as `expert_dtype`: build_engine's engine with its
-    model rebuilt over experts loaded in that format (the same dense weights, a provider built the
-    same way); `packed=False` sends the experts through the torch path."""
+    """An engine whose experts are stored as `expert_dtype` (`--expert-dtype`); `packed=False`
+    rebuilds its model over the same parts with the experts run in the torch path."""
     overrides.setdefault("dtype", "float32")
-    config = EngineConfig(model=str(path), max_num_batched_tokens=16, **overrides)
+    config = EngineConfig(model=str(path), max_num_batched_tokens=16, expert_dtype=expert_dtype, **overrides)
     engine = build_engine(config, show_progress=False)
-    base = engine.runner.model
-    loaded = load_model(path, dtype=config.dtype.value, show_progress=False, expert_dtype=expert_dtype)
-    provider = build_expert_provider(config, loaded.weights.experts, loaded.spec, base.device,
-                                     config.max_num_batched_tokens, pack=not loaded.expert_format.quantized)
-    engine.runner.model = MoEModel(loaded.spec, base.dense, provider, base.device,
-                                   packed=base.packed if packed is None else packed,
-                                   expert_format=loaded.expert_format)
+    if packed is not None:
+        model = engine.runner.model
+        engine.runner.model = MoEModel(model.spec, model.dense, model.experts, model.device, packed=packed,
+                                       expert_format=model.expert_format)
     return engine
 
 
@@ -66,9 +62,11 @@ def test_loading_quantizes_every_expert_into_its_stored_layout(mixtral, name: st
                                                    fmt.decode(fmt.encode(plain), hidden, ffn, torch.float32)))
 
 
-def test_an_unknown_expert_dtype_is_a_load_error(mixtral) -> None:
+def test_an_unknown_expert_dtype_is_refused(mixtral) -> None:
     with pytest.raises(ModelLoadError, match="unknown expert dtype 'int3'"):
         load_model(mixtral, show_progress=False, expert_dtype="int3")
+    with pytest.raises(ValueError, match="expert_dtype"):
+        EngineConfig(expert_dtype="int4-g48")
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("int8", "float32"), ("int4-g32", "bfloat16"),
@@ -126,9 +124,10 @@ def test_gpt_oss_served_from_4_bit_experts_gives_the_expanded_models_tokens(mxfp
     """gpt-oss' biased, clamped experts run in torch, dequantized one expert at a time from the codes
     in the host tier and the slots; the values are exact, so the tokens are the expanded model's."""
     four_bit = quantized_engine(mxfp4_checkpoint, "auto", **offload)
+    assert four_bit.runner.model.expert_format is MXFP4_FORMAT
     if "expert_cache_fraction" in offload:
         store = four_bit.runner.model.experts.cache.store
         assert store.layouts[0].dtype is torch.uint8
-    expanded = build_engine(EngineConfig(model=str(mxfp4_checkpoint), dtype="float32", max_num_batched_tokens=16,
-                                         offload="off"), show_progress=False)
+    expanded = quantized_engine(mxfp4_checkpoint, "model", offload="off")
+    assert not expanded.runner.model.expert_format.quantized
     assert run_to_completion(four_bit, workload()) == run_to_completion(expanded, workload())
