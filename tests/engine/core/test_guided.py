@@ -253,6 +253,17 @@ def test_compiles_are_cached_by_spec_and_bounded(engine) -> None:
     assert compiler.compile(GuidedDecoding.regex("a+")) is not first  # dropped as least recently used
 
 
+def test_a_tokenizer_the_library_cannot_read_makes_constrained_requests_fail_with_a_400_error() -> None:
+    class NotATokenizer:
+        def __len__(self) -> int:
+            return 8
+
+    compiler = GuidedCompiler(NotATokenizer(), 8, {0})
+    with pytest.raises(GuidedCompileError, match="not available for this model's tokenizer") as caught:
+        compiler.compile(GuidedDecoding.json_object(param="response_format"))
+    assert caught.value.param == "response_format"
+
+
 def test_strict_schemas_forbid_unlisted_properties_at_every_level() -> None:
     schema = {"type": "object", "properties": {"type": {"type": "object", "properties": {"x": {"type": "integer"}}},
                                                "list": {"type": "array", "items": {"properties": {}}}},
