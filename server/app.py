@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from moe_serve.server.auth import ApiKeyMiddleware
 from moe_serve.server.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT_S
 from moe_serve.server.context import ServingContext
+from moe_serve.server.dashboard import build_dashboard_router
 from moe_serve.server.docs_ui import install_docs
 from moe_serve.server.drain import DrainMiddleware, DrainState
 from moe_serve.server.errors import install_error_handlers
@@ -89,6 +90,7 @@ def create_app(engine: AsyncLLMEngine, options: ServerOptions) -> FastAPI:
     app.state.request_metrics = register_metrics(registry, engine, options.served_model_name, options.version)
     install_error_handlers(app)
     app.include_router(build_router(ctx, options.version, registry))
+    app.include_router(build_dashboard_router(engine, app.state.request_metrics, options.served_model_name))
     document_request_bodies(app)
     if options.docs:
         install_docs(app)
