@@ -54,7 +54,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     max_tokens = ctx.output_budget(len(prompt_ids), body.output_limit(), PROMPT_PARAM)
     engine_requests = build_engine_requests(
         engine_request_ids(http_request_id(request), body.n), prompt_ids, body, max_tokens, body.num_logprobs(), task,
-        guided=plan.guided,
+        guided=plan.guided, keep_special_tokens=plan.keep_special_tokens,
     )
     generation, first = await start_generation(ctx.engine, request, engine_requests, PROMPT_PARAM)
     stream = _ChatStream(ctx, body, plan, new_id("chatcmpl"), now(), len(prompt_ids))

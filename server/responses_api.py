@@ -104,7 +104,8 @@ async def create_response(ctx: ServingContext, store: ResponseStore, body: Respo
                                                  plan.tools)
     max_tokens = ctx.output_budget(len(prompt_ids), body.max_output_tokens, PROMPT_PARAM)
     engine_requests = build_engine_requests(engine_request_ids(http_request_id(request), 1), prompt_ids, params,
-                                            max_tokens, None, task, guided=plan.guided or guided)
+                                            max_tokens, None, task, guided=plan.guided or guided,
+                                            keep_special_tokens=plan.keep_special_tokens)
     generation, first = await start_generation(ctx.engine, request, engine_requests, PROMPT_PARAM)
     builder = _ResponseBuilder(ctx.served_model_name, body, plan, len(prompt_ids), conversation, store)
     if body.stream:

@@ -28,9 +28,11 @@ def response_format_guided(response_format: ResponseFormat | None,
 
 
 def build_sampling_params(params: GenerationParams, max_tokens: int, num_logprobs: int | None,
-                          seed: int | None, guided: GuidedDecoding | None = None) -> SamplingParams:
+                          seed: int | None, guided: GuidedDecoding | None = None,
+                          keep_special_tokens: bool = False) -> SamplingParams:
     """SamplingParams for one choice, unvalidated: the engine checks them once, when the request is
-    added and before any response byte (InvalidParameter, a 400 naming the field)."""
+    added and before any response byte (InvalidParameter, a 400 naming the field).
+    `keep_special_tokens`: the output text keeps special tokens (tool-call markers that are)."""
     optional: dict[str, Any] = {
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -47,6 +49,7 @@ def build_sampling_params(params: GenerationParams, max_tokens: int, num_logprob
         min_tokens=params.min_tokens,
         logprobs=num_logprobs,
         guided=guided,
+        skip_special_tokens=not keep_special_tokens,
         **{name: value for name, value in optional.items() if value is not None},
     )
 
@@ -65,6 +68,7 @@ def build_engine_requests(
     task: str | None,
     seed_offset: int = 0,
     guided: GuidedDecoding | None = None,
+    keep_special_tokens: bool = False,
 ) -> list[EngineRequest]:
     """One EngineRequest per id, choice i seeded with seed + seed_offset + i; `guided` overrides
     the constraint of `params.response_format`."""
@@ -74,7 +78,8 @@ def build_engine_requests(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             sampling=build_sampling_params(params, max_tokens, num_logprobs,
-                                           choice_seed(params.seed, seed_offset + i), constraint),
+                                           choice_seed(params.seed, seed_offset + i), constraint,
+                                           keep_special_tokens),
             task=task or DEFAULT_TASK,
             priority=params.priority,
         )

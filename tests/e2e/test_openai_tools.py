@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -55,6 +56,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     log_path = tmp_path_factory.mktemp("tools-log") / "server.log"
     with server_process(checkpoint, ["--max-model-len", str(CONTEXT)], log_path) as (base_url, process):
         yield LiveServer(base_url, "unused", checkpoint.name, checkpoint, CONTEXT, process)
+
+
+def _rename_special_token(checkpoint: Path, old: str, new: str) -> None:
+    """Rename one of the tokenizer's special tokens (same id), e.g. the unused `</s>` to Mistral's `[TOOL_CALLS]`."""
+    tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
+    for token in tokenizer["added_tokens"]:
+        if token["content"] == old:
+            token["content"] = new
+    tokenizer["model"]["vocab"][new] = tokenizer["model"]["vocab"].pop(old)
+    (checkpoint / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = [new if token == old else token for token in config["extra_special_tokens"]]
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +210,24 @@ def test_parse_helper_reads_a_pydantic_answer(client: openai.OpenAI, server: Liv
     assert completion.choices[0].finish_reason == "stop"
     parsed = completion.choices[0].message.parsed
     assert isinstance(parsed, Answer) and parsed.color in ("red", "green", "blue")
+
+
+def test_a_mistral_vocabulary_gets_mistral_tool_calls(tmp_path: Path) -> None:
+    """A tokenizer with Mistral's `[TOOL_CALLS]` special token: the server detects the format from the
+    vocabulary, forces `[TOOL_CALLS][...]`, keeps the special token in the text and parses it back."""
+    checkpoint = make_tiny_checkpoint("mixtral", tmp_path / "tiny-mistral-tools", max_position_embeddings=CONTEXT)
+    _rename_special_token(checkpoint, "</s>", "[TOOL_CALLS]")
+    with server_process(checkpoint, ["--max-model-len", str(CONTEXT)], tmp_path / "server.log") as (base_url, _):
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        whole = client.chat.completions.create(model=checkpoint.name, messages=USER, tools=TOOLS, max_tokens=64,
+                                               tool_choice="required", temperature=1.0, seed=7)
+        with client.chat.completions.stream(model=checkpoint.name, messages=USER, tools=TOOLS, max_tokens=64,
+                                            tool_choice="required", temperature=1.0, seed=7) as stream:
+            streamed = stream.get_final_completion()
+    for completion in (whole, streamed):
+        choice = completion.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content  # None, or the role chunk's ""
+        [call] = choice.message.tool_calls or []
+        _check_call(call.function.name, call.function.arguments)
+    assert streamed.choices[0].message.tool_calls[0].function.arguments == \
+        whole.choices[0].message.tool_calls[0].function.arguments  # same seed, same call
