@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from moe_serve.engine.core.stats import EngineStats, ExpertCacheSnapshot
 from moe_serve.engine.core.tasks import TaskSpec, TaskTable
+from moe_serve.server.auth import ApiKeyMiddleware
 from moe_serve.server.dashboard import TokenRate, build_dashboard_router, dashboard_data
 from moe_serve.server.metrics import ServerMetrics, TaskTableSource
 
@@ -132,12 +133,17 @@ def test_data_without_offload_or_before_the_engine_is_ready() -> None:
     assert loading["tasks"][0]["ttft_slo_s"] is None and loading["tasks"][0]["expert_hit_rate"] is None
 
 
-def test_routes_serve_the_page_and_its_data() -> None:
-    stats = engine_stats(cache_snapshot())
-    engine = PublishedStats(stats)
+def dashboard_app(api_key: str | None = None, protect_health_and_metrics: bool = False) -> FastAPI:
+    engine = PublishedStats(engine_stats(cache_snapshot()))
     app = FastAPI()
     app.include_router(build_dashboard_router(engine, server_metrics(engine), "tiny"))  # type: ignore[arg-type]
-    client = TestClient(app)
+    if api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, protect_health_and_metrics=protect_health_and_metrics)
+    return app
+
+
+def test_routes_serve_the_page_and_its_data() -> None:
+    client = TestClient(dashboard_app())
 
     page = client.get("/dashboard")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -149,3 +155,11 @@ def test_routes_serve_the_page_and_its_data() -> None:
     data = client.get("/dashboard/data")
     assert data.status_code == 200
     assert data.json()["expert_cache"]["layers"][0]["resident"] == [1, 5]
+
+
+@pytest.mark.parametrize("protected", [False, True])
+def test_the_api_key_guards_the_dashboard_like_metrics(protected: bool) -> None:
+    client = TestClient(dashboard_app(api_key="sk-key", protect_health_and_metrics=protected))
+    for path in ("/dashboard", "/dashboard/data"):
+        assert client.get(path).status_code == (401 if protected else 200)
+        assert client.get(path, headers={"Authorization": "Bearer sk-key"}).status_code == 200
