@@ -218,10 +218,10 @@ def test_messages_are_formatted_and_every_4xx_has_a_string_code(server: Server, 
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
     message = assert_error(image, 400, "unsupported_parameter", "messages[0].content")["message"]
     assert message == "content parts of type 'image_url' are not supported"
-    fmt = conn.request("POST", "/v1/chat/completions", {"model": server.model, "messages": MESSAGES,
-                                                        "response_format": {"type": "json_object"}})
-    assert assert_error(fmt, 400, "unsupported_parameter", "response_format")["message"] == \
-        "response_format 'json_object' is not supported"
+    audio = conn.request("POST", "/v1/chat/completions", {"model": server.model, "messages": MESSAGES,
+                                                          "audio": {"voice": "alloy", "format": "wav"}})
+    assert assert_error(audio, 400, "unsupported_parameter", "audio")["message"] == \
+        "'audio' is not supported by this server"
     assert_error(conn.request("POST", "/v1/completions", b"\xff\xfe not utf-8"), 400, "invalid_json")
     assert_error(conn.request("DELETE", "/v1/completions"), 405, "method_not_allowed")
     assert_error(conn.request("GET", "/v1/nothing"), 404, "not_found")
