@@ -32,8 +32,9 @@ TOKEN_RATE_WINDOW_S = 10.0
 
 
 class TokenRate:
-    """Output tokens per second: the counter's rise over the samples of the last `window_s` seconds
-    (every read of the dashboard data adds one sample)."""
+    """Output tokens per second: the counter's rise since the last sample taken at or before
+    `window_s` seconds ago (every read of the dashboard data adds one sample; polls further apart
+    than the window give the rate since the previous poll)."""
 
     def __init__(self, window_s: float = TOKEN_RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._window_s = window_s
