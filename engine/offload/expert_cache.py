@@ -253,8 +253,10 @@ class ExpertCache:
     def _claim_slot(self, protected: Set[ExpertKey] = frozenset()) -> int:
         if self.pool.num_free:
             return self.pool.claim_free()
+        if not self._preloads:
+            return self._evict(self.policy.victim(self.pool.evictable_keys(protected)))
         candidates = self.pool.evictable(protected)
-        settled = [key for key in candidates if not self._fresh_preload(key)] if self._preloads else candidates
+        settled = [key for key in candidates if not self._fresh_preload(key)]
         return self._evict(self.policy.victim(settled or candidates))
 
     def _claim_slot_below(self, score: float, scores: Mapping[ExpertKey, float]) -> int | None:

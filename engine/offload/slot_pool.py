@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 # the residency map is rebuilt at most this often after a change: ~60 us at 400 slots, too much per step
 RESIDENCY_REFRESH_S = 0.25
 
-__all__ = ["ExpertSlot", "SlotPool", "SlotState"]
+__all__ = ["EvictableKeys", "ExpertSlot", "SlotPool", "SlotState"]
 
 
 class SlotState(Enum):
@@ -52,6 +52,23 @@ class _Slot:
     ticket: CopyTicket | None = None
     last_use: torch.cuda.Event | None = None
     views: tuple[torch.Tensor, ...] | None = None  # the buffer's typed weight views (fixed per slot)
+
+
+class EvictableKeys(Set[ExpertKey]):
+    """The resident unpinned keys not in `protected`, oldest unpinned first, as a set view over the
+    pool's live candidates (valid until the pool changes)."""
+
+    def __init__(self, idle: dict[ExpertKey, None], protected: Set[ExpertKey]) -> None:
+        self._idle, self._protected = idle, protected
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._idle and key not in self._protected
+
+    def __iter__(self) -> Iterator[ExpertKey]:
+        return (key for key in self._idle if key not in self._protected)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class SlotPool:
@@ -131,6 +148,10 @@ class SlotPool:
         """Whether `key`'s copy was still pending when last polled (does not poll)."""
         index = self._slot_of.get(key)
         return index is not None and self._slots[index].state is SlotState.LOADING
+
+    def evictable_keys(self, protected: Set[ExpertKey] = frozenset()) -> EvictableKeys:
+        """A live set view of `evictable(protected)`: O(1) membership, no list built."""
+        return EvictableKeys(self._idle, protected)
 
     def evictable(self, protected: Set[ExpertKey] = frozenset()) -> list[ExpertKey]:
         """Resident unpinned keys not in `protected`, oldest-unpinned first."""
