@@ -157,6 +157,10 @@ class ChatMessage(BaseModel):
     name: str | None = Field(default=None, max_length=256)
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = Field(default=None, max_length=256)
+    refusal: str | None = None  # an assistant message sent back as the SDK returned it
+    annotations: Unsupported
+    audio: Unsupported
+    function_call: Unsupported
 
     @field_validator("content", mode="before")
     @classmethod
@@ -171,8 +175,9 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _fields_fit_the_role(self) -> ChatMessage:
-        if self.content is None and not (self.role is Role.ASSISTANT and self.tool_calls):
-            raise PydanticCustomError("value_error", "content is required unless an assistant message has tool_calls")
+        if self.content is None and not (self.role is Role.ASSISTANT and (self.tool_calls or self.refusal)):
+            raise PydanticCustomError("value_error",
+                                      "content is required unless an assistant message has tool_calls or a refusal")
         if self.tool_calls and self.role is not Role.ASSISTANT:
             raise PydanticCustomError("value_error", "only assistant messages carry tool_calls")
         if self.tool_call_id is not None and self.role is not Role.TOOL:
@@ -180,9 +185,9 @@ class ChatMessage(BaseModel):
         return self
 
     def text(self) -> str:
-        """The content as one string (text parts joined by newlines; empty when None)."""
+        """The content as one string (text parts joined by newlines; the refusal, or empty, when None)."""
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)

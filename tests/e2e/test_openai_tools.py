@@ -94,7 +94,7 @@ def test_required_tool_call_round_trips_through_create(client: openai.OpenAI, se
     # The SDK's message goes back into the conversation, with the tool's result.
     follow_up = client.chat.completions.create(
         model=server.model, tools=TOOLS, max_tokens=4, temperature=0,
-        messages=[*USER, choice.message.model_dump(exclude_none=True),
+        messages=[*USER, choice.message,
                   *({"role": "tool", "tool_call_id": call.id, "content": "sunny"} for call in calls)])
     assert follow_up.choices[0].finish_reason in ("length", "stop", "tool_calls")
 

@@ -25,7 +25,7 @@ from moe_serve.engine.errors import (
 )
 from moe_serve.server.auth import key_matches
 from moe_serve.server.errors import APIError, from_engine_error, from_validation_errors, param_from_loc
-from moe_serve.server.protocol import ChatCompletionRequest, CompletionRequest
+from moe_serve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from moe_serve.server.responses_api import ResponseStore, StoredResponse
 from moe_serve.server.responses_protocol import ResponsesRequest, input_messages
 from moe_serve.server.sampling import response_format_guided
@@ -162,6 +162,12 @@ def test_tool_calls_and_results_reach_the_template_with_object_arguments() -> No
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
         {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]}
     assert req.messages[2].template_dict() == {"role": "tool", "content": "rain", "tool_call_id": "call_1"}
+    sent_back = ChatMessage.model_validate({"role": "assistant", "content": None, "refusal": None, "annotations": None,
+                                            "audio": None, "function_call": None, "tool_calls": [
+                                                {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]})
+    assert sent_back.template_dict()["tool_calls"][0]["function"] == {"name": "f", "arguments": {}}
+    refused = ChatMessage.model_validate({"role": "assistant", "content": None, "refusal": "I cannot."})
+    assert refused.template_dict() == {"role": "assistant", "content": "I cannot."}
     assert req.tools is not None and req.tools[0].function.parameters_schema() == {"type": "object"}
     assert req.parallel_tool_calls is False
 
