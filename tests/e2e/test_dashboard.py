@@ -145,6 +145,19 @@ def refreshes(page: Page) -> int:
     return int(page.evaluate("Number(document.body.dataset.refreshes || 0)"))
 
 
+def residency_tooltips(page: Page, layers: list[dict]) -> dict[tuple[int, int], str]:
+    """The residency map's tooltip over the centre of each cell of the first two experts of each
+    layer, by (layer, expert)."""
+    box = page.eval_on_selector("#residency", "(canvas) => [canvas.width, canvas.height]")
+    cell_width, cell_height = box[0] / max(layer["num_experts"] for layer in layers), box[1] / len(layers)
+    tooltips = {}
+    for row, layer in enumerate(layers):
+        for expert in range(2):
+            page.hover("#residency", position={"x": (expert + 0.5) * cell_width, "y": (row + 0.5) * cell_height})
+            tooltips[layer["layer"], expert] = page.get_attribute("#residency", "title") or ""
+    return tooltips
+
+
 def test_dashboard_renders_the_heat_maps_with_data(chromium: str, demo_server: DemoServer,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from playwright.sync_api import sync_playwright
@@ -174,6 +187,7 @@ def test_dashboard_renders_the_heat_maps_with_data(chromium: str, demo_server: D
                      ("generated", "hit-rate", "prefetch-counts")}
             table = page.evaluate("[...document.querySelectorAll('#tasks tbody tr')]"
                                   ".map((row) => [...row.cells].map((cell) => cell.textContent))")
+            tooltips = residency_tooltips(page, data["expert_cache"]["layers"])
             screenshot = artifact_path("dashboard.png")
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
@@ -200,5 +214,8 @@ def test_dashboard_renders_the_heat_maps_with_data(chromium: str, demo_server: D
     assert num_resident > 0
     assert residency["resident"] == num_resident * cell_pixels  # one filled cell per resident expert
     assert residency["empty"] == (num_experts * len(layers) - num_resident) * cell_pixels
+    for (layer, expert), tooltip in tooltips.items():
+        resident = expert in next(row["resident"] for row in layers if row["layer"] == layer)
+        assert tooltip == f"layer {layer}, expert {expert}: {'holds a cache slot' if resident else 'host only'}"
     heat = pixels["hit-miss"]
     assert heat["other"] > 0  # cells coloured by an interval's hit rate
