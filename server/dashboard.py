@@ -1,7 +1,8 @@
 """The live dashboard: `GET /dashboard`, one static page, and `GET /dashboard/data`, the JSON it polls.
 
-The JSON is built from the engine's published snapshot (`latest_stats`: queues by task, the
-task table, the expert cache's per-layer counters and residency) and the server's own request
+The JSON is built from the engine's published snapshot (`latest_stats`: queues and expected
+waits by task, the task table, the expert cache's per-layer counters, residency and lookups by
+task) and the server's own request
 counters (`ServerMetrics`: generated tokens, SLO attainment by task); it reads no live engine
 object. Output tokens per second are the rate of the generated-token counter over the samples
 of the last `TOKEN_RATE_WINDOW_S` seconds. The page (static/dashboard.html) keeps the history
