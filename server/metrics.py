@@ -3,9 +3,11 @@ expert-cache series read at scrape time.
 
 `ServerMetrics` owns the histograms and counters the server observes when an engine request
 finishes (it knows arrival, first-token and per-token times). `EngineCollector` is a custom
-Collector that turns the engine's latest published snapshot (`EngineStats`: queues, KV usage,
-preemptions, output-length error, folded task names, and the expert cache's hits, misses, copies,
-stalls and prefetches) into metric families on every scrape; it reads no live engine object. Both live on the app's own CollectorRegistry.
+Collector that turns the engine's latest published snapshot (`EngineStats`: queues and expected
+wait by task, KV usage, preemptions, output-length error, folded task names, and the expert cache's
+hits, misses, copies, stalls and prefetches, per layer and, as lookups and misses, per task) into
+metric families on every scrape; it reads no live engine object.
+Both live on the app's own CollectorRegistry.
 A `task` label is a name of the task table or `default`, never a client's arbitrary name, so
 the label sets stay bounded whatever names clients send. Importing this module does not import torch.
 """
@@ -165,6 +167,18 @@ def _per_layer(name: str, doc: str, values: Mapping[int, float]) -> CounterMetri
     return family
 
 
+def _per_task(name: str, doc: str, values: Mapping[str, int], stats: EngineStats) -> CounterMetricFamily:
+    """A counter by task label: the table's tasks (0 when unseen); other names summed into `default`."""
+    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["task"])
+    counts = dict.fromkeys(stats.tasks.tasks, 0)
+    for task, value in values.items():
+        label = task if task in stats.tasks.tasks else DEFAULT_TASK
+        counts[label] = counts.get(label, 0) + value
+    for task, value in sorted(counts.items()):
+        family.add_metric([task], value)
+    return family
+
+
 class EngineCollector(Collector):
     """Engine and expert-cache families built from the engine's published snapshot at scrape time."""
 
@@ -213,6 +227,12 @@ class EngineCollector(Collector):
             yield family
         yield GaugeMetricFamily(f"{PREFIX}_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0-1).",
                                 value=stats.kv_cache_usage)
+        wait = GaugeMetricFamily(f"{PREFIX}_expected_wait_seconds",
+                                 "Seconds a request of the task arriving now would wait before its prefill starts "
+                                 "(the scheduler's estimate from the queues and measured step times).", labels=["task"])
+        for task, seconds in sorted(stats.expected_wait_by_task.items()):
+            wait.add_metric([task], seconds)
+        yield wait
         yield CounterMetricFamily(f"{PREFIX}_preemptions", "Running requests preempted to free KV blocks.",
                                   value=stats.num_preemptions)
         yield GaugeMetricFamily(f"{PREFIX}_output_length_prediction_mean_abs_error_tokens",
@@ -233,6 +253,11 @@ class EngineCollector(Collector):
         yield _per_layer("expert_copy_bytes", "Expert bytes copied host-to-device.", cache.bytes_copied)
         yield _per_layer("expert_copy_stall_seconds", "Time compute waited on pending expert copies.",
                          cache.stall_seconds)
+        yield _per_task("expert_cache_task_lookups",
+                        "Routed-expert lookups of the task's tokens: one per (token, MoE layer, routed expert).",
+                        cache.lookups_by_task, stats)
+        yield _per_task("expert_cache_task_misses", "Of those, lookups whose expert was not in the device cache.",
+                        cache.misses_by_task, stats)
         yield GaugeMetricFamily(f"{PREFIX}_expert_cache_resident_bytes", "Bytes of device slots holding an expert.",
                                 value=cache.resident_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_expert_cache_capacity_bytes", "Byte budget of the device expert cache.",

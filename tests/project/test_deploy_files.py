@@ -1,21 +1,25 @@
 """The deployment files: Dockerfiles lint clean, compose.yaml follows the Compose
-specification and wires moe-serve, Prometheus and Grafana together, and the Grafana
-dashboard only queries metrics that server/metrics.py defines."""
+specification and wires moe-serve, Prometheus and Grafana together (and, in the `replicas`
+profile, replicas behind HAProxy), the Grafana dashboard only queries metrics that
+server/metrics.py defines, the HAProxy config routes by task, and the Kubernetes manifests
+validate against the Kubernetes and Prometheus Operator schemas."""
 
 from __future__ import annotations
 
 import importlib.resources
 import json
+import os
 import re
 import shutil
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Metric
+from pydantic import BaseModel, ConfigDict, Field
 
 from moe_serve.engine.builder import build_engine
 from moe_serve.engine.config import EngineConfig
@@ -98,7 +102,8 @@ def test_compose_file_follows_the_compose_specification() -> None:
 def test_compose_wires_the_server_prometheus_and_grafana() -> None:
     compose = _compose()
     services = compose["services"]
-    assert set(services) == {"moe-serve", "moe-serve-cpu", "prometheus", "grafana"}
+    assert set(services) == {"moe-serve", "moe-serve-cpu", "moe-serve-replica-1", "moe-serve-replica-2", "proxy",
+                             "prometheus", "grafana"}
     assert set(compose["volumes"]) == {"moe-serve-cache", "prometheus-data", "grafana-data"}
     gpu, cpu = services["moe-serve"], services["moe-serve-cpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
@@ -160,3 +165,191 @@ def test_every_defined_metric_is_on_the_dashboard_and_in_the_operations_guide(
         assert any(name.startswith(family.name) for name in used), f"{family.name} is not on the dashboard"
         assert f"`{next(iter(exposed_names([family])))}`" in guide or f"`{family.name}" in guide, \
             f"{family.name} is not in docs/operations.md"
+
+
+# --- replicas: the proxy config, the compose profile and the Kubernetes manifests ---
+
+HAPROXY_CONFIG = DOCKER / "haproxy.cfg"
+KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
+ADAPTER_VALUES = KUBERNETES / "prometheus-adapter" / "values.yaml"
+KUBERNETES_VERSION = "1.32.0"  # the oldest release with the preStop sleep action on by default is 1.30
+
+
+def _manifests() -> list[dict[str, Any]]:
+    """Every document of the resources kustomization.yaml lists, in order."""
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    return [doc for name in kustomization["resources"]
+            for doc in yaml.safe_load_all((KUBERNETES / name).read_text()) if doc]
+
+
+def _manifest(kind: str, name: str | None = None) -> dict[str, Any]:
+    return next(d for d in _manifests() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name))
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (Debian package haproxy)")
+def test_proxy_config_is_valid_for_haproxy() -> None:
+    env = {**os.environ, "MOE_PROXY_BIND": "127.0.0.1:1", "MOE_PROXY_STATS_BIND": "127.0.0.1:2",
+           "MOE_SERVE_REPLICA_1": "127.0.0.1:3", "MOE_SERVE_REPLICA_2": "127.0.0.1:4"}
+    result = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CONFIG)], env=env, capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_proxy_hashes_on_the_task_header_with_bounded_load_and_balances_the_rest() -> None:
+    text = HAPROXY_CONFIG.read_text()
+    backends = dict(re.findall(r"^backend (\S+)\n((?:    .*\n|\n)*)", text, re.MULTILINE))
+    assert re.search(r"use_backend by_task if has_task", text) and "acl has_task req.hdr(X-Task) -m found" in text
+    assert "default_backend least_request" in text
+    by_task, least = backends["by_task"], backends["least_request"]
+    assert "balance hdr(X-Task)" in by_task and "hash-type consistent" in by_task
+    assert int(re.search(r"hash-balance-factor (\d+)", by_task).group(1)) > 100  # bounded load
+    assert "option httpchk GET /health" in by_task and "http-check expect status 200" in by_task
+    assert "balance leastconn" in least
+    servers = [re.findall(r"server (\S+) \"\$\{(\w+)\}\" id (\d+)", backend) for backend in (by_task, least)]
+    assert servers[0] == servers[1] and len(servers[0]) >= 2  # the same replicas, the same ids, in both
+    assert all("X-Moe-Serve-Replica %[srv_name]" in backend for backend in (by_task, least))
+
+
+def test_compose_replicas_profile_puts_two_replicas_behind_the_proxy() -> None:
+    services = _compose()["services"]
+    replicas = {name: s for name, s in services.items() if s.get("profiles") == ["replicas"] and name != "proxy"}
+    proxy = services["proxy"]
+    assert len(replicas) >= 2 and proxy["profiles"] == ["replicas"]
+    gpus = [r["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for r in replicas.values()]
+    assert len({tuple(ids) for ids in gpus}) == len(replicas)  # one GPU each
+    for name, replica in replicas.items():
+        assert proxy["depends_on"][name]["condition"] == "service_healthy"
+        assert "/health" in " ".join(replica["healthcheck"]["test"])
+        assert int(replica["stop_grace_period"].removesuffix("s")) > ServeConfig().shutdown_timeout_s
+        assert replica["ports"] == []  # only the proxy publishes the API
+        assert f"{name}:8000" in proxy["environment"].values()
+    assert dict(_mount(volume) for volume in proxy["volumes"])["./haproxy.cfg"].endswith("haproxy.cfg")
+    assert "moe-serve" in proxy["networks"]["default"]["aliases"]
+    config_lines = [line for line in HAPROXY_CONFIG.read_text().splitlines() if not line.lstrip().startswith("#")]
+    for variable in re.findall(r"\$\{(\w+)\}", "\n".join(config_lines)):
+        assert variable in proxy["environment"], f"compose does not set {variable} for the proxy"
+
+
+@pytest.fixture(scope="module")
+def kubernetes_validate() -> Any:
+    return pytest.importorskip("kubernetes_validate.utils", reason="pip install kubernetes-validate")
+
+
+def test_every_kubernetes_manifest_validates_against_the_kubernetes_schemas(kubernetes_validate: Any) -> None:
+    builtin = [doc for doc in _manifests() if doc["apiVersion"] != "monitoring.coreos.com/v1"]
+    assert {doc["kind"] for doc in builtin} >= {"Deployment", "Service", "HorizontalPodAutoscaler",
+                                                "PersistentVolumeClaim"}
+    for doc in builtin:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # raises on any error
+
+
+def test_the_kubernetes_validation_rejects_an_unknown_field(kubernetes_validate: Any) -> None:
+    deployment = json.loads(json.dumps(_manifest("Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["pth"] = "/health"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def test_pod_monitor_validates_against_the_prometheus_operator_crd() -> None:
+    crds = pytest.importorskip("cloudcoil.models.prometheus_operator.v1",
+                               reason="pip install cloudcoil-models-prometheus-operator (models of the CRD schemas)")
+    monitor = _manifest("PodMonitor")
+    parsed = crds.PodMonitor.model_validate(monitor)  # types, required fields and patterns of the CRD
+    # fields the CRD does not know are dropped by the model: a round trip finds them
+    assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == monitor
+    deployment = _manifest("Deployment")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"][
+        "labels"].items()
+    port_names = {p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert [(e["port"], e["path"]) for e in monitor["spec"]["podMetricsEndpoints"]] == [("http", "/metrics")]
+    assert "http" in port_names
+
+
+def test_deployment_probes_grace_period_gpu_and_model_volume() -> None:
+    pod = _manifest("Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    # loading may take minutes; liveness must not end a drain (503 "draining")
+    drain_s = ServeConfig().shutdown_timeout_s
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 600
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain_s
+    pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert float(env["MOE_SERVE_SHUTDOWN_TIMEOUT_S"]) == drain_s
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["models"]["mountPath"] == "/models" and mounts["models"]["readOnly"]
+    claim = next(v for v in pod["volumes"] if v["name"] == "models")["persistentVolumeClaim"]["claimName"]
+    assert _manifest("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadOnlyMany"]
+    assert (REPO_ROOT / container["args"][container["args"].index("--config") + 1]).is_file()
+    assert pod["securityContext"]["runAsUser"] == 10001
+
+
+def test_services_select_the_replicas() -> None:
+    labels = _manifest("Deployment")["spec"]["template"]["metadata"]["labels"]
+    services = [d for d in _manifests() if d["kind"] == "Service"]
+    assert {s.get("spec", {}).get("clusterIP") for s in services} == {None, "None"}  # one plain, one headless
+    for service in services:
+        assert service["spec"]["selector"].items() <= labels.items()
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
+class AdapterRule(BaseModel):
+    """One rule of the Prometheus adapter's configuration (its `rules:` list; the chart's
+    `rules.custom`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    class Resources(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        overrides: dict[str, dict[Literal["resource", "group"], str]] = {}
+        template: str | None = None
+
+    class Name(BaseModel):
+        model_config = ConfigDict(extra="forbid", populate_by_name=True)
+        matches: str
+        as_: str = Field(alias="as")
+
+    series_query: str = Field(alias="seriesQuery")
+    series_filters: list[dict[Literal["is", "isNot"], str]] = Field(default=[], alias="seriesFilters")
+    resources: Resources
+    name: Name
+    metrics_query: str = Field(alias="metricsQuery")
+
+
+def test_hpa_scales_on_a_queue_metric_the_adapter_serves(metric_families: list[Metric]) -> None:
+    values = yaml.safe_load(ADAPTER_VALUES.read_text())
+    rules = [AdapterRule.model_validate(rule) for rule in values["rules"]["custom"]]
+    exposed = exposed_names(metric_families)
+    served = {}
+    for rule in rules:
+        series = re.match(r"(\w+)\{", rule.series_query).group(1)
+        assert series in exposed, f"{series} is not a metric of server/metrics.py"
+        assert re.fullmatch(rule.name.matches, series)
+        assert rule.resources.overrides["pod"] == {"resource": "pod"}  # per-pod values for a Pods metric
+        served[rule.name.as_] = series
+    hpa = _manifest("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "moe-serve"}
+    for metric in hpa["spec"]["metrics"]:
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in served
+    assert "moe_serve_requests_waiting" in {served[m["pods"]["metric"]["name"]] for m in hpa["spec"]["metrics"]}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (renders the kustomization)")
+def test_kustomize_renders_every_manifest() -> None:
+    result = subprocess.run(["kubectl", "kustomize", str(KUBERNETES)], capture_output=True, text=True, check=False,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(map(key, rendered)) == sorted(map(key, _manifests()))
+    assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "moe-serve" for d in rendered)
+
+
+def test_every_kubernetes_file_is_listed_in_the_kustomization() -> None:
+    listed = set(yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())["resources"])
+    on_disk = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk
