@@ -18,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from moe_serve.engine.core.llm_engine import LLMEngine, describe_exception
 from moe_serve.engine.core.request import EngineRequest, RequestOutput
 from moe_serve.engine.core.stats import EngineStats
 from moe_serve.engine.errors import EngineDeadError, EngineError, EngineStepError
+from moe_serve.engine.offload.slot_pool import RESIDENCY_REFRESH_S
 
 logger = logging.getLogger(__name__)
 
@@ -175,14 +177,19 @@ class AsyncLLMEngine:
         logger.debug("%s", self.dead_reason, exc_info=exc)
 
     def _loop(self, engine: LLMEngine) -> None:
+        settle_at: float | None = None  # once idle: when to publish the snapshot once more
         while not self._stopping.is_set():
             block = not engine.has_unfinished
             if self._drain_inbox(engine, block):
                 self._stats = engine.stats()
+            elif block and settle_at is not None and time.monotonic() >= settle_at:
+                self._stats = engine.stats()  # the residency lags the last step by up to its refresh period
+                settle_at = None
             if not engine.has_unfinished:
                 continue
             outputs = engine.step()
             self._stats = engine.stats()
+            settle_at = time.monotonic() + RESIDENCY_REFRESH_S
             for output in outputs:
                 self._deliver(output.request_id, output if output.error is None else output.error)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from moe_serve.engine.core.async_engine import AsyncLLMEngine
 from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import FinishReason, SamplingParams
 from moe_serve.engine.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
+from moe_serve.engine.offload.slot_pool import RESIDENCY_REFRESH_S
 from moe_serve.server.metrics import register_metrics
 from moe_serve.server.routes import health_body
 from tests.helpers import run_to_completion
@@ -181,8 +183,15 @@ def test_the_engine_thread_publishes_one_immutable_snapshot_that_metrics_and_hea
             idle.expert_cache.misses[0] = 1  # type: ignore[index]
         assert len(asyncio.run(serve())) == 4
         served = async_engine.stats()
+        time.sleep(RESIDENCY_REFRESH_S + 0.2)  # idle: the engine republishes once the residency settled
+        settled = async_engine.stats()
+        pool = async_engine._engine.runner.model.experts.cache.pool
     finally:
         async_engine.shutdown()
+    assert settled is not served and settled.expert_cache is not None
+    resident = {layer: tuple(sorted(key.expert for key in pool.evictable() if key.layer == layer))
+                for layer in {key.layer for key in pool.evictable()}}
+    assert dict(settled.expert_cache.resident_experts) == resident and resident
     assert served is not idle and (served.num_running, served.num_waiting, served.kv_cache_usage) == (0, 0, 0.0)
     assert served.expert_cache is not None and sum(served.expert_cache.misses.values()) > 0
     # /metrics and /health need nothing of the engine but its config, its state flags and the snapshot
