@@ -162,14 +162,13 @@ class HermesParser(_StartMarkerParser):
         match = _HERMES_PREFIX.match(body)
         if match:
             rest = body[match.end():]
-            if complete:
-                cut = rest.rfind("}")
-                return ParsedCall(match.group(1), rest[:cut].rstrip() if cut >= 0 else rest.strip())
             cut = rest.rfind("}")
-            if cut < 0:
+            if cut < 0:  # no closing brace yet (or arguments that are no object)
+                if complete:
+                    return ParsedCall(match.group(1), rest.strip())
                 rest = rest[:len(rest) - pending_marker_length(rest, [self.end])]
                 cut = len(rest)
-            return ParsedCall(match.group(1), rest[:cut].rstrip(), complete=False)
+            return ParsedCall(match.group(1), rest[:cut].rstrip(), complete)
         if not complete:
             return None
         try:

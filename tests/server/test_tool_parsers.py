@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moe_serve.engine.core.guided.spec import GuidedKind
 from moe_serve.server.errors import APIError
@@ -71,9 +73,12 @@ def test_each_format_parses_content_and_calls(parser: ToolCallParser, text: str,
 
 def _stream(parser: ToolCallParser, text: str, step: int, max_calls: int | None = None) -> tuple[str, list[dict]]:
     """Feed `text` `step` characters at a time; accumulate the deltas as the OpenAI SDK does."""
+    return _stream_pieces(parser, [text[i:i + step] for i in range(0, len(text), step)], max_calls)
+
+
+def _stream_pieces(parser: ToolCallParser, pieces: list[str], max_calls: int | None = None) -> tuple[str, list[dict]]:
     stream = ToolCallStream(parser, max_calls)
     content, calls = "", []
-    pieces = [text[i:i + step] for i in range(0, len(text), step)]
     for i, piece in enumerate(pieces):
         delta = stream.feed(piece, final=i == len(pieces) - 1)
         content += delta.content
@@ -95,6 +100,21 @@ def test_streamed_deltas_add_up_to_the_whole_answer(parser: ToolCallParser, text
     assert streamed_content == (whole.content or "")
     assert [(c["name"], c["arguments"]) for c in streamed_calls] == [(c.name, c.arguments) for c in whole.calls]
     assert len({c["id"] for c in streamed_calls}) == len(streamed_calls)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, len(CASES) - 1), st.lists(st.integers(1, 9), min_size=1, max_size=400))
+def test_any_chunking_streams_the_whole_answer(case: int, sizes: list[int]) -> None:
+    parser, text, _, _ = CASES[case]
+    pieces, position = [], 0
+    for size in sizes:
+        pieces.append(text[position:position + size])
+        position += size
+    pieces[-1] += text[position:]
+    whole = finish_output(parser.parse(text, final=True), None)
+    content, calls = _stream_pieces(parser, pieces)
+    assert content == (whole.content or "")
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c.name, c.arguments) for c in whole.calls]
 
 
 def test_hermes_arguments_stream_before_the_call_closes() -> None:
