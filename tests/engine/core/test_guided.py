@@ -17,7 +17,7 @@ from moe_serve.engine.builder import build_engine
 from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.core.async_engine import AsyncLLMEngine
 from moe_serve.engine.core.guided.compiler import GuidedCompiler, strict_schema
-from moe_serve.engine.core.guided.matcher import compute_masks
+from moe_serve.engine.core.guided.matcher import byte_bias_table, compute_masks, mask_bias
 from moe_serve.engine.core.guided.spec import GuidedCompileError, GuidedDecoding
 from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampler import Sampler
@@ -35,7 +35,7 @@ PERSON = {
     "required": ["name", "age", "role", "active", "tags"],
     "additionalProperties": False,
 }
-CPU = torch.device("cpu")
+TABLE = byte_bias_table(torch.device("cpu"))
 WEATHER = {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}},
     "required": ["name", "arguments"]}
@@ -183,20 +183,29 @@ def test_eos_is_allowed_only_where_the_grammar_accepts(engine) -> None:
     tokens = [tokenizer.convert_tokens_to_ids(c) for c in "abcd"]  # one byte-level token per letter
     matcher = engine.guided.matcher(GuidedDecoding.regex("ab(cd)?"))
     for i, token in enumerate(tokens):
-        masks = compute_masks([None, matcher], executor, engine.vocab_size, CPU)
+        masks = compute_masks([None, matcher], executor, engine.vocab_size, TABLE)
         allowed = masks.bias[0] == 0
         assert masks.rows == [1] and bool(allowed[token])
         assert bool(allowed[eos]) == (i == 2)  # after "ab" only
         assert matcher.accept(token)
         assert matcher.is_finished == (i == 3)
-    allowed = compute_masks([matcher], executor, engine.vocab_size, CPU).bias[0] == 0
+    allowed = compute_masks([matcher], executor, engine.vocab_size, TABLE).bias[0] == 0
     assert allowed.nonzero().flatten().tolist() == [eos] and matcher.is_finished
+
+
+def test_mask_bias_is_zero_exactly_at_the_set_bits() -> None:
+    vocab = 70  # three words, the last one partly padding
+    bitmask = torch.randint(-2**31, 2**31 - 1, (4, 3), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    bias = mask_bias(bitmask, vocab, TABLE)
+    expected = torch.tensor([[(int(bitmask[r, t // 32]) >> (t % 32)) & 1 for t in range(vocab)] for r in range(4)])
+    assert bias.shape == (4, vocab) and torch.equal(bias == 0, expected.bool())
+    assert torch.equal(bias != 0, bias == float("-inf"))
 
 
 def test_the_sampler_masks_only_constrained_rows(engine) -> None:
     vocab = engine.vocab_size
     matcher = engine.guided.matcher(GuidedDecoding.regex("[0-9]+"))
-    masks = compute_masks([None, matcher, None], llguidance.LLExecutor(), vocab, CPU)
+    masks = compute_masks([None, matcher, None], llguidance.LLExecutor(), vocab, TABLE)
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(temperature=0.0)] * 3
     out = Sampler(vocab)(logits, params, [[1]] * 3, [[]] * 3, [None] * 3, frozenset(), masks)
@@ -204,7 +213,7 @@ def test_the_sampler_masks_only_constrained_rows(engine) -> None:
     best_digit = int((logits[1] + masks.bias[0]).argmax())
     assert out.token_ids[1] == best_digit and engine.tokenizer.decode([best_digit]).isdigit()
     assert out.logprobs == [None] * 3 and out.errors == [None] * 3
-    every_row = compute_masks([matcher], llguidance.LLExecutor(), vocab, CPU)  # the one-pass path
+    every_row = compute_masks([matcher], llguidance.LLExecutor(), vocab, TABLE)  # the one-pass path
     alone = Sampler(vocab)(logits[1:2], params[:1], [[1]], [[]], [None], frozenset(), every_row)
     assert alone.token_ids == [best_digit]
 
