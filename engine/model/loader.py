@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.host_memory import Arena
 from moe_serve.engine.model.checkpoint import expert_weights, layer_weights
 from moe_serve.engine.model.mxfp4 import MXFP4Expert
 from moe_serve.engine.model.quant import MODEL_DTYPE, MXFP4_FORMAT, ExpertFormat, parse_expert_dtype
@@ -169,10 +170,17 @@ def load_model(path: Path | str, dtype: str = "auto", show_progress: bool = True
         src = TensorSource(path, stack)
         layers: list[LayerWeights] = []
         experts: dict[ExpertKey, ExpertTensors] = {}
+        arena: Arena | None = None  # quantized experts, packed together (out of the heap their temporaries churn)
         for layer in progress(range(spec.num_layers), show=show_progress, desc=desc, unit="layer"):
             layers.append(layer_weights(spec, src, layer, torch_dtype))
             for key, expert in expert_weights(spec, src, layer, torch_dtype):
-                experts[key] = stored_expert(expert, expert_format)  # one expert at a time: no second full copy
+                stored = stored_expert(expert, expert_format)  # one expert at a time: no second full copy
+                if expert_format.quantized:
+                    if arena is None:
+                        count = spec.num_moe_layers * spec.num_experts
+                        arena = Arena(count * Arena.bytes_for([(tuple(t.shape), t.dtype) for t in stored]))
+                    stored = tuple(arena.take(tuple(t.shape), t.dtype).copy_(t) for t in stored)
+                experts[key] = stored
         embed = src.get("model.embed_tokens.weight", torch_dtype)
         lm_head = embed if spec.tie_word_embeddings else src.get("lm_head.weight", torch_dtype)
         dense = DenseWeights(

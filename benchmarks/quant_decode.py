@@ -1,0 +1,127 @@
+"""Offloaded decode per expert format, same run: tokens/s and expert bytes copied per token.
+
+A random Qwen2-MoE checkpoint with DeepSeek-V2-Lite's geometry (hidden 2048, expert FFN 1408,
+64 experts top-6, two shared experts as one FFN of 2816; `--layers` MoE layers) in bf16, every
+layer routing as the shared DeepSeek-V2-Lite trace recorded (`TraceRouter`), so the expert
+cache misses what the real model would. For each cache fraction, one engine per expert format
+(`--expert-dtype`: bf16 = the model dtype, int8, int4, mxfp4) with that share of the experts in
+the device tier (on a CPU a RAM pool filled by the copy engine), no prefetching; fraction 1.0 is
+the all-resident engine (nothing is copied). A step may need a whole layer's experts, so a
+fraction needs at least 1 / layers of them (0.25: 4 layers). Each engine is
+warmed with `--warmup` requests (filling the cache), then the formats take turns for `--rounds`
+rounds (round r: every format decodes request r, in rotating order). Reported per format: each
+round's decode tokens/s (the time after each request's first token) and the median, and the
+expert bytes copied per decoded token (misses x the expert's stored bytes).
+
+    python -m benchmarks.quant_decode [--layers 4] [--fractions 1.0,0.5,0.25] [--threads 1] [--checkpoint-dir DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.engine_runs import counters_since, offload_counters
+from benchmarks.prefetch_decode import DEFAULT_TRACE, make_checkpoint
+from moe_serve.engine.builder import RoutingReplay, build_engine
+from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.core.llm_engine import LLMEngine
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.progress import progress
+from moe_serve.engine.traces.trace_file import load_trace
+
+FORMATS = {"bf16": "model", "int8": "int8", "int4": "int4", "mxfp4": "mxfp4"}  # label: --expert-dtype
+
+
+def decode(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams) -> tuple[int, float, dict]:
+    """One request to the end: (tokens decoded after the first, their seconds, offload counters over them)."""
+    engine.add_request(EngineRequest(request_id, prompt, params))
+    first = sum(len(o.new_token_ids) for o in engine.step())  # the prefill and the first token
+    before, start = offload_counters(engine), time.perf_counter()
+    generated = 0
+    while engine.has_unfinished:
+        generated += sum(len(o.new_token_ids) for o in engine.step())
+    elapsed = time.perf_counter() - start
+    assert first == 1
+    return generated, elapsed, counters_since(before, offload_counters(engine))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", default=DEFAULT_TRACE)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--first-layer", type=int, default=0, help="trace layer the model's layer 0 replays")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--moe-intermediate", type=int, default=1408)
+    parser.add_argument("--shared-intermediate", type=int, default=2816)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--fractions", default="1.0,0.5,0.25")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="write the checkpoint here, or reuse the one a run with the same flags wrote there")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    args.dtype = "bfloat16"
+    trace = load_trace(args.trace)
+    names = args.formats.split(",")
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 3 + args.prompt_len))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint_dir or Path(tmp)
+        if not (path / "config.json").is_file():
+            make_checkpoint(path, trace, args)
+        for fraction in progress([float(f) for f in args.fractions.split(",")], show=not args.json, desc="fractions"):
+            engines = {}
+            for name in names:
+                cache = dict(offload="off") if fraction == 1.0 else dict(offload="on", expert_cache_fraction=fraction)
+                config = EngineConfig(model=str(path), dtype="bfloat16", expert_dtype=FORMATS[name], prefetch="none",
+                                      task_preload="off", num_threads=args.threads, max_num_seqs=1, **cache)
+                engines[name] = build_engine(config, show_progress=False,
+                                             replay=RoutingReplay(trace, first_layer=args.first_layer))
+                for i in range(args.warmup):
+                    decode(engines[name], f"w{i}", prompt, params)
+            measured: dict[str, list[tuple[int, float, dict]]] = {name: [] for name in names}
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    measured[name].append(decode(engines[name], f"r{r}", prompt, params))
+            for name in names:
+                experts = engines[name].runner.model.experts
+                expert_nbytes = experts.nbytes() // (args.layers * trace.num_experts) if fraction == 1.0 \
+                    else experts.cache.store.expert_nbytes
+                tokens = sum(m[0] for m in measured[name])
+                misses = sum(m[2]["misses"] for m in measured[name])
+                rounds = [m[0] / m[1] for m in measured[name]]
+                rows.append({"fraction": fraction, "format": name, "expert_bytes": expert_nbytes,
+                             "rounds_tok_s": [round(t, 2) for t in rounds], "tok_s": round(statistics.median(rounds), 2),
+                             "misses_per_token": round(misses / tokens, 2),
+                             "mib_per_token": round(misses * expert_nbytes / tokens / 2**20, 2)})
+            del engines
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"{args.layers} MoE layers x {trace.num_experts} experts (top-{trace.top_k}), hidden {args.hidden}, expert FFN "
+          f"{args.moe_intermediate}, bf16 model, {args.threads} thread(s), batch 1, routing replayed from "
+          f"{Path(args.trace).name}; {args.rounds} rounds of {args.tokens} tokens, formats alternated")
+    print(f"{'fraction':>8} {'format':>6} {'expert MiB':>10} {'tok/s':>7} {'vs bf16':>7} {'misses/tok':>10} "
+          f"{'MiB/tok':>8} {'vs bf16':>7}  rounds tok/s")
+    for r in rows:
+        base = next(b for b in rows if b["fraction"] == r["fraction"] and b["format"] == names[0])
+        bytes_ratio = r["mib_per_token"] / base["mib_per_token"] if base["mib_per_token"] else float("nan")
+        print(f"{r['fraction']:>8} {r['format']:>6} {r['expert_bytes'] / 2**20:>10.2f} {r['tok_s']:>7.2f} "
+              f"{r['tok_s'] / base['tok_s']:>6.2f}x {r['misses_per_token']:>10.2f} {r['mib_per_token']:>8.2f} "
+              f"{bytes_ratio:>6.2f}x  {' '.join(f'{t:.2f}' for t in r['rounds_tok_s'])}")
+
+
+if __name__ == "__main__":
+    main()
