@@ -5,6 +5,9 @@ One extension per flavour: `moe_copy_engine_cpu` (bindings + CPU worker threads)
 per flavour for the life of the process. The C++ standard is the one torch's extension builder
 passes (no -std of ours after it); a CUDA build with no visible GPU and no TORCH_CUDA_ARCH_LIST
 gets DEFAULT_CUDA_ARCHS (torch's own default reads the visible GPUs and fails without one).
+Each build leaves a stamp of what it was built from (source contents, flags, torch and Python
+versions, not paths); a library whose stamp matches is imported directly, without torch's JIT,
+so a prebuilt extension loads wherever the package is installed and with no compiler present.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
+import importlib.util
 import inspect
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -84,23 +90,69 @@ def cuda_arch_list() -> Iterator[None]:
         del os.environ["TORCH_CUDA_ARCH_LIST"]
 
 
-@functools.cache
-def load_extension(with_cuda: bool) -> ModuleType:
-    """Compiles on first use (ninja; a later process reuses the build) and imports the module."""
-    from torch.utils import cpp_extension
+def extension_name(with_cuda: bool) -> str:
+    return "moe_copy_engine_cuda" if with_cuda else "moe_copy_engine_cpu"
 
+
+def _sources_and_flags(with_cuda: bool) -> tuple[list[Path], list[str]]:
     sources = [CSRC_DIR / name for name in CPU_SOURCES]
     flags = list(CXX_FLAGS)
     if with_cuda:
         sources += [CSRC_DIR / name for name in CUDA_SOURCES]
         flags.append("-DMOE_WITH_CUDA")
-    name = "moe_copy_engine_cuda" if with_cuda else "moe_copy_engine_cpu"
+    return sources, flags
+
+
+def fingerprint(sources: Sequence[Path], flags: Sequence[str]) -> str:
+    """What a build is made from, independent of where the sources are: their names and contents,
+    the flags, torch's version and CUDA version, and the Python ABI."""
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    digest.update(repr((list(flags), torch.__version__, torch.version.cuda, sys.implementation.cache_tag)).encode())
+    return digest.hexdigest()
+
+
+def prebuilt(with_cuda: bool) -> Path | None:
+    """The built library when its stamp matches the current sources and toolchain, else None."""
+    sources, flags = _sources_and_flags(with_cuda)
+    directory = build_dir(with_cuda)
+    library = directory / f"{extension_name(with_cuda)}.so"
+    stamp = library.with_suffix(".stamp")
+    if library.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(sources, flags):
+        return library
+    return None
+
+
+def import_prebuilt(with_cuda: bool) -> ModuleType:
+    """Imports the prebuilt library without compiling anything; raises if none matches the sources."""
+    library = prebuilt(with_cuda)
+    if library is None:
+        raise RuntimeError(f"no prebuilt {extension_name(with_cuda)} in {build_dir(with_cuda)} matches these "
+                           f"sources and torch {torch.__version__}; run python -m moe_serve.cuda_ext.build")
+    spec = importlib.util.spec_from_file_location(extension_name(with_cuda), library)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def load_extension(with_cuda: bool) -> ModuleType:
+    """Imports the prebuilt module when its stamp matches; else compiles it (ninja, torch's JIT),
+    stamps the build and imports it."""
+    from torch.utils import cpp_extension
+
+    sources, flags = _sources_and_flags(with_cuda)
+    name = extension_name(with_cuda)
     directory = build_dir(with_cuda)
     with build_lock(directory), cuda_arch_list() if with_cuda else contextlib.nullcontext():
+        if prebuilt(with_cuda) is not None:
+            return import_prebuilt(with_cuda)
         if is_stale(directory / f"{name}.so", sources):
             logger.info("building the copy engine (%s; first start only, may take a few minutes) in %s",
                         "cuda" if with_cuda else "cpu", directory)
-        return cpp_extension.load(
+        module = cpp_extension.load(
             name=name,
             sources=[str(source) for source in sources],
             extra_cflags=flags,
@@ -109,6 +161,9 @@ def load_extension(with_cuda: bool) -> ModuleType:
             with_cuda=with_cuda,
             verbose=False,
         )
+        if Path(module.__file__).resolve() == (directory / f"{name}.so").resolve():  # not a renamed re-load
+            (directory / f"{name}.stamp").write_text(fingerprint(sources, flags) + "\n")
+        return module
 
 
 def is_stale(library: Path, sources: Sequence[Path]) -> bool:

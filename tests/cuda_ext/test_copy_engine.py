@@ -1,4 +1,5 @@
-"""Copy engine: the CPU extension against the torch fallback (the reference), queue semantics."""
+"""Copy engine: the CPU extension against the torch fallback (the reference), queue semantics, and
+loading a prebuilt extension without a compiler wherever the package is installed."""
 
 from __future__ import annotations
 
@@ -18,12 +19,17 @@ import torch
 
 from moe_serve.cuda_ext import CopyBackend, CopyEngine, CopyError, CopyPriority, load_copy_engine
 from moe_serve.cuda_ext.native import (
+    CPU_SOURCES,
+    CSRC_DIR,
     CXX_FLAGS,
     DEFAULT_CUDA_ARCHS,
     TORCH_BATON,
     build_lock,
     cuda_arch_list,
     cxx_standard,
+    fingerprint,
+    load_extension,
+    prebuilt,
 )
 
 CPU_BACKENDS = [CopyBackend.CPU_EXTENSION, CopyBackend.TORCH]
@@ -324,3 +330,44 @@ def test_the_cxx_standard_is_torchs_and_a_gpu_less_cuda_build_gets_default_archs
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.9")
     with cuda_arch_list():
         assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.9"
+
+
+def test_a_builds_fingerprint_follows_source_contents_and_flags_not_their_location(tmp_path: Path) -> None:
+    copies = []
+    for place in ("site-packages", "src"):
+        (tmp_path / place).mkdir()
+        copies.append([Path(shutil.copy(CSRC_DIR / name, tmp_path / place / name)) for name in CPU_SOURCES])
+    assert fingerprint(copies[0], CXX_FLAGS) == fingerprint(copies[1], CXX_FLAGS)
+    assert fingerprint(copies[0], CXX_FLAGS) != fingerprint(copies[0], [*CXX_FLAGS, "-DMOE_WITH_CUDA"])
+    copies[1][0].write_bytes(copies[1][0].read_bytes() + b"\n// edited\n")
+    assert fingerprint(copies[0], CXX_FLAGS) != fingerprint(copies[1], CXX_FLAGS)
+
+
+def test_a_prebuilt_extension_loads_with_no_compiler_and_no_jit(tmp_path: Path) -> None:
+    """What the runtime image does: the stamped build is imported directly (torch's JIT, which would
+    look for a compiler and rebuild, is made to fail here) and the engine copies."""
+    load_extension(False)  # built and stamped (once per cache dir)
+    assert prebuilt(False) is not None
+    script = (
+        "import torch, torch.utils.cpp_extension as ext\n"
+        "def refuse(*a, **k): raise SystemExit('torch JIT called')\n"
+        "ext.load = refuse\n"
+        "from moe_serve.cuda_ext import CopyPriority, load_copy_engine\n"
+        "from moe_serve.cuda_ext.build import main\n"
+        "assert main(['--check']) == 0\n"
+        "engine = load_copy_engine(torch.device('cpu'), backend='cpu')\n"
+        "src = torch.arange(256, dtype=torch.uint8); dst = torch.zeros_like(src)\n"
+        "engine.submit([(src, dst)], CopyPriority.DEMAND)[0].synchronize()\n"
+        "assert torch.equal(src, dst); engine.shutdown(); print('loaded', engine.backend.value)\n"
+    )
+    env = {**os.environ, "PATH": str(tmp_path), "CXX": str(tmp_path / "no-compiler")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "loaded cpu" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_image_check_fails_when_no_prebuilt_flavour_matches(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    from moe_serve.cuda_ext.build import main
+
+    monkeypatch.setenv("MOE_SERVE_EXT_DIR", str(tmp_path))  # an empty cache: nothing prebuilt
+    assert main(["--check"]) == 1
