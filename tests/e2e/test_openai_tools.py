@@ -212,18 +212,35 @@ def test_parse_helper_reads_a_pydantic_answer(client: openai.OpenAI, server: Liv
     assert isinstance(parsed, Answer) and parsed.color in ("red", "green", "blue")
 
 
-@pytest.mark.slow  # its own server
-def test_a_mistral_vocabulary_gets_mistral_tool_calls(tmp_path: Path) -> None:
-    """A tokenizer with Mistral's `[TOOL_CALLS]` special token: the server detects the format from the
-    vocabulary, forces `[TOOL_CALLS][...]`, keeps the special token in the text and parses it back."""
-    checkpoint = make_tiny_checkpoint("mixtral", tmp_path / "tiny-mistral-tools", max_position_embeddings=CONTEXT)
+def _mistral_vocabulary(checkpoint: Path) -> None:
     _rename_special_token(checkpoint, "</s>", "[TOOL_CALLS]")
+
+
+def _deepseek_template(checkpoint: Path) -> None:
+    template = checkpoint / "chat_template.jinja"
+    template.write_text("{#- calls: <｜tool▁calls▁begin｜> -#}" + template.read_text())
+
+
+OTHER_FORMATS = [  # (how the checkpoint is marked, tool_choice: one format's markers are special tokens)
+    (_mistral_vocabulary, "required"),
+    (_deepseek_template, {"type": "function", "function": {"name": "get_time"}}),  # its markers: ~200 byte tokens
+]
+
+
+@pytest.mark.slow  # a server per format
+@pytest.mark.parametrize(("mark", "tool_choice"), OTHER_FORMATS, ids=["mistral", "deepseek"])
+def test_other_formats_are_detected_forced_and_parsed_back(tmp_path: Path, mark: Any, tool_choice: Any) -> None:
+    """A tokenizer with Mistral's `[TOOL_CALLS]` special token, a template with DeepSeek's tool
+    tokens: the server picks the format, forces a call in it (keeping a special-token marker in
+    the text) and parses it back, whole and streamed."""
+    checkpoint = make_tiny_checkpoint("mixtral", tmp_path / "tiny-mixtral", max_position_embeddings=CONTEXT)
+    mark(checkpoint)
     with server_process(checkpoint, ["--max-model-len", str(CONTEXT)], tmp_path / "server.log") as (base_url, _):
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-        whole = client.chat.completions.create(model=checkpoint.name, messages=USER, tools=TOOLS, max_tokens=64,
-                                               tool_choice="required", temperature=1.0, seed=7)
-        with client.chat.completions.stream(model=checkpoint.name, messages=USER, tools=TOOLS, max_tokens=64,
-                                            tool_choice="required", temperature=1.0, seed=7) as stream:
+        request: dict[str, Any] = {"model": checkpoint.name, "messages": USER, "tools": TOOLS, "max_tokens": 320,
+                                   "tool_choice": tool_choice, "temperature": 1.0, "seed": 7}
+        whole = client.chat.completions.create(**request)
+        with client.chat.completions.stream(**request) as stream:
             streamed = stream.get_final_completion()
     for completion in (whole, streamed):
         choice = completion.choices[0]
