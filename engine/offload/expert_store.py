@@ -20,6 +20,7 @@ from types import MappingProxyType
 import torch
 
 from moe_serve.engine.errors import ModelLoadError
+from moe_serve.engine.host_memory import pinned_buffer
 from moe_serve.engine.types import ExpertKey
 
 ALIGNMENT = 64
@@ -127,7 +128,8 @@ class HostExpertStore:
                      ) -> HostExpertStore:
         """Packs `experts` (same shapes and dtypes for every expert) in key order.
 
-        `pin` pins the slab when CUDA is available (pinning needs a CUDA runtime). With
+        `pin` pins the slab when CUDA is available (pinning needs a CUDA runtime), at its exact size
+        (`host_memory.pinned_buffer`; pageable with a WARNING if pinning fails). With
         `backing_dir` the slab is a file-backed memory map in that directory (never pinned).
         `transform` maps each expert's tensors to what is stored (e.g. a packed layout), one
         expert at a time, so no second full copy of the experts is ever held.
@@ -149,8 +151,10 @@ class HostExpertStore:
         size = len(keys) * expert_nbytes
         if backing_dir is not None:
             slab = _file_backed_slab(backing_dir, size)
+        elif pin and torch.cuda.is_available():
+            slab = pinned_buffer(size, what="host expert tier")
         else:
-            slab = torch.empty(size, dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
+            slab = torch.empty(size, dtype=torch.uint8)
         store = cls(slab, keys, layouts, expert_nbytes, file_backed=backing_dir is not None)
         for key in keys:
             for view, tensor in zip(store.unpack(store.source(key)), stored(key), strict=True):
