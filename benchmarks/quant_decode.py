@@ -7,11 +7,11 @@ cache misses what the real model would. For each cache fraction, one engine per 
 (`--expert-dtype`: bf16 = the model dtype, int8, int4, mxfp4) with that share of the experts in
 the device tier (on a CPU a RAM pool filled by the copy engine), no prefetching; fraction 1.0 is
 the all-resident engine (nothing is copied). A step may need a whole layer's experts, so a
-fraction needs at least 1 / layers of them (0.25: 4 layers). Each engine is
-warmed with `--warmup` requests (filling the cache), then the formats take turns for `--rounds`
-rounds (round r: every format decodes request r, in rotating order). Reported per format: each
-round's decode tokens/s (the time after each request's first token) and the median, and the
-expert bytes copied per decoded token (misses x the expert's stored bytes).
+fraction needs at least 1 / layers of them (0.25: 4 layers). Each engine is warmed with
+`--warmup` requests (filling the cache); then, one format at a time beside the bf16 engine (host
+RAM holds two engines, not five), the two take turns for `--rounds` rounds (A B, B A, A B, ...).
+Reported per format: each round's decode tokens/s (the time after each request's first token)
+and the median, and the expert bytes copied per decoded token (misses x the stored expert bytes).
 
     python -m benchmarks.quant_decode [--layers 4] [--fractions 1.0,0.5,0.25] [--threads 1] [--checkpoint-dir DIR] [--json]
 """
@@ -33,7 +33,7 @@ from moe_serve.engine.core.llm_engine import LLMEngine
 from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import SamplingParams
 from moe_serve.engine.progress import progress
-from moe_serve.engine.traces.trace_file import load_trace
+from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace
 
 FORMATS = {"bf16": "model", "int8": "int8", "int4": "int4", "mxfp4": "mxfp4"}  # label: --expert-dtype
 
@@ -49,6 +49,43 @@ def decode(engine: LLMEngine, request_id: str, prompt: list[int], params: Sampli
     elapsed = time.perf_counter() - start
     assert first == 1
     return generated, elapsed, counters_since(before, offload_counters(engine))
+
+
+def warm_engine(path: Path, trace: RoutingTrace, args: argparse.Namespace, name: str, fraction: float,
+                prompt: list[int], params: SamplingParams) -> LLMEngine:
+    """The engine of format `name` at `fraction` (1.0: all resident), warmed with `--warmup` requests."""
+    cache = dict(offload="off") if fraction == 1.0 else dict(offload="on", expert_cache_fraction=fraction)
+    config = EngineConfig(model=str(path), dtype="bfloat16", expert_dtype=FORMATS[name], prefetch="none",
+                          task_preload="off", num_threads=args.threads, max_num_seqs=1, **cache)
+    engine = build_engine(config, show_progress=False, replay=RoutingReplay(trace, first_layer=args.first_layer))
+    for i in range(args.warmup):
+        decode(engine, f"w{i}", prompt, params)
+    return engine
+
+
+def expert_nbytes(engine: LLMEngine, fraction: float, total_experts: int) -> int:
+    """One routed expert's stored bytes."""
+    experts = engine.runner.model.experts
+    return experts.nbytes() // total_experts if fraction == 1.0 else experts.cache.store.expert_nbytes
+
+
+def print_header(args: argparse.Namespace, trace: RoutingTrace) -> None:
+    """What was measured, and the table header."""
+    print(f"{args.layers} MoE layers x {trace.num_experts} experts (top-{trace.top_k}), hidden {args.hidden}, expert FFN "
+          f"{args.moe_intermediate}, bf16 model, {args.threads} thread(s), batch 1, routing replayed from "
+          f"{Path(args.trace).name}; {args.rounds} rounds of {args.tokens} tokens per format, alternated with bf16")
+    print(f"{'fraction':>8} {'format':>6} {'expert MiB':>10} {'tok/s':>7} {'vs bf16':>7} {'misses/tok':>10} "
+          f"{'MiB/tok':>8} {'vs bf16':>7}  rounds tok/s")
+
+
+def print_rows(rows: list[dict], base_name: str) -> None:
+    """One fraction's rows, each against the baseline format's row."""
+    base = next(b for b in rows if b["format"] == base_name)
+    for r in rows:
+        bytes_ratio = r["mib_per_token"] / base["mib_per_token"] if base["mib_per_token"] else float("nan")
+        print(f"{r['fraction']:>8} {r['format']:>6} {r['expert_bytes'] / 2**20:>10.2f} {r['tok_s']:>7.2f} "
+              f"{r['tok_s'] / base['tok_s']:>6.2f}x {r['misses_per_token']:>10.2f} {r['mib_per_token']:>8.2f} "
+              f"{bytes_ratio:>6.2f}x  {' '.join(f'{t:.2f}' for t in r['rounds_tok_s'])}", flush=True)
 
 
 def main() -> None:
@@ -77,50 +114,38 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
     prompt = list(range(3, 3 + args.prompt_len))
     rows = []
+    if not args.json:
+        print_header(args, trace)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint_dir or Path(tmp)
         if not (path / "config.json").is_file():
             make_checkpoint(path, trace, args)
         for fraction in progress([float(f) for f in args.fractions.split(",")], show=not args.json, desc="fractions"):
-            engines = {}
-            for name in names:
-                cache = dict(offload="off") if fraction == 1.0 else dict(offload="on", expert_cache_fraction=fraction)
-                config = EngineConfig(model=str(path), dtype="bfloat16", expert_dtype=FORMATS[name], prefetch="none",
-                                      task_preload="off", num_threads=args.threads, max_num_seqs=1, **cache)
-                engines[name] = build_engine(config, show_progress=False,
-                                             replay=RoutingReplay(trace, first_layer=args.first_layer))
-                for i in range(args.warmup):
-                    decode(engines[name], f"w{i}", prompt, params)
+            base, others = names[0], names[1:]
             measured: dict[str, list[tuple[int, float, dict]]] = {name: [] for name in names}
-            for r in range(args.rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    measured[name].append(decode(engines[name], f"r{r}", prompt, params))
+            nbytes: dict[str, int] = {}
+            engines = {base: warm_engine(path, trace, args, base, fraction, prompt, params)}
+            nbytes[base] = expert_nbytes(engines[base], fraction, args.layers * trace.num_experts)
+            for name in others:  # one quantized engine at a time beside the baseline: A B A B ...
+                engines[name] = warm_engine(path, trace, args, name, fraction, prompt, params)
+                nbytes[name] = expert_nbytes(engines[name], fraction, args.layers * trace.num_experts)
+                for r in range(args.rounds):
+                    for turn in ((base, name) if r % 2 == 0 else (name, base)):
+                        measured[turn].append(decode(engines[turn], f"{name}-r{r}", prompt, params))
+                del engines[name]
+            del engines
             for name in names:
-                experts = engines[name].runner.model.experts
-                expert_nbytes = experts.nbytes() // (args.layers * trace.num_experts) if fraction == 1.0 \
-                    else experts.cache.store.expert_nbytes
                 tokens = sum(m[0] for m in measured[name])
                 misses = sum(m[2]["misses"] for m in measured[name])
                 rounds = [m[0] / m[1] for m in measured[name]]
-                rows.append({"fraction": fraction, "format": name, "expert_bytes": expert_nbytes,
+                rows.append({"fraction": fraction, "format": name, "expert_bytes": nbytes[name],
                              "rounds_tok_s": [round(t, 2) for t in rounds], "tok_s": round(statistics.median(rounds), 2),
                              "misses_per_token": round(misses / tokens, 2),
-                             "mib_per_token": round(misses * expert_nbytes / tokens / 2**20, 2)})
-            del engines
+                             "mib_per_token": round(misses * nbytes[name] / tokens / 2**20, 2)})
+            if not args.json:
+                print_rows(rows[-len(names):], base)
     if args.json:
         print(json.dumps(rows))
-        return
-    print(f"{args.layers} MoE layers x {trace.num_experts} experts (top-{trace.top_k}), hidden {args.hidden}, expert FFN "
-          f"{args.moe_intermediate}, bf16 model, {args.threads} thread(s), batch 1, routing replayed from "
-          f"{Path(args.trace).name}; {args.rounds} rounds of {args.tokens} tokens, formats alternated")
-    print(f"{'fraction':>8} {'format':>6} {'expert MiB':>10} {'tok/s':>7} {'vs bf16':>7} {'misses/tok':>10} "
-          f"{'MiB/tok':>8} {'vs bf16':>7}  rounds tok/s")
-    for r in rows:
-        base = next(b for b in rows if b["fraction"] == r["fraction"] and b["format"] == names[0])
-        bytes_ratio = r["mib_per_token"] / base["mib_per_token"] if base["mib_per_token"] else float("nan")
-        print(f"{r['fraction']:>8} {r['format']:>6} {r['expert_bytes'] / 2**20:>10.2f} {r['tok_s']:>7.2f} "
-              f"{r['tok_s'] / base['tok_s']:>6.2f}x {r['misses_per_token']:>10.2f} {r['mib_per_token']:>8.2f} "
-              f"{bytes_ratio:>6.2f}x  {' '.join(f'{t:.2f}' for t in r['rounds_tok_s'])}")
 
 
 if __name__ == "__main__":
