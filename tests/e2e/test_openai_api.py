@@ -232,7 +232,7 @@ BAD_INPUTS: list[tuple[str, Any, int, str | None]] = [
     ("temperature 5", {"model": "M", "messages": MESSAGES, "temperature": 5}, 400, "invalid_value"),
     ("n 0", {"model": "M", "messages": MESSAGES, "n": 0}, 400, "invalid_value"),
     ("unknown model", {"model": "gpt-9", "messages": MESSAGES}, 404, "model_not_found"),
-    ("unsupported parameter", {"model": "M", "messages": MESSAGES, "tools": [{"type": "function"}]}, 400,
+    ("unsupported parameter", {"model": "M", "messages": MESSAGES, "functions": [{"name": "f"}]}, 400,
      "unsupported_parameter"),
     ("unknown field", {"model": "M", "messages": MESSAGES, "bogus": 1}, 400, "unknown_parameter"),
     ("prompt beyond context", {"model": "M", "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400,

@@ -258,7 +258,7 @@ def _per_task_sizes(engine: LLMEngine) -> dict[str, int]:
 def test_ten_thousand_task_names_leave_bounded_per_task_state(mixtral) -> None:
     max_tasks = 8
     engine = _engine(mixtral, expert_cache_fraction=0.5, max_tasks=max_tasks, max_num_seqs=1024,
-                     max_num_batched_tokens=2048, max_waiting=1024)
+                     max_num_batched_tokens=2048, max_waiting=1024, task_preload="on")
     _serve_names(engine, [f"client-{i}" for i in range(10_000)])
     sizes = _per_task_sizes(engine)
     assert sizes == {"output lengths": max_tasks, "task profiles": max_tasks, "task names": max_tasks}
