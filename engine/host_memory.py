@@ -83,8 +83,13 @@ def cuda_host_register(address: int, nbytes: int) -> None:
 
 
 def cuda_host_unregister(address: int) -> None:
-    """Undoes `cuda_host_register` (cudaHostUnregister); an error is logged, not raised (finalizer)."""
-    error = int(torch.cuda.cudart().cudaHostUnregister(address))
+    """Undoes `cuda_host_register` (cudaHostUnregister); an error is logged, not raised (it runs in a
+    finalizer, possibly while the interpreter shuts down)."""
+    try:
+        error = int(torch.cuda.cudart().cudaHostUnregister(address))
+    except (RuntimeError, AttributeError) as exc:  # CUDA already torn down at exit: the driver frees it
+        logger.debug("cudaHostUnregister skipped: %s", exc)
+        return
     if error != 0:
         logger.warning("cudaHostUnregister failed with cudaError %d", error)
 

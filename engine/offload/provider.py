@@ -1,8 +1,9 @@
 """Offloaded experts: the ExpertProvider over the expert cache, and building it from the config.
 
 Owns `OffloadedExperts` (acquire a layer's experts, compute each as its slot becomes ready,
-release; pins a failed step leaves behind are released at the step's end), the cache sizing,
-the offload decision and `build_expert_provider`. Details: docs/offload.md.
+release; pins a failed step leaves behind are released at the step's end), the device budget
+(free memory after the dense weights, less the KV cache and a working reserve), the cache sizing
+and the offload decision it bounds, and `build_expert_provider`. Details: docs/offload.md.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ from moe_serve.engine.offload.slot_pool import ExpertSlot
 from moe_serve.engine.types import ExpertKey
 
 logger = logging.getLogger(__name__)
-
-AUTO_OFFLOAD_DEVICE_SHARE = 0.6  # auto mode offloads when the experts need more of the free device memory
-
 
 class OffloadedExperts:
     """ExpertProvider over an ExpertCache: computes on resident experts while misses load."""
@@ -89,6 +87,48 @@ class OffloadedExperts:
         self.cache.on_step()
 
 
+RESERVE_FIXED_BYTES = 2**30  # CUDA context, allocator slack and copy staging
+RESERVE_HIDDEN_ACTIVATIONS = 16  # fp32 hidden-sized activations per batched token, beside its fp32 logits row
+
+
+def working_reserve_nbytes(spec: ModelSpec, max_tokens_per_step: int) -> int:
+    """Device memory kept free for the forward: a fixed part plus each batched token's fp32 logits
+    and activations."""
+    per_token = 4 * (spec.vocab_size + RESERVE_HIDDEN_ACTIVATIONS * spec.hidden_size)
+    return RESERVE_FIXED_BYTES + max_tokens_per_step * per_token
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """Device memory for expert slots: what is free once the dense weights are placed, less the KV
+    cache and the working reserve placed after the experts."""
+
+    free_nbytes: int
+    total_nbytes: int
+    kv_nbytes: int
+    reserve_nbytes: int
+
+    @property
+    def expert_nbytes(self) -> int:
+        return max(self.free_nbytes - self.kv_nbytes - self.reserve_nbytes, 0)
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (f"{self.free_nbytes / gib:.2f} GiB free after the dense weights, less {self.kv_nbytes / gib:.2f} GiB "
+                f"KV cache and {self.reserve_nbytes / gib:.2f} GiB working reserve: {self.expert_nbytes / gib:.2f} "
+                f"GiB for experts")
+
+
+def device_budget(device: torch.device, kv_nbytes: int, reserve_nbytes: int) -> DeviceBudget | None:
+    """The budget on a CUDA device, measured now (call it once the dense weights are placed); None on
+    the CPU, whose expert pool is host memory."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # reusable by torch
+    return DeviceBudget(free + cached, total, kv_nbytes, reserve_nbytes)
+
+
 @dataclass(frozen=True)
 class CacheSizing:
     """How many device slots the expert cache gets, and the least one step needs."""
@@ -104,14 +144,20 @@ def size_expert_cache(
     expert_nbytes: int,
     cache_gb: float | None,
     cache_fraction: float | None,
+    budget: DeviceBudget | None = None,
 ) -> CacheSizing:
-    """Slots from a byte budget or a fraction of all experts; refuses less than one step needs."""
+    """Slots from a byte budget, a fraction of all experts, or (neither given) what the device
+    `budget` holds; refuses less than one step needs, and more than the device budget holds
+    (saying what fits)."""
     if cache_gb is not None:
         num_slots = slots_for_budget(int(cache_gb * 2**30), expert_nbytes)
         asked = f"expert_cache_gb={cache_gb} ({num_slots} experts of {expert_nbytes / 2**20:.3f} MiB)"
     elif cache_fraction is not None:
         num_slots = max(1, math.ceil(cache_fraction * total_experts))
         asked = f"expert_cache_fraction={cache_fraction} ({num_slots} of {total_experts} experts)"
+    elif budget is not None:
+        num_slots = slots_for_budget(budget.expert_nbytes, expert_nbytes)
+        asked = f"the device ({budget.describe()}, {num_slots} experts of {expert_nbytes / 2**20:.3f} MiB)"
     else:
         num_slots = total_experts
         asked = "all experts"
@@ -120,23 +166,44 @@ def size_expert_cache(
         raise ModelLoadError(
             f"{asked} is smaller than one step can need: at least {min_slots} expert slots "
             f"(expert_cache_gb >= {min_slots * expert_nbytes / 2**30:.6f} or "
-            f"expert_cache_fraction >= {min_slots / total_experts:.4f})"
+            f"expert_cache_fraction >= {min_slots / total_experts:.4f})" + _what_fits(budget, min_slots * expert_nbytes)
+        )
+    if budget is not None and num_slots * expert_nbytes > budget.expert_nbytes:
+        fits = slots_for_budget(budget.expert_nbytes, expert_nbytes)
+        raise ModelLoadError(
+            f"{asked} does not fit on the device: {budget.describe()}; "
+            + (f"expert_cache_gb <= {fits * expert_nbytes / 2**30:.3f} (expert_cache_fraction <= "
+               f"{fits / total_experts:.4f}) fits" if fits >= min_slots else "")
+            + _what_fits(budget, min_slots * expert_nbytes)
         )
     return CacheSizing(num_slots, min_slots, total_experts)
 
 
-def wants_offload(config: EngineConfig, experts_nbytes: int, device: torch.device) -> bool:
-    """`on`/`off` as given; `auto` offloads when a cache budget is set or the experts do not fit the device."""
+def _what_fits(budget: DeviceBudget | None, least_experts_nbytes: int) -> str:
+    """The KV cache that leaves room for the fewest experts a step needs, and the planner's command."""
+    if budget is None:
+        return ""
+    kv_room = budget.free_nbytes - budget.reserve_nbytes - least_experts_nbytes
+    advice = (f"; kv_cache_gb <= {kv_room / 2**30:.3f} leaves room for the fewest experts a step needs"
+              if budget.expert_nbytes < least_experts_nbytes and kv_room > 0 else "")
+    return advice + f" (`moe-serve plan --model DIR --gpu-gb {budget.total_nbytes / 2**30:.1f}` prints a set-up that fits)"
+
+
+def wants_offload(config: EngineConfig, experts_nbytes: int, budget: DeviceBudget | None) -> bool:
+    """`on`/`off` as given (`off` refused when the experts cannot fit the device budget); `auto`
+    offloads when a cache budget is set or the experts do not fit the device budget."""
     if config.offload is OffloadMode.ON:
         return True
+    fits = budget is None or experts_nbytes <= budget.expert_nbytes
     if config.offload is OffloadMode.OFF:
+        if not fits:
+            assert budget is not None
+            raise ModelLoadError(f"offload=off: the experts ({experts_nbytes / 2**30:.2f} GiB) do not fit on the "
+                                 f"device ({budget.describe()}); use offload on or auto")
         return False
     if config.expert_cache_gb is not None or config.expert_cache_fraction is not None:
         return True
-    if device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        return experts_nbytes > AUTO_OFFLOAD_DEVICE_SHARE * free_bytes
-    return False
+    return not fits
 
 
 def host_tier_dir(config: EngineConfig, experts_nbytes: int) -> Path | None:
@@ -156,12 +223,15 @@ def host_tier_dir(config: EngineConfig, experts_nbytes: int) -> Path | None:
 
 def build_expert_provider(
     config: EngineConfig, experts: dict[ExpertKey, ExpertTensors], spec: ModelSpec, device: torch.device,
-    max_tokens_per_step: int, pack: bool = False,
+    max_tokens_per_step: int, pack: bool = False, kv_nbytes: int = 0,
 ) -> ResidentExperts | OffloadedExperts:
     """All-resident experts, or a host tier + device expert cache as `config` asks; with `pack`
-    each expert is packed for the CPU kernels on its way in (one expert at a time)."""
+    each expert is packed for the CPU kernels on its way in (one expert at a time). Call it once the
+    dense weights are on the device: on CUDA the automatic expert budget is the free memory then,
+    less `kv_nbytes` (the KV cache placed afterwards) and the working reserve."""
     experts_nbytes = sum(t.numel() * t.element_size() for pair in experts.values() for t in pair)
-    if not wants_offload(config, experts_nbytes, device):
+    budget = device_budget(device, kv_nbytes, working_reserve_nbytes(spec, max_tokens_per_step))
+    if not wants_offload(config, experts_nbytes, budget):
         if pack:
             arena = Arena(packed_experts_nbytes(experts))
             for key in experts:  # in place: each plain expert is dropped as soon as it is packed
@@ -183,7 +253,7 @@ def build_expert_provider(
     experts.clear()  # the packed host slab is now the only copy
     sizing = size_expert_cache(
         len(store), min_slots_for_step(spec.num_experts, spec.top_k, max_tokens_per_step), store.expert_nbytes,
-        config.expert_cache_gb, config.expert_cache_fraction,
+        config.expert_cache_gb, config.expert_cache_fraction, budget,
     )
     copy_engine = load_copy_engine(device, num_workers=config.copy_workers)
     logger.info(
