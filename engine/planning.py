@@ -1,7 +1,7 @@
 """`moe-serve plan`: what serving a checkpoint with offloading takes, from its config alone.
 
 Sizes come from the ModelSpec (no weight is read): one routed expert as the host tier stores it
-(gate_up and down, with gpt-oss' biases, 64-byte aligned, at the chosen dtype), the non-expert
+(gate_up and down, with gpt-oss' biases, 64-byte aligned, at the chosen dtype or expert format), the non-expert
 weights the device holds (embeddings, attention with its biases and sinks, norms, routers, shared
 experts, dense MLPs; routers and biases in fp32 where the loader keeps them), and the KV bytes per
 token. The GPU budget is split as serve splits it: the non-expert weights, the KV cache
@@ -25,7 +25,8 @@ from moe_serve.engine.builder import kv_cache_blocks, model_trace
 from moe_serve.engine.config import DType, EngineConfig
 from moe_serve.engine.core.kv_cache import KV_BLOCK_SIZE, kv_bytes_per_block
 from moe_serve.engine.errors import ModelLoadError
-from moe_serve.engine.model.loader import read_spec, resolve_dtype
+from moe_serve.engine.model.loader import read_spec, resolve_dtype, resolve_expert_format
+from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat
 from moe_serve.engine.model.spec import ModelSpec, QKNorm
 from moe_serve.engine.offload.expert_store import layout_for, min_slots_for_step
 from moe_serve.engine.offload.expert_store import size_text as binary_size_text
@@ -124,14 +125,18 @@ def _attention_params(spec: ModelSpec) -> int:
     return params
 
 
-def expert_nbytes(spec: ModelSpec, dtype: torch.dtype) -> int:
-    """One routed expert as the host tier stores it: (gate_up [2F, D], down [D, F]) and with expert biases
-    (gpt-oss) their biases [2F], [D], each 64-byte aligned; MXFP4 experts are stored dequantized to `dtype`."""
+def expert_nbytes(spec: ModelSpec, dtype: torch.dtype, expert_format: ExpertFormat = MODEL_DTYPE) -> int:
+    """One routed expert as the host tier stores it: (gate_up [2F, D], down [D, F]) in `expert_format`
+    (the model dtype: `dtype`; quantized: its packed codes and scales) and with expert biases (gpt-oss)
+    their biases [2F], [D] in `dtype`, each tensor 64-byte aligned."""
     hidden, inner = spec.hidden_size, spec.moe_intermediate_size
-    shapes = [(2 * inner, hidden), (hidden, inner)]
+    if expert_format.quantized:
+        layouts = expert_format.matrix_layouts(2 * inner, hidden) + expert_format.matrix_layouts(hidden, inner)
+    else:
+        layouts = [((2 * inner, hidden), dtype), ((hidden, inner), dtype)]
     if spec.expert_mlp.biases:
-        shapes += [(2 * inner,), (hidden,)]
-    return layout_for([torch.empty(shape, dtype=dtype, device="meta") for shape in shapes])[1]
+        layouts += [((2 * inner,), dtype), ((hidden,), dtype)]
+    return layout_for([torch.empty(shape, dtype=t, device="meta") for shape, t in layouts])[1]
 
 
 def reserve_nbytes(spec: ModelSpec, max_num_batched_tokens: int) -> int:
@@ -142,9 +147,10 @@ def reserve_nbytes(spec: ModelSpec, max_num_batched_tokens: int) -> int:
 
 def make_plan(model: Path, gpu_gb: float, host_gb: float | None = None, dtype: DType = DType.AUTO,
               max_model_len: int | None = None, max_num_seqs: int = 1, trace: Path | None = None,
-              trace_tokens: int | None = None) -> Plan:
+              trace_tokens: int | None = None, expert_dtype: str = "auto") -> Plan:
     """The plan for serving the checkpoint config in `model` on a `gpu_gb` GiB GPU (no weight is read);
-    the KV cache holds `max_num_seqs` sequences of `max_model_len` (default PLAN_MAX_MODEL_LEN) tokens."""
+    the KV cache holds `max_num_seqs` sequences of `max_model_len` (default PLAN_MAX_MODEL_LEN) tokens;
+    the experts are stored as `expert_dtype` says (`--expert-dtype`)."""
     max_model_len = max_model_len or PLAN_MAX_MODEL_LEN
     hf_config, spec = read_spec(model)
     torch_dtype = resolve_dtype(dtype.value, hf_config)
@@ -156,7 +162,7 @@ def make_plan(model: Path, gpu_gb: float, host_gb: float | None = None, dtype: D
     config = base.model_copy(update={"kv_cache_gb": kv_gb})
     served_len, num_blocks = kv_cache_blocks(spec, config, torch_dtype)
     kv_nbytes = num_blocks * kv_bytes_per_block(spec, KV_BLOCK_SIZE, torch_dtype)
-    one_expert = expert_nbytes(spec, torch_dtype)
+    one_expert = expert_nbytes(spec, torch_dtype, resolve_expert_format(expert_dtype, spec))
     total_experts = spec.num_moe_layers * spec.num_experts
     dense = non_expert_nbytes(spec, torch_dtype)
     reserve = reserve_nbytes(spec, config.max_num_batched_tokens)

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-gb", type=float, required=True, help="GPU memory to plan for, in GiB")
     plan.add_argument("--host-gb", type=float, default=None, help="host RAM for the host tier, in GiB")
     plan.add_argument("--dtype", default="auto", choices=[d.value for d in DType])
+    plan.add_argument("--expert-dtype", default="auto",
+                      help="routed experts' storage, as serve's --expert-dtype (auto, model, int8, int4[-gN][-sym], mxfp4)")
     plan.add_argument("--max-model-len", type=int, default=None,
                       help="context length the KV cache holds (default 4096, at most the model's)")
     plan.add_argument("--max-num-seqs", type=int, default=1, help="sequences of max-model-len in the KV cache")
@@ -138,7 +140,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ConfigError("--gpu-gb and --host-gb must be > 0, --max-num-seqs and --trace-tokens >= 1, "
                           "--max-model-len >= 16")
     plan = make_plan(args.model, args.gpu_gb, args.host_gb, DType(args.dtype), args.max_model_len,
-                     args.max_num_seqs, args.trace, args.trace_tokens)
+                     args.max_num_seqs, args.trace, args.trace_tokens, args.expert_dtype)
     print(json.dumps(plan.as_dict()) if args.json else format_plan(plan, args.model))
     return 0
 

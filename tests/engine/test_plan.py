@@ -90,12 +90,19 @@ def test_bf16_halves_everything_but_the_fp32_routers_and_biases(arch: str, check
     assert plan.dtype == "bfloat16"
 
 
-def test_mxfp4_experts_are_sized_as_the_host_tier_holds_them_dequantized(checkpoint_factory, tmp_path: Path) -> None:
+def test_mxfp4_experts_are_sized_as_the_host_tier_holds_them(checkpoint_factory, tmp_path: Path) -> None:
+    """auto keeps an MXFP4 checkpoint's experts 4-bit (the engine's own store size); model expands them."""
+    from moe_serve.engine.builder import build_engine
+    from moe_serve.engine.config import EngineConfig
+
     plain = make_plan(checkpoint_factory("gpt_oss"), gpu_gb=2, dtype=DType.BFLOAT16, max_model_len=CONTEXT)
-    mxfp4 = make_plan(make_mxfp4_checkpoint(tmp_path / "mxfp4"), gpu_gb=2, dtype=DType.BFLOAT16,
-                      max_model_len=CONTEXT)
-    assert (mxfp4.expert_nbytes, mxfp4.experts_nbytes, mxfp4.non_expert_nbytes) == \
+    path = make_mxfp4_checkpoint(tmp_path / "mxfp4")
+    expanded = make_plan(path, gpu_gb=2, dtype=DType.BFLOAT16, max_model_len=CONTEXT, expert_dtype="model")
+    assert (expanded.expert_nbytes, expanded.experts_nbytes, expanded.non_expert_nbytes) == \
         (plain.expert_nbytes, plain.experts_nbytes, plain.non_expert_nbytes)
+    four_bit = make_plan(path, gpu_gb=2, dtype=DType.BFLOAT16, max_model_len=CONTEXT)
+    engine = build_engine(EngineConfig(model=str(path), dtype="bfloat16", expert_cache_fraction=1.0), show_progress=False)
+    assert four_bit.expert_nbytes == engine.runner.model.experts.cache.store.expert_nbytes < plain.expert_nbytes / 2
 
 
 def budget_for_slots(arch: str, path: Path, slots: float) -> float:
