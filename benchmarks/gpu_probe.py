@@ -71,7 +71,10 @@ def deps(wheel_dir: Path, target: Path) -> dict:
     if wheels and not importable(server_imports, target):
         subprocess.run(pip + [str(w) for w in wheels], check=True)
         missing = wheels
-    return {"installed": [w.name for w in missing], "server_imports_ok": importable(server_imports, target)}
+    runtime = ("transformers", "safetensors", "tokenizers", "numpy", "yaml", "jinja2", "tqdm", "ninja",
+               "swagger_ui_bundle", "prometheus_client", "fastapi", "uvicorn", "pydantic", "llguidance", "pytest")
+    return {"installed": [w.name for w in missing], "server_imports_ok": importable(server_imports, target),
+            "missing_runtime_modules": [name for name in runtime if not importable(name, target)]}
 
 
 def nvidia_smi() -> dict:
@@ -99,10 +102,16 @@ def env_step(args: argparse.Namespace) -> dict:
         record["nvcc"] = subprocess.run(["nvcc", "--version"], capture_output=True, text=True,
                                         timeout=30).stdout.strip().splitlines()[-1]
     if torch.cuda.is_available():
+        from moe_serve.engine.host_memory import pinned_buffer
+
         props = torch.cuda.get_device_properties(0)
         free, total = torch.cuda.mem_get_info()
         record.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
                       device_free_bytes=free, device_total_bytes=total)
+        started = time.perf_counter()
+        buffer = pinned_buffer(4 << 30, what="4 GiB probe buffer")  # the host tier's exact-size pinning
+        record["exact_size_pinning"] = {"bytes": buffer.numel(), "pinned": buffer.is_pinned(),
+                                        "seconds": round(time.perf_counter() - started, 2)}
     return record
 
 
@@ -169,6 +178,7 @@ def decode_step(args: argparse.Namespace) -> dict:
 
     cuda = torch.cuda.is_available()
     trace = load_trace(args.trace)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     sizes = (dict(hidden=2048, moe_intermediate=1408, shared_intermediate=2816, heads=16, layers=args.layers,
                   tokens=64, warmup_requests=3, prompt_len=32) if cuda else
              dict(hidden=128, moe_intermediate=64, shared_intermediate=128, heads=4, layers=4,
@@ -211,9 +221,11 @@ def decode_step(args: argparse.Namespace) -> dict:
             del engine
             if cuda:
                 torch.cuda.empty_cache()
-    geometry = {**sizes, "experts": trace.num_experts, "top_k": trace.top_k, "trace": Path(args.trace).name,
-                "dtype": bench.dtype, "batch": 1, "checkpoint_s": round(checkpoint_s, 1)}
-    return {"geometry": geometry, **bandwidth, "rows": rows}
+            geometry = {**sizes, "experts": trace.num_experts, "top_k": trace.top_k, "trace": Path(args.trace).name,
+                        "dtype": bench.dtype, "batch": 1, "checkpoint_s": round(checkpoint_s, 1)}
+            partial = {"geometry": geometry, **bandwidth, "rows": rows, "complete": len(rows) == len(settings)}
+            (Path(args.out) / "decode.json").write_text(json.dumps(partial, default=str))  # kept if time runs out
+    return partial
 
 
 def serve_step(args: argparse.Namespace) -> dict:

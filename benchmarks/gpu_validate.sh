@@ -60,7 +60,8 @@ if [ -z "$DRY" ]; then copy_sizes=(--sizes-mib 4 16 64 --copies 32); else copy_s
 step copy 90 bash -c "python3 -m benchmarks.copy_bandwidth --json ${copy_sizes[*]} > '$PARTS/copy.json.tmp' && mv '$PARTS/copy.json.tmp' '$PARTS/copy.json'"
 # 5. decode tok/s, resident and offloaded at fractions 1.0/0.5/0.25 with and without prefetch, against each
 #    setting's physical limit (DeepSeek-V2-Lite expert geometry, the trace's routing replayed)
-step decode 240 python3 -m benchmarks.gpu_probe decode --out "$PARTS" --trace "$KIT/traces/deepseek-v2-lite-puffin-train.npz" $DRY
+step decode 240 python3 -m benchmarks.gpu_probe decode --out "$PARTS" --trace "$KIT/traces/deepseek-v2-lite-puffin-train.npz" \
+  --layers "${DECODE_LAYERS:-8}" $DRY
 # 6. the server end to end on --device cuda (demo model, offloaded): chat completion, /metrics, SIGTERM
 step serve 180 python3 -m benchmarks.gpu_probe serve --out "$PARTS" $DRY
 
