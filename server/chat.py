@@ -165,7 +165,7 @@ class _ChatStream:
             for call_delta in call_deltas:
                 yield self._chunk([self._choice(event.index, {"tool_calls": [call_delta.chat_delta()]})])
             if output.finished:
-                has_calls = bool(tool_streams and tool_streams[event.index].calls)
+                has_calls = bool(tool_streams and tool_streams[event.index].num_calls)
                 reason = _finish_reason(states[event.index], has_calls)
                 yield self._chunk([self._choice(event.index, {}, finish_reason=reason)])
             event = await generation.next_event()

@@ -64,9 +64,9 @@ class ToolCallStream:
         self._calls: list[_SentCall] = []
 
     @property
-    def calls(self) -> list[tuple[str, str, str]]:
-        """(id, name, arguments) of every call sent so far."""
-        return [(call.call_id, call.name, call.arguments) for call in self._calls]
+    def num_calls(self) -> int:
+        """How many calls have been sent so far."""
+        return len(self._calls)
 
     def feed(self, new_text: str, final: bool) -> StreamDelta:
         """The deltas after appending `new_text`; `final` when the generation has ended."""
@@ -78,7 +78,7 @@ class ToolCallStream:
             view = finish_output(parsed, self._max_calls)
             content = view.content or ""
         else:
-            view = ParsedOutput(parsed.content, parsed.calls[:self._max_calls] if self._max_calls else parsed.calls)
+            view = ParsedOutput(parsed.content, parsed.calls[:self._max_calls])
             content = (parsed.content or "").rstrip()
         return StreamDelta(self._content_delta(content), self._call_deltas(view))
 
