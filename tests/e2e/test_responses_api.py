@@ -70,6 +70,17 @@ def test_stream_events_add_up_to_the_final_response(client: openai.OpenAI, serve
     jsonschema.validate(json.loads(text), SCHEMA)
 
 
+def test_text_stream_cut_by_max_output_tokens_ends_incomplete(client: openai.OpenAI, server: LiveServer) -> None:
+    whole = client.responses.create(model=server.model, input="Tell a story.", max_output_tokens=6, temperature=0)
+    events = list(client.responses.create(model=server.model, input="Tell a story.", max_output_tokens=6,
+                                          temperature=0, stream=True))
+    assert [event.type for event in events][-1] == "response.incomplete"
+    final = events[-1].response
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert final.output_text == text == whole.output_text and final.usage.output_tokens == 6
+    assert final.incomplete_details.reason == "max_output_tokens"
+
+
 def test_structured_output_validates(client: openai.OpenAI, server: LiveServer) -> None:
     for seed_text in ("one", "two", "three"):
         response = client.responses.create(model=server.model, input=seed_text, text=FORMAT, max_output_tokens=64,
