@@ -140,20 +140,18 @@ def test_context_keeps_one_history_per_layer() -> None:
     assert policy.victim([(1, "x"), (1, "y")]) == (1, "y")
 
 
-def test_context_memory_is_bounded_and_big_steps_are_safe() -> None:
+def test_context_history_is_a_bounded_ring_and_big_steps_are_safe() -> None:
     import random
 
+    from moe_serve.cache_policies.context import _UNMATCHABLE
+
     rng = random.Random(0)
-    policy = ContextPolicy(history_steps=50, horizon=4, bucket=8)
+    policy = ContextPolicy(history_steps=50, horizon=4)
     feed(policy, [rng.sample(range(64), 6) for _ in range(2000)])
     group = policy._groups[None]
-    assert len(group.masks) <= 50 + 4 + 1
-    assert len(group.future) <= 50 + 1
-    referenced = list(group.index.values())
-    assert all(isinstance(steps, int) or 2 <= len(steps) <= 8 for steps in referenced)
-    live = set(group.future)  # every index entry points at a step still in the history
-    assert all(({steps} if isinstance(steps, int) else set(steps)) <= live for steps in referenced)
-    feed(policy, [list(range(40))])  # a batched step larger than max_context_keys: no subset blow-up
+    assert group.members.shape[1] == group.future.shape[0] == 50 + 4 + 1
+    assert int((group.need < _UNMATCHABLE).sum()) == 50  # the last 50 steps whose 4 next steps are known
+    feed(policy, [list(range(40))])  # a batched step larger than max_context_keys: recorded, never matched
     assert policy.victim(list(range(40, 64))) in range(40, 64)
 
 
