@@ -30,12 +30,10 @@ from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat
 from moe_serve.engine.model.spec import ModelSpec, QKNorm
 from moe_serve.engine.offload.expert_store import layout_for, min_slots_for_step
 from moe_serve.engine.offload.expert_store import size_text as binary_size_text
-from moe_serve.engine.offload.provider import size_expert_cache
+from moe_serve.engine.offload.provider import size_expert_cache, working_reserve_nbytes
 from moe_serve.engine.traces.replay import replay
 
 GIB = 2**30
-RESERVE_FIXED_BYTES = GIB  # CUDA context, allocator slack and copy staging
-RESERVE_HIDDEN_ACTIVATIONS = 16  # fp32 hidden-sized activations per batched token, beside its fp32 logits row
 HOST_RESERVE_BYTES = 2 * GIB  # the process without the host tier: Python, torch, tokenizer, server
 PLAN_MAX_MODEL_LEN = 4096
 FLAG_STEP_GIB = 1e-6  # the resolution of the printed --kv-cache-gb / --expert-cache-gb (1 KiB)
@@ -140,9 +138,8 @@ def expert_nbytes(spec: ModelSpec, dtype: torch.dtype, expert_format: ExpertForm
 
 
 def reserve_nbytes(spec: ModelSpec, max_num_batched_tokens: int) -> int:
-    """The working reserve: a fixed part plus each batched token's fp32 logits and activations."""
-    per_token = 4 * (spec.vocab_size + RESERVE_HIDDEN_ACTIVATIONS * spec.hidden_size)
-    return RESERVE_FIXED_BYTES + max_num_batched_tokens * per_token
+    """The working reserve serve keeps free on the device (`engine.offload.provider.working_reserve_nbytes`)."""
+    return working_reserve_nbytes(spec, max_num_batched_tokens)
 
 
 def make_plan(model: Path, gpu_gb: float, host_gb: float | None = None, dtype: DType = DType.AUTO,
