@@ -11,7 +11,9 @@ fraction needs at least 1 / layers of them (0.25: 4 layers). Each engine is warm
 `--warmup` requests (filling the cache); then, one format at a time beside the bf16 engine (host
 RAM holds two engines, not five), the two take turns for `--rounds` rounds (A B, B A, A B, ...).
 Reported per format: each round's decode tokens/s (the time after each request's first token)
-and the median, and the expert bytes copied per decoded token (misses x the stored expert bytes).
+and the median, the median tokens per CPU second of the process (compute and copy threads: the
+cost, robust on a machine other jobs load), and the expert bytes copied per decoded token (misses
+x the stored expert bytes).
 
     python -m benchmarks.quant_decode [--layers 4] [--fractions 1.0,0.5,0.25] [--threads 1] [--checkpoint-dir DIR] [--json]
 """
@@ -39,16 +41,17 @@ FORMATS = {"bf16": "model", "int8": "int8", "int4": "int4", "mxfp4": "mxfp4"}  #
 
 
 def decode(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams) -> tuple[int, float, dict]:
-    """One request to the end: (tokens decoded after the first, their seconds, offload counters over them)."""
+    """One request to the end: (tokens decoded after the first, their seconds, offload counters over
+    them plus `cpu_s`, the process's CPU seconds: compute and copy threads, whatever else runs)."""
     engine.add_request(EngineRequest(request_id, prompt, params))
     first = sum(len(o.new_token_ids) for o in engine.step())  # the prefill and the first token
-    before, start = offload_counters(engine), time.perf_counter()
+    before, start, cpu = offload_counters(engine), time.perf_counter(), time.process_time()
     generated = 0
     while engine.has_unfinished:
         generated += sum(len(o.new_token_ids) for o in engine.step())
     elapsed = time.perf_counter() - start
     assert first == 1
-    return generated, elapsed, counters_since(before, offload_counters(engine))
+    return generated, elapsed, {**counters_since(before, offload_counters(engine)), "cpu_s": time.process_time() - cpu}
 
 
 def warm_engine(path: Path, trace: RoutingTrace, args: argparse.Namespace, name: str, fraction: float,
@@ -74,8 +77,8 @@ def print_header(args: argparse.Namespace, trace: RoutingTrace) -> None:
     print(f"{args.layers} MoE layers x {trace.num_experts} experts (top-{trace.top_k}), hidden {args.hidden}, expert FFN "
           f"{args.moe_intermediate}, bf16 model, {args.threads} thread(s), batch 1, routing replayed from "
           f"{Path(args.trace).name}; {args.rounds} rounds of {args.tokens} tokens per format, alternated with bf16")
-    print(f"{'fraction':>8} {'format':>6} {'expert MiB':>10} {'tok/s':>7} {'vs bf16':>7} {'misses/tok':>10} "
-          f"{'MiB/tok':>8} {'vs bf16':>7}  rounds tok/s")
+    print(f"{'fraction':>8} {'format':>6} {'expert MiB':>10} {'tok/s':>7} {'vs bf16':>7} {'tok/CPU s':>9} {'vs bf16':>7} "
+          f"{'misses/tok':>10} {'MiB/tok':>8} {'vs bf16':>7}  rounds tok/s")
 
 
 def print_rows(rows: list[dict], base_name: str) -> None:
@@ -84,7 +87,8 @@ def print_rows(rows: list[dict], base_name: str) -> None:
     for r in rows:
         bytes_ratio = r["mib_per_token"] / base["mib_per_token"] if base["mib_per_token"] else float("nan")
         print(f"{r['fraction']:>8} {r['format']:>6} {r['expert_bytes'] / 2**20:>10.2f} {r['tok_s']:>7.2f} "
-              f"{r['tok_s'] / base['tok_s']:>6.2f}x {r['misses_per_token']:>10.2f} {r['mib_per_token']:>8.2f} "
+              f"{r['tok_s'] / base['tok_s']:>6.2f}x {r['tok_per_cpu_s']:>9.2f} {r['tok_per_cpu_s'] / base['tok_per_cpu_s']:>6.2f}x "
+              f"{r['misses_per_token']:>10.2f} {r['mib_per_token']:>8.2f} "
               f"{bytes_ratio:>6.2f}x  {' '.join(f'{t:.2f}' for t in r['rounds_tok_s'])}", flush=True)
 
 
@@ -138,8 +142,10 @@ def main() -> None:
                 tokens = sum(m[0] for m in measured[name])
                 misses = sum(m[2]["misses"] for m in measured[name])
                 rounds = [m[0] / m[1] for m in measured[name]]
+                cpu_rounds = [m[0] / m[2]["cpu_s"] for m in measured[name]]
                 rows.append({"fraction": fraction, "format": name, "expert_bytes": nbytes[name],
                              "rounds_tok_s": [round(t, 2) for t in rounds], "tok_s": round(statistics.median(rounds), 2),
+                             "tok_per_cpu_s": round(statistics.median(cpu_rounds), 2),
                              "misses_per_token": round(misses / tokens, 2),
                              "mib_per_token": round(misses * nbytes[name] / tokens / 2**20, 2)})
             if not args.json:

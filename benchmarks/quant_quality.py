@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--length", type=int, default=250)
     parser.add_argument("--ds-layers", type=int, default=2, help="layers of the DeepSeek-V2-Lite-geometry model (0: skip)")
+    parser.add_argument("--ds-prompts", type=int, default=None, help="prompts for that model (default: --prompts)")
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -92,12 +93,14 @@ def main() -> None:
                                        shared_intermediate=2816, dtype="bfloat16")
             trace_shape = SimpleNamespace(num_experts=64, top_k=6)
             deepseek = make_qwen2_moe(Path(tmp) / "deepseek", trace_shape, geometry)
-            rows += evaluate(deepseek, "deepseek-v2-lite-geometry", prompts, formats, show=not args.json)
+            rows += evaluate(deepseek, "deepseek-v2-lite-geometry", prompts[:args.ds_prompts], formats,
+                             show=not args.json)
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"{args.prompts} prompts x {args.length} tokens = {args.prompts * args.length} positions per model; "
-          "reference: the same model with bf16 experts")
+    ds_prompts = min(args.ds_prompts or args.prompts, args.prompts)
+    print(f"{args.prompts} prompts x {args.length} tokens = {args.prompts * args.length} positions (DeepSeek geometry: "
+          f"{ds_prompts * args.length}); reference: the same model with bf16 experts")
     print(f"{'model':>26} {'format':>13} {'mean KL (nats)':>15} {'top-1 agree':>11} {'expert KiB':>10}")
     for r in rows:
         print(f"{r['model']:>26} {r['format']:>13} {r['kl']:>15.2e} {r['top1']:>11.4f} {r['expert_bytes'] / 1024:>10.1f}")
