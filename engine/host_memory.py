@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 * 2**20
 ALIGNMENT = 64  # bytes: a cache line, and what the kernels' vector loads like
+CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the current device's
 
 
 class PinningError(RuntimeError):
@@ -75,7 +76,7 @@ def advised_buffer(nbytes: int) -> torch.Tensor:
 def cuda_host_register(address: int, nbytes: int) -> None:
     """Page-locks [address, address + nbytes) for the CUDA driver (cudaHostRegister)."""
     try:
-        error = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0))
+        error = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, CUDA_HOST_REGISTER_PORTABLE))
     except (RuntimeError, AttributeError, AssertionError) as exc:  # no CUDA runtime in this torch
         raise PinningError(str(exc)) from exc
     if error != 0:
