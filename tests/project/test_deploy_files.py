@@ -171,6 +171,7 @@ def test_every_defined_metric_is_on_the_dashboard_and_in_the_operations_guide(
 
 HAPROXY_CONFIG = DOCKER / "haproxy.cfg"
 KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
+CLUSTER_HAPROXY_CONFIG = KUBERNETES / "proxy" / "haproxy.cfg"
 ADAPTER_VALUES = KUBERNETES / "prometheus-adapter" / "values.yaml"
 KUBERNETES_VERSION = "1.32.0"  # the oldest release with the preStop sleep action on by default is 1.30
 
@@ -186,18 +187,40 @@ def _manifest(kind: str, name: str | None = None) -> dict[str, Any]:
     return next(d for d in _manifests() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name))
 
 
+def _backends(config: Path) -> dict[str, str]:
+    """backend name -> its lines, of an HAProxy config file."""
+    return dict(re.findall(r"^backend (\S+)\n((?:    .*\n|\n)*)", config.read_text(), re.MULTILINE))
+
+
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (Debian package haproxy)")
-def test_proxy_config_is_valid_for_haproxy() -> None:
+@pytest.mark.parametrize("config", (HAPROXY_CONFIG, CLUSTER_HAPROXY_CONFIG), ids=("compose", "kubernetes"))
+def test_proxy_config_is_valid_for_haproxy(config: Path) -> None:
     env = {**os.environ, "MOE_PROXY_BIND": "127.0.0.1:1", "MOE_PROXY_STATS_BIND": "127.0.0.1:2",
            "MOE_SERVE_REPLICA_1": "127.0.0.1:3", "MOE_SERVE_REPLICA_2": "127.0.0.1:4"}
-    result = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CONFIG)], env=env, capture_output=True, text=True,
+    result = subprocess.run(["haproxy", "-c", "-f", str(config)], env=env, capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_cluster_proxy_routes_as_the_compose_proxy() -> None:
+    """The same balancing, hashing, bound and checks; only how the servers are found differs."""
+    def rules(backend: str) -> list[str]:
+        return [line.split("#")[0].strip() for line in backend.splitlines()
+                if line.strip() and not line.lstrip().startswith(("server", "#"))]
+
+    compose, cluster = _backends(HAPROXY_CONFIG), _backends(CLUSTER_HAPROXY_CONFIG)
+    assert rules(cluster["by_task"]) == rules(compose["by_task"])
+    assert rules(compose["least_request"]) <= rules(cluster["least_request"])  # + its own checks (no `track`)
+    for backend in cluster.values():
+        assert re.search(r"server-template replica- \d+ moe-serve-replicas:8000 resolvers", backend)
+    assert "weight 100" in cluster["by_task"]
+    headless = _manifest("Service", "moe-serve-replicas")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["ports"][0]["port"] == 8000
+
+
 def test_proxy_hashes_on_the_task_header_with_bounded_load_and_balances_the_rest() -> None:
     text = HAPROXY_CONFIG.read_text()
-    backends = dict(re.findall(r"^backend (\S+)\n((?:    .*\n|\n)*)", text, re.MULTILINE))
+    backends = _backends(HAPROXY_CONFIG)
     assert re.search(r"use_backend by_task if has_task", text) and "acl has_task req.hdr(X-Task) -m found" in text
     assert "default_backend least_request" in text
     by_task, least = backends["by_task"], backends["least_request"]
@@ -244,7 +267,7 @@ def test_every_kubernetes_manifest_validates_against_the_kubernetes_schemas(kube
 
 
 def test_the_kubernetes_validation_rejects_an_unknown_field(kubernetes_validate: Any) -> None:
-    deployment = json.loads(json.dumps(_manifest("Deployment")))
+    deployment = json.loads(json.dumps(_manifest("Deployment", "moe-serve")))
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["pth"] = "/health"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
@@ -253,11 +276,12 @@ def test_the_kubernetes_validation_rejects_an_unknown_field(kubernetes_validate:
 def test_pod_monitor_validates_against_the_prometheus_operator_crd() -> None:
     crds = pytest.importorskip("cloudcoil.models.prometheus_operator.v1",
                                reason="pip install cloudcoil-models-prometheus-operator (models of the CRD schemas)")
-    monitor = _manifest("PodMonitor")
-    parsed = crds.PodMonitor.model_validate(monitor)  # types, required fields and patterns of the CRD
-    # fields the CRD does not know are dropped by the model: a round trip finds them
-    assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == monitor
-    deployment = _manifest("Deployment")
+    for monitor in (d for d in _manifests() if d["kind"] == "PodMonitor"):
+        parsed = crds.PodMonitor.model_validate(monitor)  # types, required fields and patterns of the CRD
+        # fields the CRD does not know are dropped by the model: a round trip finds them
+        assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == monitor
+    monitor = _manifest("PodMonitor", "moe-serve")
+    deployment = _manifest("Deployment", "moe-serve")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"][
         "labels"].items()
     port_names = {p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
@@ -266,7 +290,7 @@ def test_pod_monitor_validates_against_the_prometheus_operator_crd() -> None:
 
 
 def test_deployment_probes_grace_period_gpu_and_model_volume() -> None:
-    pod = _manifest("Deployment")["spec"]["template"]["spec"]
+    pod = _manifest("Deployment", "moe-serve")["spec"]["template"]["spec"]
     container = pod["containers"][0]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
@@ -289,8 +313,8 @@ def test_deployment_probes_grace_period_gpu_and_model_volume() -> None:
 
 
 def test_services_select_the_replicas() -> None:
-    labels = _manifest("Deployment")["spec"]["template"]["metadata"]["labels"]
-    services = [d for d in _manifests() if d["kind"] == "Service"]
+    labels = _manifest("Deployment", "moe-serve")["spec"]["template"]["metadata"]["labels"]
+    services = [d for d in _manifests() if d["kind"] == "Service" and d["metadata"]["name"] != "moe-serve-proxy"]
     assert {s.get("spec", {}).get("clusterIP") for s in services} == {None, "None"}  # one plain, one headless
     for service in services:
         assert service["spec"]["selector"].items() <= labels.items()
@@ -345,11 +369,19 @@ def test_kustomize_renders_every_manifest() -> None:
     assert result.returncode == 0, result.stderr
     rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
-    assert sorted(map(key, rendered)) == sorted(map(key, _manifests()))
+    config_maps = [d for d in rendered if d["kind"] == "ConfigMap"]
+    assert sorted(map(key, [d for d in rendered if d["kind"] != "ConfigMap"])) == sorted(map(key, _manifests()))
+    # the proxy's config, under a name that changes with its content (a new config rolls the proxy)
+    assert [d["metadata"]["name"].rsplit("-", 1)[0] for d in config_maps] == ["moe-serve-proxy"]
+    assert config_maps[0]["data"]["haproxy.cfg"] == (KUBERNETES / "proxy" / "haproxy.cfg").read_text()
+    proxy_pod = next(d for d in rendered if key(d) == ("Deployment", "moe-serve-proxy"))["spec"]["template"]["spec"]
+    assert proxy_pod["volumes"][0]["configMap"]["name"] == config_maps[0]["metadata"]["name"]
     assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "moe-serve" for d in rendered)
 
 
 def test_every_kubernetes_file_is_listed_in_the_kustomization() -> None:
-    listed = set(yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())["resources"])
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
     on_disk = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == on_disk
+    assert set(kustomization["resources"]) == on_disk
+    generated = [name for generator in kustomization["configMapGenerator"] for name in generator["files"]]
+    assert generated == ["proxy/haproxy.cfg"] and (KUBERNETES / generated[0]).is_file()
