@@ -210,7 +210,7 @@ def test_the_cluster_proxy_routes_as_the_compose_proxy() -> None:
 
     compose, cluster = _backends(HAPROXY_CONFIG), _backends(CLUSTER_HAPROXY_CONFIG)
     assert rules(cluster["by_task"]) == rules(compose["by_task"])
-    assert rules(compose["least_request"]) <= rules(cluster["least_request"])  # + its own checks (no `track`)
+    assert set(rules(compose["least_request"])) <= set(rules(cluster["least_request"]))  # + its own checks
     for backend in cluster.values():
         assert re.search(r"server-template replica- \d+ moe-serve-replicas:8000 resolvers", backend)
     assert "weight 100" in cluster["by_task"]
