@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import enum
 import io
 import json
 import os
@@ -52,17 +53,23 @@ HAPROXY_CONFIG = REPO_ROOT / "docker" / "haproxy.cfg"
 REPLICA_HEADER = "X-Moe-Serve-Replica"
 TASK_BACKEND_BALANCE = "    balance hdr(X-Task)\n    hash-type consistent sdbm avalanche\n"
 BALANCE_FACTOR_LINE = "    hash-balance-factor 150\n"
-MODES = ("round_robin", "task_affine")
 STARTUP_TIMEOUT_S = 180.0
 MODEL_NAME = "model"  # the checkpoint directory's name, which a replica serves it as
 
 
-def proxy_config(mode: str, balance_factor: int = 150) -> str:
+class Routing(str, enum.Enum):
+    """How the proxy spreads requests that name a task."""
+
+    ROUND_ROBIN = "round_robin"  # in turn, whatever the task
+    TASK_AFFINE = "task_affine"  # the shipped config: consistent hashing on X-Task with bounded load
+
+
+def proxy_config(mode: Routing, balance_factor: int = 150) -> str:
     """The shipped HAProxy config, with the task backend's balancing as `mode` asks."""
     text = HAPROXY_CONFIG.read_text()
     if TASK_BACKEND_BALANCE not in text or BALANCE_FACTOR_LINE not in text:
         raise ValueError(f"{HAPROXY_CONFIG} no longer has the task backend this benchmark rewrites")
-    if mode == "round_robin":
+    if mode is Routing.ROUND_ROBIN:
         return text.replace(TASK_BACKEND_BALANCE + BALANCE_FACTOR_LINE, "    balance roundrobin\n")
     return text.replace(BALANCE_FACTOR_LINE, f"    hash-balance-factor {balance_factor}\n")
 
@@ -270,7 +277,7 @@ def send_all(base_url: str, requests: Sequence[tuple[str, list[int]]], max_token
         raise RuntimeError(f"a request failed: {errors[0]}")
 
 
-def run_mode(mode: str, checkpoint: Path, args: argparse.Namespace, workdir: Path) -> dict:
+def run_mode(mode: Routing, checkpoint: Path, args: argparse.Namespace, workdir: Path) -> dict:
     """Serve the workload through fresh replicas behind the proxy in `mode`; the run's figures."""
     tasks = task_names(args.tasks)
     tasks_file = write_tasks_file(workdir / "tasks.yaml", tasks)
@@ -291,7 +298,7 @@ def run_mode(mode: str, checkpoint: Path, args: argparse.Namespace, workdir: Pat
     for task, replica_name, _ in served.records:
         by_task[task][replica_name] += 1
     return {
-        "mode": mode,
+        "mode": mode.value,
         "hit_rate": hit_rate(before, after, ALL),
         "token_hit_rate": hit_rate(before, after, TOKEN_LOOKUPS),
         "task_hit_rate": {task: hit_rate(before, after, task) for task in tasks},
@@ -346,17 +353,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoint = make_checkpoint(workdir / MODEL_NAME, args.hidden, args.intermediate, args.layers, args.experts,
                                      args.top_k)
         for repeat in range(args.repeats):
-            for mode in MODES:
+            for mode in Routing:
                 run = {"round": repeat, **run_mode(mode, checkpoint, args, workdir)}
                 runs.append(run)
                 if not args.json:
-                    print(f"round {repeat} {mode:12s} hit rate: per token lookup {run['token_hit_rate']:.3f}, "
+                    print(f"round {repeat} {mode.value:12s} hit rate: per token lookup {run['token_hit_rate']:.3f}, "
                           f"per step acquisition {run['hit_rate']:.3f}  {run['tok_s']:6.1f} tok/s  "
                           f"on main replica {statistics.mean(run['task_on_main_replica'].values()):.2f}  "
                           f"{run['task_replicas']}", flush=True)
-    summary = {mode: {f"{figure}_median": statistics.median(r[figure] for r in runs if r["mode"] == mode)
-                      for figure in ("token_hit_rate", "hit_rate", "tok_s")}
-               for mode in MODES}
+    summary = {mode.value: {f"{figure}_median": statistics.median(r[figure] for r in runs if r["mode"] == mode.value)
+                            for figure in ("token_hit_rate", "hit_rate", "tok_s")}
+               for mode in Routing}
     if args.json:
         print(json.dumps({"args": vars(args), "runs": runs, "summary": summary}))
         return

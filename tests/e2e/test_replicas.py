@@ -16,7 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.replicas import REPLICA_HEADER, Proxy, haproxy, proxy_config, replicas, server_states
+from benchmarks.replicas import REPLICA_HEADER, Proxy, Routing, haproxy, proxy_config, replicas, server_states
 from tests.e2e.conftest import STARTUP_TIMEOUT_S, build_native_code
 from tests.helpers import make_tiny_checkpoint
 
@@ -40,7 +40,7 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proxy, l
     workdir = tmp_path_factory.mktemp("replicas")
     checkpoint = make_tiny_checkpoint("mixtral", workdir / MODEL)
     with replicas(checkpoint, FLAGS, workdir, 2, timeout_s=STARTUP_TIMEOUT_S) as addresses, \
-            haproxy(proxy_config("task_affine"), addresses, workdir) as proxy:
+            haproxy(proxy_config(Routing.TASK_AFFINE), addresses, workdir) as proxy:
         yield proxy, addresses
 
 
@@ -100,7 +100,7 @@ def test_the_proxy_health_checks_the_replicas_and_exports_metrics(proxied: tuple
 
 def test_the_benchmarks_round_robin_variant_is_a_valid_config(tmp_path: Path) -> None:
     config = tmp_path / "haproxy.cfg"
-    config.write_text(proxy_config("round_robin"))
+    config.write_text(proxy_config(Routing.ROUND_ROBIN))
     text = config.read_text()
     assert "\n    balance roundrobin\n" in text and "\n    hash-balance-factor" not in text
     env = {**os.environ, "MOE_PROXY_BIND": "127.0.0.1:1", "MOE_PROXY_STATS_BIND": "127.0.0.1:2",
