@@ -103,3 +103,10 @@ def test_mla_decode_compares_the_latent_cache_with_expanded_kv_in_alternating_ro
         assert row["expanded_kv_bytes_per_token"] == 3 * 4 * (8 + 8 + 12) * 4
         assert row["max_logit_difference"] < 1e-4 * row["max_logit"]  # the same function, computed two ways
         assert len(row["latent_rounds"]) == len(row["expanded_rounds"]) == 2 and row["latent_tok_s"] > 0
+
+
+def test_structured_decode_reports_the_overhead_of_constrained_rows() -> None:
+    rows = run_json("benchmarks.structured_decode", "engine", "--vocab", "600", "--batches", "2", "--threads", "1",
+                    "--rounds", "1", "--tokens", "4", "--layers", "1", "--hidden", "64", "--intermediate", "64")
+    assert [(r["threads"], r["batch"]) for r in rows] == [(1, 2)]
+    assert rows[0]["plain_ms"][0] > 0 and rows[0]["guided_ms"][0] > 0 and "median_overhead_pct" in rows[0]
