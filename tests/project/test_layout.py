@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"server": "moe_serve.server", "engine": "moe_serve.engine",
            "cache_policies": "moe_serve.cache_policies", "cuda_ext": "moe_serve.cuda_ext"}
@@ -63,6 +65,16 @@ def test_generic_names_are_not_installed(tmp_path: Path) -> None:
                                  capture_output=True, text=True)
         assert generic.returncode != 0 and "No module named" in generic.stderr, folder
         subprocess.run([sys.executable, "-c", f"import {package}"], cwd=tmp_path, env=env, check=True)
+
+
+def test_every_package_folder_is_listed_for_the_wheel() -> None:
+    """pyproject lists the packages explicitly (package-dir mapping): a subpackage left out would be
+    missing from a wheel or a Docker image while an editable install still finds it."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join((package, *init.parent.relative_to(ROOT / folder).parts))
+               for folder, package in FOLDERS.items() for init in (ROOT / folder).rglob("__init__.py")}
+    assert folders == listed
 
 
 def test_only_the_server_imports_the_server() -> None:
