@@ -54,6 +54,7 @@ class MarkovPolicy(CachePolicy):
         self._frequency = np.zeros(capacity)  # decayed use count as of the last use
         self._counts = np.zeros((capacity, capacity))  # [source, target]: steps where target followed source
         self._sources = np.zeros(capacity)  # steps counted from each source (its row's total)
+        self._with_row: set[int] = set()  # positions counted as a source at least once
         self._current: list[int] = []  # positions used this step, in first-use order
         self._in_current: set[int] = set()
         self._updated = 0  # how many of `_current` have their use counted in `_last` / `_frequency`
@@ -103,18 +104,21 @@ class MarkovPolicy(CachePolicy):
             return
         used = np.array(self._current[self._updated:])
         self._updated = len(self._current)
-        last = self._last[used]
-        decay = np.where(last >= 0, self._age_table(self._step - last)[0], 0.0)
-        self._frequency[used] = self._frequency[used] * decay + 1.0
+        decay = np.take(self._age_tables_now()[0], self._step - self._last[used], mode="clip")
+        self._frequency[used] = self._frequency[used] * decay + 1.0  # a first use: 0.0 x decay + 1.0
         self._last[used] = self._step
 
     def _age_table(self, ages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(decay, recency) at `ages`; the tables cover every age up to the current step until both
         reach 0.0 (older ages read the last entry: exactly 0.0)."""
+        decay, recency = self._age_tables_now()
+        return np.take(decay, ages, mode="clip"), np.take(recency, ages, mode="clip")
+
+    def _age_tables_now(self) -> tuple[np.ndarray, np.ndarray]:
         decay, recency = self._ages
         if len(decay) <= self._step + 1 and (decay[-1] > 0.0 or recency[-1] > 0.0):
             self._ages = decay, recency = _age_tables(self._frequency_decay, self._recency_half_life, 2 * (self._step + 1))
-        return np.take(decay, ages, mode="clip"), np.take(recency, ages, mode="clip")
+        return decay, recency
 
     def on_step(self) -> None:
         if self._current:
@@ -123,6 +127,7 @@ class MarkovPolicy(CachePolicy):
                 sources, targets = np.array(self._previous), np.array(self._current)
                 self._counts[sources[:, None], targets] += 1.0
                 self._sources[sources] += 1.0
+                self._with_row.update(self._previous)
             self._previous, self._current, self._in_current = self._current, [], set()
             self._updated = self._summed = 0
             self._transition[:] = 0.0
@@ -151,7 +156,7 @@ class MarkovPolicy(CachePolicy):
     def _sum_sources(self, total: np.ndarray, sources: list[int]) -> np.ndarray:
         """`total` + P(. next | source) for each source in order (sequential sums: the same floats
         as adding them one by one)."""
-        rows = [source for source in sources if self._sources[source] > 0]
+        rows = [source for source in sources if source in self._with_row]
         if not rows:
             return total
         picked = np.array(rows)
