@@ -37,17 +37,19 @@ def _serve(profile: str, port: int) -> subprocess.Popen[bytes]:
 def test_profile_loads_with_a_budget_and_the_task_table(name: str) -> None:
     config = _load(name)
     assert config.offload is OffloadMode.ON
-    assert (config.expert_cache_gb is None) != (config.expert_cache_fraction is None)
+    # the CPU profile keeps a share of the experts; the GPU ones take what the card has left
+    assert config.expert_cache_gb is None and (config.expert_cache_fraction is None) == (name in GPU_PROFILES)
     assert config.scheduling_policy is SchedulingPolicyName.SLO
     assert config.tasks_file is not None and (REPO_ROOT / config.tasks_file).is_file()
     assert config.kv_cache_gb > 0 and config.max_num_seqs >= 1
 
 
 @pytest.mark.parametrize("name", GPU_PROFILES)
-def test_gpu_profiles_ask_for_cuda_with_growing_budgets(name: str) -> None:
+def test_gpu_profiles_ask_for_cuda_with_growing_kv_caches_and_batches(name: str) -> None:
     assert _load(name).device is DeviceKind.CUDA
-    budgets = [_load(n).expert_cache_gb for n in GPU_PROFILES]
-    assert budgets == sorted(budgets)
+    for field in ("kv_cache_gb", "max_num_seqs"):
+        sizes = [getattr(_load(n), field) for n in GPU_PROFILES]
+        assert sizes == sorted(sizes), field
 
 
 @pytest.mark.parametrize("name", PROFILES)
