@@ -39,4 +39,7 @@ class CachePolicy(ABC):
 
     @abstractmethod
     def victim(self, candidates: Iterable[Hashable]) -> Hashable:
-        """Return the key to evict among `candidates` (non-empty, all resident and evictable)."""
+        """Return the key to evict among `candidates` (non-empty, all resident and evictable).
+
+        Any iterable is accepted; the engine's cache passes a `collections.abc.Set` view of its
+        evictable keys, whose O(1) membership lets `PartitionedPolicy` look only at one layer's keys."""
