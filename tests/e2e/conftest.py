@@ -135,3 +135,17 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     flags = ["--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN)]
     with server_process(checkpoint, flags, log_path) as (base_url, process):
         yield LiveServer(base_url, API_KEY, checkpoint.name, checkpoint, MAX_MODEL_LEN, process)
+
+
+LONG_CONTEXT = 1024  # tool prompts alone take ~200 tokens of the tiny tokenizer
+
+
+@pytest.fixture(scope="session")
+def long_context_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A server (no API key) on a tiny Mixtral with a 1024-token context, for tool calls and the
+    Responses API; started once per session."""
+    checkpoint = make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("long") / "tiny-mixtral",
+                                      max_position_embeddings=LONG_CONTEXT)
+    log_path = tmp_path_factory.mktemp("long-log") / "server.log"
+    with server_process(checkpoint, ["--max-model-len", str(LONG_CONTEXT)], log_path) as (base_url, process):
+        yield LiveServer(base_url, "unused", checkpoint.name, checkpoint, LONG_CONTEXT, process)

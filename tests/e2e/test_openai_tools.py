@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,12 +18,12 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from tests.e2e.conftest import LiveServer, server_process
+from tests.e2e.conftest import LONG_CONTEXT, LiveServer, server_process
 from tests.helpers import make_tiny_checkpoint
 
 pytestmark = pytest.mark.e2e
 
-CONTEXT = 1024  # the tool prompt alone is ~200 tokens of the demo tokenizer
+CONTEXT = LONG_CONTEXT
 WEATHER_PARAMS = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo", "Rome"]},
                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
                   "required": ["city", "days"], "additionalProperties": False}
@@ -50,12 +49,8 @@ class Answer(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    checkpoint = make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("tools") / "tiny-mixtral",
-                                      max_position_embeddings=CONTEXT)
-    log_path = tmp_path_factory.mktemp("tools-log") / "server.log"
-    with server_process(checkpoint, ["--max-model-len", str(CONTEXT)], log_path) as (base_url, process):
-        yield LiveServer(base_url, "unused", checkpoint.name, checkpoint, CONTEXT, process)
+def server(long_context_server: LiveServer) -> LiveServer:
+    return long_context_server
 
 
 def _rename_special_token(checkpoint: Path, old: str, new: str) -> None:

@@ -5,7 +5,6 @@ through previous_response_id, store false."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,12 +12,10 @@ import jsonschema
 import openai
 import pytest
 
-from tests.e2e.conftest import LiveServer, server_process
-from tests.helpers import make_tiny_checkpoint
+from tests.e2e.conftest import LiveServer
 
 pytestmark = pytest.mark.e2e
 
-CONTEXT = 1024
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
           "required": ["ok", "color"], "additionalProperties": False}
 FORMAT: Any = {"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}}
@@ -28,12 +25,8 @@ WEATHER: Any = {"type": "function", "name": "get_weather", "description": "Weath
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    checkpoint = make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("responses") / "tiny-mixtral",
-                                      max_position_embeddings=CONTEXT)
-    log_path = tmp_path_factory.mktemp("responses-log") / "server.log"
-    with server_process(checkpoint, ["--max-model-len", str(CONTEXT)], log_path) as (base_url, process):
-        yield LiveServer(base_url, "unused", checkpoint.name, checkpoint, CONTEXT, process)
+def server(long_context_server: LiveServer) -> LiveServer:
+    return long_context_server
 
 
 @pytest.fixture(scope="module")
