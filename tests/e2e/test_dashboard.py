@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from moe_serve.engine.model.demo_model import ensure_demo_model
+from moe_serve.engine.offload.slot_pool import RESIDENCY_REFRESH_S
 from tests.e2e.conftest import REPO_ROOT, server_process
 
 if TYPE_CHECKING:
@@ -178,7 +179,9 @@ def test_dashboard_renders_the_heat_maps_with_data(chromium: str, demo_server: D
                 tok_per_s = float(page.text_content("#tok-per-s") or "nan")
                 traffic.wait_for(len(TASKS), timeout_s=TIMEOUT_MS / 1000)
                 traffic.stop()
-            # idle now: the next refresh draws the residency the JSON reports
+            # idle now: once the engine republished its settled residency (a refresh period after its
+            # last step), the next refresh draws the residency the JSON reports
+            time.sleep(RESIDENCY_REFRESH_S + 0.5)
             data = httpx.get(f"{demo_server.base_url}/dashboard/data", timeout=10).json()
             seen = refreshes(page)
             page.wait_for_function(f"Number(document.body.dataset.refreshes) >= {seen + 2}", timeout=TIMEOUT_MS)
