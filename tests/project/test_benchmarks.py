@@ -26,6 +26,15 @@ def run_json(module: str, *args: str) -> Any:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def small_trace(path: Path, prompts: int = 12, tokens: int = 6) -> Path:
+    """A routing trace of `prompts` prompts of `tokens` tokens: 3 layers, top-2 of 8 experts."""
+    gen = np.random.default_rng(0)
+    ids = np.stack([np.stack([gen.choice(8, 2, replace=False) for _ in range(3)]) for _ in range(prompts * tokens)])
+    save_trace(path, RoutingTrace(expert_ids=ids.astype(np.uint8), offsets=np.arange(0, prompts * tokens + 1, tokens),
+                                  prompt_ids=np.arange(prompts, dtype=np.int32), num_experts=8))
+    return path
+
+
 def test_engine_vs_hf_reports_both_rates_and_the_roofline() -> None:
     rows = run_json("benchmarks.engine_vs_hf", "--hidden", "64", "--intermediate", "32", "--layers", "2",
                     "--experts", "4", "--top-k", "2", "--tokens", "4", "--concurrency", "2")
@@ -36,17 +45,39 @@ def test_engine_vs_hf_reports_both_rates_and_the_roofline() -> None:
 
 
 def test_prefetch_decode_replays_a_trace_with_every_prefetch_mode(tmp_path: Path) -> None:
-    gen = np.random.default_rng(0)
-    ids = np.stack([np.stack([gen.choice(8, 2, replace=False) for _ in range(3)]) for _ in range(60)])
-    trace = tmp_path / "trace.npz"
-    save_trace(trace, RoutingTrace(expert_ids=ids.astype(np.uint8), offsets=np.array([0, 30, 60]),
-                                   prompt_ids=np.array([0, 1], dtype=np.int32), num_experts=8))
+    trace = small_trace(tmp_path / "trace.npz", prompts=2, tokens=30)
     rows = run_json("benchmarks.prefetch_decode", "--trace", str(trace), "--hidden", "32", "--moe-intermediate",
                     "16", "--shared-intermediate", "16", "--heads", "2", "--fraction", "0.5", "--tokens", "4",
                     "--prompt-len", "8", "--warmup-requests", "1", "--cache-policy", "lru", "--device", "cpu",
                     "--train-prompts", "1")
     assert [r["prefetch"] for r in rows] == ["all-resident", "none", "next_layer", "affinity", "logistic"]
     assert rows[0]["hit_rate"] == 1.0 and rows[1]["misses_per_token"] > 0
+
+
+def test_quant_benchmarks_report_each_format(tmp_path: Path) -> None:
+    kernels = run_json("benchmarks.quant_kernels", "--hidden", "64", "--ffn", "48", "--rows", "1,3", "--formats",
+                       "bf16,int8,int4-g32,mxfp4", "--rounds", "1", "--working-set-mb", "1")
+    assert {(r["format"], r["rows"]) for r in kernels} == {(f, n) for f in ("bf16", "int8", "int4-g32", "mxfp4")
+                                                           for n in (1, 3)}
+    assert all(r["median_us"] > 0 for r in kernels)
+    decode = run_json("benchmarks.quant_decode", "--trace", str(small_trace(tmp_path / "trace.npz")), "--layers", "2",
+                      "--hidden", "64", "--moe-intermediate", "32", "--shared-intermediate", "32", "--heads", "2",
+                      "--fractions", "0.5", "--formats", "bf16,int4", "--prompt-len", "4", "--tokens", "4",
+                      "--warmup", "1", "--rounds", "1")
+    by_format = {r["format"]: r for r in decode}
+    assert by_format["int4"]["expert_bytes"] < by_format["bf16"]["expert_bytes"] / 3 and by_format["int4"]["tok_s"] > 0
+    quality = run_json("benchmarks.quant_quality", "--prompts", "1", "--length", "20", "--ds-layers", "0",
+                       "--formats", "int8,mxfp4")
+    assert [r["format"] for r in quality] == ["int8", "mxfp4"] and all(0 <= r["top1"] <= 1 for r in quality)
+
+
+def test_policy_cost_measures_both_policies_in_one_run(tmp_path: Path) -> None:
+    report = run_json("benchmarks.policy_cost", "--trace", str(small_trace(tmp_path / "trace.npz")), "--fraction",
+                      "0.5", "--hidden", "32", "--moe-intermediate", "16", "--shared-intermediate", "16", "--heads",
+                      "2", "--prompt-len", "4", "--tokens", "4", "--warmup-requests", "1", "--rounds", "1",
+                      "--threads", "1")
+    assert set(report["median"]) == {"lru", "context"}
+    assert all(row["tok_s"] > 0 and row["policy_us_median"] > 0 for row in report["median"].values())
 
 
 @pytest.mark.e2e
