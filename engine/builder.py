@@ -163,6 +163,9 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
     max_model_len, num_blocks = kv_cache_blocks(spec, config, dtype, block_size)
     block_bytes = kv_bytes_per_block(spec, block_size, dtype)
     packed = packs_weights(device, dtype)  # the CPU kernels' layout, packed once here
+    if device.type == "cuda":
+        logger.info("kernels: torch on %s (cuBLAS matmuls, SDPA attention, experts %s)",
+                    torch.cuda.get_device_name(device), loaded.expert_format.name)
     dense = _dense_to(pack_dense(loaded.weights.dense) if packed else loaded.weights.dense, device)
     experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens,
                                     pack=packed and spec.expert_mlp.is_plain and not loaded.expert_format.quantized,
