@@ -167,6 +167,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """A snapshot of the engine now (call on the thread that steps the engine)."""
         running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
+        wait = self.scheduler.expected_wait_s(running, waiting)
         return EngineStats(
             num_running=len(running),
             num_waiting=len(waiting),
@@ -175,8 +176,8 @@ class LLMEngine:
             running_by_task=frozen(Counter(seq.request.task for seq in running)),
             waiting_by_task=frozen(Counter(seq.request.task for seq in waiting)),
             output_len_mean_abs_error=self.scheduler.lengths.mean_abs_error,
-            expected_wait_s=self.scheduler.expected_wait_s(running, waiting),
-            expected_wait_by_task=frozen(self.scheduler.expected_wait_by_task(running, waiting, time.monotonic())),
+            expected_wait_s=wait,
+            expected_wait_by_task=frozen(self.scheduler.expected_wait_by_task(running, waiting, time.monotonic(), wait)),
             num_task_names_folded=self.task_names.num_folded,
             tasks=self.scheduler.slo.tasks,
             device=str(self.runner.model.device),

@@ -142,19 +142,21 @@ class Scheduler:
                 heapq.heappush(finish_steps, step + entering.popleft())
         return max(prefill_s, step * service.decode_s_per_step)
 
-    def expected_wait_by_task(self, running: SequenceT[Sequence], waiting: SequenceT[Sequence],
-                              now: float) -> dict[str, float]:
-        """`expected_wait_s` of a request of each task of the table arriving now. Under the slo
-        policy only the waiting requests whose TTFT deadline comes first are counted ahead of it
-        (the policy serves feasible requests by least slack); under fcfs and priority every one is."""
+    def expected_wait_by_task(self, running: SequenceT[Sequence], waiting: SequenceT[Sequence], now: float,
+                              everyone_ahead_s: float) -> dict[str, float]:
+        """`expected_wait_s` of a request of each task of the table arriving now, given
+        `everyone_ahead_s` = `expected_wait_s(running, waiting)`. Under the slo policy only the
+        waiting requests whose TTFT deadline comes first are counted ahead of it (the policy serves
+        feasible requests by least slack); under fcfs and priority every one is."""
         tasks = self.slo.tasks
         if self.config.policy is not SchedulingPolicyName.SLO or not waiting:
-            wait = self.expected_wait_s(running, waiting)
-            return {task: wait for task in tasks.tasks}
+            return {task: everyone_ahead_s for task in tasks.tasks}
         deadlines = [seq.request.arrival_time + tasks.get(seq.request.task).ttft_slo_s for seq in waiting]
-        return {task: self.expected_wait_s(running, [seq for seq, deadline in zip(waiting, deadlines, strict=True)
-                                                      if deadline <= now + spec.ttft_slo_s])
-                for task, spec in tasks.tasks.items()}
+        waits = {}
+        for task, spec in tasks.tasks.items():
+            ahead = [seq for seq, deadline in zip(waiting, deadlines, strict=True) if deadline <= now + spec.ttft_slo_s]
+            waits[task] = everyone_ahead_s if len(ahead) == len(waiting) else self.expected_wait_s(running, ahead)
+        return waits
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work."""

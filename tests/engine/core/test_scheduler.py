@@ -133,14 +133,15 @@ def test_starvation_guard_serves_the_oldest_request_first(monkeypatch) -> None:
 def test_expected_wait_by_task_counts_only_earlier_deadlines_under_slo() -> None:
     waiting = [seq("s1", "summarize", prompt_len=1000, arrival=0.0), seq("c1", "chat", prompt_len=100, arrival=0.0)]
     slo = make_scheduler(SchedulingPolicyName.SLO, max_num_seqs=8)
-    waits = slo.expected_wait_by_task([], waiting, now=0.0)
+    waits = slo.expected_wait_by_task([], waiting, 0.0, slo.expected_wait_s([], waiting))
     # chat's deadline (1 s) comes before summarize's (10 s): a new chat request waits for c1 only
     assert waits["chat"] == pytest.approx(slo.expected_wait_s([], waiting[1:]))
     assert waits["summarize"] == pytest.approx(slo.expected_wait_s([], waiting))
     assert waits["summarize"] > waits["chat"]
     assert waits["classify"] == 0.0  # its 0.5 s deadline is the earliest
     fcfs = make_scheduler(SchedulingPolicyName.FCFS, max_num_seqs=8)
-    assert set(fcfs.expected_wait_by_task([], waiting, now=0.0).values()) == {fcfs.expected_wait_s([], waiting)}
+    everyone = fcfs.expected_wait_s([], waiting)
+    assert set(fcfs.expected_wait_by_task([], waiting, 0.0, everyone).values()) == {everyone}
 
 
 def test_bounded_waiting_queue_rejects_with_queue_full() -> None:
