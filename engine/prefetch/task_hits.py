@@ -47,8 +47,9 @@ class TaskHitCounter:
             position = {layer: i for i, layer in enumerate(layers)}
             ids = torch.stack([self._routing[layer] for layer in layers])  # [L, T, A]
             table = torch.zeros(len(layers), self.num_experts, dtype=torch.bool, device=ids.device)
-            hit_layers = [position[key.layer] for key in misses if key.layer in position]
-            table[hit_layers, [key.expert for key in misses if key.layer in position]] = True
+            missed_keys = [(position[key.layer], key.expert) for key in misses if key.layer in position]
+            if missed_keys:
+                table[tuple(zip(*missed_keys, strict=True))] = True
             row_misses = table.gather(1, ids.flatten(1)).view(ids.shape).sum(dim=(0, 2)).tolist()  # [T]
             start = 0
             for task, rows in self._tasks:
