@@ -79,6 +79,26 @@ class PreloadMode(str, enum.Enum):
         return None
 
 
+class MissHandling(str, enum.Enum):
+    """What a missed expert costs: `copy` loads it into a device slot and computes it there, `host`
+    computes it where it lives (the host tier, on the host's kernels) while the device computes the
+    resident experts, `auto` decides per miss from a cost model of the link, the host and the
+    expert's expected reuse (docs/offload.md)."""
+
+    AUTO = "auto"
+    COPY = "copy"
+    HOST = "host"
+
+
+class WeightDType(str, enum.Enum):
+    """Storage of the dense linear layers (attention projections, shared experts, lm_head) on the CPU
+    path: `model` keeps the compute dtype, `int8` / `int4` quantize at load (docs/quantization.md)."""
+
+    MODEL = "model"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
 class EngineConfig(BaseModel):
     """Engine settings (model, memory budgets, batching limits)."""
 
@@ -98,6 +118,10 @@ class EngineConfig(BaseModel):
         description="routed experts' storage: auto (an MXFP4 checkpoint stays MXFP4, else the model dtype), model, "
                     "int8, int4 (group 64 with zero points; int4-g32/-g128, -sym without zero points) or mxfp4; "
                     "quantized at load, expert by expert (docs/quantization.md)",
+    )
+    weight_dtype: WeightDType = Field(
+        default=WeightDType.MODEL, description="dense linear layers' storage on the CPU path: model, int8 or int4 "
+        "(quantized at load; docs/quantization.md)"
     )
     offload: OffloadMode = OffloadMode.AUTO
     expert_cache_gb: float | None = Field(default=None, gt=0, description="device expert-cache budget in GiB")
@@ -128,6 +152,10 @@ class EngineConfig(BaseModel):
     )
     expert_link_gbps: float | None = Field(
         default=None, gt=0, description="host-to-device GB/s for cost estimates (default: 25 on CUDA, 8 on CPU)"
+    )
+    miss_handling: MissHandling = Field(
+        default=MissHandling.AUTO, description="a missed expert: copy it to the device, compute it on the host, "
+        "or auto (per miss, from the link/host cost model)"
     )
     record_trace: str | None = Field(default=None, description="directory to write routing traces (npz) into")
     copy_workers: int = Field(default=2, ge=1, le=64, description="copy-engine worker threads (CPU backend)")
