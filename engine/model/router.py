@@ -4,7 +4,8 @@ Softmax or sigmoid scores, or (gpt-oss) a softmax over the top-k logits only, th
 optionally biased; optionally group-limited (only the best `topk_groups` of
 `num_groups` expert groups compete) with a correction bias that steers the choice but not the
 weights (DeepSeek-V3); renormalised and scaled as the spec says. Plain softmax top-k runs in
-one C call on the CPU (`cpu_kernels.route`); everything else in torch.
+one C call on the CPU (`cpu_kernels.route`); everything else in torch. The torch path's
+`route_on_device` keeps ids and weights on the device (nothing read on the host).
 """
 
 from __future__ import annotations
@@ -43,32 +44,49 @@ def route(spec: RoutingSpec, num_experts: int, top_k: int, router: Matrix, bias:
         routing = route_kernel(logits, top_k, spec.norm_topk_prob, x.dtype, override)
         if routing is not None:
             return routing
+    ids, weights = _top_k(spec, top_k, logits, bias, x, override)
+    return _grouped(ids, weights, num_experts, top_k)
+
+
+def route_on_device(spec: RoutingSpec, top_k: int, router: Matrix, bias: torch.Tensor | None, x: torch.Tensor,
+                    override: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, D] -> each token's top-k expert ids [T, A] (int64) and fp32 weights [T, A], on x's device
+    and without reading anything on the host (the torch path). Override and rounding as in `route`."""
+    logits = linear(x.float() if spec.in_fp32 else x, router, bias if spec.logit_bias else None)  # [T, E]
+    return _top_k(spec, top_k, logits, bias, x, override)
+
+
+def _top_k(spec: RoutingSpec, top_k: int, logits: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+           override: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] of x -> ids [T, A] and fp32 weights [T, A] (see `route_on_device`)."""
     choice_bias = bias if spec.correction_bias else None
     if spec.scoring is RouterScoring.SOFTMAX_OF_TOPK:
         ids = torch.topk(logits, top_k, dim=-1).indices if override is None else override.to(x.device, torch.long)
         weights = torch.softmax(logits.gather(1, ids).float(), dim=-1)
-        return _grouped(spec, ids, weights, num_experts, top_k, x.dtype)
-    if spec.scoring is RouterScoring.SOFTMAX:
-        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
     else:
-        scores = torch.sigmoid(logits.float())
-    if override is None:
-        ids = _choose(spec, scores, choice_bias, top_k)
-    else:
-        ids = override.to(device=x.device, dtype=torch.long)
-    weights = scores.gather(1, ids)
-    if spec.norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    if spec.scaling_factor != 1.0:
-        weights = weights * spec.scaling_factor
-    return _grouped(spec, ids, weights, num_experts, top_k, x.dtype)
+        if spec.scoring is RouterScoring.SOFTMAX:
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        else:
+            scores = torch.sigmoid(logits.float())
+        if override is not None:
+            ids = override.to(device=x.device, dtype=torch.long)
+            weights = scores.gather(1, ids)
+        elif choice_bias is None and spec.num_groups == 1:
+            weights, ids = torch.topk(scores, top_k, dim=-1)  # the top scores are the weights: no gather
+        else:
+            ids = _choose(spec, scores, choice_bias, top_k)
+            weights = scores.gather(1, ids)
+        if spec.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if spec.scaling_factor != 1.0:
+            weights = weights * spec.scaling_factor
+    if spec.round_weights and x.dtype != torch.float32:
+        weights = weights.to(x.dtype).float()
+    return ids, weights
 
 
-def _grouped(spec: RoutingSpec, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, top_k: int,
-             dtype: torch.dtype) -> Routing:
-    """ids, fp32 weights [T, A] -> the Routing grouped by expert (weights rounded to `dtype` unless kept fp32)."""
-    if spec.round_weights:
-        weights = weights.to(dtype).float()
+def _grouped(ids: torch.Tensor, weights: torch.Tensor, num_experts: int, top_k: int) -> Routing:
+    """ids, fp32 weights [T, A] -> the Routing grouped by expert."""
     flat_ids = ids.flatten()  # [T * A]
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()

@@ -1,0 +1,99 @@
+"""One MoE layer's routed experts in torch as two batched matmuls, not a loop over experts.
+
+The torch path (CUDA, or the CPU with the C kernels off). The layer reads its routing ids on the
+host once (`ExpertLayout.from_ids`: the one host sync the expert cache needs) and lays out each
+needed expert's (token, slot) rows padded to the busiest expert's count C; the rest stays on the
+device. `batched_experts` stacks the experts' weights as the provider hands them over, group by
+group, then computes gate_up, the activation and down for every expert at once ([N, C, D] x
+[N, D, 2F] and [N, C, F] x [N, F, D]), gathers each (token, slot) row back and sums over the
+slots in slot order. The compute runs once every expert has arrived, so its bits do not depend on
+how the provider grouped them (offloading stays bit-exact); on a GPU the host does not wait for
+the copies (the compute stream waits on their events). Shapes: T tokens, A active experts per
+token, N needed experts, C rows per expert, D hidden, F expert intermediate size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moe_serve.engine.model.quant import ExpertFormat
+from moe_serve.engine.model.spec import ExpertActivation, ExpertMLPSpec
+from moe_serve.engine.model.weights import ExpertTensors
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where one layer's (token, slot) assignments go: assignment a = t * A + slot."""
+
+    needed: list[int]  # experts with at least one assignment, ascending
+    gather: torch.Tensor  # [N, C] token of each padded row (padding rows read token 0; their result is unused)
+    inverse: torch.Tensor  # [T * A] padded row (n * C + c) of each assignment
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor) -> ExpertLayout:
+        """The layout of routing ids [T, A] (on any device): reads them on the host once and sends the
+        two index tensors back in one copy."""
+        host = ids.cpu().numpy().reshape(-1)  # the layer's one host sync
+        top_k = ids.shape[1]
+        order = np.argsort(host, kind="stable")
+        needed, starts, counts = np.unique(host[order], return_index=True, return_counts=True)
+        width = int(counts.max())
+        # the padded row of each assignment taken in expert order: its expert's block, then its rank there
+        padded = np.repeat(np.arange(len(needed)) * width - starts, counts) + np.arange(len(order))
+        index = np.zeros(len(needed) * width + len(order), dtype=np.int64)
+        index[padded] = order // top_k  # gather: each padded row's token
+        index[len(needed) * width + order] = padded  # inverse: each assignment's padded row
+        device_index = _to_device(torch.from_numpy(index), ids.device)
+        gather, inverse = device_index.split([len(needed) * width, len(order)])
+        return cls(needed.tolist(), gather.view(len(needed), width), inverse)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, without making the host wait."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def batched_experts(
+    spec: ExpertMLPSpec,
+    layout: ExpertLayout,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    groups: Iterable[list[tuple[int, ExpertTensors]]],
+    expert_format: ExpertFormat,
+    ffn: int,
+) -> torch.Tensor:
+    """The routed experts' weighted sum [T, D] in x's dtype, for x [T, D] and routing weights [T, A]
+    (fp32), with the experts' weights from `groups` (the provider's fetch: every needed expert once,
+    in groups of any composition and order). Quantized experts are dequantized one expert at a time."""
+    num_tokens, hidden = x.shape
+    stored: dict[int, ExpertTensors] = {}
+    for group in groups:
+        for expert, tensors in group:
+            stored[expert] = expert_format.decode(tensors, hidden, ffn, x.dtype)
+    per_expert = [stored[expert] for expert in layout.needed]
+    gate_up = torch.stack([tensors[0] for tensors in per_expert])  # [N, 2F, D]
+    down = torch.stack([tensors[1] for tensors in per_expert])  # [N, D, F]
+    rows = x[layout.gather]  # [N, C, D]
+    if spec.biases:
+        gate_up_bias = torch.stack([tensors[2] for tensors in per_expert])[:, None, :]  # [N, 1, 2F]
+        down_bias = torch.stack([tensors[3] for tensors in per_expert])[:, None, :]  # [N, 1, D]
+        h = torch.baddbmm(gate_up_bias, rows, gate_up.mT)
+    else:
+        h = torch.bmm(rows, gate_up.mT)  # [N, C, 2F]
+    gate, up = h.chunk(2, dim=-1)
+    if spec.activation is ExpertActivation.CLAMPED_SWIGLU:
+        gate = gate.clamp(max=spec.swiglu_limit)
+        up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
+        act = (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
+    else:
+        act = F.silu(gate) * up
+    out = torch.baddbmm(down_bias, act, down.mT) if spec.biases else torch.bmm(act, down.mT)  # [N, C, D]
+    assigned = out.view(-1, hidden)[layout.inverse].view(num_tokens, -1, hidden)  # [T, A, D]
+    return (assigned * weights[..., None]).sum(dim=1).to(x.dtype)
