@@ -2,10 +2,13 @@
 
 A step's tokens are flattened ([T, ...]); each sequence contributes `query_len` new tokens
 at the end of its `context_len` tokens. New keys/values are written into the paged cache
-at `slot_mapping`, then each sequence's context is gathered by its block table into a padded
-[B, Kmax] view (from its first live block: the leading blocks the block manager freed after they
-slid out of every window are skipped) and one SDPA call serves prefill, chunked prefill and decode alike;
-on a CPU, decode-only steps (fp32) go to the C kernel instead, which reads the cache in place.
+at `slot_mapping`, then each sequence's context is gathered block by block (one `index_select` of
+whole cache blocks through the block table, from its first live block: the leading blocks the block
+manager freed after they slid out of every window are skipped) into a padded [B, Kmax] view, and one
+SDPA call serves prefill, chunked prefill and decode alike. Grouped-query heads are folded into the
+query axis ([B, Hkv, G * Q, Dh] against the kv heads) instead of `enable_gqa`, which SDPA serves
+only with its math backend when a mask is given. On a CPU, decode-only steps go to the C kernel
+instead, which reads the cache in place.
 A sliding-window layer masks the keys older than its window (`AttentionMetadata.mask_for`); with
 attention sinks (gpt-oss) a learned logit per head joins each query's softmax and takes its share of
 the probability without contributing a value; both run in torch.
@@ -30,6 +33,8 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     gather_slots: torch.Tensor  # [B, K] cache slot of each gathered key (padded with 0)
+    gather_blocks: torch.Tensor  # [B, ceil(K / block_size)] cache block holding each gathered run of keys
+    block_size: int
     key_pos: torch.Tensor  # [B, K] absolute position of each gathered key (its first live position onwards)
     query_index: torch.Tensor  # [T] position of each token in the flattened [B * Q] query layout
     mask: torch.Tensor  # [B, 1, Q, K] True where a query may attend a key
@@ -79,6 +84,9 @@ class AttentionMetadata:
         # query row r of sequence i sits at absolute position ctx - q + r; rows r >= q are padding
         query_pos = (ctx_t - q_t)[:, None] + torch.arange(max_q)[None, :]  # [B, Q]
         real = torch.arange(max_q)[None, :] < q_t[:, None]
+        first_block = (tables < 0).cumprod(dim=1).sum(dim=1)  # [B]
+        block_cols = (first_block[:, None] + torch.arange(-(-max_k // block_size))[None, :]).clamp(max=width - 1)
+        blocks = tables.gather(1, block_cols).clamp(min=0)  # columns past a table's end read block 0 (masked)
         slot_mapping = gather.gather(1, (query_pos - start[:, None]).clamp(max=max_k - 1))[real]
         query_index = torch.arange(num_seqs * max_q).view(num_seqs, max_q)[real]
         mask = (key_pos[:, None, :] <= query_pos[:, :, None]) & valid[:, None, :]
@@ -86,6 +94,8 @@ class AttentionMetadata:
         return cls(
             slot_mapping=slot_mapping.to(device),
             gather_slots=gather.to(device),
+            gather_blocks=blocks.to(device),
+            block_size=block_size,
             key_pos=key_pos.to(device),
             query_index=query_index.to(device),
             mask=mask[:, None].to(device),
@@ -116,12 +126,22 @@ def paged_attention(
     plain = window is None and sinks is None
     if plain and meta.max_query_len == 1 and kernel_decode_attention(q, k_cache):  # decode: one query per sequence
         return decode_attention(q, k_cache, v_cache, meta.gather_slots, meta.context_lens, scale)
-    keys = k_cache[meta.gather_slots].transpose(1, 2)  # [B, Hkv, K, Dh]
-    values = v_cache[meta.gather_slots].transpose(1, 2)
+    keys = gather_context(k_cache, meta).transpose(1, 2)  # [B, Hkv, K, Dh]
+    values = gather_context(v_cache, meta).transpose(1, 2)
     mask = meta.mask_for(window)
     if sinks is not None:
         keys, values, mask = _with_sinks(keys, values, mask, sinks)
     return _attend(q, keys, values, meta, scale, mask)
+
+
+def gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """Each sequence's live context from a paged cache [S, heads, Dh] as [B, K, heads, Dh]: whole
+    blocks copied through the block table (`index_select`), not one slot at a time."""
+    slots, heads, head_dim = cache.shape
+    if slots % meta.block_size:  # not a whole number of blocks: slot by slot
+        return cache[meta.gather_slots]
+    blocks = cache.view(-1, meta.block_size, heads, head_dim).index_select(0, meta.gather_blocks.flatten())
+    return blocks.view(meta.num_seqs, -1, heads, head_dim)[:, :meta.gather_slots.shape[1]]
 
 
 def _with_sinks(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -150,7 +170,7 @@ def paged_latent_attention(
     absorbed into latent space, then their rope part); entry: [T, 1, C + Dr]; cache: [S, 1, C + Dr].
     Returns the attended latents [T, H * C]."""
     cache.index_copy_(0, meta.slot_mapping, entry)
-    keys = cache[meta.gather_slots].transpose(1, 2)  # [B, 1, K, C + Dr]
+    keys = gather_context(cache, meta).transpose(1, 2)  # [B, 1, K, C + Dr]
     _, num_heads, head_dim = q.shape
     # The heads share the one latent key head: fold them into the query axis (one head of H * Q
     # queries) instead of letting SDPA broadcast the keys to every head (14x slower on the CPU).
@@ -168,13 +188,19 @@ def paged_latent_attention(
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: AttentionMetadata,
             scale: float, mask: torch.Tensor) -> torch.Tensor:
     """One SDPA call over the gathered context: q [T, H, Dk], keys [B, Hkv, K, Dk], values
-    [B, Hkv, K, Dv], mask boolean [B, 1, Q, K] or additive. Returns [T, H * Dv]."""
+    [B, Hkv, K, Dv], mask boolean [B, 1, Q, K] or additive [B, H, Q, K]. Returns [T, H * Dv].
+    The G = H / Hkv query heads sharing a kv head are folded into its query axis (head h = kv * G + g)."""
     _, num_heads, head_dim = q.shape
-    queries = q.new_zeros(meta.num_seqs * meta.max_query_len, num_heads, head_dim)
-    queries[meta.query_index] = q
-    queries = queries.view(meta.num_seqs, meta.max_query_len, num_heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=num_heads != keys.shape[1]
-    )  # [B, H, Q, Dv]
-    out = out.transpose(1, 2).reshape(meta.num_seqs * meta.max_query_len, num_heads * values.shape[-1])
-    return out[meta.query_index]
+    batch, queries, kv_heads = meta.num_seqs, meta.max_query_len, keys.shape[1]
+    group = num_heads // kv_heads
+    padded = q.new_zeros(batch * queries, num_heads, head_dim)
+    padded[meta.query_index] = q
+    folded = padded.view(batch, queries, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    folded = folded.reshape(batch, kv_heads, group * queries, head_dim)  # [B, Hkv, G * Q, Dk]
+    if mask.shape[1] == 1:  # one mask for every head: the same for each of the G folded groups
+        mask = mask.expand(batch, group, queries, mask.shape[-1]).reshape(batch, 1, group * queries, -1)
+    else:  # per head [B, H, Q, K]: head kv * G + g is row block g of kv head kv
+        mask = mask.reshape(batch, kv_heads, group * queries, mask.shape[-1])
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale)  # [B, Hkv, G * Q, Dv]
+    out = out.view(batch, kv_heads, group, queries, -1).permute(0, 3, 1, 2, 4)  # [B, Q, Hkv, G, Dv]
+    return out.reshape(batch * queries, num_heads * values.shape[-1])[meta.query_index]
