@@ -1,4 +1,5 @@
-"""CPU kernels, fp32 or bf16: linear layers, the routed-expert FFN (also on int8, int4 and MXFP4
+"""CPU kernels, fp32 or bf16: linear layers (also on int8 weights with integer dot products and on
+int4 weights, `engine.model.dense_quant`), the routed-expert FFN (also on int8, int4 and MXFP4
 experts, `engine.model.quant`, dequantized in registers), decode attention, RMSNorm, the rotary
 embedding and the router's top-k, in `csrc/cpu_kernels.c` over the packed layout of
 `engine.model.packed`; compiled on first use into the extension cache, called through ctypes
@@ -25,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.cuda_ext.native import cache_root
-from moe_serve.engine.model.packed import Matrix, PackedMatrix, packed_shape
-from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat
+from moe_serve.engine.model.dense_quant import dense_layouts, reference_linear
+from moe_serve.engine.model.packed import Matrix, PackedMatrix, QuantMatrix, packed_shape
+from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat, WeightKind
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +39,15 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _loaded = False
 _flavour = "torch"
+INT8_DOT_KERNELS = ("c (portable)", "avx2 (vpmaddubsw)", "avx512-vnni (vpdpbusd)")  # by the library's q8_kernel()
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag
 _SIGNATURES = {  # name: (argument types, result type)
     "linear": ([_P, _P, _P, _P, _I, _L, _L, _L, _L, _L, _I], _I),
+    "linear_quant": ([_P, _I, _L, _P, _P, _P, _I, _L, _L, _L, _L, _L, _I], _I),
+    "linear_q8": ([_P, _P, _P, _P, _P, _P, _I, _L, _L, _L, _L, _L, _I], _I),
+    "q8_kernel": ([], _I),
     "moe_experts": ([_P, _L, _L, _P, _P, _P, _P, _P, _P, _I, _L, _L, _P, _P, _P, _I], None),
     "paged_decode_attention": ([_P, _P, _P, _I, _P, _L, _P, _L, _L, _L, _L, ctypes.c_float, _P, _P, _I], _I),
     "rope": ([_P, _L, _P, _P, _P, _L, _L, _L, _I], None),
@@ -67,7 +73,8 @@ def _vector_flags(cpu: set[str]) -> tuple[list[str], str]:
         return [], "c"
     f16c = ["-mf16c"] if "f16c" in cpu else []  # the quantized experts' fp16 scales
     if "avx512f" in cpu:  # 512-bit vectors where the compiler finds a use for them
-        return ["-mavx2", "-mfma", *f16c, "-mavx512f", "-mprefer-vector-width=512"], "c-avx512"
+        vnni = ["-mavx512bw", "-mavx512vnni"] if {"avx512bw", "avx512_vnni"} <= cpu else []  # int8 dot products
+        return ["-mavx2", "-mfma", *f16c, "-mavx512f", *vnni, "-mprefer-vector-width=512"], "c-avx512"
     return ["-mavx2", "-mfma", *f16c], "c-avx2"
 
 
@@ -130,7 +137,7 @@ def _load() -> ctypes.CDLL | None:
             logger.warning("CPU kernels: torch (C kernels unavailable: %s)", exc)
             return None
         _library, _flavour = library, flavour
-        logger.info("CPU kernels: C (%s), packed weights", flavour)
+        logger.info("CPU kernels: C (%s), packed weights; int8 weights: %s", flavour, INT8_DOT_KERNELS[library.q8_kernel()])
         return library
 
 
@@ -163,7 +170,10 @@ def _weight_kind(weight: torch.Tensor) -> int | None:
 def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) for x [T, K] and weight [N, K], like `F.linear`. A packed weight runs
     the C kernel (fp32 or bf16, any number of rows; bf16 products are summed in fp32 and each
-    result, with its bias, rounded to bf16 once, as torch's CPU GEMM does); a plain one torch."""
+    result, with its bias, rounded to bf16 once, as torch's CPU GEMM does); a low-bit one its C kernel
+    (`quant_linear`); a plain one torch."""
+    if isinstance(weight, QuantMatrix):
+        return quant_linear(x, weight, bias)
     if not isinstance(weight, PackedMatrix):
         return F.linear(x, weight, bias)
     blocks = weight.blocks
@@ -186,6 +196,49 @@ def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) ->
     if status != 0:
         raise MemoryError("linear: out of memory for the kernel's scratch rows")
     return out
+
+
+def quant_linear(x: torch.Tensor, weight: QuantMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for a low-bit weight (`engine.model.dense_quant`): INT8_DOT on the integer
+    dot-product kernel (activations quantized per row), the experts' formats dequantized in registers;
+    x, bias and the result in the weight's activation dtype (fp32 or bf16). Inputs the kernels do not
+    take (another dtype or device, strided rows) get `dense_quant.reference_linear`."""
+    n, k = weight.shape
+    library = _load()
+    kind = _weight_kind(x)
+    expected = dense_layouts(n, k, "int8") if weight.kind == WeightKind.INT8_DOT else \
+        ExpertFormat("", WeightKind(weight.kind), weight.group, len(weight.tensors) == 3).matrix_layouts(n, k)
+    if not (library is not None and kind is not None and x.dtype is weight.dtype and x.dim() == 2 and x.stride(1) == 1
+            and len(weight.tensors) == len(expected)
+            and all(tuple(t.shape) == shape and t.dtype is dtype and t.is_contiguous() and t.is_cpu
+                    for t, (shape, dtype) in zip(weight.tensors, expected))
+            and (bias is None or (bias.shape == (n,) and bias.dtype is x.dtype and bias.is_contiguous() and bias.is_cpu))):
+        return reference_linear(x, weight, bias)
+    if x.shape[1] != k:
+        raise ValueError(f"linear: x has {x.shape[1]} columns but weight is {tuple(weight.shape)}")
+    rows = x.shape[0]
+    out = x.new_empty(rows, n)
+    if rows == 0:
+        return out
+    bias_ptr = None if bias is None else bias.data_ptr()
+    threads = torch.get_num_threads()
+    if weight.kind == WeightKind.INT8_DOT:
+        codes, scales, sums = weight.tensors
+        status = library.linear_q8(codes.data_ptr(), scales.data_ptr(), sums.data_ptr(), bias_ptr, x.data_ptr(),
+                                   out.data_ptr(), kind, n, k, rows, x.stride(0), n, threads)
+    else:
+        matrix = (ctypes.c_int64 * 3)(*(t.data_ptr() for t in weight.tensors), *([0] * (3 - len(weight.tensors))))
+        status = library.linear_quant(ctypes.addressof(matrix), weight.kind, weight.group, bias_ptr, x.data_ptr(),
+                                      out.data_ptr(), kind, n, k, rows, x.stride(0), n, threads)
+    if status != 0:
+        raise MemoryError("linear: out of memory for the kernel's scratch rows")
+    return out
+
+
+def int8_dot_kernel() -> str:
+    """The int8 dot-product kernel serving INT8_DOT weights on this CPU ("torch" without the C kernels)."""
+    library = _load()
+    return "torch" if library is None else INT8_DOT_KERNELS[library.q8_kernel()]
 
 
 class ExpertRows:

@@ -5,7 +5,8 @@ k-major: blocks[b, k, j] = weight[b * PACK_WIDTH + j, k], with zero rows padding
 multiple of `PACK_WIDTH`. A product then reads each block front to back as one stream and keeps
 one accumulator per output in a register, instead of summing each output across vector lanes.
 Routed experts are packed as bare block tensors (their sizes come from the model spec, and the
-host tier stores them byte for byte); the dense matrices as `PackedMatrix`, which keeps N.
+host tier stores them byte for byte); the dense matrices as `PackedMatrix`, which keeps N, or,
+stored low-bit (`--weight-dtype`), as `QuantMatrix` (its layouts: `engine.model.dense_quant`).
 """
 
 from __future__ import annotations
@@ -80,4 +81,26 @@ class PackedMatrix:
         return self.blocks[ids // PACK_WIDTH, :, ids % PACK_WIDTH]
 
 
-Matrix = torch.Tensor | PackedMatrix  # a weight matrix in either layout
+@dataclass(frozen=True)
+class QuantMatrix:
+    """A dense weight matrix [rows, cols] stored low-bit for the C kernels: its stored `tensors` in
+    the layout of weight kind `kind` (`engine.model.quant.WeightKind`, built and read by
+    `engine.model.dense_quant`), `group` inputs per scale, and `dtype` the activations' (model) dtype."""
+
+    kind: int
+    tensors: tuple[torch.Tensor, ...]
+    rows: int
+    cols: int
+    group: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    def nbytes(self) -> int:
+        """Bytes held, padding included."""
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+Matrix = torch.Tensor | PackedMatrix | QuantMatrix  # a weight matrix in any of the layouts

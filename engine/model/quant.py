@@ -13,11 +13,14 @@ import enum
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from moe_serve.engine.model.packed import PACK_WIDTH, pack_blocks, unpack_blocks
-from moe_serve.engine.model.weights import ExpertTensors
+
+if TYPE_CHECKING:  # annotations only: engine.model.weights reads the dense low-bit layouts built from this module
+    from moe_serve.engine.model.weights import ExpertTensors
 
 # the 16 E2M1 (FP4) values by their 4-bit code (sign bit first), as in engine.model.mxfp4
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -36,6 +39,7 @@ class WeightKind(enum.IntEnum):
     INT8 = 2
     INT4 = 3
     MXFP4 = 4
+    INT8_DOT = 5  # dense int8 in the integer dot-product layout (`engine.model.dense_quant`, kernel `linear_q8`)
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@
 Routed experts are addressable per (MoE layer, expert) so the offload tier can move them one
 at a time; everything else lives in `DenseWeights`. The layouts are fused at load
 (`engine.models.checkpoint`): q/k/v become one projection, each gate and up one `gate_up`
-matrix; for the CPU kernels every matrix a product reads is then packed (`pack_dense`, `pack_expert`).
+matrix; for the CPU kernels every matrix a product reads is then packed (`pack_dense`, `pack_expert`),
+the dense ones optionally stored low-bit (`--weight-dtype`, `engine.model.dense_quant`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,8 +18,11 @@ from typing import ClassVar
 import torch
 
 from moe_serve.engine.host_memory import Arena
-from moe_serve.engine.model.packed import Matrix, PackedMatrix, pack_blocks, packed_shape
+from moe_serve.engine.model.dense_quant import dense_layouts, matrix_rows, matrix_tensors, quantize_dense
+from moe_serve.engine.model.packed import Matrix, PackedMatrix, QuantMatrix, pack_blocks, packed_shape
 from moe_serve.engine.types import ExpertKey
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,9 +96,7 @@ class DenseWeights:
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The embedding rows of input_ids [T]: [T, D]."""
-        if isinstance(self.embed_tokens, PackedMatrix):
-            return self.embed_tokens.rows_at(input_ids)
-        return self.embed_tokens[input_ids]
+        return matrix_rows(self.embed_tokens, input_ids)
 
     def nbytes(self) -> int:
         """Bytes held by the dense weights (a tied lm_head is counted once)."""
@@ -106,13 +109,13 @@ class DenseWeights:
         return total
 
     def _tensors(self) -> list[torch.Tensor]:
-        out = [_storage(self.embed_tokens), self.final_norm, _storage(self.lm_head)]
+        out = [*matrix_tensors(self.embed_tokens), self.final_norm, *matrix_tensors(self.lm_head)]
         for layer in self.layers:
             attention = [getattr(layer.attention, f.name) for f in dataclasses.fields(layer.attention)]
             out += [layer.input_norm, layer.post_attention_norm]
-            out += [_storage(m) for m in (*attention, layer.router, layer.router_bias,
-                                          *_mlp_matrices(layer.shared_expert), *_mlp_matrices(layer.mlp))
-                    if m is not None]
+            out += [t for m in (*attention, layer.router, layer.router_bias, *_mlp_matrices(layer.shared_expert),
+                                *_mlp_matrices(layer.mlp))
+                    if m is not None for t in matrix_tensors(m)]
         return out
 
 
@@ -120,52 +123,84 @@ def _mlp_matrices(mlp: MLPWeights | None) -> tuple[Matrix | None, ...]:
     return () if mlp is None else (mlp.gate_up, mlp.down, mlp.gate)
 
 
-def _storage(matrix: Matrix) -> torch.Tensor:
-    return matrix.blocks if isinstance(matrix, PackedMatrix) else matrix
+def _map_matrices(dense: DenseWeights, fn: Callable[[Matrix], Matrix],
+                  gate_fn: Callable[[Matrix], Matrix] | None = None) -> DenseWeights:
+    """`dense` with fn applied to every matrix a product reads (the attention's `MATRICES`, shared
+    experts, dense MLPs, lm_head) and gate_fn (default fn) to the routers and shared-expert gates;
+    the embedding table, norms, biases and MLA's per-head up-projections stay as they are."""
+    gate_fn = fn if gate_fn is None else gate_fn
 
-
-def _map_matrices(dense: DenseWeights, fn: Callable[[Matrix], Matrix]) -> DenseWeights:
-    """`dense` with fn applied to every matrix a product reads (routers, the attention's `MATRICES`,
-    shared experts, dense MLPs, lm_head); the embedding table, norms, biases and MLA's per-head
-    up-projections stay as they are."""
     def mlp(weights: MLPWeights | None) -> MLPWeights | None:
         if weights is None:
             return None
-        return MLPWeights(fn(weights.gate_up), fn(weights.down), None if weights.gate is None else fn(weights.gate))
+        return MLPWeights(fn(weights.gate_up), fn(weights.down), None if weights.gate is None else gate_fn(weights.gate))
 
     layers = []
     for layer in dense.layers:
         att = layer.attention
         matrices = {name: fn(getattr(att, name)) for name in att.MATRICES if getattr(att, name) is not None}
         layers.append(dataclasses.replace(
-            layer, router=None if layer.router is None else fn(layer.router), shared_expert=mlp(layer.shared_expert),
+            layer, router=None if layer.router is None else gate_fn(layer.router), shared_expert=mlp(layer.shared_expert),
             mlp=mlp(layer.mlp), attention=dataclasses.replace(att, **matrices),
         ))
     return DenseWeights(dense.embed_tokens, layers, dense.final_norm, fn(dense.lm_head))
 
 
-def pack_dense(dense: DenseWeights) -> DenseWeights:
+def pack_dense(dense: DenseWeights, weight_dtype: str = "model") -> DenseWeights:
     """The same weights with every matrix a product reads packed, all in one huge-page advised
-    arena; a tied lm_head stays shared with the embedding table (looked up in the packed blocks)."""
+    arena; a tied lm_head stays shared with the embedding table (looked up in the packed blocks).
+    With `weight_dtype` "int8" or "int4" (`engine.model.dense_quant`) the attention projections,
+    shared experts, dense MLPs and lm_head are quantized instead; routers and shared-expert gates,
+    which pick experts, keep the model dtype."""
+    quantized = weight_dtype != "model"
     plain: list[torch.Tensor] = []
+    to_quantize: list[torch.Tensor] = []
 
-    def collect(matrix: Matrix) -> Matrix:
-        if isinstance(matrix, torch.Tensor):
-            plain.append(matrix)
-        return matrix
+    def collect(into: list[torch.Tensor]) -> Callable[[Matrix], Matrix]:
+        def add(matrix: Matrix) -> Matrix:
+            if isinstance(matrix, torch.Tensor):
+                into.append(matrix)
+            return matrix
+        return add
 
-    _map_matrices(dense, collect)
-    arena = Arena(Arena.bytes_for([(packed_shape(*m.shape), m.dtype) for m in plain]))
+    _map_matrices(dense, collect(to_quantize if quantized else plain), collect(plain))
+    layouts = [(packed_shape(*m.shape), m.dtype) for m in plain]
+    layouts += [layout for m in to_quantize for layout in dense_layouts(*m.shape, weight_dtype)]
+    arena = Arena(Arena.bytes_for(layouts))
 
     def pack(matrix: Matrix) -> Matrix:
-        if isinstance(matrix, PackedMatrix):
+        if not isinstance(matrix, torch.Tensor):
             return matrix
         return PackedMatrix.pack(matrix, arena.take(packed_shape(*matrix.shape), matrix.dtype))
 
-    packed = _map_matrices(dense, pack)
+    def quantize(matrix: Matrix) -> Matrix:
+        if not isinstance(matrix, torch.Tensor):
+            return matrix
+        stored = quantize_dense(matrix, weight_dtype)  # one matrix at a time: its temporaries are freed
+        tensors = tuple(arena.take(tuple(t.shape), t.dtype).copy_(t) for t in stored.tensors)
+        return dataclasses.replace(stored, tensors=tensors)
+
+    packed = _map_matrices(dense, quantize if quantized else pack, pack)
+    if quantized:
+        before = sum(m.numel() * m.element_size() for m in to_quantize)
+        after = sum(m.nbytes() for m in _quantized(packed))
+        logger.info("dense weights: %d matrices stored %s (%.1f MiB -> %.1f MiB), routers at the model dtype",
+                    len(to_quantize), weight_dtype, before / 2**20, after / 2**20)
     tied = isinstance(dense.embed_tokens, torch.Tensor) and isinstance(dense.lm_head, torch.Tensor) \
         and dense.embed_tokens.data_ptr() == dense.lm_head.data_ptr()
     return dataclasses.replace(packed, embed_tokens=packed.lm_head) if tied else packed
+
+
+def _quantized(dense: DenseWeights) -> list[QuantMatrix]:
+    found: list[QuantMatrix] = []
+
+    def add(matrix: Matrix) -> Matrix:
+        if isinstance(matrix, QuantMatrix):
+            found.append(matrix)
+        return matrix
+
+    _map_matrices(dense, add)
+    return found
 
 
 # (gate_up [2F, D], down [D, F]), then with biased experts (gpt-oss) (gate_up_bias [2F], down_bias [D]);

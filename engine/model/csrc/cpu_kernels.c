@@ -469,41 +469,6 @@ static void block_rows(const wblock *wb, int64_t k, int cols, int64_t begin, int
     free(wide);
 }
 
-#define ITEMS_PER_THREAD 4 /* linear splits its rows into chunks only when the blocks are fewer */
-
-/* y[i, o] = sum_kk x[i, kk] * w[o, kk] (+ bias[o]) for o < n, i < m, with w packed ([ceil(n / PACK)]
- * blocks of [k][PACK]); x: [m, k], row stride ldx; y: [m, n], row stride ldy; bias: [n] or NULL.
- * All fp32, or all bf16 where bf16 != 0: then the products are summed in fp32 and each result
- * (with its bias) rounded once. Work items are (block, chunk of rows), block-major, split across
- * threads in contiguous runs, so a decode step's threads each stream their part of w once; the rows
- * are split into chunks only where there are fewer blocks than ITEMS_PER_THREAD per thread.
- * Returns 0, or -1 if scratch memory ran out. */
-int linear(const void *w, const void *bias, const void *x, void *y, int bf16, int64_t n, int64_t k, int64_t m, int64_t ldx,
-           int64_t ldy, int threads) {
-    int64_t blocks = (n + PACK - 1) / PACK, wanted = (int64_t)ITEMS_PER_THREAD * threads;
-    int64_t chunks = blocks >= wanted ? 1 : (wanted + blocks - 1) / blocks;
-    int64_t chunk_rows = (m + chunks - 1) / chunks;
-    chunk_rows = (chunk_rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;  /* whole tiles */
-    chunks = (m + chunk_rows - 1) / chunk_rows;
-    const float *xw = bf16 ? widened_into_scratch(x, m, k, ldx, threads) : (const float *)x;
-    float *bw = bias ? malloc(sizeof(float) * n) : NULL;
-    if (!xw || (bias && !bw)) {
-        free(bw);
-        return -1;
-    }
-    for (int64_t o = 0; bias && o < n; ++o) bw[o] = weight_at(bias, bf16, o);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t item = 0; item < blocks * chunks; ++item) {
-        int64_t b = item / chunks, begin = item % chunks * chunk_rows, end = begin + chunk_rows < m ? begin + chunk_rows : m;
-        int cols = n - b * PACK < PACK ? (int)(n - b * PACK) : PACK;
-        void *yb = (char *)y + b * PACK * (bf16 ? 2 : 4);
-        wblock wb = {block_at(w, bf16, b, k), NULL, NULL, bf16 ? KIND_BF16 : KIND_FP32, k};
-        block_rows(&wb, k, cols, begin, end, xw, NULL, bf16 ? k : ldx, yb, bf16, NULL, ldy, NULL, bw ? bw + b * PACK : NULL);
-    }
-    free(bw);
-    return 0;
-}
-
 /* Block b of a packed [n, k] matrix whose stored tensors sit at addresses m[0..2] (codes or weights,
  * scales, zero points), in weight kind `kind` with `group` k steps per scale. */
 static wblock matrix_block(const int64_t *m, int kind, int64_t group, int64_t b, int64_t k) {
@@ -521,6 +486,233 @@ static wblock matrix_block(const int64_t *m, int kind, int64_t group, int64_t b,
     wb.scale = (const char *)m[1] + b * groups * PACK * (kind == KIND_INT4 ? 2 : 1);
     wb.zero = m[2] ? (const uint8_t *)m[2] + b * groups * PACK : NULL;
     return wb;
+}
+
+#define ITEMS_PER_THREAD 4 /* a linear layer splits its rows into chunks only when the blocks are fewer */
+
+/* How many rows a chunk of a linear layer's work items (block, chunk of rows) holds, for m rows over
+ * `blocks` output blocks: whole tiles, and more than one chunk only where the blocks are too few. */
+static int64_t chunk_rows_for(int64_t blocks, int64_t m, int threads, int tile) {
+    int64_t wanted = (int64_t)ITEMS_PER_THREAD * threads;
+    int64_t chunks = blocks >= wanted ? 1 : (wanted + blocks - 1) / blocks;
+    int64_t rows = (m + chunks - 1) / chunks;
+    return (rows + tile - 1) / tile * tile;
+}
+
+/* y[i, o] = sum_kk x[i, kk] * w[o, kk] (+ bias[o]) for o < n, i < m, with w a packed matrix whose
+ * stored tensors sit at addresses matrix[0..2] (see matrix_block) in weight kind `kind`; x: [m, k],
+ * row stride ldx; y: [m, n], row stride ldy; bias: [n] or NULL. x, y and bias are fp32, or bf16 where
+ * bf16 != 0: then the products are summed in fp32 and each result (with its bias) rounded once. Work
+ * items are (block, chunk of rows), block-major, split across threads in contiguous runs, so a decode
+ * step's threads each stream their part of w once. Returns 0, or -1 if scratch memory ran out. */
+static int linear_blocks(const int64_t *matrix, int kind, int64_t group, const void *bias, const void *x, void *y, int bf16,
+                         int64_t n, int64_t k, int64_t m, int64_t ldx, int64_t ldy, int threads) {
+    int64_t blocks = (n + PACK - 1) / PACK, chunk_rows = chunk_rows_for(blocks, m, threads, TILE_ROWS);
+    int64_t chunks = (m + chunk_rows - 1) / chunk_rows;
+    const float *xw = bf16 ? widened_into_scratch(x, m, k, ldx, threads) : (const float *)x;
+    float *bw = bias ? malloc(sizeof(float) * n) : NULL;
+    if (!xw || (bias && !bw)) {
+        free(bw);
+        return -1;
+    }
+    for (int64_t o = 0; bias && o < n; ++o) bw[o] = weight_at(bias, bf16, o);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < blocks * chunks; ++item) {
+        int64_t b = item / chunks, begin = item % chunks * chunk_rows, end = begin + chunk_rows < m ? begin + chunk_rows : m;
+        int cols = n - b * PACK < PACK ? (int)(n - b * PACK) : PACK;
+        void *yb = (char *)y + b * PACK * (bf16 ? 2 : 4);
+        wblock wb = matrix_block(matrix, kind, group, b, k);
+        block_rows(&wb, k, cols, begin, end, xw, NULL, bf16 ? k : ldx, yb, bf16, NULL, ldy, NULL, bw ? bw + b * PACK : NULL);
+    }
+    free(bw);
+    return 0;
+}
+
+/* A linear layer over fp32 or bf16 packed weights w ([ceil(n / PACK)] blocks of [k][PACK], in the
+ * type of x): see linear_blocks. */
+int linear(const void *w, const void *bias, const void *x, void *y, int bf16, int64_t n, int64_t k, int64_t m, int64_t ldx,
+           int64_t ldy, int threads) {
+    int64_t matrix[3] = {(int64_t)w, 0, 0};
+    return linear_blocks(matrix, bf16 ? KIND_BF16 : KIND_FP32, k, bias, x, y, bf16, n, k, m, ldx, ldy, threads);
+}
+
+/* A linear layer over quantized weights in the experts' layout (int8, int4 or MXFP4, `group` k steps
+ * per scale; matrix[0..2]: codes, scales, zero points or 0), dequantized in registers: see linear_blocks. */
+int linear_quant(const int64_t *matrix, int kind, int64_t group, const void *bias, const void *x, void *y, int bf16,
+                 int64_t n, int64_t k, int64_t m, int64_t ldx, int64_t ldy, int threads) {
+    return linear_blocks(matrix, kind, group, bias, x, y, bf16, n, k, m, ldx, ldy, threads);
+}
+
+/* Dense int8 weights for integer dot products (engine/model/dense_quant.py). A [n, k] matrix is
+ * stored as ceil(n / PACK) blocks of [ceil(k / 4)][PACK][4] int8 codes: per step of 4 inputs the PACK
+ * outputs' 4 codes side by side (64 bytes, one 512-bit vector; zero padded), with an fp32 scale and the
+ * int32 sum of the codes of each output. Activations are quantized per row on the fly,
+ * q = round(x / s) with s = max|x| / 127 (all 0 for a zero row), and output (r, j) is
+ *     ((float)(sum_kk q[r][kk] * code[j][kk]) * scale[j]) * s[r]  (+ bias[j]),
+ * rounded once to bf16 where the activations are bf16. The integer sum is exact, so each kernel
+ * (AVX512-VNNI vpdpbusd, AVX2 vpmaddubsw, portable C) gives the same bits whatever the rows batched. */
+#define Q8_STEP 4      /* inputs per 32-bit lane of a dot-product instruction */
+#define Q8_TILE 8      /* activation rows per tile */
+#define Q8_AHEAD 16    /* steps (64-byte lines) fetched ahead */
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q8_OFFSET 128  /* vpdpbusd multiplies unsigned by signed bytes: activations are stored as q + 128 */
+#else
+#define Q8_OFFSET 0
+#endif
+
+/* Which int8 dot-product kernel this build runs: 2 AVX512-VNNI, 1 AVX2, 0 portable C. */
+int q8_kernel(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return 2;
+#elif defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* One row x (k values, fp32 or bf16) as k4 * Q8_STEP codes q + Q8_OFFSET (zero padded), and its scale. */
+static void quantize_row(const void *x, int bf16, int64_t k, int64_t k4, uint8_t *q, float *s) {
+    float top = 0.f;
+    for (int64_t kk = 0; kk < k; ++kk) {
+        float v = fabsf(weight_at(x, bf16, kk));
+        if (v > top) top = v;
+    }
+    float scale = top / 127.f;
+    for (int64_t kk = 0; kk < k4 * Q8_STEP; ++kk) {
+        int code = kk < k && scale > 0.f ? (int)nearbyintf(weight_at(x, bf16, kk) / scale) : 0;
+        code = code > 127 ? 127 : code < -127 ? -127 : code;
+        q[kk] = (uint8_t)(code + Q8_OFFSET);
+    }
+    *s = scale;
+}
+
+static inline int32_t load_i32(const uint8_t *p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* acc[r][j] = sum_kk q[r][kk] * code[j][kk] for the block's PACK outputs, r < R (constant after inlining). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static inline __attribute__((always_inline)) void q8_tile(const int8_t *block, const int32_t *sums, int64_t k4,
+                                                          const uint8_t *const *q, int R, int32_t acc_out[Q8_TILE][PACK]) {
+    __m512i acc[Q8_TILE];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    for (int64_t s = 0; s < k4; ++s) {
+        __builtin_prefetch(block + (s + Q8_AHEAD) * Q8_STEP * PACK, 0, 3);
+        __m512i w = _mm512_loadu_si512(block + s * Q8_STEP * PACK);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(load_i32(q[r] + s * Q8_STEP)), w);
+    }
+    __m512i offset = _mm512_mullo_epi32(_mm512_loadu_si512(sums), _mm512_set1_epi32(Q8_OFFSET));  /* sum (q + 128) w - 128 sum w */
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) _mm512_storeu_si512(acc_out[r], _mm512_sub_epi32(acc[r], offset));
+}
+#elif defined(__AVX2__)
+static inline __attribute__((always_inline)) void q8_tile(const int8_t *block, const int32_t *sums, int64_t k4,
+                                                          const uint8_t *const *q, int R, int32_t acc_out[Q8_TILE][PACK]) {
+    (void)sums;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[Q8_TILE][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t s = 0; s < k4; ++s) {
+        __builtin_prefetch(block + (s + Q8_AHEAD) * Q8_STEP * PACK, 0, 3);
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(block + s * Q8_STEP * PACK));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(block + s * Q8_STEP * PACK + 32));
+        __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);  /* |code| x (q with code's sign): pairs fit int16 */
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            __m256i xv = _mm256_set1_epi32(load_i32(q[r] + s * Q8_STEP));
+            __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xv, w0));
+            __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xv, w1));
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+        _mm256_storeu_si256((__m256i *)acc_out[r], acc[r][0]);
+        _mm256_storeu_si256((__m256i *)(acc_out[r] + 8), acc[r][1]);
+    }
+}
+#else
+static inline void q8_tile(const int8_t *block, const int32_t *sums, int64_t k4, const uint8_t *const *q, int R,
+                           int32_t acc_out[Q8_TILE][PACK]) {
+    (void)sums;
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < PACK; ++j) {
+            int32_t a = 0;
+            for (int64_t s = 0; s < k4; ++s)
+                for (int i = 0; i < Q8_STEP; ++i)
+                    a += (int32_t)(int8_t)(q[r][s * Q8_STEP + i] - Q8_OFFSET) * block[(s * PACK + j) * Q8_STEP + i];
+            acc_out[r][j] = a;
+        }
+}
+#endif
+
+/* q8_tile for any R <= Q8_TILE, dispatched to a constant-size instance. */
+static void q8_tile_any(const int8_t *block, const int32_t *sums, int64_t k4, const uint8_t *const *q, int R,
+                        int32_t acc[Q8_TILE][PACK]) {
+    switch (R) {
+        case 1: q8_tile(block, sums, k4, q, 1, acc); break;
+        case 2: q8_tile(block, sums, k4, q, 2, acc); break;
+        case 3: q8_tile(block, sums, k4, q, 3, acc); break;
+        case 4: q8_tile(block, sums, k4, q, 4, acc); break;
+        case 5: q8_tile(block, sums, k4, q, 5, acc); break;
+        case 6: q8_tile(block, sums, k4, q, 6, acc); break;
+        case 7: q8_tile(block, sums, k4, q, 7, acc); break;
+        default: q8_tile(block, sums, k4, q, 8, acc); break;
+    }
+}
+
+/* y[i, o] = the int8 product above (+ bias[o]) for o < n, i < m: w the codes ([ceil(n / PACK)] blocks
+ * of [ceil(k / 4)][PACK][4]), scale and sums [ceil(n / PACK) * PACK]; x: [m, k], row stride ldx; y:
+ * [m, n], row stride ldy; bias [n] or NULL; x, y and bias fp32, or bf16 where bf16 != 0. Work items as
+ * in linear_blocks. Returns 0, or -1 if scratch memory ran out. */
+int linear_q8(const int8_t *w, const float *scale, const int32_t *sums, const void *bias, const void *x, void *y, int bf16,
+              int64_t n, int64_t k, int64_t m, int64_t ldx, int64_t ldy, int threads) {
+    int64_t blocks = (n + PACK - 1) / PACK, k4 = (k + Q8_STEP - 1) / Q8_STEP;
+    int64_t chunk_rows = chunk_rows_for(blocks, m, threads, Q8_TILE), chunks = (m + chunk_rows - 1) / chunk_rows;
+    uint8_t *q = malloc((size_t)(m * k4 * Q8_STEP));
+    float *xs = malloc(sizeof(float) * m), *bw = bias ? malloc(sizeof(float) * n) : NULL;
+    if (!q || !xs || (bias && !bw)) {
+        free(q), free(xs), free(bw);
+        return -1;
+    }
+    for (int64_t o = 0; bias && o < n; ++o) bw[o] = weight_at(bias, bf16, o);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r)
+            quantize_row((const char *)x + r * ldx * (bf16 ? 2 : 4), bf16, k, k4, q + r * k4 * Q8_STEP, xs + r);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < blocks * chunks; ++item) {
+            int64_t b = item / chunks, begin = item % chunks * chunk_rows, end = begin + chunk_rows < m ? begin + chunk_rows : m;
+            int cols = n - b * PACK < PACK ? (int)(n - b * PACK) : PACK;
+            const int8_t *block = w + b * k4 * Q8_STEP * PACK;
+            const float *ws = scale + b * PACK;
+            int32_t acc[Q8_TILE][PACK];
+            for (int64_t i = begin; i < end; i += Q8_TILE) {
+                int R = end - i < Q8_TILE ? (int)(end - i) : Q8_TILE;
+                const uint8_t *qs[Q8_TILE];
+                for (int r = 0; r < R; ++r) qs[r] = q + (i + r) * k4 * Q8_STEP;
+                q8_tile_any(block, sums + b * PACK, k4, qs, R, acc);
+                for (int r = 0; r < R; ++r) {
+                    int64_t yi = (i + r) * ldy + b * PACK;
+                    for (int j = 0; j < cols; ++j) {
+                        float v = (float)acc[r][j] * ws[j] * xs[i + r];
+                        store_at(y, bf16, yi + j, bw ? v + bw[b * PACK + j] : v);
+                    }
+                }
+            }
+        }
+    }
+    free(q), free(xs), free(bw);
+    return 0;
 }
 
 /* Routed experts for the rows of `groups` groups (one per expert).
