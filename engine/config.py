@@ -151,11 +151,13 @@ class EngineConfig(BaseModel):
         "{auto, on, off}; auto: off on a CPU, on on CUDA"
     )
     expert_link_gbps: float | None = Field(
-        default=None, gt=0, description="host-to-device GB/s for cost estimates (default: 25 on CUDA, 8 on CPU)"
+        default=None, gt=0, description="host-to-device GB/s. On a CPU it throttles the copy engine (the stand-in "
+        "for PCIe; unset: unthrottled copies) and lets --miss-handling auto weigh copies against host compute; cost "
+        "estimates use it, else 25 on CUDA, 8 on CPU"
     )
     miss_handling: MissHandling = Field(
         default=MissHandling.AUTO, description="a missed expert: copy it to the device, compute it on the host, "
-        "or auto (per miss, from the link/host cost model)"
+        "or auto (per miss, from the link/host cost model; on a CPU only with --expert-link-gbps, else copy)"
     )
     record_trace: str | None = Field(default=None, description="directory to write routing traces (npz) into")
     copy_workers: int = Field(default=2, ge=1, le=64, description="copy-engine worker threads (CPU backend)")

@@ -54,13 +54,13 @@ class RaiseInsideLayer:
     """Wraps an expert provider's `fetch`: raises inside MoE layer `layer` (after the layer acquired
     its experts, before it releases them) whenever it is armed."""
 
-    def __init__(self, fetch: Callable[[int, list[int]], Any], layer: int) -> None:
+    def __init__(self, fetch: Callable[[int, list[int], list[int]], Any], layer: int) -> None:
         self.fetch = fetch
         self.layer = layer
         self.armed = False
 
-    def __call__(self, layer: int, expert_ids: list[int]) -> Any:
-        groups = self.fetch(layer, expert_ids)
+    def __call__(self, layer: int, expert_ids: list[int], rows: list[int]) -> Any:
+        groups = self.fetch(layer, expert_ids, rows)
         if self.armed and layer == self.layer:
             self.armed = False
             raise RuntimeError("injected fault inside a MoE layer")
