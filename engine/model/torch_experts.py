@@ -31,6 +31,7 @@ class ExpertLayout:
     """Where one layer's (token, slot) assignments go: assignment a = t * A + slot."""
 
     needed: list[int]  # experts with at least one assignment, ascending
+    counts: list[int]  # assignment rows routed to each needed expert
     gather: torch.Tensor  # [N, C] token of each padded row (padding rows read token 0; their result is unused)
     inverse: torch.Tensor  # [T * A] padded row (n * C + c) of each assignment
 
@@ -50,7 +51,7 @@ class ExpertLayout:
         index[len(needed) * width + order] = padded  # inverse: each assignment's padded row
         device_index = _to_device(torch.from_numpy(index), ids.device)
         gather, inverse = device_index.split([len(needed) * width, len(order)])
-        return cls(needed.tolist(), gather.view(len(needed), width), inverse)
+        return cls(needed.tolist(), counts.tolist(), gather.view(len(needed), width), inverse)
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

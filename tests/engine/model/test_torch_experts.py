@@ -61,6 +61,7 @@ def test_batched_experts_match_a_per_expert_reference(spec: ExpertMLPSpec, token
     ids, weights = random_routing(tokens, generator)
     layout = ExpertLayout.from_ids(ids)
     assert layout.needed == sorted(set(ids.flatten().tolist()))
+    assert layout.counts == [ids.flatten().tolist().count(e) for e in layout.needed]
     groups = [[(e, experts[e]) for e in layout.needed]]
     out = batched_experts(spec, layout, x, weights, iter(groups), MODEL_DTYPE, FFN)
     torch.testing.assert_close(out.double(), reference(spec, experts, x, ids, weights), rtol=1e-5, atol=1e-4)
