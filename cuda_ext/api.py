@@ -3,7 +3,10 @@
 Every backend (CUDA extension, CPU extension, pure-torch fallback) implements `CopyEngine`
 with the same semantics: `submit` queues one copy per (src, dst) pair of contiguous uint8
 tensors; a DEMAND copy starts before every PREFETCH copy still queued; each copy has its
-own `CopyTicket`; `cancel` drops a still-queued copy; sources are only ever read. A copy that
+own `CopyTicket`; `cancel` drops a still-queued copy; sources are only ever read. The CPU backends
+can throttle the link they stand in for (`set_link_gbps`: every worker together moves at most that
+many bytes per second; the CPU-only machine's stand-in for PCIe), and every backend reports how
+long its link was busy (`link_busy_seconds`). A copy that
 fails on the engine's own thread fails only its ticket: `done`, `wait` and `synchronize` raise
 `CopyError` with the reason, and the engine goes on with the other copies.
 """
@@ -87,6 +90,20 @@ class CopyEngine(ABC):
         """Moves a still-queued copy to DEMAND priority; False if it already started or ended."""
 
     @abstractmethod
+    def set_link_gbps(self, gbps: float | None) -> None:
+        """Throttle every later copied byte to `gbps` GB/s shared by all workers (None: unthrottled).
+        Only the CPU backends can; a CUDA engine raises ValueError (its link is the real one)."""
+
+    @abstractmethod
+    def link_gbps(self) -> float | None:
+        """The throttle now in force (None: unthrottled)."""
+
+    @abstractmethod
+    def link_busy_seconds(self) -> float:
+        """Seconds the link carried a copy since the engine started (the union over workers; a
+        throttled copy counts its paced time). The CUDA backend does not measure it: 0."""
+
+    @abstractmethod
     def shutdown(self) -> None:
         """Cancels queued copies, lets running ones finish and stops the workers (idempotent)."""
 
@@ -102,3 +119,12 @@ def check_copies(copies: Sequence[CopyPair]) -> None:
             raise ValueError(f"copy {index}: source has {src.numel()} bytes, destination {dst.numel()}")
         if src.numel() > 0 and src.data_ptr() == dst.data_ptr():
             raise ValueError(f"copy {index}: source and destination are the same buffer")
+
+
+def link_bytes_per_s(gbps: float | None) -> float:
+    """A throttle in GB/s as the engines' bytes per second (0: unthrottled); refuses a rate <= 0."""
+    if gbps is None:
+        return 0.0
+    if not gbps > 0:
+        raise ValueError(f"the link rate must be > 0 GB/s (None: unthrottled), got {gbps}")
+    return gbps * 1e9

@@ -1,7 +1,8 @@
 """Pure-torch copy engine: Python worker threads doing `dst.copy_(src)`; the reference backend.
 
 Same queue semantics as the extension: two FIFO levels (DEMAND before PREFETCH), one ticket
-per copy, cancel of queued copies, a failing copy fails only its ticket (CopyError). With a
+per copy, cancel of queued copies, a failing copy fails only its ticket (CopyError), the same
+link throttle and busy time (`LinkPacer`, whole copies instead of chunks). With a
 CUDA destination each worker copies on its own side stream and the ticket carries a CUDA event,
 so `wait()` never blocks the host on the copy.
 """
@@ -9,6 +10,7 @@ so `wait()` never blocks the host on the copy.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from enum import Enum
@@ -23,6 +25,7 @@ from moe_serve.cuda_ext.api import (
     CopyPriority,
     CopyTicket,
     check_copies,
+    link_bytes_per_s,
 )
 
 
@@ -74,14 +77,42 @@ class TorchCopyTicket(CopyTicket):
             raise CopyError(f"copy failed: {self.error}")
 
 
+class LinkPacer:
+    """The link the workers share (as the extension's LinkThrottle): a copy reserves the link for
+    nbytes / rate after the previous reservation ends, and its worker sleeps until then; busy time
+    is the union of the reservations (unthrottled: of the copies' own intervals)."""
+
+    def __init__(self, bytes_per_s: float = 0.0) -> None:
+        self._lock = threading.Lock()
+        self.bytes_per_s = bytes_per_s
+        self._free_at = 0.0
+        self._busy = 0.0
+
+    def pace(self, nbytes: int, start: float) -> None:
+        """A copy of `nbytes` ran from `start` (time.monotonic) until now: book it, sleep while throttled."""
+        now = time.monotonic()
+        with self._lock:
+            begin = max(start, self._free_at)
+            finish = begin + nbytes / self.bytes_per_s if self.bytes_per_s > 0 else max(now, begin)
+            self._busy += finish - begin
+            self._free_at = max(self._free_at, finish)
+        if finish > now:
+            time.sleep(finish - now)
+
+    def busy_seconds(self) -> float:
+        with self._lock:
+            return self._busy
+
+
 class TorchCopyEngine(CopyEngine):
     """`num_workers` Python threads pop a two-level queue and run `dst.copy_(src)`."""
 
     backend = CopyBackend.TORCH
 
-    def __init__(self, num_workers: int = 2) -> None:
+    def __init__(self, num_workers: int = 2, link_gbps: float | None = None) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self._link = LinkPacer(link_bytes_per_s(link_gbps))
         self._cond = threading.Condition()
         self._levels: tuple[deque[TorchCopyTicket], ...] = tuple(deque() for _ in CopyPriority)
         self._closed = False
@@ -123,6 +154,15 @@ class TorchCopyEngine(CopyEngine):
         """Test hook: the next `count` copies to run fail with `message` on a worker thread."""
         with self._cond:
             self._inject = (count, message)
+
+    def set_link_gbps(self, gbps: float | None) -> None:
+        self._link.bytes_per_s = link_bytes_per_s(gbps)
+
+    def link_gbps(self) -> float | None:
+        return self._link.bytes_per_s / 1e9 or None
+
+    def link_busy_seconds(self) -> float:
+        return self._link.busy_seconds()
 
     def shutdown(self) -> None:
         with self._cond:
@@ -180,7 +220,9 @@ class TorchCopyEngine(CopyEngine):
                         ticket.cuda_event = torch.cuda.Event()
                         ticket.cuda_event.record(stream)
                 else:
+                    start = time.monotonic()
                     dst.copy_(src)
+                    self._link.pace(src.numel(), start)
             except Exception as error:  # fails this ticket only; the worker goes on
                 ticket.error = f"{type(error).__name__}: {error}"
                 status = _Status.FAILED

@@ -37,6 +37,7 @@ from moe_serve.cuda_ext.api import (
     CopyPriority,
     CopyTicket,
     check_copies,
+    link_bytes_per_s,
 )
 
 logger = logging.getLogger(__name__)
@@ -226,10 +227,11 @@ class NativeCopyTicket(CopyTicket):
 class NativeCopyEngine(CopyEngine):
     """The C++ engine: CPU worker threads (memcpy) or CUDA copy streams (cudaMemcpyAsync + events).
     Large copies move `chunk_bytes` at a time (default 8 MiB); a DEMAND copy overtakes a running
-    PREFETCH copy at its next chunk."""
+    PREFETCH copy at its next chunk. The CPU backend paces each chunk to `link_gbps` (None:
+    unthrottled)."""
 
     def __init__(self, backend: CopyBackend, device: torch.device, num_workers: int,
-                 chunk_bytes: int | None = None) -> None:
+                 chunk_bytes: int | None = None, link_gbps: float | None = None) -> None:
         if backend is CopyBackend.TORCH:
             raise ValueError("the torch backend is not native")
         with_cuda = backend is CopyBackend.CUDA
@@ -238,7 +240,9 @@ class NativeCopyEngine(CopyEngine):
         self._device = torch.device("cuda", device.index or 0) if with_cuda else None
         device_index = self._device.index if self._device is not None else -1
         chunking = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
-        self._engine = module.CopyEngine(backend.value, device_index, num_workers, **chunking)
+        self._check_throttle(link_gbps)
+        self._engine = module.CopyEngine(backend.value, device_index, num_workers, **chunking,
+                                         link_bytes_per_s=link_bytes_per_s(link_gbps))
         self._copy_failed: type[Exception] = module.CopyFailed
 
     def submit(self, copies: Sequence[CopyPair], priority: CopyPriority) -> list[CopyTicket]:
@@ -257,6 +261,20 @@ class NativeCopyEngine(CopyEngine):
     def inject_failures(self, count: int, message: str) -> None:
         """Test hook: the next `count` copies to run fail with `message` on the engine's thread."""
         self._engine.fail_next(count, message)
+
+    def set_link_gbps(self, gbps: float | None) -> None:
+        self._check_throttle(gbps)
+        self._engine.set_link_rate(link_bytes_per_s(gbps))
+
+    def link_gbps(self) -> float | None:
+        return self._engine.link_rate() / 1e9 or None
+
+    def link_busy_seconds(self) -> float:
+        return float(self._engine.link_busy_seconds())
+
+    def _check_throttle(self, gbps: float | None) -> None:
+        if gbps is not None and self.backend is CopyBackend.CUDA:
+            raise ValueError("the CUDA copy engine moves over the real link: it cannot be throttled")
 
     def shutdown(self) -> None:
         self._engine.shutdown()

@@ -56,9 +56,11 @@ void check_pair(const at::Tensor& src, const at::Tensor& dst) {
 
 class CopyEngine {
  public:
-  CopyEngine(const std::string& backend, int device_index, int num_workers, std::size_t chunk_bytes) {
+  CopyEngine(const std::string& backend, int device_index, int num_workers, std::size_t chunk_bytes,
+             double link_bytes_per_s) {
     TORCH_CHECK(num_workers >= 1, "num_workers must be >= 1, got ", num_workers);
     TORCH_CHECK(chunk_bytes >= 1, "chunk_bytes must be >= 1, got ", chunk_bytes);
+    TORCH_CHECK(link_bytes_per_s >= 0, "link_bytes_per_s must be >= 0, got ", link_bytes_per_s);
     if (backend == "cpu") {
       impl_ = make_cpu_engine(num_workers, chunk_bytes);
 #ifdef MOE_WITH_CUDA
@@ -68,6 +70,7 @@ class CopyEngine {
     } else {
       TORCH_CHECK(false, "backend '", backend, "' is not compiled into this extension");
     }
+    impl_->link().set_rate(link_bytes_per_s);
   }
   ~CopyEngine() { shutdown(); }
 
@@ -101,6 +104,12 @@ class CopyEngine {
   }
   bool promote(const Ticket& ticket) { return !shut_down_ && impl_->promote(ticket.job()); }
   void fail_next(int count, const std::string& message) { impl_->fail_next(count, message); }
+  void set_link_rate(double bytes_per_s) {
+    TORCH_CHECK(bytes_per_s >= 0, "link_bytes_per_s must be >= 0, got ", bytes_per_s);
+    impl_->link().set_rate(bytes_per_s);
+  }
+  double link_rate() { return impl_->link().rate(); }
+  double link_busy_seconds() { return impl_->link().busy_seconds(); }
   void shutdown() {
     if (impl_ == nullptr || shut_down_) return;
     shut_down_ = true;
@@ -131,12 +140,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("wait", &Ticket::wait, py::arg("stream") = 0)
       .def("synchronize", &Ticket::synchronize);
   py::class_<CopyEngine>(m, "CopyEngine")
-      .def(py::init<const std::string&, int, int, std::size_t>(), py::arg("backend"), py::arg("device_index"),
-           py::arg("num_workers"), py::arg("chunk_bytes") = moe_copy::kDefaultChunkBytes)
+      .def(py::init<const std::string&, int, int, std::size_t, double>(), py::arg("backend"),
+           py::arg("device_index"), py::arg("num_workers"), py::arg("chunk_bytes") = moe_copy::kDefaultChunkBytes,
+           py::arg("link_bytes_per_s") = 0.0)
       .def("submit", &CopyEngine::submit, py::arg("copies"), py::arg("priority"))
       .def("cancel", &CopyEngine::cancel)
       .def("promote", &CopyEngine::promote)
       .def("fail_next", &CopyEngine::fail_next, py::arg("count"), py::arg("message"))
+      .def("set_link_rate", &CopyEngine::set_link_rate, py::arg("bytes_per_s"))
+      .def("link_rate", &CopyEngine::link_rate)
+      .def("link_busy_seconds", &CopyEngine::link_busy_seconds)
       .def("shutdown", &CopyEngine::shutdown);
 #ifdef MOE_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -2,6 +2,9 @@
 // the CUDA (copy streams + cudaMemcpyAsync + events) implementations. No torch headers:
 // the .cu compiles with nvcc alone; bindings.cpp owns the tensors and their lifetimes.
 //
+// Link throttle: the CPU flavour paces its copies to a configured rate (the CPU-only stand-in
+// for a host-to-device link); every flavour reports the link's busy time.
+//
 // Threads: the engine's own threads (CPU workers, CUDA dispatcher) never touch a Python
 // object. A job's tensors (its `keepalive`) are handed to the engine's graveyard when the job
 // ends, and bindings.cpp frees them on a Python thread that holds the GIL. Any exception on
@@ -21,6 +24,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -234,6 +238,55 @@ class PriorityCopyQueue {
   bool closed_ = false;
 };
 
+// The link every copy of one engine shares: an optional rate limit and the busy time. A piece of
+// a copy reserves the link for nbytes / rate after the previous reservation ends (whichever
+// worker made it); a worker whose memcpy finished earlier sleeps until its reservation ends, so
+// the engine never moves more than `rate` bytes per second however many workers it has. Busy
+// time is the union of the reservations (unthrottled: of the pieces' memcpy intervals).
+class LinkThrottle {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  // Bytes per second; 0 (or less) removes the limit.
+  void set_rate(double bytes_per_s) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    rate_ = bytes_per_s > 0 ? bytes_per_s : 0;
+  }
+  double rate() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return rate_;
+  }
+  // A piece of `nbytes` was copied from `start` until now: books its link time and, when
+  // throttled, sleeps until the link would have carried it.
+  void pace(std::size_t nbytes, Clock::time_point start) {
+    Clock::time_point now = Clock::now(), finish;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      Clock::time_point begin = std::max(start, link_free_);
+      if (rate_ > 0) {
+        finish = begin + std::chrono::duration_cast<Clock::duration>(
+                             std::chrono::duration<double>(static_cast<double>(nbytes) / rate_));
+      } else {
+        finish = std::max(now, begin);
+      }
+      busy_ += finish - begin;
+      link_free_ = std::max(link_free_, finish);
+    }
+    if (finish > now) std::this_thread::sleep_until(finish);
+  }
+  // Seconds the link was busy since the engine started.
+  double busy_seconds() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::chrono::duration<double>(busy_).count();
+  }
+
+ private:
+  std::mutex mutex_;
+  double rate_ = 0;
+  Clock::time_point link_free_{};
+  Clock::duration busy_{0};
+};
+
 // One interface, two implementations (CpuCopyEngine, CudaCopyEngine).
 class CopyEngineImpl {
  public:
@@ -269,6 +322,8 @@ class CopyEngineImpl {
     retired.swap(graveyard_);
     return retired;
   }
+  // The link's throttle (honoured by the CPU flavour) and busy time.
+  LinkThrottle& link() { return link_; }
   // Test hook: the next `count` copies to run fail with `message` on the engine's thread.
   void fail_next(int count, const std::string& message) {
     std::lock_guard<std::mutex> lock(inject_mutex_);
@@ -314,6 +369,7 @@ class CopyEngineImpl {
 
   PriorityCopyQueue queue_;
   const std::size_t chunk_bytes_;
+  LinkThrottle link_;
 
  private:
   std::mutex graveyard_mutex_;

@@ -1,5 +1,6 @@
 // CPU implementation: `num_workers` threads pop the priority queue and memcpy each job, a
-// chunk at a time; between chunks a PREFETCH copy yields to a waiting DEMAND copy.
+// chunk at a time, each chunk paced by the link throttle; between chunks a PREFETCH copy yields
+// to a waiting DEMAND copy.
 #include <cstring>
 #include <exception>
 #include <thread>
@@ -58,7 +59,9 @@ class CpuCopyEngine final : public CopyEngineImpl {
     const auto* src = static_cast<const unsigned char*>(job->src);
     while (job->done_bytes < job->nbytes) {
       std::size_t count = std::min(chunk_bytes_, job->nbytes - job->done_bytes);
+      LinkThrottle::Clock::time_point start = LinkThrottle::Clock::now();
       std::memcpy(dst + job->done_bytes, src + job->done_bytes, count);
+      link_.pace(count, start);
       job->done_bytes += count;
       if (job->done_bytes < job->nbytes && queue_.park_if_demand_waiting(job)) return false;
     }

@@ -371,3 +371,32 @@ def test_the_image_check_fails_when_no_prebuilt_flavour_matches(monkeypatch: pyt
 
     monkeypatch.setenv("MOE_SERVE_EXT_DIR", str(tmp_path))  # an empty cache: nothing prebuilt
     assert main(["--check"]) == 1
+
+
+def _timed_copies(engine: CopyEngine, count: int, nbytes: int) -> float:
+    pairs = [(torch.zeros(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)) for _ in range(count)]
+    start = time.perf_counter()
+    for ticket in engine.submit(pairs, CopyPriority.DEMAND):
+        ticket.synchronize()
+    return time.perf_counter() - start
+
+
+def test_the_link_throttle_bounds_every_workers_copies_together_and_counts_busy_time(backend: CopyBackend) -> None:
+    """Two workers, 4 x 4 MiB at 0.5 GB/s: at least 33.5 ms whichever worker copies what; the busy
+    time is that paced time; unthrottled again, the same copies are far quicker."""
+    engine = load_copy_engine(torch.device("cpu"), num_workers=2, backend=backend, link_gbps=0.5)
+    try:
+        assert engine.link_gbps() == 0.5
+        paced = 4 * 4 * MIB / 0.5e9
+        elapsed = _timed_copies(engine, 4, 4 * MIB)
+        assert elapsed >= 0.98 * paced
+        assert engine.link_busy_seconds() == pytest.approx(paced, rel=0.02)
+        engine.set_link_gbps(None)
+        assert engine.link_gbps() is None
+        busy = engine.link_busy_seconds()
+        assert _timed_copies(engine, 4, 4 * MIB) < paced
+        assert 0 < engine.link_busy_seconds() - busy < paced
+        with pytest.raises(ValueError, match="> 0 GB/s"):
+            engine.set_link_gbps(0.0)
+    finally:
+        engine.shutdown()
