@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from moe_serve.engine.config import DeviceKind, EngineConfig, PrefetchMode, PreloadMode, SchedulingPolicyName
+from moe_serve.engine.config import (
+    DeviceKind,
+    EngineConfig,
+    PrefetchMode,
+    PreloadMode,
+    SchedulingPolicyName,
+    WeightDType,
+)
 from moe_serve.engine.core.async_engine import AsyncLLMEngine
 from moe_serve.engine.core.block_manager import BlockManager
 from moe_serve.engine.core.kv_cache import KV_BLOCK_SIZE, allocate_kv_cache, kv_bytes_per_block
@@ -163,10 +170,14 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
     max_model_len, num_blocks = kv_cache_blocks(spec, config, dtype, block_size)
     block_bytes = kv_bytes_per_block(spec, block_size, dtype)
     packed = packs_weights(device, dtype)  # the CPU kernels' layout, packed once here
+    if config.weight_dtype is not WeightDType.MODEL and not packed:
+        logger.warning("--weight-dtype %s applies to the CPU kernels' path (fp32/bf16 on the CPU): dense weights stay %s",
+                       config.weight_dtype.value, dtype)
     if device.type == "cuda":
         logger.info("kernels: torch on %s (cuBLAS matmuls, SDPA attention, experts %s)",
                     torch.cuda.get_device_name(device), loaded.expert_format.name)
-    dense = _dense_to(pack_dense(loaded.weights.dense) if packed else loaded.weights.dense, device)
+    dense = _dense_to(pack_dense(loaded.weights.dense, config.weight_dtype.value) if packed
+                      else loaded.weights.dense, device)
     experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens,
                                     pack=packed and spec.expert_mlp.is_plain and not loaded.expert_format.quantized,
                                     kv_nbytes=num_blocks * block_bytes)
