@@ -63,6 +63,13 @@ def _top_k(spec: RoutingSpec, top_k: int, logits: torch.Tensor, bias: torch.Tens
     if spec.scoring is RouterScoring.SOFTMAX_OF_TOPK:
         ids = torch.topk(logits, top_k, dim=-1).indices if override is None else override.to(x.device, torch.long)
         weights = torch.softmax(logits.gather(1, ids).float(), dim=-1)
+    elif (spec.scoring is RouterScoring.SOFTMAX and spec.norm_topk_prob and override is None and choice_bias is None
+          and spec.num_groups == 1):
+        # renormalised softmax top-k is the softmax of the top-k logits: 2 ops instead of 4
+        best, ids = torch.topk(logits, top_k, dim=-1)
+        weights = torch.softmax(best, dim=-1, dtype=torch.float32)
+        if spec.scaling_factor != 1.0:
+            weights = weights * spec.scaling_factor
     else:
         if spec.scoring is RouterScoring.SOFTMAX:
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32)

@@ -34,12 +34,14 @@ class ExpertLayout:
     counts: list[int]  # assignment rows routed to each needed expert
     gather: torch.Tensor  # [N, C] token of each padded row (padding rows read token 0; their result is unused)
     inverse: torch.Tensor  # [T * A] padded row (n * C + c) of each assignment
+    ids_host: torch.Tensor  # [T, A] the routing ids on the host (for speculators: no second read)
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor) -> ExpertLayout:
         """The layout of routing ids [T, A] (on any device): reads them on the host once and sends the
         two index tensors back in one copy."""
-        host = ids.cpu().numpy().reshape(-1)  # the layer's one host sync
+        ids_host = ids.cpu()  # the layer's one host sync
+        host = ids_host.numpy().reshape(-1)
         top_k = ids.shape[1]
         order = np.argsort(host, kind="stable")
         needed, starts, counts = np.unique(host[order], return_index=True, return_counts=True)
@@ -51,7 +53,7 @@ class ExpertLayout:
         index[len(needed) * width + order] = padded  # inverse: each assignment's padded row
         device_index = _to_device(torch.from_numpy(index), ids.device)
         gather, inverse = device_index.split([len(needed) * width, len(order)])
-        return cls(needed.tolist(), counts.tolist(), gather.view(len(needed), width), inverse)
+        return cls(needed.tolist(), counts.tolist(), gather.view(len(needed), width), inverse, ids_host)
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -81,7 +83,10 @@ def batched_experts(
     per_expert = [stored[expert] for expert in layout.needed]
     gate_up = torch.stack([tensors[0] for tensors in per_expert])  # [N, 2F, D]
     down = torch.stack([tensors[1] for tensors in per_expert])  # [N, D, F]
-    rows = x[layout.gather]  # [N, C, D]
+    if num_tokens == 1:  # every row is the one token's: a view, no gather
+        rows = x.view(1, 1, hidden).expand(len(layout.needed), 1, hidden)
+    else:
+        rows = x[layout.gather]  # [N, C, D]
     if spec.biases:
         gate_up_bias = torch.stack([tensors[2] for tensors in per_expert])[:, None, :]  # [N, 1, 2F]
         down_bias = torch.stack([tensors[3] for tensors in per_expert])[:, None, :]  # [N, 1, D]

@@ -64,7 +64,10 @@ class RouterSpeculator:
         router = self.routers[layer + 1]  # fp32 for some models whatever x's dtype
         probs = torch.softmax(linear(x.to(router.dtype), router), dim=-1, dtype=torch.float32)  # [T, E]
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, torch.topk(probs, self.width, dim=-1).indices, True)
-        return _rank_union(probs.cpu(), chosen.cpu(), max(self.width, self.num_experts // 2))
+        total = (probs.double() * chosen).sum(dim=0)  # [E] summed over the tokens choosing each
+        ranked, ranked_ids = torch.topk(total, min(max(self.width, self.num_experts // 2), probs.shape[1]))
+        # ranked on the device and read once; experts no token chose (total 0) are dropped on the host
+        return [e for e in torch.where(ranked > 0, ranked_ids, -1).tolist() if e >= 0]
 
 
 class AffinitySpeculator:

@@ -96,7 +96,7 @@ def test_bf16_experts_sum_in_fp32_and_round_once() -> None:
 
 ROUTINGS = {
     "softmax": RoutingSpec(),
-    "softmax-unnormalised": RoutingSpec(norm_topk_prob=False),
+    "softmax-renormalised": RoutingSpec(norm_topk_prob=True),
     "sigmoid-corrected-grouped": RoutingSpec(scoring=RouterScoring.SIGMOID, correction_bias=True, num_groups=4,
                                              topk_groups=2, group_scoring=GroupScoring.TOP2_SUM,
                                              scaling_factor=2.5, round_weights=False),
@@ -118,7 +118,8 @@ def test_device_routing_equals_the_grouped_routing(name: str) -> None:
         best, best_ids = scores.topk(TOP_K, dim=-1)
         if spec.norm_topk_prob:
             best = best / best.sum(-1, keepdim=True)
-        assert torch.equal(ids, best_ids) and torch.equal(weights, best.bfloat16().float())
+        assert torch.equal(ids, best_ids)
+        torch.testing.assert_close(weights, best.bfloat16().float(), rtol=8e-3, atol=0)  # one bf16 rounding apart
     grouped = _grouped(*_top_k(spec, TOP_K, logits, bias.bfloat16(), x, None), EXPERTS, TOP_K)
     assert torch.equal(grouped.ids, ids)
     assert torch.equal(grouped.scale, weights.flatten()[grouped.order])
