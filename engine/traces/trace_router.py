@@ -44,6 +44,11 @@ class TraceRouter:
         self._start_of: dict[str, int] = {}
         self._rows = torch.zeros(0, dtype=torch.long)
 
+    def restart(self, prompt: int = 0) -> None:
+        """The next new request replays the trace's `prompt`-th prompt, and later ones the following prompts
+        (benchmarks replay the same prompts under each setting); requests already assigned keep theirs."""
+        self._next_prompt = prompt
+
     def begin_step(self, layout: StepLayout) -> None:
         """This step's tokens in batch order: each request's positions from its chunk's start."""
         chunks = []
