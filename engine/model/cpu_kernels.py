@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.cuda_ext.native import cache_root
-from moe_serve.engine.model.dense_quant import dense_layouts, reference_linear
+from moe_serve.engine.model.dense_quant import reference_linear
 from moe_serve.engine.model.packed import Matrix, PackedMatrix, QuantMatrix, packed_shape
 from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat, WeightKind
 
@@ -39,7 +39,7 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _loaded = False
 _flavour = "torch"
-INT8_DOT_KERNELS = ("c (portable)", "avx2 (vpmaddubsw)", "avx512-vnni (vpdpbusd)")  # by the library's q8_kernel()
+INT8_KERNELS = ("c (portable)", "avx2 (vpmaddubsw)", "avx512-vnni (vpdpbusd)")  # by the library's q8_kernel()
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag
@@ -48,7 +48,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "linear_quant": ([_P, _I, _L, _P, _P, _P, _I, _L, _L, _L, _L, _L, _I], _I),
     "linear_q8": ([_P, _P, _P, _P, _P, _P, _I, _L, _L, _L, _L, _L, _I], _I),
     "q8_kernel": ([], _I),
-    "moe_experts": ([_P, _L, _L, _P, _P, _P, _P, _P, _P, _I, _L, _L, _P, _P, _P, _I], None),
+    "moe_experts": ([_P, _L, _L, _P, _P, _P, _P, _P, _P, _I, _L, _L, _P, _P, _P, _I], _I),
     "paged_decode_attention": ([_P, _P, _P, _I, _P, _L, _P, _L, _L, _L, _L, ctypes.c_float, _P, _P, _I], _I),
     "rope": ([_P, _L, _P, _P, _P, _L, _L, _L, _I], None),
     "rms_norm": ([_P, _L, _P, _P, _L, _L, ctypes.c_float, _I], None),
@@ -137,7 +137,7 @@ def _load() -> ctypes.CDLL | None:
             logger.warning("CPU kernels: torch (C kernels unavailable: %s)", exc)
             return None
         _library, _flavour = library, flavour
-        logger.info("CPU kernels: C (%s), packed weights; int8 weights: %s", flavour, INT8_DOT_KERNELS[library.q8_kernel()])
+        logger.info("CPU kernels: C (%s), packed weights; int8 weights: %s", flavour, INT8_KERNELS[library.q8_kernel()])
         return library
 
 
@@ -199,15 +199,15 @@ def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) ->
 
 
 def quant_linear(x: torch.Tensor, weight: QuantMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for a low-bit weight (`engine.model.dense_quant`): INT8_DOT on the integer
-    dot-product kernel (activations quantized per row), the experts' formats dequantized in registers;
+    """x @ weight.T (+ bias) for a low-bit weight (`engine.model.dense_quant`): int8 on the integer
+    dot-product kernel (activations quantized per row), 4-bit formats dequantized in registers;
     x, bias and the result in the weight's activation dtype (fp32 or bf16). Inputs the kernels do not
     take (another dtype or device, strided rows) get `dense_quant.reference_linear`."""
     n, k = weight.shape
     library = _load()
     kind = _weight_kind(x)
-    expected = dense_layouts(n, k, "int8") if weight.kind == WeightKind.INT8_DOT else \
-        ExpertFormat("", WeightKind(weight.kind), weight.group, len(weight.tensors) == 3).matrix_layouts(n, k)
+    kind_format = ExpertFormat("", WeightKind(weight.kind), weight.group, len(weight.tensors) == 3)
+    expected = kind_format.matrix_layouts(n, k)
     if not (library is not None and kind is not None and x.dtype is weight.dtype and x.dim() == 2 and x.stride(1) == 1
             and len(weight.tensors) == len(expected)
             and all(tuple(t.shape) == shape and t.dtype is dtype and t.is_contiguous() and t.is_cpu
@@ -222,7 +222,7 @@ def quant_linear(x: torch.Tensor, weight: QuantMatrix, bias: torch.Tensor | None
         return out
     bias_ptr = None if bias is None else bias.data_ptr()
     threads = torch.get_num_threads()
-    if weight.kind == WeightKind.INT8_DOT:
+    if weight.kind == WeightKind.INT8:
         codes, scales, sums = weight.tensors
         status = library.linear_q8(codes.data_ptr(), scales.data_ptr(), sums.data_ptr(), bias_ptr, x.data_ptr(),
                                    out.data_ptr(), kind, n, k, rows, x.stride(0), n, threads)
@@ -236,9 +236,9 @@ def quant_linear(x: torch.Tensor, weight: QuantMatrix, bias: torch.Tensor | None
 
 
 def int8_dot_kernel() -> str:
-    """The int8 dot-product kernel serving INT8_DOT weights on this CPU ("torch" without the C kernels)."""
+    """The int8 dot-product kernel serving int8 weights on this CPU ("torch" without the C kernels)."""
     library = _load()
-    return "torch" if library is None else INT8_DOT_KERNELS[library.q8_kernel()]
+    return "torch" if library is None else INT8_KERNELS[library.q8_kernel()]
 
 
 class ExpertRows:
@@ -317,11 +317,13 @@ def expert_ffn(rows: ExpertRows, out: torch.Tensor, groups: Sequence[ExpertGroup
             for j, tensor in enumerate(matrices[m * per_matrix:(m + 1) * per_matrix]):
                 table[2 * n + 6 * i + 3 * m + j] = tensor.data_ptr()
     base = ctypes.addressof(table)
-    library.moe_experts(
+    status = library.moe_experts(
         rows.x.data_ptr(), hidden, rows.ffn, rows.tokens.data_ptr(), rows.dest.data_ptr(), rows.scale.data_ptr(),
         base, base + 8 * n, base + 16 * n, kind, group,
         n, out.data_ptr(), rows.h.data_ptr(), rows.act.data_ptr(), torch.get_num_threads(),
     )
+    if status != 0:
+        raise MemoryError("expert_ffn: out of memory for the kernel's quantized rows")
 
 
 def kernel_decode_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

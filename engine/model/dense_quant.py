@@ -1,14 +1,12 @@
 """Dense linear layers stored low-bit on the CPU path (`--weight-dtype int8 | int4`).
 
-int8: symmetric codes with one fp32 scale per output channel (`quant.quantize_int8`) in the integer
-dot-product layout the C kernel `linear_q8` reads: blocks of 16 outputs, [ceil(K / 4), 16, 4] per
-block (per step of 4 inputs, each output's 4 codes side by side: one 512-bit vector), zero padded,
-plus each output's int32 sum of codes. The activations are quantized per row at every product
-(q = round(x / s), s = max|x| / 127), the products summed exactly in int32, and the sum scaled by
-the weight's and the row's scales. int4: the experts' int4 format (`quant`, group 64 with zero
-points), run by the experts' dequantize-in-registers kernel. Owns quantizing a matrix at load, the
-layouts' sizes, the embedding lookup in a quantized tied lm_head, and the plain torch references
-the kernels are tested against. Measured: docs/quantization.md.
+The matrices take the routed experts' formats (`engine.model.quant`) and kernels: int8 (symmetric
+codes, one fp32 scale per output channel) in the integer dot-product layout, run with the
+activations quantized per row at every product (q = round(x / s), s = max|x| / 127; the products
+summed exactly in int32, then scaled by the weight's and the row's scales); int4 (group 64 with zero
+points) dequantized in registers. Owns quantizing a dense matrix at load, the layouts' sizes, the
+embedding lookup in a quantized tied lm_head, and the plain torch references the kernels are
+tested against. Measured: docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -16,74 +14,33 @@ from __future__ import annotations
 import torch
 
 from moe_serve.engine.model.packed import PACK_WIDTH, Matrix, PackedMatrix, QuantMatrix
-from moe_serve.engine.model.quant import (
-    INT4_DEFAULT_GROUP,
-    ExpertFormat,
-    WeightKind,
-    dequantize,
-    pack,
-    quantize_int8,
-    unpack,
-)
+from moe_serve.engine.model.quant import INT4_DEFAULT_GROUP, ExpertFormat, WeightKind, dequantize, pack, unpack
 
 WEIGHT_DTYPES = ("model", "int8", "int4")  # `--weight-dtype`
-DOT_STEP = 4  # inputs per 32-bit lane of the dot-product instructions (the kernel's Q8_STEP)
-INT4_DENSE = ExpertFormat(f"int4-g{INT4_DEFAULT_GROUP}", WeightKind.INT4, INT4_DEFAULT_GROUP, True)
+DENSE_FORMATS = {"int8": ExpertFormat("int8", WeightKind.INT8),
+                 "int4": ExpertFormat(f"int4-g{INT4_DEFAULT_GROUP}", WeightKind.INT4, INT4_DEFAULT_GROUP, True)}
+
+
+def _format(weight_dtype: str) -> ExpertFormat:
+    if weight_dtype not in DENSE_FORMATS:
+        raise ValueError(f"unknown weight dtype {weight_dtype!r}: allowed are {', '.join(WEIGHT_DTYPES)}")
+    return DENSE_FORMATS[weight_dtype]
 
 
 def quantize_dense(weight: torch.Tensor, weight_dtype: str) -> QuantMatrix:
     """weight [N, K] stored as `weight_dtype` ("int8" or "int4"), for activations of weight's dtype."""
-    if weight_dtype == "int8":
-        return quantize_int8_dot(weight)
-    if weight_dtype == "int4":
-        return quantize_expert_layout(weight, INT4_DENSE)
-    raise ValueError(f"unknown weight dtype {weight_dtype!r}: allowed are {', '.join(WEIGHT_DTYPES[1:])}")
-
-
-def quantize_int8_dot(weight: torch.Tensor) -> QuantMatrix:
-    """Per-output-channel int8 in the dot-product layout: codes int8 [B, ceil(K / 4), 16, 4], scales
-    fp32 [B * 16], sums int32 [B * 16] (B = ceil(N / 16); padding outputs and inputs are zero)."""
-    rows, cols = weight.shape
-    logical = quantize_int8(weight)
-    blocks, steps = -(-rows // PACK_WIDTH), -(-cols // DOT_STEP)
-    padded = torch.zeros(blocks * PACK_WIDTH, steps * DOT_STEP, dtype=torch.int8)
-    padded[:rows, :cols] = logical.codes
-    codes = padded.view(blocks, PACK_WIDTH, steps, DOT_STEP).transpose(1, 2).contiguous()
-    scales = torch.zeros(blocks * PACK_WIDTH)
-    scales[:rows] = logical.scales[:, 0]
-    sums = padded.sum(dim=1, dtype=torch.int32)
-    return QuantMatrix(WeightKind.INT8_DOT, (codes, scales, sums), rows, cols, cols, weight.dtype)
-
-
-def quantize_expert_layout(weight: torch.Tensor, expert_format: ExpertFormat) -> QuantMatrix:
-    """weight [N, K] in a quantized expert format's packed layout (`quant.pack`), read by the
-    dequantize-in-registers kernel."""
-    logical = expert_format.quantize(weight)
-    return QuantMatrix(expert_format.kind, pack(logical), weight.shape[0], weight.shape[1], logical.group, weight.dtype)
+    fmt = _format(weight_dtype)
+    logical = fmt.quantize(weight)
+    return QuantMatrix(fmt.kind, pack(logical), weight.shape[0], weight.shape[1], logical.group, weight.dtype)
 
 
 def dense_layouts(rows: int, cols: int, weight_dtype: str) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of each stored tensor of a [rows, cols] matrix as `weight_dtype` stores it."""
-    if weight_dtype == "int8":
-        blocks = -(-rows // PACK_WIDTH)
-        return [((blocks, -(-cols // DOT_STEP), PACK_WIDTH, DOT_STEP), torch.int8),
-                ((blocks * PACK_WIDTH,), torch.float32), ((blocks * PACK_WIDTH,), torch.int32)]
-    if weight_dtype == "int4":
-        return INT4_DENSE.matrix_layouts(rows, cols)
-    raise ValueError(f"unknown weight dtype {weight_dtype!r}: allowed are {', '.join(WEIGHT_DTYPES[1:])}")
-
-
-def _int8_dot_codes(matrix: QuantMatrix) -> torch.Tensor:
-    """The logical int8 codes [rows, cols] of an INT8_DOT matrix."""
-    codes = matrix.tensors[0]
-    blocks, steps = codes.shape[:2]
-    return codes.transpose(1, 2).reshape(blocks * PACK_WIDTH, steps * DOT_STEP)[:matrix.rows, :matrix.cols]
+    return _format(weight_dtype).matrix_layouts(rows, cols)
 
 
 def dequantize_dense(matrix: QuantMatrix) -> torch.Tensor:
     """The reference: the weight [rows, cols] the stored codes stand for, in fp32."""
-    if matrix.kind == WeightKind.INT8_DOT:
-        return _int8_dot_codes(matrix).float() * matrix.tensors[1][:matrix.rows, None]
     return dequantize(unpack(WeightKind(matrix.kind), matrix.tensors, matrix.rows, matrix.group))
 
 
@@ -97,15 +54,22 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scales
 
 
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The int8 kernels' product in plain torch, fp32: x [T, K] quantized per row, the integer sums
+    with the codes [N, K] exact (in fp64), then (sum * scales [N]) * row scale in fp32, the kernels'
+    order, so their bits."""
+    x_codes, row_scales = quantize_activations(x)
+    sums = (x_codes.double() @ codes.double().T).float()
+    return sums * scales * row_scales[:, None]
+
+
 def reference_linear(x: torch.Tensor, matrix: QuantMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ matrix.T (+ bias) as the kernels define it, in plain torch, in x's dtype. INT8_DOT:
-    the activations quantized per row, the integer sums exact (in fp64), then
-    (sum * weight scale) * row scale (+ bias) in fp32, the kernel's order, so its bits; the other
-    kinds: the dequantized weight in fp32 (the kernel's fp32 sums, in another order)."""
-    if matrix.kind == WeightKind.INT8_DOT:
-        codes, row_scales = quantize_activations(x)
-        sums = (codes.double() @ _int8_dot_codes(matrix).double().T).float()
-        out = sums * matrix.tensors[1][:matrix.rows] * row_scales[:, None]
+    """x [T, K] @ matrix.T (+ bias) as the kernels define it, in plain torch, in x's dtype: INT8 by
+    `int8_linear` (the kernel's bits); 4-bit kinds by the dequantized weight in fp32 (the kernel's fp32
+    sums, in another order)."""
+    if matrix.kind == WeightKind.INT8:
+        logical = unpack(WeightKind.INT8, matrix.tensors, matrix.rows, matrix.group)
+        out = int8_linear(x, logical.codes, logical.scales[:, 0])
     else:
         out = x.float() @ dequantize_dense(matrix).T
     if bias is not None:
@@ -121,9 +85,9 @@ def matrix_rows(matrix: Matrix, ids: torch.Tensor) -> torch.Tensor:
     if isinstance(matrix, PackedMatrix):
         return matrix.rows_at(ids)
     block, lane = ids // PACK_WIDTH, ids % PACK_WIDTH
-    if matrix.kind == WeightKind.INT8_DOT:
+    if matrix.kind == WeightKind.INT8:  # codes [B, ceil(K / 4), 16, 4], scales [B, 1, 16]
         codes, scales, _ = matrix.tensors
-        rows = codes[block, :, lane, :].reshape(len(ids), -1)[:, :matrix.cols].float() * scales[ids, None]
+        rows = codes[block, :, lane, :].reshape(len(ids), -1)[:, :matrix.cols].float() * scales[block, 0, lane, None]
         return rows.to(matrix.dtype)
     if matrix.kind != WeightKind.INT4:
         return dequantize_dense(matrix)[ids].to(matrix.dtype)

@@ -28,6 +28,7 @@ MXFP4_GROUP = 32  # values per e8m0 scale
 E8M0_BIAS = 127
 INT4_GROUPS = (32, 64, 128)
 INT4_DEFAULT_GROUP = 64
+DOT_STEP = 4  # inputs per 32-bit lane of the int8 dot-product instructions (the kernels' Q8_STEP)
 _FP16_MIN_SCALE = 2.0**-14  # the smallest normal fp16: int4 scales never underflow
 
 
@@ -39,7 +40,6 @@ class WeightKind(enum.IntEnum):
     INT8 = 2
     INT4 = 3
     MXFP4 = 4
-    INT8_DOT = 5  # dense int8 in the integer dot-product layout (`engine.model.dense_quant`, kernel `linear_q8`)
 
 
 @dataclass(frozen=True)
@@ -148,24 +148,41 @@ def _pack_groups(values: torch.Tensor) -> torch.Tensor:
     return pack_blocks(values)
 
 
+def _pack_dot(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] -> [ceil(N / 16), ceil(K / 4), 16, 4]: per step of 4 inputs each output's 4 codes
+    side by side (one 64-byte vector per block and step, what a dot-product instruction multiplies)."""
+    rows, cols = codes.shape
+    blocks, steps = -(-rows // PACK_WIDTH), -(-cols // DOT_STEP)
+    padded = torch.zeros(blocks * PACK_WIDTH, steps * DOT_STEP, dtype=torch.int8)
+    padded[:rows, :cols] = codes
+    return padded.view(blocks, PACK_WIDTH, steps, DOT_STEP).transpose(1, 2).contiguous()
+
+
+def _unpack_dot(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    blocks, steps = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(blocks * PACK_WIDTH, steps * DOT_STEP)[:rows, :cols]
+
+
 def pack(matrix: QuantizedMatrix) -> tuple[torch.Tensor, ...]:
-    """The stored tensors: INT8 (codes int8 [B, K, 16], scales fp32 [B, 1, 16]); INT4 (codes uint8
-    [B, K, 8], scales fp16 [B, G, 16], with zero points zeros uint8 [B, G, 16]); MXFP4 (codes uint8
-    [B, K, 8], scales uint8 [B, G, 16]); B = ceil(N / 16), padding outputs are zero."""
+    """The stored tensors: INT8 (codes int8 [B, ceil(K / 4), 16, 4], scales fp32 [B, 1, 16], the sums of
+    each output's codes int32 [B, 1, 16], which the unsigned-by-signed dot products subtract); INT4
+    (codes uint8 [B, K, 8], scales fp16 [B, G, 16], with zero points zeros uint8 [B, G, 16]); MXFP4 (codes
+    uint8 [B, K, 8], scales uint8 [B, G, 16]); B = ceil(N / 16), padding outputs (and INT8 inputs) zero."""
     if matrix.kind is WeightKind.INT8:
-        codes = pack_blocks(matrix.codes)
-    else:
-        codes = _pack_nibbles(matrix.codes)
-    stored = (codes, _pack_groups(matrix.scales))
+        sums = matrix.codes.sum(dim=1, keepdim=True, dtype=torch.int32)
+        return _pack_dot(matrix.codes), _pack_groups(matrix.scales), _pack_groups(sums)
+    stored = (_pack_nibbles(matrix.codes), _pack_groups(matrix.scales))
     return stored if matrix.zeros is None else (*stored, _pack_groups(matrix.zeros))
 
 
 def unpack(kind: WeightKind, stored: tuple[torch.Tensor, ...], rows: int, group: int) -> QuantizedMatrix:
     """The logical codes a `pack` produced (`group` = K for INT8)."""
+    if kind is WeightKind.INT8:
+        codes, scales, _ = stored
+        return QuantizedMatrix(kind, _unpack_dot(codes, rows, group), unpack_blocks(scales, rows), None, group)
     codes, scales, *zeros = stored
-    logical = unpack_blocks(codes, rows) if kind is WeightKind.INT8 else _unpack_nibbles(codes, rows)
-    return QuantizedMatrix(kind, logical, unpack_blocks(scales, rows), unpack_blocks(zeros[0], rows) if zeros else None,
-                           group)
+    return QuantizedMatrix(kind, _unpack_nibbles(codes, rows), unpack_blocks(scales, rows),
+                           unpack_blocks(zeros[0], rows) if zeros else None, group)
 
 
 # -- formats ----------------------------------------------------------------------------------
@@ -189,7 +206,7 @@ class ExpertFormat:
 
     @property
     def tensors_per_matrix(self) -> int:
-        return 1 if self.kind is None else 3 if self.zero_points else 2
+        return 1 if self.kind is None else 3 if self.zero_points or self.kind is WeightKind.INT8 else 2
 
     def quantize(self, weight: torch.Tensor) -> QuantizedMatrix:
         if self.kind is WeightKind.INT8:
@@ -231,7 +248,8 @@ class ExpertFormat:
         """(shape, dtype) of each stored tensor of a quantized [rows, cols] matrix (see `pack`)."""
         blocks = -(-rows // PACK_WIDTH)
         if self.kind is WeightKind.INT8:
-            return [((blocks, cols, PACK_WIDTH), torch.int8), ((blocks, 1, PACK_WIDTH), torch.float32)]
+            return [((blocks, -(-cols // DOT_STEP), PACK_WIDTH, DOT_STEP), torch.int8),
+                    ((blocks, 1, PACK_WIDTH), torch.float32), ((blocks, 1, PACK_WIDTH), torch.int32)]
         groups = -(-cols // self.group)
         scale_dtype = torch.float16 if self.kind is WeightKind.INT4 else torch.uint8
         layouts = [((blocks, cols, PACK_WIDTH // 2), torch.uint8), ((blocks, groups, PACK_WIDTH), scale_dtype)]

@@ -258,7 +258,7 @@ static void block_tile_any(const void *block, int bf16, int64_t k, const float *
 }
 
 /* Quantized weights (engine/model/quant.py): the same blocks of PACK outputs, k-major, as codes.
- * INT8: int8 codes [k][PACK], one fp32 scale per output; INT4: 4-bit codes, 8 bytes per k step (byte i
+ * INT8 is computed with integer dot products (its layout and kernel: Q8 below). INT4: 4-bit codes, 8 bytes per k step (byte i
  * holds output i in its low nibble and output i + 8 in its high one), per group of `group` k steps an
  * fp16 scale and a uint8 zero point per output (8 without zero points): w = (code - zero) * scale;
  * MXFP4: 4-bit E2M1 codes laid out as INT4, per group of 32 an e8m0 scale per output: w = FP4[code] *
@@ -269,10 +269,10 @@ enum { KIND_FP32 = 0, KIND_BF16 = 1, KIND_INT8 = 2, KIND_INT4 = 3, KIND_MXFP4 = 
 
 typedef struct {
     const void *w;        /* the block's codes (or fp32 / bf16 weights) */
-    const void *scale;    /* INT8: fp32 [PACK]; INT4: fp16 [groups][PACK]; MXFP4: uint8 [groups][PACK] */
+    const void *scale;    /* INT4: fp16 [groups][PACK]; MXFP4: uint8 [groups][PACK] */
     const uint8_t *zero;  /* INT4 with zero points: [groups][PACK], else NULL */
     int kind;
-    int64_t group;        /* k steps per scale (k for INT8) */
+    int64_t group;        /* k steps per scale */
 } wblock;
 
 static const float FP4_TABLE[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
@@ -303,8 +303,7 @@ static inline float from_e8m0(uint8_t e) {
 /* The group's scale and zero point of each of the block's PACK outputs. */
 static inline void group_params(const wblock *b, int64_t g, float s[PACK], float z[PACK]) {
     for (int j = 0; j < PACK; ++j) {
-        if (b->kind == KIND_INT8) s[j] = ((const float *)b->scale)[j], z[j] = 0.f;
-        else if (b->kind == KIND_INT4) {
+        if (b->kind == KIND_INT4) {
             s[j] = from_fp16(((const uint16_t *)b->scale)[g * PACK + j]);
             z[j] = b->zero ? (float)b->zero[g * PACK + j] : 8.f;
         } else s[j] = from_e8m0(((const uint8_t *)b->scale)[g * PACK + j]), z[j] = 0.f;
@@ -313,7 +312,6 @@ static inline void group_params(const wblock *b, int64_t g, float s[PACK], float
 
 /* Code value of output j at step kk (before the scale). */
 static inline float code_at(const wblock *b, int64_t kk, int j, const float z[PACK]) {
-    if (b->kind == KIND_INT8) return (float)((const int8_t *)b->w)[kk * PACK + j];
     uint8_t byte = ((const uint8_t *)b->w)[kk * (PACK / 2) + (j & 7)];
     int code = j < 8 ? byte & 0x0f : byte >> 4;
     return b->kind == KIND_INT4 ? (float)code - z[j] : FP4_TABLE[code];
@@ -323,11 +321,6 @@ static inline float code_at(const wblock *b, int64_t kk, int j, const float z[PA
 /* The group's scales and zero points of the block's 16 outputs as two 8-lane vectors each (group_params). */
 static inline __attribute__((always_inline)) void group_vectors(const wblock *b, int kind, int64_t g, __m256 s[2],
                                                                  __m256 z[2]) {
-    if (kind == KIND_INT8) {
-        s[0] = _mm256_loadu_ps((const float *)b->scale), s[1] = _mm256_loadu_ps((const float *)b->scale + 8);
-        z[0] = z[1] = _mm256_setzero_ps();
-        return;
-    }
     for (int h = 0; h < 2; ++h) {
         int64_t i = g * PACK + 8 * h;
         if (kind == KIND_INT4) {
@@ -346,12 +339,6 @@ static inline __attribute__((always_inline)) void group_vectors(const wblock *b,
 /* The 16 code values of step kk as two 8-lane vectors (outputs 0-7, 8-15). */
 static inline __attribute__((always_inline)) void codes16(const void *w, int kind, int64_t kk, __m256 z0, __m256 z1,
                                                            __m256 *w0, __m256 *w1) {
-    if (kind == KIND_INT8) {
-        __m128i bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)w + kk * PACK));
-        *w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-        *w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
-        return;
-    }
     __m256i both = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)w + kk * (PACK / 2))));
     __m256i lo = _mm256_and_si256(both, _mm256_set1_epi32(0x0f)), hi = _mm256_srli_epi32(both, 4);
     if (kind == KIND_INT4) {
@@ -369,7 +356,7 @@ static inline __attribute__((always_inline)) void codes16(const void *w, int kin
 /* acc[r][j] = sum over groups of scale * sum_kk code * x[r][kk] for r < R (constant after inlining). */
 static inline __attribute__((always_inline)) void qblock_tile(const wblock *b, int kind, int64_t k, const float *const *x,
                                                               int R, float acc_out[TILE_ROWS][PACK]) {
-    int bytes_per_step = kind == KIND_INT8 ? PACK : PACK / 2;
+    const int bytes_per_step = PACK / 2;
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r)
         for (int j = 0; j < PACK; ++j) acc_out[r][j] = 0.f;
@@ -418,13 +405,13 @@ static inline void qblock_tile(const wblock *b, int kind, int64_t k, const float
 }
 #endif
 
-/* qblock_tile for any R <= TILE_ROWS and quantized kind, dispatched to a constant-size instance. */
+/* qblock_tile for any R <= TILE_ROWS and 4-bit kind, dispatched to a constant-size instance. */
 static void qblock_tile_any(const wblock *b, int64_t k, const float *const *x, int R, float acc[TILE_ROWS][PACK]) {
 #define QTILE_KIND(n, kind) \
     case kind: qblock_tile(b, kind, k, x, n, acc); break;
 #define QTILE_CASE(n) \
     case n: \
-        switch (b->kind) { QTILE_KIND(n, KIND_INT8) QTILE_KIND(n, KIND_INT4) default: QTILE_KIND(n, KIND_MXFP4) } \
+        switch (b->kind) { QTILE_KIND(n, KIND_INT4) default: QTILE_KIND(n, KIND_MXFP4) } \
         break;
     switch (R) {
         QTILE_CASE(1) QTILE_CASE(2) QTILE_CASE(3) QTILE_CASE(4) QTILE_CASE(5) default: QTILE_CASE(6)
@@ -470,15 +457,11 @@ static void block_rows(const wblock *wb, int64_t k, int cols, int64_t begin, int
 }
 
 /* Block b of a packed [n, k] matrix whose stored tensors sit at addresses m[0..2] (codes or weights,
- * scales, zero points), in weight kind `kind` with `group` k steps per scale. */
+ * scales, zero points), in weight kind `kind` (not INT8) with `group` k steps per scale. */
 static wblock matrix_block(const int64_t *m, int kind, int64_t group, int64_t b, int64_t k) {
     wblock wb = {NULL, NULL, NULL, kind, kind >= KIND_INT8 ? group : k};
     if (kind <= KIND_BF16) {
         wb.w = block_at((const void *)m[0], kind, b, k);
-        return wb;
-    }
-    if (kind == KIND_INT8) {
-        wb.w = (const int8_t *)m[0] + b * k * PACK, wb.scale = (const float *)m[1] + b * PACK, wb.group = k;
         return wb;
     }
     int64_t groups = (k + group - 1) / group;
@@ -536,17 +519,17 @@ int linear(const void *w, const void *bias, const void *x, void *y, int bf16, in
     return linear_blocks(matrix, bf16 ? KIND_BF16 : KIND_FP32, k, bias, x, y, bf16, n, k, m, ldx, ldy, threads);
 }
 
-/* A linear layer over quantized weights in the experts' layout (int8, int4 or MXFP4, `group` k steps
- * per scale; matrix[0..2]: codes, scales, zero points or 0), dequantized in registers: see linear_blocks. */
+/* A linear layer over 4-bit weights (INT4 or MXFP4, `group` k steps per scale; matrix[0..2]: codes,
+ * scales, zero points or 0), dequantized in registers: see linear_blocks. */
 int linear_quant(const int64_t *matrix, int kind, int64_t group, const void *bias, const void *x, void *y, int bf16,
                  int64_t n, int64_t k, int64_t m, int64_t ldx, int64_t ldy, int threads) {
     return linear_blocks(matrix, kind, group, bias, x, y, bf16, n, k, m, ldx, ldy, threads);
 }
 
-/* Dense int8 weights for integer dot products (engine/model/dense_quant.py). A [n, k] matrix is
- * stored as ceil(n / PACK) blocks of [ceil(k / 4)][PACK][4] int8 codes: per step of 4 inputs the PACK
- * outputs' 4 codes side by side (64 bytes, one 512-bit vector; zero padded), with an fp32 scale and the
- * int32 sum of the codes of each output. Activations are quantized per row on the fly,
+/* Q8: int8 weights (INT8, dense layers and experts; engine/model/quant.py) with integer dot products. A
+ * [n, k] matrix is stored as ceil(n / PACK) blocks of [ceil(k / 4)][PACK][4] int8 codes: per step of 4
+ * inputs the PACK outputs' 4 codes side by side (64 bytes, one 512-bit vector; zero padded), with an
+ * fp32 scale and the int32 sum of the codes of each output. Activations are quantized per row on the fly,
  * q = round(x / s) with s = max|x| / 127 (all 0 for a zero row), and output (r, j) is
  *     ((float)(sum_kk q[r][kk] * code[j][kk]) * scale[j]) * s[r]  (+ bias[j]),
  * rounded once to bf16 where the activations are bf16. The integer sum is exact, so each kernel
@@ -669,6 +652,35 @@ static void q8_tile_any(const int8_t *block, const int32_t *sums, int64_t k4, co
     }
 }
 
+/* Block b (outputs b * PACK .. b * PACK + cols - 1) of an int8 matrix with k4 steps (codes w, scales
+ * ws, code sums sums: the whole matrix's) against the quantized activation rows [begin, end):
+ * y[y_row(i) * ldy + j] = ((float)dot * ws[j]) * qs[x_row(i)], then times scale(i), or plus bias[j] with
+ * a bias and no scale, for j < cols; q rows are k4 * Q8_STEP bytes apart; a NULL x_row, y_row is the
+ * identity. y is fp32, or bf16 where y_bf16 != 0 (each result rounded once). */
+static void q8_block_rows(const int8_t *w, const float *ws, const int32_t *sums, int64_t b, int64_t k4, int cols,
+                          int64_t begin, int64_t end, const uint8_t *q, const float *qs, const int64_t *x_row, void *y,
+                          int y_bf16, const int64_t *y_row, int64_t ldy, const float *scale, const float *bias) {
+    const int8_t *block = w + b * k4 * Q8_STEP * PACK;
+    ws += b * PACK, sums += b * PACK;
+    int32_t acc[Q8_TILE][PACK];
+    for (int64_t i = begin; i < end; i += Q8_TILE) {
+        int R = end - i < Q8_TILE ? (int)(end - i) : Q8_TILE;
+        const uint8_t *rows[Q8_TILE];
+        for (int r = 0; r < R; ++r) rows[r] = q + (x_row ? x_row[i + r] : i + r) * k4 * Q8_STEP;
+        q8_tile_any(block, sums, k4, rows, R, acc);
+        for (int r = 0; r < R; ++r) {
+            int64_t yi = (y_row ? y_row[i + r] : i + r) * ldy + b * PACK;
+            float row_scale = qs[x_row ? x_row[i + r] : i + r];
+            for (int j = 0; j < cols; ++j) {
+                float v = (float)acc[r][j] * ws[j] * row_scale;
+                if (scale) v *= scale[i + r];
+                else if (bias) v += bias[j];
+                store_at(y, y_bf16, yi + j, v);
+            }
+        }
+    }
+}
+
 /* y[i, o] = the int8 product above (+ bias[o]) for o < n, i < m: w the codes ([ceil(n / PACK)] blocks
  * of [ceil(k / 4)][PACK][4]), scale and sums [ceil(n / PACK) * PACK]; x: [m, k], row stride ldx; y:
  * [m, n], row stride ldy; bias [n] or NULL; x, y and bias fp32, or bf16 where bf16 != 0. Work items as
@@ -693,22 +705,8 @@ int linear_q8(const int8_t *w, const float *scale, const int32_t *sums, const vo
         for (int64_t item = 0; item < blocks * chunks; ++item) {
             int64_t b = item / chunks, begin = item % chunks * chunk_rows, end = begin + chunk_rows < m ? begin + chunk_rows : m;
             int cols = n - b * PACK < PACK ? (int)(n - b * PACK) : PACK;
-            const int8_t *block = w + b * k4 * Q8_STEP * PACK;
-            const float *ws = scale + b * PACK;
-            int32_t acc[Q8_TILE][PACK];
-            for (int64_t i = begin; i < end; i += Q8_TILE) {
-                int R = end - i < Q8_TILE ? (int)(end - i) : Q8_TILE;
-                const uint8_t *qs[Q8_TILE];
-                for (int r = 0; r < R; ++r) qs[r] = q + (i + r) * k4 * Q8_STEP;
-                q8_tile_any(block, sums + b * PACK, k4, qs, R, acc);
-                for (int r = 0; r < R; ++r) {
-                    int64_t yi = (i + r) * ldy + b * PACK;
-                    for (int j = 0; j < cols; ++j) {
-                        float v = (float)acc[r][j] * ws[j] * xs[i + r];
-                        store_at(y, bf16, yi + j, bw ? v + bw[b * PACK + j] : v);
-                    }
-                }
-            }
+            q8_block_rows(w, scale, sums, b, k4, cols, begin, end, q, xs, NULL, y, bf16, NULL, ldy, NULL,
+                          bw ? bw + b * PACK : NULL);
         }
     }
     free(q), free(xs), free(bw);
@@ -720,23 +718,46 @@ int linear_q8(const int8_t *w, const float *scale, const int32_t *sums, const vo
  * Row r (an assignment of token tokens[r] to an expert) belongs to the group g with
  * begin[g] <= r < end[g]; group g's weights are gate_up (packed [2*ffn, hidden]: gate rows then up
  * rows) and down (packed [hidden, ffn]), whose stored tensors' addresses are matrices[g * 6 + 0..2]
- * (gate_up: weights or codes, scales, zero points; 0 where the kind has none) and matrices[g * 6 + 3..5]
- * (down). Computes
+ * (gate_up: weights or codes, scales, zero points or code sums; 0 where the kind has none) and
+ * matrices[g * 6 + 3..5] (down). Computes
  *     out[dest[r], :] = scale[r] * down(silu(gate x) * (up x)),  x = x[tokens[r], :]
  * using h ([rows, 2*ffn]) and act ([rows, ffn]) as scratch, indexed by r. The weights are of `kind`
- * (fp32, bf16, or quantized with `group` k steps per scale); everything else is fp32. Work items are
- * (group, block) pairs. */
-void moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *tokens, const int64_t *dest, const float *scale,
-                 const int64_t *begin, const int64_t *end, const int64_t *matrices, int kind, int64_t group,
-                 int64_t groups, float *out, float *h, float *act, int threads) {
+ * (fp32, bf16, or quantized with `group` k steps per scale); everything else is fp32. INT8 runs Q8:
+ * each row's x and act quantized per row. Work items are (group, block) pairs. Returns 0, or -1 if
+ * scratch memory ran out. */
+int moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *tokens, const int64_t *dest, const float *scale,
+                const int64_t *begin, const int64_t *end, const int64_t *matrices, int kind, int64_t group,
+                int64_t groups, float *out, float *h, float *act, int threads) {
     int64_t up_rows = 2 * ffn, up_blocks = (up_rows + PACK - 1) / PACK, down_blocks = (hidden + PACK - 1) / PACK;
+    int64_t rows = 0, k4_up = (hidden + Q8_STEP - 1) / Q8_STEP, k4_down = (ffn + Q8_STEP - 1) / Q8_STEP;
+    for (int64_t g = 0; g < groups; ++g) rows = end[g] > rows ? end[g] : rows;
+    int q8 = kind == KIND_INT8;
+    uint8_t *xq = q8 ? malloc((size_t)(rows * k4_up * Q8_STEP + 1)) : NULL;  /* row r: x[tokens[r]] quantized */
+    uint8_t *aq = q8 ? malloc((size_t)(rows * k4_down * Q8_STEP + 1)) : NULL;
+    float *xs = q8 ? malloc(sizeof(float) * (rows + 1)) : NULL, *as = q8 ? malloc(sizeof(float) * (rows + 1)) : NULL;
+    if (q8 && (!xq || !aq || !xs || !as)) {
+        free(xq), free(aq), free(xs), free(as);
+        return -1;
+    }
 #pragma omp parallel num_threads(threads)
     {
+        if (q8) {
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < groups; ++g)
+                for (int64_t r = begin[g]; r < end[g]; ++r)
+                    quantize_row(x + tokens[r] * hidden, 0, hidden, k4_up, xq + r * k4_up * Q8_STEP, xs + r);
+        }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < groups * up_blocks; ++i) {
             int64_t g = i / up_blocks, b = i % up_blocks;
             int cols = up_rows - b * PACK < PACK ? (int)(up_rows - b * PACK) : PACK;
-            wblock wb = matrix_block(matrices + g * 6, kind, group, b, hidden);
+            const int64_t *m = matrices + g * 6;
+            if (q8) {
+                q8_block_rows((const int8_t *)m[0], (const float *)m[1], (const int32_t *)m[2], b, k4_up, cols, begin[g],
+                              end[g], xq, xs, NULL, h, 0, NULL, up_rows, NULL, NULL);
+                continue;
+            }
+            wblock wb = matrix_block(m, kind, group, b, hidden);
             block_rows(&wb, hidden, cols, begin[g], end[g], x, tokens, hidden, h + b * PACK, 0, NULL, up_rows, NULL, NULL);
         }
 #pragma omp for schedule(static)
@@ -745,15 +766,24 @@ void moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *tok
                 const float *gate = h + r * up_rows, *up = gate + ffn;
                 float *a = act + r * ffn;
                 for (int64_t f = 0; f < ffn; ++f) a[f] = gate[f] / (1.f + expf(-gate[f])) * up[f];
+                if (q8) quantize_row(a, 0, ffn, k4_down, aq + r * k4_down * Q8_STEP, as + r);
             }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < groups * down_blocks; ++i) {
             int64_t g = i / down_blocks, b = i % down_blocks;
             int cols = hidden - b * PACK < PACK ? (int)(hidden - b * PACK) : PACK;
-            wblock wb = matrix_block(matrices + g * 6 + 3, kind, group, b, ffn);
+            const int64_t *m = matrices + g * 6 + 3;
+            if (q8) {
+                q8_block_rows((const int8_t *)m[0], (const float *)m[1], (const int32_t *)m[2], b, k4_down, cols, begin[g],
+                              end[g], aq, as, NULL, out, 0, dest, hidden, scale, NULL);
+                continue;
+            }
+            wblock wb = matrix_block(m, kind, group, b, ffn);
             block_rows(&wb, ffn, cols, begin[g], end[g], act, NULL, ffn, out + b * PACK, 0, dest, hidden, scale, NULL);
         }
     }
+    free(xq), free(aq), free(xs), free(as);
+    return 0;
 }
 
 /* Attention for decode steps (one new token per sequence) straight from the paged KV cache.

@@ -110,7 +110,7 @@ def test_stored_layouts_and_embedding_rows(weight_dtype: str, dtype: torch.dtype
     weight, _, _ = _problem(200, 33, dtype, seed=4)
     matrix = quantize_dense(weight, weight_dtype)
     assert [(tuple(t.shape), t.dtype) for t in matrix.tensors] == dense_layouts(200, 33, weight_dtype)
-    assert matrix.kind == (WeightKind.INT8_DOT if weight_dtype == "int8" else WeightKind.INT4)
+    assert matrix.kind == (WeightKind.INT8 if weight_dtype == "int8" else WeightKind.INT4)
     ids = torch.tensor([0, 15, 16, 199, 7])
     assert torch.equal(matrix_rows(matrix, ids), dequantize_dense(matrix)[ids].to(dtype))
     large = quantize_dense(torch.randn(256, 1024).to(dtype), weight_dtype)  # per weight: int8 1.008 bytes, int4 0.56
@@ -119,7 +119,7 @@ def test_stored_layouts_and_embedding_rows(weight_dtype: str, dtype: torch.dtype
 
 @needs_kernel
 def test_the_int8_kernel_is_named() -> None:
-    assert int8_dot_kernel() in cpu_kernels.INT8_DOT_KERNELS
+    assert int8_dot_kernel() in cpu_kernels.INT8_KERNELS
 
 
 @pytest.fixture(scope="module")
