@@ -20,7 +20,6 @@ from moe_serve.engine.model.dense_quant import (
     reference_linear,
 )
 from moe_serve.engine.model.loader import load_model
-from moe_serve.engine.model.moe_model import MoEModel
 from moe_serve.engine.model.packed import PackedMatrix, QuantMatrix
 from moe_serve.engine.model.quant import WeightKind
 from moe_serve.engine.model.weights import pack_dense
@@ -140,20 +139,21 @@ def test_pack_dense_quantizes_the_products_but_not_the_routers(mixtral) -> None:
     torch.testing.assert_close(quantized.embed(ids), dense.embed(ids))  # the embedding table stays (untied here)
 
 
+def _engine(path, dtype: str, **overrides):
+    return build_engine(EngineConfig(model=str(path), dtype=dtype, max_num_batched_tokens=64, **overrides),
+                        show_progress=False)
+
+
 def _kl_and_agreement(path, weight_dtype: str, dtype: str) -> tuple[float, float]:
-    engine = build_engine(EngineConfig(model=str(path), dtype=dtype, max_num_batched_tokens=64), show_progress=False)
-    prompts = parity_prompts(engine.runner.model.spec.vocab_size)
-    reference = torch.cat(engine_logits(engine, prompts))
-    model = engine.runner.model
-    dense = pack_dense(load_model(path, dtype=dtype, show_progress=False).weights.dense, weight_dtype)
-    engine.runner.model = MoEModel(model.spec, dense, model.experts, model.device, packed=True,
-                                   expert_format=model.expert_format)
-    for i in range(len(prompts)):
-        engine.blocks.free(f"p{i}")
-    ours = torch.cat(engine_logits(engine, prompts))
-    kl = torch.nn.functional.kl_div(ours.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+    """Mean KL of the next-token distribution and top-1 agreement of the `--weight-dtype` engine vs
+    the model dtype's, over every prompt position."""
+    reference, ours = _engine(path, dtype), _engine(path, dtype, weight_dtype=weight_dtype)
+    assert isinstance(ours.runner.model.dense.layers[0].attention.qkv, QuantMatrix)
+    prompts = parity_prompts(reference.runner.model.spec.vocab_size)
+    expected, got = torch.cat(engine_logits(reference, prompts)), torch.cat(engine_logits(ours, prompts))
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1)
-    return kl.mean().item(), (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return kl.mean().item(), (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
 
 
 @needs_kernel
