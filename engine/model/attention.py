@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from moe_serve.engine.model.cpu_kernels import decode_attention, kernel_decode_attention
+from moe_serve.engine.model.cpu_kernels import (
+    decode_attention,
+    kernel_decode_attention,
+    kernel_flavour,
+    linear,
+    rms_norm,
+)
+from moe_serve.engine.model.rope import apply_rope
+from moe_serve.engine.model.spec import ModelSpec, QKNorm
+from moe_serve.engine.model.weights import AttentionWeights
 
 
 @dataclass
@@ -107,6 +116,32 @@ class AttentionMetadata:
         )
 
 
+def self_attention(spec: ModelSpec, w: AttentionWeights, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                   meta: AttentionMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   window: int | None) -> torch.Tensor:
+    """A grouped-query attention layer: x [T, D] -> [T, D], writing the tokens' keys and values into the
+    caches [S, Hkv, Dh]. Queries and keys stay one [T, H + Hkv, Dh] tensor through the per-head q/k
+    norm and the rope (one call each instead of two)."""
+    num_tokens, heads, kv_heads, head_dim = x.shape[0], spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qkv = linear(x, w.qkv, w.qkv_bias)
+    if spec.qk_norm is QKNorm.FULL:
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        qk = torch.cat([rms_norm(q, w.q_norm, spec.rms_norm_eps), rms_norm(k, w.k_norm, spec.rms_norm_eps)], dim=-1)
+        qkv = torch.cat([qk, v], dim=-1)
+    if spec.clip_qkv is not None:
+        qkv = qkv.clamp(-spec.clip_qkv, spec.clip_qkv)
+    qk = qkv[:, :q_size + kv_size].view(num_tokens, heads + kv_heads, head_dim)
+    if spec.qk_norm is QKNorm.PER_HEAD:
+        norms = torch.cat([w.q_norm.expand(heads, head_dim), w.k_norm.expand(kv_heads, head_dim)])  # [H + Hkv, Dh]
+        qk = rms_norm(qk, norms, spec.rms_norm_eps)
+    qk = apply_rope(qk, *rotary)
+    v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, head_dim)
+    out = paged_attention(qk[:, :heads], qk[:, heads:], v, k_cache, v_cache, meta, spec.attention_scale, window,
+                          w.sinks)
+    return linear(out, w.o, w.o_bias)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,9 +158,10 @@ def paged_attention(
     that join each query's softmax with a zero value."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    plain = window is None and sinks is None
-    if plain and meta.max_query_len == 1 and kernel_decode_attention(q, k_cache):  # decode: one query per sequence
-        return decode_attention(q, k_cache, v_cache, meta.gather_slots, meta.context_lens, scale)
+    if window is None and sinks is None and meta.max_query_len == 1 and q.is_cpu and kernel_flavour() != "torch":
+        q_rows = q.contiguous()  # decode (one query per sequence) in the C kernel, which reads q's rows whole
+        if kernel_decode_attention(q_rows, k_cache):
+            return decode_attention(q_rows, k_cache, v_cache, meta.gather_slots, meta.context_lens, scale)
     keys = gather_context(k_cache, meta).transpose(1, 2)  # [B, Hkv, K, Dh]
     values = gather_context(v_cache, meta).transpose(1, 2)
     mask = meta.mask_for(window)
@@ -193,8 +229,12 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: Att
     _, num_heads, head_dim = q.shape
     batch, queries, kv_heads = meta.num_seqs, meta.max_query_len, keys.shape[1]
     group = num_heads // kv_heads
-    padded = q.new_zeros(batch * queries, num_heads, head_dim)
-    padded[meta.query_index] = q
+    unpadded = q.shape[0] == batch * queries  # every sequence has Q new tokens (decode): rows already in place
+    if unpadded:
+        padded = q
+    else:
+        padded = q.new_zeros(batch * queries, num_heads, head_dim)
+        padded[meta.query_index] = q
     folded = padded.view(batch, queries, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     folded = folded.reshape(batch, kv_heads, group * queries, head_dim)  # [B, Hkv, G * Q, Dk]
     if mask.shape[1] == 1:  # one mask for every head: the same for each of the G folded groups
@@ -203,4 +243,5 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: Att
         mask = mask.reshape(batch, kv_heads, group * queries, mask.shape[-1])
     out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale)  # [B, Hkv, G * Q, Dv]
     out = out.view(batch, kv_heads, group, queries, -1).permute(0, 3, 1, 2, 4)  # [B, Q, Hkv, G, Dv]
-    return out.reshape(batch * queries, num_heads * values.shape[-1])[meta.query_index]
+    out = out.reshape(batch * queries, num_heads * values.shape[-1])
+    return out if unpadded else out[meta.query_index]
