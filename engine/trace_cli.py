@@ -1,16 +1,18 @@
 """The `trace` commands: `simulate` replays a routing trace through cache policies (optionally with
-next-layer prefetching and a link/compute timing model) and `predictors` scores the affinity
-predictor; each prints a table or JSON. Their long loops draw progress bars on stderr when it is
+next-layer prefetching and a link/compute timing model, the bytes of each expert precision, and the
+copy / host / auto miss handlings) and `predictors` scores the affinity predictor; each prints a table or JSON. Their long loops draw progress bars on stderr when it is
 a terminal, never with --json."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 
 from moe_serve.cache_policies import DEFAULT_POLICY, available_policies
+from moe_serve.engine.model.quant import ExpertFormat
 from moe_serve.engine.prefetch.logistic_predictor import LOGISTIC_MIN_PROBABILITY, LogisticPredictor
 from moe_serve.engine.prefetch.predictors import AFFINITY_MIN_SCORE, affinity_recall, recall_at
 from moe_serve.engine.prefetch.replay import (
@@ -21,6 +23,16 @@ from moe_serve.engine.prefetch.replay import (
     TimingModel,
     available_prefetchers,
     simulate_prefetch,
+)
+from moe_serve.engine.traces.bytes_model import (
+    HANDLINGS,
+    HandlingRates,
+    PrecisionResult,
+    expert_nbytes,
+    format_label,
+    parse_formats,
+    per_format,
+    simulate_handling,
 )
 from moe_serve.engine.traces.replay import Oracle, ReplayResult, simulate, validate_cache_size
 from moe_serve.engine.traces.trace_file import KNOWN_GEOMETRIES, RoutingTrace, load_trace
@@ -70,6 +82,17 @@ def add_trace_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="host->device link bandwidth in GB/s (default: PCIe 4.0 x16 effective)")
     sim.add_argument("--compute-ms-per-layer", type=float, default=RTX_24GB_COMPUTE_MS_PER_LAYER,
                      help="compute time of one MoE layer for one token in ms (default: a 24 GB card)")
+    sim.add_argument("--formats", default=None,
+                     help="comma-separated expert precisions among bf16, int8, int4[-g32|-g64|-g128][-sym], mxfp4: "
+                     "bytes and stall per token at each (each format's real stored bytes for the trace's geometry)")
+    sim.add_argument("--miss-handling", default=None,
+                     help=f"comma-separated among {', '.join(HANDLINGS)}: model each layer's misses copied to the "
+                     "device, computed on the host, or chosen per miss (the engine's cost model); per token: link "
+                     "bytes and modelled MoE milliseconds (default formats: bf16)")
+    sim.add_argument("--host-gbps", type=float, default=20.0,
+                     help="expert bytes the host's kernels stream per second, GB/s (--miss-handling; default 20)")
+    sim.add_argument("--device-gbps", type=float, default=1000.0,
+                     help="expert bytes the device's kernels stream per second, GB/s (--miss-handling; default 1000)")
     sim.add_argument("--prefetch-width", type=int, default=None,
                      help="affinity / logistic guesses per layer (default: the trace's top-k)")
     sim.add_argument("--min-score", type=float, default=None,
@@ -146,6 +169,21 @@ def format_table(results: list[ReplayResult]) -> str:
     return _align(header, rows)
 
 
+def format_precision_table(results: list[PrecisionResult]) -> str:
+    """Aligned text table, one row per (cache size, policy, format[, handling])."""
+    handled = any(r.handling for r in results)
+    header = ("policy", "cache_experts", "format", *(("handling",) if handled else ()), "expert_MB", "misses_per_token",
+              *(("copies_per_token",) if handled else ()), "link_MB_per_token",
+              "moe_ms_per_token" if handled else "stall_ms_per_token")
+    rows = [
+        (r.policy, str(r.cache_experts), r.format, *((r.handling,) if handled else ()), f"{r.expert_bytes / 1e6:.3f}",
+         f"{r.misses_per_token:.2f}", *((f"{r.copies_per_token:.2f}",) if handled else ()),
+         f"{r.bytes_per_token / 1e6:.2f}", f"{r.ms_per_token:.3f}")
+        for r in results
+    ]
+    return _align(header, rows)
+
+
 def format_prefetch_table(results: list[PrefetchResult]) -> str:
     """Aligned text table, one row per (cache size, policy, prefetcher)."""
     header = ("policy", "prefetch", "cache_experts", "hit_rate", "stall_ms_per_token", "issued", "used", "late",
@@ -199,8 +237,27 @@ def run_simulate(args: argparse.Namespace) -> int:
             raise ValueError("--prefetch-width must be positive")
         if prefetchers and Prefetcher.LOGISTIC in prefetchers and not learn.num_tokens:
             raise ValueError("the logistic prefetcher is trained on the learning prompts: give --learn-prompts")
+        handlings = None if args.miss_handling is None else \
+            [part.strip() for part in args.miss_handling.split(",") if part.strip()]
+        formats = parse_formats(args.formats if args.formats is not None else "bf16") \
+            if args.formats is not None or handlings is not None else None
+        if formats is not None and trace.geometry is None:
+            raise ValueError("--formats and --miss-handling need the trace's geometry: a known model "
+                             f"({', '.join(g.name for g in KNOWN_GEOMETRIES)}) in its model or file name")
+        if handlings is not None:
+            if prefetchers is not None:
+                raise ValueError("--miss-handling does not combine with --prefetch")
+            if Oracle.BELADY.value in policies:
+                if args.policy is not None:
+                    raise ValueError(f"--miss-handling replays live policies: {Oracle.BELADY.value} is offline")
+                policies = [name for name in policies if name != Oracle.BELADY.value]
+            rates = HandlingRates(args.link_gbps, args.host_gbps, args.device_gbps)
+            if min(rates.link_gbps, rates.host_gbps, rates.device_gbps) <= 0:
+                raise ValueError("--link-gbps, --host-gbps and --device-gbps must be positive")
     except (OSError, ValueError, KeyError) as error:
         return _usage_error(error)
+    if formats is not None:
+        return _run_precisions(args, trace, learn, policies, sizes, formats, handlings, prefetchers)
     results: list[ReplayResult] | list[PrefetchResult]
     show_progress = not args.json
     if prefetchers is None:
@@ -218,6 +275,45 @@ def run_simulate(args: argparse.Namespace) -> int:
     else:
         print(f"link {timing.link_gbps:g} GB/s ({timing.copy_s * 1e3:.3f} ms/expert), "
               f"compute {timing.compute_ms_per_layer:g} ms/layer/token")
+        print(format_prefetch_table(results))
+    return 0
+
+
+def _run_precisions(args: argparse.Namespace, trace: RoutingTrace, learn: RoutingTrace, policies: list[str],
+                    sizes: list[int], formats: list[ExpertFormat], handlings: list[str] | None,
+                    prefetchers: list[Prefetcher] | None) -> int:
+    """`trace simulate --formats / --miss-handling`: the bytes model (`engine.traces.bytes_model`)."""
+    show_progress = not args.json
+    geometry = trace.geometry
+    assert geometry is not None  # checked with the arguments
+    results: list[PrecisionResult] | list[PrefetchResult]
+    if handlings is not None:
+        rates = HandlingRates(args.link_gbps, args.host_gbps, args.device_gbps)
+        results = simulate_handling(trace, policies, sizes, geometry, formats, handlings, rates, show_progress)
+    elif prefetchers is None:
+        results = per_format(simulate(trace, policies, sizes, 0, show_progress), geometry, formats, args.link_gbps)
+    else:
+        results = []
+        for fmt in formats:
+            timing = TimingModel(args.link_gbps, args.compute_ms_per_layer, expert_nbytes(geometry, fmt))
+            results += [dataclasses.replace(r, prefetch=f"{r.prefetch} [{format_label(fmt)}]") for r in
+                        simulate_prefetch(trace, policies, prefetchers, sizes, timing, learn, args.prefetch_width,
+                                          args.min_score, show_progress)]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+        return 0
+    print(f"{trace.model or args.trace}: {trace.num_tokens} tokens measured after {learn.num_prompts} learning "
+          f"prompts, {trace.num_layers} layers, top-{trace.top_k} of {trace.num_experts}, geometry {geometry.name} "
+          f"(hidden {geometry.hidden_size}, expert FFN {geometry.moe_intermediate_size})")
+    if handlings is not None:
+        print(f"link {args.link_gbps:g} GB/s, host {args.host_gbps:g} GB/s, device {args.device_gbps:g} GB/s "
+              "(expert bytes streamed per second by each side's kernels)")
+        print(format_precision_table(results))
+    elif prefetchers is None:
+        print(f"stall: the misses' bytes over a {args.link_gbps:g} GB/s link, one after the other")
+        print(format_precision_table(results))
+    else:
+        print(f"link {args.link_gbps:g} GB/s, compute {args.compute_ms_per_layer:g} ms/layer/token; prefetch [format]")
         print(format_prefetch_table(results))
     return 0
 

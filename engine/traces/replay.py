@@ -75,7 +75,7 @@ def validate_cache_size(trace: RoutingTrace, cache_experts: int) -> None:
         )
 
 
-def _layer_rows(trace: RoutingTrace, layer: int) -> list[list[int] | None]:
+def layer_rows(trace: RoutingTrace, layer: int) -> list[list[int] | None]:
     """Token rows of one layer as Python lists (None where the record is missing)."""
     rows: list[list[int] | None] = trace.expert_ids[:, layer, :].tolist()
     if trace.present is not None:
@@ -131,7 +131,7 @@ def replay(
     layers = progress(range(trace.num_layers), show=show_progress, desc=f"{name} @ {cache_experts}", unit="layer")
     for layer in layers:
         policy = policy_factory()
-        misses += _replay_layer(_layer_rows(trace, layer), policy, cache_experts)
+        misses += _replay_layer(layer_rows(trace, layer), policy, cache_experts)
         name = name or policy.name
     return _result(trace, name, cache_experts, misses, expert_bytes)
 
@@ -194,7 +194,7 @@ def replay_belady(trace: RoutingTrace, cache_experts: int, expert_bytes: int = 0
                       unit="layer")
     for layer in layers:
         upcoming = next_use(trace, layer).tolist()
-        misses += _belady_layer(_layer_rows(trace, layer), upcoming, cache_experts)
+        misses += _belady_layer(layer_rows(trace, layer), upcoming, cache_experts)
     return _result(trace, Oracle.BELADY.value, cache_experts, misses, expert_bytes)
 
 
