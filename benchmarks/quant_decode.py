@@ -6,7 +6,9 @@ layer routing as the shared DeepSeek-V2-Lite trace recorded (`TraceRouter`), so 
 cache misses what the real model would. For each cache fraction, one engine per expert format
 (`--expert-dtype`: bf16 = the model dtype, int8, int4, mxfp4) with that share of the experts in
 the device tier (on a CPU a RAM pool filled by the copy engine), no prefetching; fraction 1.0 is
-the all-resident engine (nothing is copied). A step may need a whole layer's experts, so a
+the all-resident engine (nothing is copied). Every engine replays the same trace prompts: warm-up
+request i replays the trace's prompt i and round r's request prompt `warmup + r`, in each engine
+(`TraceRouter.restart`), so misses per token compare like with like. A step may need a whole layer's experts, so a
 fraction needs at least 1 / layers of them (0.25: 4 layers). Each engine is warmed with
 `--warmup` requests (filling the cache); then, one format at a time beside the bf16 engine (host
 RAM holds two engines, not five), the two take turns for `--rounds` rounds (A B, B A, A B, ...).
@@ -36,13 +38,19 @@ from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import SamplingParams
 from moe_serve.engine.progress import progress
 from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace
+from moe_serve.engine.traces.trace_router import TraceRouter
 
 FORMATS = {"bf16": "model", "int8": "int8", "int4": "int4", "mxfp4": "mxfp4"}  # label: --expert-dtype
 
 
-def decode(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams) -> tuple[int, float, dict]:
-    """One request to the end: (tokens decoded after the first, their seconds, offload counters over
-    them plus `cpu_s`, the process's CPU seconds: compute and copy threads, whatever else runs)."""
+def decode(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams,
+           trace_prompt: int) -> tuple[int, float, dict]:
+    """One request to the end, routed as the trace's prompt `trace_prompt`: (tokens decoded after the
+    first, their seconds, offload counters over them plus `cpu_s`, the process's CPU seconds: compute
+    and copy threads, whatever else runs)."""
+    router = engine.runner.model.routing_override
+    assert isinstance(router, TraceRouter)
+    router.restart(trace_prompt)
     engine.add_request(EngineRequest(request_id, prompt, params))
     first = sum(len(o.new_token_ids) for o in engine.step())  # the prefill and the first token
     before, start, cpu = offload_counters(engine), time.perf_counter(), time.process_time()
@@ -62,7 +70,7 @@ def warm_engine(path: Path, trace: RoutingTrace, args: argparse.Namespace, name:
                           task_preload="off", num_threads=args.threads, max_num_seqs=1, **cache)
     engine = build_engine(config, show_progress=False, replay=RoutingReplay(trace, first_layer=args.first_layer))
     for i in range(args.warmup):
-        decode(engine, f"w{i}", prompt, params)
+        decode(engine, f"w{i}", prompt, params, trace_prompt=i)
     return engine
 
 
@@ -135,7 +143,8 @@ def main() -> None:
                 nbytes[name] = expert_nbytes(engines[name], fraction, args.layers * trace.num_experts)
                 for r in range(args.rounds):
                     for turn in ((base, name) if r % 2 == 0 else (name, base)):
-                        measured[turn].append(decode(engines[turn], f"{name}-r{r}", prompt, params))
+                        measured[turn].append(decode(engines[turn], f"{name}-r{r}", prompt, params,
+                                                     trace_prompt=args.warmup + r))
                 del engines[name]
             del engines
             for name in names:
