@@ -23,7 +23,7 @@ DENSE_FORMATS = {"int8": ExpertFormat("int8", WeightKind.INT8),
 
 def _format(weight_dtype: str) -> ExpertFormat:
     if weight_dtype not in DENSE_FORMATS:
-        raise ValueError(f"unknown weight dtype {weight_dtype!r}: allowed are {', '.join(WEIGHT_DTYPES)}")
+        raise ValueError(f"weight dtype {weight_dtype!r} does not quantize: use {' or '.join(DENSE_FORMATS)}")
     return DENSE_FORMATS[weight_dtype]
 
 

@@ -1,8 +1,10 @@
-"""Low-bit formats of the routed experts' weights: int8, int4 and MXFP4, and the model dtype.
+"""Low-bit formats of the routed experts' weights: int8, int4 and MXFP4, and the model dtype (the
+dense layers' `--weight-dtype` takes int8 and int4 from here: `engine.model.dense_quant`).
 
 Owns each format's reference quantization and dequantization (plain torch over the logical
 [N, K] codes), its packed layout (what the host tier, the device slots and the C kernels hold:
-blocks of `PACK_WIDTH` outputs, k-major, like `engine.model.packed`) and its byte size.
+blocks of `PACK_WIDTH` outputs, k-major like `engine.model.packed`, int8 in steps of 4 inputs for the
+integer dot products) and its byte size.
 `ExpertFormat` turns one expert's (gate_up, down, *biases) into its stored tensors and back.
 Layouts and measured quality/speed: docs/quantization.md.
 """
