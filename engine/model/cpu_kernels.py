@@ -206,7 +206,8 @@ def quant_linear(x: torch.Tensor, weight: QuantMatrix, bias: torch.Tensor | None
     n, k = weight.shape
     library = _load()
     kind = _weight_kind(x)
-    kind_format = ExpertFormat("", WeightKind(weight.kind), weight.group, len(weight.tensors) == 3)
+    zero_points = weight.kind == WeightKind.INT4 and len(weight.tensors) == 3
+    kind_format = ExpertFormat("", WeightKind(weight.kind), weight.group, zero_points)
     expected = kind_format.matrix_layouts(n, k)
     if not (library is not None and kind is not None and x.dtype is weight.dtype and x.dim() == 2 and x.stride(1) == 1
             and len(weight.tensors) == len(expected)
