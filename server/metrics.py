@@ -4,7 +4,8 @@ expert-cache series read at scrape time.
 `ServerMetrics` owns the histograms and counters the server observes when an engine request
 finishes (it knows arrival, first-token and per-token times). `EngineCollector` is a custom
 Collector that turns the engine's latest published snapshot (`EngineStats`: queues and expected
-wait by task, KV usage, preemptions, output-length error, folded task names, and the expert cache's
+wait by task, KV usage, preemptions, output-length error, folded task names, the slo policy's
+overload decisions (shed / demoted) by task, and the expert cache's
 hits, misses, copies, stalls and prefetches, per layer and, as lookups and misses, per task) into
 metric families on every scrape; it reads no live engine object.
 Both live on the app's own CollectorRegistry.
@@ -23,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from moe_serve.engine.core.request import DEFAULT_TASK, EngineRequest, RequestOutput
+from moe_serve.engine.core.scheduler import OverloadDecision
 
 if TYPE_CHECKING:
     from moe_serve.engine.core.async_engine import AsyncLLMEngine
@@ -238,6 +240,17 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_output_length_prediction_mean_abs_error_tokens",
                                 "Mean |predicted - actual| output tokens of the scheduler's length estimator.",
                                 value=stats.output_len_mean_abs_error)
+        overload = CounterMetricFamily(
+            f"{PREFIX}_overload_decisions", "Requests the slo policy shed (on arrival or while waiting: 429) or "
+            "demoted (served last) because they could no longer meet their task's TTFT SLO.",
+            labels=["task", "decision"])
+        counts = {(task, decision.value): 0 for task in stats.tasks.tasks for decision in OverloadDecision}
+        for (task, decision), count in stats.overload_decisions.items():
+            key = (task if task in stats.tasks.tasks else DEFAULT_TASK, decision)
+            counts[key] = counts.get(key, 0) + count
+        for (task, decision), count in sorted(counts.items()):
+            overload.add_metric([task, decision], count)
+        yield overload
         yield CounterMetricFamily(f"{PREFIX}_task_names_folded",
                                   "Requests served as task 'default' because max_tasks distinct task names were "
                                   "already tracked.", value=stats.num_task_names_folded)

@@ -1,8 +1,9 @@
 """The synchronous engine: add requests, call step(), get RequestOutputs.
 
-step() = scheduler.schedule() -> model_runner.execute() -> scheduler.update(), then the
-output processor advances each constrained request's grammar matcher, detokenizes and applies
-the stop rules (a request whose grammar is complete stops). When every attention layer has a
+step() = scheduler.schedule() -> model_runner.execute() -> scheduler.update(); the requests
+the scheduler shed end with their QueueFullError (a 429), and the output processor advances
+each constrained request's grammar matcher, detokenizes and applies the stop rules (a request
+whose grammar is complete stops). When every attention layer has a
 sliding window, the KV blocks that slid out of it are freed after each step. `engine.async_engine` runs
 this in its own thread for the server.
 
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILED_STEPS = 3
+# a step starting within this long after the previous one ended ran back to back with it: the
+# step-time model is fed the whole cycle (scheduling, the model, the snapshot and deliveries after it)
+BACK_TO_BACK_S = 0.02
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -106,6 +110,7 @@ class LLMEngine:
         self.task_names = TaskNames(scheduler.slo.tasks, scheduler.config.max_tasks)
         self.num_failed_steps = 0
         self._consecutive_failed_steps = 0
+        self._last_step_end: float | None = None
 
     @property
     def blocks(self) -> BlockManager:
@@ -179,6 +184,8 @@ class LLMEngine:
             expected_wait_s=wait,
             expected_wait_by_task=frozen(self.scheduler.expected_wait_by_task(running, waiting, time.monotonic(), wait)),
             num_task_names_folded=self.task_names.num_folded,
+            overload_decisions=frozen({(task, decision.value): count for (task, decision), count
+                                       in self.scheduler.overload_decisions.items()}),
             tasks=self.scheduler.slo.tasks,
             device=str(self.runner.model.device),
             expert_cache=None if self._expert_cache is None else ExpertCacheSnapshot.of(self._expert_cache),
@@ -187,23 +194,26 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch and return every request's new output (a failed request's
         last output carries its error); raises EngineFatalError when the engine cannot go on."""
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
         started = time.monotonic()
-        num_prefill = sum(s.num_new_tokens for s in out.scheduled if s.seq.num_uncomputed_tokens > 1)
+        if self._last_step_end is not None and started - self._last_step_end < BACK_TO_BACK_S:
+            started = self._last_step_end  # the time between steps (snapshots, deliveries) is part of a step
+        out = self.scheduler.schedule()
+        shed = [self._fail(self._tracked[item.seq.seq_id], item.error) for item in out.shed]
+        if out.is_empty:
+            return shed
         try:
             result = self.runner.execute(out, [self.blocks.table(s.seq.seq_id) for s in out.scheduled])
         except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine decides whether to go on
-            return self._fail_step(out, exc)
+            return shed + self._fail_step(out, exc)
         self._consecutive_failed_steps = 0
         self.scheduler.update(out, {seq_id: token for seq_id, (token, _) in result.sampled.items()})
         if self.kv_window is not None:
             for item in out.scheduled:
                 self.blocks.free_slid_out(item.seq.seq_id, item.seq.num_computed_tokens, self.kv_window)
         now = time.monotonic()
-        self.scheduler.slo.service.observe_step(num_prefill, now - started)
-        outputs = [self._fail(self._tracked[seq_id], EngineStepError(message))
+        self.scheduler.slo.service.observe_step(out.num_tokens, now - started)
+        self._last_step_end = now
+        outputs = shed + [self._fail(self._tracked[seq_id], EngineStepError(message))
                    for seq_id, message in result.failed.items()]
         for seq_id, (token, logprob) in result.sampled.items():
             tracked = self._tracked[seq_id]

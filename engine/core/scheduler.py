@@ -3,18 +3,26 @@
 Each step gets a token budget. Running sequences go first (decodes before prefill
 chunks), each taking the KV blocks it needs; when blocks run out the most recently
 admitted sequence is preempted (its blocks freed, recomputed later from its tokens).
-Waiting sequences are then admitted in the order of the scheduling policy (fcfs,
-priority or slo, see `engine.scheduling_policy`) while budget, sequence slots and
-blocks last; a long prompt is split into chunks across steps. `expected_wait_s` turns the
-queues and the measured step times into the wait a new request would see (Retry-After).
+Under fcfs and priority, waiting sequences are then admitted in the policy's order while
+budget, sequence slots and blocks last, and a long prompt is split into chunks across steps.
+
+Under slo the prefill share of the step is planned (`engine.scheduling_policy`): it is capped
+so that running requests keep their TPOT SLOs, and handed out in the policy's order to the
+running and waiting requests still prefilling. A request that can no longer meet its TTFT SLO
+is demoted (served after every request that still can) or, when its task says `shed`, refused:
+on arrival when even the prefill queued ahead of it (earlier deadlines only) overruns its SLO,
+or while it waits (`SchedulerOutput.shed`, a 429 for the server); `overload_decisions` counts
+each. `expected_wait_s` turns the queues and the measured step times into the wait a new
+request would see (Retry-After).
 """
 
 from __future__ import annotations
 
+import enum
 import heapq
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
 
@@ -26,12 +34,21 @@ from moe_serve.engine.core.scheduling_policy import (
     SchedulingPolicyName,
     ServiceTimeModel,
     SloContext,
+    SloOrder,
     WaitingOrder,
     make_order,
 )
 from moe_serve.engine.core.sequence import Sequence, SequenceStatus
-from moe_serve.engine.core.tasks import OutputLengthEstimator, TaskTable, per_task_capacity
+from moe_serve.engine.core.tasks import OutputLengthEstimator, OverloadAction, TaskTable, per_task_capacity
 from moe_serve.engine.errors import QueueFullError
+
+
+class OverloadDecision(str, enum.Enum):
+    """What the slo policy did with a request that could not meet its TTFT SLO."""
+
+    SHED_ON_ARRIVAL = "shed_on_arrival"
+    SHED_WAITING = "shed_waiting"
+    DEMOTED = "demoted"
 
 
 @dataclass(frozen=True)
@@ -42,7 +59,6 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_waiting: int = 256
     policy: SchedulingPolicyName = SchedulingPolicyName.FCFS
-    reject_unattainable: bool = False
     max_tasks: int = DEFAULT_MAX_TASKS
 
 
@@ -59,12 +75,21 @@ class ScheduledSequence:
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
+@dataclass(frozen=True)
+class ShedSequence:
+    """A sequence refused while it waited: the engine ends it with `error` (a 429)."""
+
+    seq: Sequence
+    error: QueueFullError
+
+
 @dataclass
 class SchedulerOutput:
-    """What one step runs, and which sequences were preempted to make room."""
+    """What one step runs, which sequences were preempted to make room and which were shed."""
 
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    shed: list[ShedSequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -88,23 +113,25 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.overload_decisions: Counter[tuple[str, OverloadDecision]] = Counter()
+        self._demoted: set[str] = set()
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence; raises QueueFullError when the waiting queue is full, or
-        (with reject_unattainable) when its TTFT SLO cannot be met even if served next."""
+        """Queue a new sequence; raises QueueFullError when the waiting queue is full, or (slo
+        policy, a task that sheds) when its TTFT SLO cannot be met under the current load."""
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)",
                                  retry_after_s=self.expected_wait_s(self.running, self.waiting))
         request = seq.request
         seq.predicted_output_len = self.lengths.predict(request.task, request.sampling.max_tokens)
-        if self.config.reject_unattainable:
-            ttft = self.slo.service.first_token_s(seq.num_tokens) + self.slo.expert_cost.load_seconds(request.task)
-            ttft += sum(self.slo.service.first_token_s(s.num_uncomputed_tokens) for s in self.waiting)
+        if isinstance(self.order, SloOrder) and self.slo.tasks.get(request.task).overload is OverloadAction.SHED:
+            now = time.monotonic()
+            ttft = self._least_ttft_s(self.order, seq, now)
             if ttft > self.slo.tasks.get(request.task).ttft_slo_s:
+                self.overload_decisions[request.task, OverloadDecision.SHED_ON_ARRIVAL] += 1
                 raise QueueFullError(
                     f"the {request.task!r} TTFT SLO cannot be met under the current load "
-                    f"(predicted {ttft:.2f} s)", retry_after_s=max(1.0, ttft),
-                )
+                    f"(at least {ttft:.2f} s)", retry_after_s=self._task_wait_s(self.order, request.task, now))
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -117,15 +144,15 @@ class Scheduler:
         queues (copies: safe to call from another thread) and the measured step times.
 
         The larger of two waits: the prefill queued ahead of it (at the measured seconds per
-        prefill token, plus one measured step per `max_num_batched_tokens` of it), and, when every
-        sequence slot is taken, the decode steps until enough requests ahead of it finish (each
-        request's predicted output length; a waiting request takes the first slot that frees).
+        token, plus one measured step per `max_num_batched_tokens` of it), and, when every
+        sequence slot is taken, the decode steps of a full batch until enough requests ahead of it
+        finish (each request's predicted output length; a waiting request takes the first slot
+        that frees).
         """
         service = self.slo.service
         queued = sum(seq.num_uncomputed_tokens for seq in waiting)
         queued += sum(n for seq in running if (n := seq.num_uncomputed_tokens) > 1)
-        prefill_s = (queued * service.prefill_s_per_token
-                     + math.ceil(queued / self.config.max_num_batched_tokens) * service.decode_s_per_step)
+        prefill_s = queued * service.token_s + math.ceil(queued / self.config.max_num_batched_tokens) * service.base_s
         slots = self.config.max_num_seqs
         must_finish = len(running) + len(waiting) + 1 - slots
         if must_finish <= 0:
@@ -140,30 +167,54 @@ class Scheduler:
             step = heapq.heappop(finish_steps)
             if entering:
                 heapq.heappush(finish_steps, step + entering.popleft())
-        return max(prefill_s, step * service.decode_s_per_step)
+        return max(prefill_s, step * service.step_s(slots))
 
     def expected_wait_by_task(self, running: SequenceT[Sequence], waiting: SequenceT[Sequence], now: float,
                               everyone_ahead_s: float) -> dict[str, float]:
         """`expected_wait_s` of a request of each task of the table arriving now, given
         `everyone_ahead_s` = `expected_wait_s(running, waiting)`. Under the slo policy only the
-        waiting requests whose TTFT deadline comes first are counted ahead of it (the policy serves
-        feasible requests by least slack); under fcfs and priority every one is."""
+        waiting requests that can still meet their TTFT SLO and whose deadline comes first are
+        counted ahead of it; under fcfs and priority every one is."""
         tasks = self.slo.tasks
-        if self.config.policy is not SchedulingPolicyName.SLO or not waiting:
+        if not isinstance(self.order, SloOrder) or not waiting:
             return {task: everyone_ahead_s for task in tasks.tasks}
-        deadlines = [seq.request.arrival_time + tasks.get(seq.request.task).ttft_slo_s for seq in waiting]
+        order = self.order
+        timed = [(order.deadline(seq), seq) for seq in waiting if not order.is_hopeless(seq, now)]
         waits = {}
         for task, spec in tasks.tasks.items():
-            ahead = [seq for seq, deadline in zip(waiting, deadlines, strict=True) if deadline <= now + spec.ttft_slo_s]
+            ahead = [seq for deadline, seq in timed if deadline <= now + spec.ttft_slo_s]
             waits[task] = everyone_ahead_s if len(ahead) == len(waiting) else self.expected_wait_s(running, ahead)
         return waits
+
+    def _task_wait_s(self, order: SloOrder, task: str, now: float) -> float:
+        """The expected wait of a request of `task` arriving now (Retry-After of a shed request)."""
+        everyone = self.expected_wait_s(self.running, self.waiting)
+        return self.expected_wait_by_task(self.running, self.waiting, now, everyone).get(task, everyone)
+
+    def _least_ttft_s(self, order: SloOrder, seq: Sequence, now: float) -> float:
+        """A lower bound of `seq`'s TTFT: its age, its own prefill and the prefill of every
+        request still prefilling that can meet a deadline earlier than its own, at full steps."""
+        deadline = order.deadline(seq)
+        ahead = sum(other.num_uncomputed_tokens for other in self._prefilling()
+                    if order.deadline(other) <= deadline and not order.is_hopeless(other, now))
+        tokens = ahead + seq.num_uncomputed_tokens
+        service = self.slo.service
+        return (now - seq.request.arrival_time + tokens * service.token_s
+                + math.ceil(tokens / self.config.max_num_batched_tokens) * service.base_s
+                + self.slo.expert_cost.load_seconds(seq.request.task))
+
+    def _prefilling(self) -> list[Sequence]:
+        """Running sequences with prompt tokens left to compute, then the waiting ones."""
+        return [s for s in self.running if s.num_uncomputed_tokens > 1] + list(self.waiting)
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work."""
         out = SchedulerOutput()
+        slo = self.order if isinstance(self.order, SloOrder) else None
         budget = self.config.max_num_batched_tokens
-        # decodes (one token each) before prefill chunks, in admission order
-        for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
+        # decodes (one token each) before prefill chunks, in admission order; under slo only decodes
+        running = self.running if slo is None else [s for s in self.running if s.num_uncomputed_tokens == 1]
+        for seq in sorted(running, key=lambda s: s.num_uncomputed_tokens > 1):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
@@ -174,8 +225,12 @@ class Scheduler:
             self.blocks.grow(seq.seq_id, seq.num_computed_tokens + num_new)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
-        if not out.preempted:
-            budget = self._admit_waiting(budget, out)
+        if out.preempted:
+            return out
+        if slo is None:
+            self._admit_waiting(budget, out)
+        else:
+            self._plan_prefill(slo, budget, out)
         return out
 
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
@@ -198,23 +253,77 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        """fcfs / priority: admit waiting sequences in the policy's order until budget, slots or blocks run out."""
         now = time.monotonic()
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            index = self.order.pick(self.waiting, self.running, now)
-            seq = self.waiting[index]
+        waiting = list(self.waiting)
+        for index in self.order.rank(waiting, self.running, now):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            seq = waiting[index]
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_grow(seq.seq_id, seq.num_computed_tokens + num_new):
                 break
-            del self.waiting[index]
+            self._start(seq)
             self.blocks.grow(seq.seq_id, seq.num_computed_tokens + num_new)
-            seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
-            self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
-        return budget
+
+    def _plan_prefill(self, slo: SloOrder, budget: int, out: SchedulerOutput) -> None:
+        """slo: shed what can no longer make its TTFT SLO (tasks that shed), then hand the prefill
+        budget, capped for the running requests' TPOT SLOs, to the prefilling requests in rank order."""
+        now = time.monotonic()
+        candidates = []
+        for seq in self._prefilling():
+            if not slo.is_hopeless(seq, now):
+                candidates.append(seq)
+            elif self.slo.tasks.get(seq.request.task).overload is OverloadAction.SHED:
+                self._drop(seq)
+                out.shed.append(ShedSequence(seq, QueueFullError(
+                    f"the {seq.request.task!r} TTFT SLO can no longer be met under the current load",
+                    retry_after_s=self._task_wait_s(slo, seq.request.task, now))))
+                self.overload_decisions[seq.request.task, OverloadDecision.SHED_WAITING] += 1
+            else:
+                candidates.append(seq)
+                if seq.seq_id not in self._demoted:
+                    self._demoted.add(seq.seq_id)
+                    self.overload_decisions[seq.request.task, OverloadDecision.DEMOTED] += 1
+        cap = slo.prefill_token_cap(self.running, len(out.scheduled), now)
+        budget = budget if cap is None else min(budget, cap)
+        for index in slo.rank(candidates, self.running, now):
+            if budget <= 0:
+                break
+            seq = candidates[index]
+            waiting = seq.status is SequenceStatus.WAITING
+            if waiting and len(self.running) >= self.config.max_num_seqs:
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_grow(seq.seq_id, seq.num_computed_tokens + num_new):
+                continue
+            if waiting:
+                self._start(seq)
+            self.blocks.grow(seq.seq_id, seq.num_computed_tokens + num_new)
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+
+    def _drop(self, seq: Sequence) -> None:
+        """Take a shed sequence out of the queues and free its blocks (the engine then finishes it)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.ABORT
+
+    def _start(self, seq: Sequence) -> None:
+        """Move a waiting sequence to the running ones."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+        self.running.append(seq)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
         """Advance computed counts and append the tokens sampled this step."""
@@ -225,12 +334,13 @@ class Scheduler:
                 item.seq.output_token_ids.append(token)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """Retire a sequence (stop, length or abort) and free its blocks at once."""
+        """Retire a sequence (stop, length, abort or shed) and free its blocks at once."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.seq_id)
+        self._demoted.discard(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if reason is not FinishReason.ABORT:

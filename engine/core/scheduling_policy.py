@@ -1,30 +1,44 @@
-"""Which waiting request the scheduler admits next: fcfs, priority or slo. No torch import.
+"""Which requests get a step's prefill tokens, and how many: fcfs, priority or slo. No torch import.
 
-`slo` is eMoE's task-aware policy. A waiting request's slack is its TTFT deadline minus
-now minus its predicted time to first token (prefill of its uncomputed tokens plus the
-expert loading its task will cause). A request is urgent when it can still make its
-deadline but not if a typical waiting job (the median predicted job size) were served
-before it; urgent requests go first, least slack first. Everything else, including
-requests already past saving, is served shortest predicted job first (prefill + predicted
-output length x step time + expert loading), which is what lowers mean latency. When the
-slack difference is smaller than the expert traffic a task switch would cause, a request
-of the running batch's task wins; a starvation guard serves anything that has waited too
-long before everything else.
+fcfs and priority only order the waiting queue. `slo` is eMoE's task-aware policy and plans
+the whole prefill share of a step:
+
+- Order (`SloOrder.rank`): a request's slack is its TTFT deadline minus now minus its predicted
+  time to first token (a step of its uncomputed tokens plus the expert loading its task causes).
+  A request is urgent when it can still make its deadline but not if every other prefilling
+  request went before it; urgent requests go first, least slack first, then the other feasible
+  ones shortest predicted job first (prefill + predicted output length x decode step + expert
+  loading), which lowers mean latency. Requests that can no longer
+  make their TTFT SLO (negative slack) are hopeless: they go last, so they stop displacing the
+  ones that still can. Within a task switch's expert traffic of the best slack, a request of the
+  running batch's task wins; a starvation guard serves anything that waited too long first.
+- Size (`SloOrder.prefill_token_cap`): the mean time per output token of each running request is
+  kept within its TPOT SLO. Its TPOT bank is what the SLO allows over its predicted output length
+  minus the time already spent since its first token; spread over its remaining tokens it is the
+  longest step it can afford. The step may take no longer than the smallest such step of the
+  requests that can still meet their SLO, which bounds the prefill tokens of the step.
+
+The step-time model (`ServiceTimeModel`) is learned online from the engine's steps.
 """
 
 from __future__ import annotations
 
-import statistics
+import math
 from collections import Counter
 from collections.abc import Sequence as SequenceT
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from moe_serve.engine.config import SchedulingPolicyName
 from moe_serve.engine.core.sequence import Sequence
 from moe_serve.engine.core.tasks import TaskTable
 
-SLACK_TIE_S = 0.010
+# a prefill never gets fewer tokens per step than this while TPOT banks are tight (it still progresses)
+MIN_PREFILL_CHUNK = 16
+# the share of a TPOT SLO the step plan aims at (the rest absorbs step-time noise)
+TPOT_MARGIN = 0.9
+# the step-time fit needs at least this spread of step sizes (tokens) before it re-fits the slope
+MIN_TOKEN_SPREAD = 8.0
 
 
 class ExpertCostModel(Protocol):
@@ -42,22 +56,33 @@ class NoExpertCost:
 
 @dataclass
 class ServiceTimeModel:
-    """Step-time model learned online: seconds = decode_s_per_step + prefill_s_per_token * prefill_tokens."""
+    """Step-time model learned online: seconds = base_s + token_s x tokens of the step (decodes and
+    prefill chunks alike), an exponentially weighted least-squares fit over the recent steps
+    (`memory`: the weight an observation keeps per later step)."""
 
-    prefill_s_per_token: float = 1e-3
-    decode_s_per_step: float = 0.02
-    smoothing: float = 0.2
+    token_s: float = 1e-3
+    base_s: float = 0.02
+    memory: float = 0.97
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5, repr=False)  # n, x, y, xx, xy
 
-    def observe_step(self, num_prefill_tokens: int, seconds: float) -> None:
-        a = self.smoothing
-        if num_prefill_tokens == 0:
-            self.decode_s_per_step += a * (seconds - self.decode_s_per_step)
-        else:
-            per_token = max(0.0, seconds - self.decode_s_per_step) / num_prefill_tokens
-            self.prefill_s_per_token += a * (per_token - self.prefill_s_per_token)
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        sums = self._sums
+        for i, value in enumerate((1.0, num_tokens, seconds, num_tokens * num_tokens, num_tokens * seconds)):
+            sums[i] = sums[i] * self.memory + value
+        n, sx, sy, sxx, sxy = sums
+        mean_x, mean_y = sx / n, sy / n
+        variance = sxx / n - mean_x * mean_x
+        if variance > MIN_TOKEN_SPREAD ** 2:
+            self.token_s = max(0.0, (sxy / n - mean_x * mean_y) / variance)
+        self.base_s = max(0.0, mean_y - self.token_s * mean_x)
+
+    def step_s(self, num_tokens: int) -> float:
+        """Predicted seconds of a step computing `num_tokens` tokens."""
+        return self.base_s + self.token_s * num_tokens
 
     def first_token_s(self, num_prefill_tokens: int) -> float:
-        return self.decode_s_per_step + self.prefill_s_per_token * num_prefill_tokens
+        """Predicted seconds until a prompt of `num_prefill_tokens` uncomputed tokens has its first token."""
+        return self.step_s(num_prefill_tokens)
 
 
 @dataclass
@@ -71,23 +96,24 @@ class SloContext:
 
 
 class WaitingOrder(Protocol):
-    """Picks the index of the next waiting sequence to admit."""
+    """Ranks prefill candidates: the indices of `candidates` in the order they get prefill tokens."""
 
-    def pick(self, waiting: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> int: ...
+    def rank(self, candidates: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> list[int]: ...
 
 
 class FcfsOrder:
     """Arrival order (preempted requests go back to the front)."""
 
-    def pick(self, waiting: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> int:
-        return 0
+    def rank(self, candidates: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> list[int]:
+        return list(range(len(candidates)))
 
 
 class PriorityOrder:
     """Lowest `priority` value first (vLLM's convention), then arrival."""
 
-    def pick(self, waiting: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> int:
-        return min(range(len(waiting)), key=lambda i: (waiting[i].request.priority, waiting[i].request.arrival_time))
+    def rank(self, candidates: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> list[int]:
+        return sorted(range(len(candidates)),
+                      key=lambda i: (candidates[i].request.priority, candidates[i].request.arrival_time))
 
 
 class SloOrder:
@@ -96,42 +122,89 @@ class SloOrder:
     def __init__(self, ctx: SloContext) -> None:
         self.ctx = ctx
 
+    def deadline(self, seq: Sequence) -> float:
+        """When the request's TTFT SLO runs out (monotonic seconds)."""
+        return seq.request.arrival_time + self.ctx.tasks.get(seq.request.task).ttft_slo_s
+
     def slack(self, seq: Sequence, now: float) -> float:
-        spec = self.ctx.tasks.get(seq.request.task)
         service = self.ctx.service.first_token_s(seq.num_uncomputed_tokens)
         service += self.ctx.expert_cost.load_seconds(seq.request.task)
-        return seq.request.arrival_time + spec.ttft_slo_s - now - service
+        return self.deadline(seq) - now - service
+
+    def is_hopeless(self, seq: Sequence, now: float) -> bool:
+        """Whether a request still waiting for its first token can no longer meet its TTFT SLO."""
+        return not seq.output_token_ids and self.slack(seq, now) < 0
 
     def job_size(self, seq: Sequence) -> float:
         """Predicted seconds of work: prefill, expert loading and the predicted decode steps."""
+        service = self.ctx.service
         return (
-            self.ctx.service.first_token_s(seq.num_uncomputed_tokens)
+            service.first_token_s(seq.num_uncomputed_tokens)
             + self.ctx.expert_cost.load_seconds(seq.request.task)
-            + seq.predicted_output_len * self.ctx.service.decode_s_per_step
+            + seq.predicted_output_len * service.step_s(1)
         )
 
-    def pick(self, waiting: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> int:
-        starving = [i for i, s in enumerate(waiting) if now - s.request.arrival_time > self.ctx.starvation_s]
-        if starving:
-            return min(starving, key=lambda i: waiting[i].request.arrival_time)
-        slacks = [self.slack(s, now) for s in waiting]
-        sizes = [self.job_size(s) for s in waiting]
-        feasible = [i for i, sl in enumerate(slacks) if sl >= 0]
-        typical = statistics.median(sizes)
-        urgent = [i for i in feasible if slacks[i] < typical]
-        if urgent:
-            best = min(urgent, key=lambda i: (slacks[i], sizes[i]))
-            near = [i for i in urgent if slacks[i] - slacks[best] <= SLACK_TIE_S]
-            best = min(near, key=lambda i: sizes[i])
-        else:
-            best = min(range(len(waiting)), key=lambda i: (sizes[i], waiting[i].request.arrival_time))
+    def rank(self, candidates: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> list[int]:
+        if not candidates:
+            return []
+        starving = sorted((i for i, s in enumerate(candidates)
+                           if now - s.request.arrival_time > self.ctx.starvation_s),
+                          key=lambda i: candidates[i].request.arrival_time)
+        slacks = [self.slack(s, now) for s in candidates]
+        sizes = [self.job_size(s) for s in candidates]
+        prefill_all = sum(self.ctx.service.first_token_s(s.num_uncomputed_tokens) for s in candidates)
+        first = set(starving)
+        rest = [i for i in range(len(candidates)) if i not in first]
+        hopeless = [i for i in rest if slacks[i] < 0 and not candidates[i].output_token_ids]
+        feasible = [i for i in rest if slacks[i] >= 0 or candidates[i].output_token_ids]
+        urgent = sorted((i for i in feasible if slacks[i] < prefill_all), key=lambda i: (slacks[i], sizes[i]))
+        relaxed = sorted((i for i in feasible if slacks[i] >= prefill_all),
+                         key=lambda i: (sizes[i], candidates[i].request.arrival_time))
+        order = urgent + relaxed
+        self._prefer_batch_task(order, candidates, running, slacks)
+        by_size = sorted(hopeless, key=lambda i: (sizes[i], candidates[i].request.arrival_time))
+        return starving + order + by_size
+
+    def _prefer_batch_task(self, order: list[int], candidates: SequenceT[Sequence], running: SequenceT[Sequence],
+                           slacks: list[float]) -> None:
+        """Move to the front the least-slack request of the running batch's task when its slack is
+        within the expert traffic that switching to the best request's task would cause."""
         batch_task = self._dominant_task(running)
-        if batch_task is None or waiting[best].request.task == batch_task:
-            return best
-        switch_cost = self.ctx.expert_cost.load_seconds(waiting[best].request.task)
-        same_task = [i for i in feasible if waiting[i].request.task == batch_task
+        if not order or batch_task is None or candidates[order[0]].request.task == batch_task:
+            return
+        best = order[0]
+        switch_cost = self.ctx.expert_cost.load_seconds(candidates[best].request.task)
+        same_task = [i for i in order if candidates[i].request.task == batch_task
                      and slacks[i] - slacks[best] <= switch_cost]
-        return min(same_task, key=lambda i: slacks[i]) if same_task else best
+        if same_task:
+            chosen = min(same_task, key=lambda i: slacks[i])
+            order.remove(chosen)
+            order.insert(0, chosen)
+
+    def step_budget_s(self, running: SequenceT[Sequence], now: float) -> float | None:
+        """The longest step that keeps every running request that can still meet its TPOT SLO
+        on track (None: no bound): each one's TPOT bank (what its SLO allows over its predicted
+        output length, less the time since its first token) spread over its remaining tokens."""
+        budget = math.inf
+        for seq in running:
+            if seq.first_token_time is None or seq.num_uncomputed_tokens != 1:
+                continue
+            tpot_slo = TPOT_MARGIN * self.ctx.tasks.get(seq.request.task).tpot_slo_s
+            produced = len(seq.output_token_ids)
+            remaining = max(1, seq.predicted_output_len - produced)
+            per_step = (tpot_slo * (produced - 1 + remaining) - (now - seq.first_token_time)) / remaining
+            if per_step >= self.ctx.service.step_s(1):  # below: it misses its TPOT SLO whatever we do
+                budget = min(budget, per_step)
+        return None if math.isinf(budget) else budget
+
+    def prefill_token_cap(self, running: SequenceT[Sequence], num_decodes: int, now: float) -> int | None:
+        """The most prefill tokens this step may add to its `num_decodes` decodes within
+        `step_budget_s` (None: no bound), at least MIN_PREFILL_CHUNK."""
+        budget = self.step_budget_s(running, now)
+        service = self.ctx.service
+        if budget is None or service.token_s <= 0:
+            return None
+        return max(MIN_PREFILL_CHUNK, int((budget - service.step_s(num_decodes)) / service.token_s))
 
     @staticmethod
     def _dominant_task(running: SequenceT[Sequence]) -> str | None:
@@ -141,10 +214,9 @@ class SloOrder:
 
 
 def make_order(name: SchedulingPolicyName, ctx: SloContext) -> WaitingOrder:
-    """The waiting-queue order for a policy name."""
+    """The prefill order for a policy name."""
     if name is SchedulingPolicyName.FCFS:
         return FcfsOrder()
     if name is SchedulingPolicyName.PRIORITY:
         return PriorityOrder()
     return SloOrder(ctx)
-

@@ -1,8 +1,8 @@
 """The engine's state as other threads may read it: immutable snapshots built on the engine thread.
 
 `EngineStats` holds the queues by task, KV usage, preemptions, the output-length estimator's
-error, folded task names, the expected wait of a new request, the task table, the device and,
-when experts are offloaded, an `ExpertCacheSnapshot`. The engine thread builds one after every
+error, folded task names, the slo policy's overload decisions by task, the expected wait of a
+new request, the task table, the device and, when experts are offloaded, an `ExpertCacheSnapshot`. The engine thread builds one after every
 step and every request added, finished or aborted, and publishes it by one reference assignment
 (`AsyncLLMEngine.stats`); /health, /metrics and Retry-After read nothing else.
 """
@@ -10,7 +10,7 @@ step and every request added, finished or aborted, and publishes it by one refer
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
@@ -77,6 +77,8 @@ class EngineStats:
     scheduler's estimate from the queues and measured step times; Retry-After uses it);
     `expected_wait_by_task` the same for a request of each task of the table.
     num_task_names_folded: requests whose task name was served as `default` (max_tasks reached).
+    overload_decisions: (task, decision) -> requests the slo policy shed on arrival, shed while
+    waiting or demoted because they could no longer meet their TTFT SLO (`OverloadDecision` values).
     expert_cache: None when every expert is resident (no offload).
     """
 
@@ -93,6 +95,7 @@ class EngineStats:
     tasks: TaskTable
     device: str
     expert_cache: ExpertCacheSnapshot | None
+    overload_decisions: Mapping[tuple[str, str], int] = field(default_factory=lambda: frozen({}))
 
     @property
     def offload(self) -> bool:

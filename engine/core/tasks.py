@@ -2,8 +2,9 @@
 No torch import.
 
 A task (from request `metadata.task` or the `X-Task` header) names a kind of work with a
-time-to-first-token SLO, a time-per-output-token SLO, an output-length prior and whether
-expert prediction is worth doing for it (eMoE skips it for insensitive tasks). The table
+time-to-first-token SLO, a time-per-output-token SLO, an output-length prior, whether
+expert prediction is worth doing for it (eMoE skips it for insensitive tasks) and what the
+slo policy does with its requests once they cannot meet their SLO (`OverloadAction`). The table
 comes from YAML (`configs/tasks.yaml`); unknown tasks fall back to `default`.
 
 Task names are chosen by clients, so the engine bounds them: `TaskNames` folds a request's
@@ -15,6 +16,7 @@ count as known), and every per-task structure keeps at most `max_tasks` names in
 from __future__ import annotations
 
 import bisect
+import enum
 import threading
 import time
 from collections import OrderedDict, deque
@@ -35,6 +37,13 @@ TASK_NAME_IDLE_S = 600.0
 V = TypeVar("V")
 
 
+class OverloadAction(str, enum.Enum):
+    """What the slo policy does with a request of the task that can no longer meet its TTFT SLO."""
+
+    DEMOTE = "demote"  # serve it after every request that still can (lowest priority)
+    SHED = "shed"  # refuse it (429 with Retry-After), on arrival or while it waits
+
+
 class TaskSpec(BaseModel):
     """SLOs and priors of one task."""
 
@@ -44,6 +53,8 @@ class TaskSpec(BaseModel):
     tpot_slo_s: float = Field(default=0.2, gt=0, description="time-per-output-token SLO in seconds")
     output_len_prior: int = Field(default=128, ge=1, description="expected output tokens before any is observed")
     prediction_sensitive: bool = Field(default=True, description="whether expert preloading is worth it")
+    overload: OverloadAction = Field(default=OverloadAction.DEMOTE, description="under the slo policy, a request "
+                                     "that can no longer meet its TTFT SLO: demote (serve it last) or shed (429)")
 
 
 @dataclass(frozen=True)

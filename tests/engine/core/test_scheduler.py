@@ -13,7 +13,7 @@ from moe_serve.engine.config import SchedulingPolicyName
 from moe_serve.engine.core.block_manager import BlockManager
 from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import FinishReason, SamplingParams
-from moe_serve.engine.core.scheduler import Scheduler, SchedulerConfig
+from moe_serve.engine.core.scheduler import OverloadDecision, Scheduler, SchedulerConfig
 from moe_serve.engine.core.scheduling_policy import ServiceTimeModel, SloContext
 from moe_serve.engine.core.sequence import Sequence
 from moe_serve.engine.core.tasks import OutputLengthEstimator, TaskLru, TaskNames, TaskSpec, TaskTable
@@ -36,7 +36,7 @@ class FixedCost:
 
 def make_scheduler(policy: SchedulingPolicyName, max_num_seqs: int = 1, cost: dict[str, float] | None = None,
                    **config) -> Scheduler:
-    ctx = SloContext(TASKS, ServiceTimeModel(prefill_s_per_token=1e-3, decode_s_per_step=0.01), FixedCost(cost or {}))
+    ctx = SloContext(TASKS, ServiceTimeModel(token_s=1e-3, base_s=0.01), FixedCost(cost or {}))
     return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, policy=policy, **config),
                      BlockManager(1024, 16), ctx)
 
@@ -82,12 +82,14 @@ def test_slo_serves_least_slack_first(monkeypatch) -> None:
     assert order == ["cls", "chat", "sum"]
 
 
-def test_slo_serves_non_urgent_and_hopeless_requests_shortest_job_first(monkeypatch) -> None:
+def test_slo_demotes_hopeless_requests_behind_feasible_ones_shortest_job_first(monkeypatch) -> None:
     # the summary has plenty of slack (not urgent), the chats already missed their TTFT SLO
     seqs = [seq("late-long", "chat", prompt_len=500, arrival=0.0), seq("relaxed-summary", "summarize", arrival=4.0),
             seq("late-short", "chat", arrival=0.0)]
-    order = admitted_order(make_scheduler(SchedulingPolicyName.SLO), seqs, monkeypatch, 5.0)
-    assert order == ["late-short", "late-long", "relaxed-summary"]
+    scheduler = make_scheduler(SchedulingPolicyName.SLO)
+    order = admitted_order(scheduler, seqs, monkeypatch, 5.0)
+    assert order == ["relaxed-summary", "late-short", "late-long"]
+    assert scheduler.overload_decisions == {("chat", OverloadDecision.DEMOTED): 2}
 
 
 def test_slo_serves_an_urgent_request_before_shorter_jobs(monkeypatch) -> None:
@@ -100,13 +102,15 @@ def test_slo_serves_an_urgent_request_before_shorter_jobs(monkeypatch) -> None:
 
 
 def test_slo_counts_expert_loading_in_slack(monkeypatch) -> None:
-    # equal SLOs; the code task's experts must be loaded (0.8 s) so it has less slack
+    # equal SLOs, and neither can wait for the other's prefill (0.51 s each); the code task's
+    # experts must be loaded (0.8 s) so it has less slack
     tasks = {"a": 0.0, "code": 0.8}
     table = TaskTable.from_mapping({"a": {"ttft_slo_s": 2.0}, "code": {"ttft_slo_s": 2.0}})
     scheduler = make_scheduler(SchedulingPolicyName.SLO, cost=tasks)
     scheduler.slo.tasks = table
     scheduler.lengths = OutputLengthEstimator(table)
-    order = admitted_order(scheduler, [seq("a", "a", arrival=0.0), seq("code", "code", arrival=0.0)], monkeypatch, 0.5)
+    seqs = [seq("a", "a", prompt_len=500, arrival=0.0), seq("code", "code", prompt_len=500, arrival=0.0)]
+    order = admitted_order(scheduler, seqs, monkeypatch, 0.5)
     assert order == ["code", "a"]
 
 
@@ -119,8 +123,8 @@ def test_slo_batches_same_task_when_switching_costs_more_than_the_slack_gap(monk
     scheduler.schedule()  # x0 is running
     scheduler.add(seq("y1", "y", arrival=0.2))
     scheduler.add(seq("x2", "x", arrival=0.4))
-    index = scheduler.order.pick(scheduler.waiting, scheduler.running, 1.0)
-    assert scheduler.waiting[index].seq_id == "x2"
+    ranked = scheduler.order.rank(scheduler.waiting, scheduler.running, 1.0)
+    assert [scheduler.waiting[i].seq_id for i in ranked] == ["x2", "y1"]
 
 
 def test_starvation_guard_serves_the_oldest_request_first(monkeypatch) -> None:
@@ -151,14 +155,6 @@ def test_bounded_waiting_queue_rejects_with_queue_full() -> None:
     with pytest.raises(QueueFullError) as info:
         scheduler.add(seq("c"))
     assert info.value.retry_after_s >= 1
-
-
-def test_early_rejection_when_the_ttft_slo_cannot_be_met(monkeypatch) -> None:
-    scheduler = make_scheduler(SchedulingPolicyName.SLO, reject_unattainable=True)
-    scheduler.add(seq("fits", "classify", prompt_len=100))
-    with pytest.raises(QueueFullError, match="TTFT SLO"):
-        scheduler.add(seq("too-big", "classify", prompt_len=1000))
-    scheduler.add(seq("relaxed", "summarize", prompt_len=1000))
 
 
 def test_length_estimator_uses_prior_then_recent_median_capped_by_max_tokens() -> None:
@@ -209,10 +205,11 @@ def test_expected_wait_counts_decode_steps_until_a_sequence_slot_frees() -> None
     scheduler.schedule()
     running.num_computed_tokens = running.num_tokens
     running.output_token_ids = [1] * 5
-    assert scheduler.expected_wait_s(scheduler.running, scheduler.waiting) == pytest.approx((64 - 5) * 0.01)
+    # a one-sequence decode step: 10 ms + 1 ms per token
+    assert scheduler.expected_wait_s(scheduler.running, scheduler.waiting) == pytest.approx((64 - 5) * 0.011)
     scheduler.add(seq("w", "chat", prompt_len=10))
     # the waiting chat takes the slot after 59 steps and holds it for its predicted 64
-    assert scheduler.expected_wait_s(scheduler.running, scheduler.waiting) == pytest.approx((59 + 64) * 0.01)
+    assert scheduler.expected_wait_s(scheduler.running, scheduler.waiting) == pytest.approx((59 + 64) * 0.011)
 
 
 def test_queue_full_retry_after_is_the_expected_wait_and_grows_with_the_queue() -> None:

@@ -1,0 +1,158 @@
+"""The slo policy's step plan on a fake clock: the step-time fit, the TPOT cap on prefill, urgent
+ordering, and overload handling (shed on arrival, shed while waiting, demote) with its counters."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_serve.engine.config import SchedulingPolicyName
+from moe_serve.engine.core.block_manager import BlockManager
+from moe_serve.engine.core.request import EngineRequest
+from moe_serve.engine.core.sampling_params import FinishReason, SamplingParams
+from moe_serve.engine.core.scheduler import OverloadDecision, Scheduler, SchedulerConfig
+from moe_serve.engine.core.scheduling_policy import (
+    MIN_PREFILL_CHUNK,
+    TPOT_MARGIN,
+    NoExpertCost,
+    ServiceTimeModel,
+    SloContext,
+)
+from moe_serve.engine.core.sequence import Sequence
+from moe_serve.engine.core.tasks import TaskTable
+from moe_serve.engine.errors import QueueFullError
+
+TASKS = TaskTable.from_mapping({
+    "stream": {"ttft_slo_s": 5.0, "tpot_slo_s": 0.05, "output_len_prior": 11},
+    "bulk": {"ttft_slo_s": 20.0, "tpot_slo_s": 1.0, "output_len_prior": 4},
+    "tight": {"ttft_slo_s": 0.5, "tpot_slo_s": 1.0, "output_len_prior": 2, "overload": "shed"},
+    "tight-demote": {"ttft_slo_s": 0.5, "tpot_slo_s": 1.0, "output_len_prior": 2},
+})
+
+
+class Clock:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 0.0
+        monkeypatch.setattr("moe_serve.engine.core.scheduler.time.monotonic", lambda: self.now)
+
+
+def make_scheduler(max_num_batched_tokens: int = 4096) -> Scheduler:
+    # 10 ms per step plus 1 ms per token
+    ctx = SloContext(TASKS, ServiceTimeModel(token_s=1e-3, base_s=0.01), NoExpertCost())
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=max_num_batched_tokens,
+                             policy=SchedulingPolicyName.SLO)
+    return Scheduler(config, BlockManager(1024, 16), ctx)
+
+
+def seq(rid: str, task: str, prompt_len: int, arrival: float = 0.0) -> Sequence:
+    return Sequence(EngineRequest(rid, [1] * prompt_len, SamplingParams(max_tokens=1000), task=task,
+                                  arrival_time=arrival))
+
+
+def decoding(scheduler: Scheduler, clock: Clock, rid: str, produced: int, since_first_s: float) -> Sequence:
+    """A `stream` request that has produced `produced` tokens, the first `since_first_s` ago."""
+    s = seq(rid, "stream", 4, arrival=clock.now)
+    scheduler.add(s)
+    out = scheduler.schedule()
+    scheduler.update(out, {rid: 1})
+    s.output_token_ids = [1] * produced
+    s.num_computed_tokens = s.num_tokens - 1
+    s.first_token_time = clock.now - since_first_s
+    return s
+
+
+def test_service_time_model_fits_the_step_base_and_the_cost_per_token() -> None:
+    model = ServiceTimeModel()
+    for tokens in [1, 4, 300, 16, 512, 2, 64] * 20:
+        model.observe_step(tokens, 0.008 + 0.0004 * tokens)
+    assert model.base_s == pytest.approx(0.008, rel=1e-6)
+    assert model.token_s == pytest.approx(0.0004, rel=1e-6)
+    assert model.step_s(100) == pytest.approx(0.048)
+
+
+def test_service_time_model_keeps_the_slope_when_every_step_is_the_same_size() -> None:
+    model = ServiceTimeModel(token_s=1e-3, base_s=0.02)
+    for _ in range(50):
+        model.observe_step(8, 0.030)
+    assert model.token_s == 1e-3
+    assert model.step_s(8) == pytest.approx(0.030)
+
+
+def test_prefill_is_capped_so_a_running_request_keeps_its_tpot_slo(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    scheduler = make_scheduler()
+    clock.now = 10.0
+    # 6 of 11 predicted tokens, the first 0.1 s ago: the SLO allows 0.045 x 10 intervals = 0.45 s,
+    # 0.35 s are left for 5 steps: 70 ms a step, of which one decode takes 11 ms
+    decoding(scheduler, clock, "r", produced=6, since_first_s=0.1)
+    scheduler.add(seq("long", "bulk", 2000, arrival=clock.now))
+    out = scheduler.schedule()
+    chunks = {s.seq.seq_id: s.num_new_tokens for s in out.scheduled}
+    per_step = (TPOT_MARGIN * 0.05 * 10 - 0.1) / 5
+    assert chunks["r"] == 1
+    assert chunks["long"] == pytest.approx((per_step - 0.011) / 1e-3, abs=1)  # ~59 tokens
+
+
+def test_prefill_is_uncapped_without_decodes_and_past_a_hopeless_tpot(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    scheduler = make_scheduler(max_num_batched_tokens=512)
+    clock.now = 10.0
+    scheduler.add(seq("long", "bulk", 2000, arrival=clock.now))
+    assert scheduler.schedule().num_tokens == 512
+    scheduler = make_scheduler(max_num_batched_tokens=512)
+    decoding(scheduler, clock, "late", produced=6, since_first_s=5.0)  # 5 s for 5 intervals: lost already
+    scheduler.add(seq("long", "bulk", 2000, arrival=clock.now))
+    assert {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled} == {"late": 1, "long": 511}
+
+
+def test_a_spent_tpot_bank_still_lets_prefill_progress(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    scheduler = make_scheduler()
+    clock.now = 10.0
+    decoding(scheduler, clock, "r", produced=6, since_first_s=0.39)  # 12 ms a step left: just above one decode
+    scheduler.add(seq("long", "bulk", 2000, arrival=clock.now))
+    chunks = {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}
+    assert chunks["long"] == MIN_PREFILL_CHUNK
+
+
+def test_urgent_request_is_prefilled_first_and_the_rest_shortest_first(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    scheduler = make_scheduler(max_num_batched_tokens=64)
+    clock.now = 1.0
+    for s in (seq("bulk-long", "bulk", 300), seq("bulk-short", "bulk", 50), seq("urgent", "stream", 100, arrival=-3.5)):
+        scheduler.add(s)
+    # "urgent" has 5 s - 4.5 s - 0.11 s of slack: less than the prefill of all three (~0.48 s)
+    ranked = scheduler.order.rank(list(scheduler.waiting), scheduler.running, clock.now)
+    assert [scheduler.waiting[i].seq_id for i in ranked] == ["urgent", "bulk-short", "bulk-long"]
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in scheduler.schedule().scheduled] == [("urgent", 64)]
+
+
+def test_a_task_that_sheds_refuses_a_request_whose_prefill_queue_overruns_its_ttft_slo(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    scheduler = make_scheduler()
+    scheduler.add(seq("ahead", "tight", 300, arrival=0.0))  # an earlier deadline
+    clock.now = 0.1
+    scheduler.add(seq("fits", "tight", 50, arrival=0.1))  # (300 + 50) x 1 ms + one 10 ms step <= 0.5 s
+    with pytest.raises(QueueFullError, match="'tight' TTFT SLO cannot be met") as info:
+        scheduler.add(seq("refused", "tight", 200, arrival=0.1))  # (350 + 200) x 1 ms + 10 ms > 0.5 s
+    assert info.value.retry_after_s > 0
+    scheduler.add(seq("demoted-later", "tight-demote", 200, arrival=0.1))  # its task does not shed
+    assert scheduler.overload_decisions == {("tight", OverloadDecision.SHED_ON_ARRIVAL): 1}
+    assert [s.seq_id for s in scheduler.waiting] == ["ahead", "fits", "demoted-later"]
+
+
+def test_a_waiting_request_that_can_no_longer_make_it_is_shed_or_demoted(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    scheduler = make_scheduler(max_num_batched_tokens=64)
+    scheduler.add(seq("shed-me", "tight", 50, arrival=0.0))
+    scheduler.add(seq("demote-me", "tight-demote", 50, arrival=0.0))
+    scheduler.add(seq("fine", "bulk", 50, arrival=0.0))
+    clock.now = 0.48  # 0.02 s to the tight deadlines, their prefill takes 0.06 s
+    out = scheduler.schedule()
+    assert [(s.seq.seq_id, type(s.error)) for s in out.shed] == [("shed-me", QueueFullError)]
+    assert "shed-me" not in [s.seq_id for s in scheduler.waiting]
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [("fine", 50), ("demote-me", 14)]
+    scheduler.finish(out.shed[0].seq, FinishReason.ABORT)  # what the engine does with it
+    scheduler.update(out, {"fine": 1})
+    scheduler.schedule()  # the demoted request is counted once
+    assert scheduler.overload_decisions == {("tight", OverloadDecision.SHED_WAITING): 1,
+                                            ("tight-demote", OverloadDecision.DEMOTED): 1}
