@@ -45,20 +45,21 @@ def route(spec: RoutingSpec, num_experts: int, top_k: int, router: Matrix, bias:
         if routing is not None:
             return routing
     ids, weights = _top_k(spec, top_k, logits, bias, x, override)
-    return _grouped(ids, weights, num_experts, top_k)
+    return _grouped(ids, weights.float(), num_experts, top_k)
 
 
 def route_on_device(spec: RoutingSpec, top_k: int, router: Matrix, bias: torch.Tensor | None, x: torch.Tensor,
                     override: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, D] -> each token's top-k expert ids [T, A] (int64) and fp32 weights [T, A], on x's device
-    and without reading anything on the host (the torch path). Override and rounding as in `route`."""
+    """x [T, D] -> each token's top-k expert ids [T, A] (int64) and weights [T, A], on x's device and
+    without reading anything on the host (the torch path): in x's dtype (rounded like the reference
+    models) unless the spec keeps them in fp32. Override as in `route`."""
     logits = linear(x.float() if spec.in_fp32 else x, router, bias if spec.logit_bias else None)  # [T, E]
     return _top_k(spec, top_k, logits, bias, x, override)
 
 
 def _top_k(spec: RoutingSpec, top_k: int, logits: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
            override: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] of x -> ids [T, A] and fp32 weights [T, A] (see `route_on_device`)."""
+    """Router logits [T, E] of x -> ids [T, A] and weights [T, A] (see `route_on_device`)."""
     choice_bias = bias if spec.correction_bias else None
     if spec.scoring is RouterScoring.SOFTMAX_OF_TOPK:
         ids = torch.topk(logits, top_k, dim=-1).indices if override is None else override.to(x.device, torch.long)
@@ -87,8 +88,8 @@ def _top_k(spec: RoutingSpec, top_k: int, logits: torch.Tensor, bias: torch.Tens
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if spec.scaling_factor != 1.0:
             weights = weights * spec.scaling_factor
-    if spec.round_weights and x.dtype != torch.float32:
-        weights = weights.to(x.dtype).float()
+    if spec.round_weights:
+        weights = weights.to(x.dtype)
     return ids, weights
 
 

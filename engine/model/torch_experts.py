@@ -73,7 +73,8 @@ def batched_experts(
     ffn: int,
 ) -> torch.Tensor:
     """The routed experts' weighted sum [T, D] in x's dtype, for x [T, D] and routing weights [T, A]
-    (fp32), with the experts' weights from `groups` (the provider's fetch: every needed expert once,
+    (in x's dtype: each product rounded to it, like the reference models, and the sum over slots taken
+    in fp32 and rounded once; or fp32), with the experts' weights from `groups` (the provider's fetch: every needed expert once,
     in groups of any composition and order). Quantized experts are dequantized one expert at a time."""
     num_tokens, hidden = x.shape
     stored: dict[int, ExpertTensors] = {}

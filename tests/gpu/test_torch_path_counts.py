@@ -18,7 +18,7 @@ CUDA = torch.device("cuda")
 
 @pytest.mark.parametrize("batch,bound", [(1, 30), (16, 40)])
 def test_compute_ops_per_moe_layer_within_bound(batch: int, bound: int) -> None:
-    result = per_layer(Geometry(), 2, batch, 64, CUDA, torch.bfloat16)
+    result = per_layer(Geometry(), 2, batch, 64, CUDA, torch.float32)  # as counted on the CPU (bf16: docs/gpu_path.md)
     assert result["compute_ops_per_layer"] <= bound, result
     assert result["syncs_per_layer"] <= 1, result
 
