@@ -18,13 +18,14 @@ import torch.nn.functional as F
 
 from moe_serve.engine.model.attention import AttentionMetadata, paged_attention
 from moe_serve.engine.model.cpu_kernels import ExpertRows, Routing, expert_ffn, linear, rms_norm
-from moe_serve.engine.model.experts import ExpertProvider
+from moe_serve.engine.model.experts import ExpertGroup, ExpertProvider
 from moe_serve.engine.model.latent_attention import latent_attention
 from moe_serve.engine.model.packed import Matrix
 from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat
 from moe_serve.engine.model.rope import RotaryEmbedding, apply_rope
-from moe_serve.engine.model.router import route
-from moe_serve.engine.model.spec import ExpertActivation, ExpertMLPSpec, ModelSpec, QKNorm
+from moe_serve.engine.model.router import route, route_on_device
+from moe_serve.engine.model.spec import ModelSpec, QKNorm
+from moe_serve.engine.model.torch_experts import ExpertLayout, batched_experts
 from moe_serve.engine.model.weights import (
     AttentionWeights,
     DenseWeights,
@@ -72,6 +73,11 @@ class MoEModel:
     def speculator(self) -> Speculator | None:
         """The next-layer prefetcher this model was built with (None: demand loads only)."""
         return self._speculator
+
+    @property
+    def routing_override(self) -> RoutingOverride | None:
+        """The recorded routing this model replays instead of its routers' (None: the routers route)."""
+        return self._routing_override
 
     def forward(
         self,
@@ -140,6 +146,8 @@ class MoEModel:
                      override)
 
     def _moe(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        if not self.packed_experts:
+            return self._moe_torch(moe_layer, layer, x)
         num_tokens, hidden = x.shape
         top_k = self.spec.top_k
         routing = self.route(moe_layer, layer, x)
@@ -150,34 +158,58 @@ class MoEModel:
         for e in range(1, len(counts)):
             starts[e] = starts[e - 1] + counts[e - 1]
         needed = [e for e, c in enumerate(counts) if c]
-        # each (token, slot) pair gets its own row, so experts may finish in any order
-        # and the final sum over slots is still taken in one fixed order (bit-exact)
-        fetched = self.experts.fetch(moe_layer, needed)
-        if self._speculator is not None:
-            guesses = self._speculator(moe_layer, x, routing.ids)
-            if guesses and moe_layer + 1 < self.spec.num_moe_layers:
-                self.experts.hint(moe_layer + 1, guesses)
-        if self.packed_experts:
-            # the kernel computes in fp32 (bf16 weights too); the sum over slots is rounded to x's dtype once
-            out = torch.zeros(num_tokens * top_k, hidden)
-            rows = ExpertRows(x, routing.tokens, routing.order, routing.scale, self.spec.moe_intermediate_size)
-            for ready in fetched:  # one kernel call per group of usable experts
-                groups = [(starts[e], starts[e] + counts[e], *tensors) for e, tensors in ready]
-                expert_ffn(rows, out, groups, self.expert_format)
-        else:
-            out = x.new_zeros(num_tokens * top_k, hidden)
-            decode, ffn = self.expert_format.decode, self.spec.moe_intermediate_size
-            for ready in fetched:
-                for expert, stored in ready:
-                    tensors = decode(stored, hidden, ffn, x.dtype)  # quantized: dequantized for this expert only
-                    first, last = starts[expert], starts[expert] + counts[expert]
-                    expert_out = _expert_mlp(self.spec.expert_mlp, tensors, x[routing.tokens[first:last]])
-                    out[routing.order[first:last]] = (expert_out * routing.scale[first:last, None]).to(out.dtype)
+        # each (token, slot) pair gets its own row, so experts may finish in any order, on the device
+        # or on the host, and the final sum over slots is still taken in one fixed order (bit-exact)
+        fetched = self.experts.fetch(moe_layer, needed, [counts[e] for e in needed])
+        self._hint_next(moe_layer, x, routing.ids)
+        # the kernel computes in fp32 (bf16 weights too); the sum over slots is rounded to x's dtype once
+        out = torch.zeros(num_tokens * top_k, hidden)
+        rows = ExpertRows(x, routing.tokens, routing.order, routing.scale, self.spec.moe_intermediate_size)
+
+        def compute(group: ExpertGroup) -> None:  # one kernel call per group, writing only its rows
+            expert_ffn(rows, out, [(starts[e], starts[e] + counts[e], *tensors) for e, tensors in group],
+                       self.expert_format)
+
+        # the host tier's experts on the host's worker, while this thread computes the device's
+        host_job = self.experts.run_on_host(moe_layer, lambda: compute(fetched.host)) if fetched.host else None
+        try:
+            for ready in fetched.ready:
+                compute(ready)
+        finally:
+            if host_job is not None:
+                host_job.result()  # its rows are in `out` once it returns; re-raises its error
         self.experts.done(moe_layer, needed)
         routed = out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
         if layer.shared_expert is not None:
             routed = routed + self._mlp(layer.shared_expert, x)
         return routed
+
+    def _moe_torch(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """The torch path (CUDA, or no C kernels): routing stays on the device, the ids are read on the
+        host once (the expert cache needs them) and the routed experts run as two batched matmuls.
+        Experts the provider keeps on the host join the batch (they are views of the host tier,
+        which is x's memory here: the provider keeps misses on the host only where it is)."""
+        override = None if self._routing_override is None else self._routing_override(moe_layer)
+        ids, weights = route_on_device(self.spec.routing, self.spec.top_k, layer.router, layer.router_bias, x, override)
+        if self._routing_observer is not None:
+            self._routing_observer(moe_layer, ids)
+        layout = ExpertLayout.from_ids(ids)  # the layer's one host sync
+        fetched = self.experts.fetch(moe_layer, layout.needed, layout.counts)
+        self._hint_next(moe_layer, x, ids)
+        groups = [*fetched.ready, fetched.host] if fetched.host else fetched.ready
+        routed = batched_experts(self.spec.expert_mlp, layout, x, weights, groups, self.expert_format,
+                                 self.spec.moe_intermediate_size)
+        self.experts.done(moe_layer, layout.needed)
+        if layer.shared_expert is not None:
+            routed = routed + self._mlp(layer.shared_expert, x)
+        return routed
+
+    def _hint_next(self, moe_layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+        """The speculator's guesses for the next MoE layer, handed to the provider to prefetch."""
+        if self._speculator is not None:
+            guesses = self._speculator(moe_layer, x, ids)
+            if guesses and moe_layer + 1 < self.spec.num_moe_layers:
+                self.experts.hint(moe_layer + 1, guesses)
 
     @staticmethod
     def _mlp(w: MLPWeights, x: torch.Tensor) -> torch.Tensor:
@@ -190,19 +222,3 @@ class MoEModel:
 def moe_routers(spec: ModelSpec, dense: DenseWeights) -> list[Matrix]:
     """The MoE layers' routers, by MoE-layer index (what a router-based speculator needs before the model exists)."""
     return [dense.layers[layer].router for layer in spec.moe_layers]
-
-
-def _expert_mlp(spec: ExpertMLPSpec, tensors: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-    """One routed expert on its tokens x [N, D] (torch): SwiGLU, or gpt-oss' clamped SwiGLU
-    ((up + 1) * gate * sigmoid(alpha * gate), gate clamped above and up both sides at `limit`), with
-    the gate_up and down biases when the spec has them."""
-    gate_up, down, *biases = tensors
-    gate_up_bias, down_bias = biases if spec.biases else (None, None)
-    gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
-    if spec.activation is ExpertActivation.CLAMPED_SWIGLU:
-        gate = gate.clamp(max=spec.swiglu_limit)
-        up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
-        hidden = (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
-    else:
-        hidden = F.silu(gate) * up
-    return F.linear(hidden, down, down_bias)

@@ -46,6 +46,11 @@ class ExpertCacheStats:
     prefetch_used: int = 0  # acquired before eviction (includes late ones)
     prefetch_wasted: int = 0  # evicted or cancelled before any use
     prefetch_late: int = 0  # acquired while its copy was still pending
+    # misses computed from the host tier instead of copied (counted in `misses` too), the host
+    # worker's seconds computing them, and the seconds the copy engine's link was busy
+    host_misses: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    host_compute_seconds: float = 0.0
+    link_busy_seconds: float = 0.0
     # per task: (row, MoE layer, routed expert) lookups and those that missed (`TaskHitCounter`)
     lookups_by_task: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     misses_by_task: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -121,6 +126,28 @@ class ExpertCache:
             self._step_misses.extend(misses)
         return pool.pin(keys)
 
+    def holds(self, key: ExpertKey) -> bool:
+        """Whether `key` holds a slot (resident or loading): acquiring it would be a hit."""
+        return key in self.pool
+
+    def claimable_slots(self, requested: Set[ExpertKey]) -> int:
+        """Slots free or evictable without touching `requested`: how many misses `acquire` can take
+        without waiting for in-flight prefetches."""
+        return self.pool.num_free + len(self.pool.evictable_keys(requested))
+
+    def record_host_misses(self, keys: Sequence[ExpertKey]) -> None:
+        """Counts misses computed from the host tier (no slot taken, nothing copied): in `misses`,
+        in `host_misses`, and among the step's misses (`take_step_misses`)."""
+        for key in keys:
+            self._check_known(key)
+            self._stats.misses[key.layer] += 1
+            self._stats.host_misses[key.layer] += 1
+        self._step_misses.extend(keys)
+
+    def record_host_compute(self, seconds: float) -> None:
+        """Adds the host worker's seconds computing missed experts."""
+        self._stats.host_compute_seconds += seconds
+
     def take_ready(self, slot: ExpertSlot) -> tuple[torch.Tensor, ...] | None:
         """`wait(slot)` if its bytes are already in place (never blocks), else None."""
         return self.pool.take_ready(slot)
@@ -176,6 +203,15 @@ class ExpertCache:
         self._stats.prefetch_issued += len(started)
         return len(started)
 
+    def clear(self) -> None:
+        """Empties every unpinned slot once its pending copy landed (not counted as evictions), so the
+        next steps start from a cold cache (benchmarks comparing settings on one engine). Between steps."""
+        for key in self.pool.unpinned_loading(excluded=frozenset()):
+            self.pool.settle(key)
+        self._refresh_loading()
+        for key in self.pool.evictable():
+            self._drop(key, wasted=key in self._prefetched_unused)
+
     def on_step(self) -> None:
         """End of one engine step: forwarded to the policy."""
         self._step += 1
@@ -198,7 +234,8 @@ class ExpertCache:
         every step, so no generic deep copy)."""
         live = self._stats
         return replace(live, **{f.name: defaultdict(counts.default_factory, counts) for f in fields(live)
-                                if isinstance(counts := getattr(live, f.name), defaultdict)})
+                                if isinstance(counts := getattr(live, f.name), defaultdict)},
+                       link_busy_seconds=self.pool.copy_engine.link_busy_seconds())
 
     def check_invariants(self) -> None:
         """Raises AssertionError if the slot bookkeeping is inconsistent."""

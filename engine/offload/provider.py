@@ -1,7 +1,8 @@
 """Offloaded experts: the ExpertProvider over the expert cache, and building it from the config.
 
 Owns `OffloadedExperts` (acquire a layer's experts, compute each as its slot becomes ready,
-release; pins a failed step leaves behind are released at the step's end), the device budget
+release; pins a failed step leaves behind are released at the step's end; misses the
+`MissPlanner` keeps on the host go to the host worker with views of the host tier), the device budget
 (free memory after the dense weights, less the KV cache and a working reserve), the cache sizing
 and the offload decision it bounds, and `build_expert_provider`. Details: docs/offload.md.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,33 +22,93 @@ import torch
 from moe_serve.cache_policies import DEFAULT_POLICY, make_policy
 from moe_serve.cache_policies.partitioned import PartitionedPolicy
 from moe_serve.cuda_ext import load_copy_engine
-from moe_serve.engine.config import EngineConfig, OffloadMode
+from moe_serve.engine.config import EngineConfig, MissHandling, OffloadMode
 from moe_serve.engine.errors import ModelLoadError
 from moe_serve.engine.host_memory import Arena
-from moe_serve.engine.model.experts import ResidentExperts
+from moe_serve.engine.model.experts import ExpertFetch, ExpertGroup, ResidentExperts
 from moe_serve.engine.model.spec import ModelSpec
 from moe_serve.engine.model.weights import ExpertTensors, pack_expert, packed_experts_nbytes
 from moe_serve.engine.offload.expert_cache import ExpertCache
 from moe_serve.engine.offload.expert_store import HostExpertStore, min_slots_for_step, slots_for_budget
+from moe_serve.engine.offload.host_compute import HostExpertWorker
+from moe_serve.engine.offload.hybrid import MissPlanner, probe_rates
 from moe_serve.engine.offload.slot_pool import ExpertSlot
 from moe_serve.engine.types import ExpertKey
 
 logger = logging.getLogger(__name__)
 
 class OffloadedExperts:
-    """ExpertProvider over an ExpertCache: computes on resident experts while misses load."""
+    """ExpertProvider over an ExpertCache: computes on resident experts while misses load, or, as
+    the `planner` decides, computes misses from the host tier on the host worker instead."""
 
-    def __init__(self, cache: ExpertCache) -> None:
+    def __init__(self, cache: ExpertCache, handling: MissHandling = MissHandling.COPY,
+                 planner: MissPlanner | None = None) -> None:
+        """`handling`: `copy` copies every miss, `host` computes every miss from the host tier, `auto`
+        asks `planner` (required then) per miss."""
         self.cache = cache
+        self.miss_handling, self.planner = MissHandling.COPY, None
+        self._worker: HostExpertWorker | None = None
+        self.set_miss_handling(handling, planner)
         self._held: dict[int, list[ExpertKey]] = {}  # layer -> keys acquired and not yet released
+        # layer -> (host job, weight bytes it reads, sum of rows x bytes) until the layer is done
+        self._host_jobs: dict[int, tuple[Future[float], int, int]] = {}
+        self._host_rows: dict[int, tuple[int, int]] = {}  # layer -> the planned host work's bytes, row bytes
+        self._host_views: dict[ExpertKey, tuple[torch.Tensor, ...]] = {}
 
-    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[list[tuple[int, ExpertTensors]]]:
-        """Acquire now (misses start loading at once), then yield the experts whose slots are
-        ready as one group, or, when none is, wait for the oldest pending copy and yield it."""
+    def set_miss_handling(self, handling: MissHandling, planner: MissPlanner | None = None) -> None:
+        """Switches how misses are handled, between steps (benchmarks compare them on one engine)."""
+        if (handling is MissHandling.AUTO) != (planner is not None):
+            raise ValueError("a planner is required for auto miss handling, and only for it")
+        if handling is not MissHandling.COPY and self.cache.device.type != "cpu":
+            raise ValueError(f"miss handling {handling.value} computes misses on the host: built for the CPU path only")
+        self.miss_handling, self.planner = handling, planner
+        if handling is not MissHandling.COPY and self._worker is None:
+            self._worker = HostExpertWorker()
+
+    def fetch(self, layer: int, expert_ids: Sequence[int], rows: Sequence[int]) -> ExpertFetch:
+        """Acquire now the experts computed on the device (misses start loading at once), then yield
+        those whose slots are ready as one group, or, when none is, wait for the oldest pending copy
+        and yield it. Misses the planner keeps on the host take no slot: `ExpertFetch.host`."""
         keys = [ExpertKey(layer, e) for e in expert_ids]
-        slots = self.cache.acquire(keys)
-        self._held.setdefault(layer, []).extend(keys)
-        return self._in_ready_order(list(zip(expert_ids, slots)))
+        on_host = self._plan(layer, keys, rows)
+        device = [(e, key) for e, key, host in zip(expert_ids, keys, on_host) if not host]
+        if len(device) < len(keys):
+            host_keys = [key for key, host in zip(keys, on_host) if host]
+            self.cache.record_host_misses(host_keys)
+            host: ExpertGroup = [(key.expert, self._host_tensors(key)) for key in host_keys]
+            nbytes = self.cache.store.expert_nbytes
+            self._host_rows[layer] = (nbytes * len(host), nbytes * sum(r for r, h in zip(rows, on_host) if h))
+        else:
+            host = []
+        slots = self.cache.acquire([key for _, key in device])
+        self._held.setdefault(layer, []).extend(key for _, key in device)
+        return ExpertFetch(self._in_ready_order([(e, slot) for (e, _), slot in zip(device, slots)]), host)
+
+    def run_on_host(self, layer: int, work: Callable[[], None]) -> Future[float]:
+        assert self._worker is not None, "host work while every miss is copied"
+        job = self._worker.submit(work)
+        self._host_jobs[layer] = (job, *self._host_rows.pop(layer, (0, 0)))
+        return job
+
+    def _plan(self, layer: int, keys: list[ExpertKey], rows: Sequence[int]) -> list[bool]:
+        """Whether each key is computed on the host (only misses are, and only with a planner)."""
+        if self.miss_handling is MissHandling.COPY:
+            return [False] * len(keys)
+        cache = self.cache
+        resident = [cache.holds(key) for key in keys]
+        if self.planner is None:  # host: every miss
+            return [not hit for hit in resident]
+        return self.planner.plan(layer, [key.expert for key in keys], rows, resident,
+                                 queued_bytes=cache.pool.num_loading * cache.store.expert_nbytes,
+                                 max_copies=cache.claimable_slots(set(keys)))
+
+    def _host_tensors(self, key: ExpertKey) -> tuple[torch.Tensor, ...]:
+        """The expert's typed views of the host tier (built once per expert)."""
+        views = self._host_views.get(key)
+        if views is None:
+            store = self.cache.store
+            views = self._host_views[key] = store.unpack(store.source(key))
+        return views
 
     def _in_ready_order(self, pending: list[tuple[int, ExpertSlot]]) -> Iterator[list[tuple[int, ExpertTensors]]]:
         cache = self.cache
@@ -65,25 +127,41 @@ class OffloadedExperts:
             yield ready
 
     def done(self, layer: int, expert_ids: Sequence[int]) -> None:
-        keys = [ExpertKey(layer, e) for e in expert_ids]
-        self.cache.release(keys)
+        """Releases the layer's device experts among `expert_ids` (host ones hold no slot) and books
+        its finished host job."""
         held = self._held.pop(layer, [])
-        if len(held) != len(keys):  # released part of what the layer holds: keep the rest
-            remaining = list((Counter(held) - Counter(keys)).elements())
-            if remaining:
-                self._held[layer] = remaining
+        wanted = Counter(ExpertKey(layer, e) for e in expert_ids)
+        self.cache.release(list((Counter(held) & wanted).elements()))
+        remaining = list((Counter(held) - wanted).elements())
+        if remaining:  # released part of what the layer holds: keep the rest
+            self._held[layer] = remaining
+        self._book_host_job(layer)
+
+    def _book_host_job(self, layer: int) -> None:
+        entry = self._host_jobs.pop(layer, None)
+        if entry is None or not entry[0].done() or entry[0].exception() is not None:
+            return
+        seconds = entry[0].result()
+        self.cache.record_host_compute(seconds)
+        if self.planner is not None:
+            self.planner.observe_host_job(seconds, entry[1], entry[2])
 
     def hint(self, layer: int, expert_ids: Sequence[int]) -> None:
         self.cache.prefetch([ExpertKey(layer, e) for e in expert_ids])
 
     def end_step(self) -> None:
         """Advances the cache's step clock (the policy's step boundaries, preload freshness), after
-        releasing whatever a failed forward acquired and never released."""
+        releasing whatever a failed forward acquired and never released; refines the link rate."""
         if self._held:
             leftover = [key for keys in self._held.values() for key in keys]
             self._held.clear()
             logger.debug("releasing %d expert pins left by a failed step", len(leftover))
             self.cache.release(leftover)
+        self._host_jobs.clear()
+        self._host_rows.clear()
+        if self.planner is not None:
+            stats = self.cache.stats()
+            self.planner.observe_link(stats.link_busy_seconds, sum(stats.bytes_copied.values()))
         self.cache.on_step()
 
 
@@ -255,12 +333,43 @@ def build_expert_provider(
         len(store), min_slots_for_step(spec.num_experts, spec.top_k, max_tokens_per_step), store.expert_nbytes,
         config.expert_cache_gb, config.expert_cache_fraction, budget,
     )
-    copy_engine = load_copy_engine(device, num_workers=config.copy_workers)
+    throttle = config.expert_link_gbps if device.type == "cpu" else None  # a CUDA link is the real one
+    copy_engine = load_copy_engine(device, num_workers=config.copy_workers, link_gbps=throttle)
+    handling = miss_handling(config, device)
     logger.info(
-        "offloading experts: %d of %d resident (%.0f%%, %.1f MiB device), policy %s",
+        "offloading experts: %d of %d resident (%.0f%%, %.1f MiB device), policy %s, misses: %s",
         sizing.num_slots, sizing.total_experts, 100 * sizing.num_slots / sizing.total_experts,
-        sizing.num_slots * store.expert_nbytes / 2**20, policy_name,
+        sizing.num_slots * store.expert_nbytes / 2**20, policy_name, handling.value,
     )
     # one instance of the policy per MoE layer, as in trace replay (see cache_policies.partitioned)
     policy = PartitionedPolicy(lambda: make_policy(policy_name), sizing.num_slots, spec.num_moe_layers)
-    return OffloadedExperts(ExpertCache(store, sizing.num_slots, device, policy, copy_engine))
+    cache = ExpertCache(store, sizing.num_slots, device, policy, copy_engine)
+    planner = make_planner(cache, spec.num_moe_layers) if handling is MissHandling.AUTO else None
+    return OffloadedExperts(cache, handling, planner)
+
+
+def miss_handling(config: EngineConfig, device: torch.device) -> MissHandling:
+    """On the CPU: `copy` and `host` as given; `auto` decides per miss where there is a link to weigh,
+    a CPU whose copies are throttled (`expert_link_gbps`, the stand-in for PCIe); with unthrottled
+    copies `auto` copies, as before hybrid handling existed (the device tier is RAM there: the CPU
+    profile's measured behaviour). On CUDA every miss is copied: the torch path computes host-tier
+    experts only where they live in x's memory (docs/offload.md, what is not done)."""
+    if device.type != "cpu":
+        if config.miss_handling is not MissHandling.COPY:
+            logger.warning("miss handling %s: computing missed experts on the host is built for the CPU path only; "
+                           "on %s every miss is copied", config.miss_handling.value, device.type)
+        return MissHandling.COPY
+    if config.miss_handling is not MissHandling.AUTO:
+        return config.miss_handling
+    return MissHandling.COPY if config.expert_link_gbps is None else MissHandling.AUTO
+
+
+def make_planner(cache: ExpertCache, num_moe_layers: int) -> MissPlanner:
+    """The `auto` planner, its rates probed now over the cache's copy engine (`probe_rates`)."""
+    store = cache.store
+    rates = probe_rates(store.source(store.keys[0]), cache.pool.copy_engine, cache.device)
+    logger.info("miss handling auto: link %.2f GB/s, host %.2f GB/s, device %.2f GB/s (probed; refined online)",
+                rates.link_bytes_per_s / 1e9, 1e-9 / (rates.host.per_byte + rates.host.per_row_byte),
+                1e-9 / (rates.device.per_byte + rates.device.per_row_byte))
+    return MissPlanner(rates, store.expert_nbytes, store.experts_per_layer,
+                       cache.num_slots / num_moe_layers, device_is_host=cache.device.type == "cpu")
