@@ -141,3 +141,14 @@ def test_structured_decode_reports_the_overhead_of_constrained_rows() -> None:
                     "--rounds", "1", "--tokens", "4", "--layers", "1", "--hidden", "64", "--intermediate", "64")
     assert [(r["threads"], r["batch"]) for r in rows] == [(1, 2)]
     assert rows[0]["plain_ms"][0] > 0 and rows[0]["guided_ms"][0] > 0 and "median_overhead_pct" in rows[0]
+
+
+def test_hybrid_decode_compares_copy_host_and_auto_in_one_run() -> None:
+    rows = run_json("benchmarks.hybrid_decode", "--smoke")
+    by_setting = {(r["geometry"], r["mode"]): r for r in rows}
+    assert set(by_setting) == {(g, m) for g in ("deepseek", "mixtral") for m in ("copy", "host", "auto")}
+    for geometry in ("deepseek", "mixtral"):
+        host, copy = by_setting[geometry, "host"], by_setting[geometry, "copy"]
+        assert host["copied_mib_per_tok"] == 0 and host["host_share"] == 1.0
+        assert copy["host_read_mib_per_tok"] == 0 and copy["host_share"] == 0.0
+    assert all(r["tok_s"] > 0 for r in rows)
