@@ -23,8 +23,8 @@ def test_compute_ops_per_moe_layer_within_bound(batch: int, bound: int) -> None:
     assert result["syncs_per_layer"] <= 1, result
 
 
-def test_cuda_counts_at_most_one_sync_per_moe_layer() -> None:
-    layers = 4
+def _cuda_syncs(layers: int) -> int:
+    """Synchronizing calls CUDA's sync debug mode reports in one decode step (after a warm-up step)."""
     model = build_model(Geometry(), layers, CUDA, torch.bfloat16)
     count_step(model, 4, 64, torch.bfloat16)  # warm-up (allocations, first-call paths)
     torch.cuda.synchronize()
@@ -35,9 +35,12 @@ def test_cuda_counts_at_most_one_sync_per_moe_layer() -> None:
             count_step(model, 4, 64, torch.bfloat16)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    steps = 2  # count_step runs a warm-up step and the counted one
-    assert len(syncs) <= steps * (layers + 2), [str(w.message) for w in syncs]  # + the per-step metadata and sampling
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def test_cuda_reports_at_most_one_sync_per_moe_layer() -> None:
+    """(4 layers - 2 layers) / 2: the per-step syncs (metadata uploads, rotary tables) drop out."""
+    assert (_cuda_syncs(4) - _cuda_syncs(2)) / 2 <= 1
 
 
 @pytest.mark.parametrize("context", [256, 2048])
