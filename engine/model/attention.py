@@ -133,8 +133,9 @@ def self_attention(spec: ModelSpec, w: AttentionWeights, x: torch.Tensor, rotary
         qkv = qkv.clamp(-spec.clip_qkv, spec.clip_qkv)
     qk = qkv[:, :q_size + kv_size].view(num_tokens, heads + kv_heads, head_dim)
     if spec.qk_norm is QKNorm.PER_HEAD:
+        # one norm over both (computed in fp32, rounded, then weighted, as the reference models do per head)
         norms = torch.cat([w.q_norm.expand(heads, head_dim), w.k_norm.expand(kv_heads, head_dim)])  # [H + Hkv, Dh]
-        qk = rms_norm(qk, norms, spec.rms_norm_eps)
+        qk = norms * F.rms_norm(qk.float(), (head_dim,), eps=spec.rms_norm_eps).to(qk.dtype)
     qk = apply_rope(qk, *rotary)
     v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, head_dim)
     out = paged_attention(qk[:, :heads], qk[:, heads:], v, k_cache, v_cache, meta, spec.attention_scale, window,

@@ -73,8 +73,7 @@ def batched_experts(
     ffn: int,
 ) -> torch.Tensor:
     """The routed experts' weighted sum [T, D] in x's dtype, for x [T, D] and routing weights [T, A]
-    (in x's dtype: each product rounded to it, like the reference models, and the sum over slots taken
-    in fp32 and rounded once; or fp32), with the experts' weights from `groups` (the provider's fetch: every needed expert once,
+    (in x's dtype, or fp32: the products and their sum over the slots in fp32, rounded once), with the experts' weights from `groups` (the provider's fetch: every needed expert once,
     in groups of any composition and order). Quantized experts are dequantized one expert at a time."""
     num_tokens, hidden = x.shape
     stored: dict[int, ExpertTensors] = {}
@@ -103,4 +102,6 @@ def batched_experts(
         act = F.silu(gate) * up
     out = torch.baddbmm(down_bias, act, down.mT) if spec.biases else torch.bmm(act, down.mT)  # [N, C, D]
     assigned = out.view(-1, hidden)[layout.inverse].view(num_tokens, -1, hidden)  # [T, A, D]
-    return (assigned * weights[..., None]).sum(dim=1).to(x.dtype)
+    if weights.dtype == assigned.dtype:  # the weighted sum over the slots as one [1, A] x [A, D] product per token
+        return torch.bmm(weights[:, None, :], assigned).view(num_tokens, hidden)
+    return (assigned * weights[..., None]).sum(dim=1).to(x.dtype)  # fp32 weights (DeepSeek, GLM): sum in fp32
