@@ -10,8 +10,8 @@ Under slo the prefill share of the step is planned (`engine.scheduling_policy`):
 so that running requests keep their TPOT SLOs, and handed out in the policy's order to the
 running and waiting requests still prefilling. A request that can no longer meet its TTFT SLO
 is demoted (served after every request that still can) or, when its task says `shed`, refused:
-on arrival when even the prefill queued ahead of it (earlier deadlines only) overruns its SLO,
-or while it waits (`SchedulerOutput.shed`, a 429 for the server); `overload_decisions` counts
+on arrival when even the prefill queued ahead of it (shorter jobs only) overruns its SLO, or
+while it waits (`SchedulerOutput.shed`, a 429 for the server); `overload_decisions` counts
 each. `expected_wait_s` turns the queues and the measured step times into the wait a new
 request would see (Retry-After).
 """
@@ -131,7 +131,7 @@ class Scheduler:
                 self.overload_decisions[request.task, OverloadDecision.SHED_ON_ARRIVAL] += 1
                 raise QueueFullError(
                     f"the {request.task!r} TTFT SLO cannot be met under the current load "
-                    f"(at least {ttft:.2f} s)", retry_after_s=self._task_wait_s(self.order, request.task, now))
+                    f"(at least {ttft:.2f} s)", retry_after_s=self._feasible_wait_s(self.order, now))
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -172,31 +172,27 @@ class Scheduler:
     def expected_wait_by_task(self, running: SequenceT[Sequence], waiting: SequenceT[Sequence], now: float,
                               everyone_ahead_s: float) -> dict[str, float]:
         """`expected_wait_s` of a request of each task of the table arriving now, given
-        `everyone_ahead_s` = `expected_wait_s(running, waiting)`. Under the slo policy only the
-        waiting requests that can still meet their TTFT SLO and whose deadline comes first are
-        counted ahead of it; under fcfs and priority every one is."""
+        `everyone_ahead_s` = `expected_wait_s(running, waiting)`. Under the slo policy the waiting
+        requests that can no longer meet their TTFT SLO are served after it and not counted;
+        under fcfs and priority every one is."""
         tasks = self.slo.tasks
         if not isinstance(self.order, SloOrder) or not waiting:
             return {task: everyone_ahead_s for task in tasks.tasks}
-        order = self.order
-        timed = [(order.deadline(seq), seq) for seq in waiting if not order.is_hopeless(seq, now)]
-        waits = {}
-        for task, spec in tasks.tasks.items():
-            ahead = [seq for deadline, seq in timed if deadline <= now + spec.ttft_slo_s]
-            waits[task] = everyone_ahead_s if len(ahead) == len(waiting) else self.expected_wait_s(running, ahead)
-        return waits
+        ahead = [seq for seq in waiting if not self.order.is_hopeless(seq, now)]
+        wait = everyone_ahead_s if len(ahead) == len(waiting) else self.expected_wait_s(running, ahead)
+        return {task: wait for task in tasks.tasks}
 
-    def _task_wait_s(self, order: SloOrder, task: str, now: float) -> float:
-        """The expected wait of a request of `task` arriving now (Retry-After of a shed request)."""
-        everyone = self.expected_wait_s(self.running, self.waiting)
-        return self.expected_wait_by_task(self.running, self.waiting, now, everyone).get(task, everyone)
+    def _feasible_wait_s(self, order: SloOrder, now: float) -> float:
+        """The expected wait of a request arriving now under slo (Retry-After of a shed request):
+        the waiting requests that can still meet their TTFT SLO go before it."""
+        return self.expected_wait_s(self.running, [s for s in self.waiting if not order.is_hopeless(s, now)])
 
     def _least_ttft_s(self, order: SloOrder, seq: Sequence, now: float) -> float:
         """A lower bound of `seq`'s TTFT: its age, its own prefill and the prefill of every
-        request still prefilling that can meet a deadline earlier than its own, at full steps."""
-        deadline = order.deadline(seq)
+        request still prefilling that can meet its SLO and is a shorter job, at full steps."""
+        size = order.job_size(seq)
         ahead = sum(other.num_uncomputed_tokens for other in self._prefilling()
-                    if order.deadline(other) <= deadline and not order.is_hopeless(other, now))
+                    if order.job_size(other) <= size and not order.is_hopeless(other, now))
         tokens = ahead + seq.num_uncomputed_tokens
         service = self.slo.service
         return (now - seq.request.arrival_time + tokens * service.token_s
@@ -281,7 +277,7 @@ class Scheduler:
                 self._drop(seq)
                 out.shed.append(ShedSequence(seq, QueueFullError(
                     f"the {seq.request.task!r} TTFT SLO can no longer be met under the current load",
-                    retry_after_s=self._task_wait_s(slo, seq.request.task, now))))
+                    retry_after_s=self._feasible_wait_s(slo, now))))
                 self.overload_decisions[seq.request.task, OverloadDecision.SHED_WAITING] += 1
             else:
                 candidates.append(seq)

@@ -5,13 +5,14 @@ the whole prefill share of a step:
 
 - Order (`SloOrder.rank`): a request's slack is its TTFT deadline minus now minus its predicted
   time to first token (a step of its uncomputed tokens plus the expert loading its task causes).
-  A request is urgent when it can still make its deadline but not if every other prefilling
-  request went before it; urgent requests go first, least slack first, then the other feasible
-  ones shortest predicted job first (prefill + predicted output length x decode step + expert
-  loading), which lowers mean latency. Requests that can no longer
-  make their TTFT SLO (negative slack) are hopeless: they go last, so they stop displacing the
-  ones that still can. Within a task switch's expert traffic of the best slack, a request of the
-  running batch's task wins; a starvation guard serves anything that waited too long first.
+  Requests that can still make their deadline (slack >= 0) go shortest predicted job first
+  (prefill + predicted output length x decode step + expert loading), which lowers mean latency;
+  requests that can no longer make it are hopeless and go last (shortest first), so they stop
+  displacing the ones that still can. (Serving the feasible ones least slack first when shortest
+  first would make them miss was tried: on random task mixes it met no more deadlines and raised
+  mean latency, docs/scheduling.md.) A feasible request of the running batch's most common task
+  goes first when its slack is within the expert traffic that switching tasks would cause; a
+  starvation guard serves anything that waited too long before everything else.
 - Size (`SloOrder.prefill_token_cap`): the mean time per output token of each running request is
   kept within its TPOT SLO. Its TPOT bank is what the SLO allows over its predicted output length
   minus the time already spent since its first token; spread over its remaining tokens it is the
@@ -117,7 +118,8 @@ class PriorityOrder:
 
 
 class SloOrder:
-    """Least-slack-first over requests that can still meet their TTFT SLO; see the module doc."""
+    """Shortest job first over requests that can still meet their TTFT SLO, prefill capped by the
+    running requests' TPOT banks; see the module doc."""
 
     def __init__(self, ctx: SloContext) -> None:
         self.ctx = ctx
@@ -145,6 +147,8 @@ class SloOrder:
         )
 
     def rank(self, candidates: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> list[int]:
+        """Starving requests by arrival, then the ones that can still meet their TTFT SLO shortest
+        job first, then the hopeless ones shortest job first."""
         if not candidates:
             return []
         starving = sorted((i for i, s in enumerate(candidates)
@@ -152,18 +156,15 @@ class SloOrder:
                           key=lambda i: candidates[i].request.arrival_time)
         slacks = [self.slack(s, now) for s in candidates]
         sizes = [self.job_size(s) for s in candidates]
-        prefill_all = sum(self.ctx.service.first_token_s(s.num_uncomputed_tokens) for s in candidates)
         first = set(starving)
         rest = [i for i in range(len(candidates)) if i not in first]
         hopeless = [i for i in rest if slacks[i] < 0 and not candidates[i].output_token_ids]
-        feasible = [i for i in rest if slacks[i] >= 0 or candidates[i].output_token_ids]
-        urgent = sorted((i for i in feasible if slacks[i] < prefill_all), key=lambda i: (slacks[i], sizes[i]))
-        relaxed = sorted((i for i in feasible if slacks[i] >= prefill_all),
+        lost = set(hopeless)
+        by_size = sorted((i for i in rest if i not in lost),
                          key=lambda i: (sizes[i], candidates[i].request.arrival_time))
-        order = urgent + relaxed
-        self._prefer_batch_task(order, candidates, running, slacks)
-        by_size = sorted(hopeless, key=lambda i: (sizes[i], candidates[i].request.arrival_time))
-        return starving + order + by_size
+        self._prefer_batch_task(by_size, candidates, running, slacks)
+        hopeless.sort(key=lambda i: (sizes[i], candidates[i].request.arrival_time))
+        return starving + by_size + hopeless
 
     def _prefer_batch_task(self, order: list[int], candidates: SequenceT[Sequence], running: SequenceT[Sequence],
                            slacks: list[float]) -> None:
@@ -187,8 +188,8 @@ class SloOrder:
         output length, less the time since its first token) spread over its remaining tokens."""
         budget = math.inf
         for seq in running:
-            if seq.first_token_time is None or seq.num_uncomputed_tokens != 1:
-                continue
+            if seq.first_token_time is None or seq.num_uncomputed_tokens != 1 or seq.first_token_time > self.deadline(seq):
+                continue  # not decoding, or its TTFT SLO is already missed
             tpot_slo = TPOT_MARGIN * self.ctx.tasks.get(seq.request.task).tpot_slo_s
             produced = len(seq.output_token_ids)
             remaining = max(1, seq.predicted_output_len - produced)

@@ -1,5 +1,5 @@
-"""The slo policy's step plan on a fake clock: the step-time fit, the TPOT cap on prefill, urgent
-ordering, and overload handling (shed on arrival, shed while waiting, demote) with its counters."""
+"""The slo policy's step plan on a fake clock: the step-time fit, the TPOT cap on prefill, the
+prefill order, and overload handling (shed on arrival, shed while waiting, demote) with its counters."""
 
 from __future__ import annotations
 
@@ -114,30 +114,31 @@ def test_a_spent_tpot_bank_still_lets_prefill_progress(monkeypatch) -> None:
     assert chunks["long"] == MIN_PREFILL_CHUNK
 
 
-def test_urgent_request_is_prefilled_first_and_the_rest_shortest_first(monkeypatch) -> None:
+def test_feasible_requests_are_prefilled_shortest_job_first_and_hopeless_ones_last(monkeypatch) -> None:
     clock = Clock(monkeypatch)
     scheduler = make_scheduler(max_num_batched_tokens=64)
     clock.now = 1.0
-    for s in (seq("bulk-long", "bulk", 300), seq("bulk-short", "bulk", 50), seq("urgent", "stream", 100, arrival=-3.5)):
+    for s in (seq("bulk-long", "bulk", 300), seq("late", "stream", 10, arrival=-10.0), seq("bulk-short", "bulk", 50)):
         scheduler.add(s)
-    # "urgent" has 5 s - 4.5 s - 0.11 s of slack: less than the prefill of all three (~0.48 s)
     ranked = scheduler.order.rank(list(scheduler.waiting), scheduler.running, clock.now)
-    assert [scheduler.waiting[i].seq_id for i in ranked] == ["urgent", "bulk-short", "bulk-long"]
-    assert [(s.seq.seq_id, s.num_new_tokens) for s in scheduler.schedule().scheduled] == [("urgent", 64)]
+    assert [scheduler.waiting[i].seq_id for i in ranked] == ["bulk-short", "bulk-long", "late"]
+    out = scheduler.schedule()
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [("bulk-short", 50), ("bulk-long", 14)]
+    assert scheduler.overload_decisions == {("stream", OverloadDecision.DEMOTED): 1}
 
 
 def test_a_task_that_sheds_refuses_a_request_whose_prefill_queue_overruns_its_ttft_slo(monkeypatch) -> None:
-    clock = Clock(monkeypatch)
+    Clock(monkeypatch)
     scheduler = make_scheduler()
-    scheduler.add(seq("ahead", "tight", 300, arrival=0.0))  # an earlier deadline
-    clock.now = 0.1
-    scheduler.add(seq("fits", "tight", 50, arrival=0.1))  # (300 + 50) x 1 ms + one 10 ms step <= 0.5 s
+    for i in range(4):
+        scheduler.add(seq(f"r{i}", "tight", 100))  # r3 waits for 300 tokens: (300 + 100) x 1 ms + 10 ms
     with pytest.raises(QueueFullError, match="'tight' TTFT SLO cannot be met") as info:
-        scheduler.add(seq("refused", "tight", 200, arrival=0.1))  # (350 + 200) x 1 ms + 10 ms > 0.5 s
-    assert info.value.retry_after_s > 0
-    scheduler.add(seq("demoted-later", "tight-demote", 200, arrival=0.1))  # its task does not shed
+        scheduler.add(seq("refused", "tight", 100))  # (400 + 100) x 1 ms + 10 ms > 0.5 s
+    assert info.value.retry_after_s == pytest.approx(0.41)  # the four queued prompts
+    scheduler.add(seq("short", "tight", 20))  # the shortest job: nothing goes before it
+    scheduler.add(seq("demoted-later", "tight-demote", 100))  # its task does not shed
     assert scheduler.overload_decisions == {("tight", OverloadDecision.SHED_ON_ARRIVAL): 1}
-    assert [s.seq_id for s in scheduler.waiting] == ["ahead", "fits", "demoted-later"]
+    assert [s.seq_id for s in scheduler.waiting] == ["r0", "r1", "r2", "r3", "short", "demoted-later"]
 
 
 def test_a_waiting_request_that_can_no_longer_make_it_is_shed_or_demoted(monkeypatch) -> None:

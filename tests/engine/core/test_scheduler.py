@@ -76,7 +76,7 @@ def test_priority_admits_lowest_value_first_then_arrival(monkeypatch) -> None:
     assert admitted_order(make_scheduler(SchedulingPolicyName.PRIORITY), seqs, monkeypatch, 0.3) == ["b", "a", "c"]
 
 
-def test_slo_serves_least_slack_first(monkeypatch) -> None:
+def test_slo_serves_feasible_requests_shortest_job_first(monkeypatch) -> None:
     seqs = [seq("sum", "summarize", arrival=0.0), seq("chat", "chat", arrival=0.1), seq("cls", "classify", arrival=0.2)]
     order = admitted_order(make_scheduler(SchedulingPolicyName.SLO), seqs, monkeypatch, 0.25)
     assert order == ["cls", "chat", "sum"]
@@ -92,9 +92,8 @@ def test_slo_demotes_hopeless_requests_behind_feasible_ones_shortest_job_first(m
     assert scheduler.overload_decisions == {("chat", OverloadDecision.DEMOTED): 2}
 
 
-def test_slo_serves_an_urgent_request_before_shorter_jobs(monkeypatch) -> None:
-    # the chat (0.38 s of slack) can still make its TTFT SLO only if it goes before a typical
-    # waiting job (0.44 s); the classify jobs are shorter but already hopeless
+def test_slo_serves_a_request_that_can_make_its_slo_before_shorter_hopeless_jobs(monkeypatch) -> None:
+    # the chat can still make its TTFT SLO; the classify jobs are shorter but already hopeless
     seqs = [seq(f"cls{i}", "classify", prompt_len=400, arrival=0.0) for i in range(3)]
     seqs.append(seq("chat", "chat", arrival=4.4))
     order = admitted_order(make_scheduler(SchedulingPolicyName.SLO), seqs, monkeypatch, 5.0)
@@ -102,16 +101,16 @@ def test_slo_serves_an_urgent_request_before_shorter_jobs(monkeypatch) -> None:
 
 
 def test_slo_counts_expert_loading_in_slack(monkeypatch) -> None:
-    # equal SLOs, and neither can wait for the other's prefill (0.51 s each); the code task's
-    # experts must be loaded (0.8 s) so it has less slack
-    tasks = {"a": 0.0, "code": 0.8}
-    table = TaskTable.from_mapping({"a": {"ttft_slo_s": 2.0}, "code": {"ttft_slo_s": 2.0}})
-    scheduler = make_scheduler(SchedulingPolicyName.SLO, cost=tasks)
+    # "code" is the shorter job, but loading its experts (0.8 s) leaves it no way to make its 1 s
+    # TTFT SLO: it is hopeless and goes after "a", which can still make its own
+    table = TaskTable.from_mapping({"a": {"ttft_slo_s": 2.0, "output_len_prior": 200},
+                                    "code": {"ttft_slo_s": 1.0, "output_len_prior": 1}})
+    scheduler = make_scheduler(SchedulingPolicyName.SLO, cost={"a": 0.0, "code": 0.8})
     scheduler.slo.tasks = table
     scheduler.lengths = OutputLengthEstimator(table)
-    seqs = [seq("a", "a", prompt_len=500, arrival=0.0), seq("code", "code", prompt_len=500, arrival=0.0)]
+    seqs = [seq("code", "code", prompt_len=100, arrival=0.0), seq("a", "a", prompt_len=100, arrival=0.0)]
     order = admitted_order(scheduler, seqs, monkeypatch, 0.5)
-    assert order == ["code", "a"]
+    assert order == ["a", "code"]
 
 
 def test_slo_batches_same_task_when_switching_costs_more_than_the_slack_gap(monkeypatch) -> None:
@@ -134,18 +133,15 @@ def test_starvation_guard_serves_the_oldest_request_first(monkeypatch) -> None:
     assert admitted_order(scheduler, seqs, monkeypatch, 30.0) == ["old-summary", "fresh-chat"]
 
 
-def test_expected_wait_by_task_counts_only_earlier_deadlines_under_slo() -> None:
+def test_expected_wait_by_task_skips_hopeless_requests_under_slo() -> None:
     waiting = [seq("s1", "summarize", prompt_len=1000, arrival=0.0), seq("c1", "chat", prompt_len=100, arrival=0.0)]
     slo = make_scheduler(SchedulingPolicyName.SLO, max_num_seqs=8)
-    waits = slo.expected_wait_by_task([], waiting, 0.0, slo.expected_wait_s([], waiting))
-    # chat's deadline (1 s) comes before summarize's (10 s): a new chat request waits for c1 only
-    assert waits["chat"] == pytest.approx(slo.expected_wait_s([], waiting[1:]))
-    assert waits["summarize"] == pytest.approx(slo.expected_wait_s([], waiting))
-    assert waits["summarize"] > waits["chat"]
-    assert waits["classify"] == 0.0  # its 0.5 s deadline is the earliest
+    # at 5 s the chat (1 s TTFT SLO) is hopeless: a new request goes before it
+    waits = slo.expected_wait_by_task([], waiting, 5.0, slo.expected_wait_s([], waiting))
+    assert waits == dict.fromkeys(TASKS.tasks, pytest.approx(slo.expected_wait_s([], waiting[:1])))
     fcfs = make_scheduler(SchedulingPolicyName.FCFS, max_num_seqs=8)
     everyone = fcfs.expected_wait_s([], waiting)
-    assert set(fcfs.expected_wait_by_task([], waiting, 0.0, everyone).values()) == {everyone}
+    assert set(fcfs.expected_wait_by_task([], waiting, 5.0, everyone).values()) == {everyone}
 
 
 def test_bounded_waiting_queue_rejects_with_queue_full() -> None:
