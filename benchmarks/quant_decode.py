@@ -6,16 +6,18 @@ layer routing as the shared DeepSeek-V2-Lite trace recorded (`TraceRouter`), so 
 cache misses what the real model would. For each cache fraction, one engine per expert format
 (`--expert-dtype`: bf16 = the model dtype, int8, int4, mxfp4) with that share of the experts in
 the device tier (on a CPU a RAM pool filled by the copy engine), no prefetching; fraction 1.0 is
-the all-resident engine (nothing is copied). Every engine replays the same trace prompts: warm-up
-request i replays the trace's prompt i and round r's request prompt `warmup + r`, in each engine
-(`TraceRouter.restart`), so misses per token compare like with like. A step may need a whole layer's experts, so a
+the all-resident engine (nothing is copied). Every engine replays the same trace prompts with the
+same history (`TraceRouter.restart`): warm-up request i replays the trace's prompt i, round r's
+request prompt `warmup + r`, and the n-th quantized engine first replays the n pairings' rounds the
+bf16 engine decoded before it, so every engine's cache meets each measured prompt in the same state
+and misses per token differ only where the format does. A step may need a whole layer's experts, so a
 fraction needs at least 1 / layers of them (0.25: 4 layers). Each engine is warmed with
 `--warmup` requests (filling the cache); then, one format at a time beside the bf16 engine (host
 RAM holds two engines, not five), the two take turns for `--rounds` rounds (A B, B A, A B, ...).
 Reported per format: each round's decode tokens/s (the time after each request's first token)
 and the median, the median tokens per CPU second of the process (compute and copy threads: the
 cost, robust on a machine other jobs load), and the expert bytes copied per decoded token (misses
-x the stored expert bytes).
+x the stored expert bytes), each format beside the bf16 engine's rounds of its own pairing.
 
     python -m benchmarks.quant_decode [--layers 4] [--fractions 1.0,0.5,0.25] [--threads 1] [--checkpoint-dir DIR] [--json]
 """
@@ -63,14 +65,18 @@ def decode(engine: LLMEngine, request_id: str, prompt: list[int], params: Sampli
 
 
 def warm_engine(path: Path, trace: RoutingTrace, args: argparse.Namespace, name: str, fraction: float,
-                prompt: list[int], params: SamplingParams) -> LLMEngine:
-    """The engine of format `name` at `fraction` (1.0: all resident), warmed with `--warmup` requests."""
+                prompt: list[int], params: SamplingParams, earlier_pairings: int = 0) -> LLMEngine:
+    """The engine of format `name` at `fraction` (1.0: all resident), warmed with `--warmup` requests and
+    the rounds of `earlier_pairings` pairings (the history the bf16 engine has when it meets this one)."""
     cache = dict(offload="off") if fraction == 1.0 else dict(offload="on", expert_cache_fraction=fraction)
     config = EngineConfig(model=str(path), dtype="bfloat16", expert_dtype=FORMATS[name], prefetch="none",
                           task_preload="off", num_threads=args.threads, max_num_seqs=1, **cache)
     engine = build_engine(config, show_progress=False, replay=RoutingReplay(trace, first_layer=args.first_layer))
     for i in range(args.warmup):
         decode(engine, f"w{i}", prompt, params, trace_prompt=i)
+    for pairing in range(earlier_pairings):
+        for r in range(args.rounds):
+            decode(engine, f"h{pairing}-{r}", prompt, params, trace_prompt=args.warmup + r)
     return engine
 
 
@@ -87,6 +93,17 @@ def print_header(args: argparse.Namespace, trace: RoutingTrace) -> None:
           f"{Path(args.trace).name}; {args.rounds} rounds of {args.tokens} tokens per format, alternated with bf16")
     print(f"{'fraction':>8} {'format':>6} {'expert MiB':>10} {'tok/s':>7} {'vs bf16':>7} {'tok/CPU s':>9} {'vs bf16':>7} "
           f"{'misses/tok':>10} {'MiB/tok':>8} {'vs bf16':>7}  rounds tok/s")
+
+
+def summary(fraction: float, name: str, nbytes: int, measured: list[tuple[int, float, dict]]) -> dict:
+    """One engine's rounds of one pairing: medians, misses and bytes per token."""
+    tokens = sum(m[0] for m in measured)
+    misses = sum(m[2]["misses"] for m in measured)
+    rounds = [m[0] / m[1] for m in measured]
+    return {"fraction": fraction, "format": name, "expert_bytes": nbytes,
+            "rounds_tok_s": [round(t, 2) for t in rounds], "tok_s": round(statistics.median(rounds), 2),
+            "tok_per_cpu_s": round(statistics.median(m[0] / m[2]["cpu_s"] for m in measured), 2),
+            "misses_per_token": round(misses / tokens, 2), "mib_per_token": round(misses * nbytes / tokens / 2**20, 2)}
 
 
 def print_rows(rows: list[dict], base_name: str) -> None:
@@ -134,31 +151,22 @@ def main() -> None:
             make_checkpoint(path, trace, args)
         for fraction in progress([float(f) for f in args.fractions.split(",")], show=not args.json, desc="fractions"):
             base, others = names[0], names[1:]
-            measured: dict[str, list[tuple[int, float, dict]]] = {name: [] for name in names}
-            nbytes: dict[str, int] = {}
-            engines = {base: warm_engine(path, trace, args, base, fraction, prompt, params)}
-            nbytes[base] = expert_nbytes(engines[base], fraction, args.layers * trace.num_experts)
-            for name in others:  # one quantized engine at a time beside the baseline: A B A B ...
-                engines[name] = warm_engine(path, trace, args, name, fraction, prompt, params)
-                nbytes[name] = expert_nbytes(engines[name], fraction, args.layers * trace.num_experts)
+            base_engine = warm_engine(path, trace, args, base, fraction, prompt, params)
+            base_bytes = expert_nbytes(base_engine, fraction, args.layers * trace.num_experts)
+            for pairing, name in enumerate(others):  # one quantized engine at a time beside the baseline: A B A B ...
+                engines = {base: base_engine, name: warm_engine(path, trace, args, name, fraction, prompt, params, pairing)}
+                measured: dict[str, list[tuple[int, float, dict]]] = {base: [], name: []}
                 for r in range(args.rounds):
                     for turn in ((base, name) if r % 2 == 0 else (name, base)):
                         measured[turn].append(decode(engines[turn], f"{name}-r{r}", prompt, params,
                                                      trace_prompt=args.warmup + r))
-                del engines[name]
-            del engines
-            for name in names:
-                tokens = sum(m[0] for m in measured[name])
-                misses = sum(m[2]["misses"] for m in measured[name])
-                rounds = [m[0] / m[1] for m in measured[name]]
-                cpu_rounds = [m[0] / m[2]["cpu_s"] for m in measured[name]]
-                rows.append({"fraction": fraction, "format": name, "expert_bytes": nbytes[name],
-                             "rounds_tok_s": [round(t, 2) for t in rounds], "tok_s": round(statistics.median(rounds), 2),
-                             "tok_per_cpu_s": round(statistics.median(cpu_rounds), 2),
-                             "misses_per_token": round(misses / tokens, 2),
-                             "mib_per_token": round(misses * nbytes[name] / tokens / 2**20, 2)})
-            if not args.json:
-                print_rows(rows[-len(names):], base)
+                nbytes = {base: base_bytes, name: expert_nbytes(engines[name], fraction, args.layers * trace.num_experts)}
+                del engines
+                pair = [summary(fraction, label, nbytes[label], measured[label]) for label in (base, name)]
+                rows += pair
+                if not args.json:
+                    print_rows(pair, base)
+            del base_engine
     if args.json:
         print(json.dumps(rows))
 
