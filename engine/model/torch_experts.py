@@ -5,8 +5,8 @@ host once (`ExpertLayout.from_ids`: the one host sync the expert cache needs) an
 needed expert's (token, slot) rows padded to the busiest expert's count C; the rest stays on the
 device. `batched_experts` stacks the experts' weights as the provider hands them over, group by
 group, then computes gate_up, the activation and down for every expert at once ([N, C, D] x
-[N, D, 2F] and [N, C, F] x [N, F, D]), gathers each (token, slot) row back and sums over the
-slots in slot order. The compute runs once every expert has arrived, so its bits do not depend on
+[N, D, 2F] and [N, C, F] x [N, F, D]), gathers each (token, slot) row back and takes each token's
+weighted sum over its slots as one product. The compute runs once every expert has arrived, so its bits do not depend on
 how the provider grouped them (offloading stays bit-exact); on a GPU the host does not wait for
 the copies (the compute stream waits on their events). Shapes: T tokens, A active experts per
 token, N needed experts, C rows per expert, D hidden, F expert intermediate size.
