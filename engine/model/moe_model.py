@@ -16,15 +16,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moe_serve.engine.model.attention import AttentionMetadata, paged_attention
+from moe_serve.engine.model.attention import AttentionMetadata, self_attention
 from moe_serve.engine.model.cpu_kernels import ExpertRows, Routing, expert_ffn, linear, rms_norm
 from moe_serve.engine.model.experts import ExpertGroup, ExpertProvider
 from moe_serve.engine.model.latent_attention import latent_attention
 from moe_serve.engine.model.packed import Matrix
 from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat
-from moe_serve.engine.model.rope import RotaryEmbedding, apply_rope
+from moe_serve.engine.model.rope import RotaryEmbedding
 from moe_serve.engine.model.router import route, route_on_device
-from moe_serve.engine.model.spec import ModelSpec, QKNorm
+from moe_serve.engine.model.spec import ModelSpec
 from moe_serve.engine.model.torch_experts import ExpertLayout, batched_experts
 from moe_serve.engine.model.weights import (
     AttentionWeights,
@@ -117,26 +117,7 @@ class MoEModel:
         kv_cache: KVCache,
         window: int | None,
     ) -> torch.Tensor:
-        spec = self.spec
-        num_tokens = x.shape[0]
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        qkv = linear(x, w.qkv, w.qkv_bias)
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        if spec.qk_norm is QKNorm.FULL:
-            q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
-        if spec.clip_qkv is not None:
-            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
-        q = q.reshape(num_tokens, spec.num_heads, spec.head_dim)
-        k = k.reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
-        v = v.reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
-        if spec.qk_norm is QKNorm.PER_HEAD:
-            q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
-        q = apply_rope(q, *rotary)
-        k = apply_rope(k, *rotary)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, spec.attention_scale, window, w.sinks)
-        return linear(out, w.o, w.o_bias)
+        return self_attention(self.spec, w, x, rotary, meta, kv_cache[0], kv_cache[1], window)
 
     def route(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> Routing:
         """Router of MoE layer `moe_layer`: x [T, D] -> each token's top-k experts and weights,
@@ -195,7 +176,7 @@ class MoEModel:
             self._routing_observer(moe_layer, ids)
         layout = ExpertLayout.from_ids(ids)  # the layer's one host sync
         fetched = self.experts.fetch(moe_layer, layout.needed, layout.counts)
-        self._hint_next(moe_layer, x, ids)
+        self._hint_next(moe_layer, x, layout.ids_host)
         groups = [*fetched.ready, fetched.host] if fetched.host else fetched.ready
         routed = batched_experts(self.spec.expert_mlp, layout, x, weights, groups, self.expert_format,
                                  self.spec.moe_intermediate_size)
