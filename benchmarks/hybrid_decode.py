@@ -14,7 +14,9 @@ handlings (`--modes`) take turns for `--rounds` rounds, the order reversed every
 (A B C, C B A, ...); each turn empties the cache, replays the same trace prompts as the others'
 turns of that round, prefills the batch, decodes `--warmup-steps` steps untimed (the cache
 refills), then times ceil(`--decode-tokens` / batch) decode steps (at least 2). Reported per setting: each round's tok/s and the median, and per decoded token the
-expert bytes copied over the link and the expert bytes the host read computing misses.
+expert bytes copied over the link and the expert bytes the host read computing misses; `vs copy`
+and `vs best` are medians over the rounds of each round's ratio to the copy turn and to the best
+other handling's turn of that round (turns of a round run back to back: paired, less drift).
 
     python -m benchmarks.hybrid_decode [--links 2,8,25] [--batches 1,4,16] [--threads 1] [--json]
     python -m benchmarks.hybrid_decode --smoke   # tiny sizes, a generated trace: checks it runs
@@ -134,13 +136,19 @@ def run_geometry(engine: LLMEngine, geometry: str, args: argparse.Namespace) -> 
                 for mode in order:
                     name = f"{geometry}-{link}-{batch}-{mode}-{r}"
                     measured[mode].append(turn(engine, MissHandling(mode), planner, batch, args, name, r * batch))
+            rates = {mode: [m["tokens"] / m["seconds"] for m in runs] for mode, runs in measured.items()}
             for mode, runs in measured.items():
                 tokens = sum(m["tokens"] for m in runs)
-                rounds = [m["tokens"] / m["seconds"] for m in runs]
+                others = [rates[other] for other in rates if other != mode]
+                # paired per round (turns of one round run back to back): this mode over the best other one
+                vs_best = [rate / max(other[r] for other in others) for r, rate in enumerate(rates[mode])] \
+                    if others else [1.0]
                 rows.append({
                     "geometry": geometry, "link_gbps": link, "batch": batch, "mode": mode,
-                    "expert_mib": round(nbytes / 2**20, 2), "rounds_tok_s": [round(t, 2) for t in rounds],
-                    "tok_s": round(statistics.median(rounds), 2),
+                    "expert_mib": round(nbytes / 2**20, 2), "rounds_tok_s": [round(t, 2) for t in rates[mode]],
+                    "tok_s": round(statistics.median(rates[mode]), 2),
+                    "vs_copy": round(statistics.median(t / c for t, c in zip(rates[mode], rates.get("copy", rates[mode]))), 2),
+                    "vs_best_other": round(statistics.median(vs_best), 2),
                     "copied_mib_per_tok": round(sum(m["bytes_copied"] for m in runs) / tokens / 2**20, 2),
                     "host_read_mib_per_tok": round(sum(m["host_misses"] for m in runs) * nbytes / tokens / 2**20, 2),
                     "host_share": round(sum(m["host_misses"] for m in runs) / max(sum(m["misses"] for m in runs), 1), 3),
@@ -153,7 +161,7 @@ def run_geometry(engine: LLMEngine, geometry: str, args: argparse.Namespace) -> 
 
 def print_row(r: dict) -> None:
     print(f"{r['geometry']:>8} {r['link_gbps']:>5g} {r['batch']:>5} {r['mode']:>5} {r['tok_s']:>7.2f} "
-          f"{r['copied_mib_per_tok']:>10.2f} {r['host_read_mib_per_tok']:>10.2f} {r['host_share']:>6.2f} "
+          f"{r['vs_copy']:>7.2f} {r['vs_best_other']:>6.2f} {r['copied_mib_per_tok']:>10.2f} {r['host_read_mib_per_tok']:>10.2f} {r['host_share']:>6.2f} "
           f"{r['link_busy']:>6.2f}  {' '.join(f'{t:.2f}' for t in r['rounds_tok_s'])}", flush=True)
 
 
@@ -212,8 +220,8 @@ def main() -> None:
         print(f"{args.layers} MoE layers, bf16, fraction {args.fraction}, {args.threads} thread(s), "
               f"{args.warmup_steps} + ceil({args.decode_tokens} / batch) timed decode steps per turn, {args.rounds} "
               f"rounds alternated; MiB per decoded token")
-        print(f"{'geometry':>8} {'GB/s':>5} {'batch':>5} {'mode':>5} {'tok/s':>7} {'copied':>10} {'host-read':>10} "
-              f"{'host%':>6} {'link':>6}  rounds tok/s")
+        print(f"{'geometry':>8} {'GB/s':>5} {'batch':>5} {'mode':>5} {'tok/s':>7} {'vs copy':>7} {'vs best':>6} "
+              f"{'copied':>10} {'host-read':>10} {'host%':>6} {'link':>6}  rounds tok/s")
     with tempfile.TemporaryDirectory() as tmp:
         for geometry in args.geometries.split(","):
             if args.smoke:

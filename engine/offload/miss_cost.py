@@ -6,7 +6,7 @@ Pure functions of sizes, row counts and rates (no engine objects, no torch), so 
 device rates; `choose_handling` assigns one MoE layer's misses by list scheduling over three
 resources that run at once (the link, the device's compute, the host's compute), crediting a copy
 with the expected later uses of the expert (`Miss.reuse`), which then run on the device instead
-of the host; `layer_seconds` is the layer's modelled time under given choices (copy, host or
+of the host, and weighing how far the device's and the host's compute overlap; `layer_seconds` is the layer's modelled time under given choices (copy, host or
 auto's). `RateEstimate` refines a compute rate online from measured jobs. The rules and their
 figures: docs/offload.md, "Hybrid miss handling".
 """
@@ -48,15 +48,22 @@ class ComputeRate:
 
 @dataclass(frozen=True)
 class MissRates:
-    """What a miss costs on this machine: the link's bytes per second (host -> device copies) and
-    the compute rates of the host's and the device's expert kernels."""
+    """What a miss costs on this machine: the link's bytes per second (host -> device copies), the
+    compute rates of the host's and the device's expert kernels, and how far the two computes run
+    at once (`overlap` 1: side by side, as a GPU beside the CPU; 0: one after the other, as two
+    threads that share the cores and the memory bandwidth)."""
 
     link_bytes_per_s: float
     host: ComputeRate
     device: ComputeRate
+    overlap: float = 1.0
 
     def copy_seconds(self, nbytes: int) -> float:
         return nbytes / self.link_bytes_per_s
+
+    def finish_seconds(self, device_s: float, host_s: float) -> float:
+        """When a layer whose device and host work take these seconds ends."""
+        return max(device_s, host_s) + (1.0 - self.overlap) * min(device_s, host_s)
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ class Miss:
     reuse: float = 0.0
 
 
-class _Timeline:
+class LayerTimeline:
     """When the link, the device and the host each finish one layer's work placed so far."""
 
     def __init__(self, nbytes: int, rates: MissRates, queued_bytes: int, device_busy_s: float,
@@ -79,7 +86,7 @@ class _Timeline:
 
     @property
     def finish_s(self) -> float:
-        return max(self.device_s, self.host_s)
+        return self.rates.finish_seconds(self.device_s, self.host_s)
 
     def if_copied(self, rows: int) -> tuple[float, float]:
         """(link, device) finish times were this miss copied and computed on the device."""
@@ -101,10 +108,11 @@ def choose_handling(misses: Sequence[Miss], nbytes: int, rates: MissRates, *, qu
     Misses with the most rows are placed first. Copying finishes when the link has carried the
     bytes queued ahead (`queued_bytes`) and this expert, and then the device computes it after
     its resident work (`device_busy_s`); the host computes its misses one after the other after
-    `host_busy_s`. A miss goes where the layer's finish time (the later of the device and the
-    host) grows least, a copy first being credited with its reuse: each later use computed on
-    the device instead of the host. At most `max_copies` copies (free or evictable slots)."""
-    timeline = _Timeline(nbytes, rates, queued_bytes, device_busy_s, host_busy_s)
+    `host_busy_s`. A miss goes where the layer's finish time (`MissRates.finish_seconds` of the
+    device's and the host's) grows least, a copy first being credited with its reuse: each later
+    use computed on the device instead of the host. At most `max_copies` copies (free or evictable
+    slots)."""
+    timeline = LayerTimeline(nbytes, rates, queued_bytes, device_busy_s, host_busy_s)
     copies_left = len(misses) if max_copies is None else max_copies
     saved_per_use = max(rates.host.seconds(nbytes, 1) - rates.device.seconds(nbytes, 1), 0.0)
     choices = [MissChoice.HOST] * len(misses)
@@ -112,8 +120,8 @@ def choose_handling(misses: Sequence[Miss], nbytes: int, rates: MissRates, *, qu
         miss = misses[index]
         _, device_after = timeline.if_copied(miss.rows)
         host_after = timeline.host_s + rates.host.seconds(nbytes, miss.rows)
-        finish_if_copied = max(device_after, timeline.host_s) - miss.reuse * saved_per_use
-        if copies_left > 0 and finish_if_copied < max(timeline.device_s, host_after):
+        finish_if_copied = rates.finish_seconds(device_after, timeline.host_s) - miss.reuse * saved_per_use
+        if copies_left > 0 and finish_if_copied < rates.finish_seconds(timeline.device_s, host_after):
             choices[index] = MissChoice.COPY
             copies_left -= 1
         timeline.place(miss.rows, choices[index])
@@ -122,10 +130,10 @@ def choose_handling(misses: Sequence[Miss], nbytes: int, rates: MissRates, *, qu
 
 def layer_seconds(misses: Sequence[Miss], choices: Sequence[MissChoice], nbytes: int, rates: MissRates, *,
                   queued_bytes: int = 0, device_busy_s: float = 0.0, host_busy_s: float = 0.0) -> float:
-    """The layer's modelled finish time with its misses handled as `choices` (the later of the
-    device and the host, as `choose_handling` weighs it; reuse is not credited here): all COPY is
-    `copy` handling, all HOST is `host`, `choose_handling`'s choices are `auto`."""
-    timeline = _Timeline(nbytes, rates, queued_bytes, device_busy_s, host_busy_s)
+    """The layer's modelled finish time with its misses handled as `choices` (as `choose_handling`
+    weighs it; reuse is not credited here): all COPY is `copy` handling, all HOST is `host`,
+    `choose_handling`'s choices are `auto`."""
+    timeline = LayerTimeline(nbytes, rates, queued_bytes, device_busy_s, host_busy_s)
     for index in sorted(range(len(misses)), key=lambda i: -misses[i].rows):
         timeline.place(misses[index].rows, choices[index])
     return timeline.finish_s

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -54,6 +55,7 @@ class OffloadedExperts:
         self._host_jobs: dict[int, tuple[Future[float], int, int]] = {}
         self._host_rows: dict[int, tuple[int, int]] = {}  # layer -> the planned host work's bytes, row bytes
         self._host_views: dict[ExpertKey, tuple[torch.Tensor, ...]] = {}
+        self._fetched_at: dict[int, float] = {}  # layer -> when its fetch began
 
     def set_miss_handling(self, handling: MissHandling, planner: MissPlanner | None = None) -> None:
         """Switches how misses are handled, between steps (benchmarks compare them on one engine)."""
@@ -70,6 +72,7 @@ class OffloadedExperts:
         those whose slots are ready as one group, or, when none is, wait for the oldest pending copy
         and yield it. Misses the planner keeps on the host take no slot: `ExpertFetch.host`."""
         keys = [ExpertKey(layer, e) for e in expert_ids]
+        self._fetched_at[layer] = time.perf_counter()
         on_host = self._plan(layer, keys, rows)
         device = [(e, key) for e, key, host in zip(expert_ids, keys, on_host) if not host]
         if len(device) < len(keys):
@@ -136,6 +139,9 @@ class OffloadedExperts:
         if remaining:  # released part of what the layer holds: keep the rest
             self._held[layer] = remaining
         self._book_host_job(layer)
+        fetched_at = self._fetched_at.pop(layer, None)
+        if self.planner is not None and fetched_at is not None:
+            self.planner.observe_layer(layer, time.perf_counter() - fetched_at)
 
     def _book_host_job(self, layer: int) -> None:
         entry = self._host_jobs.pop(layer, None)
@@ -159,6 +165,7 @@ class OffloadedExperts:
             self.cache.release(leftover)
         self._host_jobs.clear()
         self._host_rows.clear()
+        self._fetched_at.clear()
         if self.planner is not None:
             stats = self.cache.stats()
             self.planner.observe_link(stats.link_busy_seconds, sum(stats.bytes_copied.values()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from moe_serve.engine.offload.miss_cost import (
@@ -35,6 +37,12 @@ def test_a_fast_link_copies_what_the_busy_host_would_finish_later() -> None:
     auto = layer_seconds([Miss(1)] * 6, choices, NBYTES, rates(100.0))
     assert auto < layer_seconds([Miss(1)] * 6, [HOST] * 6, NBYTES, rates(100.0))
     assert auto < layer_seconds([Miss(1)] * 6, [COPY] * 6, NBYTES, rates(100.0))
+
+
+def test_where_device_and_host_compute_one_after_the_other_a_copy_only_adds_its_link_time() -> None:
+    serial = replace(rates(100.0), overlap=0.0)
+    assert choose_handling([Miss(1)] * 6, NBYTES, serial) == [HOST] * 6
+    assert serial.finish_seconds(2.0, 1.0) == 3.0 and rates(100.0).finish_seconds(2.0, 1.0) == 2.0
 
 
 def test_queued_copies_and_the_devices_resident_work_push_misses_to_the_host() -> None:
