@@ -1,25 +1,39 @@
 """SLO attainment of the task-aware scheduler (`slo`) vs first-come-first-served (`fcfs`).
 
-Starts the real server (one process per policy) on a random Mixtral-style checkpoint that
-offloads half its experts, and replays the same Poisson arrivals of a task mix (chat, code,
-summarize, classify: different prompt and output lengths and SLOs) at several rates,
-streaming every request over HTTP. A request attains its SLO when both its TTFT and its
-mean time per output token are within its task's SLOs. Reports, per policy and rate,
-attainment, mean end-to-end latency and p50/p99 TTFT and TPOT per task, and the goodput
-(the highest rate with >= 90% attainment).
+Starts the real server (one process per policy) on a random Mixtral-style checkpoint (hidden
+512, 8 layers, 16 experts, top-4) that offloads half its experts, and streams seeded Poisson
+arrivals of a task mix over HTTP, the task named in an `X-Task` header. A request attains its
+SLO when both its TTFT and its mean time per output token are within its task's SLOs; a
+refused request (429, the slo policy shedding it) or a failed one does not attain.
 
-    python -m benchmarks.slo_workload [--rates 2,4,6,8] [--requests 60] [--json]
+Fixed mix (chat, code, summarize, classify), `--max-num-seqs 4`, several rates: attainment,
+mean end-to-end latency, p50/p99 TTFT and TPOT per task and the goodput (the highest rate with
+>= 90% attainment):
+
+    python -m benchmarks.slo_workload [--rates 2,3,4] [--requests 40] [--json]
+
+Random mixes, default server settings: `--mixes N --seed S` draws N task tables (3-5 tasks;
+prompt and output lengths, SLOs and weights from wide ranges; some tasks prediction-insensitive;
+each task sheds or demotes), finds per mix the rate where fcfs attains 50-80% (bisection on a
+log scale, `--probe-seconds` of arrivals per probe), then runs fcfs and slo, alternating, on the
+same arrivals (`--seconds` of them, at least `--requests`) at that rate and at 1.5x. Reports per
+mix and the medians:
+
+    python -m benchmarks.slo_workload --mixes 10 --seed 7 [--seconds 12] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +44,33 @@ from benchmarks.engine_vs_hf import make_checkpoint
 from benchmarks.live_server import live_server
 from moe_serve.engine.progress import progress
 
-# task: (prompt tokens, output tokens, TTFT SLO s, TPOT SLO s)
-TASK_MIX = {
-    "chat": (48, 24, 1.0, 0.25),
-    "code": (96, 48, 2.0, 0.25),
-    "summarize": (384, 16, 6.0, 0.4),
-    "classify": (64, 2, 0.6, 0.5),
+
+@dataclass(frozen=True)
+class Task:
+    prompt_len: int
+    output_len: int
+    ttft_slo_s: float
+    tpot_slo_s: float
+    weight: float = 1.0
+    prediction_sensitive: bool = True
+    overload: str = "demote"
+
+    def table_entry(self) -> dict:
+        return {"ttft_slo_s": self.ttft_slo_s, "tpot_slo_s": self.tpot_slo_s, "output_len_prior": self.output_len,
+                "prediction_sensitive": self.prediction_sensitive, "overload": self.overload}
+
+
+FIXED_MIX = {
+    "chat": Task(48, 24, 1.0, 0.25, 0.35),
+    "code": Task(96, 48, 2.0, 0.25, 0.2),
+    "summarize": Task(384, 16, 6.0, 0.4, 0.15),
+    "classify": Task(64, 2, 0.6, 0.5, 0.3),
 }
 MODEL_NAME = "slo-bench"
-TASK_WEIGHTS = {"chat": 0.35, "code": 0.2, "summarize": 0.15, "classify": 0.3}
+FIXED_FLAGS = ["--max-num-seqs", "4", "--max-num-batched-tokens", "256"]
+OVERLOAD_FACTOR = 1.5
+TARGET = (0.5, 0.8)  # the fcfs attainment band a mix is measured at
+MAX_REQUESTS = 400  # per run of a random mix
 
 
 @dataclass
@@ -47,48 +79,70 @@ class Result:
     ttft: float
     tpot: float
     e2e: float
-    ok: bool
-
-    @property
-    def attained(self) -> bool:
-        _, _, ttft_slo, tpot_slo = TASK_MIX[self.task]
-        return self.ok and self.ttft <= ttft_slo and self.tpot <= tpot_slo
+    status: int  # HTTP status (0: connection error)
+    attained: bool
 
 
-async def one_request(client: httpx.AsyncClient, task: str, rng: random.Random) -> Result:
-    prompt_len, max_tokens, _, _ = TASK_MIX[task]
-    body = {"model": MODEL_NAME, "prompt": [rng.randrange(10, 400) for _ in range(prompt_len)],
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+def draw_mix(rng: random.Random) -> dict[str, Task]:
+    """3-5 tasks with log-uniform prompt/output lengths and SLOs; the TTFT SLO is at least three
+    times what the prompt alone takes on this model (so every task is feasible when idle)."""
+    def log_uniform(low: float, high: float) -> float:
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+    tasks = {}
+    for i in range(rng.randint(3, 5)):
+        prompt_len = round(log_uniform(8, 640))
+        tasks[f"t{i}"] = Task(
+            prompt_len=prompt_len, output_len=round(log_uniform(2, 128)),
+            ttft_slo_s=round(max(log_uniform(0.25, 8.0), 3 * (0.03 + 0.0004 * prompt_len)), 2),
+            tpot_slo_s=round(log_uniform(0.03, 0.5), 3), weight=round(rng.uniform(0.5, 3.0), 2),
+            prediction_sensitive=rng.random() > 0.3, overload=rng.choice(["shed", "demote"]))
+    return tasks
+
+
+async def one_request(client: httpx.AsyncClient, name: str, task: Task, rng: random.Random) -> Result:
+    # logprobs: a chunk per token (the byte-level tokenizer holds back text of partial characters)
+    body = {"model": MODEL_NAME, "prompt": [rng.randrange(10, 400) for _ in range(task.prompt_len)],
+            "max_tokens": task.output_len, "temperature": 0, "ignore_eos": True, "stream": True, "logprobs": 0}
     start = time.perf_counter()
     first, count = None, 0
     try:
-        async with client.stream("POST", "/v1/completions", json=body, headers={"X-Task": task}) as resp:
+        async with client.stream("POST", "/v1/completions", json=body, headers={"X-Task": name}) as resp:
             if resp.status_code != 200:
-                return Result(task, float("inf"), float("inf"), time.perf_counter() - start, False)
+                await resp.aread()
+                return Result(name, math.inf, math.inf, time.perf_counter() - start, resp.status_code, False)
             async for line in resp.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     chunk = json.loads(line[6:])
-                    if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
-                        count += 1
+                    logprobs = chunk["choices"][0].get("logprobs") if chunk.get("choices") else None
+                    if logprobs and logprobs.get("tokens"):
+                        count += len(logprobs["tokens"])
                         first = first or time.perf_counter()
     except httpx.HTTPError:
-        return Result(task, float("inf"), float("inf"), time.perf_counter() - start, False)
+        return Result(name, math.inf, math.inf, time.perf_counter() - start, 0, False)
     end = time.perf_counter()
     first = first or end
-    tpot = (end - first) / max(1, count - 1)
-    return Result(task, first - start, tpot, end - start, True)
+    ttft, tpot = first - start, (end - first) / max(1, count - 1)
+    return Result(name, ttft, tpot, end - start, 200, ttft <= task.ttft_slo_s and tpot <= task.tpot_slo_s)
 
 
-async def run_rate(base: str, rate: float, num_requests: int, seed: int) -> list[Result]:
+async def run_arrivals(base: str, mix: dict[str, Task], rate: float, num_requests: int, seed: int) -> list[Result]:
+    """`num_requests` Poisson arrivals at `rate`/s, tasks drawn by weight; the same seed gives the same arrivals."""
     rng = random.Random(seed)
-    tasks = rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()), k=num_requests)
+    names = rng.choices(list(mix), weights=[t.weight for t in mix.values()], k=num_requests)
     gaps = [rng.expovariate(rate) for _ in range(num_requests)]
-    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
         pending = []
-        for task, gap in zip(tasks, gaps):
+        for name, gap in zip(names, gaps, strict=True):
             await asyncio.sleep(gap)
-            pending.append(asyncio.create_task(one_request(client, task, random.Random(rng.random()))))
+            pending.append(asyncio.create_task(one_request(client, name, mix[name], random.Random(rng.random()))))
         return list(await asyncio.gather(*pending))
+
+
+def attainment(results: list[Result], task: str | None = None) -> float:
+    mine = [r for r in results if task is None or r.task == task]
+    return sum(r.attained for r in mine) / len(mine) if mine else float("nan")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -96,11 +150,37 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def summarize(policy: str, rate: float, results: list[Result]) -> dict:
-    row = {"policy": policy, "rate": rate, "attainment": sum(r.attained for r in results) / len(results),
-           "mean_e2e_s": statistics.mean(r.e2e for r in results), "errors": sum(not r.ok for r in results)}
-    for task in TASK_MIX:
-        mine = [r for r in results if r.task == task and r.ok]
+def mean_or_nan(values: list[float]) -> float:
+    return statistics.mean(values) if values else float("nan")
+
+
+def write_tasks(path: Path, mix: dict[str, Task]) -> Path:
+    path.write_text(yaml.safe_dump({"tasks": {name: task.table_entry() for name, task in mix.items()}}))
+    return path
+
+
+@contextlib.contextmanager
+def servers(model: Path, tasks_file: Path, policies: list[str], flags: list[str]) -> Iterator[dict[str, str]]:
+    """One warmed-up server per policy, all started before the first is used."""
+    with contextlib.ExitStack() as stack:
+        bases = {}
+        for policy in policies:
+            bases[policy] = stack.enter_context(live_server(model, [
+                "--scheduling-policy", policy, "--tasks-file", str(tasks_file), "--expert-cache-fraction", "0.5",
+                "--served-model-name", MODEL_NAME, *flags]))
+        yield bases
+
+
+def warm_up(base: str, mix: dict[str, Task]) -> None:
+    asyncio.run(run_arrivals(base, mix, 2.0, 2 * len(mix), seed=99))
+
+
+# -- fixed mix --------------------------------------------------------------------------------
+def fixed_row(policy: str, rate: float, results: list[Result]) -> dict:
+    row = {"policy": policy, "rate": rate, "attainment": attainment(results),
+           "mean_e2e_s": statistics.mean(r.e2e for r in results), "errors": sum(r.status != 200 for r in results)}
+    for task in FIXED_MIX:
+        mine = [r for r in results if r.task == task and r.status == 200]
         row[task] = {"n": len(mine), "ttft_p50": percentile([r.ttft for r in mine], 0.5),
                      "ttft_p99": percentile([r.ttft for r in mine], 0.99),
                      "tpot_p50": percentile([r.tpot for r in mine], 0.5),
@@ -108,40 +188,189 @@ def summarize(policy: str, rate: float, results: list[Result]) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", default="2,4,6,8", help="arrivals per second")
-    parser.add_argument("--requests", type=int, default=60, help="requests per rate")
-    parser.add_argument("--policies", default="fcfs,slo")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+def run_fixed(args: argparse.Namespace, model: Path, tmp: Path) -> None:
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        model = make_checkpoint(Path(tmp) / "model", 512, 256, 8, 16, 4)
-        tasks_file = Path(tmp) / "tasks.yaml"
-        tasks_file.write_text(yaml.safe_dump({"tasks": {
-            name: {"ttft_slo_s": t, "tpot_slo_s": p, "output_len_prior": out}
-            for name, (_, out, t, p) in TASK_MIX.items()}}))
-        for policy in args.policies.split(","):
-            flags = ["--scheduling-policy", policy, "--tasks-file", str(tasks_file), "--expert-cache-fraction",
-                     "0.5", "--max-num-seqs", "4", "--served-model-name", MODEL_NAME,
-                     "--max-num-batched-tokens", "256"]
-            with live_server(model, flags) as base:
-                asyncio.run(run_rate(base, 2.0, 6, seed=99))  # warm-up
-                rates = [float(r) for r in args.rates.split(",")]
-                for rate in progress(rates, show=not args.json, desc=f"{policy} rates"):
-                    rows.append(summarize(policy, rate, asyncio.run(run_rate(base, rate, args.requests, seed=1))))
+    policies = args.policies.split(",")
+    tasks_file = write_tasks(tmp / "tasks.yaml", FIXED_MIX)
+    for policy in policies:
+        with servers(model, tasks_file, [policy], FIXED_FLAGS) as bases:
+            warm_up(bases[policy], FIXED_MIX)
+            rates = [float(r) for r in args.rates.split(",")]
+            for rate in progress(rates, show=not args.json, desc=f"{policy} rates"):
+                results = asyncio.run(run_arrivals(bases[policy], FIXED_MIX, rate, args.requests, seed=1))
+                rows.append(fixed_row(policy, rate, results))
     goodput = {p: max([r["rate"] for r in rows if r["policy"] == p and r["attainment"] >= 0.9], default=0.0)
-               for p in args.policies.split(",")}
+               for p in policies}
     if args.json:
         print(json.dumps({"rows": rows, "goodput": goodput}))
         return
     print(f"{'policy':>6} {'rate/s':>6} {'attain':>7} {'mean e2e s':>10}  per task: TTFT p50/p99 s, TPOT p50/p99 s")
     for r in rows:
         per_task = "  ".join(f"{t}: {r[t]['ttft_p50']:.2f}/{r[t]['ttft_p99']:.2f} {r[t]['tpot_p50']:.3f}/"
-                             f"{r[t]['tpot_p99']:.3f}" for t in TASK_MIX)
+                             f"{r[t]['tpot_p99']:.3f}" for t in FIXED_MIX)
         print(f"{r['policy']:>6} {r['rate']:>6} {r['attainment']:>7.1%} {r['mean_e2e_s']:>10.2f}  {per_task}")
     print("goodput (highest rate with >= 90% attainment):", ", ".join(f"{p} {g}/s" for p, g in goodput.items()))
+
+
+# -- random mixes -----------------------------------------------------------------------------
+def first_guess_rate(mix: dict[str, Task]) -> float:
+    """Arrivals per second that would keep this model about half busy (a probe's starting point):
+    ~0.4 ms per prefill token and ~4 ms per decoded token on 2 cores, by weight."""
+    total = sum(t.weight for t in mix.values())
+    work = sum(t.weight / total * (0.0004 * t.prompt_len + 0.004 * t.output_len) for t in mix.values())
+    return 0.5 / work
+
+
+def num_requests(rate: float, seconds: float, least: int) -> int:
+    """Requests for a run of about `seconds` of arrivals at `rate` (at least `least`, at most MAX_REQUESTS)."""
+    return max(least, min(MAX_REQUESTS, round(rate * seconds)))
+
+
+def find_rate(measure: Callable[[float], float], first: float, max_probes: int, log: list[dict]) -> float:
+    """A rate where `measure(rate)` (fcfs attainment) is within TARGET: log-scale bisection from
+    `first`; when no probe lands inside, the rate interpolated (attainment linear in log rate)
+    between the closest probes on either side of the band's middle, else the closest probe."""
+    low = high = None
+    rate = first
+    for _ in range(max_probes):
+        value = measure(rate)
+        log.append({"rate": rate, "fcfs_attainment": value})
+        if TARGET[0] <= value <= TARGET[1]:
+            return rate
+        if value > TARGET[1]:
+            low = rate
+            rate = rate * 2 if high is None else math.sqrt(rate * high)
+        else:
+            high = rate
+            rate = rate / 2 if low is None else math.sqrt(rate * low)
+    middle = sum(TARGET) / 2
+    above = [p for p in log if p["fcfs_attainment"] > middle]
+    below = [p for p in log if p["fcfs_attainment"] < middle]
+    if not above or not below:
+        return min(log, key=lambda p: abs(p["fcfs_attainment"] - middle))["rate"]
+    a = max(above, key=lambda p: p["rate"])
+    b = min(below, key=lambda p: p["rate"])
+    share = (a["fcfs_attainment"] - middle) / (a["fcfs_attainment"] - b["fcfs_attainment"])
+    return math.exp(math.log(a["rate"]) + share * (math.log(b["rate"]) - math.log(a["rate"])))
+
+
+def summarize_pair(mix: dict[str, Task], tight: str, runs: dict[str, list[Result]]) -> dict:
+    both_done = [i for i in range(len(runs["fcfs"])) if all(r[i].status == 200 for r in runs.values())]
+    row = {}
+    for policy, results in runs.items():
+        done = [r for r in results if r.status == 200]
+        row[policy] = {
+            "attainment": attainment(results), "tight_attainment": attainment(results, tight),
+            "mean_e2e_s": mean_or_nan([r.e2e for r in done]),
+            "paired_mean_e2e_s": mean_or_nan([results[i].e2e for i in both_done]),
+            "shed": sum(r.status == 429 for r in results), "errors": sum(r.status not in (200, 429) for r in results),
+            "by_task": {t: attainment(results, t) for t in mix},
+        }
+    return row
+
+
+def run_mixes(args: argparse.Namespace, model: Path, tmp: Path) -> None:
+    master = random.Random(args.seed)
+    mixes = []
+    for index in range(args.mixes):
+        mix = draw_mix(random.Random(master.random()))
+        tight = min(mix, key=lambda t: mix[t].ttft_slo_s)
+        tasks_file = write_tasks(tmp / f"tasks{index}.yaml", mix)
+        started = time.perf_counter()
+        with servers(model, tasks_file, ["fcfs", "slo"], []) as bases:
+            for base in bases.values():
+                warm_up(base, mix)
+            probes: list[dict] = []
+            seeds = iter(range(1000 * index, 1000 * index + args.probes))
+
+            def measure(rate: float, base: str = bases["fcfs"]) -> float:
+                count = num_requests(rate, args.probe_seconds, args.probe_requests)
+                return attainment(asyncio.run(run_arrivals(base, mix, rate, count, seed=next(seeds))))
+
+            rate = find_rate(measure, first_guess_rate(mix), args.probes, probes)
+            points = {}
+            for label, factor in (("base", 1.0), ("overload", OVERLOAD_FACTOR)):
+                count = num_requests(rate * factor, args.seconds, args.requests)
+                runs = {policy: asyncio.run(run_arrivals(bases[policy], mix, rate * factor, count,
+                                                         seed=1000 * index + 500))
+                        for policy in ("fcfs", "slo")}
+                points[label] = summarize_pair(mix, tight, runs)
+        mixes.append({"mix": index, "tasks": {n: t.table_entry() | {"prompt_len": t.prompt_len, "weight": t.weight}
+                                              for n, t in mix.items()},
+                      "tightest": tight, "rate": rate, "probes": probes, "points": points, "requests": {
+                          label: num_requests(rate * f, args.seconds, args.requests)
+                          for label, f in (("base", 1.0), ("overload", OVERLOAD_FACTOR))},
+                      "seconds": time.perf_counter() - started})
+        if not args.json:
+            print_mix(mixes[-1])
+    report = {"seed": args.seed, "requests": args.requests, "seconds": args.seconds, "mixes": mixes,
+              "medians": medians(mixes)}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_medians(report)
+
+
+def medians(mixes: list[dict]) -> dict:
+    out = {}
+    for label in ("base", "overload"):
+        points = [m["points"][label] for m in mixes]
+        out[label] = {f"{p}_{key}": statistics.median(pt[p][key] for pt in points)
+                      for p in ("fcfs", "slo") for key in ("attainment", "tight_attainment", "mean_e2e_s",
+                                                           "paired_mean_e2e_s", "shed")}
+        gains = [pt["slo"]["attainment"] - pt["fcfs"]["attainment"] for pt in points]
+        out[label]["gain_points"] = 100 * statistics.median(gains)
+        out[label]["worst_gain_points"] = 100 * min(gains)
+    return out
+
+
+def print_mix(m: dict) -> None:
+    tasks = ", ".join(f"{n}({t['prompt_len']}->{t['output_len_prior']}, ttft {t['ttft_slo_s']}s, tpot "
+                      f"{t['tpot_slo_s']}s, w {t['weight']}, {t['overload']}"
+                      f"{'' if t['prediction_sensitive'] else ', insensitive'})" for n, t in m["tasks"].items())
+    probes = " ".join(f"{p['rate']:.2f}/s:{p['fcfs_attainment']:.0%}" for p in m["probes"])
+    print(f"mix {m['mix']}: {tasks}; tightest {m['tightest']}; probes {probes}; {m['seconds']:.0f} s")
+    for label, point in m["points"].items():
+        f, s = point["fcfs"], point["slo"]
+        rate = m["rate"] * (1 if label == "base" else OVERLOAD_FACTOR)
+        print(f"  {label:>8} {rate:5.2f}/s n {m['requests'][label]:3d}  attain fcfs {f['attainment']:6.1%} slo {s['attainment']:6.1%} "
+              f"({100 * (s['attainment'] - f['attainment']):+5.1f})  tightest {f['tight_attainment']:6.1%} / "
+              f"{s['tight_attainment']:6.1%}  mean e2e {f['mean_e2e_s']:5.2f} / {s['mean_e2e_s']:5.2f} s "
+              f"(paired {f['paired_mean_e2e_s']:5.2f} / {s['paired_mean_e2e_s']:5.2f})  shed {s['shed']}"
+              f"  errors {f['errors']}/{s['errors']}")
+
+
+def print_medians(report: dict) -> None:
+    print(f"seed {report['seed']}, {len(report['mixes'])} mixes, {report['seconds']:.0f} s of arrivals "
+          f"(at least {report['requests']} requests) per point")
+    for label, med in report["medians"].items():
+        print(f"  median at {label}: attainment fcfs {med['fcfs_attainment']:.1%} slo {med['slo_attainment']:.1%} "
+              f"(gain {med['gain_points']:+.1f} points, worst mix {med['worst_gain_points']:+.1f}); tightest task "
+              f"fcfs {med['fcfs_tight_attainment']:.1%} slo {med['slo_tight_attainment']:.1%}; mean e2e fcfs "
+              f"{med['fcfs_mean_e2e_s']:.2f} s slo {med['slo_mean_e2e_s']:.2f} s (paired {med['fcfs_paired_mean_e2e_s']:.2f}"
+              f" / {med['slo_paired_mean_e2e_s']:.2f}); slo shed {med['slo_shed']:.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", default="2,3,4", help="fixed mix: arrivals per second")
+    parser.add_argument("--requests", type=int, default=40,
+                        help="requests per rate (with --mixes: at least this many per point)")
+    parser.add_argument("--policies", default="fcfs,slo", help="fixed mix: policies to run")
+    parser.add_argument("--mixes", type=int, default=0, help="random task mixes to run (0: the fixed mix)")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the random mixes and their arrivals")
+    parser.add_argument("--seconds", type=float, default=12.0, help="--mixes: seconds of arrivals per point")
+    parser.add_argument("--probe-seconds", type=float, default=6.0, help="--mixes: seconds of arrivals per probe")
+    parser.add_argument("--probe-requests", type=int, default=30, help="--mixes: at least this many per probe")
+    parser.add_argument("--probes", type=int, default=4, help="rate-search probes per mix at most")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_checkpoint(Path(tmp) / "model", 512, 256, 8, 16, 4)
+        if args.mixes:
+            run_mixes(args, model, Path(tmp))
+        else:
+            run_fixed(args, model, Path(tmp))
 
 
 if __name__ == "__main__":
