@@ -152,3 +152,12 @@ def test_hybrid_decode_compares_copy_host_and_auto_in_one_run() -> None:
         assert host["copied_mib_per_tok"] == 0 and host["host_share"] == 1.0
         assert copy["host_read_mib_per_tok"] == 0 and copy["host_share"] == 0.0
     assert all(r["tok_s"] > 0 for r in rows)
+
+
+def test_quant_cpu_decode_compares_int8_weights_with_bf16_per_batch() -> None:
+    rows = run_json("benchmarks.quant_cpu_decode", "--hidden", "64", "--intermediate", "64", "--layers", "1",
+                    "--rounds", "1", "--tokens", "2", "--batches", "1,2")
+    assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in ("bf16", "int8") for b in (1, 2)}
+    by_engine = {(r["engine"], r["batch"]): r for r in rows}
+    assert all(r["tok_s"] > 0 for r in rows)
+    assert by_engine["int8", 1]["weights_mib"] < by_engine["bf16", 1]["weights_mib"]
