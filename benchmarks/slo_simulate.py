@@ -115,30 +115,34 @@ def attainment(outcomes: list[Outcome], task: str | None = None) -> float:
     return sum(o.attained for o in mine) / len(mine) if mine else math.nan
 
 
-def run_mix(mix: dict[str, Task], index: int, seconds: float, probe_seconds: float, least: int) -> dict:
+def run_mix(mix: dict[str, Task], index: int, seconds: float, least: int) -> dict:
     """The live benchmark's procedure for one mix: find the fcfs 50-80% rate, then fcfs and slo at it and 1.5x."""
-    seeds = iter(range(1000 * index, 1000 * index + 10))
     probes: list[dict] = []
+    fcfs_runs: dict[float, list[Outcome]] = {}  # a probe is the fcfs run at its rate
+
+    def run(policy: str, rate: float) -> list[Outcome]:
+        return simulate(mix, policy, rate, num_requests(rate, seconds, least), 1000 * index + 500)
 
     def measure(rate: float) -> float:
-        return attainment(simulate(mix, "fcfs", rate, num_requests(rate, probe_seconds, 30), next(seeds)))
+        fcfs_runs[rate] = run("fcfs", rate)
+        return attainment(fcfs_runs[rate])
 
     rate = find_rate(measure, first_guess_rate(mix), 4, probes)
     tight = min(mix, key=lambda t: mix[t].ttft_slo_s)
     points = {}
     for label, factor in (("base", 1.0), ("overload", OVERLOAD_FACTOR)):
-        count = num_requests(rate * factor, seconds, least)
-        runs = {p: simulate(mix, p, rate * factor, count, 1000 * index + 500) for p in ("fcfs", "slo")}
+        runs = {"fcfs": fcfs_runs.get(rate * factor) or run("fcfs", rate * factor), "slo": run("slo", rate * factor)}
+        count = len(runs["fcfs"])
         both = [i for i in range(count) if runs["fcfs"][i].served and runs["slo"][i].served]
         points[label] = {p: {"attainment": attainment(r), "tight_attainment": attainment(r, tight),
                              "paired_mean_e2e_s": statistics.mean(r[i].e2e_s for i in both) if both else math.nan,
                              "shed": sum(not o.served for o in r)} for p, r in runs.items()}
-    return {"mix": index, "rate": rate, "points": points}
+    return {"mix": index, "rate": rate, "probes": probes, "points": points}
 
 
-def run_seed(seed: int, mixes: int, seconds: float, probe_seconds: float, least: int) -> dict:
+def run_seed(seed: int, mixes: int, seconds: float, least: int) -> dict:
     master = random.Random(seed)
-    results = [run_mix(draw_mix(random.Random(master.random())), i, seconds, probe_seconds, least)
+    results = [run_mix(draw_mix(random.Random(master.random())), i, seconds, least)
                for i in range(mixes)]
     base = [r["points"]["base"] for r in results]
     over = [r["points"]["overload"] for r in results]
@@ -155,11 +159,10 @@ def main() -> None:
     parser.add_argument("--mixes", type=int, default=10)
     parser.add_argument("--seeds", default="7", help="comma-separated seeds, one run of --mixes each")
     parser.add_argument("--seconds", type=float, default=12.0, help="seconds of arrivals per point")
-    parser.add_argument("--probe-seconds", type=float, default=6.0, help="seconds of arrivals per rate probe")
     parser.add_argument("--requests", type=int, default=40, help="at least this many requests per point")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    reports = [run_seed(int(s), args.mixes, args.seconds, args.probe_seconds, args.requests)
+    reports = [run_seed(int(s), args.mixes, args.seconds, args.requests)
                for s in args.seeds.split(",")]
     if args.json:
         print(json.dumps(reports))

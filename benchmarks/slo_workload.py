@@ -15,9 +15,9 @@ mean end-to-end latency, p50/p99 TTFT and TPOT per task and the goodput (the hig
 Random mixes, default server settings: `--mixes N --seed S` draws N task tables (3-5 tasks;
 prompt and output lengths, SLOs and weights from wide ranges; some tasks prediction-insensitive;
 each task sheds or demotes), finds per mix the rate where fcfs attains 50-80% (bisection on a
-log scale, `--probe-seconds` of arrivals per probe), then runs fcfs and slo, alternating, on the
-same arrivals (`--seconds` of them, at least `--requests`) at that rate and at 1.5x. Reports per
-mix and the medians:
+log scale; a probe is an fcfs run of the point's arrivals at that rate, and the one that lands
+in the band is the fcfs run of the point), then runs slo on the same arrivals (`--seconds` of
+them, at least `--requests`) and both at 1.5x that rate. Reports per mix and the medians:
 
     python -m benchmarks.slo_workload --mixes 10 --seed 7 [--seconds 12] [--json]
 """
@@ -214,11 +214,11 @@ def run_fixed(args: argparse.Namespace, model: Path, tmp: Path) -> None:
 
 # -- random mixes -----------------------------------------------------------------------------
 def first_guess_rate(mix: dict[str, Task]) -> float:
-    """Arrivals per second that would keep this model about half busy (a probe's starting point):
-    ~0.4 ms per prefill token and ~4 ms per decoded token on 2 cores, by weight."""
+    """Arrivals per second that would keep this model busy about 70% of the time (a probe's
+    starting point): ~0.4 ms per prefill token and ~1 ms per decoded token in a batch on 2 cores."""
     total = sum(t.weight for t in mix.values())
-    work = sum(t.weight / total * (0.0004 * t.prompt_len + 0.004 * t.output_len) for t in mix.values())
-    return 0.5 / work
+    work = sum(t.weight / total * (0.0004 * t.prompt_len + 0.001 * t.output_len) for t in mix.values())
+    return 0.7 / work
 
 
 def num_requests(rate: float, seconds: float, least: int) -> int:
@@ -239,10 +239,10 @@ def find_rate(measure: Callable[[float], float], first: float, max_probes: int, 
             return rate
         if value > TARGET[1]:
             low = rate
-            rate = rate * 2 if high is None else math.sqrt(rate * high)
+            rate = rate * 3 if high is None else math.sqrt(rate * high)
         else:
             high = rate
-            rate = rate / 2 if low is None else math.sqrt(rate * low)
+            rate = rate / 3 if low is None else math.sqrt(rate * low)
     middle = sum(TARGET) / 2
     above = [p for p in log if p["fcfs_attainment"] > middle]
     below = [p for p in log if p["fcfs_attainment"] < middle]
@@ -281,19 +281,22 @@ def run_mixes(args: argparse.Namespace, model: Path, tmp: Path) -> None:
             for base in bases.values():
                 warm_up(base, mix)
             probes: list[dict] = []
-            seeds = iter(range(1000 * index, 1000 * index + args.probes))
+            seed = 1000 * index + 500
+            fcfs_runs: dict[float, list[Result]] = {}  # a probe is the fcfs run at its rate
 
-            def measure(rate: float, base: str = bases["fcfs"]) -> float:
-                count = num_requests(rate, args.probe_seconds, args.probe_requests)
-                return attainment(asyncio.run(run_arrivals(base, mix, rate, count, seed=next(seeds))))
+            def run(policy: str, rate: float) -> list[Result]:
+                count = num_requests(rate, args.seconds, args.requests)
+                return asyncio.run(run_arrivals(bases[policy], mix, rate, count, seed=seed))
+
+            def measure(rate: float) -> float:
+                fcfs_runs[rate] = run("fcfs", rate)
+                return attainment(fcfs_runs[rate])
 
             rate = find_rate(measure, first_guess_rate(mix), args.probes, probes)
             points = {}
             for label, factor in (("base", 1.0), ("overload", OVERLOAD_FACTOR)):
-                count = num_requests(rate * factor, args.seconds, args.requests)
-                runs = {policy: asyncio.run(run_arrivals(bases[policy], mix, rate * factor, count,
-                                                         seed=1000 * index + 500))
-                        for policy in ("fcfs", "slo")}
+                fcfs = fcfs_runs.get(rate * factor) or run("fcfs", rate * factor)
+                runs = {"fcfs": fcfs, "slo": run("slo", rate * factor)}
                 points[label] = summarize_pair(mix, tight, runs)
         mixes.append({"mix": index, "tasks": {n: t.table_entry() | {"prompt_len": t.prompt_len, "weight": t.weight}
                                               for n, t in mix.items()},
@@ -360,8 +363,6 @@ def main() -> None:
     parser.add_argument("--mixes", type=int, default=0, help="random task mixes to run (0: the fixed mix)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the random mixes and their arrivals")
     parser.add_argument("--seconds", type=float, default=12.0, help="--mixes: seconds of arrivals per point")
-    parser.add_argument("--probe-seconds", type=float, default=6.0, help="--mixes: seconds of arrivals per probe")
-    parser.add_argument("--probe-requests", type=int, default=30, help="--mixes: at least this many per probe")
     parser.add_argument("--probes", type=int, default=4, help="rate-search probes per mix at most")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
