@@ -30,19 +30,23 @@ from moe_serve.engine.model.weights import ExpertTensors
 class ExpertLayout:
     """Where one layer's (token, slot) assignments go: assignment a = t * A + slot."""
 
-    needed: list[int]  # experts with at least one assignment, ascending
+    needed: list[int]  # experts with at least one assignment: ascending, or one token's in slot order
     counts: list[int]  # assignment rows routed to each needed expert
-    gather: torch.Tensor  # [N, C] token of each padded row (padding rows read token 0; their result is unused)
-    inverse: torch.Tensor  # [T * A] padded row (n * C + c) of each assignment
+    # [N, C] token of each padded row (padding rows read token 0; their result is unused), and [T * A] the
+    # padded row (n * C + c) of each assignment; None for one token whose experts are in slot order (row = slot)
+    gather: torch.Tensor | None
+    inverse: torch.Tensor | None
     ids_host: torch.Tensor  # [T, A] the routing ids on the host (for speculators: no second read)
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor) -> ExpertLayout:
         """The layout of routing ids [T, A] (on any device): reads them on the host once and sends the
-        two index tensors back in one copy."""
+        two index tensors back in one copy (none for one token routed to distinct experts)."""
         ids_host = ids.cpu()  # the layer's one host sync
         host = ids_host.numpy().reshape(-1)
         top_k = ids.shape[1]
+        if len(ids) == 1 and len(set(host.tolist())) == top_k:  # one token: its experts in slot order, one row each
+            return cls(host.tolist(), [1] * top_k, None, None, ids_host)
         order = np.argsort(host, kind="stable")
         needed, starts, counts = np.unique(host[order], return_index=True, return_counts=True)
         width = int(counts.max())
@@ -83,7 +87,7 @@ def batched_experts(
     per_expert = [stored[expert] for expert in layout.needed]
     gate_up = torch.stack([tensors[0] for tensors in per_expert])  # [N, 2F, D]
     down = torch.stack([tensors[1] for tensors in per_expert])  # [N, D, F]
-    if num_tokens == 1:  # every row is the one token's: a view, no gather
+    if layout.gather is None:  # one token, one row per expert: a view, no gather
         rows = x.view(1, 1, hidden).expand(len(layout.needed), 1, hidden)
     else:
         rows = x[layout.gather]  # [N, C, D]
@@ -101,7 +105,8 @@ def batched_experts(
     else:
         act = F.silu(gate) * up
     out = torch.baddbmm(down_bias, act, down.mT) if spec.biases else torch.bmm(act, down.mT)  # [N, C, D]
-    assigned = out.view(-1, hidden)[layout.inverse].view(num_tokens, -1, hidden)  # [T, A, D]
+    flat = out.view(-1, hidden)
+    assigned = (flat if layout.inverse is None else flat[layout.inverse]).view(num_tokens, -1, hidden)  # [T, A, D]
     if weights.dtype == assigned.dtype:  # the weighted sum over the slots as one [1, A] x [A, D] product per token
         return torch.bmm(weights[:, None, :], assigned).view(num_tokens, hidden)
     return (assigned * weights[..., None]).sum(dim=1).to(x.dtype)  # fp32 weights (DeepSeek, GLM): sum in fp32

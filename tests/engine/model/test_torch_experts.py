@@ -60,7 +60,10 @@ def test_batched_experts_match_a_per_expert_reference(spec: ExpertMLPSpec, token
     x = torch.randn(tokens, HIDDEN, generator=generator)
     ids, weights = random_routing(tokens, generator)
     layout = ExpertLayout.from_ids(ids)
-    assert layout.needed == sorted(set(ids.flatten().tolist()))
+    if tokens == 1:  # slot order, no index tensors
+        assert layout.needed == ids[0].tolist() and layout.gather is None and layout.inverse is None
+    else:
+        assert layout.needed == sorted(set(ids.flatten().tolist()))
     assert layout.counts == [ids.flatten().tolist().count(e) for e in layout.needed]
     groups = [[(e, experts[e]) for e in layout.needed]]
     out = batched_experts(spec, layout, x, weights, iter(groups), MODEL_DTYPE, FFN)
@@ -79,6 +82,18 @@ def test_the_result_does_not_depend_on_how_the_experts_arrive() -> None:
     random.Random(0).shuffle(shuffled)
     groups = [[(e, experts[e])] for e in shuffled[:3]] + [[(e, experts[e]) for e in shuffled[3:]]]
     assert torch.equal(batched_experts(SPECS[0], layout, x, weights, iter(groups), MODEL_DTYPE, FFN), whole)
+
+
+def test_one_token_routed_twice_to_an_expert_takes_the_general_layout() -> None:
+    generator = torch.Generator().manual_seed(9)
+    experts = random_experts(False, generator)
+    x = torch.randn(1, HIDDEN, generator=generator)
+    ids, weights = torch.tensor([[3, 5, 3, 0]]), torch.rand(1, TOP_K, generator=generator)  # a replayed trace's row
+    layout = ExpertLayout.from_ids(ids)
+    assert layout.needed == [0, 3, 5] and layout.counts == [1, 2, 1] and layout.inverse is not None
+    out = batched_experts(SPECS[0], layout, x, weights, iter([[(e, experts[e]) for e in layout.needed]]),
+                          MODEL_DTYPE, FFN)
+    torch.testing.assert_close(out.double(), reference(SPECS[0], experts, x, ids, weights), rtol=1e-5, atol=1e-4)
 
 
 def test_bf16_experts_sum_in_fp32_and_round_once() -> None:
