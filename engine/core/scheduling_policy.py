@@ -9,15 +9,15 @@ the whole prefill share of a step:
   (prefill + predicted output length x decode step + expert loading), which lowers mean latency;
   requests that can no longer make it are hopeless and go last (shortest first), so they stop
   displacing the ones that still can. (Serving the feasible ones least slack first when shortest
-  first would make them miss was tried: on random task mixes it met no more deadlines and raised
-  mean latency, docs/scheduling.md.) A feasible request of the running batch's most common task
-  goes first when its slack is within the expert traffic that switching tasks would cause; a
-  starvation guard serves anything that waited too long before everything else.
+  first would make them miss was tried: on random task mixes it met about as many deadlines at a
+  higher mean latency, docs/scheduling.md.) A feasible request of the running batch's most
+  common task goes first when its slack is within the expert traffic that switching tasks would
+  cause; a starvation guard serves anything that waited too long before everything else.
 - Size (`SloOrder.prefill_token_cap`): the mean time per output token of each running request is
   kept within its TPOT SLO. Its TPOT bank is what the SLO allows over its predicted output length
   minus the time already spent since its first token; spread over its remaining tokens it is the
   longest step it can afford. The step may take no longer than the smallest such step of the
-  requests that can still meet their SLO, which bounds the prefill tokens of the step.
+  requests that can still meet both SLOs, which bounds the prefill tokens of the step.
 
 The step-time model (`ServiceTimeModel`) is learned online from the engine's steps.
 """
