@@ -62,7 +62,10 @@ step copy 90 bash -c "python3 -m benchmarks.copy_bandwidth --json ${copy_sizes[*
 #    setting's physical limit (DeepSeek-V2-Lite expert geometry, the trace's routing replayed)
 step decode 240 python3 -m benchmarks.gpu_probe decode --out "$PARTS" --trace "$KIT/traces/deepseek-v2-lite-puffin-train.npz" \
   --layers "${DECODE_LAYERS:-8}" $DRY
-# 6. the server end to end on --device cuda (demo model, offloaded): chat completion, /metrics, SIGTERM
+# 6. torch ops and host syncs per MoE layer on the CUDA path (Qwen3-like routing, bf16 and fp32; the log has them)
+if [ -z "$DRY" ]; then ops_device=cuda; else ops_device=cpu; fi
+step torch_ops 60 bash -c "MOE_SERVE_CPU_KERNEL=0 python3 -m benchmarks.torch_ops --device $ops_device --dtype bfloat16 && MOE_SERVE_CPU_KERNEL=0 python3 -m benchmarks.torch_ops --device $ops_device"
+# 7. the server end to end on --device cuda (demo model, offloaded): chat completion, /metrics, SIGTERM
 step serve 180 python3 -m benchmarks.gpu_probe serve --out "$PARTS" $DRY
 
 python3 -m benchmarks.gpu_probe merge --out "$PARTS" --result "$OUT/gpu_validate.json" $DRY
