@@ -18,14 +18,14 @@ import torch.nn.functional as F
 
 from moe_serve.engine.model.attention import AttentionMetadata, self_attention
 from moe_serve.engine.model.cpu_kernels import ExpertRows, Routing, expert_ffn, linear, rms_norm
-from moe_serve.engine.model.experts import ExpertGroup, ExpertProvider
+from moe_serve.engine.model.experts import ExpertFetch, ExpertGroup, ExpertProvider
 from moe_serve.engine.model.latent_attention import latent_attention
 from moe_serve.engine.model.packed import Matrix
 from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat
 from moe_serve.engine.model.rope import RotaryEmbedding
 from moe_serve.engine.model.router import route, route_on_device
 from moe_serve.engine.model.spec import ModelSpec
-from moe_serve.engine.model.torch_experts import ExpertLayout, batched_experts
+from moe_serve.engine.model.torch_experts import ExpertLayout, batched_experts, combine_slots, expert_outputs
 from moe_serve.engine.model.weights import (
     AttentionWeights,
     DenseWeights,
@@ -167,9 +167,8 @@ class MoEModel:
 
     def _moe_torch(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """The torch path (CUDA, or no C kernels): routing stays on the device, the ids are read on the
-        host once (the expert cache needs them) and the routed experts run as two batched matmuls.
-        Experts the provider keeps on the host join the batch (they are views of the host tier,
-        which is x's memory here: the provider keeps misses on the host only where it is)."""
+        host once (the expert cache needs them) and the routed experts run as two batched matmuls;
+        experts the provider keeps on the host run beside them on the host worker (`_hybrid_torch`)."""
         override = None if self._routing_override is None else self._routing_override(moe_layer)
         ids, weights = route_on_device(self.spec.routing, self.spec.top_k, layer.router, layer.router_bias, x, override)
         if self._routing_observer is not None:
@@ -177,13 +176,54 @@ class MoEModel:
         layout = ExpertLayout.from_ids(ids)  # the layer's one host sync
         fetched = self.experts.fetch(moe_layer, layout.needed, layout.counts)
         self._hint_next(moe_layer, x, layout.ids_host)
-        groups = [*fetched.ready, fetched.host] if fetched.host else fetched.ready
-        routed = batched_experts(self.spec.expert_mlp, layout, x, weights, groups, self.expert_format,
-                                 self.spec.moe_intermediate_size)
+        if fetched.host:
+            routed = self._hybrid_torch(moe_layer, layout, x, weights, fetched)
+        else:
+            routed = batched_experts(self.spec.expert_mlp, layout, x, weights, fetched.ready, self.expert_format,
+                                     self.spec.moe_intermediate_size)
         self.experts.done(moe_layer, layout.needed)
         if layer.shared_expert is not None:
             routed = routed + self._mlp(layer.shared_expert, x)
         return routed
+
+    def _hybrid_torch(self, moe_layer: int, layout: ExpertLayout, x: torch.Tensor, weights: torch.Tensor,
+                      fetched: ExpertFetch) -> torch.Tensor:
+        """The torch path with misses on the host: their padded rows [n, C, D] are read to the host once
+        and the host worker computes them from the host tier while this thread computes the device's;
+        both land in one [N, C, D] before the sum over slots (bit-exact where both run the same ops: the CPU)."""
+        hidden, ffn, decode = x.shape[1], self.spec.moe_intermediate_size, self.expert_format.decode
+        position = {expert: i for i, expert in enumerate(layout.needed)}
+        host_index = torch.tensor([position[expert] for expert, _ in fetched.host], device=x.device)
+        host_rows = self._padded_rows(layout, x, host_index).to(fetched.host[0][1][0].device)  # CUDA: a sync
+        host_out: list[torch.Tensor] = []
+
+        def compute_host() -> None:
+            per_expert = [decode(tensors, hidden, ffn, x.dtype) for _, tensors in fetched.host]
+            host_out.append(expert_outputs(self.spec.expert_mlp, host_rows, per_expert))
+
+        host_job = self.experts.run_on_host(moe_layer, compute_host)
+        width = 1 if layout.gather is None else layout.gather.shape[1]
+        out = x.new_empty(len(layout.needed), width, hidden)  # [N, C, D]
+        try:
+            stored = {expert: decode(tensors, hidden, ffn, x.dtype) for group in fetched.ready
+                      for expert, tensors in group}
+            if stored:
+                device_experts = sorted(stored)
+                device_index = torch.tensor([position[expert] for expert in device_experts], device=x.device)
+                out[device_index] = expert_outputs(self.spec.expert_mlp, self._padded_rows(layout, x, device_index),
+                                                   [stored[expert] for expert in device_experts])
+        finally:
+            host_job.result()  # re-raises its error
+        out[host_index] = host_out[0].to(x.device, non_blocking=True)
+        return combine_slots(layout, out, weights, x.dtype)
+
+    @staticmethod
+    def _padded_rows(layout: ExpertLayout, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The padded input rows [n, C, D] of the needed experts at `index` (one token routed to distinct
+        experts: views of it, as `batched_experts` reads them)."""
+        if layout.gather is None:
+            return x.view(1, 1, x.shape[1]).expand(index.shape[0], 1, x.shape[1])
+        return x[layout.gather[index]]
 
     def _hint_next(self, moe_layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
         """The speculator's guesses for the next MoE layer, handed to the provider to prefetch."""

@@ -14,7 +14,7 @@ token, N needed experts, C rows per expert, D hidden, F expert intermediate size
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,12 +85,18 @@ def batched_experts(
         for expert, tensors in group:
             stored[expert] = expert_format.decode(tensors, hidden, ffn, x.dtype)
     per_expert = [stored[expert] for expert in layout.needed]
-    gate_up = torch.stack([tensors[0] for tensors in per_expert])  # [N, 2F, D]
-    down = torch.stack([tensors[1] for tensors in per_expert])  # [N, D, F]
     if layout.gather is None:  # one token, one row per expert: a view, no gather
         rows = x.view(1, 1, hidden).expand(len(layout.needed), 1, hidden)
     else:
         rows = x[layout.gather]  # [N, C, D]
+    return combine_slots(layout, expert_outputs(spec, rows, per_expert), weights, x.dtype)
+
+
+def expert_outputs(spec: ExpertMLPSpec, rows: torch.Tensor, per_expert: Sequence[ExpertTensors]) -> torch.Tensor:
+    """Each expert's padded input rows [N, C, D] and decoded tensors (on the rows' device) -> their
+    outputs [N, C, D]: gate_up, the activation and down as batched matmuls (biases when the spec has them)."""
+    gate_up = torch.stack([tensors[0] for tensors in per_expert])  # [N, 2F, D]
+    down = torch.stack([tensors[1] for tensors in per_expert])  # [N, D, F]
     if spec.biases:
         gate_up_bias = torch.stack([tensors[2] for tensors in per_expert])[:, None, :]  # [N, 1, 2F]
         down_bias = torch.stack([tensors[3] for tensors in per_expert])[:, None, :]  # [N, 1, D]
@@ -104,9 +110,15 @@ def batched_experts(
         act = (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
     else:
         act = F.silu(gate) * up
-    out = torch.baddbmm(down_bias, act, down.mT) if spec.biases else torch.bmm(act, down.mT)  # [N, C, D]
+    return torch.baddbmm(down_bias, act, down.mT) if spec.biases else torch.bmm(act, down.mT)  # [N, C, D]
+
+
+def combine_slots(layout: ExpertLayout, out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The padded outputs [N, C, D] of layout.needed -> each token's weighted sum over its slots [T, D] in
+    `dtype` (weights [T, A] in `dtype`, or fp32: the products and their sum in fp32, rounded once)."""
+    num_tokens, hidden = weights.shape[0], out.shape[-1]
     flat = out.view(-1, hidden)
     assigned = (flat if layout.inverse is None else flat[layout.inverse]).view(num_tokens, -1, hidden)  # [T, A, D]
     if weights.dtype == assigned.dtype:  # the weighted sum over the slots as one [1, A] x [A, D] product per token
         return torch.bmm(weights[:, None, :], assigned).view(num_tokens, hidden)
-    return (assigned * weights[..., None]).sum(dim=1).to(x.dtype)  # fp32 weights (DeepSeek, GLM): sum in fp32
+    return (assigned * weights[..., None]).sum(dim=1).to(dtype)  # fp32 weights (DeepSeek, GLM): sum in fp32

@@ -61,8 +61,6 @@ class OffloadedExperts:
         """Switches how misses are handled, between steps (benchmarks compare them on one engine)."""
         if (handling is MissHandling.AUTO) != (planner is not None):
             raise ValueError("a planner is required for auto miss handling, and only for it")
-        if handling is not MissHandling.COPY and self.cache.device.type != "cpu":
-            raise ValueError(f"miss handling {handling.value} computes misses on the host: built for the CPU path only")
         self.miss_handling, self.planner = handling, planner
         if handling is not MissHandling.COPY and self._worker is None:
             self._worker = HostExpertWorker()
@@ -356,19 +354,13 @@ def build_expert_provider(
 
 
 def miss_handling(config: EngineConfig, device: torch.device) -> MissHandling:
-    """On the CPU: `copy` and `host` as given; `auto` decides per miss where there is a link to weigh,
-    a CPU whose copies are throttled (`expert_link_gbps`, the stand-in for PCIe); with unthrottled
-    copies `auto` copies, as before hybrid handling existed (the device tier is RAM there: the CPU
-    profile's measured behaviour). On CUDA every miss is copied: the torch path computes host-tier
-    experts only where they live in x's memory (docs/offload.md, what is not done)."""
-    if device.type != "cpu":
-        if config.miss_handling is not MissHandling.COPY:
-            logger.warning("miss handling %s: computing missed experts on the host is built for the CPU path only; "
-                           "on %s every miss is copied", config.miss_handling.value, device.type)
-        return MissHandling.COPY
+    """`copy` and `host` as given; `auto` decides per miss where there is a link to weigh: a CUDA
+    device (PCIe), or a CPU whose copies are throttled (`expert_link_gbps`, the stand-in for one).
+    On a CPU with unthrottled copies `auto` copies, as before hybrid handling existed (the device
+    tier is RAM there: the CPU profile's measured behaviour)."""
     if config.miss_handling is not MissHandling.AUTO:
         return config.miss_handling
-    return MissHandling.COPY if config.expert_link_gbps is None else MissHandling.AUTO
+    return MissHandling.COPY if device.type == "cpu" and config.expert_link_gbps is None else MissHandling.AUTO
 
 
 def make_planner(cache: ExpertCache, num_moe_layers: int) -> MissPlanner:

@@ -10,7 +10,6 @@ import torch
 
 from moe_serve.engine.builder import build_engine
 from moe_serve.engine.config import EngineConfig, MissHandling
-from moe_serve.engine.model.cpu_kernels import kernel_flavour
 from moe_serve.engine.offload.hybrid import MissPlanner
 from moe_serve.engine.offload.miss_cost import ComputeRate, MissRates
 from moe_serve.engine.offload.provider import OffloadedExperts, miss_handling
@@ -68,7 +67,6 @@ def test_bf16_keeps_the_bf16_all_resident_tokens(reference, arch: str, handling:
     assert tokens == expected
 
 
-@pytest.mark.skipif(kernel_flavour() == "torch", reason="the torch path computes host-tier experts in its batch")
 def test_host_counters_measure_the_host_work_and_the_link(reference) -> None:
     path, _ = reference("mixtral")
     _, host = offloaded(path, miss_handling="host")
@@ -113,12 +111,12 @@ def test_auto_mixing_copies_and_host_work_in_a_layer_keeps_the_tokens(reference,
     cache.check_invariants()
 
 
-def test_auto_copies_on_a_cpu_without_a_link_to_weigh_and_cuda_copies_every_miss() -> None:
+def test_auto_copies_on_a_cpu_without_a_link_to_weigh_and_decides_per_miss_on_cuda() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert miss_handling(EngineConfig(), cpu) is MissHandling.COPY
     assert miss_handling(EngineConfig(expert_link_gbps=8.0), cpu) is MissHandling.AUTO
     assert miss_handling(EngineConfig(miss_handling="host"), cpu) is MissHandling.HOST
-    assert miss_handling(EngineConfig(miss_handling="host"), cuda) is MissHandling.COPY
+    assert miss_handling(EngineConfig(), cuda) is MissHandling.AUTO
 
 
 def test_host_handling_beside_prefetched_residents_keeps_the_tokens(reference) -> None:
