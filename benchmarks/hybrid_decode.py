@@ -6,7 +6,8 @@ shared traces (`TraceRouter`) so the cache misses what the real models would: De
 Mixtral-8x7B's 8 experts top-2 (hidden and expert FFN halved by default, 4096 / 14336 with
 `--mixtral-hidden 4096 --mixtral-ffn 14336`: four full-width layers of experts are 11 GiB per
 engine), both bf16, `--layers` MoE layers, `--fraction` of the experts in the device tier (on a
-CPU a RAM pool filled by the copy engine, throttled to each `--links` GB/s), no prefetching.
+CPU a RAM pool filled by the copy engine, throttled to each `--links` GB/s; `real`: unthrottled,
+the device's own link, e.g. PCIe with `--device cuda`), no prefetching.
 
 One engine per geometry (the host tier is read once); per link speed the copy engine is
 re-throttled and `auto`'s rates probed again (a start-up at that link). For each batch size the
@@ -19,6 +20,7 @@ and `vs best` are medians over the rounds of each round's ratio to the copy turn
 other handling's turn of that round (turns of a round run back to back: paired, less drift).
 
     python -m benchmarks.hybrid_decode [--links 2,8,25] [--batches 1,4,16] [--threads 1] [--json]
+    python -m benchmarks.hybrid_decode --device cuda --links real --mixtral-hidden 4096 --mixtral-ffn 14336
     python -m benchmarks.hybrid_decode --smoke   # tiny sizes, a generated trace: checks it runs
 """
 
@@ -160,7 +162,7 @@ def run_geometry(engine: LLMEngine, geometry: str, args: argparse.Namespace) -> 
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['geometry']:>8} {r['link_gbps']:>5g} {r['batch']:>5} {r['mode']:>5} {r['tok_s']:>7.2f} "
+    print(f"{r['geometry']:>8} {r['link_gbps'] or 'real':>5} {r['batch']:>5} {r['mode']:>5} {r['tok_s']:>7.2f} "
           f"{r['vs_copy']:>7.2f} {r['vs_best_other']:>6.2f} {r['copied_mib_per_tok']:>10.2f} {r['host_read_mib_per_tok']:>10.2f} {r['host_share']:>6.2f} "
           f"{r['link_busy']:>6.2f}  {' '.join(f'{t:.2f}' for t in r['rounds_tok_s'])}", flush=True)
 
@@ -189,7 +191,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mixtral-ffn", type=int, default=7168)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--fraction", type=float, default=0.25)
-    parser.add_argument("--links", default="2,8,25", help="GB/s the copy engine is throttled to")
+    parser.add_argument("--links", default="2,8,25",
+                        help="GB/s the copy engine is throttled to (CPU); `real`: unthrottled (the device's own link)")
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--modes", default="copy,host,auto")
     parser.add_argument("--decode-tokens", type=int, default=8,
@@ -207,7 +210,7 @@ def parse_args() -> argparse.Namespace:
         args.ds_hidden, args.ds_ffn, args.ds_shared, args.heads = 64, 32, 32, 2
         args.mixtral_hidden, args.mixtral_ffn = 64, 96
         args.links, args.batches, args.decode_tokens, args.warmup_steps, args.rounds = "2", "2", 2, 1, 1
-    args.link_list = [float(v) for v in args.links.split(",")]
+    args.link_list = [None if v == "real" else float(v) for v in args.links.split(",")]
     args.batch_list = [int(v) for v in args.batches.split(",")]
     args.mode_list = args.modes.split(",")
     return args
