@@ -162,7 +162,8 @@ def run_geometry(engine: LLMEngine, geometry: str, args: argparse.Namespace) -> 
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['geometry']:>8} {r['link_gbps'] or 'real':>5} {r['batch']:>5} {r['mode']:>5} {r['tok_s']:>7.2f} "
+    link = "real" if r["link_gbps"] is None else f"{r['link_gbps']:g}"
+    print(f"{r['geometry']:>8} {link:>5} {r['batch']:>5} {r['mode']:>5} {r['tok_s']:>7.2f} "
           f"{r['vs_copy']:>7.2f} {r['vs_best_other']:>6.2f} {r['copied_mib_per_tok']:>10.2f} {r['host_read_mib_per_tok']:>10.2f} {r['host_share']:>6.2f} "
           f"{r['link_busy']:>6.2f}  {' '.join(f'{t:.2f}' for t in r['rounds_tok_s'])}", flush=True)
 
