@@ -126,18 +126,28 @@ async def one_request(client: httpx.AsyncClient, name: str, task: Task, rng: ran
     return Result(name, ttft, tpot, end - start, 200, ttft <= task.ttft_slo_s and tpot <= task.tpot_slo_s)
 
 
-async def run_arrivals(base: str, mix: dict[str, Task], rate: float, num_requests: int, seed: int) -> list[Result]:
-    """`num_requests` Poisson arrivals at `rate`/s, tasks drawn by weight; the same seed gives the same arrivals."""
+async def run_arrivals(base: str, mix: dict[str, Task], rate: float, num_requests: int, seed: int,
+                       grace_s: float | None = None) -> list[Result]:
+    """`num_requests` Poisson arrivals at `rate`/s, tasks drawn by weight; the same seed gives the
+    same arrivals. With `grace_s`, requests still unfinished that long after the last arrival are
+    cut (closed, so the server aborts them): status -1, not attained."""
     rng = random.Random(seed)
     names = rng.choices(list(mix), weights=[t.weight for t in mix.values()], k=num_requests)
     gaps = [rng.expovariate(rate) for _ in range(num_requests)]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
-        pending = []
+        pending, starts = [], []
         for name, gap in zip(names, gaps, strict=True):
             await asyncio.sleep(gap)
+            starts.append(time.perf_counter())
             pending.append(asyncio.create_task(one_request(client, name, mix[name], random.Random(rng.random()))))
-        return list(await asyncio.gather(*pending))
+        await asyncio.wait(pending, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        cut_at = time.perf_counter()
+        return [task.result() if not task.cancelled() else Result(name, math.inf, math.inf, cut_at - start, -1, False)
+                for task, name, start in zip(pending, names, starts, strict=True)]
 
 
 def attainment(results: list[Result], task: str | None = None) -> float:
@@ -263,7 +273,8 @@ def summarize_pair(mix: dict[str, Task], tight: str, runs: dict[str, list[Result
             "attainment": attainment(results), "tight_attainment": attainment(results, tight),
             "mean_e2e_s": mean_or_nan([r.e2e for r in done]),
             "paired_mean_e2e_s": mean_or_nan([results[i].e2e for i in both_done]),
-            "shed": sum(r.status == 429 for r in results), "errors": sum(r.status not in (200, 429) for r in results),
+            "shed": sum(r.status == 429 for r in results), "cut": sum(r.status == -1 for r in results),
+            "errors": sum(r.status not in (200, 429, -1) for r in results),
             "by_task": {t: attainment(results, t) for t in mix},
         }
     return row
@@ -286,7 +297,7 @@ def run_mixes(args: argparse.Namespace, model: Path, tmp: Path) -> None:
 
             def run(policy: str, rate: float) -> list[Result]:
                 count = num_requests(rate, args.seconds, args.requests)
-                return asyncio.run(run_arrivals(bases[policy], mix, rate, count, seed=seed))
+                return asyncio.run(run_arrivals(bases[policy], mix, rate, count, seed=seed, grace_s=args.grace_seconds))
 
             def measure(rate: float) -> float:
                 fcfs_runs[rate] = run("fcfs", rate)
@@ -339,7 +350,7 @@ def print_mix(m: dict) -> None:
         print(f"  {label:>8} {rate:5.2f}/s n {m['requests'][label]:3d}  attain fcfs {f['attainment']:6.1%} slo {s['attainment']:6.1%} "
               f"({100 * (s['attainment'] - f['attainment']):+5.1f})  tightest {f['tight_attainment']:6.1%} / "
               f"{s['tight_attainment']:6.1%}  mean e2e {f['mean_e2e_s']:5.2f} / {s['mean_e2e_s']:5.2f} s "
-              f"(paired {f['paired_mean_e2e_s']:5.2f} / {s['paired_mean_e2e_s']:5.2f})  shed {s['shed']}"
+              f"(paired {f['paired_mean_e2e_s']:5.2f} / {s['paired_mean_e2e_s']:5.2f})  shed {s['shed']}  cut {f['cut']}/{s['cut']}"
               f"  errors {f['errors']}/{s['errors']}")
 
 
@@ -363,6 +374,8 @@ def main() -> None:
     parser.add_argument("--mixes", type=int, default=0, help="random task mixes to run (0: the fixed mix)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the random mixes and their arrivals")
     parser.add_argument("--seconds", type=float, default=12.0, help="--mixes: seconds of arrivals per point")
+    parser.add_argument("--grace-seconds", type=float, default=20.0,
+                        help="--mixes: requests unfinished this long after the last arrival are cut (not attained)")
     parser.add_argument("--probes", type=int, default=4, help="rate-search probes per mix at most")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
