@@ -65,7 +65,11 @@ step decode 240 python3 -m benchmarks.gpu_probe decode --out "$PARTS" --trace "$
 # 6. torch ops and host syncs per MoE layer on the CUDA path (Qwen3-like routing, bf16 and fp32; the log has them)
 if [ -z "$DRY" ]; then ops_device=cuda; else ops_device=cpu; fi
 step torch_ops 60 bash -c "MOE_SERVE_CPU_KERNEL=0 python3 -m benchmarks.torch_ops --device $ops_device --dtype bfloat16 && MOE_SERVE_CPU_KERNEL=0 python3 -m benchmarks.torch_ops --device $ops_device"
-# 7. the server end to end on --device cuda (demo model, offloaded): chat completion, /metrics, SIGTERM
+# 7. hybrid miss handling over the real PCIe link: copy vs host vs auto (DeepSeek-V2-Lite and half-width Mixtral
+#    geometry, 4 MoE layers, trace-replayed routing, cache fraction 0.25)
+if [ -z "$DRY" ]; then hybrid=(--device cuda --links real --threads 8 --batches 1,16 --rounds 2); else hybrid=(--smoke); fi
+step hybrid 150 bash -c "python3 -m benchmarks.hybrid_decode --json --trace '$KIT/traces/deepseek-v2-lite-puffin-train.npz' --mixtral-trace '$KIT/traces/mixtral-8x7b-humaneval-decode.jsonl' ${hybrid[*]} > '$PARTS/hybrid.json.tmp' && mv '$PARTS/hybrid.json.tmp' '$PARTS/hybrid.json'"
+# 8. the server end to end on --device cuda (demo model, offloaded): chat completion, /metrics, SIGTERM
 step serve 180 python3 -m benchmarks.gpu_probe serve --out "$PARTS" $DRY
 
 python3 -m benchmarks.gpu_probe merge --out "$PARTS" --result "$OUT/gpu_validate.json" $DRY
