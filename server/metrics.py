@@ -261,7 +261,15 @@ class EngineCollector(Collector):
         if cache is None:
             return
         yield _per_layer("expert_cache_hits", "Expert acquisitions served by the device cache.", cache.hits)
-        yield _per_layer("expert_cache_misses", "Expert acquisitions that needed a host-to-device copy.", cache.misses)
+        yield _per_layer("expert_cache_misses", "Expert acquisitions not in the device cache (copied, or computed on "
+                         "the host: expert_cache_host_misses).", cache.misses)
+        yield _per_layer("expert_cache_host_misses", "Misses computed from the host tier instead of copied (also "
+                         "counted in expert_cache_misses).", cache.host_misses)
+        yield CounterMetricFamily(f"{PREFIX}_expert_host_compute_seconds",
+                                  "Seconds the host worker spent computing missed experts.",
+                                  value=cache.host_compute_seconds)
+        yield CounterMetricFamily(f"{PREFIX}_expert_link_busy_seconds", "Seconds the host-to-device link carried "
+                                  "expert copies; rate() is the link's busy fraction.", value=cache.link_busy_seconds)
         yield _per_layer("expert_cache_evictions", "Experts evicted from the device cache.", cache.evictions)
         yield _per_layer("expert_copy_bytes", "Expert bytes copied host-to-device.", cache.bytes_copied)
         yield _per_layer("expert_copy_stall_seconds", "Time compute waited on pending expert copies.",

@@ -34,7 +34,9 @@ class ExpertCacheSnapshot:
     its occupancy: `num_experts` routed experts per layer in the host store, `resident_experts`
     the sorted expert ids per layer holding a slot (resident or loading; refreshed at most every
     0.25 s, `SlotPool.residency`); `lookups_by_task` / `misses_by_task`: (row, MoE layer, routed
-    expert) lookups by the task of the row, and those that missed (`TaskHitCounter`)."""
+    expert) lookups by the task of the row, and those that missed (`TaskHitCounter`); `host_misses`:
+    the misses computed from the host tier instead of copied (also in `misses`), `host_compute_seconds`
+    the host worker's time on them, `link_busy_seconds` the time the link carried copies."""
 
     hits: Mapping[int, int]
     misses: Mapping[int, int]
@@ -51,6 +53,9 @@ class ExpertCacheSnapshot:
     resident_experts: Mapping[int, tuple[int, ...]]
     lookups_by_task: Mapping[str, int]
     misses_by_task: Mapping[str, int]
+    host_misses: Mapping[int, int]
+    host_compute_seconds: float
+    link_busy_seconds: float
 
     @classmethod
     def of(cls, cache: ExpertCache) -> ExpertCacheSnapshot:
@@ -66,6 +71,8 @@ class ExpertCacheSnapshot:
             num_experts=cache.store.experts_per_layer,
             resident_experts=cache.pool.residency(),
             lookups_by_task=frozen(stats.lookups_by_task), misses_by_task=frozen(stats.misses_by_task),
+            host_misses=frozen(stats.host_misses), host_compute_seconds=stats.host_compute_seconds,
+            link_busy_seconds=stats.link_busy_seconds,
         )
 
 

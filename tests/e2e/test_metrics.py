@@ -89,6 +89,11 @@ def test_metrics_cover_the_dashboard_and_agree_with_the_responses(offload_server
     copied = totals["moe_serve_expert_copy_bytes_total"]
     assert copied % EXPERT_NBYTES == 0 and 0 < copied <= (misses + issued) * EXPERT_NBYTES
     assert totals["moe_serve_expert_prefetches_used_total"] <= issued
+    # auto without a link throttle on a CPU copies every miss; the copies kept the link busy
+    assert "moe_serve_expert_cache_host_misses_total" in names
+    assert totals.get("moe_serve_expert_cache_host_misses_total", 0) == 0
+    assert totals["moe_serve_expert_host_compute_seconds_total"] == 0
+    assert totals["moe_serve_expert_link_busy_seconds_total"] > 0
     assert 0 < totals["moe_serve_expert_cache_resident_bytes"] <= totals["moe_serve_expert_cache_capacity_bytes"]
     assert totals["moe_serve_model_info"] == 1
     assert totals["moe_serve_requests_running"] == 0 and totals["moe_serve_requests_waiting"] == 0

@@ -47,6 +47,7 @@ def cache_snapshot() -> ExpertCacheSnapshot:
         num_experts=frozen({0: 8, 1: 8}), resident_experts=frozen({0: (1, 5), 1: (7,)}),
         lookups_by_task=frozen({"chat": 60, "default": 10, "someone-elses-name": 10}),
         misses_by_task=frozen({"chat": 15, "default": 5, "someone-elses-name": 5}),
+        host_misses=frozen({}), host_compute_seconds=0.0, link_busy_seconds=0.0,
     )
 
 
