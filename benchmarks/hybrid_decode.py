@@ -37,13 +37,13 @@ import numpy as np
 import torch
 import transformers
 
-from benchmarks.prefetch_decode import DEFAULT_TRACE
+from benchmarks.prefetch_decode import DEFAULT_TRACE, save_random_checkpoint
 from moe_serve.engine.builder import RoutingReplay, build_engine
 from moe_serve.engine.config import EngineConfig, MissHandling
 from moe_serve.engine.core.llm_engine import LLMEngine
 from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import SamplingParams
-from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer, save_tokenizer
+from moe_serve.engine.model.tokenizer_builder import build_byte_level_tokenizer
 from moe_serve.engine.offload.hybrid import MissPlanner
 from moe_serve.engine.offload.provider import OffloadedExperts, make_planner
 from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace, save_trace
@@ -70,19 +70,7 @@ def make_checkpoint(directory: Path, geometry: str, trace: RoutingTrace, args: a
             num_key_value_heads=max(1, args.heads // 4), num_local_experts=trace.num_experts, sliding_window=None,
             **common)
         cls = transformers.MixtralForCausalLM
-    with torch.device("meta"):
-        model = cls(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-    model.save_pretrained(directory, max_shard_size="2GB")
-    save_tokenizer(tokenizer, directory)
-    return directory
+    return save_random_checkpoint(cls, config, torch.bfloat16, tokenizer, directory)
 
 
 def counters(experts: OffloadedExperts) -> dict[str, float]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from tokenizers import Tokenizer
 
 from benchmarks.engine_runs import counters_since, offload_counters, run_to_completion
 from moe_serve.engine.builder import RoutingReplay, build_engine
@@ -48,8 +49,15 @@ def make_checkpoint(directory: Path, trace: RoutingTrace, args: argparse.Namespa
         max_position_embeddings=4096, tie_word_embeddings=False,
     )
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    return save_random_checkpoint(transformers.Qwen2MoeForCausalLM, config, dtype, tokenizer, directory)
+
+
+def save_random_checkpoint(cls: type, config: transformers.PretrainedConfig, dtype: torch.dtype,
+                           tokenizer: Tokenizer, directory: Path) -> Path:
+    """`cls(config)` with seeded random weights (norms 1, the rest N(0, 0.02)) in `dtype`, saved with
+    `tokenizer` into `directory` in the Hub's format, built without a float32 copy of the weights."""
     with torch.device("meta"):
-        model = transformers.Qwen2MoeForCausalLM(config)
+        model = cls(config)
     model = model.to_empty(device="cpu").to(dtype)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
