@@ -194,7 +194,7 @@ class MoEModel:
         hidden, ffn, decode = x.shape[1], self.spec.moe_intermediate_size, self.expert_format.decode
         position = {expert: i for i, expert in enumerate(layout.needed)}
         host_index = torch.tensor([position[expert] for expert, _ in fetched.host], device=x.device)
-        host_rows = self._padded_rows(layout, x, host_index).to(fetched.host[0][1][0].device)  # CUDA: a sync
+        host_rows = layout.padded_rows(x, host_index).to(fetched.host[0][1][0].device)  # CUDA: a sync
         host_out: list[torch.Tensor] = []
 
         def compute_host() -> None:
@@ -202,28 +202,19 @@ class MoEModel:
             host_out.append(expert_outputs(self.spec.expert_mlp, host_rows, per_expert))
 
         host_job = self.experts.run_on_host(moe_layer, compute_host)
-        width = 1 if layout.gather is None else layout.gather.shape[1]
-        out = x.new_empty(len(layout.needed), width, hidden)  # [N, C, D]
+        out = x.new_empty(len(layout.needed), layout.width, hidden)  # [N, C, D]
         try:
             stored = {expert: decode(tensors, hidden, ffn, x.dtype) for group in fetched.ready
                       for expert, tensors in group}
             if stored:
                 device_experts = sorted(stored)
                 device_index = torch.tensor([position[expert] for expert in device_experts], device=x.device)
-                out[device_index] = expert_outputs(self.spec.expert_mlp, self._padded_rows(layout, x, device_index),
+                out[device_index] = expert_outputs(self.spec.expert_mlp, layout.padded_rows(x, device_index),
                                                    [stored[expert] for expert in device_experts])
         finally:
             host_job.result()  # re-raises its error
         out[host_index] = host_out[0].to(x.device, non_blocking=True)
         return combine_slots(layout, out, weights, x.dtype)
-
-    @staticmethod
-    def _padded_rows(layout: ExpertLayout, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The padded input rows [n, C, D] of the needed experts at `index` (one token routed to distinct
-        experts: views of it, as `batched_experts` reads them)."""
-        if layout.gather is None:
-            return x.view(1, 1, x.shape[1]).expand(index.shape[0], 1, x.shape[1])
-        return x[layout.gather[index]]
 
     def _hint_next(self, moe_layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
         """The speculator's guesses for the next MoE layer, handed to the provider to prefetch."""

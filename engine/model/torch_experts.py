@@ -59,6 +59,19 @@ class ExpertLayout:
         gather, inverse = device_index.split([len(needed) * width, len(order)])
         return cls(needed.tolist(), counts.tolist(), gather.view(len(needed), width), inverse, ids_host)
 
+    @property
+    def width(self) -> int:
+        """C: the padded rows per needed expert (the busiest expert's assignments)."""
+        return 1 if self.gather is None else self.gather.shape[1]
+
+    def padded_rows(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The padded input rows [n, C, D] of x [T, D] for the needed experts at positions `index` (all
+        of them when None); one token routed to distinct experts: views of it, no gather."""
+        count = len(self.needed) if index is None else index.shape[0]
+        if self.gather is None:
+            return x.view(1, 1, x.shape[1]).expand(count, 1, x.shape[1])
+        return x[self.gather if index is None else self.gather[index]]
+
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`; to a GPU through pinned memory, without making the host wait."""
@@ -85,11 +98,7 @@ def batched_experts(
         for expert, tensors in group:
             stored[expert] = expert_format.decode(tensors, hidden, ffn, x.dtype)
     per_expert = [stored[expert] for expert in layout.needed]
-    if layout.gather is None:  # one token, one row per expert: a view, no gather
-        rows = x.view(1, 1, hidden).expand(len(layout.needed), 1, hidden)
-    else:
-        rows = x[layout.gather]  # [N, C, D]
-    return combine_slots(layout, expert_outputs(spec, rows, per_expert), weights, x.dtype)
+    return combine_slots(layout, expert_outputs(spec, layout.padded_rows(x), per_expert), weights, x.dtype)
 
 
 def expert_outputs(spec: ExpertMLPSpec, rows: torch.Tensor, per_expert: Sequence[ExpertTensors]) -> torch.Tensor:
