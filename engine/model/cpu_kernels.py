@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -185,15 +185,18 @@ def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) ->
             and (bias is None or (bias.shape == (n,) and bias.dtype is blocks.dtype and bias.is_contiguous()
                                   and bias.is_cpu))):
         return F.linear(x, weight.unpack(), bias)
+    return _kernel_linear(x, n, k, lambda out: library.linear(
+        blocks.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), out.data_ptr(), kind, n, k,
+        x.shape[0], x.stride(0), n, torch.get_num_threads()))
+
+
+def _kernel_linear(x: torch.Tensor, n: int, k: int, run: Callable[[torch.Tensor], int]) -> torch.Tensor:
+    """The [T, N] result of a linear kernel for x [T, K]: checks K, allocates the output and calls
+    `run(out)` (a kernel call returning its status) unless there are no rows."""
     if x.shape[1] != k:
-        raise ValueError(f"linear: x has {x.shape[1]} columns but weight is {tuple(weight.shape)}")
-    rows = x.shape[0]
-    out = x.new_empty(rows, n)
-    if rows == 0:
-        return out
-    status = library.linear(blocks.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), out.data_ptr(),
-                            kind, n, k, rows, x.stride(0), n, torch.get_num_threads())
-    if status != 0:
+        raise ValueError(f"linear: x has {x.shape[1]} columns but weight is {(n, k)}")
+    out = x.new_empty(x.shape[0], n)
+    if x.shape[0] and run(out) != 0:
         raise MemoryError("linear: out of memory for the kernel's scratch rows")
     return out
 
@@ -215,25 +218,19 @@ def quant_linear(x: torch.Tensor, weight: QuantMatrix, bias: torch.Tensor | None
                     for t, (shape, dtype) in zip(weight.tensors, expected))
             and (bias is None or (bias.shape == (n,) and bias.dtype is x.dtype and bias.is_contiguous() and bias.is_cpu))):
         return reference_linear(x, weight, bias)
-    if x.shape[1] != k:
-        raise ValueError(f"linear: x has {x.shape[1]} columns but weight is {tuple(weight.shape)}")
-    rows = x.shape[0]
-    out = x.new_empty(rows, n)
-    if rows == 0:
-        return out
     bias_ptr = None if bias is None else bias.data_ptr()
-    threads = torch.get_num_threads()
-    if weight.kind == WeightKind.INT8:
-        codes, scales, sums = weight.tensors
-        status = library.linear_q8(codes.data_ptr(), scales.data_ptr(), sums.data_ptr(), bias_ptr, x.data_ptr(),
-                                   out.data_ptr(), kind, n, k, rows, x.stride(0), n, threads)
-    else:
+
+    def run(out: torch.Tensor) -> int:
+        rows, threads = x.shape[0], torch.get_num_threads()
+        if weight.kind == WeightKind.INT8:
+            codes, scales, sums = weight.tensors
+            return library.linear_q8(codes.data_ptr(), scales.data_ptr(), sums.data_ptr(), bias_ptr, x.data_ptr(),
+                                     out.data_ptr(), kind, n, k, rows, x.stride(0), n, threads)
         matrix = (ctypes.c_int64 * 3)(*(t.data_ptr() for t in weight.tensors), *([0] * (3 - len(weight.tensors))))
-        status = library.linear_quant(ctypes.addressof(matrix), weight.kind, weight.group, bias_ptr, x.data_ptr(),
-                                      out.data_ptr(), kind, n, k, rows, x.stride(0), n, threads)
-    if status != 0:
-        raise MemoryError("linear: out of memory for the kernel's scratch rows")
-    return out
+        return library.linear_quant(ctypes.addressof(matrix), weight.kind, weight.group, bias_ptr, x.data_ptr(),
+                                    out.data_ptr(), kind, n, k, rows, x.stride(0), n, threads)
+
+    return _kernel_linear(x, n, k, run)
 
 
 def int8_dot_kernel() -> str:
