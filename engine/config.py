@@ -90,6 +90,16 @@ class MissHandling(str, enum.Enum):
     HOST = "host"
 
 
+class MissPrecision(str, enum.Enum):
+    """Which copy of a missed expert is loaded when the host tier keeps a low-bit copy beside the full one:
+    `full` always the full-precision one, `low` always the low-bit one, `adaptive` decides per miss (the
+    expert's gate weight, the link's queue) and upgrades hot experts later (docs/mixed_precision.md)."""
+
+    FULL = "full"
+    LOW = "low"
+    ADAPTIVE = "adaptive"
+
+
 class WeightDType(str, enum.Enum):
     """Storage of the dense linear layers (attention projections, shared experts, lm_head) on the CPU
     path: `model` keeps the compute dtype, `int8` / `int4` quantize at load (docs/quantization.md)."""
@@ -158,6 +168,18 @@ class EngineConfig(BaseModel):
     miss_handling: MissHandling = Field(
         default=MissHandling.AUTO, description="a missed expert: copy it to the device, compute it on the host, "
         "or auto (per miss, from the link/host cost model; on a CPU only with --expert-link-gbps, else copy)"
+    )
+    miss_precision: MissPrecision = Field(
+        default=MissPrecision.FULL, description="a copied miss: load the full-precision expert, its low-bit copy, or "
+        "adaptive (per miss; hot experts upgraded later); low and adaptive keep both copies in the host tier"
+    )
+    miss_low_dtype: str = Field(
+        default="int4-g32", pattern=r"^(int8|mxfp4|int4(-g(32|64|128))?(-sym)?)$",
+        description="format of the low-bit copy --miss-precision low/adaptive loads (docs/mixed_precision.md)"
+    )
+    miss_low_gate: float = Field(
+        default=0.1, ge=0, le=1, description="adaptive: a miss whose largest gate weight over its rows is below "
+        "this loads the low-bit copy"
     )
     record_trace: str | None = Field(default=None, description="directory to write routing traces (npz) into")
     copy_workers: int = Field(default=2, ge=1, le=64, description="copy-engine worker threads (CPU backend)")
