@@ -1,7 +1,7 @@
-"""CPU kernels, fp32 or bf16: linear layers (also on int8 weights with integer dot products and on
-int4 weights, `engine.model.dense_quant`), the routed-expert FFN (also on int8, int4 and MXFP4
-experts, `engine.model.quant`, dequantized in registers), decode attention, RMSNorm, the rotary
-embedding and the router's top-k, in `csrc/cpu_kernels.c` over the packed layout of
+"""CPU kernels, fp32 or bf16: linear layers (also on int8 and 4-bit weights with integer dot products,
+`engine.model.dense_quant`), the routed-expert FFN (also on int8, int4 and MXFP4 experts,
+`engine.model.quant`, integer dot products on activations quantized per row), decode attention,
+RMSNorm, the rotary embedding and the router's top-k, in `csrc/cpu_kernels.c` over the packed layout of
 `engine.model.packed`; compiled on first use into the extension cache, called through ctypes
 (which releases the GIL). Each output is summed in one fixed order whatever the batch or the
 expert grouping, so results do not depend on batching. Plain weights, other devices or
@@ -137,7 +137,8 @@ def _load() -> ctypes.CDLL | None:
             logger.warning("CPU kernels: torch (C kernels unavailable: %s)", exc)
             return None
         _library, _flavour = library, flavour
-        logger.info("CPU kernels: C (%s), packed weights; int8 weights: %s", flavour, INT8_KERNELS[library.q8_kernel()])
+        logger.info("CPU kernels: C (%s), packed weights; int8 and 4-bit weights: %s", flavour,
+                    INT8_KERNELS[library.q8_kernel()])
         return library
 
 
@@ -202,8 +203,8 @@ def _kernel_linear(x: torch.Tensor, n: int, k: int, run: Callable[[torch.Tensor]
 
 
 def quant_linear(x: torch.Tensor, weight: QuantMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for a low-bit weight (`engine.model.dense_quant`): int8 on the integer
-    dot-product kernel (activations quantized per row), 4-bit formats dequantized in registers;
+    """x @ weight.T (+ bias) for a low-bit weight (`engine.model.dense_quant`): int8 and the 4-bit formats
+    on the integer dot-product kernels (activations quantized per row);
     x, bias and the result in the weight's activation dtype (fp32 or bf16). Inputs the kernels do not
     take (another dtype or device, strided rows) get `dense_quant.reference_linear`."""
     n, k = weight.shape
@@ -234,7 +235,7 @@ def quant_linear(x: torch.Tensor, weight: QuantMatrix, bias: torch.Tensor | None
 
 
 def int8_dot_kernel() -> str:
-    """The int8 dot-product kernel serving int8 weights on this CPU ("torch" without the C kernels)."""
+    """The integer dot-product kernel serving int8 and 4-bit weights on this CPU ("torch" without the C kernels)."""
     library = _load()
     return "torch" if library is None else INT8_KERNELS[library.q8_kernel()]
 

@@ -4,7 +4,7 @@ The matrices take the routed experts' formats (`engine.model.quant`) and kernels
 codes, one fp32 scale per output channel) in the integer dot-product layout, run with the
 activations quantized per row at every product (q = round(x / s), s = max|x| / 127; the products
 summed exactly in int32, then scaled by the weight's and the row's scales); int4 (group 64 with zero
-points) dequantized in registers. Owns quantizing a dense matrix at load, the layouts' sizes, the
+points) with the same integer dot products, summed exactly per group and scaled once per group. Owns quantizing a dense matrix at load, the layouts' sizes, the
 embedding lookup in a quantized tied lm_head, and the plain torch references the kernels are
 tested against. Measured: docs/quantization.md.
 """
@@ -14,7 +14,17 @@ from __future__ import annotations
 import torch
 
 from moe_serve.engine.model.packed import PACK_WIDTH, Matrix, PackedMatrix, QuantMatrix
-from moe_serve.engine.model.quant import INT4_DEFAULT_GROUP, ExpertFormat, WeightKind, dequantize, pack, unpack
+from moe_serve.engine.model.quant import (
+    E8M0_BIAS,
+    FP4_VALUES,
+    INT4_DEFAULT_GROUP,
+    ExpertFormat,
+    QuantizedMatrix,
+    WeightKind,
+    dequantize,
+    pack,
+    unpack,
+)
 
 WEIGHT_DTYPES = ("model", "int8", "int4")  # `--weight-dtype`
 DENSE_FORMATS = {"int8": ExpertFormat("int8", WeightKind.INT8),
@@ -41,7 +51,7 @@ def dense_layouts(rows: int, cols: int, weight_dtype: str) -> list[tuple[tuple[i
 
 def dequantize_dense(matrix: QuantMatrix) -> torch.Tensor:
     """The reference: the weight [rows, cols] the stored codes stand for, in fp32."""
-    return dequantize(unpack(WeightKind(matrix.kind), matrix.tensors, matrix.rows, matrix.group))
+    return dequantize(unpack(WeightKind(matrix.kind), matrix.tensors, matrix.rows, matrix.cols, matrix.group))
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,15 +73,36 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
     return sums * scales * row_scales[:, None]
 
 
+def int4_linear(x: torch.Tensor, matrix: QuantizedMatrix) -> torch.Tensor:
+    """The 4-bit kernels' product in plain torch, fp32: x [T, K] quantized per row; per group g of
+    inputs the integer sum of (code - zero) * q (INT4; MXFP4: 2 x its E2M1 value times q), exact (in
+    fp64); the groups added in order as total + sum * scale (MXFP4: 2^(e - 128)) in fp32; times the
+    row scale. The kernels' order, so their bits."""
+    x_codes, row_scales = quantize_activations(x)
+    rows, cols = matrix.codes.shape
+    per_column = torch.arange(cols) // matrix.group
+    if matrix.kind is WeightKind.INT4:
+        zeros = matrix.zeros if matrix.zeros is not None else torch.full(matrix.scales.shape, 8, dtype=torch.uint8)
+        values = matrix.codes.double() - zeros.double()[:, per_column]
+        scales = matrix.scales.float()
+    else:
+        values = torch.tensor(FP4_VALUES, dtype=torch.float64)[matrix.codes.long()] * 2
+        scales = torch.exp2(matrix.scales.float() - (E8M0_BIAS + 1))
+    total = torch.zeros(x.shape[0], rows)
+    for g in range(scales.shape[1]):
+        columns = slice(g * matrix.group, min((g + 1) * matrix.group, cols))
+        total = total + (x_codes[:, columns].double() @ values[:, columns].T).float() * scales[:, g]
+    return total * row_scales[:, None]
+
+
 def reference_linear(x: torch.Tensor, matrix: QuantMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ matrix.T (+ bias) as the kernels define it, in plain torch, in x's dtype: INT8 by
-    `int8_linear` (the kernel's bits); 4-bit kinds by the dequantized weight in fp32 (the kernel's fp32
-    sums, in another order)."""
+    `int8_linear`, INT4 by `int4_linear` (the kernels' bits)."""
+    logical = unpack(WeightKind(matrix.kind), matrix.tensors, matrix.rows, matrix.cols, matrix.group)
     if matrix.kind == WeightKind.INT8:
-        logical = unpack(WeightKind.INT8, matrix.tensors, matrix.rows, matrix.group)
         out = int8_linear(x, logical.codes, logical.scales[:, 0])
     else:
-        out = x.float() @ dequantize_dense(matrix).T
+        out = int4_linear(x, logical)
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
@@ -91,9 +122,9 @@ def matrix_rows(matrix: Matrix, ids: torch.Tensor) -> torch.Tensor:
         return rows.to(matrix.dtype)
     if matrix.kind != WeightKind.INT4:
         return dequantize_dense(matrix)[ids].to(matrix.dtype)
-    codes, scale, *zeros = matrix.tensors  # nibbles [B, K, 8], fp16 scales and uint8 zeros [B, G, 16]
-    nibbles = codes[block, :, lane % 8]
-    values = torch.where((lane < 8)[:, None], nibbles & 0x0F, nibbles >> 4).float()
+    codes, scale, *zeros = matrix.tensors  # nibbles [B, ceil(K / 8), 64], fp16 scales and uint8 zeros [B, G, 16]
+    nibbles = codes.view(codes.shape[0], codes.shape[1], PACK_WIDTH, 4)[block, :, lane]  # [T, ceil(K / 8), 4]
+    values = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=2).reshape(len(ids), -1)[:, :matrix.cols].float()
     per_column = torch.arange(matrix.cols) // matrix.group
     zero = zeros[0][block, :, lane].float() if zeros else torch.full((len(ids), scale.shape[1]), 8.0)
     rows = (values - zero[:, per_column]) * scale[block, :, lane].float()[:, per_column]

@@ -31,6 +31,7 @@ E8M0_BIAS = 127
 INT4_GROUPS = (32, 64, 128)
 INT4_DEFAULT_GROUP = 64
 DOT_STEP = 4  # inputs per 32-bit lane of the int8 dot-product instructions (the kernels' Q8_STEP)
+NIBBLE_STEP = 2 * DOT_STEP  # inputs per 64-byte step of the 4-bit layout (two dot-product steps)
 _FP16_MIN_SCALE = 2.0**-14  # the smallest normal fp16: int4 scales never underflow
 
 
@@ -135,14 +136,23 @@ def dequantize(matrix: QuantizedMatrix, dtype: torch.dtype = torch.float32) -> t
 # -- the packed layout ------------------------------------------------------------------------
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Codes [N, K] (0..15) -> uint8 [ceil(N / 16), K, 8]: byte i of a block step holds output i
-    (low nibble) and output i + 8 (high nibble), so one 8-byte load widens to two 8-lane vectors."""
-    blocks = pack_blocks(codes)
-    return (blocks[..., :8] | (blocks[..., 8:] << 4)).contiguous()
+    """Codes [N, K] (0..15) -> uint8 [ceil(N / 16), ceil(K / 8), 64], the integer dot products' layout:
+    per block and step of 8 inputs, byte 4 j + i holds output j's input i (low nibble) and input 4 + i
+    (high nibble), so one 64-byte load widens to the two 16-output x 4-input vectors of a dot-product
+    instruction; K is padded with code 0 (the kernels' activations are zero there)."""
+    rows, cols = codes.shape
+    blocks, steps = -(-rows // PACK_WIDTH), -(-cols // NIBBLE_STEP)
+    padded = torch.zeros(blocks * PACK_WIDTH, steps * NIBBLE_STEP, dtype=torch.uint8)
+    padded[:rows, :cols] = codes
+    split = padded.view(blocks, PACK_WIDTH, steps, 2, DOT_STEP).permute(0, 2, 3, 1, 4)  # [B, S, half, 16, 4]
+    return (split[:, :, 0] | (split[:, :, 1] << 4)).reshape(blocks, steps, PACK_WIDTH * DOT_STEP).contiguous()
 
 
-def _unpack_nibbles(packed: torch.Tensor, rows: int) -> torch.Tensor:
-    return unpack_blocks(torch.cat([packed & 0x0F, packed >> 4], dim=-1), rows)
+def _unpack_nibbles(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    blocks, steps = packed.shape[:2]
+    pairs = packed.view(blocks, steps, 1, PACK_WIDTH, DOT_STEP)
+    split = torch.cat([pairs & 0x0F, pairs >> 4], dim=2)  # [B, S, half, 16, 4]
+    return split.permute(0, 3, 1, 2, 4).reshape(blocks * PACK_WIDTH, steps * NIBBLE_STEP)[:rows, :cols]
 
 
 def _pack_groups(values: torch.Tensor) -> torch.Tensor:
@@ -168,8 +178,9 @@ def _unpack_dot(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def pack(matrix: QuantizedMatrix) -> tuple[torch.Tensor, ...]:
     """The stored tensors: INT8 (codes int8 [B, ceil(K / 4), 16, 4], scales fp32 [B, 1, 16], the sums of
     each output's codes int32 [B, 1, 16], which the unsigned-by-signed dot products subtract); INT4
-    (codes uint8 [B, K, 8], scales fp16 [B, G, 16], with zero points zeros uint8 [B, G, 16]); MXFP4 (codes
-    uint8 [B, K, 8], scales uint8 [B, G, 16]); B = ceil(N / 16), padding outputs (and INT8 inputs) zero."""
+    (codes uint8 [B, ceil(K / 8), 64], see `_pack_nibbles`, scales fp16 [B, G, 16], with zero points zeros
+    uint8 [B, G, 16]); MXFP4 (codes as INT4's, scales uint8 [B, G, 16]); B = ceil(N / 16), padding
+    outputs and inputs zero."""
     if matrix.kind is WeightKind.INT8:
         sums = matrix.codes.sum(dim=1, keepdim=True, dtype=torch.int32)
         return _pack_dot(matrix.codes), _pack_groups(matrix.scales), _pack_groups(sums)
@@ -177,13 +188,13 @@ def pack(matrix: QuantizedMatrix) -> tuple[torch.Tensor, ...]:
     return stored if matrix.zeros is None else (*stored, _pack_groups(matrix.zeros))
 
 
-def unpack(kind: WeightKind, stored: tuple[torch.Tensor, ...], rows: int, group: int) -> QuantizedMatrix:
-    """The logical codes a `pack` produced (`group` = K for INT8)."""
+def unpack(kind: WeightKind, stored: tuple[torch.Tensor, ...], rows: int, cols: int, group: int) -> QuantizedMatrix:
+    """The logical [rows, cols] codes a `pack` produced (`group` = cols for INT8)."""
     if kind is WeightKind.INT8:
         codes, scales, _ = stored
-        return QuantizedMatrix(kind, _unpack_dot(codes, rows, group), unpack_blocks(scales, rows), None, group)
+        return QuantizedMatrix(kind, _unpack_dot(codes, rows, cols), unpack_blocks(scales, rows), None, cols)
     codes, scales, *zeros = stored
-    return QuantizedMatrix(kind, _unpack_nibbles(codes, rows), unpack_blocks(scales, rows),
+    return QuantizedMatrix(kind, _unpack_nibbles(codes, rows, cols), unpack_blocks(scales, rows),
                            unpack_blocks(zeros[0], rows) if zeros else None, group)
 
 
@@ -243,8 +254,8 @@ class ExpertFormat:
             return stored
         gate_up, down, biases = self.matrices(stored)
         group_up, group_down = (hidden, ffn) if self.kind is WeightKind.INT8 else (self.group, self.group)
-        return (dequantize(unpack(self.kind, gate_up, 2 * ffn, group_up), dtype),
-                dequantize(unpack(self.kind, down, hidden, group_down), dtype), *biases)
+        return (dequantize(unpack(self.kind, gate_up, 2 * ffn, hidden, group_up), dtype),
+                dequantize(unpack(self.kind, down, hidden, ffn, group_down), dtype), *biases)
 
     def matrix_layouts(self, rows: int, cols: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of each stored tensor of a quantized [rows, cols] matrix (see `pack`)."""
@@ -254,7 +265,8 @@ class ExpertFormat:
                     ((blocks, 1, PACK_WIDTH), torch.float32), ((blocks, 1, PACK_WIDTH), torch.int32)]
         groups = -(-cols // self.group)
         scale_dtype = torch.float16 if self.kind is WeightKind.INT4 else torch.uint8
-        layouts = [((blocks, cols, PACK_WIDTH // 2), torch.uint8), ((blocks, groups, PACK_WIDTH), scale_dtype)]
+        layouts = [((blocks, -(-cols // NIBBLE_STEP), PACK_WIDTH * DOT_STEP), torch.uint8),
+                   ((blocks, groups, PACK_WIDTH), scale_dtype)]
         return layouts + ([((blocks, groups, PACK_WIDTH), torch.uint8)] if self.zero_points else [])
 
     def matrix_nbytes(self, rows: int, cols: int, model_dtype: torch.dtype) -> int:

@@ -1,5 +1,5 @@
-/* CPU kernels for decode-sized batches, fp32 or bf16: a linear layer, the routed-expert FFN,
- * the attention of decode steps over the paged KV cache, RMSNorm, the rotary embedding and the
+/* CPU kernels for decode-sized batches, fp32 or bf16: a linear layer, the routed-expert FFN (both
+ * also on int8 and 4-bit weights with integer dot products: Q8 and Q4 below), the attention of decode steps over the paged KV cache, RMSNorm, the rotary embedding and the
  * router's top-k with the grouping of assignments by expert.
  *
  * The linear layer and the experts read packed weights (see PACK below): blocks of 16 outputs
@@ -257,180 +257,19 @@ static void block_tile_any(const void *block, int bf16, int64_t k, const float *
 #undef TILE_CASE
 }
 
-/* Quantized weights (engine/model/quant.py): the same blocks of PACK outputs, k-major, as codes.
- * INT8 is computed with integer dot products (its layout and kernel: Q8 below). INT4: 4-bit codes, 8 bytes per k step (byte i
- * holds output i in its low nibble and output i + 8 in its high one), per group of `group` k steps an
- * fp16 scale and a uint8 zero point per output (8 without zero points): w = (code - zero) * scale;
- * MXFP4: 4-bit E2M1 codes laid out as INT4, per group of 32 an e8m0 scale per output: w = FP4[code] *
- * 2^(scale - 127). The codes are widened to fp32 in registers: each output sums code * x over a group
- * in one fused multiply-add chain, then adds scale * that sum to its total (one more fused multiply-add
- * per group), in that order whatever the rows, the tile, or vector or scalar code. */
+/* Weight kinds (engine/model/quant.py WeightKind): fp32 and bf16 run the blocks above; INT8 (Q8 below)
+ * and the 4-bit INT4 and MXFP4 (Q4 below) run integer dot products. */
 enum { KIND_FP32 = 0, KIND_BF16 = 1, KIND_INT8 = 2, KIND_INT4 = 3, KIND_MXFP4 = 4 };
 
-typedef struct {
-    const void *w;        /* the block's codes (or fp32 / bf16 weights) */
-    const void *scale;    /* INT4: fp16 [groups][PACK]; MXFP4: uint8 [groups][PACK] */
-    const uint8_t *zero;  /* INT4 with zero points: [groups][PACK], else NULL */
-    int kind;
-    int64_t group;        /* k steps per scale */
-} wblock;
-
-static const float FP4_TABLE[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
-
-static inline float from_fp16(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);  /* inf / NaN */
-    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
-    else if (!man) bits = sign;
-    else {  /* subnormal: normalise */
-        exp = 113;
-        while (!(man & 0x400u)) man <<= 1, --exp;
-        bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-    }
-    float v;
-    __builtin_memcpy(&v, &bits, sizeof v);
-    return v;
-}
-
-/* 2^(e - 127): the exponent field itself, or for e = 0 the subnormal 2^-127. */
-static inline float from_e8m0(uint8_t e) {
-    uint32_t bits = e ? (uint32_t)e << 23 : 0x00400000u;
-    float v;
-    __builtin_memcpy(&v, &bits, sizeof v);
-    return v;
-}
-
-/* The group's scale and zero point of each of the block's PACK outputs. */
-static inline void group_params(const wblock *b, int64_t g, float s[PACK], float z[PACK]) {
-    for (int j = 0; j < PACK; ++j) {
-        if (b->kind == KIND_INT4) {
-            s[j] = from_fp16(((const uint16_t *)b->scale)[g * PACK + j]);
-            z[j] = b->zero ? (float)b->zero[g * PACK + j] : 8.f;
-        } else s[j] = from_e8m0(((const uint8_t *)b->scale)[g * PACK + j]), z[j] = 0.f;
-    }
-}
-
-/* Code value of output j at step kk (before the scale). */
-static inline float code_at(const wblock *b, int64_t kk, int j, const float z[PACK]) {
-    uint8_t byte = ((const uint8_t *)b->w)[kk * (PACK / 2) + (j & 7)];
-    int code = j < 8 ? byte & 0x0f : byte >> 4;
-    return b->kind == KIND_INT4 ? (float)code - z[j] : FP4_TABLE[code];
-}
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-/* The group's scales and zero points of the block's 16 outputs as two 8-lane vectors each (group_params). */
-static inline __attribute__((always_inline)) void group_vectors(const wblock *b, int kind, int64_t g, __m256 s[2],
-                                                                 __m256 z[2]) {
-    for (int h = 0; h < 2; ++h) {
-        int64_t i = g * PACK + 8 * h;
-        if (kind == KIND_INT4) {
-            s[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)b->scale + i)));
-            z[h] = b->zero ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b->zero + i))))
-                           : _mm256_set1_ps(8.f);
-        } else {
-            __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)b->scale + i)));
-            __m256i bits = _mm256_blendv_epi8(_mm256_slli_epi32(e, 23), _mm256_set1_epi32(0x00400000),
-                                              _mm256_cmpeq_epi32(e, _mm256_setzero_si256()));
-            s[h] = _mm256_castsi256_ps(bits), z[h] = _mm256_setzero_ps();
-        }
-    }
-}
-
-/* The 16 code values of step kk as two 8-lane vectors (outputs 0-7, 8-15). */
-static inline __attribute__((always_inline)) void codes16(const void *w, int kind, int64_t kk, __m256 z0, __m256 z1,
-                                                           __m256 *w0, __m256 *w1) {
-    __m256i both = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)w + kk * (PACK / 2))));
-    __m256i lo = _mm256_and_si256(both, _mm256_set1_epi32(0x0f)), hi = _mm256_srli_epi32(both, 4);
-    if (kind == KIND_INT4) {
-        *w0 = _mm256_sub_ps(_mm256_cvtepi32_ps(lo), z0);
-        *w1 = _mm256_sub_ps(_mm256_cvtepi32_ps(hi), z1);
-        return;
-    }
-    const __m256 magnitudes = _mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f);  /* indexed by code & 7 */
-    __m256i sign_lo = _mm256_slli_epi32(_mm256_and_si256(lo, _mm256_set1_epi32(8)), 28);
-    __m256i sign_hi = _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(8)), 28);
-    *w0 = _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, lo), _mm256_castsi256_ps(sign_lo));
-    *w1 = _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, hi), _mm256_castsi256_ps(sign_hi));
-}
-
-/* acc[r][j] = sum over groups of scale * sum_kk code * x[r][kk] for r < R (constant after inlining). */
-static inline __attribute__((always_inline)) void qblock_tile(const wblock *b, int kind, int64_t k, const float *const *x,
-                                                              int R, float acc_out[TILE_ROWS][PACK]) {
-    const int bytes_per_step = PACK / 2;
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r)
-        for (int j = 0; j < PACK; ++j) acc_out[r][j] = 0.f;
-    for (int64_t g = 0, g0 = 0; g0 < k; ++g, g0 += b->group) {
-        int64_t g1 = g0 + b->group < k ? g0 + b->group : k;
-        __m256 s[2], z[2];
-        group_vectors(b, kind, g, s, z);
-        __m256 acc[TILE_ROWS][2];
-#pragma GCC unroll 6
-        for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (int64_t kk = g0; kk < g1; ++kk) {
-            if ((kk * bytes_per_step) % 64 == 0)  /* once per cache line */
-                __builtin_prefetch((const char *)b->w + (kk + PACK_AHEAD) * bytes_per_step, 0, 3);
-            __m256 w0, w1;
-            codes16(b->w, kind, kk, z[0], z[1], &w0, &w1);
-#pragma GCC unroll 6
-            for (int r = 0; r < R; ++r) {
-                __m256 xv = _mm256_broadcast_ss(x[r] + kk);
-                acc[r][0] = _mm256_fmadd_ps(w0, xv, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(w1, xv, acc[r][1]);
-            }
-        }
-#pragma GCC unroll 6
-        for (int r = 0; r < R; ++r)
-            for (int h = 0; h < 2; ++h)
-                _mm256_storeu_ps(acc_out[r] + 8 * h, _mm256_fmadd_ps(s[h], acc[r][h], _mm256_loadu_ps(acc_out[r] + 8 * h)));
-    }
-}
-#else
-static inline void qblock_tile(const wblock *b, int kind, int64_t k, const float *const *x, int R,
-                               float acc_out[TILE_ROWS][PACK]) {
-    (void)kind;
-    for (int r = 0; r < R; ++r)
-        for (int j = 0; j < PACK; ++j) acc_out[r][j] = 0.f;
-    for (int64_t g = 0, g0 = 0; g0 < k; ++g, g0 += b->group) {
-        int64_t g1 = g0 + b->group < k ? g0 + b->group : k;
-        float s[PACK], z[PACK];
-        group_params(b, g, s, z);
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < PACK; ++j) {
-                float a = 0.f;
-                for (int64_t kk = g0; kk < g1; ++kk) a = MADD(a, code_at(b, kk, j, z), x[r][kk]);
-                acc_out[r][j] = MADD(acc_out[r][j], s[j], a);
-            }
-    }
-}
-#endif
-
-/* qblock_tile for any R <= TILE_ROWS and 4-bit kind, dispatched to a constant-size instance. */
-static void qblock_tile_any(const wblock *b, int64_t k, const float *const *x, int R, float acc[TILE_ROWS][PACK]) {
-#define QTILE_KIND(n, kind) \
-    case kind: qblock_tile(b, kind, k, x, n, acc); break;
-#define QTILE_CASE(n) \
-    case n: \
-        switch (b->kind) { QTILE_KIND(n, KIND_INT4) default: QTILE_KIND(n, KIND_MXFP4) } \
-        break;
-    switch (R) {
-        QTILE_CASE(1) QTILE_CASE(2) QTILE_CASE(3) QTILE_CASE(4) QTILE_CASE(5) default: QTILE_CASE(6)
-    }
-#undef QTILE_CASE
-#undef QTILE_KIND
-}
-
-/* One packed block `wb` (outputs b * PACK .. b * PACK + cols - 1) against the activation rows [begin, end):
+/* One packed fp32 or bf16 block (outputs b * PACK .. b * PACK + cols - 1, k steps) against the activation rows [begin, end):
  * y[y_row(i) * ldy + j] = scale(i) * dot(w[j], x[x_row(i)]), or dot + bias[j] with a bias and no scale,
  * for j < cols, where a NULL x_row, y_row is the identity and a NULL scale is 1. x rows are ldx floats
  * apart; y is fp32, or bf16 where y_bf16 != 0 (each result rounded once). */
-static void block_rows(const wblock *wb, int64_t k, int cols, int64_t begin, int64_t end, const float *x,
+static void block_rows(const void *block, int bf16, int64_t k, int cols, int64_t begin, int64_t end, const float *x,
                        const int64_t *x_row, int64_t ldx, void *y, int y_bf16, const int64_t *y_row, int64_t ldy,
                        const float *scale, const float *bias) {
     float acc[TILE_ROWS][PACK];
     float *wide = NULL;
-    const void *block = wb->w;
-    int bf16 = wb->kind == KIND_BF16, quantized = wb->kind >= KIND_INT8;
     if (bf16 && end - begin > WIDEN_ROWS && (wide = malloc(sizeof(float) * k * PACK))) {
         /* many tiles will read this block: widen it once (the same values, so the same bits) */
         widen_into(block, 1, k * PACK, k * PACK, wide, 1);
@@ -440,8 +279,7 @@ static void block_rows(const wblock *wb, int64_t k, int cols, int64_t begin, int
         int R = end - i < TILE_ROWS ? (int)(end - i) : TILE_ROWS;
         const float *xs[TILE_ROWS];
         for (int r = 0; r < R; ++r) xs[r] = x + (x_row ? x_row[i + r] : i + r) * ldx;
-        if (quantized) qblock_tile_any(wb, k, xs, R, acc);
-        else block_tile_any(block, bf16, k, xs, R, acc);
+        block_tile_any(block, bf16, k, xs, R, acc);
         for (int r = 0; r < R; ++r) {
             int64_t yi = (y_row ? y_row[i + r] : i + r) * ldy;
             float s = scale ? scale[i + r] : 1.f;
@@ -456,21 +294,6 @@ static void block_rows(const wblock *wb, int64_t k, int cols, int64_t begin, int
     free(wide);
 }
 
-/* Block b of a packed [n, k] matrix whose stored tensors sit at addresses m[0..2] (codes or weights,
- * scales, zero points), in weight kind `kind` (not INT8) with `group` k steps per scale. */
-static wblock matrix_block(const int64_t *m, int kind, int64_t group, int64_t b, int64_t k) {
-    wblock wb = {NULL, NULL, NULL, kind, kind >= KIND_INT8 ? group : k};
-    if (kind <= KIND_BF16) {
-        wb.w = block_at((const void *)m[0], kind, b, k);
-        return wb;
-    }
-    int64_t groups = (k + group - 1) / group;
-    wb.w = (const uint8_t *)m[0] + b * k * (PACK / 2);
-    wb.scale = (const char *)m[1] + b * groups * PACK * (kind == KIND_INT4 ? 2 : 1);
-    wb.zero = m[2] ? (const uint8_t *)m[2] + b * groups * PACK : NULL;
-    return wb;
-}
-
 #define ITEMS_PER_THREAD 4 /* a linear layer splits its rows into chunks only when the blocks are fewer */
 
 /* How many rows a chunk of a linear layer's work items (block, chunk of rows) holds, for m rows over
@@ -482,14 +305,14 @@ static int64_t chunk_rows_for(int64_t blocks, int64_t m, int threads, int tile) 
     return (rows + tile - 1) / tile * tile;
 }
 
-/* y[i, o] = sum_kk x[i, kk] * w[o, kk] (+ bias[o]) for o < n, i < m, with w a packed matrix whose
- * stored tensors sit at addresses matrix[0..2] (see matrix_block) in weight kind `kind`; x: [m, k],
- * row stride ldx; y: [m, n], row stride ldy; bias: [n] or NULL. x, y and bias are fp32, or bf16 where
- * bf16 != 0: then the products are summed in fp32 and each result (with its bias) rounded once. Work
- * items are (block, chunk of rows), block-major, split across threads in contiguous runs, so a decode
- * step's threads each stream their part of w once. Returns 0, or -1 if scratch memory ran out. */
-static int linear_blocks(const int64_t *matrix, int kind, int64_t group, const void *bias, const void *x, void *y, int bf16,
-                         int64_t n, int64_t k, int64_t m, int64_t ldx, int64_t ldy, int threads) {
+/* y[i, o] = sum_kk x[i, kk] * w[o, kk] (+ bias[o]) for o < n, i < m, with w packed fp32 or bf16 weights
+ * ([ceil(n / PACK)] blocks of [k][PACK], in the type of x); x: [m, k], row stride ldx; y: [m, n], row
+ * stride ldy; bias: [n] or NULL. x, y and bias are fp32, or bf16 where bf16 != 0: then the products are
+ * summed in fp32 and each result (with its bias) rounded once. Work items are (block, chunk of rows),
+ * block-major, split across threads in contiguous runs, so a decode step's threads each stream their
+ * part of w once. Returns 0, or -1 if scratch memory ran out. */
+int linear(const void *w, const void *bias, const void *x, void *y, int bf16, int64_t n, int64_t k, int64_t m, int64_t ldx,
+           int64_t ldy, int threads) {
     int64_t blocks = (n + PACK - 1) / PACK, chunk_rows = chunk_rows_for(blocks, m, threads, TILE_ROWS);
     int64_t chunks = (m + chunk_rows - 1) / chunk_rows;
     const float *xw = bf16 ? widened_into_scratch(x, m, k, ldx, threads) : (const float *)x;
@@ -504,26 +327,11 @@ static int linear_blocks(const int64_t *matrix, int kind, int64_t group, const v
         int64_t b = item / chunks, begin = item % chunks * chunk_rows, end = begin + chunk_rows < m ? begin + chunk_rows : m;
         int cols = n - b * PACK < PACK ? (int)(n - b * PACK) : PACK;
         void *yb = (char *)y + b * PACK * (bf16 ? 2 : 4);
-        wblock wb = matrix_block(matrix, kind, group, b, k);
-        block_rows(&wb, k, cols, begin, end, xw, NULL, bf16 ? k : ldx, yb, bf16, NULL, ldy, NULL, bw ? bw + b * PACK : NULL);
+        block_rows(block_at(w, bf16, b, k), bf16, k, cols, begin, end, xw, NULL, bf16 ? k : ldx, yb, bf16, NULL, ldy, NULL,
+                   bw ? bw + b * PACK : NULL);
     }
     free(bw);
     return 0;
-}
-
-/* A linear layer over fp32 or bf16 packed weights w ([ceil(n / PACK)] blocks of [k][PACK], in the
- * type of x): see linear_blocks. */
-int linear(const void *w, const void *bias, const void *x, void *y, int bf16, int64_t n, int64_t k, int64_t m, int64_t ldx,
-           int64_t ldy, int threads) {
-    int64_t matrix[3] = {(int64_t)w, 0, 0};
-    return linear_blocks(matrix, bf16 ? KIND_BF16 : KIND_FP32, k, bias, x, y, bf16, n, k, m, ldx, ldy, threads);
-}
-
-/* A linear layer over 4-bit weights (INT4 or MXFP4, `group` k steps per scale; matrix[0..2]: codes,
- * scales, zero points or 0), dequantized in registers: see linear_blocks. */
-int linear_quant(const int64_t *matrix, int kind, int64_t group, const void *bias, const void *x, void *y, int bf16,
-                 int64_t n, int64_t k, int64_t m, int64_t ldx, int64_t ldy, int threads) {
-    return linear_blocks(matrix, kind, group, bias, x, y, bf16, n, k, m, ldx, ldy, threads);
 }
 
 /* Q8: int8 weights (INT8, dense layers and experts; engine/model/quant.py) with integer dot products. A
@@ -555,8 +363,8 @@ int q8_kernel(void) {
 #endif
 }
 
-/* One row x (k values, fp32 or bf16) as k4 * Q8_STEP codes q + Q8_OFFSET (zero padded), and its scale. */
-static void quantize_row(const void *x, int bf16, int64_t k, int64_t k4, uint8_t *q, float *s) {
+/* One row x (k values, fp32 or bf16) as k4 * Q8_STEP codes q + offset (zero padded), and its scale. */
+static void quantize_row(const void *x, int bf16, int64_t k, int64_t k4, uint8_t *q, float *s, int offset) {
     float top = 0.f;
     for (int64_t kk = 0; kk < k; ++kk) {
         float v = fabsf(weight_at(x, bf16, kk));
@@ -566,7 +374,7 @@ static void quantize_row(const void *x, int bf16, int64_t k, int64_t k4, uint8_t
     for (int64_t kk = 0; kk < k4 * Q8_STEP; ++kk) {
         int code = kk < k && scale > 0.f ? (int)nearbyintf(weight_at(x, bf16, kk) / scale) : 0;
         code = code > 127 ? 127 : code < -127 ? -127 : code;
-        q[kk] = (uint8_t)(code + Q8_OFFSET);
+        q[kk] = (uint8_t)(code + offset);
     }
     *s = scale;
 }
@@ -700,7 +508,7 @@ int linear_q8(const int8_t *w, const float *scale, const int32_t *sums, const vo
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r)
-            quantize_row((const char *)x + r * ldx * (bf16 ? 2 : 4), bf16, k, k4, q + r * k4 * Q8_STEP, xs + r);
+            quantize_row((const char *)x + r * ldx * (bf16 ? 2 : 4), bf16, k, k4, q + r * k4 * Q8_STEP, xs + r, Q8_OFFSET);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < blocks * chunks; ++item) {
             int64_t b = item / chunks, begin = item % chunks * chunk_rows, end = begin + chunk_rows < m ? begin + chunk_rows : m;
@@ -713,6 +521,343 @@ int linear_q8(const int8_t *w, const float *scale, const int32_t *sums, const vo
     return 0;
 }
 
+/* Q4: 4-bit weights (INT4 and MXFP4: experts and INT4 dense layers; engine/model/quant.py) with the
+ * same integer dot products. A [n, k] matrix is stored as ceil(n / PACK) blocks of [ceil(k / 8)][64]
+ * bytes: per step of Q4_STEP = 8 inputs, byte 4 j + i holds output j's code for input i in its low
+ * nibble and for input 4 + i in its high one (zero padded), so one 64-byte load widens (mask, shift)
+ * to the [PACK][4] byte vectors of two dot-product steps. Per group of `group` inputs each output has
+ * a scale (INT4: fp16; MXFP4: e8m0) and INT4 a zero point z (uint8, or 8 without). The codes enter the
+ * products as unsigned bytes u: INT4 the code itself (weight (u - z) * scale); MXFP4 through a
+ * 16-entry table, u = 2 x E2M1 value + 12 in 0..24 (a byte shuffle; weight (u - 12) * 2^(e - 128)).
+ * Activations are quantized per row as Q8's but stay signed (the signed operand), and each row keeps
+ * the sum of its codes per group, so per (row, output, group)
+ *     d = sum_kk u * q - z * sum_kk q = sum_kk (u - z) * q   (exact in int32)
+ * and output (r, j) = (the groups in order: total = total + (float)d * scale) * s[r]  (+ bias[j]), each
+ * product and sum rounded on its own, so every kernel (AVX512-VNNI vpdpbusd, AVX2 vpmaddubsw +
+ * vpmaddwd, portable C) gives the same bits whatever the rows batched. */
+#define Q4_STEP 8       /* inputs per 64-byte step */
+#define Q4_TILE 8       /* activation rows per tile */
+#define Q4_AHEAD 8      /* steps (64-byte lines) fetched ahead */
+#define MXFP4_ZERO 12   /* the MXFP4 table's offset */
+
+static const uint8_t MXFP4_CODES[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};  /* 2 x E2M1 + 12 */
+
+/* One block of a 4-bit matrix: its codes and its groups' scales and zero points (NULL: none). */
+typedef struct {
+    const uint8_t *w;    /* [k8][64] */
+    const void *scale;   /* INT4: fp16 [groups][PACK]; MXFP4: uint8 [groups][PACK] */
+    const uint8_t *zero; /* INT4 with zero points: [groups][PACK] */
+    int64_t group;       /* inputs per scale (a multiple of Q4_STEP) */
+} q4block;
+
+static inline float from_fp16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);  /* inf / NaN */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;
+    else {  /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 0x400u)) man <<= 1, --exp;
+        bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+    }
+    float v;
+    __builtin_memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* 2^(e - 128), the MXFP4 scale of the doubled table values: the exponent field (e = 0: the subnormal
+ * 2^-127) halved, exact. */
+static inline float mxfp4_scale(uint8_t e) {
+    uint32_t bits = e ? (uint32_t)e << 23 : 0x00400000u;
+    float v;
+    __builtin_memcpy(&v, &bits, sizeof v);
+    return v * 0.5f;
+}
+
+/* Group g's scale and zero point of output j. */
+static inline float q4_scale(const q4block *b, int kind, int64_t g, int j) {
+    int64_t i = g * PACK + j;
+    return kind == KIND_INT4 ? from_fp16(((const uint16_t *)b->scale)[i]) : mxfp4_scale(((const uint8_t *)b->scale)[i]);
+}
+
+static inline int32_t q4_zero(const q4block *b, int kind, int64_t g, int j) {
+    return b->zero ? b->zero[g * PACK + j] : kind == KIND_INT4 ? 8 : MXFP4_ZERO;
+}
+
+/* acc[r][j] = the output (r, j) above before the row scale, for r < R (constant after inlining); q[r]
+ * is row r's codes (k8 * Q4_STEP), qsum[r] its sums per group. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static inline __attribute__((always_inline)) void q4_tile(const q4block *b, int kind, int64_t k8, const int8_t *const *q,
+                                                          const int32_t *const *qsum, int R, float acc_out[Q4_TILE][PACK]) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)MXFP4_CODES));
+    const int64_t per_group = b->group / Q4_STEP;
+    __m512 total[Q4_TILE];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+    for (int64_t g = 0, t0 = 0; t0 < k8; ++g, t0 += per_group) {
+        int64_t t1 = t0 + per_group < k8 ? t0 + per_group : k8;
+        __m512i lo_acc[Q4_TILE], hi_acc[Q4_TILE];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) lo_acc[r] = hi_acc[r] = _mm512_setzero_si512();
+        for (int64_t t = t0; t < t1; ++t) {
+            __builtin_prefetch(b->w + (t + Q4_AHEAD) * 64, 0, 3);
+            __m512i v = _mm512_loadu_si512(b->w + t * 64);
+            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            if (kind == KIND_MXFP4) lo = _mm512_shuffle_epi8(table, lo), hi = _mm512_shuffle_epi8(table, hi);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const uint8_t *qr = (const uint8_t *)q[r] + t * Q4_STEP;
+                lo_acc[r] = _mm512_dpbusd_epi32(lo_acc[r], lo, _mm512_set1_epi32(load_i32(qr)));
+                hi_acc[r] = _mm512_dpbusd_epi32(hi_acc[r], hi, _mm512_set1_epi32(load_i32(qr + 4)));
+            }
+        }
+        __m512 scale;
+        __m512i zero;
+        if (kind == KIND_INT4) {
+            scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)b->scale + g * PACK)));
+            zero = b->zero ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->zero + g * PACK))) : _mm512_set1_epi32(8);
+        } else {
+            __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)b->scale + g * PACK)));
+            __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(e, 23), _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
+                                                 _mm512_set1_epi32(0x00400000));
+            scale = _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
+            zero = _mm512_set1_epi32(MXFP4_ZERO);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            __m512i d = _mm512_sub_epi32(_mm512_add_epi32(lo_acc[r], hi_acc[r]),
+                                         _mm512_mullo_epi32(zero, _mm512_set1_epi32(qsum[r][g])));
+            total[r] = _mm512_add_ps(total[r], _mm512_mul_ps(_mm512_cvtepi32_ps(d), scale));
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc_out[r], total[r]);
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+static inline __attribute__((always_inline)) void q4_tile(const q4block *b, int kind, int64_t k8, const int8_t *const *q,
+                                                          const int32_t *const *qsum, int R, float acc_out[Q4_TILE][PACK]) {
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)MXFP4_CODES));
+    const int64_t per_group = b->group / Q4_STEP;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < PACK; ++j) acc_out[r][j] = 0.f;
+    for (int64_t g = 0, t0 = 0; t0 < k8; ++g, t0 += per_group) {
+        int64_t t1 = t0 + per_group < k8 ? t0 + per_group : k8;
+        __m256i acc[Q4_TILE][2];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        for (int64_t t = t0; t < t1; ++t) {
+            __builtin_prefetch(b->w + (t + Q4_AHEAD) * 64, 0, 3);
+            for (int h = 0; h < 2; ++h) {  /* outputs 8 h .. 8 h + 7 */
+                __m256i v = _mm256_loadu_si256((const __m256i *)(b->w + t * 64 + 32 * h));
+                __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                if (kind == KIND_MXFP4) lo = _mm256_shuffle_epi8(table, lo), hi = _mm256_shuffle_epi8(table, hi);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {  /* u * q pairs fit int16: |2 x 24 x 127| x 2 < 2^15 */
+                    const uint8_t *qr = (const uint8_t *)q[r] + t * Q4_STEP;
+                    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(qr))),
+                                                     _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(qr + 4))));
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            int64_t i = g * PACK + 8 * h;
+            __m256 scale;
+            __m256i zero;
+            if (kind == KIND_INT4) {
+                scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)b->scale + i)));
+                zero = b->zero ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b->zero + i))) : _mm256_set1_epi32(8);
+            } else {
+                __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)b->scale + i)));
+                __m256i bits = _mm256_blendv_epi8(_mm256_slli_epi32(e, 23), _mm256_set1_epi32(0x00400000),
+                                                  _mm256_cmpeq_epi32(e, _mm256_setzero_si256()));
+                scale = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0.5f));
+                zero = _mm256_set1_epi32(MXFP4_ZERO);
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                __m256i d = _mm256_sub_epi32(acc[r][h], _mm256_mullo_epi32(zero, _mm256_set1_epi32(qsum[r][g])));
+                __m256 sum = _mm256_add_ps(_mm256_loadu_ps(acc_out[r] + 8 * h), _mm256_mul_ps(_mm256_cvtepi32_ps(d), scale));
+                _mm256_storeu_ps(acc_out[r] + 8 * h, sum);
+            }
+        }
+    }
+}
+#else
+static inline void q4_tile(const q4block *b, int kind, int64_t k8, const int8_t *const *q, const int32_t *const *qsum, int R,
+                           float acc_out[Q4_TILE][PACK]) {
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < PACK; ++j) acc_out[r][j] = 0.f;
+    for (int64_t g = 0, k0 = 0; k0 < k8 * Q4_STEP; ++g, k0 += b->group) {
+        int64_t k1 = k0 + b->group < k8 * Q4_STEP ? k0 + b->group : k8 * Q4_STEP;
+        for (int j = 0; j < PACK; ++j) {
+            float scale = q4_scale(b, kind, g, j);
+            int32_t zero = q4_zero(b, kind, g, j);
+            for (int r = 0; r < R; ++r) {
+                int32_t d = 0;
+                for (int64_t kk = k0; kk < k1; ++kk) {
+                    uint8_t byte = b->w[kk / Q4_STEP * 64 + j * 4 + kk % 4];
+                    int code = kk % Q4_STEP < 4 ? byte & 0x0f : byte >> 4;
+                    d += (kind == KIND_MXFP4 ? MXFP4_CODES[code] : code) * q[r][kk];
+                }
+                d -= zero * qsum[r][g];
+                acc_out[r][j] = acc_out[r][j] + (float)d * scale;
+            }
+        }
+    }
+}
+#endif
+
+/* q4_tile for any R <= Q4_TILE and 4-bit kind, dispatched to a constant-size instance. */
+static void q4_tile_any(const q4block *b, int kind, int64_t k8, const int8_t *const *q, const int32_t *const *qsum, int R,
+                        float acc[Q4_TILE][PACK]) {
+#define Q4_KIND(n, kind) \
+    case kind: q4_tile(b, kind, k8, q, qsum, n, acc); break;
+#define Q4_CASE(n) \
+    case n: \
+        switch (kind) { Q4_KIND(n, KIND_INT4) default: Q4_KIND(n, KIND_MXFP4) } \
+        break;
+    switch (R) {
+        Q4_CASE(1) Q4_CASE(2) Q4_CASE(3) Q4_CASE(4) Q4_CASE(5) Q4_CASE(6) Q4_CASE(7) default: Q4_CASE(8)
+    }
+#undef Q4_CASE
+#undef Q4_KIND
+}
+
+/* Block b of a 4-bit [n, k] matrix whose stored tensors sit at addresses m[0..2] (codes, scales, zero
+ * points or 0), `group` inputs per scale. */
+static q4block q4_block(const int64_t *m, int kind, int64_t group, int64_t b, int64_t k) {
+    int64_t k8 = (k + Q4_STEP - 1) / Q4_STEP, groups = (k + group - 1) / group;
+    q4block wb = {(const uint8_t *)m[0] + b * k8 * 64, (const char *)m[1] + b * groups * PACK * (kind == KIND_INT4 ? 2 : 1),
+                  m[2] ? (const uint8_t *)m[2] + b * groups * PACK : NULL, group};
+    return wb;
+}
+
+/* Activation rows quantized for a kind's dot products: row r's codes at q + r * bytes (Q8: offset to
+ * unsigned where the kernel wants it; Q4: signed), its scale s[r], and (Q4) its code sums per group at
+ * sums + r * groups. */
+typedef struct {
+    uint8_t *q;
+    int32_t *sums;
+    float *s;
+    int64_t bytes, groups;
+} qrows;
+
+/* Scratch for `rows` rows of k inputs for kind (INT8 or 4-bit, `group` inputs per scale); q NULL if
+ * memory ran out (free it with qrows_free either way). */
+static qrows qrows_new(int kind, int64_t rows, int64_t k, int64_t group) {
+    int64_t step = kind == KIND_INT8 ? Q8_STEP : Q4_STEP;
+    qrows a = {NULL, NULL, NULL, (k + step - 1) / step * step, kind == KIND_INT8 ? 0 : (k + group - 1) / group};
+    a.q = malloc((size_t)(rows * a.bytes + 1));
+    a.sums = malloc(sizeof(int32_t) * (size_t)(rows * a.groups + 1));
+    a.s = malloc(sizeof(float) * (size_t)(rows + 1));
+    if (!a.sums || !a.s) free(a.q), a.q = NULL;
+    return a;
+}
+
+static void qrows_free(qrows *a) {
+    free(a->q), free(a->sums), free(a->s);
+}
+
+/* Row r of `a` from x (k values, fp32 or bf16), for kind with `group` inputs per scale. */
+static void qrows_set(qrows *a, int kind, int64_t r, const void *x, int bf16, int64_t k, int64_t group) {
+    uint8_t *q = a->q + r * a->bytes;
+    if (kind == KIND_INT8) {
+        quantize_row(x, bf16, k, a->bytes / Q8_STEP, q, a->s + r, Q8_OFFSET);
+        return;
+    }
+    quantize_row(x, bf16, k, a->bytes / Q8_STEP, q, a->s + r, 0);
+    for (int64_t g = 0; g < a->groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t kk = g * group; kk < (g + 1) * group && kk < a->bytes; ++kk) sum += (int8_t)q[kk];
+        a->sums[r * a->groups + g] = sum;
+    }
+}
+
+/* Block b (outputs b * PACK .. b * PACK + cols - 1) of a 4-bit matrix (`wb`, k8 steps) against the
+ * quantized rows [begin, end) of `a`: y[y_row(i) * ldy + b * PACK + j] = acc * s[x_row(i)], then times
+ * scale(i), or plus bias[j] with a bias and no scale, for j < cols (a NULL x_row, y_row is the
+ * identity); y is fp32, or bf16 where y_bf16 != 0 (each result rounded once). */
+static void q4_block_rows(const q4block *wb, int kind, int64_t b, int64_t k8, int cols, int64_t begin, int64_t end,
+                          const qrows *a, const int64_t *x_row, void *y, int y_bf16, const int64_t *y_row, int64_t ldy,
+                          const float *scale, const float *bias) {
+    float acc[Q4_TILE][PACK];
+    for (int64_t i = begin; i < end; i += Q4_TILE) {
+        int R = end - i < Q4_TILE ? (int)(end - i) : Q4_TILE;
+        const int8_t *rows[Q4_TILE];
+        const int32_t *sums[Q4_TILE];
+        for (int r = 0; r < R; ++r) {
+            int64_t x = x_row ? x_row[i + r] : i + r;
+            rows[r] = (const int8_t *)(a->q + x * a->bytes), sums[r] = a->sums + x * a->groups;
+        }
+        q4_tile_any(wb, kind, k8, rows, sums, R, acc);
+        for (int r = 0; r < R; ++r) {
+            int64_t yi = (y_row ? y_row[i + r] : i + r) * ldy + b * PACK;
+            float row_scale = a->s[x_row ? x_row[i + r] : i + r];
+            for (int j = 0; j < cols; ++j) {
+                float v = acc[r][j] * row_scale;
+                if (scale) v *= scale[i + r];
+                else if (bias) v += bias[j];
+                store_at(y, y_bf16, yi + j, v);
+            }
+        }
+    }
+}
+
+/* A linear layer over 4-bit weights (INT4 or MXFP4, `group` inputs per scale; matrix[0..2]: codes,
+ * scales, zero points or 0) with integer dot products (Q4 above): y[i, o] for o < n, i < m; x: [m, k],
+ * row stride ldx; y: [m, n], row stride ldy; bias [n] or NULL; x, y and bias fp32, or bf16 where
+ * bf16 != 0. Work items as in linear. Returns 0, or -1 if scratch memory ran out. */
+int linear_quant(const int64_t *matrix, int kind, int64_t group, const void *bias, const void *x, void *y, int bf16,
+                 int64_t n, int64_t k, int64_t m, int64_t ldx, int64_t ldy, int threads) {
+    int64_t blocks = (n + PACK - 1) / PACK, k8 = (k + Q4_STEP - 1) / Q4_STEP;
+    int64_t chunk_rows = chunk_rows_for(blocks, m, threads, Q4_TILE), chunks = (m + chunk_rows - 1) / chunk_rows;
+    qrows a = qrows_new(kind, m, k, group);
+    float *bw = bias ? malloc(sizeof(float) * n) : NULL;
+    if (!a.q || (bias && !bw)) {
+        qrows_free(&a), free(bw);
+        return -1;
+    }
+    for (int64_t o = 0; bias && o < n; ++o) bw[o] = weight_at(bias, bf16, o);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r) qrows_set(&a, kind, r, (const char *)x + r * ldx * (bf16 ? 2 : 4), bf16, k, group);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < blocks * chunks; ++item) {
+            int64_t b = item / chunks, begin = item % chunks * chunk_rows, end = begin + chunk_rows < m ? begin + chunk_rows : m;
+            int cols = n - b * PACK < PACK ? (int)(n - b * PACK) : PACK;
+            q4block wb = q4_block(matrix, kind, group, b, k);
+            q4_block_rows(&wb, kind, b, k8, cols, begin, end, &a, NULL, y, bf16, NULL, ldy, NULL, bw ? bw + b * PACK : NULL);
+        }
+    }
+    qrows_free(&a), free(bw);
+    return 0;
+}
+
+/* Block b (cols outputs) of one expert matrix (stored tensors at m[0..2], [n, k], weights of `kind`)
+ * against the rows [begin, end): fp32 / bf16 weights read x (rows x_row, ldx apart), the quantized
+ * kinds the rows of `a` (indexed by row); y[y_row(i) * ldy + b * PACK + j] = scale(i) * dot, or dot
+ * where scale is NULL (y fp32). */
+static void expert_block(const int64_t *m, int kind, int64_t group, int64_t b, int64_t k, int cols, int64_t begin,
+                         int64_t end, const qrows *a, const float *x, const int64_t *x_row, int64_t ldx, float *y,
+                         const int64_t *y_row, int64_t ldy, const float *scale) {
+    if (kind == KIND_INT8) {
+        q8_block_rows((const int8_t *)m[0], (const float *)m[1], (const int32_t *)m[2], b, a->bytes / Q8_STEP, cols, begin,
+                      end, a->q, a->s, NULL, y, 0, y_row, ldy, scale, NULL);
+    } else if (kind >= KIND_INT4) {
+        q4block wb = q4_block(m, kind, group, b, k);
+        q4_block_rows(&wb, kind, b, a->bytes / Q4_STEP, cols, begin, end, a, NULL, y, 0, y_row, ldy, scale, NULL);
+    } else {
+        int bf16 = kind == KIND_BF16;
+        block_rows(block_at((const void *)m[0], bf16, b, k), bf16, k, cols, begin, end, x, x_row, ldx, y + b * PACK, 0, y_row,
+                   ldy, scale, NULL);
+    }
+}
+
 /* Routed experts for the rows of `groups` groups (one per expert).
  *
  * Row r (an assignment of token tokens[r] to an expert) belongs to the group g with
@@ -722,43 +867,36 @@ int linear_q8(const int8_t *w, const float *scale, const int32_t *sums, const vo
  * matrices[g * 6 + 3..5] (down). Computes
  *     out[dest[r], :] = scale[r] * down(silu(gate x) * (up x)),  x = x[tokens[r], :]
  * using h ([rows, 2*ffn]) and act ([rows, ffn]) as scratch, indexed by r. The weights are of `kind`
- * (fp32, bf16, or quantized with `group` k steps per scale); everything else is fp32. INT8 runs Q8:
- * each row's x and act quantized per row. Work items are (group, block) pairs. Returns 0, or -1 if
- * scratch memory ran out. */
+ * (fp32, bf16, or quantized with `group` inputs per scale); everything else is fp32. The quantized
+ * kinds run integer dot products (Q8, Q4): each row's x and act quantized per row. Work items are
+ * (group, block) pairs. Returns 0, or -1 if scratch memory ran out. */
 int moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *tokens, const int64_t *dest, const float *scale,
                 const int64_t *begin, const int64_t *end, const int64_t *matrices, int kind, int64_t group,
                 int64_t groups, float *out, float *h, float *act, int threads) {
-    int64_t up_rows = 2 * ffn, up_blocks = (up_rows + PACK - 1) / PACK, down_blocks = (hidden + PACK - 1) / PACK;
-    int64_t rows = 0, k4_up = (hidden + Q8_STEP - 1) / Q8_STEP, k4_down = (ffn + Q8_STEP - 1) / Q8_STEP;
+    int64_t up_rows = 2 * ffn, up_blocks = (up_rows + PACK - 1) / PACK, down_blocks = (hidden + PACK - 1) / PACK, rows = 0;
     for (int64_t g = 0; g < groups; ++g) rows = end[g] > rows ? end[g] : rows;
-    int q8 = kind == KIND_INT8;
-    uint8_t *xq = q8 ? malloc((size_t)(rows * k4_up * Q8_STEP + 1)) : NULL;  /* row r: x[tokens[r]] quantized */
-    uint8_t *aq = q8 ? malloc((size_t)(rows * k4_down * Q8_STEP + 1)) : NULL;
-    float *xs = q8 ? malloc(sizeof(float) * (rows + 1)) : NULL, *as = q8 ? malloc(sizeof(float) * (rows + 1)) : NULL;
-    if (q8 && (!xq || !aq || !xs || !as)) {
-        free(xq), free(aq), free(xs), free(as);
-        return -1;
+    int quantized = kind >= KIND_INT8;
+    qrows xq = {0}, aq = {0};  /* row r: x[tokens[r]] and act[r] quantized */
+    if (quantized) {
+        xq = qrows_new(kind, rows, hidden, group), aq = qrows_new(kind, rows, ffn, group);
+        if (!xq.q || !aq.q) {
+            qrows_free(&xq), qrows_free(&aq);
+            return -1;
+        }
     }
 #pragma omp parallel num_threads(threads)
     {
-        if (q8) {
+        if (quantized) {
 #pragma omp for schedule(static)
             for (int64_t g = 0; g < groups; ++g)
-                for (int64_t r = begin[g]; r < end[g]; ++r)
-                    quantize_row(x + tokens[r] * hidden, 0, hidden, k4_up, xq + r * k4_up * Q8_STEP, xs + r);
+                for (int64_t r = begin[g]; r < end[g]; ++r) qrows_set(&xq, kind, r, x + tokens[r] * hidden, 0, hidden, group);
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < groups * up_blocks; ++i) {
             int64_t g = i / up_blocks, b = i % up_blocks;
             int cols = up_rows - b * PACK < PACK ? (int)(up_rows - b * PACK) : PACK;
-            const int64_t *m = matrices + g * 6;
-            if (q8) {
-                q8_block_rows((const int8_t *)m[0], (const float *)m[1], (const int32_t *)m[2], b, k4_up, cols, begin[g],
-                              end[g], xq, xs, NULL, h, 0, NULL, up_rows, NULL, NULL);
-                continue;
-            }
-            wblock wb = matrix_block(m, kind, group, b, hidden);
-            block_rows(&wb, hidden, cols, begin[g], end[g], x, tokens, hidden, h + b * PACK, 0, NULL, up_rows, NULL, NULL);
+            expert_block(matrices + g * 6, kind, group, b, hidden, cols, begin[g], end[g], &xq, x, tokens, hidden, h, NULL,
+                         up_rows, NULL);
         }
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; ++g)
@@ -766,23 +904,17 @@ int moe_experts(const float *x, int64_t hidden, int64_t ffn, const int64_t *toke
                 const float *gate = h + r * up_rows, *up = gate + ffn;
                 float *a = act + r * ffn;
                 for (int64_t f = 0; f < ffn; ++f) a[f] = gate[f] / (1.f + expf(-gate[f])) * up[f];
-                if (q8) quantize_row(a, 0, ffn, k4_down, aq + r * k4_down * Q8_STEP, as + r);
+                if (quantized) qrows_set(&aq, kind, r, a, 0, ffn, group);
             }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < groups * down_blocks; ++i) {
             int64_t g = i / down_blocks, b = i % down_blocks;
             int cols = hidden - b * PACK < PACK ? (int)(hidden - b * PACK) : PACK;
-            const int64_t *m = matrices + g * 6 + 3;
-            if (q8) {
-                q8_block_rows((const int8_t *)m[0], (const float *)m[1], (const int32_t *)m[2], b, k4_down, cols, begin[g],
-                              end[g], aq, as, NULL, out, 0, dest, hidden, scale, NULL);
-                continue;
-            }
-            wblock wb = matrix_block(m, kind, group, b, ffn);
-            block_rows(&wb, ffn, cols, begin[g], end[g], act, NULL, ffn, out + b * PACK, 0, dest, hidden, scale, NULL);
+            expert_block(matrices + g * 6 + 3, kind, group, b, ffn, cols, begin[g], end[g], &aq, act, NULL, ffn, out, dest,
+                         hidden, scale);
         }
     }
-    free(xq), free(aq), free(xs), free(as);
+    if (quantized) qrows_free(&xq), qrows_free(&aq);
     return 0;
 }
 

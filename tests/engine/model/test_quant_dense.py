@@ -21,13 +21,14 @@ from moe_serve.engine.model.dense_quant import (
 )
 from moe_serve.engine.model.loader import load_model
 from moe_serve.engine.model.packed import PackedMatrix, QuantMatrix
-from moe_serve.engine.model.quant import WeightKind
+from moe_serve.engine.model.quant import WeightKind, pack, parse_expert_dtype
 from moe_serve.engine.model.weights import pack_dense
 from tests.helpers import engine_logits, make_tiny_checkpoint, parity_prompts
 
 needs_kernel = pytest.mark.skipif(kernel_flavour() == "torch", reason="the C kernels are not built here")
 SHAPES = [(40, 12), (96, 72), (200, 33), (17, 130)]  # outputs not a multiple of 16, inputs not of 4 or 64
 BATCHES = (1, 2, 7, 9, 31, 64)
+FOUR_BIT = ("int4-g32", "int4-g64", "int4-g128", "int4-g64-sym", "mxfp4")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -49,16 +50,33 @@ def test_int8_kernel_gives_the_reference_bits(shape: tuple[int, int], dtype: tor
             assert torch.equal(linear(x[:rows], matrix, b), reference_linear(x[:rows], matrix, b)), (rows, b is None)
 
 
+def _four_bit(weight: torch.Tensor, name: str) -> QuantMatrix:
+    """weight stored in the 4-bit format `name` (any int4 variant or MXFP4) as a dense matrix."""
+    logical = parse_expert_dtype(name).quantize(weight)
+    return QuantMatrix(logical.kind, pack(logical), weight.shape[0], weight.shape[1], logical.group, weight.dtype)
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int4_kernel_matches_the_reference_dequantization(shape: tuple[int, int], dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("name", FOUR_BIT)
+def test_4bit_kernels_give_the_reference_bits(name: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """Integer dot products per group, scaled per group in a fixed order: `dense_quant.int4_linear`'s bits."""
     weight, x, bias = _problem(*shape, dtype, seed=1)
-    matrix = quantize_dense(weight, "int4")
-    tolerance = 1e-4 if dtype is torch.float32 else 2e-2  # bf16: one rounding of the result either way
+    matrix = _four_bit(weight, name)
     for rows in BATCHES:
-        torch.testing.assert_close(linear(x[:rows], matrix, bias), reference_linear(x[:rows], matrix, bias),
-                                   rtol=tolerance, atol=tolerance)
+        for b in (None, bias):
+            assert torch.equal(linear(x[:rows], matrix, b), reference_linear(x[:rows], matrix, b)), (rows, b is None)
+
+
+@pytest.mark.parametrize("name", FOUR_BIT)
+def test_the_4bit_reference_is_the_dequantized_product_on_quantized_activations(name: str) -> None:
+    """int4_linear = x's per-row codes times the reference dequantization (`quant.dequantize`), up to fp32 sums."""
+    weight, x, _ = _problem(96, 200, torch.float32, seed=6)
+    matrix = _four_bit(weight, name)
+    codes, scales = quantize_activations(x)
+    plain = (codes.double() @ dequantize_dense(matrix).double().T * scales.double()[:, None]).float()
+    torch.testing.assert_close(reference_linear(x, matrix), plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
 
 
 @pytest.mark.parametrize("weight_dtype", ("int8", "int4"))
@@ -93,7 +111,8 @@ def test_the_portable_and_avx2_builds_give_the_vector_builds_bits(monkeypatch) -
     problems = []
     for seed, (n, k) in enumerate(SHAPES):
         weight, x, bias = _problem(n, k, torch.bfloat16, seed=seed)
-        problems += [(quantize_dense(weight, name), x[:9], bias) for name in ("int8", "int4")]
+        problems += [(quantize_dense(weight, "int8"), x[:9], bias)]
+        problems += [(_four_bit(weight, name), x[:9], bias) for name in FOUR_BIT]
     vector = [linear(x, matrix, bias) for matrix, x, bias in problems]
     for flags, kernel in ((["-mavx2", "-mfma", "-mf16c"], 1), (["-mfma"], 0)):
         library = cpu_kernels.open_library(cpu_kernels.build_library(flags))

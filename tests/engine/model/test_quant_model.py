@@ -87,10 +87,9 @@ def test_the_torch_path_computes_what_the_kernel_computes(mixtral, name: str) ->
     kernel = quantized_engine(mixtral, name)
     torch_path = quantized_engine(mixtral, name, packed=False)
     prompts = parity_prompts(kernel.vocab_size)
-    # int8: the kernels quantize the activations per row too, the torch path keeps them (measured 3.9e-4)
-    tolerance = 2e-3 if name == "int8" else 1e-4
+    # the kernels quantize the activations per row too, the torch path keeps them (measured 2.4e-4 to 4.3e-4)
     for ours, theirs in zip(engine_logits(kernel, prompts), engine_logits(torch_path, prompts), strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(ours, theirs, rtol=2e-3, atol=2e-3)
 
 
 def test_slots_are_sized_for_the_quantized_expert(mixtral) -> None:
