@@ -180,7 +180,7 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
                       else loaded.weights.dense, device)
     experts = build_expert_provider(config, loaded.weights.experts, spec, device, config.max_num_batched_tokens,
                                     pack=packed and spec.expert_mlp.is_plain and not loaded.expert_format.quantized,
-                                    kv_nbytes=num_blocks * block_bytes)
+                                    kv_nbytes=num_blocks * block_bytes, expert_format=loaded.expert_format)
     cache = experts.cache if isinstance(experts, OffloadedExperts) else None
     tasks = load_task_table(config.tasks_file)
     routing = routing_consumers(config, spec, tasks, cache, device)

@@ -5,6 +5,9 @@ for the experts its tokens routed to (with the rows routed to each) and computes
 the provider yields them (the already resident ones as one group, then misses as their copies
 land), hands the misses the provider keeps on the host (`ExpertFetch.host`: computed where they
 live, from the host tier) to `run_on_host`, and says when it is done so their slots can be reused.
+A provider that keeps a low-bit copy of each expert may hand some experts over in that format
+(`ExpertFetch.low`); it is given each expert's largest relative gate weight (a row's gate weight
+over the mean of its token's top-k weights: 1 is an average expert) when it asks (`needs_gates`).
 `ResidentExperts` keeps every expert in memory.
 """
 
@@ -17,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from moe_serve.engine.model.quant import ExpertFormat
 from moe_serve.engine.model.weights import ExpertTensors
 from moe_serve.engine.types import ExpertKey
 
@@ -27,17 +31,27 @@ ExpertGroup = list[tuple[int, ExpertTensors]]  # (expert, its weights), computed
 class ExpertFetch:
     """One layer's experts: `ready` yields the device's groups in the order they become usable;
     `host` are misses to compute from the host tier (weights are views of it, on the host) through
-    `ExpertProvider.run_on_host`, beside the device's work."""
+    `ExpertProvider.run_on_host`, beside the device's work. Experts in `low` (device ones only) come
+    in `low_format`, the provider's low-bit copy; every other expert in the model's expert format."""
 
     ready: Iterator[ExpertGroup]
     host: ExpertGroup = field(default_factory=list)
+    low: frozenset[int] = frozenset()
+    low_format: ExpertFormat | None = None
 
 
 class ExpertProvider(Protocol):
     """Supplies routed-expert weights to the MoE layers."""
 
-    def fetch(self, layer: int, expert_ids: Sequence[int], rows: Sequence[int]) -> ExpertFetch:
-        """Claim the experts now (starting any loads; `rows[i]` rows are routed to `expert_ids[i]`).
+    @property
+    def needs_gates(self) -> bool:
+        """Whether `fetch` wants each expert's largest relative gate weight (a layer computes them only then)."""
+        ...
+
+    def fetch(self, layer: int, expert_ids: Sequence[int], rows: Sequence[int],
+              gates: Sequence[float] | None = None) -> ExpertFetch:
+        """Claim the experts now (starting any loads; `rows[i]` rows are routed to `expert_ids[i]`, the
+        largest of their relative gate weights is `gates[i]` when `needs_gates`).
         `ready` yields groups of (expert, weights): each group is every claimed expert usable at
         that moment, in the order they become usable, so a layer can compute a group in one call
         while the rest load. Experts in `host` are not claimed: compute them with `run_on_host`."""
@@ -67,7 +81,12 @@ class ResidentExperts:
     def __init__(self, experts: Mapping[ExpertKey, ExpertTensors], device: torch.device) -> None:
         self._experts = {key: tuple(t.to(device) for t in tensors) for key, tensors in experts.items()}
 
-    def fetch(self, layer: int, expert_ids: Sequence[int], rows: Sequence[int]) -> ExpertFetch:
+    @property
+    def needs_gates(self) -> bool:
+        return False
+
+    def fetch(self, layer: int, expert_ids: Sequence[int], rows: Sequence[int],
+              gates: Sequence[float] | None = None) -> ExpertFetch:
         return ExpertFetch(iter([[(expert, self._experts[ExpertKey(layer, expert)]) for expert in expert_ids]]))
 
     def run_on_host(self, layer: int, work: Callable[[], None]) -> Future[float]:

@@ -11,7 +11,7 @@ intermediate size, V vocab.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from moe_serve.engine.model.torch_experts import ExpertLayout, batched_experts, 
 from moe_serve.engine.model.weights import (
     AttentionWeights,
     DenseWeights,
+    ExpertTensors,
     LatentAttentionWeights,
     LayerWeights,
     MLPWeights,
@@ -139,17 +140,29 @@ class MoEModel:
         for e in range(1, len(counts)):
             starts[e] = starts[e - 1] + counts[e - 1]
         needed = [e for e, c in enumerate(counts) if c]
+        gates = None
+        if self.experts.needs_gates:  # each needed expert's largest relative gate weight over its rows
+            by_assignment = torch.empty_like(routing.scale)
+            by_assignment[routing.order] = routing.scale
+            token_mean = by_assignment.view(num_tokens, top_k).mean(dim=1)  # [T]
+            relative = routing.scale / token_mean[routing.tokens]
+            gates = torch.segment_reduce(relative, "max", lengths=torch.tensor(counts), unsafe=True)[needed].tolist()
         # each (token, slot) pair gets its own row, so experts may finish in any order, on the device
-        # or on the host, and the final sum over slots is still taken in one fixed order (bit-exact)
-        fetched = self.experts.fetch(moe_layer, needed, [counts[e] for e in needed])
+        # or on the host, in any format, and the final sum over slots is still taken in one fixed order (bit-exact)
+        fetched = self._fetch(moe_layer, needed, [counts[e] for e in needed], gates)
         self._hint_next(moe_layer, x, routing.ids)
         # the kernel computes in fp32 (bf16 weights too); the sum over slots is rounded to x's dtype once
         out = torch.zeros(num_tokens * top_k, hidden)
         rows = ExpertRows(x, routing.tokens, routing.order, routing.scale, self.spec.moe_intermediate_size)
 
-        def compute(group: ExpertGroup) -> None:  # one kernel call per group, writing only its rows
-            expert_ffn(rows, out, [(starts[e], starts[e] + counts[e], *tensors) for e, tensors in group],
-                       self.expert_format)
+        def compute(group: ExpertGroup) -> None:  # one kernel call per format in the group, writing only its rows
+            low = [(e, tensors) for e, tensors in group if e in fetched.low]
+            full = [(e, tensors) for e, tensors in group if e not in fetched.low] if low else group
+            for part, expert_format in ((full, self.expert_format), (low, fetched.low_format)):
+                if part:
+                    assert expert_format is not None
+                    expert_ffn(rows, out, [(starts[e], starts[e] + counts[e], *tensors) for e, tensors in part],
+                               expert_format)
 
         # the host tier's experts on the host's worker, while this thread computes the device's
         host_job = self.experts.run_on_host(moe_layer, lambda: compute(fetched.host)) if fetched.host else None
@@ -174,10 +187,21 @@ class MoEModel:
         if self._routing_observer is not None:
             self._routing_observer(moe_layer, ids)
         layout = ExpertLayout.from_ids(ids)  # the layer's one host sync
-        fetched = self.experts.fetch(moe_layer, layout.needed, layout.counts)
+        gates = None
+        if self.experts.needs_gates:  # each needed expert's largest relative gate weight (a second host read)
+            relative = weights.float() / weights.float().mean(dim=1, keepdim=True)
+            largest = torch.zeros(self.spec.num_experts, device=ids.device)
+            largest.scatter_reduce_(0, ids.reshape(-1), relative.reshape(-1), "amax")
+            gates = largest[layout.needed].tolist()
+        fetched = self._fetch(moe_layer, layout.needed, layout.counts, gates)
         self._hint_next(moe_layer, x, layout.ids_host)
         if fetched.host:
             routed = self._hybrid_torch(moe_layer, layout, x, weights, fetched)
+        elif fetched.low:  # experts of two formats: each decoded in its own, then the same batched products
+            decode = self._decoder(fetched, x)
+            stored = {expert: decode(expert, tensors) for group in fetched.ready for expert, tensors in group}
+            out = expert_outputs(self.spec.expert_mlp, layout.padded_rows(x), [stored[e] for e in layout.needed])
+            routed = combine_slots(layout, out, weights, x.dtype)
         else:
             routed = batched_experts(self.spec.expert_mlp, layout, x, weights, fetched.ready, self.expert_format,
                                      self.spec.moe_intermediate_size)
@@ -191,21 +215,21 @@ class MoEModel:
         """The torch path with misses on the host: their padded rows [n, C, D] are read to the host once
         and the host worker computes them from the host tier while this thread computes the device's;
         both land in one [N, C, D] before the sum over slots (bit-exact where both run the same ops: the CPU)."""
-        hidden, ffn, decode = x.shape[1], self.spec.moe_intermediate_size, self.expert_format.decode
+        hidden, ffn, decode_host = x.shape[1], self.spec.moe_intermediate_size, self.expert_format.decode
         position = {expert: i for i, expert in enumerate(layout.needed)}
         host_index = torch.tensor([position[expert] for expert, _ in fetched.host], device=x.device)
         host_rows = layout.padded_rows(x, host_index).to(fetched.host[0][1][0].device)  # CUDA: a sync
         host_out: list[torch.Tensor] = []
 
         def compute_host() -> None:
-            per_expert = [decode(tensors, hidden, ffn, x.dtype) for _, tensors in fetched.host]
+            per_expert = [decode_host(tensors, hidden, ffn, x.dtype) for _, tensors in fetched.host]
             host_out.append(expert_outputs(self.spec.expert_mlp, host_rows, per_expert))
 
         host_job = self.experts.run_on_host(moe_layer, compute_host)
         out = x.new_empty(len(layout.needed), layout.width, hidden)  # [N, C, D]
         try:
-            stored = {expert: decode(tensors, hidden, ffn, x.dtype) for group in fetched.ready
-                      for expert, tensors in group}
+            decode = self._decoder(fetched, x)
+            stored = {expert: decode(expert, tensors) for group in fetched.ready for expert, tensors in group}
             if stored:
                 device_experts = sorted(stored)
                 device_index = torch.tensor([position[expert] for expert in device_experts], device=x.device)
@@ -215,6 +239,22 @@ class MoEModel:
             host_job.result()  # re-raises its error
         out[host_index] = host_out[0].to(x.device, non_blocking=True)
         return combine_slots(layout, out, weights, x.dtype)
+
+    def _fetch(self, moe_layer: int, needed: list[int], rows: list[int], gates: Sequence[float] | None) -> ExpertFetch:
+        if gates is None:
+            return self.experts.fetch(moe_layer, needed, rows)
+        return self.experts.fetch(moe_layer, needed, rows, gates)
+
+    def _decoder(self, fetched: ExpertFetch, x: torch.Tensor) -> Callable[[int, ExpertTensors], ExpertTensors]:
+        """(expert, its stored tensors) -> the torch path's weights in x's dtype, each in the format it came in."""
+        hidden, ffn = x.shape[1], self.spec.moe_intermediate_size
+
+        def decode(expert: int, tensors: ExpertTensors) -> ExpertTensors:
+            expert_format = fetched.low_format if expert in fetched.low else self.expert_format
+            assert expert_format is not None
+            return expert_format.decode(tensors, hidden, ffn, x.dtype)
+
+        return decode
 
     def _hint_next(self, moe_layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
         """The speculator's guesses for the next MoE layer, handed to the provider to prefetch."""

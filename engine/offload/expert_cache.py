@@ -4,7 +4,9 @@ Owns the eviction policy, the demand/prefetch/preload rules and the hit, miss, e
 and prefetch counters; the slots, their pins and copies are the SlotPool's (`slot_pool`).
 `acquire` pins one layer's keys (misses start DEMAND copies), `wait` orders compute after one
 slot's copy, `release` unpins, `prefetch` starts PREFETCH copies without pinning; the rules are
-in docs/offload.md. Owned by the engine thread: not thread-safe.
+in docs/offload.md. With a low-bit host copy (`low_store`) a miss may load it instead, the cache
+remembers each slot's precision and upgrades the keys asked for to full precision between steps
+(docs/mixed_precision.md). Owned by the engine thread: not thread-safe.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from moe_serve.cache_policies.base import CachePolicy
 from moe_serve.cuda_ext.api import CopyEngine, CopyPriority
-from moe_serve.engine.offload.expert_store import HostExpertStore, min_slots_for_step, slots_for_budget
+from moe_serve.engine.offload.expert_store import HostExpertStore, Precision, min_slots_for_step, slots_for_budget
 from moe_serve.engine.offload.slot_pool import ExpertSlot, SlotPool, SlotState
 from moe_serve.engine.types import ExpertKey
 
@@ -54,6 +56,10 @@ class ExpertCacheStats:
     # per task: (row, MoE layer, routed expert) lookups and those that missed (`TaskHitCounter`)
     lookups_by_task: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     misses_by_task: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # copies into slots by what they load (LOAD_KINDS: full, low, upgrade = a low-bit resident expert
+    # reloaded at full precision) and their bytes (their sum over kinds is the sum of `bytes_copied`)
+    loads: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    load_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     @property
     def hit_rate(self) -> float:
@@ -61,13 +67,22 @@ class ExpertCacheStats:
         return hits / lookups if lookups else 0.0
 
 
+LOAD_KINDS = ("full", "low", "upgrade")
+
+
 class ExpertCache:
-    """Keys of a HostExpertStore cached in a SlotPool under a CachePolicy."""
+    """Keys of a HostExpertStore cached in a SlotPool under a CachePolicy; with `low_store` (the same
+    keys in a low-bit format, each no larger than the full one) a slot holds either copy."""
 
     def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, policy: CachePolicy,
-                 copy_engine: CopyEngine) -> None:
-        self.store, self.policy = store, policy
-        self.pool = SlotPool(num_slots, store.expert_nbytes, device, copy_engine, store.unpack)
+                 copy_engine: CopyEngine, low_store: HostExpertStore | None = None) -> None:
+        self.store, self.low_store, self.policy = store, low_store, policy
+        if low_store is not None and (low_store.keys != store.keys or low_store.expert_nbytes > store.expert_nbytes):
+            raise ValueError("the low-bit store must hold the same experts, each in at most a full slot's bytes")
+        self.pool = SlotPool(num_slots, store.expert_nbytes, device, copy_engine, store.unpack,
+                             None if low_store is None else low_store.unpack)
+        self._load_kind: dict[ExpertKey, str] = {}  # key holding a slot -> what its last copy loaded
+        self._upgrades: dict[ExpertKey, None] = {}  # low-bit keys to reload at full precision after this step
         self._prefetched_unused: set[ExpertKey] = set()  # prefetched keys not acquired since they were loaded
         self._preloads: dict[ExpertKey, int] = {}  # key of a still unused scored prefetch -> step it was issued in
         self._stats = ExpertCacheStats()
@@ -96,11 +111,11 @@ class ExpertCache:
         """The state of `key`'s slot (FREE if the key holds none), after polling its copy."""
         return self.pool.state_of(key)
 
-    def acquire(self, keys: Sequence[ExpertKey]) -> list[ExpertSlot]:
+    def acquire(self, keys: Sequence[ExpertKey], low: Set[ExpertKey] = frozenset()) -> list[ExpertSlot]:
         """Pins every key (once per occurrence) and returns its slot, in order.
 
-        Misses start DEMAND copies in one submit; raises ExpertCacheFullError, changing
-        nothing, when the misses need more slots than are free or evictable.
+        Misses start DEMAND copies in one submit (of the low-bit copy for keys in `low`); raises
+        ExpertCacheFullError, changing nothing, when the misses need more slots than are free or evictable.
         """
         pool = self.pool
         unique = list(dict.fromkeys(keys))
@@ -118,7 +133,8 @@ class ExpertCache:
         if misses:
             protected = set(unique)
             for key in misses:
-                self._start_load(self._claim_slot(protected), key, prefetched=False)
+                self._start_load(self._claim_slot(protected), key, prefetched=False,
+                                 precision=Precision.LOW if key in low else Precision.FULL)
             self._submit(misses, CopyPriority.DEMAND)
             for key in misses:
                 self._stats.misses[key.layer] += 1
@@ -129,6 +145,21 @@ class ExpertCache:
     def holds(self, key: ExpertKey) -> bool:
         """Whether `key` holds a slot (resident or loading): acquiring it would be a hit."""
         return key in self.pool
+
+    def is_low(self, key: ExpertKey) -> bool:
+        """Whether `key` holds a slot with its low-bit copy (resident or loading)."""
+        return key in self.pool and self.pool.precision_of(key) is Precision.LOW
+
+    def request_upgrade(self, key: ExpertKey) -> None:
+        """Reload `key`'s low-bit resident copy at full precision after this step (a PREFETCH copy that
+        no step waits for; a key evicted or already full by then is skipped)."""
+        self._upgrades[key] = None
+
+    def expert_nbytes(self, precision: Precision) -> int:
+        """Bytes one expert's `precision` copy moves."""
+        store = self.store if precision is Precision.FULL else self.low_store
+        assert store is not None, "no low-bit copy in this cache"
+        return store.expert_nbytes
 
     def claimable_slots(self, requested: Set[ExpertKey]) -> int:
         """Slots free or evictable without touching `requested`: how many misses `acquire` can take
@@ -170,7 +201,8 @@ class ExpertCache:
         """Unpins every key once per occurrence (the inverse of `acquire`)."""
         self.pool.unpin(keys)
 
-    def prefetch(self, keys: Sequence[ExpertKey], scores: Mapping[ExpertKey, float] | None = None) -> int:
+    def prefetch(self, keys: Sequence[ExpertKey], scores: Mapping[ExpertKey, float] | None = None,
+                 precision: Precision = Precision.FULL) -> int:
         """Starts PREFETCH copies (never pinning, never evicting pinned or loading slots) for keys
         not present, into free or evictable slots; returns how many started.
 
@@ -195,7 +227,7 @@ class ExpertCache:
                 if claimed is None:
                     continue
                 index = claimed
-            self._start_load(index, key, prefetched=True)
+            self._start_load(index, key, prefetched=True, precision=precision)
             if scores is not None:
                 self._preloads[key] = self._step
             started.append(key)
@@ -213,9 +245,24 @@ class ExpertCache:
             self._drop(key, wasted=key in self._prefetched_unused)
 
     def on_step(self) -> None:
-        """End of one engine step: forwarded to the policy."""
+        """End of one engine step: forwarded to the policy; starts the upgrades asked for in it."""
         self._step += 1
         self.policy.on_step()
+        if self._upgrades:
+            self._start_upgrades()
+
+    def _start_upgrades(self) -> None:
+        """Reloads in place, at full precision, each asked-for key still resident low-bit and unpinned."""
+        pool, started = self.pool, []
+        if pool.num_loading:
+            self._refresh_loading()
+        for key in self._upgrades:
+            if key in pool and pool.precision_of(key) is Precision.LOW and key in pool.evictable_keys():
+                pool.begin_reload(key, Precision.FULL)
+                self._count_load(key, "upgrade", Precision.FULL)
+                started.append(key)
+        self._upgrades.clear()
+        self._submit(started, CopyPriority.PREFETCH)
 
     def take_step_misses(self) -> list[ExpertKey]:
         """The keys that missed in `acquire` since the last call (and forgets them)."""
@@ -261,7 +308,7 @@ class ExpertCache:
             if available >= needed:
                 return
             if pool.cancel(key):
-                self._stats.bytes_copied[key.layer] -= self.store.expert_nbytes
+                self._uncount_load(key)
                 self._drop(key, wasted=True)
                 available += 1
         for key in unused:
@@ -315,7 +362,7 @@ class ExpertCache:
         expert copies it again."""
         for key in self.pool.refresh_loading():
             logger.warning("the copy of expert %s failed; its slot is freed and its next use copies it again", key)
-            self._stats.bytes_copied[key.layer] -= self.store.expert_nbytes
+            self._uncount_load(key)
             self._drop(key, wasted=key in self._prefetched_unused)
 
     def _evict(self, victim: ExpertKey) -> int:
@@ -329,20 +376,43 @@ class ExpertCache:
         self._stats.prefetch_wasted += int(wasted)
         self._preloads.pop(key, None)
         self._prefetched_unused.discard(key)
+        self._load_kind.pop(key, None)
         self.pool.free(key)
 
-    def _start_load(self, index: int, key: ExpertKey, prefetched: bool) -> None:
-        self.pool.begin_load(index, key)
+    def _start_load(self, index: int, key: ExpertKey, prefetched: bool, precision: Precision = Precision.FULL) -> None:
+        self.pool.begin_load(index, key, precision)
         if prefetched:
             self._prefetched_unused.add(key)
-        self._stats.bytes_copied[key.layer] += self.store.expert_nbytes
+        self._count_load(key, precision.value, precision)
         self.policy.on_insert(key)
+
+    def _count_load(self, key: ExpertKey, kind: str, precision: Precision) -> None:
+        nbytes = self.expert_nbytes(precision)
+        self._load_kind[key] = kind
+        self._stats.bytes_copied[key.layer] += nbytes
+        self._stats.loads[kind] += 1
+        self._stats.load_bytes[kind] += nbytes
+
+    def _uncount_load(self, key: ExpertKey) -> None:
+        """Takes back the counts of `key`'s pending copy (cancelled, failed or never queued)."""
+        kind = self._load_kind.pop(key)
+        nbytes = self.expert_nbytes(self.pool.precision_of(key))
+        self._stats.bytes_copied[key.layer] -= nbytes
+        self._stats.loads[kind] -= 1
+        self._stats.load_bytes[kind] -= nbytes
+
+    def _source(self, key: ExpertKey) -> torch.Tensor:
+        """The host bytes of the copy `key`'s slot is loading."""
+        if self.pool.precision_of(key) is Precision.LOW:
+            assert self.low_store is not None
+            return self.low_store.source(key)
+        return self.store.source(key)
 
     def _submit(self, keys: list[ExpertKey], priority: CopyPriority) -> None:
         try:
-            self.pool.submit(keys, [self.store.source(key) for key in keys], priority)
+            self.pool.submit(keys, [self._source(key) for key in keys], priority)
         except BaseException:  # nothing was queued: the claimed (still unpinned) slots go back to the free list
             for key in keys:
-                self._stats.bytes_copied[key.layer] -= self.store.expert_nbytes
+                self._uncount_load(key)
                 self._drop(key, wasted=False)
             raise

@@ -7,6 +7,7 @@ helpers that size the device tier. Layout and the file-backed tier: docs/offload
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import shutil
@@ -26,6 +27,13 @@ from moe_serve.engine.types import ExpertKey
 ALIGNMENT = 64
 _NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _ZEROS_CHUNK = 2**20
+
+
+class Precision(enum.Enum):
+    """Which host-tier copy of an expert a slot holds: the full-precision one, or its low-bit copy."""
+
+    FULL = "full"
+    LOW = "low"
 
 
 class HostTierSpaceError(ModelLoadError):

@@ -2,7 +2,8 @@
 
 Owns `OffloadedExperts` (acquire a layer's experts, compute each as its slot becomes ready,
 release; pins a failed step leaves behind are released at the step's end; misses the
-`MissPlanner` keeps on the host go to the host worker with views of the host tier), the device budget
+`MissPlanner` keeps on the host go to the host worker with views of the host tier; which copy a
+copied miss loads, full or low-bit, and which low-bit resident experts to upgrade), the device budget
 (free memory after the dense weights, less the KV cache and a working reserve), the cache sizing
 and the offload decision it bounds, and `build_expert_provider`. Details: docs/offload.md.
 """
@@ -23,30 +24,56 @@ import torch
 from moe_serve.cache_policies import DEFAULT_POLICY, make_policy
 from moe_serve.cache_policies.partitioned import PartitionedPolicy
 from moe_serve.cuda_ext import load_copy_engine
-from moe_serve.engine.config import EngineConfig, MissHandling, OffloadMode
+from moe_serve.engine.config import EngineConfig, MissHandling, MissPrecision, OffloadMode
 from moe_serve.engine.errors import ModelLoadError
 from moe_serve.engine.host_memory import Arena
 from moe_serve.engine.model.experts import ExpertFetch, ExpertGroup, ResidentExperts
+from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat, parse_expert_dtype
 from moe_serve.engine.model.spec import ModelSpec
 from moe_serve.engine.model.weights import ExpertTensors, pack_expert, packed_experts_nbytes
 from moe_serve.engine.offload.expert_cache import ExpertCache
-from moe_serve.engine.offload.expert_store import HostExpertStore, min_slots_for_step, slots_for_budget
+from moe_serve.engine.offload.expert_store import (
+    HostExpertStore,
+    Precision,
+    min_slots_for_step,
+    size_text,
+    slots_for_budget,
+)
 from moe_serve.engine.offload.host_compute import HostExpertWorker
 from moe_serve.engine.offload.hybrid import MissPlanner, probe_rates
 from moe_serve.engine.offload.slot_pool import ExpertSlot
 from moe_serve.engine.types import ExpertKey
 
 logger = logging.getLogger(__name__)
+# adaptive: a miss finds the link busy (and loads the low-bit copy whatever its gate) when at least this many
+# copies are already pending ahead of it (a decode layer's demand misses at top-k 6-8 and its prefetches)
+BUSY_LINK_COPIES = 16
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """Which copy a copied miss loads (`--miss-precision`): `low_format` is the low-bit copy's format;
+    adaptive loads it for a miss whose largest gate weight is below `low_gate` or when the link is busy,
+    and upgrades a low-bit resident expert hit with a gate weight at or above `low_gate`."""
+
+    mode: MissPrecision
+    low_format: ExpertFormat
+    low_gate: float = 0.1
+
 
 class OffloadedExperts:
     """ExpertProvider over an ExpertCache: computes on resident experts while misses load, or, as
-    the `planner` decides, computes misses from the host tier on the host worker instead."""
+    the `planner` decides, computes misses from the host tier on the host worker instead; with
+    `precision` (the cache holds a low-bit store) copied misses may load the low-bit copy."""
 
     def __init__(self, cache: ExpertCache, handling: MissHandling = MissHandling.COPY,
-                 planner: MissPlanner | None = None) -> None:
+                 planner: MissPlanner | None = None, precision: MixedPrecision | None = None) -> None:
         """`handling`: `copy` copies every miss, `host` computes every miss from the host tier, `auto`
-        asks `planner` (required then) per miss."""
+        asks `planner` (required then) per miss. `precision` None or full: every copy is the full one."""
+        if precision is not None and precision.mode is not MissPrecision.FULL and cache.low_store is None:
+            raise ValueError(f"miss precision {precision.mode.value} needs a cache with a low-bit store")
         self.cache = cache
+        self.precision = None if precision is None or precision.mode is MissPrecision.FULL else precision
         self.miss_handling, self.planner = MissHandling.COPY, None
         self._worker: HostExpertWorker | None = None
         self.set_miss_handling(handling, planner)
@@ -65,10 +92,16 @@ class OffloadedExperts:
         if handling is not MissHandling.COPY and self._worker is None:
             self._worker = HostExpertWorker()
 
-    def fetch(self, layer: int, expert_ids: Sequence[int], rows: Sequence[int]) -> ExpertFetch:
-        """Acquire now the experts computed on the device (misses start loading at once), then yield
-        those whose slots are ready as one group, or, when none is, wait for the oldest pending copy
-        and yield it. Misses the planner keeps on the host take no slot: `ExpertFetch.host`."""
+    @property
+    def needs_gates(self) -> bool:
+        return self.precision is not None and self.precision.mode is MissPrecision.ADAPTIVE
+
+    def fetch(self, layer: int, expert_ids: Sequence[int], rows: Sequence[int],
+              gates: Sequence[float] | None = None) -> ExpertFetch:
+        """Acquire now the experts computed on the device (misses start loading at once, full or
+        low-bit as `_low_bit` says), then yield those whose slots are ready as one group, or, when none
+        is, wait for the oldest pending copy and yield it. Misses the planner keeps on the host take no
+        slot: `ExpertFetch.host` (at full precision: they move no bytes over the link)."""
         keys = [ExpertKey(layer, e) for e in expert_ids]
         self._fetched_at[layer] = time.perf_counter()
         on_host = self._plan(layer, keys, rows)
@@ -81,9 +114,37 @@ class OffloadedExperts:
             self._host_rows[layer] = (nbytes * len(host), nbytes * sum(r for r, h in zip(rows, on_host) if h))
         else:
             host = []
-        slots = self.cache.acquire([key for _, key in device])
+        if self.precision is None:
+            slots = self.cache.acquire([key for _, key in device])
+            low, low_format = frozenset(), None
+        else:
+            device_gates = None if gates is None else [g for g, h in zip(gates, on_host) if not h]
+            slots = self.cache.acquire([key for _, key in device], self._low_bit([key for _, key in device],
+                                                                                  device_gates))
+            low = frozenset(e for e, key in device if self.cache.is_low(key))
+            low_format = self.precision.low_format
         self._held.setdefault(layer, []).extend(key for _, key in device)
-        return ExpertFetch(self._in_ready_order([(e, slot) for (e, _), slot in zip(device, slots)]), host)
+        return ExpertFetch(self._in_ready_order([(e, slot) for (e, _), slot in zip(device, slots)]), host,
+                           low, low_format)
+
+    def _low_bit(self, keys: Sequence[ExpertKey], gates: Sequence[float] | None) -> set[ExpertKey]:
+        """The misses among `keys` that load their low-bit copy: every one with `low`; with `adaptive`
+        those whose largest gate weight is below the threshold, or all when the link is busy. Asks an
+        upgrade for each low-bit resident key hit with a gate weight at or above the threshold."""
+        assert self.precision is not None
+        cache = self.cache
+        misses = [i for i, key in enumerate(keys) if not cache.holds(key)]
+        if self.precision.mode is MissPrecision.LOW:
+            return {keys[i] for i in misses}
+        if gates is None:
+            raise ValueError("adaptive miss precision needs each expert's largest gate weight")
+        threshold = self.precision.low_gate
+        for key, gate in zip(keys, gates):
+            if gate >= threshold and cache.is_low(key):
+                cache.request_upgrade(key)
+        if cache.pool.num_loading >= BUSY_LINK_COPIES:
+            return {keys[i] for i in misses}
+        return {keys[i] for i in misses if gates[i] < threshold}
 
     def run_on_host(self, layer: int, work: Callable[[], None]) -> Future[float]:
         assert self._worker is not None, "host work while every miss is copied"
@@ -151,7 +212,10 @@ class OffloadedExperts:
             self.planner.observe_host_job(seconds, entry[1], entry[2])
 
     def hint(self, layer: int, expert_ids: Sequence[int]) -> None:
-        self.cache.prefetch([ExpertKey(layer, e) for e in expert_ids])
+        """Prefetches the full copies (the low-bit ones with `low`: no gate weight is known yet)."""
+        low = self.precision is not None and self.precision.mode is MissPrecision.LOW
+        self.cache.prefetch([ExpertKey(layer, e) for e in expert_ids],
+                            precision=Precision.LOW if low else Precision.FULL)
 
     def end_step(self) -> None:
         """Advances the cache's step clock (the policy's step boundaries, preload freshness), after
@@ -306,12 +370,13 @@ def host_tier_dir(config: EngineConfig, experts_nbytes: int) -> Path | None:
 
 def build_expert_provider(
     config: EngineConfig, experts: dict[ExpertKey, ExpertTensors], spec: ModelSpec, device: torch.device,
-    max_tokens_per_step: int, pack: bool = False, kv_nbytes: int = 0,
+    max_tokens_per_step: int, pack: bool = False, kv_nbytes: int = 0, expert_format: ExpertFormat = MODEL_DTYPE,
 ) -> ResidentExperts | OffloadedExperts:
     """All-resident experts, or a host tier + device expert cache as `config` asks; with `pack`
     each expert is packed for the CPU kernels on its way in (one expert at a time). Call it once the
     dense weights are on the device: on CUDA the automatic expert budget is the free memory then,
-    less `kv_nbytes` (the KV cache placed afterwards) and the working reserve."""
+    less `kv_nbytes` (the KV cache placed afterwards) and the working reserve. `expert_format`: how
+    `experts` are stored (the low-bit copy of `--miss-precision low/adaptive` is quantized from it)."""
     experts_nbytes = sum(t.numel() * t.element_size() for pair in experts.values() for t in pair)
     budget = device_budget(device, kv_nbytes, working_reserve_nbytes(spec, max_tokens_per_step))
     if not wants_offload(config, experts_nbytes, budget):
@@ -319,6 +384,9 @@ def build_expert_provider(
             arena = Arena(packed_experts_nbytes(experts))
             for key in experts:  # in place: each plain expert is dropped as soon as it is packed
                 experts[key] = pack_expert(experts[key], arena)
+        if config.miss_precision is not MissPrecision.FULL:
+            logger.info("miss precision %s applies to offloaded experts only: every expert is resident at %s",
+                        config.miss_precision.value, expert_format.name)
         return ResidentExperts(experts, device)
     policy_name = DEFAULT_POLICY if config.cache_policy == "default" else config.cache_policy
     try:
@@ -326,6 +394,10 @@ def build_expert_provider(
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     backing_dir = host_tier_dir(config, experts_nbytes)
+    precision = mixed_precision(config)
+    # the low-bit copy first, from the experts as loaded, one expert at a time (never a second full copy)
+    low_store = None if precision is None else low_bit_store(experts, precision.low_format, expert_format, spec,
+                                                             pin=device.type == "cuda")
     try:
         store = HostExpertStore.from_tensors(experts, pin=device.type == "cuda", backing_dir=backing_dir,
                                              transform=pack_expert if pack else None)
@@ -334,6 +406,15 @@ def build_expert_provider(
         raise ModelLoadError(f"cannot create the file-backed host tier in {backing_dir} "
                              f"(host_tier_dir): {reason}") from exc
     experts.clear()  # the packed host slab is now the only copy
+    if low_store is not None:
+        assert precision is not None
+        if low_store.expert_nbytes >= store.expert_nbytes:
+            raise ModelLoadError(f"miss_low_dtype {precision.low_format.name} ({low_store.expert_nbytes} bytes an "
+                                 f"expert) is not smaller than the experts as stored ({store.expert_nbytes} bytes)")
+        logger.info("host tier: %s of full-precision experts (%s) + %s of their %s copies (%s + %s an expert), "
+                    "misses: %s precision", size_text(store.nbytes), expert_format.name, size_text(low_store.nbytes),
+                    precision.low_format.name, size_text(store.expert_nbytes), size_text(low_store.expert_nbytes),
+                    precision.mode.value)
     sizing = size_expert_cache(
         len(store), min_slots_for_step(spec.num_experts, spec.top_k, max_tokens_per_step), store.expert_nbytes,
         config.expert_cache_gb, config.expert_cache_fraction, budget,
@@ -348,9 +429,31 @@ def build_expert_provider(
     )
     # one instance of the policy per MoE layer, as in trace replay (see cache_policies.partitioned)
     policy = PartitionedPolicy(lambda: make_policy(policy_name), sizing.num_slots, spec.num_moe_layers)
-    cache = ExpertCache(store, sizing.num_slots, device, policy, copy_engine)
+    cache = ExpertCache(store, sizing.num_slots, device, policy, copy_engine, low_store)
     planner = make_planner(cache, spec.num_moe_layers) if handling is MissHandling.AUTO else None
-    return OffloadedExperts(cache, handling, planner)
+    return OffloadedExperts(cache, handling, planner, precision)
+
+
+def mixed_precision(config: EngineConfig) -> MixedPrecision | None:
+    """`--miss-precision` with its low-bit format and gate (None: full, no low-bit copy is kept)."""
+    if config.miss_precision is MissPrecision.FULL:
+        return None
+    low_format = parse_expert_dtype(config.miss_low_dtype)
+    assert low_format is not None and low_format.quantized  # the config's pattern admits only low-bit formats
+    return MixedPrecision(config.miss_precision, low_format, config.miss_low_gate)
+
+
+def low_bit_store(experts: dict[ExpertKey, ExpertTensors], low_format: ExpertFormat, expert_format: ExpertFormat,
+                  spec: ModelSpec, pin: bool) -> HostExpertStore:
+    """The host tier's low-bit copy: each expert as loaded (in `expert_format`: decoded first when it is
+    itself quantized) quantized to `low_format`, one expert at a time; in RAM, pinned with `pin`."""
+    hidden, ffn = spec.hidden_size, spec.moe_intermediate_size
+
+    def encode(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        plain = expert_format.decode(tensors, hidden, ffn, torch.float32) if expert_format.quantized else tensors
+        return low_format.encode(plain)
+
+    return HostExpertStore.from_tensors(experts, pin=pin, transform=encode)
 
 
 def miss_handling(config: EngineConfig, device: torch.device) -> MissHandling:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
 from typing import NamedTuple
@@ -21,6 +21,7 @@ import torch
 
 from moe_serve.cuda_ext.api import CopyEngine, CopyError, CopyPriority, CopyTicket
 from moe_serve.engine.host_memory import advised_buffer
+from moe_serve.engine.offload.expert_store import Precision
 from moe_serve.engine.types import ExpertKey
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class _Slot:
     refcount: int = 0
     ticket: CopyTicket | None = None
     last_use: torch.cuda.Event | None = None
-    views: tuple[torch.Tensor, ...] | None = None  # the buffer's typed weight views (fixed per slot)
+    precision: Precision = Precision.FULL  # which copy of its key the slot holds (or is loading)
+    # the buffer's typed weight views, built once per slot and precision
+    views: dict[Precision, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
 
 class EvictableKeys(Set[ExpertKey]):
@@ -75,15 +78,19 @@ class SlotPool:
     """`num_slots` device buffers of `slot_nbytes` bytes, filled through a CopyEngine.
 
     A slot is FREE (on the free list), LOADING (holds a key, its copy pending) or RESIDENT.
-    Pins count per occurrence; only RESIDENT slots with no pin are eviction candidates.
+    Pins count per occurrence; only RESIDENT slots with no pin are eviction candidates. A slot
+    holds its key's full-precision copy or, with `low_unpack`, its low-bit one (`Precision`).
     """
 
     def __init__(self, num_slots: int, slot_nbytes: int, device: torch.device, copy_engine: CopyEngine,
-                 unpack: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> None:
+                 unpack: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                 low_unpack: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.device, self.copy_engine, self.num_slots = torch.device(device), copy_engine, num_slots
-        self._unpack = unpack
+        self._unpack = {Precision.FULL: unpack}
+        if low_unpack is not None:
+            self._unpack[Precision.LOW] = low_unpack
         if self.device.type == "cpu":  # the CPU kernels stream the slots: huge-page advised RAM
             buffers = advised_buffer(num_slots * slot_nbytes).view(num_slots, slot_nbytes)
         else:
@@ -143,6 +150,10 @@ class SlotPool:
             return SlotState.FREE
         self._refresh(index)
         return self._slots[index].state
+
+    def precision_of(self, key: ExpertKey) -> Precision:
+        """Which copy `key`'s slot holds or is loading (it must hold a slot)."""
+        return self._slots[self._slot_of[key]].precision
 
     def is_loading(self, key: ExpertKey) -> bool:
         """Whether `key`'s copy was still pending when last polled (does not poll)."""
@@ -239,15 +250,34 @@ class SlotPool:
         """Takes a slot off the free list (one must be free)."""
         return self._free.pop()
 
-    def begin_load(self, index: int, key: ExpertKey) -> None:
-        """Gives the claimed slot `index` to `key` as LOADING (after the compute that last read it)."""
+    def begin_load(self, index: int, key: ExpertKey, precision: Precision = Precision.FULL) -> None:
+        """Gives the claimed slot `index` to `key`'s `precision` copy as LOADING (after the compute
+        that last read it)."""
+        if precision not in self._unpack:
+            raise ValueError(f"no {precision.value}-precision copy of the experts in this pool")
         record = self._slots[index]
         if record.last_use is not None:
             record.last_use.synchronize()  # compute that read the previous expert must finish first
             record.last_use = None
-        record.state, record.key = SlotState.LOADING, key
+        record.state, record.key, record.precision = SlotState.LOADING, key, precision
         self._slot_of[key] = index
         self._residency_stale = True
+        self._loading.add(index)
+
+    def begin_reload(self, key: ExpertKey, precision: Precision) -> None:
+        """Makes `key`'s resident unpinned slot LOADING its `precision` copy in place (an upgrade,
+        after the compute that last read it); the caller submits the copy."""
+        if precision not in self._unpack:
+            raise ValueError(f"no {precision.value}-precision copy of the experts in this pool")
+        index = self._slot_of[key]
+        record = self._slots[index]
+        if record.state is not SlotState.RESIDENT or record.refcount:
+            raise ValueError(f"reload of {key}: only a resident unpinned slot is reloaded in place")
+        if record.last_use is not None:
+            record.last_use.synchronize()
+            record.last_use = None
+        self._idle.pop(key, None)
+        record.state, record.precision = SlotState.LOADING, precision
         self._loading.add(index)
 
     def submit(self, keys: Sequence[ExpertKey], sources: Sequence[torch.Tensor], priority: CopyPriority) -> None:
@@ -256,7 +286,8 @@ class SlotPool:
         if not keys:
             return
         slot_of, slots = self._slot_of, self._slots
-        tickets = self.copy_engine.submit([(source, slots[slot_of[key]].buffer)
+        # a low-bit copy fills the start of its (full-size) slot
+        tickets = self.copy_engine.submit([(source, slots[slot_of[key]].buffer[:source.numel()])
                                            for key, source in zip(keys, sources, strict=True)], priority)
         for key, ticket in zip(keys, tickets):
             slots[slot_of[key]].ticket = ticket
@@ -354,7 +385,8 @@ class SlotPool:
         return False
 
     def _views(self, record: _Slot) -> tuple[torch.Tensor, ...]:
-        """The typed weight views of a loaded slot (built once per slot)."""
-        if record.views is None:
-            record.views = self._unpack(record.buffer)
-        return record.views
+        """The typed weight views of a loaded slot (built once per slot and precision)."""
+        views = record.views.get(record.precision)
+        if views is None:
+            views = record.views[record.precision] = self._unpack[record.precision](record.buffer)
+        return views
