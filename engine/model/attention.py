@@ -52,6 +52,7 @@ class AttentionMetadata:
     max_query_len: int
     query_pos: torch.Tensor  # [B, Q] absolute position of each query row
     real_rows: torch.Tensor  # [B, Q] False for padding query rows
+    max_context_len: int  # the longest context_len, host-side: every position of the step is below it
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def mask_for(self, window: int | None) -> torch.Tensor:
@@ -101,19 +102,28 @@ class AttentionMetadata:
         mask = (key_pos[:, None, :] <= query_pos[:, :, None]) & valid[:, None, :]
         mask[:, :, 0] = True  # padding query rows attend one key instead of none (their output is dropped)
         return cls(
-            slot_mapping=slot_mapping.to(device),
-            gather_slots=gather.to(device),
-            gather_blocks=blocks.to(device),
+            slot_mapping=_upload(slot_mapping, device),
+            gather_slots=_upload(gather, device),
+            gather_blocks=_upload(blocks, device),
             block_size=block_size,
-            key_pos=key_pos.to(device),
-            query_index=query_index.to(device),
-            mask=mask[:, None].to(device),
-            context_lens=(ctx_t - start).to(device),
+            key_pos=_upload(key_pos, device),
+            query_index=_upload(query_index, device),
+            mask=_upload(mask[:, None], device),
+            context_lens=_upload(ctx_t - start, device),
             num_seqs=num_seqs,
             max_query_len=max_q,
-            query_pos=query_pos.to(device),
-            real_rows=real.to(device),
+            query_pos=_upload(query_pos, device),
+            real_rows=_upload(real, device),
+            max_context_len=max(context_lens),
         )
+
+
+def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built index tensor on `device`: on CUDA copied from pinned memory without blocking the host
+    (the caching host allocator keeps the pinned block until the copy is done), elsewhere as is."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def self_attention(spec: ModelSpec, w: AttentionWeights, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],

@@ -99,9 +99,15 @@ class RotaryEmbedding:
         self.cos = torch.cat([self.cos, (emb.cos() * self.factor).to(self.device)])
         self.sin = torch.cat([self.sin, (emb.sin() * self.factor).to(self.device)])
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, R] at positions [T]: looked up once per step, used by every layer."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+    def tables(self, positions: torch.Tensor, num_positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, R] at positions [T]: looked up once per step, used by every layer. `num_positions`
+        bounds the positions from the host (the step's longest context, `AttentionMetadata.max_context_len`)
+        so the tables grow without reading the positions back; None reads their maximum (a host sync on a
+        device)."""
+        if num_positions is not None:
+            needed = num_positions
+        else:
+            needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos.shape[0]:
             self._grow(needed)
         return self.cos[positions], self.sin[positions]

@@ -100,3 +100,13 @@ def test_latent_attention_reads_the_block_gathered_cache() -> None:
         got = out[row:row + n].view(n, heads, rank)
         torch.testing.assert_close(got.double(), expected.view(n, heads, -1), rtol=1e-5, atol=1e-5)
         row += n
+
+
+def test_metadata_carries_the_longest_context_from_the_host() -> None:
+    """`max_context_len` bounds every position of the step (the rope tables are sized from it, not
+    from a device read-back)."""
+    context_lens, query_lens = [5, 9, 2], [1, 3, 2]
+    tables, _ = layout(context_lens, seed=3)
+    meta = AttentionMetadata.build(tables, context_lens, query_lens, BLOCK, torch.device("cpu"))
+    positions = [p for n, q in zip(context_lens, query_lens, strict=True) for p in range(n - q, n)]
+    assert meta.max_context_len == 9 == max(positions) + 1

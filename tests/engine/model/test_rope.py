@@ -79,3 +79,17 @@ def test_unsupported_rope_types_are_refused_naming_the_field() -> None:
         "original_max_position_embeddings": 128})
     with pytest.raises(ModelLoadError, match=r"^unsupported rope_type 'longrope' \(rope_parameters\): supported are"):
         rope_of(config, 16)
+
+
+def test_tables_sized_from_the_host_bound_equal_those_sized_from_the_positions() -> None:
+    """The step's host-known bound (its longest context) grows the tables as reading the positions does,
+    to the same rows: the per-step read-back of positions.max() is not needed."""
+    config = transformers.Qwen3MoeConfig(**{**SMALL, "max_position_embeddings": 8192},
+                                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    rope = rope_of(config, 16)
+    by_positions, by_bound = RotaryEmbedding(rope, torch.device("cpu")), RotaryEmbedding(rope, torch.device("cpu"))
+    for positions, bound in ((torch.tensor([0, 1, 2]), 3), (torch.tensor([4095, 7000]), 7001), (torch.tensor([9]), 7001)):
+        expected = by_positions.tables(positions)
+        got = by_bound.tables(positions, bound)
+        assert by_bound.cos.shape == by_positions.cos.shape
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
