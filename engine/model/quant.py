@@ -68,43 +68,47 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedMatrix:
     return QuantizedMatrix(WeightKind.INT8, codes, scales[:, None].contiguous(), None, w.shape[1])
 
 
+def _grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """weight [N, K] as fp32 [N, ceil(K / group), group], the last group zero padded (a view where K divides)."""
+    w = weight.float()
+    rows, cols = w.shape
+    if cols % group == 0:
+        return w.reshape(rows, cols // group, group)
+    padded = torch.zeros(rows, -(-cols // group) * group)
+    padded[:, :cols] = w
+    return padded.view(rows, -1, group)
+
+
 def quantize_int4(weight: torch.Tensor, group: int, zero_points: bool) -> QuantizedMatrix:
     """Group-wise int4 along K (the last group may be shorter), fp16 scales. With zero points:
     the group's [min, max] (widened to hold 0) over 15 steps, w = (code - zero) * s; without:
     symmetric, s = max|w| / 7, w = (code - 8) * s."""
-    w = weight.float()
-    rows, cols = w.shape
-    groups = -(-cols // group)
-    padded = torch.zeros(rows, groups * group)
-    padded[:, :cols] = w
-    grouped = padded.view(rows, groups, group)
+    rows, cols = weight.shape
+    grouped = _grouped(weight, group)
     if zero_points:
-        low, high = grouped.amin(dim=2).clamp(max=0), grouped.amax(dim=2).clamp(min=0)
+        low, high = torch.aminmax(grouped, dim=2)
+        low, high = low.clamp(max=0), high.clamp(min=0)
         scales = ((high - low) / 15).clamp(min=_FP16_MIN_SCALE).half()
         zeros = torch.round(-low / scales.float()).clamp(0, 15)
     else:
         scales = (grouped.abs().amax(dim=2) / 7).clamp(min=_FP16_MIN_SCALE).half()
         zeros = torch.full_like(scales, 8, dtype=torch.float32)
-    codes = torch.round(grouped / scales.float()[..., None] + zeros[..., None]).clamp(0, 15)
-    codes = codes.view(rows, groups * group)[:, :cols].to(torch.uint8).contiguous()
+    codes = torch.div(grouped, scales.float()[..., None]).add_(zeros[..., None]).round_().clamp_(0, 15)
+    codes = codes.view(rows, -1)[:, :cols].to(torch.uint8).contiguous()
     return QuantizedMatrix(WeightKind.INT4, codes, scales, zeros.to(torch.uint8) if zero_points else None, group)
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> QuantizedMatrix:
     """MXFP4 (OCP microscaling): per 32 values along K an e8m0 exponent bringing the block's largest
     magnitude to at most 6, each value rounded to the nearest E2M1 value (ties to the smaller)."""
-    w = weight.float()
-    rows, cols = w.shape
-    groups = -(-cols // MXFP4_GROUP)
-    padded = torch.zeros(rows, groups * MXFP4_GROUP)
-    padded[:, :cols] = w
-    grouped = padded.view(rows, groups, MXFP4_GROUP)
+    rows, cols = weight.shape
+    grouped = _grouped(weight, MXFP4_GROUP)
     amax = grouped.abs().amax(dim=2).clamp(min=2.0**-126)
     exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-E8M0_BIAS, E8M0_BIAS)
     scaled = grouped / torch.exp2(exponent)[..., None]
     midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-    magnitude = torch.bucketize(scaled.abs(), midpoints)  # ties go to the smaller value
-    codes = (magnitude | ((scaled < 0) & (magnitude > 0)).to(torch.int64) << 3).view(rows, groups * MXFP4_GROUP)
+    magnitude = torch.bucketize(scaled.abs(), midpoints, out_int32=True)  # ties go to the smaller value
+    codes = (magnitude | ((scaled < 0) & (magnitude > 0)).to(torch.int32) << 3).view(rows, -1)
     scales = (exponent + E8M0_BIAS).to(torch.uint8)
     return QuantizedMatrix(WeightKind.MXFP4, codes[:, :cols].to(torch.uint8).contiguous(), scales, None, MXFP4_GROUP)
 
