@@ -4,9 +4,10 @@ A random Qwen2-MoE checkpoint with DeepSeek-V2-Lite's geometry (hidden 2048, exp
 64 experts top-6, two shared experts as one FFN of 2816; `--layers` MoE layers) in bf16, every
 layer routing as the shared DeepSeek-V2-Lite trace recorded (`TraceRouter`), so the expert
 cache misses what the real model would. For each cache fraction, one engine per expert format
-(`--expert-dtype`: bf16 = the model dtype, int8, int4, mxfp4) with that share of the experts in
-the device tier (on a CPU a RAM pool filled by the copy engine), no prefetching; fraction 1.0 is
-the all-resident engine (nothing is copied). Every engine replays the same trace prompts with the
+(`--expert-dtype`: bf16 = the model dtype, int8, int4, mxfp4; adaptive = bf16 experts with
+`--miss-precision adaptive`, offloaded fractions only) with that share of the experts in the device
+tier (on a CPU a RAM pool filled by the copy engine, unthrottled or throttled to
+`--expert-link-gbps`), no prefetching; fraction 1.0 is the all-resident engine (nothing is copied). Every engine replays the same trace prompts with the
 same history (`TraceRouter.restart`): warm-up request i replays the trace's prompt i, round r's
 request prompt `warmup + r`, and the n-th quantized engine first replays the n pairings' rounds the
 bf16 engine decoded before it, so every engine's cache meets each measured prompt in the same state
@@ -16,10 +17,12 @@ fraction needs at least 1 / layers of them (0.25: 4 layers). Each engine is warm
 RAM holds two engines, not five), the two take turns for `--rounds` rounds (A B, B A, A B, ...).
 Reported per format: each round's decode tokens/s (the time after each request's first token)
 and the median, the median tokens per CPU second of the process (compute and copy threads: the
-cost, robust on a machine other jobs load), and the expert bytes copied per decoded token (misses
-x the stored expert bytes), each format beside the bf16 engine's rounds of its own pairing.
+cost, robust on a machine other jobs load), and the expert bytes the copy engine moved per decoded
+token (the real bytes of what each miss loaded), each format beside the bf16 engine's rounds of its
+own pairing.
 
-    python -m benchmarks.quant_decode [--layers 4] [--fractions 1.0,0.5,0.25] [--threads 1] [--checkpoint-dir DIR] [--json]
+    python -m benchmarks.quant_decode [--layers 4] [--fractions 1.0,0.5,0.25] [--threads 1]
+        [--expert-link-gbps GBPS] [--checkpoint-dir DIR] [--json]
 """
 
 from __future__ import annotations
@@ -38,11 +41,25 @@ from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.core.llm_engine import LLMEngine
 from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import SamplingParams
+from moe_serve.engine.offload.provider import OffloadedExperts
 from moe_serve.engine.progress import progress
 from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace
 from moe_serve.engine.traces.trace_router import TraceRouter
 
-FORMATS = {"bf16": "model", "int8": "int8", "int4": "int4", "mxfp4": "mxfp4"}  # label: --expert-dtype
+FORMATS = {  # label: the engine settings that make it
+    "bf16": {"expert_dtype": "model"},
+    "int8": {"expert_dtype": "int8"},
+    "int4": {"expert_dtype": "int4"},
+    "mxfp4": {"expert_dtype": "mxfp4"},
+    "adaptive": {"expert_dtype": "model", "miss_precision": "adaptive"},  # bf16 experts, low-bit copies on cold misses
+}
+OFFLOAD_ONLY = ("adaptive",)  # formats that differ from the model dtype only in what a miss loads: no all-resident row
+
+
+def bytes_copied(engine: LLMEngine) -> int:
+    """Expert bytes the copy engine has moved into slots so far (the real bytes of what each miss loaded)."""
+    experts = engine.runner.model.experts
+    return sum(experts.cache.stats().bytes_copied.values()) if isinstance(experts, OffloadedExperts) else 0
 
 
 def decode(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams,
@@ -55,13 +72,14 @@ def decode(engine: LLMEngine, request_id: str, prompt: list[int], params: Sampli
     router.restart(trace_prompt)
     engine.add_request(EngineRequest(request_id, prompt, params))
     first = sum(len(o.new_token_ids) for o in engine.step())  # the prefill and the first token
-    before, start, cpu = offload_counters(engine), time.perf_counter(), time.process_time()
+    before, copied, start, cpu = offload_counters(engine), bytes_copied(engine), time.perf_counter(), time.process_time()
     generated = 0
     while engine.has_unfinished:
         generated += sum(len(o.new_token_ids) for o in engine.step())
     elapsed = time.perf_counter() - start
     assert first == 1
-    return generated, elapsed, {**counters_since(before, offload_counters(engine)), "cpu_s": time.process_time() - cpu}
+    return generated, elapsed, {**counters_since(before, offload_counters(engine)), "cpu_s": time.process_time() - cpu,
+                                "bytes": bytes_copied(engine) - copied}
 
 
 def warm_engine(path: Path, trace: RoutingTrace, args: argparse.Namespace, name: str, fraction: float,
@@ -69,8 +87,10 @@ def warm_engine(path: Path, trace: RoutingTrace, args: argparse.Namespace, name:
     """The engine of format `name` at `fraction` (1.0: all resident), warmed with `--warmup` requests and
     the rounds of `earlier_pairings` pairings (the history the bf16 engine has when it meets this one)."""
     cache = dict(offload="off") if fraction == 1.0 else dict(offload="on", expert_cache_fraction=fraction)
-    config = EngineConfig(model=str(path), dtype="bfloat16", expert_dtype=FORMATS[name], prefetch="none",
-                          task_preload="off", num_threads=args.threads, max_num_seqs=1, **cache)
+    if fraction < 1.0 and args.expert_link_gbps:
+        cache["expert_link_gbps"] = args.expert_link_gbps
+    config = EngineConfig(model=str(path), dtype="bfloat16", prefetch="none", task_preload="off", num_threads=args.threads,
+                          max_num_seqs=1, **FORMATS[name], **cache)
     engine = build_engine(config, show_progress=False, replay=RoutingReplay(trace, first_layer=args.first_layer))
     for i in range(args.warmup):
         decode(engine, f"w{i}", prompt, params, trace_prompt=i)
@@ -89,7 +109,8 @@ def expert_nbytes(engine: LLMEngine, fraction: float, total_experts: int) -> int
 def print_header(args: argparse.Namespace, trace: RoutingTrace) -> None:
     """What was measured, and the table header."""
     print(f"{args.layers} MoE layers x {trace.num_experts} experts (top-{trace.top_k}), hidden {args.hidden}, expert FFN "
-          f"{args.moe_intermediate}, bf16 model, {args.threads} thread(s), batch 1, routing replayed from "
+          f"{args.moe_intermediate}, bf16 model, {args.threads} thread(s), batch 1, copy link "
+          f"{f'{args.expert_link_gbps:g} GB/s' if args.expert_link_gbps else 'unthrottled (RAM to RAM)'}, routing replayed from "
           f"{Path(args.trace).name}; {args.rounds} rounds of {args.tokens} tokens per format, alternated with bf16")
     print(f"{'fraction':>8} {'format':>6} {'expert MiB':>10} {'tok/s':>7} {'vs bf16':>7} {'tok/CPU s':>9} {'vs bf16':>7} "
           f"{'misses/tok':>10} {'MiB/tok':>8} {'vs bf16':>7}  rounds tok/s")
@@ -99,11 +120,12 @@ def summary(fraction: float, name: str, nbytes: int, measured: list[tuple[int, f
     """One engine's rounds of one pairing: medians, misses and bytes per token."""
     tokens = sum(m[0] for m in measured)
     misses = sum(m[2]["misses"] for m in measured)
+    copied = sum(m[2]["bytes"] for m in measured)
     rounds = [m[0] / m[1] for m in measured]
     return {"fraction": fraction, "format": name, "expert_bytes": nbytes,
             "rounds_tok_s": [round(t, 2) for t in rounds], "tok_s": round(statistics.median(rounds), 2),
             "tok_per_cpu_s": round(statistics.median(m[0] / m[2]["cpu_s"] for m in measured), 2),
-            "misses_per_token": round(misses / tokens, 2), "mib_per_token": round(misses * nbytes / tokens / 2**20, 2)}
+            "misses_per_token": round(misses / tokens, 2), "mib_per_token": round(copied / tokens / 2**20, 2)}
 
 
 def print_rows(rows: list[dict], base_name: str) -> None:
@@ -133,6 +155,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--expert-link-gbps", type=float, default=None,
+                        help="throttle the copy engine to this many GB/s (a PCIe-class link; unset: RAM-to-RAM copies)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="write the checkpoint here, or reuse the one a run with the same flags wrote there")
     parser.add_argument("--json", action="store_true")
@@ -153,7 +177,8 @@ def main() -> None:
             base, others = names[0], names[1:]
             base_engine = warm_engine(path, trace, args, base, fraction, prompt, params)
             base_bytes = expert_nbytes(base_engine, fraction, args.layers * trace.num_experts)
-            for pairing, name in enumerate(others):  # one quantized engine at a time beside the baseline: A B A B ...
+            for pairing, name in enumerate(n for n in others if fraction < 1.0 or n not in OFFLOAD_ONLY):
+                # one quantized engine at a time beside the baseline: A B A B ...
                 engines = {base: base_engine, name: warm_engine(path, trace, args, name, fraction, prompt, params, pairing)}
                 measured: dict[str, list[tuple[int, float, dict]]] = {base: [], name: []}
                 for r in range(args.rounds):
