@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from moe_serve.engine.model.cpu_kernels import rope
+from moe_serve.engine.model.cpu_kernels import kernel_flavour, rope
 from moe_serve.engine.model.spec import RopeScaling, RopeSpec, yarn_mscale
 
 TABLE_CHUNK = 4096  # positions added to the tables at a time
@@ -99,18 +99,24 @@ class RotaryEmbedding:
         self.cos = torch.cat([self.cos, (emb.cos() * self.factor).to(self.device)])
         self.sin = torch.cat([self.sin, (emb.sin() * self.factor).to(self.device)])
 
-    def tables(self, positions: torch.Tensor, num_positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, positions: torch.Tensor, num_positions: int | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, R] at positions [T]: looked up once per step, used by every layer. `num_positions`
         bounds the positions from the host (the step's longest context, `AttentionMetadata.max_context_len`)
         so the tables grow without reading the positions back; None reads their maximum (a host sync on a
-        device)."""
+        device). `dtype`, the activations': where `rope` runs in torch (a device, or the C kernels off) the
+        step's rows are cast to it here, once, instead of in every layer (the same values); the C
+        kernel reads fp32 tables."""
         if num_positions is not None:
             needed = num_positions
         else:
             needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos.shape[0]:
             self._grow(needed)
-        return self.cos[positions], self.sin[positions]
+        cos, sin = self.cos[positions], self.sin[positions]
+        if dtype is not torch.float32 and (self.device.type != "cpu" or kernel_flavour() == "torch"):
+            return cos.to(dtype), sin.to(dtype)
+        return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

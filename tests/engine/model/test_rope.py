@@ -93,3 +93,19 @@ def test_tables_sized_from_the_host_bound_equal_those_sized_from_the_positions()
         got = by_bound.tables(positions, bound)
         assert by_bound.cos.shape == by_positions.cos.shape
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("flavour", ["torch", "c-avx2"])
+def test_tables_are_cast_once_per_step_where_rope_runs_in_torch(monkeypatch: pytest.MonkeyPatch, flavour: str) -> None:
+    """In the activations' dtype where `rope` runs in torch (each layer's cast becomes a no-op), fp32 for the
+    C kernel; the same values either way."""
+    from moe_serve.engine.model import rope as rope_module
+
+    monkeypatch.setattr(rope_module, "kernel_flavour", lambda: flavour)
+    config = transformers.Qwen3MoeConfig(**SMALL, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    rotary = RotaryEmbedding(rope_of(config, 16), torch.device("cpu"))
+    positions = torch.tensor([3, 0, 200])
+    cos32, sin32 = rotary.tables(positions, 201)
+    cos, sin = rotary.tables(positions, 201, torch.bfloat16)
+    assert cos.dtype == sin.dtype == (torch.bfloat16 if flavour == "torch" else torch.float32)
+    assert torch.equal(cos, cos32.to(cos.dtype)) and torch.equal(sin, sin32.to(sin.dtype))
