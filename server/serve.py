@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -124,10 +125,20 @@ def check_model(config: EngineConfig) -> None:
         read_spec(model_path(config))
 
 
+def default_torch_threads() -> int:
+    """The server's torch CPU threads when --num-threads is not given: every core this process may
+    run on but one, which the event loop, the tokenizer threads and local clients need. With all
+    cores the model's threads and the event loop take turns on the same cores, and a decode step
+    of 4-7 sequences went from ~35 ms to ~640 ms on a loaded 2-core machine (docs/scheduling.md)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def serve(config: ServeConfig) -> int:
     """Serve HTTP until a shutdown signal or a fatal engine fault; returns the process exit code."""
     resolve_device(config.device)  # refuse at once (one line, exit 1) when CUDA is asked for but absent
     check_model(config)
+    if config.num_threads is None:
+        config = config.model_copy(update={"num_threads": default_torch_threads()})
     engine = build_async_engine(config)
     engine.start()
     return run_server(engine, config)
