@@ -9,7 +9,8 @@ learns from the simulated steps as it does from real ones. The mixes, arrivals, 
 attainment are those of the live benchmark; a run takes seconds, so scheduling ideas can be
 compared over many seeds before the live benchmark measures the chosen one.
 
-    python -m benchmarks.slo_simulate --mixes 10 --seed 7 [--seeds 1,2,3] [--json]
+    python -m benchmarks.slo_simulate --mixes 10 --seeds 7 [--seeds 1,2,3] [--step-overhead-ms 20]
+        [--step-base-ms 8 --step-token-ms 0.36] [--json]
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ NUM_KV_BLOCKS = 4096
 
 
 @dataclass(frozen=True)
+class StepCost:
+    """Simulated seconds of a step: (base + per token x tokens) +-10% noise, plus the time between steps."""
+
+    base_s: float = STEP_BASE_S
+    token_s: float = STEP_TOKEN_S
+    overhead_s: float = STEP_OVERHEAD_S
+
+
+@dataclass(frozen=True)
 class Outcome:
     task: str
     attained: bool
@@ -55,7 +65,8 @@ class _Clock:
         return self.now
 
 
-def simulate(mix: dict[str, Task], policy: str, rate: float, count: int, seed: int) -> list[Outcome]:
+def simulate(mix: dict[str, Task], policy: str, rate: float, count: int, seed: int,
+             cost: StepCost = StepCost()) -> list[Outcome]:
     """`count` Poisson arrivals at `rate`/s (the live benchmark's draw for `seed`) served by a
     default-sized scheduler (32 sequences, 512 tokens a step) under `policy`."""
     rng = random.Random(seed)
@@ -89,7 +100,7 @@ def simulate(mix: dict[str, Task], policy: str, rate: float, count: int, seed: i
             if out.is_empty:
                 clock.now = arrivals[pending][0] if pending < len(arrivals) else clock.now + 0.01
                 continue
-            seconds = (STEP_BASE_S + STEP_TOKEN_S * out.num_tokens) * noise.uniform(0.9, 1.1) + STEP_OVERHEAD_S
+            seconds = (cost.base_s + cost.token_s * out.num_tokens) * noise.uniform(0.9, 1.1) + cost.overhead_s
             clock.now += seconds
             sampled = {item.seq.seq_id: 1 for item in out.scheduled if item.samples}
             scheduler.update(out, sampled)
@@ -115,13 +126,13 @@ def attainment(outcomes: list[Outcome], task: str | None = None) -> float:
     return sum(o.attained for o in mine) / len(mine) if mine else math.nan
 
 
-def run_mix(mix: dict[str, Task], index: int, seconds: float, least: int) -> dict:
+def run_mix(mix: dict[str, Task], index: int, seconds: float, least: int, cost: StepCost = StepCost()) -> dict:
     """The live benchmark's procedure for one mix: find the fcfs 50-80% rate, then fcfs and slo at it and 1.5x."""
     probes: list[dict] = []
     fcfs_runs: dict[float, list[Outcome]] = {}  # a probe is the fcfs run at its rate
 
     def run(policy: str, rate: float) -> list[Outcome]:
-        return simulate(mix, policy, rate, num_requests(rate, seconds, least), 1000 * index + 500)
+        return simulate(mix, policy, rate, num_requests(rate, seconds, least), 1000 * index + 500, cost)
 
     def measure(rate: float) -> float:
         fcfs_runs[rate] = run("fcfs", rate)
@@ -140,9 +151,9 @@ def run_mix(mix: dict[str, Task], index: int, seconds: float, least: int) -> dic
     return {"mix": index, "rate": rate, "probes": probes, "points": points}
 
 
-def run_seed(seed: int, mixes: int, seconds: float, least: int) -> dict:
+def run_seed(seed: int, mixes: int, seconds: float, least: int, cost: StepCost = StepCost()) -> dict:
     master = random.Random(seed)
-    results = [run_mix(draw_mix(random.Random(master.random())), i, seconds, least)
+    results = [run_mix(draw_mix(random.Random(master.random())), i, seconds, least, cost)
                for i in range(mixes)]
     base = [r["points"]["base"] for r in results]
     over = [r["points"]["overload"] for r in results]
@@ -160,9 +171,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="7", help="comma-separated seeds, one run of --mixes each")
     parser.add_argument("--seconds", type=float, default=12.0, help="seconds of arrivals per point")
     parser.add_argument("--requests", type=int, default=40, help="at least this many requests per point")
+    parser.add_argument("--step-base-ms", type=float, default=1e3 * STEP_BASE_S, help="fixed cost of a step")
+    parser.add_argument("--step-token-ms", type=float, default=1e3 * STEP_TOKEN_S, help="cost per token of a step")
+    parser.add_argument("--step-overhead-ms", type=float, default=1e3 * STEP_OVERHEAD_S,
+                        help="time between steps (outside the step-time noise)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    reports = [run_seed(int(s), args.mixes, args.seconds, args.requests)
+    cost = StepCost(args.step_base_ms / 1e3, args.step_token_ms / 1e3, args.step_overhead_ms / 1e3)
+    reports = [run_seed(int(s), args.mixes, args.seconds, args.requests, cost)
                for s in args.seeds.split(",")]
     if args.json:
         print(json.dumps(reports))

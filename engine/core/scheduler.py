@@ -7,7 +7,8 @@ Under fcfs and priority, waiting sequences are then admitted in the policy's ord
 budget, sequence slots and blocks last, and a long prompt is split into chunks across steps.
 
 Under slo the prefill share of the step is planned (`engine.scheduling_policy`): it is capped
-so that running requests keep their TPOT SLOs, and handed out in the policy's order to the
+so that running requests keep their TPOT SLOs when that saves at least as many requests as the
+TTFT deadlines it makes waiting ones miss, and handed out in the policy's order to the
 running and waiting requests still prefilling. A request that can no longer meet its TTFT SLO
 is demoted (served after every request that still can) or, when its task says `shed`, refused:
 on arrival when even the prefill queued ahead of it (shorter jobs only) overruns its SLO, or
@@ -284,12 +285,13 @@ class Scheduler:
                 if seq.seq_id not in self._demoted:
                     self._demoted.add(seq.seq_id)
                     self.overload_decisions[seq.request.task, OverloadDecision.DEMOTED] += 1
+        ranked = [candidates[i] for i in slo.rank(candidates, self.running, now)]
         cap = slo.prefill_token_cap(self.running, len(out.scheduled), now)
-        budget = budget if cap is None else min(budget, cap)
-        for index in slo.rank(candidates, self.running, now):
+        if cap is not None and cap < budget and slo.cap_pays(self.running, ranked, len(out.scheduled), cap, budget, now):
+            budget = cap
+        for seq in ranked:
             if budget <= 0:
                 break
-            seq = candidates[index]
             waiting = seq.status is SequenceStatus.WAITING
             if waiting and len(self.running) >= self.config.max_num_seqs:
                 continue

@@ -17,7 +17,10 @@ the whole prefill share of a step:
   kept within its TPOT SLO. Its TPOT bank is what the SLO allows over its predicted output length
   minus the time already spent since its first token; spread over its remaining tokens it is the
   longest step it can afford. The step may take no longer than the smallest such step of the
-  requests that can still meet both SLOs, which bounds the prefill tokens of the step.
+  requests that can still meet both SLOs, which bounds the prefill tokens of the step. The cap
+  applies only when it pays (`SloOrder.cap_pays`): when the running requests a full step would
+  push off their TPOT SLOs are at least as many as the waiting ones the capped steps would push
+  past their TTFT deadlines. (Always capping lost to fcfs when steps are slow: docs/scheduling.md.)
 
 The step-time model (`ServiceTimeModel`) is learned online from the engine's steps.
 """
@@ -182,21 +185,27 @@ class SloOrder:
             order.remove(chosen)
             order.insert(0, chosen)
 
-    def step_budget_s(self, running: SequenceT[Sequence], now: float) -> float | None:
-        """The longest step that keeps every running request that can still meet its TPOT SLO
-        on track (None: no bound): each one's TPOT bank (what its SLO allows over its predicted
-        output length, less the time since its first token) spread over its remaining tokens."""
-        budget = math.inf
+    def tpot_step_budgets(self, running: SequenceT[Sequence], now: float) -> list[float]:
+        """The longest step each running request that can still meet its TPOT SLO can afford: its
+        TPOT bank (what its SLO allows over its predicted output length, less the time since its
+        first token) spread over its remaining tokens. Requests not decoding, past their TTFT SLO,
+        or whose TPOT SLO is lost whatever the plan (below a one-token step) are left out."""
+        budgets = []
         for seq in running:
             if seq.first_token_time is None or seq.num_uncomputed_tokens != 1 or seq.first_token_time > self.deadline(seq):
-                continue  # not decoding, or its TTFT SLO is already missed
+                continue
             tpot_slo = TPOT_MARGIN * self.ctx.tasks.get(seq.request.task).tpot_slo_s
             produced = len(seq.output_token_ids)
             remaining = max(1, seq.predicted_output_len - produced)
             per_step = (tpot_slo * (produced - 1 + remaining) - (now - seq.first_token_time)) / remaining
-            if per_step >= self.ctx.service.step_s(1):  # below: it misses its TPOT SLO whatever we do
-                budget = min(budget, per_step)
-        return None if math.isinf(budget) else budget
+            if per_step >= self.ctx.service.step_s(1):
+                budgets.append(per_step)
+        return budgets
+
+    def step_budget_s(self, running: SequenceT[Sequence], now: float) -> float | None:
+        """The longest step that keeps every running request that can still meet its TPOT SLO on
+        track (the smallest of `tpot_step_budgets`; None: no bound)."""
+        return min(self.tpot_step_budgets(running, now), default=None)
 
     def prefill_token_cap(self, running: SequenceT[Sequence], num_decodes: int, now: float) -> int | None:
         """The most prefill tokens this step may add to its `num_decodes` decodes within
@@ -206,6 +215,37 @@ class SloOrder:
         if budget is None or service.token_s <= 0:
             return None
         return max(MIN_PREFILL_CHUNK, int((budget - service.step_s(num_decodes)) / service.token_s))
+
+    def cap_pays(self, running: SequenceT[Sequence], ranked: SequenceT[Sequence], num_decodes: int, cap: int,
+                 budget: int, now: float) -> bool:
+        """Whether capping this step's prefill at `cap` tokens (instead of the full `budget`) keeps
+        at least as many requests within their SLOs as it costs. It keeps the running requests whose
+        step budget a full step would overrun (`tpot_step_budgets`); it costs the prefilling requests
+        (`ranked`, in the order they get tokens) that would still get their first token by their
+        TTFT deadline at full steps but no longer at capped ones (each step's prefill tokens handed
+        out in that order, every step as long as this one)."""
+        full = min(budget, sum(seq.num_uncomputed_tokens for seq in ranked))  # a full step's prefill tokens
+        if full <= cap:
+            return True
+        full_step_s = self.ctx.service.step_s(num_decodes + full)
+        kept = sum(per_step < full_step_s for per_step in self.tpot_step_budgets(running, now))
+        return kept >= self._ttft_misses_if_capped(ranked, num_decodes, cap, full, now)
+
+    def _ttft_misses_if_capped(self, ranked: SequenceT[Sequence], num_decodes: int, cap: int, full: int,
+                               now: float) -> int:
+        """How many of `ranked` meet their TTFT deadline at steps of `full` prefill tokens but not at `cap`."""
+        service = self.ctx.service
+        full_step_s, capped_step_s = service.step_s(num_decodes + full), service.step_s(num_decodes + cap)
+        misses, queued = 0, 0
+        for seq in ranked:
+            queued += seq.num_uncomputed_tokens
+            if self.is_hopeless(seq, now):
+                continue  # its deadline is lost either way (its tokens still go before the later ones)
+            time_left = self.deadline(seq) - now - self.ctx.expert_cost.load_seconds(seq.request.task)
+            in_time_full = math.ceil(queued / full) * full_step_s <= time_left
+            in_time_capped = math.ceil(queued / cap) * capped_step_s <= time_left
+            misses += in_time_full and not in_time_capped
+        return misses
 
     @staticmethod
     def _dominant_task(running: SequenceT[Sequence]) -> str | None:

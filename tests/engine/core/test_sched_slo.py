@@ -157,3 +157,26 @@ def test_a_waiting_request_that_can_no_longer_make_it_is_shed_or_demoted(monkeyp
     scheduler.schedule()  # the demoted request is counted once
     assert scheduler.overload_decisions == {("tight", OverloadDecision.SHED_WAITING): 1,
                                             ("tight-demote", OverloadDecision.DEMOTED): 1}
+
+
+def test_the_tpot_cap_is_dropped_when_it_costs_more_ttft_deadlines_than_it_saves(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    clock.now = 10.0
+    # a 12 ms step budget: the cap is MIN_PREFILL_CHUNK tokens a step (27 ms steps, ~590 prefill tokens/s)
+    scheduler = make_scheduler()
+    decoding(scheduler, clock, "r", produced=6, since_first_s=0.39)
+    for i in range(4):  # 4000 tokens: one full step (4.0 s) meets every 5 s deadline; capped, two miss
+        scheduler.add(seq(f"w{i}", "stream", 1000, arrival=clock.now))
+    chunks = {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}
+    assert chunks == {"r": 1, "w0": 1000, "w1": 1000, "w2": 1000, "w3": 1000}
+
+
+def test_the_tpot_cap_holds_when_the_waiting_requests_meet_their_deadlines_anyway(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    clock.now = 10.0
+    scheduler = make_scheduler()
+    decoding(scheduler, clock, "r", produced=6, since_first_s=0.39)
+    for i in range(2):  # capped, the second has its first token after ~3.4 s, within its 5 s
+        scheduler.add(seq(f"w{i}", "stream", 1000, arrival=clock.now))
+    chunks = {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}
+    assert chunks == {"r": 1, "w0": MIN_PREFILL_CHUNK}
