@@ -15,6 +15,7 @@ whole stream before it, so in the live policy's state; same decisions, as polici
 deterministic) under one pair of thread-CPU-clock reads: CPU us per MoE layer per step.
 
     python -m benchmarks.policy_cost [--policies lru,context] [--rounds 5] [--threads 1] [--json]
+    python -m benchmarks.policy_cost --call-pattern 300 --rounds 3   # no engine: the calls alone, seconds
 
 Policy time is wall time (perf_counter_ns around each call; reading the thread CPU clock costs a
 system call of ~2 us here, more than a call it would time), so a step's sum can include time the
@@ -33,6 +34,7 @@ from array import array
 from collections.abc import Hashable, Iterable, Iterator, Set
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.engine_runs import counters_since, offload_counters, run_to_completion
@@ -42,6 +44,7 @@ from moe_serve.cache_policies.partitioned import PartitionedPolicy
 from moe_serve.engine.core.llm_engine import LLMEngine
 from moe_serve.engine.core.sampling_params import SamplingParams
 from moe_serve.engine.offload.provider import OffloadedExperts
+from moe_serve.engine.offload.slot_pool import EvictableKeys
 from moe_serve.engine.traces.trace_file import load_trace
 from moe_serve.engine.types import ExpertKey
 
@@ -153,6 +156,63 @@ def replayed_cpu_us(calls: list[tuple[str, object]], start: int, policy: CachePo
     return (time.thread_time() - begin) * 1e6 / (steps * num_layers)
 
 
+class NullPolicy(CachePolicy):
+    """Evicts the first candidate and keeps no state: the cost of `drive_call_pattern` itself."""
+
+    name = "null"
+
+    def on_access(self, key: Hashable) -> None:
+        """Nothing to note."""
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        return next(iter(candidates))
+
+
+def drive_call_pattern(policy: CachePolicy, expert_ids: np.ndarray, capacity: int) -> None:
+    """The engine's calls at batch 1 without an engine: per step and MoE layer, the routed keys that are
+    resident are accessed first, then each miss evicts (a victim among the resident keys not routed
+    this step, passed as the cache's `EvictableKeys` set view) while the cache is full, is inserted, and is accessed; then the step
+    ends. expert_ids: [tokens, layers, top_k] (a trace's routing)."""
+    resident: dict[ExpertKey, None] = {}
+    for token in expert_ids.tolist():
+        for layer, experts in enumerate(token):
+            keys = list(dict.fromkeys(ExpertKey(layer, expert) for expert in experts))
+            misses = [key for key in keys if key not in resident]
+            for key in keys:
+                if key in resident:
+                    policy.on_access(key)
+            protected = set(keys)
+            for key in misses:
+                if len(resident) >= capacity:
+                    victim = policy.victim(EvictableKeys(resident, protected))
+                    del resident[victim]
+                    policy.on_evict(victim)
+                resident[key] = None
+                policy.on_insert(key)
+            for key in misses:
+                policy.on_access(key)
+        policy.on_step()
+
+
+def call_pattern_cpu_us(names: list[str], trace_ids: np.ndarray, fraction: float, warmup: int, rounds: int) -> dict:
+    """Thread CPU us per MoE layer per step of `drive_call_pattern` over the trace's tokens after `warmup`,
+    each policy in a fresh `PartitionedPolicy` (as the engine builds it), and the null policy alone (the
+    driver's own cost, to subtract), alternating."""
+    layers, experts = trace_ids.shape[1], int(trace_ids.max()) + 1
+    capacity = max(1, int(fraction * layers * experts))
+    steps = trace_ids.shape[0] - warmup
+    out: dict[str, list[float]] = {name: [] for name in ["null", *names]}
+    for _ in range(rounds):
+        for name in out:
+            policy = NullPolicy() if name == "null" else PartitionedPolicy(lambda name=name: make_policy(name),
+                                                                             capacity, layers)
+            drive_call_pattern(policy, trace_ids[:warmup], capacity)
+            begin = time.thread_time()
+            drive_call_pattern(policy, trace_ids[warmup:], capacity)
+            out[name].append((time.thread_time() - begin) * 1e6 / (steps * layers))
+    return out
+
+
 def timed_policy(engine: LLMEngine) -> TimedPolicy:
     """Wraps the engine's expert-cache policy (in place) and returns the wrapper."""
     experts = engine.runner.model.experts
@@ -192,10 +252,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--call-pattern", type=int, default=0, metavar="TOKENS",
+                        help="no engine: drive each policy with the engine's calls for this many trace tokens "
+                             "(the first --call-pattern-warmup untimed) and print thread CPU per layer per step")
+    parser.add_argument("--call-pattern-warmup", type=int, default=100)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     trace = load_trace(args.trace)
+    if args.call_pattern:
+        names = args.policies.split(",")
+        ids = trace.expert_ids[:args.call_pattern + args.call_pattern_warmup]
+        rounds = call_pattern_cpu_us(names, ids, args.fraction, args.call_pattern_warmup, args.rounds)
+        print(f"engine call pattern, {trace.num_layers} layers, cache {args.fraction:.0%}, {args.call_pattern} tokens "
+              f"timed, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; thread CPU us per layer per step")
+        for name, values in rounds.items():
+            print(f"{name:>8} rounds {' '.join(f'{v:.1f}' for v in values)}  median {statistics.median(values):.1f}")
+        return
     args.layers, args.first_layer, args.dtype, args.device = trace.num_layers, 0, "float32", "cpu"
     policies = args.policies.split(",")
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
