@@ -377,6 +377,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if library is None:
         if x.dtype is torch.float32 and weight.dtype is torch.float32:  # one op, the same bits
             return F.rms_norm(x, x.shape[-1:], weight, eps)
+        if x.dtype is torch.bfloat16:  # computed in fp32 inside and rounded once: rms_norm(x.float()).to(bf16)'s bits
+            return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
         return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
     out = x.new_empty(x.shape)
     library.rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps, kind)
