@@ -4,8 +4,9 @@ A random Qwen2-MoE checkpoint with DeepSeek-V2-Lite's geometry (hidden 2048, exp
 64 experts top-6, two shared experts as one FFN of 2816; `--layers` MoE layers) in bf16, every
 layer routing as the shared DeepSeek-V2-Lite trace recorded (`TraceRouter`), so the expert
 cache misses what the real model would. For each cache fraction, one engine per expert format
-(`--expert-dtype`: bf16 = the model dtype, int8, int4, mxfp4; adaptive = bf16 experts with
-`--miss-precision adaptive`, offloaded fractions only) with that share of the experts in the device
+(`--expert-dtype`: bf16 = the model dtype, int8, int4, mxfp4; int4+w4 = int4 experts with
+`--weight-dtype int4`, the dense layers int4 too; adaptive = bf16 experts with `--miss-precision
+adaptive`, offloaded fractions only) with that share of the experts in the device
 tier (on a CPU a RAM pool filled by the copy engine, unthrottled or throttled to
 `--expert-link-gbps`), no prefetching; fraction 1.0 is the all-resident engine (nothing is copied). Every engine replays the same trace prompts with the
 same history (`TraceRouter.restart`): warm-up request i replays the trace's prompt i, round r's
@@ -46,12 +47,15 @@ from moe_serve.engine.progress import progress
 from moe_serve.engine.traces.trace_file import RoutingTrace, load_trace
 from moe_serve.engine.traces.trace_router import TraceRouter
 
+DEFAULT_FORMATS = "bf16,int8,int4,mxfp4,adaptive"
 FORMATS = {  # label: the engine settings that make it
     "bf16": {"expert_dtype": "model"},
     "int8": {"expert_dtype": "int8"},
     "int4": {"expert_dtype": "int4"},
     "mxfp4": {"expert_dtype": "mxfp4"},
-    "adaptive": {"expert_dtype": "model", "miss_precision": "adaptive"},  # bf16 experts, low-bit copies on cold misses
+    "int4+w4": {"expert_dtype": "int4", "weight_dtype": "int4"},  # int4 experts and int4 dense weights (the CPU choice)
+    # bf16 experts; a miss whose relative gate weight is below average loads the int4-g32 copy (docs/mixed_precision.md)
+    "adaptive": {"expert_dtype": "model", "miss_precision": "adaptive", "miss_low_dtype": "int4-g32", "miss_low_gate": 1.0},
 }
 OFFLOAD_ONLY = ("adaptive",)  # formats that differ from the model dtype only in what a miss loads: no all-resident row
 
@@ -112,7 +116,7 @@ def print_header(args: argparse.Namespace, trace: RoutingTrace) -> None:
           f"{args.moe_intermediate}, bf16 model, {args.threads} thread(s), batch 1, copy link "
           f"{f'{args.expert_link_gbps:g} GB/s' if args.expert_link_gbps else 'unthrottled (RAM to RAM)'}, routing replayed from "
           f"{Path(args.trace).name}; {args.rounds} rounds of {args.tokens} tokens per format, alternated with bf16")
-    print(f"{'fraction':>8} {'format':>6} {'expert MiB':>10} {'tok/s':>7} {'vs bf16':>7} {'tok/CPU s':>9} {'vs bf16':>7} "
+    print(f"{'fraction':>8} {'format':>8} {'expert MiB':>10} {'tok/s':>7} {'vs bf16':>7} {'tok/CPU s':>9} {'vs bf16':>7} "
           f"{'misses/tok':>10} {'MiB/tok':>8} {'vs bf16':>7}  rounds tok/s")
 
 
@@ -133,7 +137,7 @@ def print_rows(rows: list[dict], base_name: str) -> None:
     base = next(b for b in rows if b["format"] == base_name)
     for r in rows:
         bytes_ratio = r["mib_per_token"] / base["mib_per_token"] if base["mib_per_token"] else float("nan")
-        print(f"{r['fraction']:>8} {r['format']:>6} {r['expert_bytes'] / 2**20:>10.2f} {r['tok_s']:>7.2f} "
+        print(f"{r['fraction']:>8} {r['format']:>8} {r['expert_bytes'] / 2**20:>10.2f} {r['tok_s']:>7.2f} "
               f"{r['tok_s'] / base['tok_s']:>6.2f}x {r['tok_per_cpu_s']:>9.2f} {r['tok_per_cpu_s'] / base['tok_per_cpu_s']:>6.2f}x "
               f"{r['misses_per_token']:>10.2f} {r['mib_per_token']:>8.2f} "
               f"{bytes_ratio:>6.2f}x  {' '.join(f'{t:.2f}' for t in r['rounds_tok_s'])}", flush=True)
@@ -149,7 +153,7 @@ def main() -> None:
     parser.add_argument("--shared-intermediate", type=int, default=2816)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--fractions", default="1.0,0.5,0.25")
-    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--formats", default=DEFAULT_FORMATS, help=f"of {', '.join(FORMATS)}; the first is the baseline")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)
