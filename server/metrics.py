@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from moe_serve.engine.core.request import DEFAULT_TASK, EngineRequest, RequestOutput
 from moe_serve.engine.core.scheduler import OverloadDecision
+from moe_serve.engine.offload.expert_cache import LOAD_KINDS
 
 if TYPE_CHECKING:
     from moe_serve.engine.core.async_engine import AsyncLLMEngine
@@ -162,6 +163,14 @@ class ServerMetrics:
             self.slo_attained.labels(task).inc()
 
 
+def _by_precision(name: str, doc: str, values: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter with a `precision` label, every kind present (0 until it happens)."""
+    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["precision"])
+    for kind in LOAD_KINDS:
+        family.add_metric([kind], values.get(kind, 0))
+    return family
+
+
 def _per_layer(name: str, doc: str, values: Mapping[int, float]) -> CounterMetricFamily:
     family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["layer"])
     for layer, value in sorted(values.items()):
@@ -270,6 +279,11 @@ class EngineCollector(Collector):
                                   value=cache.host_compute_seconds)
         yield CounterMetricFamily(f"{PREFIX}_expert_link_busy_seconds", "Seconds the host-to-device link carried "
                                   "expert copies; rate() is the link's busy fraction.", value=cache.link_busy_seconds)
+        yield _by_precision("expert_loads", "Expert copies into device slots by what they load: full, low (the "
+                            "low-bit copy, --miss-precision low/adaptive) or upgrade (a low-bit resident expert reloaded "
+                            "at full precision).", cache.loads)
+        yield _by_precision("expert_load_bytes", "Expert bytes copied into device slots, by what the copies load "
+                            "(their sum is expert_copy_bytes summed over layers).", cache.load_bytes)
         yield _per_layer("expert_cache_evictions", "Experts evicted from the device cache.", cache.evictions)
         yield _per_layer("expert_copy_bytes", "Expert bytes copied host-to-device.", cache.bytes_copied)
         yield _per_layer("expert_copy_stall_seconds", "Time compute waited on pending expert copies.",

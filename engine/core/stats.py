@@ -36,7 +36,8 @@ class ExpertCacheSnapshot:
     0.25 s, `SlotPool.residency`); `lookups_by_task` / `misses_by_task`: (row, MoE layer, routed
     expert) lookups by the task of the row, and those that missed (`TaskHitCounter`); `host_misses`:
     the misses computed from the host tier instead of copied (also in `misses`), `host_compute_seconds`
-    the host worker's time on them, `link_busy_seconds` the time the link carried copies."""
+    the host worker's time on them, `link_busy_seconds` the time the link carried copies; `loads` /
+    `load_bytes`: copies into slots and their bytes by what they loaded (`full`, `low`, `upgrade`)."""
 
     hits: Mapping[int, int]
     misses: Mapping[int, int]
@@ -56,6 +57,8 @@ class ExpertCacheSnapshot:
     host_misses: Mapping[int, int]
     host_compute_seconds: float
     link_busy_seconds: float
+    loads: Mapping[str, int]
+    load_bytes: Mapping[str, int]
 
     @classmethod
     def of(cls, cache: ExpertCache) -> ExpertCacheSnapshot:
@@ -72,7 +75,7 @@ class ExpertCacheSnapshot:
             resident_experts=cache.pool.residency(),
             lookups_by_task=frozen(stats.lookups_by_task), misses_by_task=frozen(stats.misses_by_task),
             host_misses=frozen(stats.host_misses), host_compute_seconds=stats.host_compute_seconds,
-            link_busy_seconds=stats.link_busy_seconds,
+            link_busy_seconds=stats.link_busy_seconds, loads=frozen(stats.loads), load_bytes=frozen(stats.load_bytes),
         )
 
 

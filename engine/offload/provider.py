@@ -53,8 +53,8 @@ BUSY_LINK_COPIES = 16
 @dataclass(frozen=True)
 class MixedPrecision:
     """Which copy a copied miss loads (`--miss-precision`): `low_format` is the low-bit copy's format;
-    adaptive loads it for a miss whose largest gate weight is below `low_gate` or when the link is busy,
-    and upgrades a low-bit resident expert hit with a gate weight at or above `low_gate`."""
+    adaptive loads it for a miss whose largest relative gate weight is below `low_gate` or when the link is
+    busy, and upgrades a low-bit resident expert hit with a relative gate weight of at least `low_gate`."""
 
     mode: MissPrecision
     low_format: ExpertFormat
@@ -129,8 +129,8 @@ class OffloadedExperts:
 
     def _low_bit(self, keys: Sequence[ExpertKey], gates: Sequence[float] | None) -> set[ExpertKey]:
         """The misses among `keys` that load their low-bit copy: every one with `low`; with `adaptive`
-        those whose largest gate weight is below the threshold, or all when the link is busy. Asks an
-        upgrade for each low-bit resident key hit with a gate weight at or above the threshold."""
+        those whose largest relative gate weight is below the threshold, or all when the link is busy. Asks
+        an upgrade for each low-bit resident key hit with a relative gate weight of at least the threshold."""
         assert self.precision is not None
         cache = self.cache
         misses = [i for i, key in enumerate(keys) if not cache.holds(key)]

@@ -89,6 +89,9 @@ def test_metrics_cover_the_dashboard_and_agree_with_the_responses(offload_server
     copied = totals["moe_serve_expert_copy_bytes_total"]
     assert copied % EXPERT_NBYTES == 0 and 0 < copied <= (misses + issued) * EXPERT_NBYTES
     assert totals["moe_serve_expert_prefetches_used_total"] <= issued
+    # the default --miss-precision full loads only full copies: the per-precision counters add up to the copies
+    assert totals["moe_serve_expert_load_bytes_total"] == copied
+    assert totals["moe_serve_expert_loads_total"] == copied // EXPERT_NBYTES
     # auto without a link throttle on a CPU copies every miss; the copies kept the link busy
     assert "moe_serve_expert_cache_host_misses_total" in names
     assert totals.get("moe_serve_expert_cache_host_misses_total", 0) == 0

@@ -48,6 +48,7 @@ def cache_snapshot() -> ExpertCacheSnapshot:
         lookups_by_task=frozen({"chat": 60, "default": 10, "someone-elses-name": 10}),
         misses_by_task=frozen({"chat": 15, "default": 5, "someone-elses-name": 5}),
         host_misses=frozen({}), host_compute_seconds=0.0, link_busy_seconds=0.0,
+        loads=frozen({"full": 12, "low": 30, "upgrade": 2}), load_bytes=frozen({"full": 300, "low": 90, "upgrade": 10}),
     )
 
 
