@@ -23,7 +23,15 @@ import statistics
 from dataclasses import dataclass
 from unittest import mock
 
-from benchmarks.slo_workload import OVERLOAD_FACTOR, Task, draw_mix, find_rate, first_guess_rate, num_requests
+from benchmarks.slo_workload import (
+    OVERLOAD_FACTOR,
+    IdleCosts,
+    Task,
+    draw_mix,
+    find_rate,
+    first_guess_rate,
+    num_requests,
+)
 from moe_serve.engine.config import SchedulingPolicyName
 from moe_serve.engine.core.block_manager import BlockManager
 from moe_serve.engine.core.request import EngineRequest
@@ -47,6 +55,11 @@ class StepCost:
     base_s: float = STEP_BASE_S
     token_s: float = STEP_TOKEN_S
     overhead_s: float = STEP_OVERHEAD_S
+
+    def idle(self) -> IdleCosts:
+        """What the live benchmark would measure on this idle simulated server (the mixes' SLO floors)."""
+        return IdleCosts(ttft_base_s=self.base_s + self.overhead_s, ttft_token_s=self.token_s,
+                         tpot_s=self.base_s + self.token_s + self.overhead_s)
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,7 @@ def run_mix(mix: dict[str, Task], index: int, seconds: float, least: int, cost: 
         fcfs_runs[rate] = run("fcfs", rate)
         return attainment(fcfs_runs[rate])
 
-    rate = find_rate(measure, first_guess_rate(mix), 4, probes)
+    rate = find_rate(measure, first_guess_rate(mix, cost.idle()), 4, probes)
     tight = min(mix, key=lambda t: mix[t].ttft_slo_s)
     points = {}
     for label, factor in (("base", 1.0), ("overload", OVERLOAD_FACTOR)):
@@ -153,7 +166,7 @@ def run_mix(mix: dict[str, Task], index: int, seconds: float, least: int, cost: 
 
 def run_seed(seed: int, mixes: int, seconds: float, least: int, cost: StepCost = StepCost()) -> dict:
     master = random.Random(seed)
-    results = [run_mix(draw_mix(random.Random(master.random())), i, seconds, least, cost)
+    results = [run_mix(draw_mix(random.Random(master.random()), cost.idle()), i, seconds, least, cost)
                for i in range(mixes)]
     base = [r["points"]["base"] for r in results]
     over = [r["points"]["overload"] for r in results]

@@ -83,9 +83,47 @@ class Result:
     attained: bool
 
 
-def draw_mix(rng: random.Random) -> dict[str, Task]:
+@dataclass(frozen=True)
+class IdleCosts:
+    """The served model's speed on an idle server, measured before any mix is drawn: a prompt's time
+    to first token is about `ttft_base_s + ttft_token_s` x its tokens, and one stream decodes a token
+    every `tpot_s`."""
+
+    ttft_base_s: float
+    ttft_token_s: float
+    tpot_s: float
+
+    def ttft_s(self, prompt_len: int) -> float:
+        return self.ttft_base_s + self.ttft_token_s * prompt_len
+
+
+IDLE_PROMPTS = (16, 512)  # prompt lengths the idle TTFT line is fitted through
+IDLE_REPEATS = 3
+
+
+def measure_idle(base: str) -> IdleCosts:
+    """Time requests one at a time on an idle server: the median TTFT of `IDLE_REPEATS` prompts of
+    each of `IDLE_PROMPTS` tokens (a line through the two) and the median TPOT of as many 64-token decodes."""
+    async def timed(task: Task, seed: int) -> Result:
+        async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+            return await one_request(client, "default", task, random.Random(seed))
+
+    def median_of(task: Task, field: str) -> float:
+        results = [asyncio.run(timed(task, seed)) for seed in range(IDLE_REPEATS)]
+        if any(r.status != 200 for r in results):
+            raise RuntimeError(f"idle request failed: {[r.status for r in results]}")
+        return statistics.median(getattr(r, field) for r in results)
+
+    short, long = (median_of(Task(n, 2, math.inf, math.inf), "ttft") for n in IDLE_PROMPTS)
+    token_s = max(0.0, (long - short) / (IDLE_PROMPTS[1] - IDLE_PROMPTS[0]))
+    return IdleCosts(ttft_base_s=max(0.0, short - token_s * IDLE_PROMPTS[0]), ttft_token_s=token_s,
+                     tpot_s=median_of(Task(16, 64, math.inf, math.inf), "tpot"))
+
+
+def draw_mix(rng: random.Random, idle: IdleCosts) -> dict[str, Task]:
     """3-5 tasks with log-uniform prompt/output lengths and SLOs; the TTFT SLO is at least three
-    times what the prompt alone takes on this model (so every task is feasible when idle)."""
+    times what the prompt takes on the idle server and the TPOT SLO at least three times an idle
+    stream's (so every task is feasible when idle, on the machine it runs on)."""
     def log_uniform(low: float, high: float) -> float:
         return math.exp(rng.uniform(math.log(low), math.log(high)))
 
@@ -94,8 +132,8 @@ def draw_mix(rng: random.Random) -> dict[str, Task]:
         prompt_len = round(log_uniform(8, 640))
         tasks[f"t{i}"] = Task(
             prompt_len=prompt_len, output_len=round(log_uniform(2, 128)),
-            ttft_slo_s=round(max(log_uniform(0.25, 8.0), 3 * (0.03 + 0.0004 * prompt_len)), 2),
-            tpot_slo_s=round(log_uniform(0.03, 0.5), 3), weight=round(rng.uniform(0.5, 3.0), 2),
+            ttft_slo_s=round(max(log_uniform(0.25, 8.0), 3 * idle.ttft_s(prompt_len)), 2),
+            tpot_slo_s=round(max(log_uniform(0.03, 0.5), 3 * idle.tpot_s), 3), weight=round(rng.uniform(0.5, 3.0), 2),
             prediction_sensitive=rng.random() > 0.3, overload=rng.choice(["shed", "demote"]))
     return tasks
 
@@ -223,11 +261,11 @@ def run_fixed(args: argparse.Namespace, model: Path, tmp: Path) -> None:
 
 
 # -- random mixes -----------------------------------------------------------------------------
-def first_guess_rate(mix: dict[str, Task]) -> float:
+def first_guess_rate(mix: dict[str, Task], idle: IdleCosts) -> float:
     """Arrivals per second that would keep this model busy about 70% of the time (a probe's
-    starting point): ~0.4 ms per prefill token and ~1 ms per decoded token in a batch on 2 cores."""
+    starting point): the idle prefill cost per prompt token and ~1 ms per decoded token in a batch."""
     total = sum(t.weight for t in mix.values())
-    work = sum(t.weight / total * (0.0004 * t.prompt_len + 0.001 * t.output_len) for t in mix.values())
+    work = sum(t.weight / total * (idle.ttft_token_s * t.prompt_len + 0.001 * t.output_len) for t in mix.values())
     return 0.7 / work
 
 
@@ -281,10 +319,16 @@ def summarize_pair(mix: dict[str, Task], tight: str, runs: dict[str, list[Result
 
 
 def run_mixes(args: argparse.Namespace, model: Path, tmp: Path) -> None:
+    with live_server(model, ["--expert-cache-fraction", "0.5", "--served-model-name", MODEL_NAME]) as base:
+        warm_up(base, {"default": Task(64, 8, math.inf, math.inf)})
+        idle = measure_idle(base)
+    if not args.json:
+        print(f"idle server: TTFT {1000 * idle.ttft_base_s:.1f} ms + {1000 * idle.ttft_token_s:.2f} ms per prompt token, "
+              f"TPOT {1000 * idle.tpot_s:.1f} ms (the SLO floors: 3x these)")
     master = random.Random(args.seed)
     mixes = []
     for index in range(args.mixes):
-        mix = draw_mix(random.Random(master.random()))
+        mix = draw_mix(random.Random(master.random()), idle)
         tight = min(mix, key=lambda t: mix[t].ttft_slo_s)
         tasks_file = write_tasks(tmp / f"tasks{index}.yaml", mix)
         started = time.perf_counter()
@@ -303,7 +347,7 @@ def run_mixes(args: argparse.Namespace, model: Path, tmp: Path) -> None:
                 fcfs_runs[rate] = run("fcfs", rate)
                 return attainment(fcfs_runs[rate])
 
-            rate = find_rate(measure, first_guess_rate(mix), args.probes, probes)
+            rate = find_rate(measure, first_guess_rate(mix, idle), args.probes, probes)
             points = {}
             for label, factor in (("base", 1.0), ("overload", OVERLOAD_FACTOR)):
                 fcfs = fcfs_runs.get(rate * factor) or run("fcfs", rate * factor)
@@ -317,7 +361,7 @@ def run_mixes(args: argparse.Namespace, model: Path, tmp: Path) -> None:
                       "seconds": time.perf_counter() - started})
         if not args.json:
             print_mix(mixes[-1])
-    report = {"seed": args.seed, "requests": args.requests, "seconds": args.seconds, "mixes": mixes,
+    report = {"seed": args.seed, "requests": args.requests, "seconds": args.seconds, "idle": idle.__dict__, "mixes": mixes,
               "medians": medians(mixes)}
     if args.json:
         print(json.dumps(report))

@@ -27,6 +27,7 @@ The step-time model (`ServiceTimeModel`) is learned online from the engine's ste
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter
 from collections.abc import Sequence as SequenceT
@@ -165,9 +166,50 @@ class SloOrder:
         lost = set(hopeless)
         by_size = sorted((i for i in rest if i not in lost),
                          key=lambda i: (sizes[i], candidates[i].request.arrival_time))
-        self._prefer_batch_task(by_size, candidates, running, slacks)
+        on_time, late = self._most_on_time(by_size, candidates, now)
+        self._prefer_batch_task(on_time, candidates, running, slacks)
         hopeless.sort(key=lambda i: (sizes[i], candidates[i].request.arrival_time))
-        return starving + by_size + hopeless
+        return starving + on_time + late + hopeless
+
+    def _first_token_times(self, order: list[int], candidates: SequenceT[Sequence], now: float) -> list[float]:
+        """When each of `order` would get its first token if the prefills ran back to back in that order."""
+        service, cost = self.ctx.service, self.ctx.expert_cost
+        done, tokens = [], 0
+        for i in order:
+            tokens += candidates[i].num_uncomputed_tokens
+            done.append(now + service.first_token_s(tokens) + cost.load_seconds(candidates[i].request.task))
+        return done
+
+    def _most_on_time(self, by_size: list[int], candidates: SequenceT[Sequence],
+                      now: float) -> tuple[list[int], list[int]]:
+        """Split `by_size` (feasible requests, shortest job first) into those that can all get their
+        first token in time and the rest (Moore-Hodgson: earliest deadline first, dropping the largest
+        prefill whenever one would be late, keeps the most deadlines). The kept ones stay shortest
+        first when that still meets every kept deadline, else go earliest deadline first; the dropped
+        ones follow, shortest first."""
+        if all(t <= self.deadline(candidates[i]) for i, t in zip(by_size, self._first_token_times(by_size, candidates, now),
+                                                                  strict=True)):
+            return by_size, []
+        service, cost = self.ctx.service, self.ctx.expert_cost
+        rank = {i: n for n, i in enumerate(by_size)}
+        largest: list[tuple[int, int, int]] = []  # max-heap of the kept: (-prefill tokens, -rank, index)
+        dropped: list[int] = []
+        tokens = 0
+        for i in sorted(by_size, key=lambda i: (self.deadline(candidates[i]), rank[i])):
+            seq = candidates[i]
+            heapq.heappush(largest, (-seq.num_uncomputed_tokens, -rank[i], i))
+            tokens += seq.num_uncomputed_tokens
+            if now + service.first_token_s(tokens) + cost.load_seconds(seq.request.task) > self.deadline(seq):
+                negative, _, index = heapq.heappop(largest)  # the largest; of equals, the later in `by_size`
+                tokens += negative
+                dropped.append(index)
+        kept = {i for _, _, i in largest}
+        shortest_first = sorted(kept, key=rank.__getitem__)
+        by_deadline = sorted(kept, key=lambda i: (self.deadline(candidates[i]), rank[i]))
+        times = self._first_token_times(shortest_first, candidates, now)
+        if all(t <= self.deadline(candidates[i]) for i, t in zip(shortest_first, times, strict=True)):
+            return shortest_first, sorted(dropped, key=rank.__getitem__)
+        return by_deadline, sorted(dropped, key=rank.__getitem__)
 
     def _prefer_batch_task(self, order: list[int], candidates: SequenceT[Sequence], running: SequenceT[Sequence],
                            slacks: list[float]) -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import random
 import statistics
 
-from benchmarks.slo_simulate import run_mix
-from benchmarks.slo_workload import draw_mix
+from benchmarks.slo_simulate import StepCost, run_mix
+from benchmarks.slo_workload import IdleCosts, draw_mix
 
 
 def test_slo_beats_fcfs_at_the_fcfs_50_to_80_percent_load_and_under_overload() -> None:
     master = random.Random(2)
-    mixes = [draw_mix(random.Random(master.random())) for _ in range(3)]
+    mixes = [draw_mix(random.Random(master.random()), StepCost().idle()) for _ in range(3)]
     tightest_at_overload = []
     for index, mix in enumerate(mixes):
         points = run_mix(mix, index, seconds=6.0, least=30)["points"]
@@ -21,3 +21,13 @@ def test_slo_beats_fcfs_at_the_fcfs_50_to_80_percent_load_and_under_overload() -
         assert overload["slo"]["attainment"] >= overload["fcfs"]["attainment"]
         tightest_at_overload.append(overload["slo"]["tight_attainment"])
     assert statistics.median(tightest_at_overload) >= 0.5
+
+
+def test_drawn_slos_are_feasible_on_the_idle_server_they_were_measured_on() -> None:
+    idle = IdleCosts(ttft_base_s=0.05, ttft_token_s=0.002, tpot_s=0.04)  # a slow machine: the floors bind
+    master = random.Random(3)
+    tasks = [task for _ in range(50) for task in draw_mix(random.Random(master.random()), idle).values()]
+    for task in tasks:
+        assert task.ttft_slo_s >= 3 * idle.ttft_s(task.prompt_len) - 0.005  # SLOs are rounded to 10 ms
+        assert task.tpot_slo_s >= 3 * idle.tpot_s - 0.0005
+    assert any(task.ttft_slo_s < 0.005 + 3 * idle.ttft_s(task.prompt_len) for task in tasks)  # some sit on the floor

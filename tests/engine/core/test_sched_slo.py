@@ -180,3 +180,24 @@ def test_the_tpot_cap_holds_when_the_waiting_requests_meet_their_deadlines_anywa
         scheduler.add(seq(f"w{i}", "stream", 1000, arrival=clock.now))
     chunks = {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}
     assert chunks == {"r": 1, "w0": MIN_PREFILL_CHUNK}
+
+
+def test_a_long_tight_prefill_goes_before_short_loose_ones_that_would_make_it_late(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    scheduler = make_scheduler(max_num_batched_tokens=64)
+    # shortest first would serve the three bulk prompts (0.1 s each) before tight-a, whose first token
+    # (0.31 s alone) would then come at 0.61 s, past its 0.5 s deadline; only one of the tight pair fits
+    for s in (seq("tight-a", "tight-demote", 300), seq("b0", "bulk", 100), seq("tight-b", "tight-demote", 300, arrival=0.01),
+              seq("b1", "bulk", 100), seq("b2", "bulk", 100)):
+        scheduler.add(s)
+    ranked = scheduler.order.rank(list(scheduler.waiting), scheduler.running, clock.now)
+    assert [scheduler.waiting[i].seq_id for i in ranked] == ["tight-a", "b0", "b1", "b2", "tight-b"]
+
+
+def test_shortest_job_first_stays_when_it_meets_every_deadline(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    scheduler = make_scheduler(max_num_batched_tokens=64)
+    for s in (seq("tight", "tight-demote", 200), seq("b0", "bulk", 100), seq("b1", "bulk", 50)):
+        scheduler.add(s)
+    ranked = scheduler.order.rank(list(scheduler.waiting), scheduler.running, clock.now)
+    assert [scheduler.waiting[i].seq_id for i in ranked] == ["b1", "b0", "tight"]  # tight's first token at 0.36 s
