@@ -23,7 +23,7 @@ token (the real bytes of what each miss loaded), each format beside the bf16 eng
 own pairing.
 
     python -m benchmarks.quant_decode [--layers 4] [--fractions 1.0,0.5,0.25] [--threads 1]
-        [--expert-link-gbps GBPS] [--checkpoint-dir DIR] [--json]
+        [--expert-link-gbps GBPS] [--miss-low-gate G] [--checkpoint-dir DIR] [--json]
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ FORMATS = {  # label: the engine settings that make it
     "mxfp4": {"expert_dtype": "mxfp4"},
     "int4+w4": {"expert_dtype": "int4", "weight_dtype": "int4"},  # int4 experts and int4 dense weights (the CPU choice)
     # bf16 experts; a miss whose relative gate weight is below average loads the int4-g32 copy (docs/mixed_precision.md)
-    "adaptive": {"expert_dtype": "model", "miss_precision": "adaptive", "miss_low_dtype": "int4-g32", "miss_low_gate": 1.0},
+    "adaptive": {"expert_dtype": "model", "miss_precision": "adaptive", "miss_low_dtype": "int4-g32",
+                 "miss_low_gate": 1.0},  # the default of --miss-low-gate
 }
 OFFLOAD_ONLY = ("adaptive",)  # formats that differ from the model dtype only in what a miss loads: no all-resident row
 
@@ -93,8 +94,11 @@ def warm_engine(path: Path, trace: RoutingTrace, args: argparse.Namespace, name:
     cache = dict(offload="off") if fraction == 1.0 else dict(offload="on", expert_cache_fraction=fraction)
     if fraction < 1.0 and args.expert_link_gbps:
         cache["expert_link_gbps"] = args.expert_link_gbps
+    settings = dict(FORMATS[name])
+    if settings.get("miss_precision") == "adaptive":
+        settings["miss_low_gate"] = args.miss_low_gate
     config = EngineConfig(model=str(path), dtype="bfloat16", prefetch="none", task_preload="off", num_threads=args.threads,
-                          max_num_seqs=1, **FORMATS[name], **cache)
+                          max_num_seqs=1, **settings, **cache)
     engine = build_engine(config, show_progress=False, replay=RoutingReplay(trace, first_layer=args.first_layer))
     for i in range(args.warmup):
         decode(engine, f"w{i}", prompt, params, trace_prompt=i)
@@ -115,7 +119,8 @@ def print_header(args: argparse.Namespace, trace: RoutingTrace) -> None:
     print(f"{args.layers} MoE layers x {trace.num_experts} experts (top-{trace.top_k}), hidden {args.hidden}, expert FFN "
           f"{args.moe_intermediate}, bf16 model, {args.threads} thread(s), batch 1, copy link "
           f"{f'{args.expert_link_gbps:g} GB/s' if args.expert_link_gbps else 'unthrottled (RAM to RAM)'}, routing replayed from "
-          f"{Path(args.trace).name}; {args.rounds} rounds of {args.tokens} tokens per format, alternated with bf16")
+          f"{Path(args.trace).name}; {args.rounds} rounds of {args.tokens} tokens per format, alternated with bf16; "
+          f"adaptive: int4-g32 copies below relative gate {args.miss_low_gate:g}")
     print(f"{'fraction':>8} {'format':>8} {'expert MiB':>10} {'tok/s':>7} {'vs bf16':>7} {'tok/CPU s':>9} {'vs bf16':>7} "
           f"{'misses/tok':>10} {'MiB/tok':>8} {'vs bf16':>7}  rounds tok/s")
 
@@ -161,6 +166,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--expert-link-gbps", type=float, default=None,
                         help="throttle the copy engine to this many GB/s (a PCIe-class link; unset: RAM-to-RAM copies)")
+    parser.add_argument("--miss-low-gate", type=float, default=FORMATS["adaptive"]["miss_low_gate"],
+                        help="adaptive: misses whose relative gate weight is below this load the int4-g32 copy")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="write the checkpoint here, or reuse the one a run with the same flags wrote there")
     parser.add_argument("--json", action="store_true")

@@ -8,7 +8,15 @@ prompts of `--length` tokens (2,000 positions by default) one prefill per prompt
 position's next-token distribution. Reported: the mean KL(reference || format) in nats, the share
 of positions whose argmax agrees, and the expert bytes per format.
 
+Offloaded rows (`--miss-precisions`, at `--cache-fraction`): the bf16 model with its experts offloaded,
+each miss loading the full copy or (`--miss-precision low / adaptive`) the `--miss-low-dtype` copy;
+teacher-forced decode, one token a step over the first `--offload-positions` positions of each model's
+prompts (offloaded decode is where misses happen one token at a time), against the all-resident bf16
+model decoded the same way; also reported: expert bytes copied per token and their share of the
+offloaded bf16 (`full`) run's. Prefetch is off (demand misses only).
+
     python -m benchmarks.quant_quality [--prompts 8] [--length 250] [--ds-layers 2] [--json]
+        [--miss-precisions full,low,adaptive] [--miss-low-gates 1.0,1.5] [--offload-positions 2000]
 """
 
 from __future__ import annotations
@@ -47,6 +55,26 @@ def prompt_logits(engine: LLMEngine, prompts: list[list[int]]) -> torch.Tensor:
     return torch.cat(out)
 
 
+def decode_logits(engine: LLMEngine, prompts: list[list[int]], positions: int) -> torch.Tensor:
+    """fp32 logits [positions, V]: the prompts fed one token a step (teacher-forced decode), each step
+    ending the provider's step (the cache's clock, its upgrades), until `positions` tokens are in."""
+    runner = engine.runner
+    out = []
+    for i, prompt in enumerate(prompts):
+        for position, token in enumerate(prompt[:positions - len(out)]):
+            engine.blocks.grow(f"d{i}", position + 1)
+            meta = AttentionMetadata.build([engine.blocks.table(f"d{i}")], [position + 1], [1], runner.block_size,
+                                           runner.model.device)
+            with torch.inference_mode():
+                hidden = runner.model.forward(torch.tensor([token]), torch.tensor([position]), meta, runner.kv_caches)
+                out.append(runner.model.logits(hidden))
+            runner.model.experts.end_step()
+        engine.blocks.free(f"d{i}")
+        if len(out) >= positions:
+            break
+    return torch.cat(out)
+
+
 def compare(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
     """Mean KL(reference || logits) over positions (nats) and the share of equal argmaxes."""
     ref_logp, logp = torch.log_softmax(reference, dim=-1), torch.log_softmax(logits, dim=-1)
@@ -72,6 +100,36 @@ def evaluate(path: Path, label: str, prompts: list[list[int]], formats: list[str
     return rows
 
 
+def evaluate_offloaded(path: Path, label: str, prompts: list[list[int]], args: argparse.Namespace) -> list[dict]:
+    """The offloaded rows of one model: each miss precision (adaptive at each gate) against the bf16
+    all-resident model, all decoded one token a step."""
+    positions = min(args.offload_positions, sum(len(p) for p in prompts))
+
+    def engine(**overrides: object) -> LLMEngine:
+        return build_engine(EngineConfig(model=str(path), dtype="bfloat16", max_model_len=max(len(p) for p in prompts) + 1,
+                                         max_num_batched_tokens=16, prefetch="none", **overrides), show_progress=False)
+
+    reference = decode_logits(engine(offload="off"), prompts, positions)
+    runs = [("full", None)] if "full" in args.miss_precisions else []
+    runs += [("low", None)] if "low" in args.miss_precisions else []
+    runs += [("adaptive", gate) for gate in args.miss_low_gates] if "adaptive" in args.miss_precisions else []
+    rows, full_bytes = [], None
+    for mode, gate in progress(runs, show=not args.json, desc=f"{label} offloaded"):
+        run = engine(expert_cache_fraction=args.cache_fraction, miss_precision=mode, miss_low_dtype=args.miss_low_dtype,
+                     **({} if gate is None else {"miss_low_gate": gate}))
+        logits = decode_logits(run, prompts, positions)
+        stats = run.runner.model.experts.cache.stats()
+        per_token = sum(stats.bytes_copied.values()) / positions
+        full_bytes = per_token if mode == "full" else full_bytes
+        rows.append({"model": label, "format": mode if mode == "full" else f"{mode} {args.miss_low_dtype}"
+                     + ("" if gate is None else f" gate {gate}"), **compare(reference, logits),
+                     "positions": positions, "bytes_per_token": per_token,
+                     "bytes_vs_full": None if full_bytes is None else per_token / full_bytes,
+                     "loads": dict(stats.loads)})
+        del run
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=8)
@@ -80,14 +138,22 @@ def main() -> None:
     parser.add_argument("--ds-prompts", type=int, default=None, help="prompts for that model (default: --prompts)")
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--miss-precisions", default="full,low,adaptive", help="offloaded rows ('' to skip them)")
+    parser.add_argument("--miss-low-dtype", default="int4-g32")
+    parser.add_argument("--miss-low-gates", default="1.0", help="adaptive: the relative gate thresholds to run")
+    parser.add_argument("--cache-fraction", type=float, default=0.25)
+    parser.add_argument("--offload-positions", type=int, default=2000, help="decoded positions per offloaded row")
     args = parser.parse_args()
-    formats = args.formats.split(",")
+    formats = [name for name in args.formats.split(",") if name]
+    args.miss_precisions = [name for name in args.miss_precisions.split(",") if name]
+    args.miss_low_gates = [float(gate) for gate in args.miss_low_gates.split(",")]
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 250, (args.prompts, args.length), generator=gen).tolist()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         mixtral = make_mixtral(Path(tmp) / "mixtral", 512, 256, 8, 16, 4)
         rows += evaluate(mixtral, "mixtral-small", prompts, formats, show=not args.json)
+        offloaded = evaluate_offloaded(mixtral, "mixtral-small", prompts, args) if args.miss_precisions else []
         if args.ds_layers:
             geometry = SimpleNamespace(hidden=2048, layers=args.ds_layers, heads=16, moe_intermediate=1408,
                                        shared_intermediate=2816, dtype="bfloat16")
@@ -95,8 +161,10 @@ def main() -> None:
             deepseek = make_qwen2_moe(Path(tmp) / "deepseek", trace_shape, geometry)
             rows += evaluate(deepseek, "deepseek-v2-lite-geometry", prompts[:args.ds_prompts], formats,
                              show=not args.json)
+            if args.miss_precisions:
+                offloaded += evaluate_offloaded(deepseek, "deepseek-v2-lite-geometry", prompts[:args.ds_prompts], args)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps(rows + offloaded))
         return
     ds_prompts = min(args.ds_prompts or args.prompts, args.prompts)
     print(f"{args.prompts} prompts x {args.length} tokens = {args.prompts * args.length} positions (DeepSeek geometry: "
@@ -104,6 +172,15 @@ def main() -> None:
     print(f"{'model':>26} {'format':>13} {'mean KL (nats)':>15} {'top-1 agree':>11} {'expert KiB':>10}")
     for r in rows:
         print(f"{r['model']:>26} {r['format']:>13} {r['kl']:>15.2e} {r['top1']:>11.4f} {r['expert_bytes'] / 1024:>10.1f}")
+    if offloaded:
+        print(f"offloaded at cache fraction {args.cache_fraction}, decoded one token a step, prefetch off; reference: the "
+              "all-resident bf16 model decoded the same way; bytes: expert bytes copied per token")
+        print(f"{'model':>26} {'misses':>28} {'positions':>9} {'mean KL (nats)':>15} {'top-1 agree':>11} "
+              f"{'KiB/token':>10} {'vs full':>7}  loads")
+        for r in offloaded:
+            share = "" if r["bytes_vs_full"] is None else f"{r['bytes_vs_full']:.3f}"
+            print(f"{r['model']:>26} {r['format']:>28} {r['positions']:>9} {r['kl']:>15.2e} {r['top1']:>11.4f} "
+                  f"{r['bytes_per_token'] / 1024:>10.1f} {share:>7}  {r['loads']}")
 
 
 if __name__ == "__main__":

@@ -178,8 +178,8 @@ class EngineConfig(BaseModel):
         description="format of the low-bit copy --miss-precision low/adaptive loads (docs/mixed_precision.md)"
     )
     miss_low_gate: float = Field(
-        default=0.1, ge=0, le=1, description="adaptive: a miss whose largest gate weight over its rows is below "
-        "this loads the low-bit copy"
+        default=1.0, ge=0, le=64, description="adaptive: a miss whose largest relative gate weight over its rows (the "
+        "row's gate weight over its token's top-k mean: 1 = an average routed expert) is below this loads the low-bit copy"
     )
     record_trace: str | None = Field(default=None, description="directory to write routing traces (npz) into")
     copy_workers: int = Field(default=2, ge=1, le=64, description="copy-engine worker threads (CPU backend)")

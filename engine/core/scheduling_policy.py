@@ -8,9 +8,10 @@ the whole prefill share of a step:
   Requests that can still make their deadline (slack >= 0) go shortest predicted job first
   (prefill + predicted output length x decode step + expert loading), which lowers mean latency;
   requests that can no longer make it are hopeless and go last (shortest first), so they stop
-  displacing the ones that still can. (Serving the feasible ones least slack first when shortest
-  first would make them miss was tried: on random task mixes it met about as many deadlines at a
-  higher mean latency, docs/scheduling.md.) A feasible request of the running batch's most
+  displacing the ones that still can. When shortest first would make some feasible requests late,
+  the order keeps the most deadlines instead (Moore-Hodgson, `_most_on_time`: earliest deadline
+  first, dropping the largest prefill whenever one would be late; plain least-slack-first met
+  about as many deadlines as shortest first at a higher mean latency, docs/scheduling.md). A feasible request of the running batch's most
   common task goes first when its slack is within the expert traffic that switching tasks would
   cause; a starvation guard serves anything that waited too long before everything else.
 - Size (`SloOrder.prefill_token_cap`): the mean time per output token of each running request is
