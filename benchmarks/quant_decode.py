@@ -54,9 +54,9 @@ FORMATS = {  # label: the engine settings that make it
     "int4": {"expert_dtype": "int4"},
     "mxfp4": {"expert_dtype": "mxfp4"},
     "int4+w4": {"expert_dtype": "int4", "weight_dtype": "int4"},  # int4 experts and int4 dense weights (the CPU choice)
-    # bf16 experts; a miss whose relative gate weight is below average loads the int4-g32 copy (docs/mixed_precision.md)
+    # bf16 experts; a miss whose relative gate weight is below 1.1 loads the int4-g32 copy (docs/mixed_precision.md)
     "adaptive": {"expert_dtype": "model", "miss_precision": "adaptive", "miss_low_dtype": "int4-g32",
-                 "miss_low_gate": 1.0},  # the default of --miss-low-gate
+                 "miss_low_gate": 1.1},  # the default of --miss-low-gate
 }
 OFFLOAD_ONLY = ("adaptive",)  # formats that differ from the model dtype only in what a miss loads: no all-resident row
 

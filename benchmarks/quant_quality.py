@@ -16,7 +16,7 @@ model decoded the same way; also reported: expert bytes copied per token and the
 offloaded bf16 (`full`) run's. Prefetch is off (demand misses only).
 
     python -m benchmarks.quant_quality [--prompts 8] [--length 250] [--ds-layers 2] [--json]
-        [--miss-precisions full,low,adaptive] [--miss-low-gates 1.0,1.5] [--offload-positions 2000]
+        [--miss-precisions full,low,adaptive] [--miss-low-gates 1.1,1.5] [--offload-positions 2000]
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--miss-precisions", default="full,low,adaptive", help="offloaded rows ('' to skip them)")
     parser.add_argument("--miss-low-dtype", default="int4-g32")
-    parser.add_argument("--miss-low-gates", default="1.0", help="adaptive: the relative gate thresholds to run")
+    parser.add_argument("--miss-low-gates", default="1.1", help="adaptive: the relative gate thresholds to run")
     parser.add_argument("--cache-fraction", type=float, default=0.25)
     parser.add_argument("--offload-positions", type=int, default=2000, help="decoded positions per offloaded row")
     args = parser.parse_args()

@@ -178,7 +178,7 @@ class EngineConfig(BaseModel):
         description="format of the low-bit copy --miss-precision low/adaptive loads (docs/mixed_precision.md)"
     )
     miss_low_gate: float = Field(
-        default=1.0, ge=0, le=64, description="adaptive: a miss whose largest relative gate weight over its rows (the "
+        default=1.1, ge=0, le=64, description="adaptive: a miss whose largest relative gate weight over its rows (the "
         "row's gate weight over its token's top-k mean: 1 = an average routed expert) is below this loads the low-bit copy"
     )
     record_trace: str | None = Field(default=None, description="directory to write routing traces (npz) into")

@@ -49,20 +49,20 @@ logger = logging.getLogger(__name__)
 # copies are already pending ahead of it (a decode layer's demand misses at top-k 6-8 and its prefetches)
 BUSY_LINK_COPIES = 16
 # adaptive: a low-bit resident expert is upgraded when hit with a relative gate weight of at least this
-# (or the miss threshold, if higher): clearly above an average routed expert, so upgrades go to the hot ones
-UPGRADE_GATE = 1.5
+# (above an average routed expert: upgrades go to the ones that weigh); with the default gate it moved the
+# least bytes for the KL in the sweep of docs/mixed_precision.md
+UPGRADE_GATE = 1.2
 
 
 @dataclass(frozen=True)
 class MixedPrecision:
     """Which copy a copied miss loads (`--miss-precision`): `low_format` is the low-bit copy's format;
     adaptive loads it for a miss whose largest relative gate weight is below `low_gate` or when the link is
-    busy, and upgrades a low-bit resident expert hit with a relative gate weight of at least `low_gate` and
-    `UPGRADE_GATE`."""
+    busy, and upgrades a low-bit resident expert hit with a relative gate weight of at least `UPGRADE_GATE`."""
 
     mode: MissPrecision
     low_format: ExpertFormat
-    low_gate: float = 1.0
+    low_gate: float = 1.1
 
 
 class OffloadedExperts:
@@ -134,8 +134,7 @@ class OffloadedExperts:
     def _low_bit(self, keys: Sequence[ExpertKey], gates: Sequence[float] | None) -> set[ExpertKey]:
         """The misses among `keys` that load their low-bit copy: every one with `low`; with `adaptive`
         those whose largest relative gate weight is below the threshold, or all when the link is busy. Asks
-        an upgrade for each low-bit resident key hit with a relative gate weight of at least the threshold
-        and `UPGRADE_GATE`."""
+        an upgrade for each low-bit resident key hit with a relative gate weight of at least `UPGRADE_GATE`."""
         assert self.precision is not None
         cache = self.cache
         misses = [i for i, key in enumerate(keys) if not cache.holds(key)]
@@ -144,9 +143,8 @@ class OffloadedExperts:
         if gates is None:
             raise ValueError("adaptive miss precision needs each expert's largest gate weight")
         threshold = self.precision.low_gate
-        upgrade_at = max(threshold, UPGRADE_GATE)
         for key, gate in zip(keys, gates):
-            if gate >= upgrade_at and cache.is_low(key):
+            if gate >= UPGRADE_GATE and cache.is_low(key):
                 cache.request_upgrade(key)
         if cache.pool.num_loading >= BUSY_LINK_COPIES:
             return {keys[i] for i in misses}
