@@ -67,8 +67,14 @@ def test_quant_benchmarks_report_each_format(tmp_path: Path) -> None:
     by_format = {r["format"]: r for r in decode}
     assert by_format["int4"]["expert_bytes"] < by_format["bf16"]["expert_bytes"] / 3 and by_format["int4"]["tok_s"] > 0
     quality = run_json("benchmarks.quant_quality", "--prompts", "1", "--length", "20", "--ds-layers", "0",
-                       "--formats", "int8,mxfp4")
-    assert [r["format"] for r in quality] == ["int8", "mxfp4"] and all(0 <= r["top1"] <= 1 for r in quality)
+                       "--formats", "int8,mxfp4", "--offload-positions", "12")
+    resident = [r for r in quality if "expert_bytes" in r]
+    assert [r["format"] for r in resident] == ["int8", "mxfp4"] and all(0 <= r["top1"] <= 1 for r in resident)
+    full, low, adaptive = (r for r in quality if "bytes_per_token" in r)
+    assert (full["format"], low["format"], adaptive["format"]) == ("full", "low int4-g32", "adaptive int4-g32 gate 1.1")
+    assert full["kl"] == 0 and full["top1"] == 1 and full["positions"] == 12  # offloading alone changes nothing
+    assert set(low["loads"]) == {"low"} and 0.2 < low["bytes_vs_full"] < 0.35  # int4-g32 copies: ~0.3 of bf16's bytes
+    assert 0 < adaptive["bytes_per_token"] <= full["bytes_per_token"] and low["kl"] > 0
 
 
 def test_policy_cost_measures_both_policies_in_one_run(tmp_path: Path) -> None:
