@@ -54,9 +54,9 @@ FORMATS = {  # label: the engine settings that make it
     "int4": {"expert_dtype": "int4"},
     "mxfp4": {"expert_dtype": "mxfp4"},
     "int4+w4": {"expert_dtype": "int4", "weight_dtype": "int4"},  # int4 experts and int4 dense weights (the CPU choice)
-    # bf16 experts; a miss whose relative gate weight is below 1.1 loads the int4-g32 copy (docs/mixed_precision.md)
-    "adaptive": {"expert_dtype": "model", "miss_precision": "adaptive", "miss_low_dtype": "int4-g32",
-                 "miss_low_gate": 1.1},  # the default of --miss-low-gate
+    # bf16 experts; a miss whose relative gate weight is below --miss-low-gate loads the int4-g32 copy
+    # (docs/mixed_precision.md)
+    "adaptive": {"expert_dtype": "model", "miss_precision": "adaptive", "miss_low_dtype": "int4-g32"},
 }
 OFFLOAD_ONLY = ("adaptive",)  # formats that differ from the model dtype only in what a miss loads: no all-resident row
 
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--expert-link-gbps", type=float, default=None,
                         help="throttle the copy engine to this many GB/s (a PCIe-class link; unset: RAM-to-RAM copies)")
-    parser.add_argument("--miss-low-gate", type=float, default=FORMATS["adaptive"]["miss_low_gate"],
+    parser.add_argument("--miss-low-gate", type=float, default=EngineConfig.model_fields["miss_low_gate"].default,
                         help="adaptive: misses whose relative gate weight is below this load the int4-g32 copy")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="write the checkpoint here, or reuse the one a run with the same flags wrote there")

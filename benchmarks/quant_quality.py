@@ -140,7 +140,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--miss-precisions", default="full,low,adaptive", help="offloaded rows ('' to skip them)")
     parser.add_argument("--miss-low-dtype", default="int4-g32")
-    parser.add_argument("--miss-low-gates", default="1.1", help="adaptive: the relative gate thresholds to run")
+    parser.add_argument("--miss-low-gates", default=str(EngineConfig.model_fields["miss_low_gate"].default),
+                        help="adaptive: the relative gate thresholds to run (default: the engine's)")
     parser.add_argument("--cache-fraction", type=float, default=0.25)
     parser.add_argument("--offload-positions", type=int, default=2000, help="decoded positions per offloaded row")
     args = parser.parse_args()

@@ -172,14 +172,17 @@ class SloOrder:
         hopeless.sort(key=lambda i: (sizes[i], candidates[i].request.arrival_time))
         return starving + on_time + late + hopeless
 
-    def _first_token_times(self, order: list[int], candidates: SequenceT[Sequence], now: float) -> list[float]:
-        """When each of `order` would get its first token if the prefills ran back to back in that order."""
+    def _all_on_time(self, order: list[int], candidates: SequenceT[Sequence], now: float) -> bool:
+        """Whether every request of `order` gets its first token by its deadline when their prefills
+        run back to back in that order."""
         service, cost = self.ctx.service, self.ctx.expert_cost
-        done, tokens = [], 0
+        tokens = 0
         for i in order:
-            tokens += candidates[i].num_uncomputed_tokens
-            done.append(now + service.first_token_s(tokens) + cost.load_seconds(candidates[i].request.task))
-        return done
+            seq = candidates[i]
+            tokens += seq.num_uncomputed_tokens
+            if now + service.first_token_s(tokens) + cost.load_seconds(seq.request.task) > self.deadline(seq):
+                return False
+        return True
 
     def _most_on_time(self, by_size: list[int], candidates: SequenceT[Sequence],
                       now: float) -> tuple[list[int], list[int]]:
@@ -188,8 +191,7 @@ class SloOrder:
         prefill whenever one would be late, keeps the most deadlines). The kept ones stay shortest
         first when that still meets every kept deadline, else go earliest deadline first; the dropped
         ones follow, shortest first."""
-        if all(t <= self.deadline(candidates[i]) for i, t in zip(by_size, self._first_token_times(by_size, candidates, now),
-                                                                  strict=True)):
+        if self._all_on_time(by_size, candidates, now):
             return by_size, []
         service, cost = self.ctx.service, self.ctx.expert_cost
         rank = {i: n for n, i in enumerate(by_size)}
@@ -204,13 +206,10 @@ class SloOrder:
                 negative, _, index = heapq.heappop(largest)  # the largest; of equals, the later in `by_size`
                 tokens += negative
                 dropped.append(index)
-        kept = {i for _, _, i in largest}
-        shortest_first = sorted(kept, key=rank.__getitem__)
-        by_deadline = sorted(kept, key=lambda i: (self.deadline(candidates[i]), rank[i]))
-        times = self._first_token_times(shortest_first, candidates, now)
-        if all(t <= self.deadline(candidates[i]) for i, t in zip(shortest_first, times, strict=True)):
-            return shortest_first, sorted(dropped, key=rank.__getitem__)
-        return by_deadline, sorted(dropped, key=rank.__getitem__)
+        kept = sorted((i for _, _, i in largest), key=rank.__getitem__)
+        if not self._all_on_time(kept, candidates, now):
+            kept.sort(key=lambda i: (self.deadline(candidates[i]), rank[i]))
+        return kept, sorted(dropped, key=rank.__getitem__)
 
     def _prefer_batch_task(self, order: list[int], candidates: SequenceT[Sequence], running: SequenceT[Sequence],
                            slacks: list[float]) -> None:

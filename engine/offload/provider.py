@@ -62,7 +62,7 @@ class MixedPrecision:
 
     mode: MissPrecision
     low_format: ExpertFormat
-    low_gate: float = 1.1
+    low_gate: float
 
 
 class OffloadedExperts:
