@@ -50,16 +50,23 @@ NUM_KV_BLOCKS = 4096
 
 @dataclass(frozen=True)
 class StepCost:
-    """Simulated seconds of a step: (base + per token x tokens) +-10% noise, plus the time between steps."""
+    """Simulated seconds of a step: (base + per token x tokens + per decoding sequence x decodes)
+    +-10% noise, plus the time between steps. A decode's token costs `token_s + decode_s`: it reads
+    its own context and routes to its own experts, which a prefill chunk's tokens share."""
 
     base_s: float = STEP_BASE_S
     token_s: float = STEP_TOKEN_S
     overhead_s: float = STEP_OVERHEAD_S
+    decode_s: float = 0.0
 
     def idle(self) -> IdleCosts:
         """What the live benchmark would measure on this idle simulated server (the mixes' SLO floors)."""
         return IdleCosts(ttft_base_s=self.base_s + self.overhead_s, ttft_token_s=self.token_s,
-                         tpot_s=self.base_s + self.token_s + self.overhead_s)
+                         tpot_s=self.base_s + self.token_s + self.decode_s + self.overhead_s)
+
+    def step_s(self, num_tokens: int, num_decodes: int, noise: float) -> float:
+        """Seconds of a step of `num_tokens` tokens, `num_decodes` of them decodes, scaled by `noise`."""
+        return (self.base_s + self.token_s * num_tokens + self.decode_s * num_decodes) * noise + self.overhead_s
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ def simulate(mix: dict[str, Task], policy: str, rate: float, count: int, seed: i
             if out.is_empty:
                 clock.now = arrivals[pending][0] if pending < len(arrivals) else clock.now + 0.01
                 continue
-            seconds = (cost.base_s + cost.token_s * out.num_tokens) * noise.uniform(0.9, 1.1) + cost.overhead_s
+            seconds = cost.step_s(out.num_tokens, out.num_decodes, noise.uniform(0.9, 1.1))
             clock.now += seconds
             sampled = {item.seq.seq_id: 1 for item in out.scheduled if item.samples}
             scheduler.update(out, sampled)
@@ -188,9 +195,12 @@ def main() -> None:
     parser.add_argument("--step-token-ms", type=float, default=1e3 * STEP_TOKEN_S, help="cost per token of a step")
     parser.add_argument("--step-overhead-ms", type=float, default=1e3 * STEP_OVERHEAD_S,
                         help="time between steps (outside the step-time noise)")
+    parser.add_argument("--step-decode-ms", type=float, default=0.0,
+                        help="extra cost per decoding sequence of a step (its own context and experts)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    cost = StepCost(args.step_base_ms / 1e3, args.step_token_ms / 1e3, args.step_overhead_ms / 1e3)
+    cost = StepCost(args.step_base_ms / 1e3, args.step_token_ms / 1e3, args.step_overhead_ms / 1e3,
+                    args.step_decode_ms / 1e3)
     reports = [run_seed(int(s), args.mixes, args.seconds, args.requests, cost)
                for s in args.seeds.split(",")]
     if args.json:

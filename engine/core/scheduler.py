@@ -97,6 +97,11 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
+    def num_decodes(self) -> int:
+        """Sequences computing one token (decodes; a prompt's last token alone counts too)."""
+        return sum(s.num_new_tokens == 1 for s in self.scheduled)
+
+    @property
     def is_empty(self) -> bool:
         return not self.scheduled
 

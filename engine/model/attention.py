@@ -8,7 +8,10 @@ manager freed after they slid out of every window are skipped) into a padded [B,
 SDPA call serves prefill, chunked prefill and decode alike. Grouped-query heads are folded into the
 query axis ([B, Hkv, G * Q, Dh] against the kv heads) instead of `enable_gqa`, which SDPA serves
 only with its math backend when a mask is given. On a CPU, decode-only steps go to the C kernel
-instead, which reads the cache in place.
+instead, which reads the cache in place. A step that mixes decodes with prefill chunks is attended
+in two parts (`AttentionMetadata.parts`), the decodes and the chunks, each with its own metadata:
+padded together, every decode would carry the longest chunk's query rows (a 256-token chunk beside
+8 decodes: 9x the attention work).
 A sliding-window layer masks the keys older than its window (`AttentionMetadata.mask_for`); with
 attention sinks (gpt-oss) a learned logit per head joins each query's softmax and takes its share of
 the probability without contributing a value; both run in torch.
@@ -18,7 +21,7 @@ rope key, and attends with queries absorbed into latent space (`paged_latent_att
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +56,9 @@ class AttentionMetadata:
     query_pos: torch.Tensor  # [B, Q] absolute position of each query row
     real_rows: torch.Tensor  # [B, Q] False for padding query rows
     max_context_len: int  # the longest context_len, host-side: every position of the step is below it
+    # a step mixing decodes and prefill chunks: (the step's token rows, their metadata) of the decodes,
+    # then of the chunks; attended part by part (empty: in one piece)
+    parts: tuple[tuple[torch.Tensor, AttentionMetadata], ...] = ()
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def mask_for(self, window: int | None) -> torch.Tensor:
@@ -78,6 +84,30 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Index tensors for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new.
         A table's leading FREED entries (negative: slid out of every window) are never gathered."""
+        meta = cls._build(block_tables, context_lens, query_lens, block_size, device)
+        decodes = [i for i, n in enumerate(query_lens) if n == 1]
+        if 0 < len(decodes) < len(query_lens):
+            chunks = [i for i, n in enumerate(query_lens) if n > 1]
+            first_row = [0]
+            for n in query_lens:
+                first_row.append(first_row[-1] + n)
+            meta.parts = tuple(
+                (_upload(torch.tensor([r for i in part for r in range(first_row[i], first_row[i + 1])]), device),
+                 cls._build([block_tables[i] for i in part], [context_lens[i] for i in part],
+                            [query_lens[i] for i in part], block_size, device))
+                for part in (decodes, chunks))
+        return meta
+
+    @classmethod
+    def _build(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        context_lens: Sequence[int],
+        query_lens: Sequence[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        """`build`'s index tensors over every sequence at once, padded to the longest query."""
         num_seqs = len(context_lens)
         width = max(len(table) for table in block_tables)
         tables = torch.tensor([list(table) + [0] * (width - len(table)) for table in block_tables], dtype=torch.long)
@@ -167,6 +197,9 @@ def paged_attention(
     """q: [T, H, Dh]; k, v: [T, Hkv, Dh]; caches: [S, Hkv, Dh]. Returns [T, H * Dh]. With `window`
     each query attends its `window` most recent positions only; `sinks` [H] are per-head logits
     that join each query's softmax with a zero value."""
+    if meta.parts:
+        return _by_parts(meta, (q, k, v), lambda part, *rows: paged_attention(
+            *rows, k_cache, v_cache, part, scale, window, sinks))
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if window is None and sinks is None and meta.max_query_len == 1 and q.is_cpu and kernel_flavour() != "torch":
@@ -179,6 +212,20 @@ def paged_attention(
     if sinks is not None:
         keys, values, mask = _with_sinks(keys, values, mask, sinks)
     return _attend(q, keys, values, meta, scale, mask)
+
+
+def _by_parts(meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...],
+              attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """`attend(part, *rows)` on each part of a mixed step (`meta.parts`), the step's per-token `inputs`
+    taken at the part's rows, and the parts' outputs put back at those rows."""
+    out: torch.Tensor | None = None
+    for rows, part in meta.parts:
+        piece = attend(part, *(tensor[rows] for tensor in inputs))
+        if out is None:
+            out = piece.new_empty(inputs[0].shape[0], piece.shape[1])
+        out[rows] = piece
+    assert out is not None
+    return out
 
 
 def gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -216,6 +263,9 @@ def paged_latent_attention(
     `value_dim` = C dims, which are also the values) and the rope key. q: [T, H, C + Dr] (queries
     absorbed into latent space, then their rope part); entry: [T, 1, C + Dr]; cache: [S, 1, C + Dr].
     Returns the attended latents [T, H * C]."""
+    if meta.parts:
+        return _by_parts(meta, (q, entry), lambda part, *rows: paged_latent_attention(
+            *rows, cache, part, scale, value_dim))
     cache.index_copy_(0, meta.slot_mapping, entry)
     keys = gather_context(cache, meta).transpose(1, 2)  # [B, 1, K, C + Dr]
     _, num_heads, head_dim = q.shape

@@ -68,6 +68,30 @@ def test_paged_attention_matches_the_reference(window: int | None, with_sinks: b
         row += n
 
 
+def test_a_mixed_step_attends_its_decodes_and_its_chunks_apart() -> None:
+    """Decodes interleaved with prefill chunks: two parts (the decodes' rows, then the chunks'), each
+    padded only to its own longest query, and every row still equal to the per-sequence reference."""
+    generator = torch.Generator().manual_seed(5)
+    context_lens, query_lens = [9, 4, 12, 7], [5, 1, 6, 1]
+    tables, slots = layout(context_lens, seed=6)
+    k_cache, v_cache = (torch.randn(slots, KV_HEADS, DIM, generator=generator) for _ in range(2))
+    meta = AttentionMetadata.build(tables, context_lens, query_lens, BLOCK, torch.device("cpu"))
+    (decode_rows, decodes), (chunk_rows, chunks) = meta.parts
+    assert decode_rows.tolist() == [5, 12] and decodes.max_query_len == 1 and decodes.num_seqs == 2
+    assert chunk_rows.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11] and chunks.max_query_len == 6
+    uniform = AttentionMetadata.build(tables, context_lens, [1, 1, 1, 1], BLOCK, torch.device("cpu"))
+    assert uniform.parts == ()
+    q = torch.randn(sum(query_lens), HEADS, DIM, generator=generator)
+    k, v = (torch.randn(sum(query_lens), KV_HEADS, DIM, generator=generator) for _ in range(2))
+    out = paged_attention(q, k, v, k_cache, v_cache, meta, 0.3)
+    row = 0
+    for table, ctx, n in zip(tables, context_lens, query_lens):
+        slot_of = [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(ctx)]
+        expected = reference(q[row:row + n], k_cache[slot_of], v_cache[slot_of], range(ctx - n, ctx), 0.3, None, None)
+        torch.testing.assert_close(out[row:row + n].double(), expected, rtol=1e-5, atol=1e-5)
+        row += n
+
+
 def test_blocks_are_gathered_whole_and_equal_the_slot_gather() -> None:
     context_lens = [3, 13, 8]
     tables, slots = layout(context_lens, seed=2)
