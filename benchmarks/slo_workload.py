@@ -17,9 +17,14 @@ prompt and output lengths, SLOs and weights from wide ranges; some tasks predict
 each task sheds or demotes), finds per mix the rate where fcfs attains 50-80% (bisection on a
 log scale; a probe is an fcfs run of the point's arrivals at that rate, and the one that lands
 in the band is the fcfs run of the point), then runs slo on the same arrivals (`--seconds` of
-them, at least `--requests`) and both at 1.5x that rate. Reports per mix and the medians:
+them, at least `--requests`) and both at 1.5x that rate. With `--repeats K` each point runs K
+rounds, each on its own arrivals (round 0: the point's; round r: seed + r) and both policies on
+the same ones, in alternating order (fcfs slo, slo fcfs, ...): the same arrivals served twice by
+the same policy differ by up to 25 points at this load, so one round cannot separate the
+policies on a mix. Attainment and latency are pooled over the rounds and each round is printed.
+Reports per mix and the medians:
 
-    python -m benchmarks.slo_workload --mixes 10 --seed 7 [--seconds 12] [--json]
+    python -m benchmarks.slo_workload --mixes 10 --seed 7 [--seconds 12] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -302,13 +307,17 @@ def find_rate(measure: Callable[[float], float], first: float, max_probes: int, 
     return math.exp(math.log(a["rate"]) + share * (math.log(b["rate"]) - math.log(a["rate"])))
 
 
-def summarize_pair(mix: dict[str, Task], tight: str, runs: dict[str, list[Result]]) -> dict:
+def summarize_pair(mix: dict[str, Task], tight: str, runs: dict[str, list[Result]], rounds: int = 1) -> dict:
+    """Both policies' figures at one point, pooled over `rounds` rounds of equally many requests (each
+    policy's results in round order; request i of both policies had the same arrival)."""
     both_done = [i for i in range(len(runs["fcfs"])) if all(r[i].status == 200 for r in runs.values())]
     row = {}
     for policy, results in runs.items():
         done = [r for r in results if r.status == 200]
+        size = len(results) // rounds
         row[policy] = {
             "attainment": attainment(results), "tight_attainment": attainment(results, tight),
+            "round_attainment": [attainment(results[k * size:(k + 1) * size]) for k in range(rounds)],
             "mean_e2e_s": mean_or_nan([r.e2e for r in done]),
             "paired_mean_e2e_s": mean_or_nan([results[i].e2e for i in both_done]),
             "shed": sum(r.status == 429 for r in results), "cut": sum(r.status == -1 for r in results),
@@ -339,9 +348,10 @@ def run_mixes(args: argparse.Namespace, model: Path, tmp: Path) -> None:
             seed = 1000 * index + 500
             fcfs_runs: dict[float, list[Result]] = {}  # a probe is the fcfs run at its rate
 
-            def run(policy: str, rate: float) -> list[Result]:
+            def run(policy: str, rate: float, round_index: int = 0) -> list[Result]:
                 count = num_requests(rate, args.seconds, args.requests)
-                return asyncio.run(run_arrivals(bases[policy], mix, rate, count, seed=seed, grace_s=args.grace_seconds))
+                return asyncio.run(run_arrivals(bases[policy], mix, rate, count, seed=seed + round_index,
+                                                grace_s=args.grace_seconds))
 
             def measure(rate: float) -> float:
                 fcfs_runs[rate] = run("fcfs", rate)
@@ -350,18 +360,22 @@ def run_mixes(args: argparse.Namespace, model: Path, tmp: Path) -> None:
             rate = find_rate(measure, first_guess_rate(mix, idle), args.probes, probes)
             points = {}
             for label, factor in (("base", 1.0), ("overload", OVERLOAD_FACTOR)):
-                fcfs = fcfs_runs.get(rate * factor) or run("fcfs", rate * factor)
-                runs = {"fcfs": fcfs, "slo": run("slo", rate * factor)}
-                points[label] = summarize_pair(mix, tight, runs)
+                runs: dict[str, list[Result]] = {"fcfs": [], "slo": []}
+                for round_index in range(args.repeats):
+                    for policy in ("fcfs", "slo") if round_index % 2 == 0 else ("slo", "fcfs"):
+                        probed = fcfs_runs.get(rate * factor) if policy == "fcfs" and round_index == 0 else None
+                        runs[policy] += probed or run(policy, rate * factor, round_index)
+                points[label] = summarize_pair(mix, tight, runs, args.repeats)
         mixes.append({"mix": index, "tasks": {n: t.table_entry() | {"prompt_len": t.prompt_len, "weight": t.weight}
                                               for n, t in mix.items()},
                       "tightest": tight, "rate": rate, "probes": probes, "points": points, "requests": {
                           label: num_requests(rate * f, args.seconds, args.requests)
-                          for label, f in (("base", 1.0), ("overload", OVERLOAD_FACTOR))},
+                          for label, f in (("base", 1.0), ("overload", OVERLOAD_FACTOR))}, "repeats": args.repeats,
                       "seconds": time.perf_counter() - started})
         if not args.json:
             print_mix(mixes[-1])
-    report = {"seed": args.seed, "requests": args.requests, "seconds": args.seconds, "idle": idle.__dict__, "mixes": mixes,
+    report = {"seed": args.seed, "requests": args.requests, "seconds": args.seconds, "repeats": args.repeats,
+              "idle": idle.__dict__, "mixes": mixes,
               "medians": medians(mixes)}
     if args.json:
         print(json.dumps(report))
@@ -396,11 +410,14 @@ def print_mix(m: dict) -> None:
               f"{s['tight_attainment']:6.1%}  mean e2e {f['mean_e2e_s']:5.2f} / {s['mean_e2e_s']:5.2f} s "
               f"(paired {f['paired_mean_e2e_s']:5.2f} / {s['paired_mean_e2e_s']:5.2f})  shed {s['shed']}  cut {f['cut']}/{s['cut']}"
               f"  errors {f['errors']}/{s['errors']}")
+        if len(f["round_attainment"]) > 1:
+            print(f"           rounds fcfs {' '.join(f'{a:.1%}' for a in f['round_attainment'])}  slo "
+                  f"{' '.join(f'{a:.1%}' for a in s['round_attainment'])}")
 
 
 def print_medians(report: dict) -> None:
     print(f"seed {report['seed']}, {len(report['mixes'])} mixes, {report['seconds']:.0f} s of arrivals "
-          f"(at least {report['requests']} requests) per point")
+          f"(at least {report['requests']} requests) per point and round, {report['repeats']} round(s) per point")
     for label, med in report["medians"].items():
         print(f"  median at {label}: attainment fcfs {med['fcfs_attainment']:.1%} slo {med['slo_attainment']:.1%} "
               f"(gain {med['gain_points']:+.1f} points, worst mix {med['worst_gain_points']:+.1f}); tightest task "
@@ -421,6 +438,8 @@ def main() -> None:
     parser.add_argument("--grace-seconds", type=float, default=20.0,
                         help="--mixes: requests unfinished this long after the last arrival are cut (not attained)")
     parser.add_argument("--probes", type=int, default=4, help="rate-search probes per mix at most")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="--mixes: rounds per point, each on its own arrivals, policies alternating")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
