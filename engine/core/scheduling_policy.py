@@ -11,9 +11,10 @@ the whole prefill share of a step:
   displacing the ones that still can. When shortest first would make some feasible requests late,
   the order keeps the most deadlines instead (Moore-Hodgson, `_most_on_time`: earliest deadline
   first, dropping the largest prefill whenever one would be late; plain least-slack-first met
-  about as many deadlines as shortest first at a higher mean latency, docs/scheduling.md). A feasible request of the running batch's most
-  common task goes first when its slack is within the expert traffic that switching tasks would
-  cause; a starvation guard serves anything that waited too long before everything else.
+  about as many deadlines as shortest first at a higher mean latency, docs/scheduling.md). A
+  feasible request of the running batch's most common task goes first when its slack is within the
+  expert traffic that switching tasks would cause; a starvation guard serves anything that waited
+  too long before everything else.
 - Size (`SloOrder.prefill_token_cap`): the mean time per output token of each running request is
   kept within its TPOT SLO. Its TPOT bank is what the SLO allows over its predicted output length
   minus the time already spent since its first token; spread over its remaining tokens it is the

@@ -83,31 +83,8 @@ class AttentionMetadata:
         device: torch.device,
     ) -> AttentionMetadata:
         """Index tensors for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new.
-        A table's leading FREED entries (negative: slid out of every window) are never gathered."""
-        meta = cls._build(block_tables, context_lens, query_lens, block_size, device)
-        decodes = [i for i, n in enumerate(query_lens) if n == 1]
-        if 0 < len(decodes) < len(query_lens):
-            chunks = [i for i, n in enumerate(query_lens) if n > 1]
-            first_row = [0]
-            for n in query_lens:
-                first_row.append(first_row[-1] + n)
-            meta.parts = tuple(
-                (_upload(torch.tensor([r for i in part for r in range(first_row[i], first_row[i + 1])]), device),
-                 cls._build([block_tables[i] for i in part], [context_lens[i] for i in part],
-                            [query_lens[i] for i in part], block_size, device))
-                for part in (decodes, chunks))
-        return meta
-
-    @classmethod
-    def _build(
-        cls,
-        block_tables: Sequence[Sequence[int]],
-        context_lens: Sequence[int],
-        query_lens: Sequence[int],
-        block_size: int,
-        device: torch.device,
-    ) -> AttentionMetadata:
-        """`build`'s index tensors over every sequence at once, padded to the longest query."""
+        A table's leading FREED entries (negative: slid out of every window) are never gathered. A step
+        mixing decodes and prefill chunks also gets its two `parts` (each built here, and neither mixed)."""
         num_seqs = len(context_lens)
         width = max(len(table) for table in block_tables)
         tables = torch.tensor([list(table) + [0] * (width - len(table)) for table in block_tables], dtype=torch.long)
@@ -131,7 +108,7 @@ class AttentionMetadata:
         query_index = torch.arange(num_seqs * max_q).view(num_seqs, max_q)[real]
         mask = (key_pos[:, None, :] <= query_pos[:, :, None]) & valid[:, None, :]
         mask[:, :, 0] = True  # padding query rows attend one key instead of none (their output is dropped)
-        return cls(
+        meta = cls(
             slot_mapping=_upload(slot_mapping, device),
             gather_slots=_upload(gather, device),
             gather_blocks=_upload(blocks, device),
@@ -146,6 +123,18 @@ class AttentionMetadata:
             real_rows=_upload(real, device),
             max_context_len=max(context_lens),
         )
+        decodes = [i for i, n in enumerate(query_lens) if n == 1]
+        if 0 < len(decodes) < num_seqs:
+            chunks = [i for i, n in enumerate(query_lens) if n > 1]
+            first_row = [0]
+            for n in query_lens:
+                first_row.append(first_row[-1] + n)
+            meta.parts = tuple(
+                (_upload(torch.tensor([r for i in part for r in range(first_row[i], first_row[i + 1])]), device),
+                 cls.build([block_tables[i] for i in part], [context_lens[i] for i in part],
+                           [query_lens[i] for i in part], block_size, device))
+                for part in (decodes, chunks))
+        return meta
 
 
 def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
