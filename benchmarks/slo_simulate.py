@@ -10,7 +10,7 @@ attainment are those of the live benchmark; a run takes seconds, so scheduling i
 compared over many seeds before the live benchmark measures the chosen one.
 
     python -m benchmarks.slo_simulate --mixes 10 --seeds 7 [--seeds 1,2,3] [--step-overhead-ms 20]
-        [--step-base-ms 8 --step-token-ms 0.36] [--json]
+        [--step-base-ms 8 --step-token-ms 0.36] [--step-decode-ms 1.5] [--step-experts-ms 23] [--json]
 """
 
 from __future__ import annotations
@@ -45,28 +45,36 @@ from moe_serve.engine.errors import QueueFullError
 STEP_BASE_S = 0.008
 STEP_TOKEN_S = 0.00036
 STEP_OVERHEAD_S = 0.004
+ROUTE_SHARE = 4 / 16  # the live benchmark's checkpoint: top-4 of 16 experts
 NUM_KV_BLOCKS = 4096
 
 
 @dataclass(frozen=True)
 class StepCost:
-    """Simulated seconds of a step: (base + per token x tokens + per decoding sequence x decodes)
-    +-10% noise, plus the time between steps. A decode's token costs `token_s + decode_s`: it reads
-    its own context and routes to its own experts, which a prefill chunk's tokens share."""
+    """Simulated seconds of a step: (base + per token x tokens + per decoding sequence x decodes
+    + expert reads) +-10% noise, plus the time between steps. A decode's token costs `token_s +
+    decode_s`: it reads its own context. Expert reads cost `experts_s` x the expected share of the
+    experts the step's tokens route to, 1 - (1 - route_share)^tokens for tokens routed independently
+    to a `route_share` (top-k / experts) of them: a step of one token reads a quarter of a top-4 of
+    16 model's experts, one of 16 tokens nearly all, so a prefill split into more steps costs more."""
 
     base_s: float = STEP_BASE_S
     token_s: float = STEP_TOKEN_S
     overhead_s: float = STEP_OVERHEAD_S
     decode_s: float = 0.0
+    experts_s: float = 0.0
+    route_share: float = ROUTE_SHARE
 
     def idle(self) -> IdleCosts:
         """What the live benchmark would measure on this idle simulated server (the mixes' SLO floors)."""
-        return IdleCosts(ttft_base_s=self.base_s + self.overhead_s, ttft_token_s=self.token_s,
-                         tpot_s=self.base_s + self.token_s + self.decode_s + self.overhead_s)
+        return IdleCosts(ttft_base_s=self.base_s + self.experts_s + self.overhead_s, ttft_token_s=self.token_s,
+                         tpot_s=self.base_s + self.token_s + self.decode_s + self.experts_s * self.route_share
+                         + self.overhead_s)
 
     def step_s(self, num_tokens: int, num_decodes: int, noise: float) -> float:
         """Seconds of a step of `num_tokens` tokens, `num_decodes` of them decodes, scaled by `noise`."""
-        return (self.base_s + self.token_s * num_tokens + self.decode_s * num_decodes) * noise + self.overhead_s
+        experts = self.experts_s * (1.0 - (1.0 - self.route_share) ** num_tokens)
+        return (self.base_s + self.token_s * num_tokens + self.decode_s * num_decodes + experts) * noise + self.overhead_s
 
 
 @dataclass(frozen=True)
@@ -196,11 +204,14 @@ def main() -> None:
     parser.add_argument("--step-overhead-ms", type=float, default=1e3 * STEP_OVERHEAD_S,
                         help="time between steps (outside the step-time noise)")
     parser.add_argument("--step-decode-ms", type=float, default=0.0,
-                        help="extra cost per decoding sequence of a step (its own context and experts)")
+                        help="extra cost per decoding sequence of a step (its own context)")
+    parser.add_argument("--step-experts-ms", type=float, default=0.0,
+                        help="cost of a step that reads every expert (scaled by the share its tokens route to)")
+    parser.add_argument("--route-share", type=float, default=ROUTE_SHARE, help="top-k / experts of the model")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     cost = StepCost(args.step_base_ms / 1e3, args.step_token_ms / 1e3, args.step_overhead_ms / 1e3,
-                    args.step_decode_ms / 1e3)
+                    args.step_decode_ms / 1e3, args.step_experts_ms / 1e3, args.route_share)
     reports = [run_seed(int(s), args.mixes, args.seconds, args.requests, cost)
                for s in args.seeds.split(",")]
     if args.json:

@@ -8,8 +8,8 @@ budget, sequence slots and blocks last, and a long prompt is split into chunks a
 
 Under slo the prefill share of the step is planned (`engine.scheduling_policy`): it is capped
 so that running requests keep their TPOT SLOs when that saves at least as many requests as the
-TTFT deadlines it makes waiting ones miss, and handed out in the policy's order to the
-running and waiting requests still prefilling. A request that can no longer meet its TTFT SLO
+TTFT deadlines it makes waiting ones miss (or deferred for a step when that misses none), and
+handed out in the policy's order to the running and waiting requests still prefilling. A request that can no longer meet its TTFT SLO
 is demoted (served after every request that still can) or, when its task says `shed`, refused:
 on arrival when even the prefill queued ahead of it (shorter jobs only) overruns its SLO, or
 while it waits (`SchedulerOutput.shed`, a 429 for the server); `overload_decisions` counts
@@ -291,9 +291,7 @@ class Scheduler:
                     self._demoted.add(seq.seq_id)
                     self.overload_decisions[seq.request.task, OverloadDecision.DEMOTED] += 1
         ranked = [candidates[i] for i in slo.rank(candidates, self.running, now)]
-        cap = slo.prefill_token_cap(self.running, len(out.scheduled), now)
-        if cap is not None and cap < budget and slo.cap_pays(self.running, ranked, len(out.scheduled), cap, budget, now):
-            budget = cap
+        budget = slo.prefill_budget(self.running, ranked, len(out.scheduled), budget, now)
         for seq in ranked:
             if budget <= 0:
                 break

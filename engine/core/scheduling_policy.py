@@ -6,9 +6,10 @@ the whole prefill share of a step:
 - Order (`SloOrder.rank`): a request's slack is its TTFT deadline minus now minus its predicted
   time to first token (a step of its uncomputed tokens plus the expert loading its task causes).
   Requests that can still make their deadline (slack >= 0) go shortest predicted job first
-  (prefill + predicted output length x decode step + expert loading), which lowers mean latency;
-  requests that can no longer make it are hopeless and go last (shortest first), so they stop
-  displacing the ones that still can. When shortest first would make some feasible requests late,
+  (prefill + expert loading + predicted output length x the per-token step cost: what its decode
+  adds to each step it shares), which lowers mean latency; requests that can no longer make it are
+  hopeless and go shortest first wherever they make none of the others late, else last, so they
+  stop displacing the ones that still can. When shortest first would make some feasible requests late,
   the order keeps the most deadlines instead (Moore-Hodgson, `_most_on_time`: earliest deadline
   first, dropping the largest prefill whenever one would be late; plain least-slack-first met
   about as many deadlines as shortest first at a higher mean latency, docs/scheduling.md). A
@@ -19,10 +20,14 @@ the whole prefill share of a step:
   kept within its TPOT SLO. Its TPOT bank is what the SLO allows over its predicted output length
   minus the time already spent since its first token; spread over its remaining tokens it is the
   longest step it can afford. The step may take no longer than the smallest such step of the
-  requests that can still meet both SLOs, which bounds the prefill tokens of the step. The cap
-  applies only when it pays (`SloOrder.cap_pays`): when the running requests a full step would
-  push off their TPOT SLOs are at least as many as the waiting ones the capped steps would push
-  past their TTFT deadlines. (Always capping lost to fcfs when steps are slow: docs/scheduling.md.)
+  requests that can still meet both SLOs, which bounds the prefill tokens of the step
+  (`SloOrder.prefill_budget`). When even MIN_PREFILL_CHUNK tokens would overrun a budget that a
+  step of the decodes alone keeps, the step defers prefill altogether if no waiting request's TTFT
+  deadline is lost by the delay (`SloOrder.defer_pays`); otherwise the cap is at least
+  MIN_PREFILL_CHUNK and applies only when it pays (`SloOrder.cap_pays`): when the running requests
+  a full step would push off their TPOT SLOs are at least as many as the waiting ones the capped
+  steps would push past their TTFT deadlines. (Always capping lost to fcfs when steps are slow,
+  and a floor-sized chunk beside a short tight-TPOT request made it miss: docs/scheduling.md.)
 
 The step-time model (`ServiceTimeModel`) is learned online from the engine's steps.
 """
@@ -144,17 +149,18 @@ class SloOrder:
         return not seq.output_token_ids and self.slack(seq, now) < 0
 
     def job_size(self, seq: Sequence) -> float:
-        """Predicted seconds of work: prefill, expert loading and the predicted decode steps."""
+        """Predicted seconds of work on the shared steps: prefill, expert loading and what the
+        predicted decode tokens add to the steps they share (not whole steps: decodes are batched)."""
         service = self.ctx.service
         return (
             service.first_token_s(seq.num_uncomputed_tokens)
             + self.ctx.expert_cost.load_seconds(seq.request.task)
-            + seq.predicted_output_len * service.step_s(1)
+            + seq.predicted_output_len * service.token_s
         )
 
     def rank(self, candidates: SequenceT[Sequence], running: SequenceT[Sequence], now: float) -> list[int]:
         """Starving requests by arrival, then the ones that can still meet their TTFT SLO shortest
-        job first, then the hopeless ones shortest job first."""
+        job first with the hopeless ones slotted in where they delay none of them (`_slot_in`)."""
         if not candidates:
             return []
         starving = sorted((i for i, s in enumerate(candidates)
@@ -171,16 +177,37 @@ class SloOrder:
         on_time, late = self._most_on_time(by_size, candidates, now)
         self._prefer_batch_task(on_time, candidates, running, slacks)
         hopeless.sort(key=lambda i: (sizes[i], candidates[i].request.arrival_time))
-        return starving + on_time + late + hopeless
+        return starving + self._slot_in(hopeless, on_time, candidates, sizes, now) + late
 
-    def _all_on_time(self, order: list[int], candidates: SequenceT[Sequence], now: float) -> bool:
-        """Whether every request of `order` gets its first token by its deadline when their prefills
-        run back to back in that order."""
+    def _slot_in(self, hopeless: list[int], on_time: list[int], candidates: SequenceT[Sequence], sizes: list[float],
+                 now: float) -> list[int]:
+        """`on_time` with each of `hopeless` (shortest first) moved ahead of the longer jobs of it
+        where that keeps every `on_time` request in time; the rest after them."""
+        order = list(on_time)
+        keep = set(on_time)
+        start = 0
+        for h in hopeless:
+            position = len(order)
+            for p in range(start, len(order)):
+                if order[p] in keep and sizes[order[p]] > sizes[h] and \
+                        self._all_on_time(order[:p] + [h] + order[p:], candidates, now, keep):
+                    position = p
+                    break
+            order.insert(position, h)
+            start = position + 1
+        return order
+
+    def _all_on_time(self, order: list[int], candidates: SequenceT[Sequence], now: float,
+                     checked: set[int] | None = None) -> bool:
+        """Whether every request of `order` (of `checked`, when given) gets its first token by its
+        deadline when their prefills run back to back in that order."""
         service, cost = self.ctx.service, self.ctx.expert_cost
         tokens = 0
         for i in order:
             seq = candidates[i]
             tokens += seq.num_uncomputed_tokens
+            if checked is not None and i not in checked:
+                continue
             if now + service.first_token_s(tokens) + cost.load_seconds(seq.request.task) > self.deadline(seq):
                 return False
         return True
@@ -252,12 +279,41 @@ class SloOrder:
 
     def prefill_token_cap(self, running: SequenceT[Sequence], num_decodes: int, now: float) -> int | None:
         """The most prefill tokens this step may add to its `num_decodes` decodes within
-        `step_budget_s` (None: no bound), at least MIN_PREFILL_CHUNK."""
+        `step_budget_s` (None: no bound; 0 when the decodes alone fill it)."""
         budget = self.step_budget_s(running, now)
         service = self.ctx.service
         if budget is None or service.token_s <= 0:
             return None
-        return max(MIN_PREFILL_CHUNK, int((budget - service.step_s(num_decodes)) / service.token_s))
+        return max(0, int((budget - service.step_s(num_decodes)) / service.token_s))
+
+    def prefill_budget(self, running: SequenceT[Sequence], ranked: SequenceT[Sequence], num_decodes: int,
+                       budget: int, now: float) -> int:
+        """The prefill tokens this step hands out (of the step's remaining token `budget`) to the
+        prefilling requests `ranked` in their order, beside its `num_decodes` decodes: 0 when
+        deferring prefill pays (`defer_pays`), else the TPOT cap (at least MIN_PREFILL_CHUNK) when
+        it pays (`cap_pays`), else all of `budget`."""
+        cap = self.prefill_token_cap(running, num_decodes, now)
+        if not ranked or cap is None or cap >= budget:
+            return budget
+        if cap < MIN_PREFILL_CHUNK and self.defer_pays(running, ranked, num_decodes, budget, now):
+            return 0
+        cap = max(cap, MIN_PREFILL_CHUNK)
+        if cap < budget and self.cap_pays(running, ranked, num_decodes, cap, budget, now):
+            return cap
+        return budget
+
+    def defer_pays(self, running: SequenceT[Sequence], ranked: SequenceT[Sequence], num_decodes: int, budget: int,
+                   now: float) -> bool:
+        """Whether a step of the `num_decodes` decodes alone keeps a running request on its TPOT
+        track that a step with MIN_PREFILL_CHUNK prefill tokens would not, while every request of
+        `ranked` that gets its first token by its TTFT deadline at full steps from now still does
+        one such step later."""
+        service = self.ctx.service
+        decodes_s, floor_s = service.step_s(num_decodes), service.step_s(num_decodes + MIN_PREFILL_CHUNK)
+        if not any(decodes_s <= per_step < floor_s for per_step in self.tpot_step_budgets(running, now)):
+            return False
+        full = min(budget, sum(seq.num_uncomputed_tokens for seq in ranked))
+        return self._ttft_misses(ranked, num_decodes, full, full, decodes_s, now) == 0
 
     def cap_pays(self, running: SequenceT[Sequence], ranked: SequenceT[Sequence], num_decodes: int, cap: int,
                  budget: int, now: float) -> bool:
@@ -272,11 +328,12 @@ class SloOrder:
             return True
         full_step_s = self.ctx.service.step_s(num_decodes + full)
         kept = sum(per_step < full_step_s for per_step in self.tpot_step_budgets(running, now))
-        return kept >= self._ttft_misses_if_capped(ranked, num_decodes, cap, full, now)
+        return kept >= self._ttft_misses(ranked, num_decodes, cap, full, 0.0, now)
 
-    def _ttft_misses_if_capped(self, ranked: SequenceT[Sequence], num_decodes: int, cap: int, full: int,
-                               now: float) -> int:
-        """How many of `ranked` meet their TTFT deadline at steps of `full` prefill tokens but not at `cap`."""
+    def _ttft_misses(self, ranked: SequenceT[Sequence], num_decodes: int, cap: int, full: int, delay_s: float,
+                     now: float) -> int:
+        """How many of `ranked` meet their TTFT deadline at steps of `full` prefill tokens from now but
+        not at steps of `cap` tokens starting `delay_s` later."""
         service = self.ctx.service
         full_step_s, capped_step_s = service.step_s(num_decodes + full), service.step_s(num_decodes + cap)
         misses, queued = 0, 0
@@ -286,7 +343,7 @@ class SloOrder:
                 continue  # its deadline is lost either way (its tokens still go before the later ones)
             time_left = self.deadline(seq) - now - self.ctx.expert_cost.load_seconds(seq.request.task)
             in_time_full = math.ceil(queued / full) * full_step_s <= time_left
-            in_time_capped = math.ceil(queued / cap) * capped_step_s <= time_left
+            in_time_capped = delay_s + math.ceil(queued / cap) * capped_step_s <= time_left
             misses += in_time_full and not in_time_capped
         return misses
 

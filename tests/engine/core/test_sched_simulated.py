@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import statistics
 
+import pytest
+
 from benchmarks.slo_simulate import StepCost, run_mix
 from benchmarks.slo_workload import IdleCosts, draw_mix
 
@@ -31,3 +33,11 @@ def test_drawn_slos_are_feasible_on_the_idle_server_they_were_measured_on() -> N
         assert task.ttft_slo_s >= 3 * idle.ttft_s(task.prompt_len) - 0.005  # SLOs are rounded to 10 ms
         assert task.tpot_slo_s >= 3 * idle.tpot_s - 0.0005
     assert any(task.ttft_slo_s < 0.005 + 3 * idle.ttft_s(task.prompt_len) for task in tasks)  # some sit on the floor
+
+
+def test_simulated_expert_reads_make_a_split_prefill_cost_more_than_one_step() -> None:
+    cost = StepCost(base_s=0.002, token_s=0.0005, overhead_s=0.0, experts_s=0.02)
+    assert cost.step_s(1, 1, 1.0) == pytest.approx(0.002 + 0.0005 + 0.02 * cost.route_share)
+    assert cost.step_s(128, 0, 1.0) == pytest.approx(0.002 + 0.064 + 0.02, rel=1e-6)  # every expert read
+    assert 8 * cost.step_s(16, 0, 1.0) > cost.step_s(128, 0, 1.0) + 7 * 0.002 + 0.1
+    assert cost.idle().tpot_s == pytest.approx(cost.step_s(1, 1, 1.0))

@@ -104,27 +104,35 @@ def test_prefill_is_uncapped_without_decodes_and_past_a_hopeless_tpot(monkeypatc
     assert {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled} == {"late": 1, "long": 511}
 
 
-def test_a_spent_tpot_bank_still_lets_prefill_progress(monkeypatch) -> None:
+def test_a_spent_tpot_bank_defers_prefill_until_a_ttft_deadline_needs_it(monkeypatch) -> None:
     clock = Clock(monkeypatch)
-    scheduler = make_scheduler()
     clock.now = 10.0
-    decoding(scheduler, clock, "r", produced=6, since_first_s=0.39)  # 12 ms a step left: just above one decode
-    scheduler.add(seq("long", "bulk", 2000, arrival=clock.now))
+    # 12 ms a step left: a decode alone (11 ms) fits, a MIN_PREFILL_CHUNK chunk beside it (27 ms) does not
+    scheduler = make_scheduler()
+    decoding(scheduler, clock, "r", produced=6, since_first_s=0.39)
+    scheduler.add(seq("long", "bulk", 2000, arrival=clock.now))  # 20 s to its deadline: it can wait a step
+    assert {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled} == {"r": 1}
+    # 4000 prompt tokens 4.02 s before the deadline: one full step (4.011 s) meets it, one step later does not
+    scheduler = make_scheduler()
+    decoding(scheduler, clock, "r", produced=6, since_first_s=0.39)
+    scheduler.add(seq("due", "stream", 4000, arrival=clock.now - 0.98))
     chunks = {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}
-    assert chunks["long"] == MIN_PREFILL_CHUNK
+    assert chunks == {"r": 1, "due": MIN_PREFILL_CHUNK}  # the capped step keeps r; "due" is lost either way
 
 
-def test_feasible_requests_are_prefilled_shortest_job_first_and_hopeless_ones_last(monkeypatch) -> None:
+def test_feasible_requests_are_prefilled_shortest_job_first_and_hopeless_ones_where_they_delay_none(monkeypatch) -> None:
     clock = Clock(monkeypatch)
     scheduler = make_scheduler(max_num_batched_tokens=64)
     clock.now = 1.0
-    for s in (seq("bulk-long", "bulk", 300), seq("late", "stream", 10, arrival=-10.0), seq("bulk-short", "bulk", 50)):
+    # "late" (hopeless) is the shortest job and delays no deadline; "late-long" would make "tight" late
+    for s in (seq("bulk-long", "bulk", 300), seq("late", "stream", 10, arrival=-10.0), seq("bulk-short", "bulk", 50),
+              seq("tight", "tight-demote", 300, arrival=0.95), seq("late-long", "stream", 250, arrival=-10.0)):
         scheduler.add(s)
     ranked = scheduler.order.rank(list(scheduler.waiting), scheduler.running, clock.now)
-    assert [scheduler.waiting[i].seq_id for i in ranked] == ["bulk-short", "bulk-long", "late"]
+    assert [scheduler.waiting[i].seq_id for i in ranked] == ["late", "bulk-short", "tight", "late-long", "bulk-long"]
     out = scheduler.schedule()
-    assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [("bulk-short", 50), ("bulk-long", 14)]
-    assert scheduler.overload_decisions == {("stream", OverloadDecision.DEMOTED): 1}
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [("late", 10), ("bulk-short", 50), ("tight", 4)]
+    assert scheduler.overload_decisions == {("stream", OverloadDecision.DEMOTED): 2}
 
 
 def test_a_task_that_sheds_refuses_a_request_whose_prefill_queue_overruns_its_ttft_slo(monkeypatch) -> None:
@@ -151,9 +159,10 @@ def test_a_waiting_request_that_can_no_longer_make_it_is_shed_or_demoted(monkeyp
     out = scheduler.schedule()
     assert [(s.seq.seq_id, type(s.error)) for s in out.shed] == [("shed-me", QueueFullError)]
     assert "shed-me" not in [s.seq_id for s in scheduler.waiting]
-    assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [("fine", 50), ("demote-me", 14)]
+    # the demoted request is the smaller job (2 predicted output tokens to 4) and "fine" stays in time
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [("demote-me", 50), ("fine", 14)]
     scheduler.finish(out.shed[0].seq, FinishReason.ABORT)  # what the engine does with it
-    scheduler.update(out, {"fine": 1})
+    scheduler.update(out, {"demote-me": 1})
     scheduler.schedule()  # the demoted request is counted once
     assert scheduler.overload_decisions == {("tight", OverloadDecision.SHED_WAITING): 1,
                                             ("tight-demote", OverloadDecision.DEMOTED): 1}
@@ -165,21 +174,25 @@ def test_the_tpot_cap_is_dropped_when_it_costs_more_ttft_deadlines_than_it_saves
     # a 12 ms step budget: the cap is MIN_PREFILL_CHUNK tokens a step (27 ms steps, ~590 prefill tokens/s)
     scheduler = make_scheduler()
     decoding(scheduler, clock, "r", produced=6, since_first_s=0.39)
-    for i in range(4):  # 4000 tokens: one full step (4.0 s) meets every 5 s deadline; capped, two miss
-        scheduler.add(seq(f"w{i}", "stream", 1000, arrival=clock.now))
+    for i in range(4):  # 4000 tokens, 4.02 s to the deadlines: one full step (4.011 s) meets them all, a
+        # step later (deferred) or capped none does
+        scheduler.add(seq(f"w{i}", "stream", 1000, arrival=clock.now - 0.98))
     chunks = {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}
     assert chunks == {"r": 1, "w0": 1000, "w1": 1000, "w2": 1000, "w3": 1000}
 
 
-def test_the_tpot_cap_holds_when_the_waiting_requests_meet_their_deadlines_anyway(monkeypatch) -> None:
+def test_the_tpot_cap_holds_when_it_keeps_more_running_requests_than_it_costs_waiting_ones(monkeypatch) -> None:
     clock = Clock(monkeypatch)
     clock.now = 10.0
     scheduler = make_scheduler()
-    decoding(scheduler, clock, "r", produced=6, since_first_s=0.39)
-    for i in range(2):  # capped, the second has its first token after ~3.4 s, within its 5 s
-        scheduler.add(seq(f"w{i}", "stream", 1000, arrival=clock.now))
+    for s in [decoding(scheduler, clock, rid, produced=6, since_first_s=0.0) for rid in ("r0", "r1")]:
+        s.num_computed_tokens = s.num_tokens - 1  # r1's set-up step advanced r0
+        s.first_token_time = clock.now - 0.38  # 14 ms a step left each: two decodes take 12 ms
+    # one full step (1.012 s) meets w's deadline 1.02 s away, a deferred or a capped one does not: the
+    # cap keeps two TPOT SLOs for one TTFT SLO
+    scheduler.add(seq("w", "stream", 1000, arrival=clock.now - 3.98))
     chunks = {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}
-    assert chunks == {"r": 1, "w0": MIN_PREFILL_CHUNK}
+    assert chunks == {"r0": 1, "r1": 1, "w": MIN_PREFILL_CHUNK}
 
 
 def test_a_long_tight_prefill_goes_before_short_loose_ones_that_would_make_it_late(monkeypatch) -> None:

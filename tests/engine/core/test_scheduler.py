@@ -82,13 +82,15 @@ def test_slo_serves_feasible_requests_shortest_job_first(monkeypatch) -> None:
     assert order == ["cls", "chat", "sum"]
 
 
-def test_slo_demotes_hopeless_requests_behind_feasible_ones_shortest_job_first(monkeypatch) -> None:
-    # the summary has plenty of slack (not urgent), the chats already missed their TTFT SLO
+def test_slo_slots_hopeless_requests_in_shortest_job_first_where_they_make_no_feasible_one_late(monkeypatch) -> None:
+    # the summary has plenty of slack (not urgent), the chats already missed their TTFT SLO; the short
+    # chat (10 prompt tokens, 64 predicted output tokens) is a smaller job than the summary (256) and
+    # going first leaves the summary in time; the long chat (500 prompt tokens) is the largest job
     seqs = [seq("late-long", "chat", prompt_len=500, arrival=0.0), seq("relaxed-summary", "summarize", arrival=4.0),
             seq("late-short", "chat", arrival=0.0)]
     scheduler = make_scheduler(SchedulingPolicyName.SLO)
     order = admitted_order(scheduler, seqs, monkeypatch, 5.0)
-    assert order == ["relaxed-summary", "late-short", "late-long"]
+    assert order == ["late-short", "relaxed-summary", "late-long"]
     assert scheduler.overload_decisions == {("chat", OverloadDecision.DEMOTED): 2}
 
 
