@@ -307,7 +307,9 @@ class SloOrder:
         """Whether a step of the `num_decodes` decodes alone keeps a running request on its TPOT
         track that a step with MIN_PREFILL_CHUNK prefill tokens would not, while every request of
         `ranked` that gets its first token by its TTFT deadline at full steps from now still does
-        one such step later."""
+        one such step later, and none of them has waited past the starvation bound."""
+        if any(now - seq.request.arrival_time > self.ctx.starvation_s for seq in ranked):
+            return False
         service = self.ctx.service
         decodes_s, floor_s = service.step_s(num_decodes), service.step_s(num_decodes + MIN_PREFILL_CHUNK)
         if not any(decodes_s <= per_step < floor_s for per_step in self.tpot_step_budgets(running, now)):

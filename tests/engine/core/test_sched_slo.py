@@ -118,6 +118,13 @@ def test_a_spent_tpot_bank_defers_prefill_until_a_ttft_deadline_needs_it(monkeyp
     scheduler.add(seq("due", "stream", 4000, arrival=clock.now - 0.98))
     chunks = {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}
     assert chunks == {"r": 1, "due": MIN_PREFILL_CHUNK}  # the capped step keeps r; "due" is lost either way
+    # a hopeless request misses no deadline by waiting, but one that waited past the starvation bound
+    # is not deferred again
+    scheduler = make_scheduler()
+    decoding(scheduler, clock, "r", produced=6, since_first_s=0.39)
+    scheduler.add(seq("starved", "stream", 2000, arrival=clock.now - 31.0))
+    chunks = {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}
+    assert chunks == {"r": 1, "starved": MIN_PREFILL_CHUNK}
 
 
 def test_feasible_requests_are_prefilled_shortest_job_first_and_hopeless_ones_where_they_delay_none(monkeypatch) -> None:
