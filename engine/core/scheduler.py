@@ -9,8 +9,9 @@ budget, sequence slots and blocks last, and a long prompt is split into chunks a
 Under slo the prefill share of the step is planned (`engine.scheduling_policy`): it is capped
 so that running requests keep their TPOT SLOs when that saves at least as many requests as the
 TTFT deadlines it makes waiting ones miss (or deferred for a step when that misses none), and
-handed out in the policy's order to the running and waiting requests still prefilling. A request that can no longer meet its TTFT SLO
-is demoted (served after every request that still can) or, when its task says `shed`, refused:
+handed out in the policy's order to the running and waiting requests still prefilling. A request
+that can no longer meet its TTFT SLO is demoted (served only where it makes no request that still
+can late) or, when its task says `shed`, refused:
 on arrival when even the prefill queued ahead of it (shorter jobs only) overruns its SLO, or
 while it waits (`SchedulerOutput.shed`, a 429 for the server); `overload_decisions` counts
 each. `expected_wait_s` turns the queues and the measured step times into the wait a new

@@ -35,6 +35,7 @@ The step-time model (`ServiceTimeModel`) is learned online from the engine's ste
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence as SequenceT
@@ -148,6 +149,10 @@ class SloOrder:
         """Whether a request still waiting for its first token can no longer meet its TTFT SLO."""
         return not seq.output_token_ids and self.slack(seq, now) < 0
 
+    def is_starving(self, seq: Sequence, now: float) -> bool:
+        """Whether `seq` has waited past the starvation bound (it is then served before everything else)."""
+        return now - seq.request.arrival_time > self.ctx.starvation_s
+
     def job_size(self, seq: Sequence) -> float:
         """Predicted seconds of work on the shared steps: prefill, expert loading and what the
         predicted decode tokens add to the steps they share (not whole steps: decodes are batched)."""
@@ -163,8 +168,7 @@ class SloOrder:
         job first with the hopeless ones slotted in where they delay none of them (`_slot_in`)."""
         if not candidates:
             return []
-        starving = sorted((i for i, s in enumerate(candidates)
-                           if now - s.request.arrival_time > self.ctx.starvation_s),
+        starving = sorted((i for i, s in enumerate(candidates) if self.is_starving(s, now)),
                           key=lambda i: candidates[i].request.arrival_time)
         slacks = [self.slack(s, now) for s in candidates]
         sizes = [self.job_size(s) for s in candidates]
@@ -182,33 +186,60 @@ class SloOrder:
     def _slot_in(self, hopeless: list[int], on_time: list[int], candidates: SequenceT[Sequence], sizes: list[float],
                  now: float) -> list[int]:
         """`on_time` with each of `hopeless` (shortest first) moved ahead of the longer jobs of it
-        where that keeps every `on_time` request in time; the rest after them."""
-        order = list(on_time)
-        keep = set(on_time)
-        start = 0
+        where that keeps every `on_time` request in time; the rest after them. One pass: a request
+        of `on_time` tolerates `_tolerance` more prefill tokens ahead of it, each slotted-in request
+        spends its tokens from the tolerance of every one after it, and later ones only go further back."""
+        totals = itertools.accumulate(candidates[i].num_uncomputed_tokens for i in on_time)
+        tolerance = [self._tolerance(candidates[i], total, now) for i, total in zip(on_time, totals, strict=True)]
+        least_after = list(itertools.accumulate(reversed(tolerance), min, initial=math.inf))[::-1]
+        order: list[int] = []
+        j, spent = 0, 0  # on_time[:j] are placed; `spent`: the tokens slotted in ahead of on_time[j:]
         for h in hopeless:
-            position = len(order)
-            for p in range(start, len(order)):
-                if order[p] in keep and sizes[order[p]] > sizes[h] and \
-                        self._all_on_time(order[:p] + [h] + order[p:], candidates, now, keep):
-                    position = p
+            extra = candidates[h].num_uncomputed_tokens
+            while j < len(on_time):
+                i = on_time[j]
+                if sizes[i] > sizes[h] and least_after[j] - spent >= extra:
                     break
-            order.insert(position, h)
-            start = position + 1
-        return order
+                if tolerance[j] - spent < 0:  # late already where it stands: no later slot keeps it in time
+                    order += on_time[j:]
+                    j = len(on_time)
+                    break
+                order.append(i)
+                j += 1
+            order.append(h)
+            spent += extra
+        return order + on_time[j:]
 
-    def _all_on_time(self, order: list[int], candidates: SequenceT[Sequence], now: float,
-                     checked: set[int] | None = None) -> bool:
-        """Whether every request of `order` (of `checked`, when given) gets its first token by its
-        deadline when their prefills run back to back in that order."""
-        service, cost = self.ctx.service, self.ctx.expert_cost
+    def _tolerance(self, seq: Sequence, tokens: int, now: float) -> float:
+        """How many more prefill tokens may run before `seq`'s first token (after `tokens`, its own
+        included) with its TTFT deadline still met: -1 when it is late already, inf when its step
+        time does not grow with tokens."""
+        if self._late(seq, tokens, now):
+            return -1
+        service = self.ctx.service
+        if service.token_s <= 0:
+            return math.inf
+        time_left = self.deadline(seq) - now - self.ctx.expert_cost.load_seconds(seq.request.task)
+        extra = max(0, int((time_left - service.first_token_s(tokens)) / service.token_s))
+        while extra > 0 and self._late(seq, tokens + extra, now):  # the division's rounding, checked exactly
+            extra -= 1
+        while not self._late(seq, tokens + extra + 1, now):
+            extra += 1
+        return extra
+
+    def _late(self, seq: Sequence, tokens: int, now: float) -> bool:
+        """Whether `seq` misses its TTFT deadline when its first token comes after `tokens` prefill
+        tokens (its own included) run from `now`."""
+        return now + self.ctx.service.first_token_s(tokens) + self.ctx.expert_cost.load_seconds(seq.request.task) \
+            > self.deadline(seq)
+
+    def _all_on_time(self, order: list[int], candidates: SequenceT[Sequence], now: float) -> bool:
+        """Whether every request of `order` gets its first token by its deadline when their prefills
+        run back to back in that order."""
         tokens = 0
         for i in order:
-            seq = candidates[i]
-            tokens += seq.num_uncomputed_tokens
-            if checked is not None and i not in checked:
-                continue
-            if now + service.first_token_s(tokens) + cost.load_seconds(seq.request.task) > self.deadline(seq):
+            tokens += candidates[i].num_uncomputed_tokens
+            if self._late(candidates[i], tokens, now):
                 return False
         return True
 
@@ -221,7 +252,6 @@ class SloOrder:
         ones follow, shortest first."""
         if self._all_on_time(by_size, candidates, now):
             return by_size, []
-        service, cost = self.ctx.service, self.ctx.expert_cost
         rank = {i: n for n, i in enumerate(by_size)}
         largest: list[tuple[int, int, int]] = []  # max-heap of the kept: (-prefill tokens, -rank, index)
         dropped: list[int] = []
@@ -230,7 +260,7 @@ class SloOrder:
             seq = candidates[i]
             heapq.heappush(largest, (-seq.num_uncomputed_tokens, -rank[i], i))
             tokens += seq.num_uncomputed_tokens
-            if now + service.first_token_s(tokens) + cost.load_seconds(seq.request.task) > self.deadline(seq):
+            if self._late(seq, tokens, now):
                 negative, _, index = heapq.heappop(largest)  # the largest; of equals, the later in `by_size`
                 tokens += negative
                 dropped.append(index)
@@ -308,7 +338,7 @@ class SloOrder:
         track that a step with MIN_PREFILL_CHUNK prefill tokens would not, while every request of
         `ranked` that gets its first token by its TTFT deadline at full steps from now still does
         one such step later, and none of them has waited past the starvation bound."""
-        if any(now - seq.request.arrival_time > self.ctx.starvation_s for seq in ranked):
+        if any(self.is_starving(seq, now) for seq in ranked):
             return False
         service = self.ctx.service
         decodes_s, floor_s = service.step_s(num_decodes), service.step_s(num_decodes + MIN_PREFILL_CHUNK)
