@@ -210,6 +210,8 @@ def main() -> None:
     parser.add_argument("--route-share", type=float, default=ROUTE_SHARE, help="top-k / experts of the model")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if not 0 < args.route_share <= 1:
+        parser.error(f"--route-share must be in (0, 1] (top-k / experts), got {args.route_share}")
     cost = StepCost(args.step_base_ms / 1e3, args.step_token_ms / 1e3, args.step_overhead_ms / 1e3,
                     args.step_decode_ms / 1e3, args.step_experts_ms / 1e3, args.route_share)
     reports = [run_seed(int(s), args.mixes, args.seconds, args.requests, cost)
