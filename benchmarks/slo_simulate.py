@@ -105,7 +105,7 @@ def simulate(mix: dict[str, Task], policy: str, rate: float, count: int, seed: i
         arrivals.append((at, name))
     clock, noise = _Clock(), random.Random(seed + 1)
     table = TaskTable.from_mapping({name: task.table_entry() for name, task in mix.items()})
-    ctx = SloContext(table, ServiceTimeModel(), NoExpertCost())
+    ctx = SloContext(table, ServiceTimeModel(route_share=cost.route_share), NoExpertCost())
     outcomes: dict[int, Outcome] = {}
     with mock.patch("moe_serve.engine.core.scheduler.time.monotonic", clock):
         scheduler = Scheduler(SchedulerConfig(policy=SchedulingPolicyName(policy)), BlockManager(NUM_KV_BLOCKS, 16), ctx)

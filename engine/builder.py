@@ -201,7 +201,7 @@ def build_engine(config: EngineConfig, show_progress: bool = True, replay: Routi
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                         config.scheduling_policy, max_tasks=config.max_tasks),
         BlockManager(num_blocks, block_size),
-        SloContext(tasks, ServiceTimeModel(), routing.expert_cost),
+        SloContext(tasks, ServiceTimeModel(route_share=spec.top_k / spec.num_experts), routing.expert_cost),
     )
     runner = ModelRunner(model, kv, block_size, eos_ids(loaded, tokenizer), observers)
     return LLMEngine(scheduler, runner, tokenizer, max_model_len, served_model_name(config),

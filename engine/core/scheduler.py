@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import enum
 import heapq
-import math
 import time
 from collections import Counter, deque
 from collections.abc import Sequence as SequenceT
@@ -159,7 +158,7 @@ class Scheduler:
         service = self.slo.service
         queued = sum(seq.num_uncomputed_tokens for seq in waiting)
         queued += sum(n for seq in running if (n := seq.num_uncomputed_tokens) > 1)
-        prefill_s = queued * service.token_s + math.ceil(queued / self.config.max_num_batched_tokens) * service.base_s
+        prefill_s = service.prefill_s(queued, self.config.max_num_batched_tokens)
         slots = self.config.max_num_seqs
         must_finish = len(running) + len(waiting) + 1 - slots
         if must_finish <= 0:
@@ -202,8 +201,7 @@ class Scheduler:
                     if order.job_size(other) <= size and not order.is_hopeless(other, now))
         tokens = ahead + seq.num_uncomputed_tokens
         service = self.slo.service
-        return (now - seq.request.arrival_time + tokens * service.token_s
-                + math.ceil(tokens / self.config.max_num_batched_tokens) * service.base_s
+        return (now - seq.request.arrival_time + service.prefill_s(tokens, self.config.max_num_batched_tokens)
                 + self.slo.expert_cost.load_seconds(seq.request.task))
 
     def _prefilling(self) -> list[Sequence]:

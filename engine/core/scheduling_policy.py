@@ -69,33 +69,91 @@ class NoExpertCost:
 
 @dataclass
 class ServiceTimeModel:
-    """Step-time model learned online: seconds = base_s + token_s x tokens of the step (decodes and
-    prefill chunks alike), an exponentially weighted least-squares fit over the recent steps
-    (`memory`: the weight an observation keeps per later step)."""
+    """Step-time model learned online: seconds = base_s + token_s x tokens + experts_s x the share
+    of a layer's experts the step's tokens route to (decodes and prefill chunks alike), an
+    exponentially weighted least-squares fit over the recent steps (`memory`: the weight an
+    observation keeps per later step).
+
+    The expert term is what a step pays for reading its experts' weights: with `route_share` =
+    top-k / experts, n tokens routed independently reach 1 - (1 - route_share)^n of them, so a
+    step's cost rises steeply over its first tokens and by `token_s` a token after (a step of one
+    decode reads a quarter of a top-4-of-16 model's experts, one of 16 tokens nearly all). Without
+    `route_share` (or when the three-term fit is not all non-negative) the model is linear."""
 
     token_s: float = 1e-3
     base_s: float = 0.02
+    experts_s: float = 0.0
+    route_share: float | None = None
     memory: float = 0.97
-    _sums: list[float] = field(default_factory=lambda: [0.0] * 5, repr=False)  # n, x, y, xx, xy
+    _gram: list[list[float]] = field(default_factory=lambda: [[0.0] * 3 for _ in range(3)], repr=False)
+    _moments: list[float] = field(default_factory=lambda: [0.0] * 3, repr=False)
+
+    def expert_share(self, num_tokens: int) -> float:
+        """The expected share of a layer's experts a step of `num_tokens` tokens reads (0 without `route_share`)."""
+        return 0.0 if self.route_share is None else 1.0 - (1.0 - self.route_share) ** num_tokens
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
-        sums = self._sums
-        for i, value in enumerate((1.0, num_tokens, seconds, num_tokens * num_tokens, num_tokens * seconds)):
-            sums[i] = sums[i] * self.memory + value
-        n, sx, sy, sxx, sxy = sums
-        mean_x, mean_y = sx / n, sy / n
-        variance = sxx / n - mean_x * mean_x
-        if variance > MIN_TOKEN_SPREAD ** 2:
-            self.token_s = max(0.0, (sxy / n - mean_x * mean_y) / variance)
-        self.base_s = max(0.0, mean_y - self.token_s * mean_x)
+        features = (1.0, float(num_tokens), self.expert_share(num_tokens))
+        for i, row in enumerate(self._gram):
+            for j in range(3):
+                row[j] = row[j] * self.memory + features[i] * features[j]
+            self._moments[i] = self._moments[i] * self.memory + features[i] * seconds
+        gram, moments = self._gram, self._moments
+        weight, mean_x = gram[0][0], gram[0][1] / gram[0][0]
+        if gram[1][1] / weight - mean_x * mean_x > MIN_TOKEN_SPREAD ** 2:
+            fit = _solve(gram, moments) if self.route_share is not None else None
+            if fit is not None and min(fit) >= 0.0:
+                self.base_s, self.token_s, self.experts_s = fit
+                return
+            linear = _solve([row[:2] for row in gram[:2]], moments[:2])
+            self.token_s = max(0.0, linear[1]) if linear is not None else self.token_s
+            self.experts_s = 0.0
+        self.base_s = max(0.0, (moments[0] - self.token_s * gram[0][1] - self.experts_s * gram[0][2]) / weight)
 
     def step_s(self, num_tokens: int) -> float:
         """Predicted seconds of a step computing `num_tokens` tokens."""
-        return self.base_s + self.token_s * num_tokens
+        return self.base_s + self.token_s * num_tokens + self.experts_s * self.expert_share(num_tokens)
 
     def first_token_s(self, num_prefill_tokens: int) -> float:
         """Predicted seconds until a prompt of `num_prefill_tokens` uncomputed tokens has its first token."""
         return self.step_s(num_prefill_tokens)
+
+    def prefill_s(self, num_tokens: int, step_tokens: int) -> float:
+        """Predicted seconds of `num_tokens` prefill tokens run in full steps of `step_tokens`."""
+        full, rest = divmod(num_tokens, step_tokens)
+        return full * self.step_s(step_tokens) + (self.step_s(rest) if rest else 0.0)
+
+    def tokens_within(self, seconds: float) -> int:
+        """The most tokens a step can compute within `seconds` (-1 when not even an empty step fits).
+        Needs `token_s` > 0 (else any number of tokens may fit)."""
+        if self.step_s(0) > seconds:
+            return -1
+        low, high = 0, int((seconds - self.base_s) / self.token_s) + 1  # step_s(high) > seconds
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.step_s(middle) <= seconds else (low, middle)
+        return low
+
+
+def _solve(matrix: list[list[float]], vector: list[float]) -> list[float] | None:
+    """The solution of a small linear system by Gaussian elimination with partial pivoting (None:
+    singular or nearly so)."""
+    size = len(vector)
+    rows = [list(map(float, matrix[i])) + [float(vector[i])] for i in range(size)]
+    scale = max(abs(value) for row in rows for value in row[:size]) or 1.0
+    for col in range(size):
+        pivot = max(range(col, size), key=lambda r: abs(rows[r][col]))
+        if abs(rows[pivot][col]) < 1e-12 * scale:
+            return None
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(col + 1, size):
+            factor = rows[r][col] / rows[col][col]
+            for c in range(col, size + 1):
+                rows[r][c] -= factor * rows[col][c]
+    solution = [0.0] * size
+    for r in reversed(range(size)):
+        solution[r] = (rows[r][size] - sum(rows[r][c] * solution[c] for c in range(r + 1, size))) / rows[r][r]
+    return solution
 
 
 @dataclass
@@ -220,8 +278,8 @@ class SloOrder:
         if service.token_s <= 0:
             return math.inf
         time_left = self.deadline(seq) - now - self.ctx.expert_cost.load_seconds(seq.request.task)
-        extra = max(0, int((time_left - service.first_token_s(tokens)) / service.token_s))
-        while extra > 0 and self._late(seq, tokens + extra, now):  # the division's rounding, checked exactly
+        extra = max(0, service.tokens_within(time_left) - tokens)
+        while extra > 0 and self._late(seq, tokens + extra, now):  # rounding at the boundary, checked exactly
             extra -= 1
         while not self._late(seq, tokens + extra + 1, now):
             extra += 1
@@ -285,11 +343,12 @@ class SloOrder:
             order.remove(chosen)
             order.insert(0, chosen)
 
-    def tpot_step_budgets(self, running: SequenceT[Sequence], now: float) -> list[float]:
+    def tpot_step_budgets(self, running: SequenceT[Sequence], num_decodes: int, now: float) -> list[float]:
         """The longest step each running request that can still meet its TPOT SLO can afford: its
         TPOT bank (what its SLO allows over its predicted output length, less the time since its
         first token) spread over its remaining tokens. Requests not decoding, past their TTFT SLO,
-        or whose TPOT SLO is lost whatever the plan (below a one-token step) are left out."""
+        or whose TPOT SLO is lost whatever the plan (below a step of the `num_decodes` decodes
+        alone) are left out."""
         budgets = []
         for seq in running:
             if seq.first_token_time is None or seq.num_uncomputed_tokens != 1 or seq.first_token_time > self.deadline(seq):
@@ -298,23 +357,23 @@ class SloOrder:
             produced = len(seq.output_token_ids)
             remaining = max(1, seq.predicted_output_len - produced)
             per_step = (tpot_slo * (produced - 1 + remaining) - (now - seq.first_token_time)) / remaining
-            if per_step >= self.ctx.service.step_s(1):
+            if per_step >= self.ctx.service.step_s(max(1, num_decodes)):
                 budgets.append(per_step)
         return budgets
 
-    def step_budget_s(self, running: SequenceT[Sequence], now: float) -> float | None:
+    def step_budget_s(self, running: SequenceT[Sequence], num_decodes: int, now: float) -> float | None:
         """The longest step that keeps every running request that can still meet its TPOT SLO on
         track (the smallest of `tpot_step_budgets`; None: no bound)."""
-        return min(self.tpot_step_budgets(running, now), default=None)
+        return min(self.tpot_step_budgets(running, num_decodes, now), default=None)
 
     def prefill_token_cap(self, running: SequenceT[Sequence], num_decodes: int, now: float) -> int | None:
         """The most prefill tokens this step may add to its `num_decodes` decodes within
         `step_budget_s` (None: no bound; 0 when the decodes alone fill it)."""
-        budget = self.step_budget_s(running, now)
+        budget = self.step_budget_s(running, num_decodes, now)
         service = self.ctx.service
         if budget is None or service.token_s <= 0:
             return None
-        return max(0, int((budget - service.step_s(num_decodes)) / service.token_s))
+        return max(0, service.tokens_within(budget) - num_decodes)
 
     def prefill_budget(self, running: SequenceT[Sequence], ranked: SequenceT[Sequence], num_decodes: int,
                        budget: int, now: float) -> int:
@@ -342,7 +401,7 @@ class SloOrder:
             return False
         service = self.ctx.service
         decodes_s, floor_s = service.step_s(num_decodes), service.step_s(num_decodes + MIN_PREFILL_CHUNK)
-        if not any(decodes_s <= per_step < floor_s for per_step in self.tpot_step_budgets(running, now)):
+        if not any(decodes_s <= per_step < floor_s for per_step in self.tpot_step_budgets(running, num_decodes, now)):
             return False
         full = min(budget, sum(seq.num_uncomputed_tokens for seq in ranked))
         return self._ttft_misses(ranked, num_decodes, full, full, decodes_s, now) == 0
@@ -359,7 +418,7 @@ class SloOrder:
         if full <= cap:
             return True
         full_step_s = self.ctx.service.step_s(num_decodes + full)
-        kept = sum(per_step < full_step_s for per_step in self.tpot_step_budgets(running, now))
+        kept = sum(per_step < full_step_s for per_step in self.tpot_step_budgets(running, num_decodes, now))
         return kept >= self._ttft_misses(ranked, num_decodes, cap, full, 0.0, now)
 
     def _ttft_misses(self, ranked: SequenceT[Sequence], num_decodes: int, cap: int, full: int, delay_s: float,

@@ -77,6 +77,36 @@ def test_service_time_model_keeps_the_slope_when_every_step_is_the_same_size() -
     assert model.step_s(8) == pytest.approx(0.030)
 
 
+def test_service_time_model_fits_the_expert_reads_of_small_steps() -> None:
+    # top-4 of 16 experts: a step of n tokens reads 1 - (3/4)^n of them, 23 ms for all
+    model = ServiceTimeModel(route_share=0.25)
+    share = model.expert_share
+    for tokens in [1, 4, 300, 16, 512, 2, 64, 8] * 20:
+        model.observe_step(tokens, 0.004 + 0.00055 * tokens + 0.023 * share(tokens))
+    assert (model.base_s, model.token_s, model.experts_s) == pytest.approx((0.004, 0.00055, 0.023), rel=1e-6)
+    assert model.step_s(1) == pytest.approx(0.004 + 0.00055 + 0.023 / 4)
+    linear = ServiceTimeModel()
+    for tokens in [1, 4, 300, 16, 512, 2, 64, 8] * 20:
+        linear.observe_step(tokens, 0.004 + 0.00055 * tokens + 0.023 * share(tokens))
+    assert linear.experts_s == 0.0 and linear.step_s(1) > 2 * model.step_s(1)  # a line overprices one decode
+
+
+def test_service_time_model_falls_back_to_a_line_when_the_expert_term_fits_negative() -> None:
+    model = ServiceTimeModel(route_share=0.25)
+    for tokens in [1, 4, 300, 16, 512, 2, 64, 8] * 20:
+        model.observe_step(tokens, 0.030 + 0.0005 * tokens - 0.010 * model.expert_share(tokens))
+    assert model.experts_s == 0.0 and model.token_s > 0 and model.base_s > 0
+
+
+def test_tokens_within_and_prefill_seconds_invert_the_step_model() -> None:
+    model = ServiceTimeModel(token_s=0.00055, base_s=0.004, experts_s=0.023, route_share=0.25)
+    for seconds in (0.0, 0.004, 0.0099, 0.02, 0.05, 0.3):
+        most = model.tokens_within(seconds)
+        assert most == -1 if seconds < model.step_s(0) else model.step_s(most) <= seconds < model.step_s(most + 1)
+    assert model.prefill_s(1100, 512) == pytest.approx(2 * model.step_s(512) + model.step_s(76))
+    assert model.prefill_s(0, 512) == 0.0
+
+
 def test_prefill_is_capped_so_a_running_request_keeps_its_tpot_slo(monkeypatch) -> None:
     clock = Clock(monkeypatch)
     scheduler = make_scheduler()
@@ -102,6 +132,20 @@ def test_prefill_is_uncapped_without_decodes_and_past_a_hopeless_tpot(monkeypatc
     decoding(scheduler, clock, "late", produced=6, since_first_s=5.0)  # 5 s for 5 intervals: lost already
     scheduler.add(seq("long", "bulk", 2000, arrival=clock.now))
     assert {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled} == {"late": 1, "long": 511}
+
+
+def test_a_tpot_lost_at_the_batch_decode_step_does_not_cap_prefill(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    clock.now = 10.0
+    # r's 12 ms a step fits one decode (11 ms) but not the four decodes now running (14 ms): it is
+    # lost, so it neither caps nor defers the prefill (the other three lost their TPOT SLO already)
+    scheduler = make_scheduler(max_num_batched_tokens=512)
+    running = [decoding(scheduler, clock, "r", produced=6, since_first_s=0.39)]
+    running += [decoding(scheduler, clock, f"late{i}", produced=6, since_first_s=5.0) for i in range(3)]
+    for s in running:  # each later set-up step advanced the earlier ones too
+        s.num_computed_tokens = s.num_tokens - 1
+    scheduler.add(seq("long", "bulk", 2000, arrival=clock.now))
+    assert {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}["long"] == 512 - 4
 
 
 def test_a_spent_tpot_bank_defers_prefill_until_a_ttft_deadline_needs_it(monkeypatch) -> None:
