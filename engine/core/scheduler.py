@@ -12,7 +12,7 @@ TTFT deadlines it makes waiting ones miss (or deferred for a step when that miss
 handed out in the policy's order to the running and waiting requests still prefilling. A request
 that can no longer meet its TTFT SLO is demoted (served only where it makes no request that still
 can late) or, when its task says `shed`, refused:
-on arrival when even the prefill queued ahead of it (shorter jobs only) overruns its SLO, or
+on arrival when the prefill the plan would run ahead of it, and its own, overrun its SLO, or
 while it waits (`SchedulerOutput.shed`, a 429 for the server); `overload_decisions` counts
 each. `expected_wait_s` turns the queues and the measured step times into the wait a new
 request would see (Retry-After).
@@ -194,12 +194,14 @@ class Scheduler:
         return self.expected_wait_s(self.running, [s for s in self.waiting if not order.is_hopeless(s, now)])
 
     def _least_ttft_s(self, order: SloOrder, seq: Sequence, now: float) -> float:
-        """A lower bound of `seq`'s TTFT: its age, its own prefill and the prefill of every
-        request still prefilling that can meet its SLO and is a shorter job, at full steps."""
-        size = order.job_size(seq)
-        ahead = sum(other.num_uncomputed_tokens for other in self._prefilling()
-                    if order.job_size(other) <= size and not order.is_hopeless(other, now))
-        tokens = ahead + seq.num_uncomputed_tokens
+        """`seq`'s TTFT if it were ranked now with the requests still prefilling: its age, its own
+        prefill and the prefill ranked ahead of it, at full steps."""
+        candidates = self._prefilling() + [seq]
+        tokens = 0
+        for i in order.rank(candidates, self.running, now):
+            tokens += candidates[i].num_uncomputed_tokens
+            if candidates[i] is seq:
+                break
         service = self.slo.service
         return (now - seq.request.arrival_time + service.prefill_s(tokens, self.config.max_num_batched_tokens)
                 + self.slo.expert_cost.load_seconds(seq.request.task))

@@ -200,6 +200,18 @@ def test_a_task_that_sheds_refuses_a_request_whose_prefill_queue_overruns_its_tt
     assert [s.seq_id for s in scheduler.waiting] == ["r0", "r1", "r2", "r3", "short", "demoted-later"]
 
 
+def test_shed_on_arrival_reads_the_plan_not_shortest_first(monkeypatch) -> None:
+    Clock(monkeypatch)
+    scheduler = make_scheduler()
+    for i in range(3):
+        scheduler.add(seq(f"bulk{i}", "bulk", 150))  # shorter jobs, 20 s to their deadlines
+    # shortest first would put 450 tokens ahead of it (0.76 s > 0.5 s); the plan serves it first (0.31 s)
+    scheduler.add(seq("tight", "tight", 300))
+    ranked = scheduler.order.rank(list(scheduler.waiting), scheduler.running, 0.0)
+    assert scheduler.waiting[ranked[0]].seq_id == "tight"
+    assert not scheduler.overload_decisions
+
+
 def test_a_waiting_request_that_can_no_longer_make_it_is_shed_or_demoted(monkeypatch) -> None:
     clock = Clock(monkeypatch)
     scheduler = make_scheduler(max_num_batched_tokens=64)
