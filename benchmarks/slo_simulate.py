@@ -224,6 +224,21 @@ def main() -> None:
         print(f"seed {r['seed']}: median gain {r['median_gain_points']:+.1f} points (worst mix "
               f"{r['worst_gain_points']:+.1f}); median paired mean e2e fcfs {e2e['fcfs']:.2f} s slo {e2e['slo']:.2f} s; "
               f"tightest task at 1.5x fcfs {tight['fcfs']:.1%} slo {tight['slo']:.1%}")
+    if len(reports) > 1:
+        print(across_seeds(reports))
+
+
+def across_seeds(reports: list[dict]) -> str:
+    """One line over several seeds' reports: the means of their per-seed figures (and the worst mix of all)."""
+    def mean(key) -> float:
+        return statistics.mean(key(r) for r in reports)
+
+    return (f"over {len(reports)} seeds (means): median gain {mean(lambda r: r['median_gain_points']):+.1f} points, "
+            f"worst mix {mean(lambda r: r['worst_gain_points']):+.1f} (lowest "
+            f"{min(r['worst_gain_points'] for r in reports):+.1f}), median paired mean e2e slo - fcfs "
+            f"{mean(lambda r: r['median_paired_e2e_s']['slo'] - r['median_paired_e2e_s']['fcfs']):+.3f} s, tightest "
+            f"task at 1.5x fcfs {mean(lambda r: r['median_tight_overload']['fcfs']):.1%} "
+            f"slo {mean(lambda r: r['median_tight_overload']['slo']):.1%}")
 
 
 if __name__ == "__main__":

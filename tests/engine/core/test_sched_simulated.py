@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from benchmarks.slo_simulate import StepCost, run_mix
+from benchmarks.slo_simulate import StepCost, across_seeds, run_mix
 from benchmarks.slo_workload import IdleCosts, draw_mix
 
 
@@ -41,3 +41,14 @@ def test_simulated_expert_reads_make_a_split_prefill_cost_more_than_one_step() -
     assert cost.step_s(128, 0, 1.0) == pytest.approx(0.002 + 0.064 + 0.02, rel=1e-6)  # every expert read
     assert 8 * cost.step_s(16, 0, 1.0) > cost.step_s(128, 0, 1.0) + 7 * 0.002 + 0.1
     assert cost.idle().tpot_s == pytest.approx(cost.step_s(1, 1, 1.0))
+
+
+def test_the_across_seeds_line_averages_the_per_seed_figures() -> None:
+    def report(gain: float, worst: float, fcfs_e2e: float, slo_e2e: float, tight: float) -> dict:
+        return {"median_gain_points": gain, "worst_gain_points": worst,
+                "median_paired_e2e_s": {"fcfs": fcfs_e2e, "slo": slo_e2e},
+                "median_tight_overload": {"fcfs": 0.1, "slo": tight}}
+
+    line = across_seeds([report(10.0, -4.0, 2.0, 1.5, 0.4), report(20.0, 2.0, 1.0, 1.1, 0.6)])
+    assert line == ("over 2 seeds (means): median gain +15.0 points, worst mix -1.0 (lowest -4.0), median paired "
+                    "mean e2e slo - fcfs -0.200 s, tightest task at 1.5x fcfs 10.0% slo 50.0%")
