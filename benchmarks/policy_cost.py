@@ -14,8 +14,11 @@ policy records its candidate sets too, and that stream is replayed into a fresh 
 whole stream before it, so in the live policy's state; same decisions, as policies are
 deterministic) under one pair of thread-CPU-clock reads: CPU us per MoE layer per step.
 
-    python -m benchmarks.policy_cost [--policies lru,context] [--rounds 5] [--threads 1] [--json]
+    python -m benchmarks.policy_cost [--policies lru,context,context-numpy] [--rounds 5] [--threads 1] [--json]
     python -m benchmarks.policy_cost --call-pattern 300 --rounds 3   # no engine: the calls alone, seconds
+
+A policy is built as the engine builds it (`make_layered_policy`: `context` in native code);
+`NAME-numpy` is the numpy implementation under `PartitionedPolicy` (the native policy's oracle).
 
 Policy time is wall time (perf_counter_ns around each call; reading the thread CPU clock costs a
 system call of ~2 us here, more than a call it would time), so a step's sum can include time the
@@ -39,7 +42,7 @@ import torch
 
 from benchmarks.engine_runs import counters_since, offload_counters, run_to_completion
 from benchmarks.prefetch_decode import DEFAULT_TRACE, make_checkpoint, replaying_engine
-from moe_serve.cache_policies import CachePolicy, make_policy
+from moe_serve.cache_policies import CachePolicy, make_layered_policy, make_policy
 from moe_serve.cache_policies.partitioned import PartitionedPolicy
 from moe_serve.engine.core.llm_engine import LLMEngine
 from moe_serve.engine.core.sampling_params import SamplingParams
@@ -49,6 +52,15 @@ from moe_serve.engine.traces.trace_file import load_trace
 from moe_serve.engine.types import ExpertKey
 
 METHODS = ("on_insert", "on_access", "on_evict", "on_step", "victim")
+NUMPY_SUFFIX = "-numpy"
+
+
+def layered_policy(name: str, capacity: int, num_layers: int, num_experts: int) -> CachePolicy:
+    """The engine's policy called `name`; `NAME-numpy`: the numpy `NAME` per layer under `PartitionedPolicy`."""
+    if name.endswith(NUMPY_SUFFIX):
+        base = name.removesuffix(NUMPY_SUFFIX)
+        return PartitionedPolicy(lambda: make_policy(base), capacity, num_layers)
+    return make_layered_policy(name, capacity, num_layers, num_experts)
 
 
 class RecordedKeys(Set[Hashable]):
@@ -168,12 +180,13 @@ class NullPolicy(CachePolicy):
         return next(iter(candidates))
 
 
-def drive_call_pattern(policy: CachePolicy, expert_ids: np.ndarray, capacity: int) -> None:
+def drive_call_pattern(policy: CachePolicy, expert_ids: np.ndarray, capacity: int,
+                       resident: dict[ExpertKey, None]) -> None:
     """The engine's calls at batch 1 without an engine: per step and MoE layer, the routed keys that are
     resident are accessed first, then each miss evicts (a victim among the resident keys not routed
     this step, passed as the cache's `EvictableKeys` set view) while the cache is full, is inserted, and is accessed; then the step
-    ends. expert_ids: [tokens, layers, top_k] (a trace's routing)."""
-    resident: dict[ExpertKey, None] = {}
+    ends. expert_ids: [tokens, layers, top_k] (a trace's routing); `resident`: the cache's keys, updated
+    (pass the same dict to a later call that continues the run)."""
     for token in expert_ids.tolist():
         for layer, experts in enumerate(token):
             keys = list(dict.fromkeys(ExpertKey(layer, expert) for expert in experts))
@@ -196,28 +209,31 @@ def drive_call_pattern(policy: CachePolicy, expert_ids: np.ndarray, capacity: in
 
 def call_pattern_cpu_us(names: list[str], trace_ids: np.ndarray, fraction: float, warmup: int, rounds: int) -> dict:
     """Thread CPU us per MoE layer per step of `drive_call_pattern` over the trace's tokens after `warmup`,
-    each policy in a fresh `PartitionedPolicy` (as the engine builds it), and the null policy alone (the
-    driver's own cost, to subtract), alternating."""
+    each policy fresh (as the engine builds it), and the null policy alone (the driver's own cost, to
+    subtract), alternating."""
     layers, experts = trace_ids.shape[1], int(trace_ids.max()) + 1
     capacity = max(1, int(fraction * layers * experts))
     steps = trace_ids.shape[0] - warmup
     out: dict[str, list[float]] = {name: [] for name in ["null", *names]}
     for _ in range(rounds):
         for name in out:
-            policy = NullPolicy() if name == "null" else PartitionedPolicy(lambda name=name: make_policy(name),
-                                                                             capacity, layers)
-            drive_call_pattern(policy, trace_ids[:warmup], capacity)
+            policy = NullPolicy() if name == "null" else layered_policy(name, capacity, layers, experts)
+            resident: dict[ExpertKey, None] = {}
+            drive_call_pattern(policy, trace_ids[:warmup], capacity, resident)
             begin = time.thread_time()
-            drive_call_pattern(policy, trace_ids[warmup:], capacity)
+            drive_call_pattern(policy, trace_ids[warmup:], capacity, resident)
             out[name].append((time.thread_time() - begin) * 1e6 / (steps * layers))
     return out
 
 
-def timed_policy(engine: LLMEngine) -> TimedPolicy:
-    """Wraps the engine's expert-cache policy (in place) and returns the wrapper."""
+def timed_policy(engine: LLMEngine, name: str, num_layers: int, num_experts: int) -> TimedPolicy:
+    """Wraps the engine's expert-cache policy (in place; a `NAME-numpy` one replaces it first, before
+    any request) and returns the wrapper."""
     experts = engine.runner.model.experts
     if not isinstance(experts, OffloadedExperts):
         raise ValueError("the engine keeps every expert resident: there is no cache policy to time")
+    if name.endswith(NUMPY_SUFFIX):
+        experts.cache.policy = layered_policy(name, experts.cache.num_slots, num_layers, num_experts)
     wrapper = TimedPolicy(experts.cache.policy)
     experts.cache.policy = wrapper
     return wrapper
@@ -277,8 +293,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp), trace, args)
         engines = {name: replaying_engine(path, trace, args, offload="on", expert_cache_fraction=args.fraction,
-                                          cache_policy=name, prefetch="none") for name in policies}
-        timers = {name: timed_policy(engine) for name, engine in engines.items()}
+                                          cache_policy=name.removesuffix(NUMPY_SUFFIX), prefetch="none")
+                   for name in policies}
+        timers = {name: timed_policy(engine, name, trace.num_layers, trace.num_experts)
+                  for name, engine in engines.items()}
         for name, engine in engines.items():
             for i in range(args.warmup_requests):
                 run_to_completion(engine, prompts, params, prefix=f"w{i}-")
@@ -293,7 +311,7 @@ def main() -> None:
             run_to_completion(engine, prompts, params, prefix="cpu-")
             timer.record_victims = False
             cache = engine.runner.model.experts.cache
-            fresh = PartitionedPolicy(lambda name=name: make_policy(name), cache.num_slots, trace.num_layers)
+            fresh = layered_policy(name, cache.num_slots, trace.num_layers, trace.num_experts)
             calls = timer.decoded(0)
             cpu_us[name] = replayed_cpu_us(calls, start, fresh, trace.num_layers)
     summary = {name: {key: statistics.median(row[key] for row in rows[name]) for key in rows[name][0]}

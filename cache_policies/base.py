@@ -42,4 +42,6 @@ class CachePolicy(ABC):
         """Return the key to evict among `candidates` (non-empty, all resident and evictable).
 
         Any iterable is accepted; the engine's cache passes a `collections.abc.Set` view of its
-        evictable keys, whose O(1) membership lets `PartitionedPolicy` look only at one layer's keys."""
+        evictable keys, whose O(1) membership lets `PartitionedPolicy` look only at one layer's keys.
+        Such a view may name keys it surely excludes in a `protected` attribute (a set, the same object
+        across the views of one request for slots), which a policy may skip without asking."""

@@ -10,6 +10,8 @@ from moe_serve.cache_policies.base import CachePolicy
 from moe_serve.cache_policies.context import ContextPolicy
 from moe_serve.cache_policies.frequency import DecayedLFUPolicy, LFUDAPolicy, LFUPolicy
 from moe_serve.cache_policies.markov import MarkovPolicy
+from moe_serve.cache_policies.native_context import NativeContextPolicy, native_library
+from moe_serve.cache_policies.partitioned import PartitionedPolicy
 from moe_serve.cache_policies.recency import FIFOPolicy, LRUPolicy
 
 
@@ -50,3 +52,15 @@ def make_policy(name: str, **kwargs: Any) -> CachePolicy:
     except ValueError:
         raise ValueError(f"unknown cache policy {name!r}; valid: {', '.join(available_policies())}") from None
     return _FACTORIES[policy_name](**kwargs)
+
+
+def make_layered_policy(name: str, capacity: int, num_layers: int, num_experts: int) -> CachePolicy:
+    """The live engine's policy: one `name` policy per MoE layer over `capacity` shared slots
+    (`PartitionedPolicy`, keys `(layer, expert)`); `context` runs in native code where it builds
+    (`NativeContextPolicy`: the same decisions). Unknown names raise ValueError."""
+    make_policy(name)
+    if PolicyName(name) is PolicyName.CONTEXT:
+        library = native_library()
+        if library is not None:
+            return NativeContextPolicy(library, capacity, num_layers, num_experts)
+    return PartitionedPolicy(lambda: make_policy(name), capacity, num_layers)

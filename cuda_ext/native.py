@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from moe_serve.cache_policies.native_build import cache_root
 from moe_serve.cuda_ext.api import (
     CopyBackend,
     CopyEngine,
@@ -48,15 +49,6 @@ CUDA_SOURCES = ("copy_engine_cuda.cu",)
 CXX_FLAGS = ["-O3"]
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"  # Ampere, Ada, Hopper; PTX for anything newer
 TORCH_BATON = "lock"  # torch.utils.cpp_extension's build lock file in the build directory
-
-
-def cache_root() -> Path:
-    """Where compiled native code is cached: $MOE_SERVE_EXT_DIR or <cache>/moe-serve/ext."""
-    root = os.environ.get("MOE_SERVE_EXT_DIR")
-    if root is None:
-        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = str(Path(cache) / "moe-serve" / "ext")
-    return Path(root)
 
 
 def build_dir(with_cuda: bool) -> Path:

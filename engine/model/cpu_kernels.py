@@ -11,12 +11,9 @@ dtypes, no compiler, or MOE_SERVE_CPU_KERNEL=0 go to torch. Design: docs/operati
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from moe_serve.cuda_ext.native import cache_root
+from moe_serve.cache_policies.native_build import compile_library, cpu_flags
 from moe_serve.engine.model.dense_quant import reference_linear
 from moe_serve.engine.model.packed import Matrix, PackedMatrix, QuantMatrix, packed_shape
 from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat, WeightKind
@@ -56,17 +53,6 @@ _SIGNATURES = {  # name: (argument types, result type)
 }
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _vector_flags(cpu: set[str]) -> tuple[list[str], str]:
     """The compiler's vector flags for a CPU with these /proc/cpuinfo flags, and the flavour."""
     if not {"avx2", "fma"} <= cpu:
@@ -82,25 +68,7 @@ def build_library(vector: list[str]) -> Path:
     """The kernels compiled with these vector flags (cached by source and flags, so a prebuilt
     library needs no compiler here), compiling first if missing."""
     flags = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", *vector]  # no FMA contraction: vector and scalar code round alike
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-    directory = cache_root() / "kernels"
-    target = directory / f"cpu_kernels-{digest}.so"
-    if not target.exists():
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if compiler is None:
-            raise OSError(f"no C compiler (cc or gcc) on PATH and no prebuilt {target.name} in {directory}")
-        directory.mkdir(parents=True, exist_ok=True)
-        logger.info("building the CPU kernels (first start only) in %s", directory)
-        with tempfile.NamedTemporaryFile(dir=directory, suffix=".so", delete=False) as tmp:
-            partial = Path(tmp.name)
-        try:
-            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"], check=True,
-                           capture_output=True, text=True)
-            os.replace(partial, target)  # atomic: a concurrent process sees the whole library or none
-        finally:
-            partial.unlink(missing_ok=True)
-    return target
+    return compile_library(SOURCE, flags, "kernels", "the CPU kernels")
 
 
 def open_library(path: Path) -> ctypes.CDLL:
@@ -126,7 +94,7 @@ def _load() -> ctypes.CDLL | None:
             logger.info("CPU kernels: torch (disabled by %s=0)", DISABLE_ENV)
             return None
         try:
-            vector, flavour = _vector_flags(_cpu_flags())
+            vector, flavour = _vector_flags(cpu_flags())
             library = open_library(build_library(vector))
         except subprocess.CalledProcessError as exc:
             lines = (exc.stderr or "").strip().splitlines()

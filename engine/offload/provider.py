@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moe_serve.cache_policies import DEFAULT_POLICY, make_policy
-from moe_serve.cache_policies.partitioned import PartitionedPolicy
+from moe_serve.cache_policies import DEFAULT_POLICY, make_layered_policy, make_policy
 from moe_serve.cuda_ext import load_copy_engine
 from moe_serve.engine.config import EngineConfig, MissHandling, MissPrecision, OffloadMode
 from moe_serve.engine.errors import ModelLoadError
@@ -432,7 +431,7 @@ def build_expert_provider(
         sizing.num_slots * store.expert_nbytes / 2**20, policy_name, handling.value,
     )
     # one instance of the policy per MoE layer, as in trace replay (see cache_policies.partitioned)
-    policy = PartitionedPolicy(lambda: make_policy(policy_name), sizing.num_slots, spec.num_moe_layers)
+    policy = make_layered_policy(policy_name, sizing.num_slots, spec.num_moe_layers, spec.num_experts)
     cache = ExpertCache(store, sizing.num_slots, device, policy, copy_engine, low_store)
     planner = make_planner(cache, spec.num_moe_layers) if handling is MissHandling.AUTO else None
     return OffloadedExperts(cache, handling, planner, precision)

@@ -64,6 +64,11 @@ class EvictableKeys(Set[ExpertKey]):
     def __init__(self, idle: dict[ExpertKey, None], protected: Set[ExpertKey]) -> None:
         self._idle, self._protected = idle, protected
 
+    @property
+    def protected(self) -> Set[ExpertKey]:
+        """The keys excluded besides the pinned ones (the same object for every view built with it)."""
+        return self._protected
+
     def __contains__(self, key: object) -> bool:
         return key in self._idle and key not in self._protected
 

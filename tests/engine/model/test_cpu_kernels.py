@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_serve.cache_policies.native_build import cpu_flags
 from moe_serve.engine.model import cpu_kernels
 from moe_serve.engine.model.cpu_kernels import ExpertRows, expert_ffn, kernel_flavour, linear, packs_weights
 from moe_serve.engine.model.packed import PackedMatrix, pack_blocks, unpack_blocks
@@ -261,7 +262,7 @@ def test_the_portable_build_sums_in_the_same_order_as_the_vector_build(monkeypat
     """The portable C (one output at a time) and the register-tiled AVX2 code must give the same
     bits: both use fused multiply-adds in the same order (and, in attention, the same lanes and
     the same lane-sum tree)."""
-    if kernel_flavour() == "c" or "fma" not in cpu_kernels._cpu_flags():
+    if kernel_flavour() == "c" or "fma" not in cpu_flags():
         pytest.skip("needs a CPU with FMA and a vector build to compare with")
     gen = torch.Generator().manual_seed(11)
     weight, x = PackedMatrix.pack(torch.randn(37, 1000, generator=gen)), torch.randn(50, 1000, generator=gen)

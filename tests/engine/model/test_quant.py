@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_serve.cache_policies.native_build import cpu_flags
 from moe_serve.engine.model import cpu_kernels
 from moe_serve.engine.model.cpu_kernels import ExpertRows, expert_ffn, kernel_flavour
 from moe_serve.engine.model.dense_quant import int4_linear, int8_linear
@@ -191,7 +192,7 @@ def test_kernel_refuses_stored_tensors_of_another_format() -> None:
 
 @needs_kernel
 def test_the_portable_and_avx2_builds_give_the_vector_builds_bits(monkeypatch) -> None:
-    if kernel_flavour() == "c" or not {"fma", "avx2", "f16c"} <= cpu_kernels._cpu_flags():
+    if kernel_flavour() == "c" or not {"fma", "avx2", "f16c"} <= cpu_flags():
         pytest.skip("needs a CPU with AVX2, FMA and F16C and a vector build to compare with")
     x, ids, routing, weights = _problem(9, 72, 40, seed=5)
     problems = [(parse_expert_dtype(name), [parse_expert_dtype(name).encode(w) for w in weights]) for name in FORMATS]

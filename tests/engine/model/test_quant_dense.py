@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_serve.cache_policies.native_build import cpu_flags
 from moe_serve.engine.builder import build_engine
 from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.model import cpu_kernels
@@ -106,7 +107,7 @@ def test_rows_do_not_depend_on_the_batch(weight_dtype: str) -> None:
 
 @needs_kernel
 def test_the_portable_and_avx2_builds_give_the_vector_builds_bits(monkeypatch) -> None:
-    if "fma" not in cpu_kernels._cpu_flags() or "avx2" not in cpu_kernels._cpu_flags():
+    if "fma" not in cpu_flags() or "avx2" not in cpu_flags():
         pytest.skip("needs a CPU with AVX2 and FMA to compare the builds")
     problems = []
     for seed, (n, k) in enumerate(SHAPES):
