@@ -34,7 +34,7 @@ import statistics
 import tempfile
 import time
 from array import array
-from collections.abc import Hashable, Iterable, Iterator, Set
+from collections.abc import Hashable, Iterable, Iterator, Sequence, Set
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ from moe_serve.engine.offload.slot_pool import EvictableKeys
 from moe_serve.engine.traces.trace_file import load_trace
 from moe_serve.engine.types import ExpertKey
 
-METHODS = ("on_insert", "on_access", "on_evict", "on_step", "victim")
+METHODS = ("on_insert", "on_access", "on_evict", "on_step", "victim", "victims")
 NUMPY_SUFFIX = "-numpy"
 
 
@@ -64,11 +64,13 @@ def layered_policy(name: str, capacity: int, num_layers: int, num_experts: int) 
 
 
 class RecordedKeys(Set[Hashable]):
-    """A candidate set as the engine passed it: its keys in their order, O(1) membership."""
+    """A candidate set as the engine passed it: its keys in their order, O(1) membership, and the
+    view's `protected` set (the same object) where it had one."""
 
     def __init__(self, keys: Iterable[Hashable]) -> None:
         self._order = list(keys)
         self._keys = set(self._order)
+        self.protected = getattr(keys, "protected", None)
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -106,7 +108,7 @@ class TimedPolicy(CachePolicy):
         out: list[tuple[str, object]] = []
         for code in self.calls[start:]:
             method = METHODS[code & 15]
-            if method == "victim":
+            if method in ("victim", "victims"):
                 out.append((method, next(candidates)))
             elif method == "on_step":
                 out.append((method, None))
@@ -148,6 +150,15 @@ class TimedPolicy(CachePolicy):
             self.candidates.append(RecordedKeys(candidates))
         return key
 
+    def victims(self, candidates: Set[Hashable], incoming: Sequence[Hashable]) -> list[Hashable] | None:
+        start = time.perf_counter_ns()
+        keys = self.inner.victims(candidates, incoming)
+        self._ns += time.perf_counter_ns() - start
+        if self.record_victims:
+            self._record(5)
+            self.candidates.append((RecordedKeys(candidates), list(incoming)))
+        return keys
+
 
 def replayed_cpu_us(calls: list[tuple[str, object]], start: int, policy: CachePolicy, num_layers: int) -> float:
     """Thread CPU us per layer per step of `calls[start:]` replayed into `policy`, after the calls
@@ -158,6 +169,8 @@ def replayed_cpu_us(calls: list[tuple[str, object]], start: int, policy: CachePo
             if method == "on_step":
                 policy.on_step()
                 steps += 1
+            elif method == "victims":
+                policy.victims(*argument)
             else:
                 getattr(policy, method)(argument)
         return steps
@@ -184,7 +197,9 @@ def drive_call_pattern(policy: CachePolicy, expert_ids: np.ndarray, capacity: in
                        resident: dict[ExpertKey, None]) -> None:
     """The engine's calls at batch 1 without an engine: per step and MoE layer, the routed keys that are
     resident are accessed first, then each miss evicts (a victim among the resident keys not routed
-    this step, passed as the cache's `EvictableKeys` set view) while the cache is full, is inserted, and is accessed; then the step
+    this step, passed as the cache's `EvictableKeys` set view; the victims of two or more misses in one
+    `victims` call where the policy offers it, as `ExpertCache.acquire` asks) while the cache is full,
+    is inserted, and is accessed; then the step
     ends. expert_ids: [tokens, layers, top_k] (a trace's routing); `resident`: the cache's keys, updated
     (pass the same dict to a later call that continues the run)."""
     for token in expert_ids.tolist():
@@ -195,9 +210,11 @@ def drive_call_pattern(policy: CachePolicy, expert_ids: np.ndarray, capacity: in
                 if key in resident:
                     policy.on_access(key)
             protected = set(keys)
+            incoming = misses[max(0, capacity - len(resident)):]
+            ahead = policy.victims(EvictableKeys(resident, protected), incoming) if len(incoming) > 1 else None
             for key in misses:
                 if len(resident) >= capacity:
-                    victim = policy.victim(EvictableKeys(resident, protected))
+                    victim = ahead.pop(0) if ahead else policy.victim(EvictableKeys(resident, protected))
                     del resident[victim]
                     policy.on_evict(victim)
                 resident[key] = None

@@ -9,7 +9,7 @@ engine passes `ExpertKey(layer, expert)` tuples. Pure Python: no torch import.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence, Set
 from typing import ClassVar
 
 
@@ -45,3 +45,10 @@ class CachePolicy(ABC):
         evictable keys, whose O(1) membership lets `PartitionedPolicy` look only at one layer's keys.
         Such a view may name keys it surely excludes in a `protected` attribute (a set, the same object
         across the views of one request for slots), which a policy may skip without asking."""
+
+    def victims(self, candidates: Set[Hashable], incoming: Sequence[Hashable]) -> list[Hashable] | None:
+        """Victims for the `incoming` keys (never candidates) that will take their slots, chosen in one
+        call: the i-th as `victim` would pick it once the first i victims are evicted and the first i
+        incoming keys inserted. Changes nothing: the caller then evicts and inserts them one by one,
+        with the usual on_evict / on_insert. None (the default): ask `victim` once per eviction."""
+        return None

@@ -19,11 +19,11 @@ import subprocess
 import threading
 import weakref
 from array import array
-from collections.abc import Hashable, Iterable, Set
+from collections.abc import Hashable, Iterable, Sequence, Set
 from pathlib import Path
 
 from moe_serve.cache_policies.base import CachePolicy
-from moe_serve.cache_policies.native_build import compile_library, cpu_flags
+from moe_serve.cache_policies.native_build import compile_library
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {  # name: (argument types, result type)
     "context_new": ([_I, _I, _D, _D, _I, _I, _I, _I, _D, _D, _D, _D], _P),
     "context_free": ([_P], None),
-    "context_victim": ([_P, _P, _L, _P, _L], _L),
+    "context_victims": ([_P, _P, _L, _P, _L, _P, _L, _P], _L),
     "context_victim_among": ([_P, _P, _L, _P, _L], _L),
     "context_step": ([_P, _P, _L], _I),
 }
@@ -59,8 +59,6 @@ def native_library() -> ctypes.PyDLL | None:
             logger.info("cache policy: numpy implementation (native disabled by %s=0)", DISABLE_ENV)
             return None
         flags = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]  # no FMA contraction: numpy's roundings
-        if "popcnt" in cpu_flags():
-            flags.append("-mpopcnt")
         try:
             # PyDLL keeps the GIL: a call takes about a microsecond, and releasing the GIL for it would let
             # another thread take it for up to a switch interval
@@ -146,26 +144,13 @@ class NativeContextPolicy(CachePolicy):
             raise ValueError("the native context policy was handed a malformed event")
 
     def victim(self, candidates: Iterable[Hashable]) -> Hashable:
-        events = self._events
-        self._events = array("q")
         protected = getattr(candidates, "protected", None)
         if protected is not None or isinstance(candidates, Set):
-            # the layer order of PartitionedPolicy over every resident key but the view's protected
-            # ones; a key that is still not a candidate (pinned) is excluded and the search repeated
-            excluded = self._protected_excluded(protected)
-            while True:
-                code = self._library.context_victim(self._handle, events.buffer_info()[0], len(events),
-                                                    excluded.buffer_info()[0], len(excluded))
-                if code < 0:
-                    break
-                key = self._keys[code]
-                if key in candidates:  # type: ignore[operator]
-                    return key
-                events = array("q")
-                excluded.append(code)
-            if code == _MALFORMED:
-                raise ValueError("the native context policy was handed a malformed event")
-            events = array("q")
+            chosen = self._choose(candidates, protected, ())  # type: ignore[arg-type]
+            if chosen is not None:
+                return chosen[0]
+        events = self._events
+        self._events = array("q")
         keys = list(candidates)
         codes = array("q", [self._code(key) for key in keys])
         code = self._library.context_victim_among(self._handle, events.buffer_info()[0], len(events),
@@ -175,3 +160,34 @@ class NativeContextPolicy(CachePolicy):
         if code < 0:
             raise ValueError("victim() needs at least one candidate")
         return keys[codes.index(code)]
+
+    def victims(self, candidates: Set[Hashable], incoming: Sequence[Hashable]) -> list[Hashable] | None:
+        return self._choose(candidates, getattr(candidates, "protected", None), incoming)
+
+    def _choose(self, candidates: Set[Hashable], protected: Iterable[Hashable] | None,
+                incoming: Sequence[Hashable]) -> list[Hashable] | None:
+        """max(1, len(incoming)) victims in one native call (`context_victims`): the layer order of
+        PartitionedPolicy over every resident key but the view's protected ones; a pick that is not a
+        candidate (pinned) is excluded and the choice repeated. None where that order does not apply
+        (before any access, or no candidate left among the resident keys)."""
+        events = self._events
+        self._events = array("q")
+        count = max(1, len(incoming))
+        excluded = self._protected_excluded(protected)
+        arriving = array("q", [self._code(key) for key in incoming])
+        out = array("q", bytes(8 * count))
+        while True:
+            found = self._library.context_victims(self._handle, events.buffer_info()[0], len(events),
+                                                  excluded.buffer_info()[0], len(excluded),
+                                                  arriving.buffer_info()[0], count,
+                                                  out.buffer_info()[0])
+            if found == _MALFORMED:
+                raise ValueError("the native context policy was handed a malformed event")
+            if found < count:
+                return None
+            events = array("q")
+            chosen = [self._keys[code] for code in out]
+            rejected = [code for code, key in zip(out, chosen) if key not in candidates]
+            if not rejected:
+                return chosen
+            excluded.extend(rejected)

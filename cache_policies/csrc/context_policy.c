@@ -47,6 +47,7 @@ typedef struct {
     int64_t *shared;                        /* [(max_keys + 1)^2]: C(have, need) */
     /* residency, as PartitionedPolicy counts it */
     int *resident, *order /* [L * E]: each layer's resident experts in insertion order */;
+    int *shift; /* [L]: residency changes a multi-victim choice assumes (0 between calls) */
     uint8_t *is_resident; /* [L * E] */
     /* scratch */
     uint8_t *overlap8, *hits;
@@ -120,6 +121,7 @@ Context *context_new(int L, int E, double capacity, double context_weight, int h
     c->query_n = take(c, L, sizeof(int)); c->query_step = take(c, L, sizeof(int64_t));
     c->shared = take(c, (size_t)(max_keys + 1) * (max_keys + 1), sizeof(int64_t));
     c->resident = take(c, L, sizeof(int)); c->order = take(c, LE, sizeof(int)); c->is_resident = take(c, LE, 1);
+    c->shift = take(c, L, sizeof(int));
     c->overlap8 = take(c, ring + 8, 1); c->hits = take(c, ring + 8, 1);
     c->overlap = take(c, ring, sizeof(int64_t)); c->similar = take(c, ring, sizeof(int64_t));
     c->rank = take(c, ring, sizeof(int64_t)); c->kept_slot = take(c, ring, sizeof(int64_t));
@@ -377,28 +379,57 @@ static int layer_victim(Context *c, int layer) {
     return best;
 }
 
-/* Victim among every resident key but `excluded` ones, by `PartitionedPolicy._victim_by_group`: layers
- * by residency (highest first), then the current layer, the one before it, ...; -1: none, -2: no access
- * yet (the caller groups its candidates instead), -3: a malformed event. */
-int64_t context_victim(Context *c, const int64_t *events, int64_t nevents, const int64_t *excluded, int64_t nexcluded) {
+/* The resident, not excluded key of the layer `PartitionedPolicy._victim_by_group` would evict from:
+ * layers by residency (highest first), then the current layer, the one before it, ...; -1: none. */
+static int64_t search(Context *c) {
+    int level = 1 << 30;
+    for (;;) { /* the next lower residency level held by some layer */
+        int next = 0;
+        for (int layer = 0; layer < c->L; layer++) {
+            int count = c->resident[layer] + c->shift[layer];
+            if (count < level && count > next) next = count;
+        }
+        if (next == 0) return -1;
+        level = next;
+        for (int back = 0; back < c->L; back++) {
+            int layer = ((c->current - back) % c->L + c->L) % c->L;
+            if (c->resident[layer] + c->shift[layer] != level) continue;
+            int expert = layer_victim(c, layer);
+            if (expert >= 0) return (int64_t)layer * c->E + expert;
+        }
+    }
+}
+
+/* `count` victims for the `incoming` keys (codes) that will take their slots, none of them `excluded`:
+ * the i-th as the policy would pick it once the first i victims are evicted and the first i incoming
+ * keys inserted (nothing is changed: the caller's evict and insert notes do that). Returns how many
+ * were found (fewer: no resident key is left), -2 before any access (the caller groups its candidates
+ * instead), -3 on a malformed event or code. `incoming` may be NULL when `count` is 1. */
+int64_t context_victims(Context *c, const int64_t *events, int64_t nevents, const int64_t *excluded,
+                        int64_t nexcluded, const int64_t *incoming, int64_t count, int64_t *out) {
     if (apply(c, events, nevents)) return -3;
     if (c->current < 0) return -2;
     int64_t keys = (int64_t)c->L * c->E;
+    for (int64_t i = 0; i + 1 < count; i++)
+        if (incoming[i] < 0 || incoming[i] >= keys) return -3;
     for (int64_t i = 0; i < nexcluded; i++)
         if (excluded[i] >= 0 && excluded[i] < keys) c->excluded[excluded[i]] = 1;
-    int64_t found = -1;
-    int level = 1 << 30;
-    while (found < 0) { /* the next lower residency level held by some layer */
-        int next = 0;
-        for (int layer = 0; layer < c->L; layer++)
-            if (c->resident[layer] < level && c->resident[layer] > next) next = c->resident[layer];
-        if (next == 0) break;
-        level = next;
-        for (int back = 0; back < c->L && found < 0; back++) {
-            int layer = ((c->current - back) % c->L + c->L) % c->L;
-            if (c->resident[layer] != level) continue;
-            int expert = layer_victim(c, layer);
-            if (expert >= 0) found = (int64_t)layer * c->E + expert;
+    int64_t found = 0;
+    for (; found < count; found++) {
+        int64_t code = search(c);
+        if (code < 0) break;
+        out[found] = code;
+        c->excluded[code] = 1;
+        if (found + 1 < count) { /* the victim leaves, the incoming key arrives (protected: never a victim) */
+            c->shift[code / c->E]--;
+            c->shift[incoming[found] / c->E]++;
+        }
+    }
+    for (int64_t i = 0; i < found; i++) {
+        c->excluded[out[i]] = 0;
+        if (i + 1 < count) {
+            c->shift[out[i] / c->E]++;
+            c->shift[incoming[i] / c->E]--;
         }
     }
     for (int64_t i = 0; i < nexcluded; i++)

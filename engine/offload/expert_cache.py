@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field, fields, replace
 
@@ -132,8 +132,10 @@ class ExpertCache:
                 self._record_hit(key)
         if misses:
             protected = set(unique)
+            victims = self._victims_ahead(misses, protected)
             for key in misses:
-                self._start_load(self._claim_slot(protected), key, prefetched=False,
+                index = self._evict(victims.popleft()) if victims and not pool.num_free else self._claim_slot(protected)
+                self._start_load(index, key, prefetched=False,
                                  precision=Precision.LOW if key in low else Precision.FULL)
             self._submit(misses, CopyPriority.DEMAND)
             for key in misses:
@@ -333,6 +335,15 @@ class ExpertCache:
                 self._stats.prefetch_late += 1
         self.pool.promote(key)
         self.policy.on_access(key)
+
+    def _victims_ahead(self, misses: Sequence[ExpertKey], protected: Set[ExpertKey]) -> deque[ExpertKey] | None:
+        """The victims of the misses that will find no free slot, in one policy call where the policy
+        offers it (`CachePolicy.victims`) and no fresh preload must be spared; else None."""
+        incoming = misses[self.pool.num_free:]
+        if len(incoming) < 2 or self._preloads:
+            return None
+        chosen = self.policy.victims(self.pool.evictable_keys(protected), incoming)
+        return None if chosen is None else deque(chosen)
 
     def _claim_slot(self, protected: Set[ExpertKey] = frozenset()) -> int:
         if self.pool.num_free:

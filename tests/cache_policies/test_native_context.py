@@ -1,6 +1,7 @@
 """The native `context` policy against its oracle, `PartitionedPolicy` over numpy `ContextPolicy`
 instances: the same victim at every eviction of an engine-like cache (hits first, then each miss's
-victim among the evictable keys, pinned and requested keys excluded, prefetches never used,
+victim among the evictable keys, or every miss's victim at once, pinned and requested keys excluded,
+prefetches never used,
 candidate lists as well as sets, layers idle for whole steps, history rings that wrap)."""
 
 from __future__ import annotations
@@ -42,15 +43,16 @@ class Evictable(Set):
 
 
 def drive(policies: list, layers: int, experts: int, top_k: int, capacity: int, steps: int, seed: int) -> int:
-    """Runs the same engine-like calls into every policy and checks that they pick the same victims;
-    returns how many evictions were compared."""
+    """Runs the same engine-like calls into every policy and checks that they pick the same victims
+    (asked one at a time, or a miss batch's at once where a policy offers `victims`); returns how many
+    evictions were compared."""
     rng = random.Random(seed)
     patterns = [rng.sample(range(experts), top_k) for _ in range(6)]  # recurring routing, as real traces have
     resident: dict[Hashable, None] = {}
     evictions = 0
 
-    def evict(candidates) -> Hashable:
-        victims = [policy.victim(candidates) for policy in policies]
+    def evict(candidates, ahead: dict) -> Hashable:
+        victims = [ahead[i].pop(0) if ahead.get(i) else policy.victim(candidates) for i, policy in enumerate(policies)]
         assert all(victim == victims[0] for victim in victims), (evictions, victims)
         for policy in policies:
             policy.on_evict(victims[0])
@@ -71,13 +73,17 @@ def drive(policies: list, layers: int, experts: int, top_k: int, capacity: int, 
                     for policy in policies:
                         policy.on_access(key)
             misses = [key for key in routed if key not in resident]
+            excluded = set(routed) | pinned
+            incoming = misses[max(0, capacity - len(resident)):]
+            ahead = {}  # victims chosen at once for every miss that finds no free slot, where a policy offers it
+            if len(incoming) >= 2 and rng.random() < 0.5:
+                ahead = {i: policy.victims(Evictable(resident, excluded), incoming) for i, policy in enumerate(policies)}
             for key in misses:
                 if len(resident) >= capacity:
-                    excluded = set(routed) | pinned
-                    if rng.random() < 0.2:  # a candidate list, as `_claim_slot` passes with preloads pending
-                        evict([key for key in resident if key not in excluded])
+                    if not ahead and rng.random() < 0.2:  # a candidate list, as `_claim_slot` passes with preloads
+                        evict([key for key in resident if key not in excluded], ahead)
                     else:
-                        evict(Evictable(resident, excluded))
+                        evict(Evictable(resident, excluded), ahead)
                     evictions += 1
                 resident[key] = None
                 for policy in policies:
