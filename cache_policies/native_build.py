@@ -60,3 +60,11 @@ def compile_library(source: Path, flags: Sequence[str], folder: str, what: str) 
     finally:
         partial.unlink(missing_ok=True)
     return target
+
+
+def build_failure(exc: OSError | subprocess.CalledProcessError) -> str:
+    """Why `compile_library` (or loading its result) failed, in one line for a fallback's log."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        lines = (exc.stderr or "").strip().splitlines()
+        return f"compiling failed: {lines[-1] if lines else exc}"
+    return f"unavailable: {exc}"

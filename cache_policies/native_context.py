@@ -23,7 +23,7 @@ from collections.abc import Hashable, Iterable, Sequence, Set
 from pathlib import Path
 
 from moe_serve.cache_policies.base import CachePolicy
-from moe_serve.cache_policies.native_build import compile_library
+from moe_serve.cache_policies.native_build import build_failure, compile_library
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +63,8 @@ def native_library() -> ctypes.PyDLL | None:
             # PyDLL keeps the GIL: a call takes about a microsecond, and releasing the GIL for it would let
             # another thread take it for up to a switch interval
             library = ctypes.PyDLL(str(compile_library(SOURCE, flags, "policies", "the native cache policy")))
-        except subprocess.CalledProcessError as exc:
-            lines = (exc.stderr or "").strip().splitlines()
-            logger.warning("cache policy: numpy implementation (compiling the native one failed: %s)",
-                           lines[-1] if lines else exc)
-            return None
-        except OSError as exc:
-            logger.warning("cache policy: numpy implementation (native one unavailable: %s)", exc)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            logger.warning("cache policy: numpy implementation (the native one: %s)", build_failure(exc))
             return None
         for name, (argtypes, restype) in _SIGNATURES.items():
             function = getattr(library, name)

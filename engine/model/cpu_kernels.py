@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from moe_serve.cache_policies.native_build import compile_library, cpu_flags
+from moe_serve.cache_policies.native_build import build_failure, compile_library, cpu_flags
 from moe_serve.engine.model.dense_quant import reference_linear
 from moe_serve.engine.model.packed import Matrix, PackedMatrix, QuantMatrix, packed_shape
 from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat, WeightKind
@@ -96,13 +96,8 @@ def _load() -> ctypes.CDLL | None:
         try:
             vector, flavour = _vector_flags(cpu_flags())
             library = open_library(build_library(vector))
-        except subprocess.CalledProcessError as exc:
-            lines = (exc.stderr or "").strip().splitlines()
-            logger.warning("CPU kernels: torch (compiling the C kernels failed: %s)",
-                           lines[-1] if lines else exc)
-            return None
-        except OSError as exc:
-            logger.warning("CPU kernels: torch (C kernels unavailable: %s)", exc)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            logger.warning("CPU kernels: torch (the C kernels: %s)", build_failure(exc))
             return None
         _library, _flavour = library, flavour
         logger.info("CPU kernels: C (%s), packed weights; int8 and 4-bit weights: %s", flavour,

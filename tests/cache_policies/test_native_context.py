@@ -131,3 +131,16 @@ def test_keys_outside_the_layers_and_experts_are_refused() -> None:
         policy.on_insert(Key(0, 8))
     with pytest.raises(ValueError, match="at least one candidate"):
         policy.victim([])
+
+
+def test_without_a_compiler_the_engine_gets_the_numpy_policy_and_a_warning(monkeypatch, tmp_path, caplog) -> None:
+    from moe_serve.cache_policies import native_context
+
+    monkeypatch.setattr(native_context, "_loaded", False)
+    monkeypatch.setattr(native_context, "_library", None)
+    monkeypatch.setenv("MOE_SERVE_EXT_DIR", str(tmp_path))  # nothing cached: it must compile
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with caplog.at_level("WARNING", logger="moe_serve.cache_policies.native_context"):
+        policy = make_layered_policy("context", 8, 2, 4)
+    assert isinstance(policy, PartitionedPolicy)
+    assert "numpy implementation (the native one: unavailable" in caplog.text

@@ -210,7 +210,7 @@ def test_missing_compiler_falls_back_with_a_warning(monkeypatch, fresh_loader, t
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with caplog.at_level("WARNING", logger="moe_serve.engine.model.cpu_kernels"):
         assert kernel_flavour() == "torch"
-    assert "C kernels unavailable" in caplog.text
+    assert "the C kernels: unavailable" in caplog.text
     assert not packs_weights(CPU, torch.float32)
 
 
@@ -221,7 +221,7 @@ def test_compile_error_falls_back_with_a_warning(monkeypatch, fresh_loader, tmp_
     monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
     with caplog.at_level("WARNING", logger="moe_serve.engine.model.cpu_kernels"):
         assert kernel_flavour() == "torch"
-    assert "compiling the C kernels failed" in caplog.text
+    assert "the C kernels: compiling failed" in caplog.text
     assert not list(tmp_path.glob("kernels/*.so"))  # no half-written library left behind
 
 
