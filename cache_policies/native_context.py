@@ -5,9 +5,9 @@ instances (the numpy code stays as the fallback and the oracle its tests compare
 victim) at a fraction of their cost: every layer's state lives in flat C arrays
 (`csrc/context_policy.c`, compiled on first use like the CPU kernels, called through ctypes), and the
 insert / access / evict notes are buffered here and handed over at the next victim or step call, so
-a layer's bookkeeping is a few appends and one native call per eviction. Keys are
+a layer's bookkeeping is a few appends and one native call for its misses' victims (`victims`). Keys are
 `(layer, expert)` tuples (the engine's `ExpertKey`) with 0 <= layer < layers, 0 <= expert < experts.
-Measurements: docs/cache_policies.md, "Cost".
+Measurements: docs/cache_policies.md, "Cost, native".
 """
 
 from __future__ import annotations

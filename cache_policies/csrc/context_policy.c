@@ -145,22 +145,26 @@ Context *context_new(int L, int E, double capacity, double context_weight, int h
     return c;
 }
 
-/* exp(-decay x age) and 0.5^(age / half life) from tables filled by the formulas Python's tables use;
- * once both have reached 0.0 they stop growing and older ages read 0.0 (the true values underflow too). */
-static int age_weights(Context *c, int64_t age, double *decay, double *recency) {
+/* exp(-decay x age) and 0.5^(age / half life): the formulas Python's tables use, read from tables
+ * grown on demand; once both have reached 0.0 they stop growing and older ages read 0.0 (the true
+ * values underflow too). Where a table cannot grow, the value is computed directly (the same value). */
+static void age_weights(Context *c, int64_t age, double *decay, double *recency) {
     if (age >= c->table_len) {
         if (c->table_len > 0 && c->decay_table[c->table_len - 1] == 0.0 && c->recency_table[c->table_len - 1] == 0.0) {
             *decay = *recency = 0.0;
-            return 0;
+            return;
         }
         int64_t length = c->table_len ? c->table_len : 64;
         while (length <= age) length *= 2;
         double *d = realloc(c->decay_table, length * sizeof(double));
-        if (!d) return -1;
-        c->decay_table = d;
-        double *r = realloc(c->recency_table, length * sizeof(double));
-        if (!r) return -1;
-        c->recency_table = r;
+        if (d) c->decay_table = d;
+        double *r = d ? realloc(c->recency_table, length * sizeof(double)) : NULL;
+        if (r) c->recency_table = r;
+        if (!d || !r) {
+            *decay = exp(-c->frequency_decay * (double)age);
+            *recency = pow(0.5, (double)age / c->recency_half_life);
+            return;
+        }
         for (int64_t a = c->table_len; a < length; a++) {
             d[a] = exp(-c->frequency_decay * (double)a);
             r[a] = pow(0.5, (double)a / c->recency_half_life);
@@ -169,7 +173,6 @@ static int age_weights(Context *c, int64_t age, double *decay, double *recency) 
     }
     *decay = c->decay_table[age];
     *recency = c->recency_table[age];
-    return 0;
 }
 
 /* P(target next | source) added for one source, as `MarkovPolicy._sum_sources` adds it. */
@@ -181,19 +184,18 @@ static void add_source(Context *c, int layer, int source, double *total) {
     for (int target = 0; target < c->E; target++) total[target] += row[target] / from;
 }
 
-static int access_key(Context *c, int layer, int expert) {
+static void access_key(Context *c, int layer, int expert) {
     size_t index = (size_t)layer * c->E + expert;
     c->current = layer;
-    if (c->in_cur[index]) return 0;
+    if (c->in_cur[index]) return;
     double decay, recency;
-    if (age_weights(c, c->step - c->last[index], &decay, &recency)) return -1;
+    age_weights(c, c->step - c->last[index], &decay, &recency);
     c->frequency[index] = c->frequency[index] * decay + 1.0;
     c->last[index] = c->step;
     c->in_cur[index] = 1;
     c->cur[(size_t)layer * c->E + c->ncur[layer]++] = expert;
     add_source(c, layer, expert, c->transition + (size_t)layer * c->E);
     c->priority_ok[layer] = 0;
-    return 0;
 }
 
 /* A key inserted while resident, or evicted while not, changes nothing. */
@@ -218,7 +220,7 @@ static void evict_key(Context *c, int layer, int expert) {
         }
 }
 
-/* Applies buffered events; 0, or -1 on a malformed event or an allocation failure. */
+/* Applies buffered events; 0, or -1 on a malformed event. */
 static int apply(Context *c, const int64_t *events, int64_t count) {
     int64_t keys = (int64_t)c->L * c->E;
     for (int64_t i = 0; i < count; i++) {
@@ -226,7 +228,7 @@ static int apply(Context *c, const int64_t *events, int64_t count) {
         if (events[i] < 0 || kind > EV_EVICT) return -1;
         int layer = (int)(code / c->E), expert = (int)(code % c->E);
         if (kind == EV_ACCESS) {
-            if (access_key(c, layer, expert)) return -1;
+            access_key(c, layer, expert);
         } else if (kind == EV_INSERT) {
             insert_key(c, layer, expert);
         } else {
@@ -346,7 +348,7 @@ static const double *priorities(Context *c, int layer) {
             continue;
         }
         double decay, recency;
-        age_weights(c, c->step - last, &decay, &recency); /* every age up to the step is in the tables */
+        age_weights(c, c->step - last, &decay, &recency);
         double score = c->frequency_weight * c->frequency[base + e] * decay;
         score += c->recency_weight * recency;
         score += transition[e];

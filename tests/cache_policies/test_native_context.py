@@ -1,13 +1,13 @@
 """The native `context` policy against its oracle, `PartitionedPolicy` over numpy `ContextPolicy`
 instances: the same victim at every eviction of an engine-like cache (hits first, then each miss's
 victim among the evictable keys, or every miss's victim at once, pinned and requested keys excluded,
-prefetches never used,
-candidate lists as well as sets, layers idle for whole steps, history rings that wrap)."""
+prefetches never used, candidate lists as well as sets, layers idle for whole steps, history rings
+that wrap)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable, Iterator, Set
+from collections.abc import Hashable, Set
 
 import pytest
 
@@ -15,6 +15,7 @@ from moe_serve.cache_policies import make_layered_policy
 from moe_serve.cache_policies.context import ContextPolicy
 from moe_serve.cache_policies.native_context import NativeContextPolicy, native_library
 from moe_serve.cache_policies.partitioned import PartitionedPolicy
+from moe_serve.engine.offload.slot_pool import EvictableKeys
 
 pytestmark = pytest.mark.skipif(native_library() is None, reason="no C compiler for the native policy")
 
@@ -26,22 +27,6 @@ class Key(tuple):
         return super().__new__(cls, (layer, expert))
 
 
-class Evictable(Set):
-    """Resident keys minus the excluded ones, in residency order (the slot pool's `EvictableKeys`)."""
-
-    def __init__(self, resident: dict[Hashable, None], excluded: set[Hashable]) -> None:
-        self._resident, self._excluded = resident, excluded
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._resident and key not in self._excluded
-
-    def __iter__(self) -> Iterator[Hashable]:
-        return (key for key in self._resident if key not in self._excluded)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
 def drive(policies: list, layers: int, experts: int, top_k: int, capacity: int, steps: int, seed: int) -> int:
     """Runs the same engine-like calls into every policy and checks that they pick the same victims
     (asked one at a time, or a miss batch's at once where a policy offers `victims`); returns how many
@@ -50,6 +35,12 @@ def drive(policies: list, layers: int, experts: int, top_k: int, capacity: int, 
     patterns = [rng.sample(range(experts), top_k) for _ in range(6)]  # recurring routing, as real traces have
     resident: dict[Hashable, None] = {}
     evictions = 0
+
+    def view(excluded: set[Hashable], pinned: set[Hashable]) -> Set:
+        """The cache's view of its evictable keys (pinned ones left out of its idle keys); now and then a
+        plain set of them, which names no protected keys."""
+        keys = EvictableKeys({key: None for key in resident if key not in pinned}, excluded)
+        return frozenset(keys) if rng.random() < 0.2 else keys
 
     def evict(candidates, ahead: dict) -> Hashable:
         victims = [ahead[i].pop(0) if ahead.get(i) else policy.victim(candidates) for i, policy in enumerate(policies)]
@@ -73,17 +64,18 @@ def drive(policies: list, layers: int, experts: int, top_k: int, capacity: int, 
                     for policy in policies:
                         policy.on_access(key)
             misses = [key for key in routed if key not in resident]
-            excluded = set(routed) | pinned
+            protected = set(routed)
             incoming = misses[max(0, capacity - len(resident)):]
             ahead = {}  # victims chosen at once for every miss that finds no free slot, where a policy offers it
             if len(incoming) >= 2 and rng.random() < 0.5:
-                ahead = {i: policy.victims(Evictable(resident, excluded), incoming) for i, policy in enumerate(policies)}
+                candidates = view(protected, pinned)
+                ahead = {i: policy.victims(candidates, incoming) for i, policy in enumerate(policies)}
             for key in misses:
                 if len(resident) >= capacity:
                     if not ahead and rng.random() < 0.2:  # a candidate list, as `_claim_slot` passes with preloads
-                        evict([key for key in resident if key not in excluded], ahead)
+                        evict([key for key in resident if key not in protected and key not in pinned], ahead)
                     else:
-                        evict(Evictable(resident, excluded), ahead)
+                        evict(view(protected, pinned), ahead)
                     evictions += 1
                 resident[key] = None
                 for policy in policies:
