@@ -40,6 +40,7 @@ _SIGNATURES = {  # name: (argument types, result type)
 }
 _ACCESS, _EVICT = 1, 2  # event kinds as the C side numbers them (an insert is kind 0: its bare code)
 _MALFORMED = -3
+MAX_CONTEXT_KEYS = 254  # overlaps are counted in bytes, 255 marks a step that is never matched
 
 _lock = threading.Lock()
 _library: ctypes.PyDLL | None = None
@@ -86,6 +87,8 @@ class NativeContextPolicy(CachePolicy):
             raise ValueError("capacity, num_layers and num_experts must be >= 1")
         if horizon < 1 or neighbours < 1 or history_steps < 1 or max_context_keys < 1:
             raise ValueError("horizon, neighbours, history_steps and max_context_keys must be >= 1")
+        if max_context_keys > MAX_CONTEXT_KEYS:
+            raise ValueError(f"max_context_keys must be <= {MAX_CONTEXT_KEYS} in the native policy (byte overlaps)")
         if frequency_half_life <= 0 or recency_half_life <= 0:
             raise ValueError("half lives must be positive")
         handle = library.context_new(num_layers, num_experts, float(capacity), context_weight, horizon, neighbours,

@@ -123,6 +123,8 @@ def test_keys_outside_the_layers_and_experts_are_refused() -> None:
         policy.on_insert(Key(0, 8))
     with pytest.raises(ValueError, match="at least one candidate"):
         policy.victim([])
+    with pytest.raises(ValueError, match="max_context_keys must be <= 254"):
+        NativeContextPolicy(native_library(), 4, 2, 8, max_context_keys=255)
 
 
 def test_without_a_compiler_the_engine_gets_the_numpy_policy_and_a_warning(monkeypatch, tmp_path, caplog) -> None:
