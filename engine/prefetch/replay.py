@@ -52,7 +52,8 @@ class Prefetcher(str, Enum):
     AFFINITY = "affinity"  # AffinityPredictor learned on the learning prompts, updated per prompt
     LOGISTIC = "logistic"  # LogisticPredictor trained on the learning prompts, then frozen
     PREVIOUS = "previous"  # the previous token's experts of layer l+1
-    ORACLE = "oracle"  # the true experts of layer l+1: the ceiling on the same link and cache
+    ORACLE = "oracle"  # the true experts of layer l+1: the ceiling on the same link and cache (but for
+    # order effects: LRU ranks a step's hits before its misses, so a prefetch can reorder evictions)
 
 
 def available_prefetchers() -> list[str]:

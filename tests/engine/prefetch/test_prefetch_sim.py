@@ -94,7 +94,22 @@ def test_a_wasted_prefetch_in_flight_delays_the_demand_behind_it() -> None:
     assert wrong.misses == 3 and wrong.hits == 3
 
 
-@settings(max_examples=40, deadline=None)
+def test_the_oracle_can_stall_longer_where_lru_orders_a_step_by_hits() -> None:
+    """Found by the property test below: the oracle is not a strict ceiling under LRU. A step accesses
+    its hits before its demand misses (as the engine's cache does), so at token 1 of layer 2 (experts
+    [1, 0]) LRU ranks 1 before 0 when 1 was prefetched (a hit) and after 0 when it was a demand miss;
+    the oracle then evicts 1 at token 3 and copies it again at token 4: 12 copies against 11, and with
+    no compute to hide them behind, 12 ms of stall against 11."""
+    rows = [[[0, 1], [0, 1], second, [0, 1]] for second in ([0, 2], [1, 0], [2, 4], [2, 3], [1, 2])]
+    trace = make_trace(rows, 5)
+    timing = TimingModel(compute_ms_per_layer=0.0, **ONE_MS_COPY)
+    oracle, none = run(trace, Prefetcher.ORACLE, 4, timing), run(trace, Prefetcher.NONE, 4, timing)
+    assert (oracle.misses + oracle.used, none.misses) == (12, 11) and oracle.wasted == 0
+    assert (oracle.stall_s, none.stall_s) == (pytest.approx(12e-3), pytest.approx(11e-3))
+
+
+# derandomized: the examples are the same on every run (the one above came from a random search)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(st.data())
 def test_random_traces_invariants(data: st.DataObject) -> None:
     num_experts = data.draw(st.integers(3, 8))
