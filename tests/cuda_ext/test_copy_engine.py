@@ -238,11 +238,12 @@ def test_a_killed_builds_stale_torch_lock_does_not_block_the_next_build(tmp_path
 def test_a_copy_failing_on_the_worker_fails_only_its_ticket(backend: CopyBackend) -> None:
     engine = load_copy_engine(torch.device("cpu"), num_workers=1, backend=backend)
     generator = torch.Generator().manual_seed(5)
-    srcs = [random_bytes(n, generator) for n in (MIB, 64 * MIB, MIB)]
+    srcs = [random_bytes(n, generator) for n in (MIB // 16, 8 * MIB, MIB // 16)]
     dsts = [torch.zeros_like(src) for src in srcs]
+    engine.set_link_gbps(0.01)  # the 8 MiB copy takes ~0.8 s, so the last one is surely still queued below
     engine.inject_failures(1, "injected fault")  # the next copy to start raises on the worker thread
     failing, *others = engine.submit(list(zip(srcs, dsts)), CopyPriority.PREFETCH)
-    assert others[-1].done() is False and not others[-1].failed(), "pending (behind 64 MiB) is not failed"
+    assert others[-1].done() is False and not others[-1].failed(), "pending (behind 8 MiB) is not failed"
     with pytest.raises(CopyError, match="injected fault"):
         failing.wait()
     assert failing.failed() and not failing.cancelled()
