@@ -2,7 +2,8 @@
 
 Two random-weight checkpoints: a small Mixtral-style one (hidden 512, expert FFN 256, 8 layers,
 16 experts top-4) and one with DeepSeek-V2-Lite's MoE geometry (hidden 2048, expert FFN 1408, 64
-experts top-6, `--ds-layers` layers; routed by its own routers). Each runs in bf16 with its experts
+experts top-6, `--ds-layers` layers; routed by its own routers, or with `--trace` as a routing
+trace recorded, the routers still weighting the chosen experts). Each runs in bf16 with its experts
 stored as bf16 (the reference) and in each format (`--expert-dtype`); over `--prompts` random
 prompts of `--length` tokens (2,000 positions by default) one prefill per prompt gives every
 position's next-token distribution. Reported: the mean KL(reference || format) in nats, the share
@@ -17,6 +18,7 @@ offloaded bf16 (`full`) run's. Prefetch is off (demand misses only).
 
     python -m benchmarks.quant_quality [--prompts 8] [--length 250] [--ds-layers 2] [--json]
         [--miss-precisions full,low,adaptive] [--miss-low-gates 1.1,1.5] [--offload-positions 2000]
+        [--trace ../shared/traces/deepseek-v2-lite-puffin-train.npz]
 """
 
 from __future__ import annotations
@@ -31,13 +33,22 @@ import torch
 
 from benchmarks.engine_vs_hf import make_checkpoint as make_mixtral
 from benchmarks.prefetch_decode import make_checkpoint as make_qwen2_moe
-from moe_serve.engine.builder import build_engine
+from moe_serve.engine.builder import RoutingReplay, build_engine
 from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.core.llm_engine import LLMEngine
+from moe_serve.engine.core.step import StepChunk, StepLayout, StepObserver
 from moe_serve.engine.model.attention import AttentionMetadata
 from moe_serve.engine.progress import progress
+from moe_serve.engine.traces.trace_file import load_trace
 
 FORMATS = ("int8", "int4-g32", "int4-g64", "int4-g128", "int4-g64-sym", "mxfp4")
+
+
+def begin_step(engine: LLMEngine, seq_id: str, start: int, num_tokens: int, prefill: bool) -> None:
+    """Tells a replayed routing (`--trace`) which sequence and positions the next forward computes."""
+    override = engine.runner.model.routing_override
+    if isinstance(override, StepObserver):
+        override.begin_step(StepLayout((StepChunk(seq_id, "", start, range(num_tokens), prefill),)))
 
 
 def prompt_logits(engine: LLMEngine, prompts: list[list[int]]) -> torch.Tensor:
@@ -46,6 +57,7 @@ def prompt_logits(engine: LLMEngine, prompts: list[list[int]]) -> torch.Tensor:
     out = []
     for i, prompt in enumerate(prompts):
         engine.blocks.grow(f"q{i}", len(prompt))
+        begin_step(engine, f"q{i}", 0, len(prompt), prefill=True)
         meta = AttentionMetadata.build([engine.blocks.table(f"q{i}")], [len(prompt)], [len(prompt)], runner.block_size,
                                        runner.model.device)
         with torch.inference_mode():
@@ -63,6 +75,7 @@ def decode_logits(engine: LLMEngine, prompts: list[list[int]], positions: int) -
     for i, prompt in enumerate(prompts):
         for position, token in enumerate(prompt[:positions - len(out)]):
             engine.blocks.grow(f"d{i}", position + 1)
+            begin_step(engine, f"d{i}", position, 1, prefill=False)
             meta = AttentionMetadata.build([engine.blocks.table(f"d{i}")], [position + 1], [1], runner.block_size,
                                            runner.model.device)
             with torch.inference_mode():
@@ -82,11 +95,13 @@ def compare(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
     return {"kl": kl.mean().item(), "top1": (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()}
 
 
-def evaluate(path: Path, label: str, prompts: list[list[int]], formats: list[str], show: bool) -> list[dict]:
+def evaluate(path: Path, label: str, prompts: list[list[int]], formats: list[str], show: bool,
+             replay: RoutingReplay | None = None) -> list[dict]:
     def engine(expert_dtype: str) -> LLMEngine:
         return build_engine(EngineConfig(model=str(path), dtype="bfloat16", expert_dtype=expert_dtype, offload="off",
                                          max_model_len=max(len(p) for p in prompts) + 1,
-                                         max_num_batched_tokens=max(len(p) for p in prompts)), show_progress=False)
+                                         max_num_batched_tokens=max(len(p) for p in prompts)), show_progress=False,
+                            replay=replay)
 
     reference = prompt_logits(engine("model"), prompts)
     rows = []
@@ -100,14 +115,16 @@ def evaluate(path: Path, label: str, prompts: list[list[int]], formats: list[str
     return rows
 
 
-def evaluate_offloaded(path: Path, label: str, prompts: list[list[int]], args: argparse.Namespace) -> list[dict]:
+def evaluate_offloaded(path: Path, label: str, prompts: list[list[int]], args: argparse.Namespace,
+                       replay: RoutingReplay | None = None) -> list[dict]:
     """The offloaded rows of one model: each miss precision (adaptive at each gate) against the bf16
     all-resident model, all decoded one token a step."""
     positions = min(args.offload_positions, sum(len(p) for p in prompts))
 
     def engine(**overrides: object) -> LLMEngine:
         return build_engine(EngineConfig(model=str(path), dtype="bfloat16", max_model_len=max(len(p) for p in prompts) + 1,
-                                         max_num_batched_tokens=16, prefetch="none", **overrides), show_progress=False)
+                                         max_num_batched_tokens=16, prefetch="none", **overrides), show_progress=False,
+                            replay=replay)
 
     reference = decode_logits(engine(offload="off"), prompts, positions)
     runs = [("full", None)] if "full" in args.miss_precisions else []
@@ -136,6 +153,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=250)
     parser.add_argument("--ds-layers", type=int, default=2, help="layers of the DeepSeek-V2-Lite-geometry model (0: skip)")
     parser.add_argument("--ds-prompts", type=int, default=None, help="prompts for that model (default: --prompts)")
+    parser.add_argument("--ds-hidden", type=int, default=2048, help="that model's hidden size (tests: smaller)")
+    parser.add_argument("--ds-moe-intermediate", type=int, default=1408,
+                        help="its experts' FFN size (its shared experts': twice that)")
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--miss-precisions", default="full,low,adaptive", help="offloaded rows ('' to skip them)")
@@ -144,6 +164,9 @@ def main() -> None:
                         help="adaptive: the relative gate thresholds to run (default: the engine's)")
     parser.add_argument("--cache-fraction", type=float, default=0.25)
     parser.add_argument("--offload-positions", type=int, default=2000, help="decoded positions per offloaded row")
+    parser.add_argument("--trace", default=None,
+                        help="the DeepSeek-geometry model routes as this routing trace recorded (its first "
+                             "--ds-layers layers; the routers still weight the chosen experts) instead of by its routers")
     args = parser.parse_args()
     formats = [name for name in args.formats.split(",") if name]
     args.miss_precisions = [name for name in args.miss_precisions.split(",") if name]
@@ -156,14 +179,17 @@ def main() -> None:
         rows += evaluate(mixtral, "mixtral-small", prompts, formats, show=not args.json)
         offloaded = evaluate_offloaded(mixtral, "mixtral-small", prompts, args) if args.miss_precisions else []
         if args.ds_layers:
-            geometry = SimpleNamespace(hidden=2048, layers=args.ds_layers, heads=16, moe_intermediate=1408,
-                                       shared_intermediate=2816, dtype="bfloat16")
-            trace_shape = SimpleNamespace(num_experts=64, top_k=6)
-            deepseek = make_qwen2_moe(Path(tmp) / "deepseek", trace_shape, geometry)
-            rows += evaluate(deepseek, "deepseek-v2-lite-geometry", prompts[:args.ds_prompts], formats,
-                             show=not args.json)
+            geometry = SimpleNamespace(hidden=args.ds_hidden, layers=args.ds_layers, heads=16,
+                                       moe_intermediate=args.ds_moe_intermediate,
+                                       shared_intermediate=2 * args.ds_moe_intermediate, dtype="bfloat16")
+            trace = None if args.trace is None else load_trace(args.trace)
+            shape = SimpleNamespace(num_experts=64, top_k=6) if trace is None else trace  # a trace's experts, top-k
+            deepseek = make_qwen2_moe(Path(tmp) / "deepseek", shape, geometry)
+            replay = None if trace is None else RoutingReplay(trace)
+            label = "deepseek-v2-lite-geometry" + ("" if replay is None else " (trace routing)")
+            rows += evaluate(deepseek, label, prompts[:args.ds_prompts], formats, show=not args.json, replay=replay)
             if args.miss_precisions:
-                offloaded += evaluate_offloaded(deepseek, "deepseek-v2-lite-geometry", prompts[:args.ds_prompts], args)
+                offloaded += evaluate_offloaded(deepseek, label, prompts[:args.ds_prompts], args, replay)
     if args.json:
         print(json.dumps(rows + offloaded))
         return

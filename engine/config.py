@@ -181,6 +181,11 @@ class EngineConfig(BaseModel):
         default=1.1, ge=0, le=64, description="adaptive: a miss whose largest relative gate weight over its rows (the "
         "row's gate weight over its token's top-k mean: 1 = an average routed expert) is below this loads the low-bit copy"
     )
+    miss_full_per_token: float | None = Field(
+        default=1.0, gt=0, le=64, description="adaptive: full-precision copies a MoE layer-step may start per token "
+        "it computes (misses at or above the gate first, highest gate first, then upgrades); the other misses load "
+        "the low-bit copy. None: no cap (every miss at or above the gate loads full)"
+    )
     record_trace: str | None = Field(default=None, description="directory to write routing traces (npz) into")
     copy_workers: int = Field(default=2, ge=1, le=64, description="copy-engine worker threads (CPU backend)")
     scheduling_policy: SchedulingPolicyName = Field(

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,20 +48,25 @@ logger = logging.getLogger(__name__)
 # copies are already pending ahead of it (a decode layer's demand misses at top-k 6-8 and its prefetches)
 BUSY_LINK_COPIES = 16
 # adaptive: a low-bit resident expert is upgraded when hit with a relative gate weight of at least this
-# (above an average routed expert: upgrades go to the ones that weigh); with the default gate it moved the
-# least bytes for the KL in the sweep of docs/mixed_precision.md
+# (above an average routed expert: upgrades go to the ones that weigh), within the step's full-copy budget;
+# with the default gate it moved the least bytes for the KL in the sweep of docs/mixed_precision.md
 UPGRADE_GATE = 1.2
 
 
 @dataclass(frozen=True)
 class MixedPrecision:
     """Which copy a copied miss loads (`--miss-precision`): `low_format` is the low-bit copy's format;
-    adaptive loads it for a miss whose largest relative gate weight is below `low_gate` or when the link is
-    busy, and upgrades a low-bit resident expert hit with a relative gate weight of at least `UPGRADE_GATE`."""
+    adaptive loads it for a miss whose largest relative gate weight is below `low_gate`, when the link is
+    busy, or when the layer-step has already started `full_per_token` full copies per token it computes
+    (None: no such cap); it upgrades a low-bit resident expert hit with a relative gate weight of at
+    least `UPGRADE_GATE` within what is left of that budget. `top_k`: experts per token (a step's
+    tokens are its routed rows over it)."""
 
     mode: MissPrecision
     low_format: ExpertFormat
     low_gate: float
+    full_per_token: float | None = None
+    top_k: int = 1
 
 
 class OffloadedExperts:
@@ -122,32 +127,38 @@ class OffloadedExperts:
             low, low_format = frozenset(), None
         else:
             device_gates = None if gates is None else [g for g, h in zip(gates, on_host) if not h]
+            tokens = -(-sum(rows) // self.precision.top_k)
             slots = self.cache.acquire([key for _, key in device], self._low_bit([key for _, key in device],
-                                                                                  device_gates))
+                                                                                  device_gates, tokens))
             low = frozenset(e for e, key in device if self.cache.is_low(key))
             low_format = self.precision.low_format
         self._held.setdefault(layer, []).extend(key for _, key in device)
         return ExpertFetch(self._in_ready_order([(e, slot) for (e, _), slot in zip(device, slots)]), host,
                            low, low_format)
 
-    def _low_bit(self, keys: Sequence[ExpertKey], gates: Sequence[float] | None) -> set[ExpertKey]:
-        """The misses among `keys` that load their low-bit copy: every one with `low`; with `adaptive`
-        those whose largest relative gate weight is below the threshold, or all when the link is busy. Asks
-        an upgrade for each low-bit resident key hit with a relative gate weight of at least `UPGRADE_GATE`."""
-        assert self.precision is not None
+    def _low_bit(self, keys: Sequence[ExpertKey], gates: Sequence[float] | None, tokens: int) -> set[ExpertKey]:
+        """The misses among `keys` that load their low-bit copy: every one with `low`; with `adaptive` all
+        when the link is busy, else all but those the step's full-copy budget (`full_per_token` x `tokens`)
+        takes from the misses at or above the gate, highest relative gate weight first. What is left of the
+        budget asks upgrades, hottest first, of low-bit resident keys hit at or above `UPGRADE_GATE`."""
+        precision = self.precision
+        assert precision is not None
         cache = self.cache
         misses = [i for i, key in enumerate(keys) if not cache.holds(key)]
-        if self.precision.mode is MissPrecision.LOW:
+        if precision.mode is MissPrecision.LOW or cache.pool.num_loading >= BUSY_LINK_COPIES:
             return {keys[i] for i in misses}
         if gates is None:
             raise ValueError("adaptive miss precision needs each expert's largest gate weight")
-        threshold = self.precision.low_gate
-        for key, gate in zip(keys, gates):
-            if gate >= UPGRADE_GATE and cache.is_low(key):
-                cache.request_upgrade(key)
-        if cache.pool.num_loading >= BUSY_LINK_COPIES:
-            return {keys[i] for i in misses}
-        return {keys[i] for i in misses if gates[i] < threshold}
+        budget = len(keys) if precision.full_per_token is None else int(precision.full_per_token * tokens)
+
+        def hottest(candidates: Iterable[int]) -> list[int]:
+            return sorted(candidates, key=lambda i: gates[i], reverse=True)[:budget]
+
+        full = hottest(i for i in misses if gates[i] >= precision.low_gate)
+        budget -= len(full)
+        for i in hottest(i for i, key in enumerate(keys) if gates[i] >= UPGRADE_GATE and cache.is_low(key)):
+            cache.request_upgrade(keys[i])
+        return {keys[i] for i in misses} - {keys[i] for i in full}
 
     def run_on_host(self, layer: int, work: Callable[[], None]) -> Future[float]:
         assert self._worker is not None, "host work while every miss is copied"
@@ -397,7 +408,7 @@ def build_expert_provider(
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     backing_dir = host_tier_dir(config, experts_nbytes)
-    precision = mixed_precision(config)
+    precision = mixed_precision(config, spec.top_k)
     # the low-bit copy first, from the experts as loaded, one expert at a time (never a second full copy)
     low_store = None if precision is None else low_bit_store(experts, precision.low_format, expert_format, spec,
                                                              pin=device.type == "cuda")
@@ -437,13 +448,13 @@ def build_expert_provider(
     return OffloadedExperts(cache, handling, planner, precision)
 
 
-def mixed_precision(config: EngineConfig) -> MixedPrecision | None:
+def mixed_precision(config: EngineConfig, top_k: int) -> MixedPrecision | None:
     """`--miss-precision` with its low-bit format and gate (None: full, no low-bit copy is kept)."""
     if config.miss_precision is MissPrecision.FULL:
         return None
     low_format = parse_expert_dtype(config.miss_low_dtype)
     assert low_format is not None and low_format.quantized  # the config's pattern admits only low-bit formats
-    return MixedPrecision(config.miss_precision, low_format, config.miss_low_gate)
+    return MixedPrecision(config.miss_precision, low_format, config.miss_low_gate, config.miss_full_per_token, top_k)
 
 
 def low_bit_store(experts: dict[ExpertKey, ExpertTensors], low_format: ExpertFormat, expert_format: ExpertFormat,

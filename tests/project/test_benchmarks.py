@@ -75,6 +75,14 @@ def test_quant_benchmarks_report_each_format(tmp_path: Path) -> None:
     assert full["kl"] == 0 and full["top1"] == 1 and full["positions"] == 12  # offloading alone changes nothing
     assert set(low["loads"]) == {"low"} and 0.2 < low["bytes_vs_full"] < 0.35  # int4-g32 copies: ~0.3 of bf16's bytes
     assert 0 < adaptive["bytes_per_token"] <= full["bytes_per_token"] and low["kl"] > 0
+    replayed = run_json("benchmarks.quant_quality", "--prompts", "1", "--length", "20", "--ds-layers", "2",
+                        "--ds-hidden", "64", "--ds-moe-intermediate", "32", "--formats", "int8",
+                        "--offload-positions", "12", "--miss-precisions", "full,low", "--cache-fraction", "0.5",
+                        "--trace", str(small_trace(tmp_path / "trace.npz")))
+    deepseek = [r for r in replayed if r["model"].endswith("(trace routing)")]
+    full, low = (r for r in deepseek if "bytes_per_token" in r)
+    # every engine replays the same routing: offloading alone changes nothing, low-bit misses do
+    assert full["kl"] == 0 and full["top1"] == 1 and full["loads"]["full"] > 0 and low["kl"] > 0
 
 
 def test_policy_cost_measures_the_policies_in_one_run(tmp_path: Path) -> None:

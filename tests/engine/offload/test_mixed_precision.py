@@ -14,12 +14,12 @@ from moe_serve.cache_policies import make_policy
 from moe_serve.cuda_ext import load_copy_engine
 from moe_serve.cuda_ext.api import CopyBackend
 from moe_serve.engine.builder import build_engine
-from moe_serve.engine.config import EngineConfig
+from moe_serve.engine.config import EngineConfig, MissPrecision
 from moe_serve.engine.model.experts import ExpertFetch, ResidentExperts
 from moe_serve.engine.model.quant import parse_expert_dtype
 from moe_serve.engine.offload.expert_cache import ExpertCache
 from moe_serve.engine.offload.expert_store import ALIGNMENT, HostExpertStore, Precision
-from moe_serve.engine.offload.provider import OffloadedExperts
+from moe_serve.engine.offload.provider import UPGRADE_GATE, MixedPrecision, OffloadedExperts
 from moe_serve.engine.offload.slot_pool import SlotState
 from moe_serve.engine.types import ExpertKey
 from tests.engine.offload.test_expert_cache import make_experts
@@ -105,11 +105,47 @@ def test_adaptive_counts_loads_by_precision_and_upgrades_hot_experts(mixtral) ->
     cache.check_invariants()
 
 
-def test_adaptive_at_gate_zero_is_full_precision(mixtral) -> None:
+def test_adaptive_at_gate_zero_without_a_cap_is_full_precision(mixtral) -> None:
     reference, _ = run_workload(mixtral, offload="off")
-    engine, loaded = _offloaded(mixtral, miss_precision="adaptive", miss_low_gate=0.0)
+    engine, loaded = _offloaded(mixtral, miss_precision="adaptive", miss_low_gate=0.0, miss_full_per_token=None)
     assert run_to_completion(engine, workload()) == reference
     assert {precision for _, precision in loaded} == {Precision.FULL}
+
+
+def test_adaptive_spends_the_steps_full_copy_budget_on_the_hottest_misses_then_upgrades() -> None:
+    _, _, store, low_store = _twin_stores()
+    copy_engine = load_copy_engine(torch.device("cpu"), num_workers=1, backend=CopyBackend.TORCH)
+    try:
+        cache = ExpertCache(store, 6, torch.device("cpu"), make_policy("lru"), copy_engine, low_store)
+        precision = MixedPrecision(MissPrecision.ADAPTIVE, parse_expert_dtype("int4-g32"), low_gate=1.0,
+                                   full_per_token=1.0, top_k=2)
+        provider = OffloadedExperts(cache, precision=precision)
+
+        def step(expert_ids: list[int], gates: list[float]) -> None:
+            """One layer-step of len(expert_ids) / 2 tokens (top-2, a row each), its fetch consumed."""
+            fetch = provider.fetch(0, expert_ids, [1] * len(expert_ids), gates)
+            for _ in fetch.ready:
+                pass
+            provider.done(0, expert_ids)
+            provider.end_step()
+
+        # two tokens: a budget of two full copies, taken by the two hottest misses at or above the gate
+        step([0, 1, 2, 3], [1.5, 0.5, 1.2, 1.3])
+        assert [cache.is_low(ExpertKey(0, e)) for e in range(4)] == [False, True, True, False]
+        # one token: its miss at the gate takes the budget, so the hot low-bit hit is not upgraded
+        step([2, 4], [1.5, 1.0])
+        assert not cache.is_low(ExpertKey(0, 4)) and cache.is_low(ExpertKey(0, 2))
+        # no miss: the budget upgrades the hottest low-bit hit at or above UPGRADE_GATE only
+        step([1, 2], [UPGRADE_GATE, 2.0])
+        assert not cache.is_low(ExpertKey(0, 2)) and cache.is_low(ExpertKey(0, 1))
+        assert dict(cache.stats().loads) == {"full": 3, "low": 2, "upgrade": 1}
+        # no cap: every miss at or above the gate loads full
+        provider.precision = MixedPrecision(MissPrecision.ADAPTIVE, precision.low_format, low_gate=1.0, top_k=2)
+        step([5, 0], [1.1, 1.2])
+        assert not cache.is_low(ExpertKey(0, 5)) and cache.stats().loads["full"] == 4
+        cache.check_invariants()
+    finally:
+        copy_engine.shutdown()
 
 
 # -- the cache: a slot holds either copy; an upgrade is a background copy -------------------------
