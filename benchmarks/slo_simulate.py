@@ -212,6 +212,9 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.route_share <= 1:
         parser.error(f"--route-share must be in (0, 1] (top-k / experts), got {args.route_share}")
+    for flag in ("step_base_ms", "step_token_ms", "step_overhead_ms", "step_decode_ms", "step_experts_ms"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} is a cost and cannot be negative, got {getattr(args, flag)}")
     cost = StepCost(args.step_base_ms / 1e3, args.step_token_ms / 1e3, args.step_overhead_ms / 1e3,
                     args.step_decode_ms / 1e3, args.step_experts_ms / 1e3, args.route_share)
     reports = [run_seed(int(s), args.mixes, args.seconds, args.requests, cost)

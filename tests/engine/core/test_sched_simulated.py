@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from benchmarks.slo_simulate import StepCost, across_seeds, run_mix
+from benchmarks.slo_simulate import StepCost, across_seeds, main, run_mix
 from benchmarks.slo_workload import IdleCosts, draw_mix
 
 
@@ -52,3 +52,11 @@ def test_the_across_seeds_line_averages_the_per_seed_figures() -> None:
     line = across_seeds([report(10.0, -4.0, 2.0, 1.5, 0.4), report(20.0, 2.0, 1.0, 1.1, 0.6)])
     assert line == ("over 2 seeds (means): median gain +15.0 points, worst mix -1.0 (lowest -4.0), median paired "
                     "mean e2e slo - fcfs -0.200 s, tightest task at 1.5x fcfs 10.0% slo 50.0%")
+
+
+@pytest.mark.parametrize("argv", [["--step-token-ms", "-0.5"], ["--step-experts-ms", "-1"], ["--route-share", "1.5"]])
+def test_a_negative_cost_or_a_route_share_outside_0_1_is_a_usage_error(monkeypatch, capsys, argv: list[str]) -> None:
+    monkeypatch.setattr("sys.argv", ["slo_simulate", "--mixes", "1", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and argv[0] in capsys.readouterr().err
