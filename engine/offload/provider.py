@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +67,11 @@ class MixedPrecision:
     low_gate: float
     full_per_token: float | None = None
     top_k: int = 1
+
+
+def _hottest(indices: Sequence[int], gates: Sequence[float], limit: int) -> list[int]:
+    """At most `limit` of `indices`, highest gate weight first."""
+    return sorted(indices, key=lambda i: gates[i], reverse=True)[:limit]
 
 
 class OffloadedExperts:
@@ -150,15 +155,11 @@ class OffloadedExperts:
         if gates is None:
             raise ValueError("adaptive miss precision needs each expert's largest gate weight")
         budget = len(keys) if precision.full_per_token is None else int(precision.full_per_token * tokens)
-
-        def hottest(candidates: Iterable[int]) -> list[int]:
-            return sorted(candidates, key=lambda i: gates[i], reverse=True)[:budget]
-
-        full = hottest(i for i in misses if gates[i] >= precision.low_gate)
-        budget -= len(full)
-        for i in hottest(i for i, key in enumerate(keys) if gates[i] >= UPGRADE_GATE and cache.is_low(key)):
+        full = set(_hottest([i for i in misses if gates[i] >= precision.low_gate], gates, budget))
+        hot = [i for i, key in enumerate(keys) if gates[i] >= UPGRADE_GATE and cache.is_low(key)]
+        for i in _hottest(hot, gates, budget - len(full)):
             cache.request_upgrade(keys[i])
-        return {keys[i] for i in misses} - {keys[i] for i in full}
+        return {keys[i] for i in misses if i not in full}
 
     def run_on_host(self, layer: int, work: Callable[[], None]) -> Future[float]:
         assert self._worker is not None, "host work while every miss is copied"
