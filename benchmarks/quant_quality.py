@@ -171,6 +171,7 @@ def main() -> None:
     formats = [name for name in args.formats.split(",") if name]
     args.miss_precisions = [name for name in args.miss_precisions.split(",") if name]
     args.miss_low_gates = [float(gate) for gate in args.miss_low_gates.split(",")]
+    trace = None if args.trace is None else load_trace(args.trace)  # before minutes of the Mixtral model's rows
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 250, (args.prompts, args.length), generator=gen).tolist()
     rows = []
@@ -182,7 +183,6 @@ def main() -> None:
             geometry = SimpleNamespace(hidden=args.ds_hidden, layers=args.ds_layers, heads=16,
                                        moe_intermediate=args.ds_moe_intermediate,
                                        shared_intermediate=2 * args.ds_moe_intermediate, dtype="bfloat16")
-            trace = None if args.trace is None else load_trace(args.trace)
             shape = SimpleNamespace(num_experts=64, top_k=6) if trace is None else trace  # a trace's experts, top-k
             deepseek = make_qwen2_moe(Path(tmp) / "deepseek", shape, geometry)
             replay = None if trace is None else RoutingReplay(trace)
