@@ -167,6 +167,7 @@ class MoEModel:
         # the host tier's experts on the host's worker, while this thread computes the device's
         host_job = self.experts.run_on_host(moe_layer, lambda: compute(fetched.host)) if fetched.host else None
         try:
+            shared = self._shared(layer, x)  # while the misses copy
             for ready in fetched.ready:
                 compute(ready)
         finally:
@@ -174,9 +175,7 @@ class MoEModel:
                 host_job.result()  # its rows are in `out` once it returns; re-raises its error
         self.experts.done(moe_layer, needed)
         routed = out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
-        if layer.shared_expert is not None:
-            routed = routed + self._mlp(layer.shared_expert, x)
-        return routed
+        return routed if shared is None else routed + shared
 
     def _moe_torch(self, moe_layer: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """The torch path (CUDA, or no C kernels): routing stays on the device, the ids are read on the
@@ -195,6 +194,7 @@ class MoEModel:
             gates = largest[layout.needed].tolist()
         fetched = self._fetch(moe_layer, layout.needed, layout.counts, gates)
         self._hint_next(moe_layer, x, layout.ids_host)
+        shared = self._shared(layer, x)  # queued ahead of the routed experts, which wait for the misses' copies
         if fetched.host:
             routed = self._hybrid_torch(moe_layer, layout, x, weights, fetched)
         elif fetched.low:  # experts of two formats: each decoded in its own, then the same batched products
@@ -206,9 +206,7 @@ class MoEModel:
             routed = batched_experts(self.spec.expert_mlp, layout, x, weights, fetched.ready, self.expert_format,
                                      self.spec.moe_intermediate_size)
         self.experts.done(moe_layer, layout.needed)
-        if layer.shared_expert is not None:
-            routed = routed + self._mlp(layer.shared_expert, x)
-        return routed
+        return routed if shared is None else routed + shared
 
     def _hybrid_torch(self, moe_layer: int, layout: ExpertLayout, x: torch.Tensor, weights: torch.Tensor,
                       fetched: ExpertFetch) -> torch.Tensor:
@@ -262,6 +260,11 @@ class MoEModel:
             guesses = self._speculator(moe_layer, x, ids)
             if guesses and moe_layer + 1 < self.spec.num_moe_layers:
                 self.experts.hint(moe_layer + 1, guesses)
+
+    def _shared(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's shared expert on x (None without one), computed once the routed experts' misses are
+        loading so the copies overlap it; added to the routed sum after it, as before (the same result)."""
+        return None if layer.shared_expert is None else self._mlp(layer.shared_expert, x)
 
     @staticmethod
     def _mlp(w: MLPWeights, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import SamplingParams
 from moe_serve.engine.offload.provider import OffloadedExperts
 from moe_serve.engine.traces.trace_file import load_trace
-from tests.helpers import MIN_FRACTION, NEW_ARCHITECTURES, hf_model, run_to_completion, run_workload
+from tests.helpers import MIN_FRACTION, NEW_ARCHITECTURES, hf_model, run_to_completion, run_workload, workload
 
 # each with 4 MoE layers of 8 experts: the minimum cache (one layer) is a quarter of the experts
 # (gpt-oss has no dense layer: 4 layers, sliding-window and full attention alternating)
@@ -54,6 +54,37 @@ def test_offloaded_greedy_tokens_equal_the_all_resident_run(reference, name: str
     assert sum(stats.evictions.values()) > 0
     assert set(stats.misses) == set(range(NUM_MOE_LAYERS))  # keyed by MoE layer
     experts.cache.check_invariants()
+
+
+def test_the_shared_expert_runs_while_the_misses_copy(reference) -> None:
+    """A layer computes its shared expert after its misses start loading and before it first waits for one
+    (the copies overlap it); the tokens stay the all-resident run's."""
+    path, expected = reference("qwen2_moe-dense-yarn")
+    engine = build_engine(EngineConfig(model=str(path), dtype="float32", max_num_batched_tokens=16, prefetch="none",
+                                       offload="on", expert_cache_fraction=MIN_FRACTION, expert_link_gbps=0.02,
+                                       miss_handling="copy"), show_progress=False)
+    model, experts = engine.runner.model, engine.runner.model.experts
+    assert isinstance(experts, OffloadedExperts)
+    events: list[str] = []
+
+    def recording(name: str, method):
+        def record(*args, **kwargs):
+            events.append(name)
+            return method(*args, **kwargs)
+        return record
+
+    model._shared = recording("shared", model._shared)
+    experts.fetch = recording("fetch", experts.fetch)
+    experts.cache.wait = recording("wait", experts.cache.wait)
+    assert run_to_completion(engine, workload()) == expected
+    assert events.count("wait") > 0
+    since_fetch: list[str] = []
+    for event in events:
+        if event == "fetch":
+            since_fetch = []
+        elif event == "wait":
+            assert "shared" in since_fetch, "a layer waited for a copy before computing its shared expert"
+        since_fetch.append(event)
 
 
 @pytest.mark.parametrize("prefetch", ["next_layer", "affinity", "logistic"])
