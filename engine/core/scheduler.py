@@ -138,6 +138,8 @@ class Scheduler:
                 raise QueueFullError(
                     f"the {request.task!r} TTFT SLO cannot be met under the current load "
                     f"(at least {ttft:.2f} s)", retry_after_s=self._feasible_wait_s(self.order, now))
+        if isinstance(self.order, SloOrder):
+            self.order.note_arrival(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 

@@ -28,6 +28,11 @@ the whole prefill share of a step:
   a full step would push off their TPOT SLOs are at least as many as the waiting ones the capped
   steps would push past their TTFT deadlines. (Always capping lost to fcfs when steps are slow,
   and a floor-sized chunk beside a short tight-TPOT request made it miss: docs/scheduling.md.)
+- Arrival guard (`SloOrder.arrival_token_cap`): whatever the plan, a step lasts at most
+  ARRIVAL_GUARD_SHARE of the tightest TTFT SLO among the tasks that had a request arrive in the
+  last ARRIVAL_GUARD_S, so a request of that task arriving during a step can still wait it out and
+  get its first token from the next (a full 512-token step is longer than a sub-0.3 s SLO), unless
+  the shorter steps would push a waiting request past its TTFT deadline.
 
 The step-time model (`ServiceTimeModel`) is learned online from the engine's steps.
 """
@@ -52,6 +57,11 @@ MIN_PREFILL_CHUNK = 16
 TPOT_MARGIN = 0.9
 # the step-time fit needs at least this spread of step sizes (tokens) before it re-fits the slope
 MIN_TOKEN_SPREAD = 8.0
+# a step lasts at most this share of the tightest TTFT SLO among the recently arrived tasks: a request of
+# that task arriving during a step waits for it and then needs a step of its own (the arrival guard)
+ARRIVAL_GUARD_SHARE = 0.5
+# a task guards the step length for this long after its latest request arrived
+ARRIVAL_GUARD_S = 30.0
 
 
 class ExpertCostModel(Protocol):
@@ -193,6 +203,21 @@ class SloOrder:
 
     def __init__(self, ctx: SloContext) -> None:
         self.ctx = ctx
+        self._latest_arrival: dict[float, float] = {}  # TTFT SLO -> the latest arrival of a task with it
+
+    def note_arrival(self, seq: Sequence) -> None:
+        """Remembers that a request of `seq`'s task (its TTFT SLO) arrived, for the arrival guard."""
+        ttft = self.ctx.tasks.get(seq.request.task).ttft_slo_s
+        self._latest_arrival[ttft] = max(seq.request.arrival_time, self._latest_arrival.get(ttft, -math.inf))
+
+    def arrival_token_cap(self, num_decodes: int, now: float) -> int | None:
+        """The most prefill tokens a step beside `num_decodes` decodes may take so that it lasts at most
+        ARRIVAL_GUARD_SHARE of the tightest TTFT SLO among the tasks with a request arrived in the last
+        ARRIVAL_GUARD_S (at least MIN_PREFILL_CHUNK; None: no such task, or no per-token cost)."""
+        recent = [ttft for ttft, at in self._latest_arrival.items() if now - at <= ARRIVAL_GUARD_S]
+        if not recent or self.ctx.service.token_s <= 0:
+            return None
+        return max(MIN_PREFILL_CHUNK, self.ctx.service.tokens_within(ARRIVAL_GUARD_SHARE * min(recent)) - num_decodes)
 
     def deadline(self, seq: Sequence) -> float:
         """When the request's TTFT SLO runs out (monotonic seconds)."""
@@ -380,7 +405,18 @@ class SloOrder:
         """The prefill tokens this step hands out (of the step's remaining token `budget`) to the
         prefilling requests `ranked` in their order, beside its `num_decodes` decodes: 0 when
         deferring prefill pays (`defer_pays`), else the TPOT cap (at least MIN_PREFILL_CHUNK) when
-        it pays (`cap_pays`), else all of `budget`."""
+        it pays (`cap_pays`), else all of `budget`; then at most the arrival guard's cap where that
+        pushes none of `ranked` past its TTFT deadline."""
+        planned = self._tpot_budget(running, ranked, num_decodes, budget, now)
+        guard = self.arrival_token_cap(num_decodes, now)
+        full = min(planned, sum(seq.num_uncomputed_tokens for seq in ranked))
+        if guard is None or guard >= full:
+            return planned
+        return guard if self._ttft_misses(ranked, num_decodes, guard, full, 0.0, now) == 0 else planned
+
+    def _tpot_budget(self, running: SequenceT[Sequence], ranked: SequenceT[Sequence], num_decodes: int,
+                     budget: int, now: float) -> int:
+        """`prefill_budget` before the arrival guard."""
         cap = self.prefill_token_cap(running, num_decodes, now)
         if not ranked or cap is None or cap >= budget:
             return budget

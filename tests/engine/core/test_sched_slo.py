@@ -11,6 +11,7 @@ from moe_serve.engine.core.request import EngineRequest
 from moe_serve.engine.core.sampling_params import FinishReason, SamplingParams
 from moe_serve.engine.core.scheduler import OverloadDecision, Scheduler, SchedulerConfig
 from moe_serve.engine.core.scheduling_policy import (
+    ARRIVAL_GUARD_S,
     MIN_PREFILL_CHUNK,
     TPOT_MARGIN,
     NoExpertCost,
@@ -146,6 +147,34 @@ def test_a_tpot_lost_at_the_batch_decode_step_does_not_cap_prefill(monkeypatch) 
         s.num_computed_tokens = s.num_tokens - 1
     scheduler.add(seq("long", "bulk", 2000, arrival=clock.now))
     assert {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled}["long"] == 512 - 4
+
+
+def test_a_recent_tight_arrival_keeps_steps_within_half_its_ttft_slo(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    clock.now = 10.0
+    scheduler = make_scheduler(max_num_batched_tokens=512)
+    scheduler.add(seq("long", "bulk", 2000, arrival=clock.now))
+    assert scheduler.order.arrival_token_cap(0, clock.now) == 9990  # bulk's 20 s SLO: 10 s steps
+    scheduler.add(seq("tight", "tight-demote", 10, arrival=clock.now))
+    # half of tight's 0.5 s: 10 ms + 240 tokens x 1 ms, so a tight request arriving during the step
+    # still gets its first token from the next one in time; a full 512-token step would take 0.52 s
+    assert scheduler.order.arrival_token_cap(0, clock.now) == 240
+    assert {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled} == {"tight": 10, "long": 230}
+    # a task guards for ARRIVAL_GUARD_S after its latest arrival
+    scheduler.add(seq("later-bulk", "bulk", 10, arrival=clock.now + 1.0))
+    assert scheduler.order.arrival_token_cap(0, clock.now + ARRIVAL_GUARD_S) == 240
+    assert scheduler.order.arrival_token_cap(0, clock.now + ARRIVAL_GUARD_S + 0.5) == 9990
+    assert scheduler.order.arrival_token_cap(0, clock.now + ARRIVAL_GUARD_S + 1.5) is None
+
+
+def test_the_arrival_guard_yields_to_a_waiting_requests_deadline(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    clock.now = 10.0
+    scheduler = make_scheduler(max_num_batched_tokens=512)
+    scheduler.add(seq("tight", "tight-demote", 10, arrival=clock.now - 1.0))  # hopeless, but it guards the steps
+    # 0.55 s left: one full step of both prompts (0.52 s) meets its deadline, three guarded ones (0.75 s) do not
+    scheduler.add(seq("due", "stream", 500, arrival=clock.now - 4.45))
+    assert {s.seq.seq_id: s.num_new_tokens for s in scheduler.schedule().scheduled} == {"due": 500, "tight": 10}
 
 
 def test_a_spent_tpot_bank_defers_prefill_until_a_ttft_deadline_needs_it(monkeypatch) -> None:
