@@ -130,6 +130,8 @@ class Scheduler:
                                  retry_after_s=self.expected_wait_s(self.running, self.waiting))
         request = seq.request
         seq.predicted_output_len = self.lengths.predict(request.task, request.sampling.max_tokens)
+        if isinstance(self.order, SloOrder):
+            self.order.note_arrival(seq)  # a request shed below still says its task is arriving
         if isinstance(self.order, SloOrder) and self.slo.tasks.get(request.task).overload is OverloadAction.SHED:
             now = time.monotonic()
             ttft = self._least_ttft_s(self.order, seq, now)
@@ -138,8 +140,6 @@ class Scheduler:
                 raise QueueFullError(
                     f"the {request.task!r} TTFT SLO cannot be met under the current load "
                     f"(at least {ttft:.2f} s)", retry_after_s=self._feasible_wait_s(self.order, now))
-        if isinstance(self.order, SloOrder):
-            self.order.note_arrival(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 

@@ -167,6 +167,14 @@ def test_a_recent_tight_arrival_keeps_steps_within_half_its_ttft_slo(monkeypatch
     assert scheduler.order.arrival_token_cap(0, clock.now + ARRIVAL_GUARD_S + 1.5) is None
 
 
+def test_a_request_shed_on_arrival_still_guards_the_steps(monkeypatch) -> None:
+    Clock(monkeypatch)
+    scheduler = make_scheduler()
+    with pytest.raises(QueueFullError):
+        scheduler.add(seq("too-long", "tight", 600))  # its own prefill (0.61 s) overruns its 0.5 s SLO
+    assert scheduler.order.arrival_token_cap(0, 0.0) == 240  # its task is arriving
+
+
 def test_the_arrival_guard_yields_to_a_waiting_requests_deadline(monkeypatch) -> None:
     clock = Clock(monkeypatch)
     clock.now = 10.0
