@@ -1,5 +1,6 @@
-"""Compiling one C source into a cached shared library, torch-free: the native cache policy builds
-with it, and so do the CPU kernels (`engine.model.cpu_kernels`) and the copy extension's cache root."""
+"""Compiling one C source into a cached shared library, and loading it once per process, torch-free:
+the native cache policy builds with it, and so do the CPU kernels (`engine.model.cpu_kernels`) and the
+copy extension's cache root."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +73,23 @@ def build_failure(exc: OSError | subprocess.CalledProcessError) -> str:
         lines = (exc.stderr or "").strip().splitlines()
         return f"compiling failed: {lines[-1] if lines else exc}"
     return f"unavailable: {exc}"
+
+
+class LoadOnce(Generic[T]):
+    """What `load` returns (None: unavailable, e.g. no compiler), computed on the first `get` and then
+    kept for the process; concurrent first calls load once."""
+
+    def __init__(self, load: Callable[[], T | None]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._loaded = False
+
+    def get(self) -> T | None:
+        if self._loaded:  # every call after the first (the kernels' hot path): no lock
+            return self._value
+        with self._lock:
+            if not self._loaded:
+                self._value = self._load()
+                self._loaded = True
+        return self._value

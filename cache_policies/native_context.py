@@ -16,14 +16,13 @@ import ctypes
 import logging
 import os
 import subprocess
-import threading
 import weakref
 from array import array
 from collections.abc import Hashable, Iterable, Sequence, Set
 from pathlib import Path
 
 from moe_serve.cache_policies.base import CachePolicy
-from moe_serve.cache_policies.native_build import build_failure, compile_library
+from moe_serve.cache_policies.native_build import LoadOnce, build_failure, compile_library
 
 logger = logging.getLogger(__name__)
 
@@ -42,36 +41,31 @@ _ACCESS, _EVICT = 1, 2  # event kinds as the C side numbers them (an insert is k
 _MALFORMED = -3
 MAX_CONTEXT_KEYS = 254  # overlaps are counted in bytes, 255 marks a step that is never matched
 
-_lock = threading.Lock()
-_library: ctypes.PyDLL | None = None
-_loaded = False
+def _open_library() -> ctypes.PyDLL | None:
+    """The compiled policy, built if missing; None when disabled or it cannot be built (logged)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        logger.info("cache policy: numpy implementation (native disabled by %s=0)", DISABLE_ENV)
+        return None
+    flags = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]  # no FMA contraction: numpy's roundings
+    try:
+        # PyDLL keeps the GIL: a call takes about a microsecond, and releasing the GIL for it would let
+        # another thread take it for up to a switch interval
+        library = ctypes.PyDLL(str(compile_library(SOURCE, flags, "policies", "the native cache policy")))
+    except (subprocess.CalledProcessError, OSError) as exc:
+        logger.warning("cache policy: numpy implementation (the native one: %s)", build_failure(exc))
+        return None
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, restype
+    return library
+
+
+_library = LoadOnce(_open_library)
 
 
 def native_library() -> ctypes.PyDLL | None:
     """The compiled policy (built on first use); None when disabled or it cannot be built."""
-    global _library, _loaded
-    if _loaded:
-        return _library
-    with _lock:
-        if _loaded:
-            return _library
-        _loaded = True
-        if os.environ.get(DISABLE_ENV, "1") == "0":
-            logger.info("cache policy: numpy implementation (native disabled by %s=0)", DISABLE_ENV)
-            return None
-        flags = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]  # no FMA contraction: numpy's roundings
-        try:
-            # PyDLL keeps the GIL: a call takes about a microsecond, and releasing the GIL for it would let
-            # another thread take it for up to a switch interval
-            library = ctypes.PyDLL(str(compile_library(SOURCE, flags, "policies", "the native cache policy")))
-        except (subprocess.CalledProcessError, OSError) as exc:
-            logger.warning("cache policy: numpy implementation (the native one: %s)", build_failure(exc))
-            return None
-        for name, (argtypes, restype) in _SIGNATURES.items():
-            function = getattr(library, name)
-            function.argtypes, function.restype = argtypes, restype
-        _library = library
-        return library
+    return _library.get()
 
 
 class NativeContextPolicy(CachePolicy):

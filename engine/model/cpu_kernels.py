@@ -14,7 +14,6 @@ import ctypes
 import logging
 import os
 import subprocess
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from moe_serve.cache_policies.native_build import build_failure, compile_library, cpu_flags
+from moe_serve.cache_policies.native_build import LoadOnce, build_failure, compile_library, cpu_flags
 from moe_serve.engine.model.dense_quant import reference_linear
 from moe_serve.engine.model.packed import Matrix, PackedMatrix, QuantMatrix, packed_shape
 from moe_serve.engine.model.quant import MODEL_DTYPE, ExpertFormat, WeightKind
@@ -32,10 +31,6 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.c"
 DISABLE_ENV = "MOE_SERVE_CPU_KERNEL"
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_loaded = False
-_flavour = "torch"
 INT8_KERNELS = ("c (portable)", "avx2 (vpmaddubsw)", "avx512-vnni (vpdpbusd)")  # by the library's q8_kernel()
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -81,34 +76,35 @@ def open_library(path: Path) -> ctypes.CDLL:
     return library
 
 
+def _open_kernels() -> tuple[ctypes.CDLL, str] | None:
+    """The kernels' library, compiled if missing, and its flavour; None (logged): use torch."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        logger.info("CPU kernels: torch (disabled by %s=0)", DISABLE_ENV)
+        return None
+    try:
+        vector, flavour = _vector_flags(cpu_flags())
+        library = open_library(build_library(vector))
+    except (subprocess.CalledProcessError, OSError) as exc:
+        logger.warning("CPU kernels: torch (the C kernels: %s)", build_failure(exc))
+        return None
+    logger.info("CPU kernels: C (%s), packed weights; int8 and 4-bit weights: %s", flavour,
+                INT8_KERNELS[library.q8_kernel()])
+    return library, flavour
+
+
+_kernels = LoadOnce(_open_kernels)
+
+
 def _load() -> ctypes.CDLL | None:
     """The kernels' library, loaded (compiling if needed) on the first call; None: use torch."""
-    global _library, _loaded, _flavour
-    if _loaded:  # every decode call comes here: no lock once settled
-        return _library
-    with _lock:
-        if _loaded:
-            return _library
-        _loaded = True
-        if os.environ.get(DISABLE_ENV, "1") == "0":
-            logger.info("CPU kernels: torch (disabled by %s=0)", DISABLE_ENV)
-            return None
-        try:
-            vector, flavour = _vector_flags(cpu_flags())
-            library = open_library(build_library(vector))
-        except (subprocess.CalledProcessError, OSError) as exc:
-            logger.warning("CPU kernels: torch (the C kernels: %s)", build_failure(exc))
-            return None
-        _library, _flavour = library, flavour
-        logger.info("CPU kernels: C (%s), packed weights; int8 and 4-bit weights: %s", flavour,
-                    INT8_KERNELS[library.q8_kernel()])
-        return library
+    kernels = _kernels.get()
+    return None if kernels is None else kernels[0]
 
 
 def kernel_flavour() -> str:
     """Which implementation serves small CPU batches: "c-avx512", "c-avx2", "c" or "torch"."""
-    _load()
-    return _flavour
+    kernels = _kernels.get()
+    return "torch" if kernels is None else kernels[1]
 
 
 def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
@@ -302,7 +298,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     slots [B, K] (cache slot of each context position, K >= every context length), context_lens [B].
     Returns [B, H * D] in q's dtype (computed in fp32, rounded once). Call only where
     `kernel_decode_attention` said yes."""
-    if _library is None:
+    library = _load()
+    if library is None:
         raise RuntimeError("decode_attention needs the C kernels (check kernel_decode_attention first)")
     seqs, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -319,7 +316,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"cache slots must be in [0, {k_cache.shape[0]})")
     out = q.new_empty(seqs, heads * head_dim)
     scratch = torch.empty(seqs * heads, slots.shape[1])
-    status = _library.paged_decode_attention(
+    status = library.paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kind, slots.data_ptr(), slots.shape[1],
         context_lens.data_ptr(), seqs, heads, kv_heads, head_dim, scale, out.data_ptr(), scratch.data_ptr(),
         torch.get_num_threads(),

@@ -13,6 +13,7 @@ import pytest
 
 from moe_serve.cache_policies import make_layered_policy
 from moe_serve.cache_policies.context import ContextPolicy
+from moe_serve.cache_policies.native_build import LoadOnce
 from moe_serve.cache_policies.native_context import NativeContextPolicy, native_library
 from moe_serve.cache_policies.partitioned import PartitionedPolicy
 from moe_serve.engine.offload.slot_pool import EvictableKeys
@@ -130,8 +131,7 @@ def test_keys_outside_the_layers_and_experts_are_refused() -> None:
 def test_without_a_compiler_the_engine_gets_the_numpy_policy_and_a_warning(monkeypatch, tmp_path, caplog) -> None:
     from moe_serve.cache_policies import native_context
 
-    monkeypatch.setattr(native_context, "_loaded", False)
-    monkeypatch.setattr(native_context, "_library", None)
+    monkeypatch.setattr(native_context, "_library", LoadOnce(native_context._open_library))
     monkeypatch.setenv("MOE_SERVE_EXT_DIR", str(tmp_path))  # nothing cached: it must compile
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with caplog.at_level("WARNING", logger="moe_serve.cache_policies.native_context"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_serve.cache_policies.native_build import cpu_flags
+from moe_serve.cache_policies.native_build import LoadOnce, cpu_flags
 from moe_serve.engine.model import cpu_kernels
 from moe_serve.engine.model.cpu_kernels import ExpertRows, expert_ffn, kernel_flavour, linear, packs_weights
 from moe_serve.engine.model.packed import PackedMatrix, pack_blocks, unpack_blocks
@@ -24,9 +24,7 @@ def needs_kernel() -> None:
 @pytest.fixture
 def fresh_loader(monkeypatch):
     """Forget the loaded library for one test (restored afterwards)."""
-    monkeypatch.setattr(cpu_kernels, "_loaded", False)
-    monkeypatch.setattr(cpu_kernels, "_library", None)
-    monkeypatch.setattr(cpu_kernels, "_flavour", "torch")
+    monkeypatch.setattr(cpu_kernels, "_kernels", LoadOnce(cpu_kernels._open_kernels))
 
 
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 40])
@@ -279,7 +277,8 @@ def test_the_portable_build_sums_in_the_same_order_as_the_vector_build(monkeypat
         ]
 
     vector = run_all()
-    monkeypatch.setattr(cpu_kernels, "_library", cpu_kernels.open_library(cpu_kernels.build_library(["-mfma"])))
+    portable = cpu_kernels.open_library(cpu_kernels.build_library(["-mfma"]))
+    monkeypatch.setattr(cpu_kernels, "_kernels", LoadOnce(lambda: (portable, "c")))
     for portable, tiled in zip(run_all(), vector, strict=True):
         assert torch.equal(portable, tiled)
 

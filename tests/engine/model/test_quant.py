@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_serve.cache_policies.native_build import cpu_flags
+from moe_serve.cache_policies.native_build import LoadOnce, cpu_flags
 from moe_serve.engine.model import cpu_kernels
 from moe_serve.engine.model.cpu_kernels import ExpertRows, expert_ffn, kernel_flavour
 from moe_serve.engine.model.dense_quant import int4_linear, int8_linear
@@ -198,6 +198,7 @@ def test_the_portable_and_avx2_builds_give_the_vector_builds_bits(monkeypatch) -
     problems = [(parse_expert_dtype(name), [parse_expert_dtype(name).encode(w) for w in weights]) for name in FORMATS]
     vector = [_kernel(fmt, x, ids, routing, stored, 40) for fmt, stored in problems]
     for flags in (["-mavx2", "-mfma", "-mf16c"], ["-mfma"]):
-        monkeypatch.setattr(cpu_kernels, "_library", cpu_kernels.open_library(cpu_kernels.build_library(flags)))
+        library = cpu_kernels.open_library(cpu_kernels.build_library(flags))
+        monkeypatch.setattr(cpu_kernels, "_kernels", LoadOnce(lambda library=library: (library, "c")))
         for (fmt, stored), tiled in zip(problems, vector, strict=True):
             assert torch.equal(_kernel(fmt, x, ids, routing, stored, 40), tiled), (flags, fmt.name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_serve.cache_policies.native_build import cpu_flags
+from moe_serve.cache_policies.native_build import LoadOnce, cpu_flags
 from moe_serve.engine.builder import build_engine
 from moe_serve.engine.config import EngineConfig
 from moe_serve.engine.model import cpu_kernels
@@ -118,7 +118,7 @@ def test_the_portable_and_avx2_builds_give_the_vector_builds_bits(monkeypatch) -
     for flags, kernel in ((["-mavx2", "-mfma", "-mf16c"], 1), (["-mfma"], 0)):
         library = cpu_kernels.open_library(cpu_kernels.build_library(flags))
         assert library.q8_kernel() == kernel
-        monkeypatch.setattr(cpu_kernels, "_library", library)
+        monkeypatch.setattr(cpu_kernels, "_kernels", LoadOnce(lambda library=library: (library, "c")))
         for (matrix, x, bias), expected in zip(problems, vector, strict=True):
             assert torch.equal(linear(x, matrix, bias), expected), (flags, matrix.kind, matrix.shape)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks.torch_ops import Geometry, per_layer
+from moe_serve.cache_policies.native_build import LoadOnce
 from moe_serve.engine.model import cpu_kernels
 
 SMALL = Geometry(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, moe_intermediate_size=16, vocab_size=128)
@@ -15,9 +16,7 @@ SMALL = Geometry(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, moe_i
 @pytest.fixture
 def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The C kernels off for this test, whatever this process loaded before."""
-    monkeypatch.setattr(cpu_kernels, "_loaded", True)
-    monkeypatch.setattr(cpu_kernels, "_library", None)
-    monkeypatch.setattr(cpu_kernels, "_flavour", "torch")
+    monkeypatch.setattr(cpu_kernels, "_kernels", LoadOnce(lambda: None))
 
 
 @pytest.mark.slow  # ~30 s on a loaded 2-core box: four models profiled
