@@ -35,7 +35,7 @@ step() {  # step NAME LIMIT_S COMMAND...: runs with a time limit, records rc and
 #    (moe_serve/{server,engine,cache_policies,cuda_ext} -> the checkout) on PYTHONPATH; then the carried wheels.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import moe_serve.engine" 2>/dev/null; then
-  if ! { python3 -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 68)" 2>/dev/null \
+  if ! { python3 -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null \
          && timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1 \
          && python3 -c "import moe_serve.engine" 2>/dev/null; }; then
     mkdir -p "$SITE/shim/moe_serve"
