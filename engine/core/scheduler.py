@@ -132,14 +132,15 @@ class Scheduler:
         seq.predicted_output_len = self.lengths.predict(request.task, request.sampling.max_tokens)
         if isinstance(self.order, SloOrder):
             self.order.note_arrival(seq)  # a request shed below still says its task is arriving
-        if isinstance(self.order, SloOrder) and self.slo.tasks.get(request.task).overload is OverloadAction.SHED:
-            now = time.monotonic()
-            ttft = self._least_ttft_s(self.order, seq, now)
-            if ttft > self.slo.tasks.get(request.task).ttft_slo_s:
-                self.overload_decisions[request.task, OverloadDecision.SHED_ON_ARRIVAL] += 1
-                raise QueueFullError(
-                    f"the {request.task!r} TTFT SLO cannot be met under the current load "
-                    f"(at least {ttft:.2f} s)", retry_after_s=self._feasible_wait_s(self.order, now))
+            task = self.slo.tasks.get(request.task)
+            if task.overload is OverloadAction.SHED:
+                now = time.monotonic()
+                ttft = self._least_ttft_s(self.order, seq, now)
+                if ttft > task.ttft_slo_s:
+                    self.overload_decisions[request.task, OverloadDecision.SHED_ON_ARRIVAL] += 1
+                    raise QueueFullError(
+                        f"the {request.task!r} TTFT SLO cannot be met under the current load "
+                        f"(at least {ttft:.2f} s)", retry_after_s=self._feasible_wait_s(self.order, now))
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
