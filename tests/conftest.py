@@ -1,15 +1,23 @@
 """Shared fixtures: tiny random checkpoints of every architecture, built once per session, and
-the native code built before any test that starts a server."""
+the native code built before any test that starts a server; the property tests' settings profile."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers import ARCHITECTURES, make_tiny_checkpoint
 
 TRACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+
+# Property tests draw the same examples on every run unless HYPOTHESIS_PROFILE=random asks for a fresh
+# search: a run (CI's included) passes or fails on the code alone, and a slow machine trips no deadline.
+settings.register_profile("deterministic", derandomize=True, database=None, deadline=None)
+settings.register_profile("random", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(autouse=True)
