@@ -11,6 +11,7 @@ dtypes, no compiler, or MOE_SERVE_CPU_KERNEL=0 go to torch. Design: docs/operati
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import subprocess
@@ -169,9 +170,7 @@ def quant_linear(x: torch.Tensor, weight: QuantMatrix, bias: torch.Tensor | None
     n, k = weight.shape
     library = _load()
     kind = _weight_kind(x)
-    zero_points = weight.kind == WeightKind.INT4 and len(weight.tensors) == 3
-    kind_format = ExpertFormat("", WeightKind(weight.kind), weight.group, zero_points)
-    expected = kind_format.matrix_layouts(n, k)
+    expected = _dense_layouts(weight.kind, weight.group, len(weight.tensors), n, k)
     if not (library is not None and kind is not None and x.dtype is weight.dtype and x.dim() == 2 and x.stride(1) == 1
             and len(weight.tensors) == len(expected)
             and all(tuple(t.shape) == shape and t.dtype is dtype and t.is_contiguous() and t.is_cpu
@@ -191,6 +190,14 @@ def quant_linear(x: torch.Tensor, weight: QuantMatrix, bias: torch.Tensor | None
                                     out.data_ptr(), kind, n, k, rows, x.stride(0), n, threads)
 
     return _kernel_linear(x, n, k, run)
+
+
+@functools.cache
+def _dense_layouts(kind: int, group: int, stored: int, n: int, k: int) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+    """(shape, dtype) of each tensor the kernels read for a low-bit [n, k] matrix of weight kind `kind`
+    stored as `stored` tensors (int4 with zero points: three); one computation per matrix shape, not per call."""
+    zero_points = kind == WeightKind.INT4 and stored == 3
+    return tuple(ExpertFormat("", WeightKind(kind), group, zero_points).matrix_layouts(n, k))
 
 
 def int8_dot_kernel() -> str:
