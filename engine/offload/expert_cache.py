@@ -304,7 +304,7 @@ class ExpertCache:
         """Makes `needed` slots claimable or raises: first cancels queued unused prefetches, then
         waits for in-flight unused prefetches to land (they become evictable)."""
         pool = self.pool
-        available = pool.num_free + len(pool.evictable(requested))
+        available = pool.num_free + len(pool.evictable_keys(requested))
         unused = pool.unpinned_loading(excluded=requested)
         for key in unused:
             if available >= needed:

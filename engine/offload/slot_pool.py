@@ -75,8 +75,8 @@ class EvictableKeys(Set[ExpertKey]):
     def __iter__(self) -> Iterator[ExpertKey]:
         return (key for key in self._idle if key not in self._protected)
 
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+    def __len__(self) -> int:  # O(len(protected)), not a walk over every idle key
+        return len(self._idle) - sum(1 for key in self._protected if key in self._idle)
 
 
 class SlotPool:
