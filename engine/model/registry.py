@@ -214,6 +214,25 @@ def _mla_softmax_scale(rope: RopeSpec, qk_head_dim: int) -> float:
     return scale
 
 
+def _shared_expert_moe(config: Any, shared_key: str) -> dict[str, Any]:
+    """The ModelSpec fields of a DeepSeek-style MoE block (DeepSeek, GLM-4.5, ERNIE-4.5): the router at
+    mlp.gate, routed experts under mlp.experts, `config[shared_key]` ungated shared experts of
+    moe_intermediate_size each, fused under mlp.shared_experts, dense layers of intermediate_size, no
+    output bias, no qkv clipping."""
+    shared = int(config_value(config, shared_key, 0) or 0)
+    moe_intermediate = int(config_value(config, "moe_intermediate_size"))
+    return dict(
+        moe_intermediate_size=moe_intermediate,
+        o_bias=False,
+        clip_qkv=None,
+        shared_expert_intermediate_size=shared * moe_intermediate,
+        router_name=LAYER + ".mlp.gate.weight",
+        expert_names=HF_MLP_EXPERT,
+        shared_expert_prefix=LAYER + ".mlp.shared_experts" if shared else None,
+        dense_intermediate_size=int(config_value(config, "intermediate_size", 0)),
+    )
+
+
 def _deepseek_spec(config: Any, version: int) -> ModelSpec:
     """DeepseekV2/V3ForCausalLM: multi-head latent attention (interleaved rope on the rope dims,
     DeepSeek's YaRN softmax scale), first_k_dense_replace dense layers, ungated shared experts."""
@@ -237,25 +256,16 @@ def _deepseek_spec(config: Any, version: int) -> ModelSpec:
     num_experts = int(config_value(config, "n_routed_experts"))
     top_k = int(config_value(config, "num_experts_per_tok"))
     first_moe = int(config_value(config, "first_k_dense_replace", 0) or 0)
-    shared = int(config_value(config, "n_shared_experts", 0) or 0)
-    moe_intermediate = int(config_value(config, "moe_intermediate_size"))
     return ModelSpec(
         architecture=f"DeepseekV{version}ForCausalLM",
         **base,
+        **_shared_expert_moe(config, "n_shared_experts"),
         num_experts=num_experts,
         top_k=top_k,
-        moe_intermediate_size=moe_intermediate,
         routing=_deepseek_routing(config, version, num_experts, top_k),
         qkv_bias=False,
-        o_bias=False,
         qk_norm=QKNorm.NONE,
-        clip_qkv=None,
-        shared_expert_intermediate_size=shared * moe_intermediate,
-        router_name=LAYER + ".mlp.gate.weight",
-        expert_names=HF_MLP_EXPERT,
-        shared_expert_prefix=LAYER + ".mlp.shared_experts" if shared else None,
         moe_layers=tuple(range(first_moe, base["num_layers"])),
-        dense_intermediate_size=int(config_value(config, "intermediate_size", 0)),
         router_bias_name=LAYER + ".mlp.gate.e_score_correction_bias" if version == 3 else None,
         attention=AttentionKind.MLA,
         mla=mla,
@@ -282,25 +292,16 @@ def glm4_moe_spec(config: Any) -> ModelSpec:
                                      int(config_value(config, "n_group") or 1), int(config_value(config, "topk_group") or 1))
     _check_groups(routing, num_experts, top_k)
     base = base_fields(config)
-    shared = int(config_value(config, "n_shared_experts", 0) or 0)
-    moe_intermediate = int(config_value(config, "moe_intermediate_size"))
     return ModelSpec(
         architecture="Glm4MoeForCausalLM",
         **base,
+        **_shared_expert_moe(config, "n_shared_experts"),
         num_experts=num_experts,
         top_k=top_k,
-        moe_intermediate_size=moe_intermediate,
         routing=routing,
         qkv_bias=bias,
-        o_bias=False,
         qk_norm=QKNorm.PER_HEAD if config_value(config, "use_qk_norm", False) else QKNorm.NONE,
-        clip_qkv=None,
-        shared_expert_intermediate_size=shared * moe_intermediate,
-        router_name=LAYER + ".mlp.gate.weight",
-        expert_names=HF_MLP_EXPERT,
-        shared_expert_prefix=LAYER + ".mlp.shared_experts" if shared else None,
         moe_layers=tuple(range(int(config_value(config, "first_k_dense_replace", 0) or 0), base["num_layers"])),
-        dense_intermediate_size=int(config_value(config, "intermediate_size", 0)),
         router_bias_name=LAYER + ".mlp.gate.e_score_correction_bias",
     )
 
@@ -324,25 +325,16 @@ def ernie4_5_moe_spec(config: Any) -> ModelSpec:
             "use_bias=True is not supported for ERNIE-4.5 (biases in every linear layer)")
     base = base_fields(config, interleaved_rope=True)
     num_experts = int(config_value(config, "moe_num_experts", config_value(config, "num_experts", 0)))
-    shared = int(config_value(config, "moe_num_shared_experts", 0) or 0)
-    moe_intermediate = int(config_value(config, "moe_intermediate_size"))
     return ModelSpec(
         architecture="Ernie4_5_MoeForCausalLM",
         **base,
+        **_shared_expert_moe(config, "moe_num_shared_experts"),
         num_experts=num_experts,
         top_k=int(config_value(config, "moe_k", config_value(config, "num_experts_per_tok", 0))),
-        moe_intermediate_size=moe_intermediate,
         routing=RoutingSpec(RouterScoring.SOFTMAX, norm_topk_prob=True, correction_bias=True, in_fp32=True),
         qkv_bias=False,
-        o_bias=False,
         qk_norm=QKNorm.NONE,
-        clip_qkv=None,
-        shared_expert_intermediate_size=shared * moe_intermediate,
-        router_name=LAYER + ".mlp.gate.weight",
-        expert_names=HF_MLP_EXPERT,
-        shared_expert_prefix=LAYER + ".mlp.shared_experts" if shared else None,
         moe_layers=_ernie_moe_layers(config, base["num_layers"]),
-        dense_intermediate_size=int(config_value(config, "intermediate_size", 0)),
         router_bias_name=LAYER + ".mlp.moe_statics.e_score_correction_bias",
     )
 
