@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 
 from moe_serve.engine.core.sampling_params import TokenLogprob
 
@@ -62,9 +62,20 @@ class ToolCallOut(BaseModel):
 
 
 class AssistantMessage(BaseModel):
+    """A reply's message as OpenAI sends it: `refusal` always (null: this server never refuses),
+    `tool_calls` only when the model called tools."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: str | None = None
     tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):

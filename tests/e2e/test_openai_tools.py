@@ -152,6 +152,17 @@ def test_tool_choice_none_and_auto_answer_in_text(client: openai.OpenAI, server:
         assert choice.finish_reason == "length"
 
 
+def test_a_text_reply_has_no_tool_calls_key(server: LiveServer) -> None:
+    """As OpenAI sends it: `refusal` null, `tool_calls` absent (not null) unless the model called tools."""
+    for extra in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+        response = httpx.post(f"{server.v1}/chat/completions", timeout=30, json={
+            "model": server.model, "messages": USER, "max_tokens": 4, **extra})
+        assert response.status_code == 200, response.text
+        message = response.json()["choices"][0]["message"]
+        assert message["role"] == "assistant" and isinstance(message["content"], str)
+        assert "tool_calls" not in message and message["refusal"] is None, message
+
+
 def test_bad_tool_requests_are_400s_naming_the_field(server: LiveServer) -> None:
     cases = [
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
