@@ -12,7 +12,10 @@ the whole prefill share of a step:
   stop displacing the ones that still can. When shortest first would make some feasible requests late,
   the order keeps the most deadlines instead (Moore-Hodgson, `_most_on_time`: earliest deadline
   first, dropping the largest prefill whenever one would be late; plain least-slack-first met
-  about as many deadlines as shortest first at a higher mean latency, docs/scheduling.md). A
+  about as many deadlines as shortest first at a higher mean latency, docs/scheduling.md). Whether a
+  request makes its deadline is priced at the pace prefill runs now: where the running requests'
+  TPOT banks cap a step's prefill (`prefill_token_cap`), the tokens ahead of it and its own take as
+  many capped steps beside the decodes as they need, not one full step (`PrefillPace`). A
   feasible request of the running batch's most common task goes first when its slack is within the
   expert traffic that switching tasks would cause; a starvation guard serves anything that waited
   too long before everything else.
@@ -176,6 +179,15 @@ class SloContext:
     starvation_s: float = 30.0
 
 
+@dataclass(frozen=True)
+class PrefillPace:
+    """How fast waiting prompts get through, for the order's lateness test: steps of at most
+    `tokens` prefill tokens beside `decodes` decodes (the running requests' TPOT cap)."""
+
+    tokens: int
+    decodes: int
+
+
 class WaitingOrder(Protocol):
     """Ranks prefill candidates: the indices of `candidates` in the order they get prefill tokens."""
 
@@ -251,6 +263,7 @@ class SloOrder:
         job first with the hopeless ones slotted in where they delay none of them (`_slot_in`)."""
         if not candidates:
             return []
+        pace = self._pace(running, now)
         starving = sorted((i for i, s in enumerate(candidates) if self.is_starving(s, now)),
                           key=lambda i: candidates[i].request.arrival_time)
         slacks = [self.slack(s, now) for s in candidates]
@@ -261,19 +274,34 @@ class SloOrder:
         lost = set(hopeless)
         by_size = sorted((i for i in rest if i not in lost),
                          key=lambda i: (sizes[i], candidates[i].request.arrival_time))
-        on_time, late = self._most_on_time(by_size, candidates, now)
+        on_time, late = self._most_on_time(by_size, candidates, now, pace)
         self._prefer_batch_task(on_time, candidates, running, slacks)
         hopeless.sort(key=lambda i: (sizes[i], candidates[i].request.arrival_time))
-        return starving + self._slot_in(hopeless, on_time, candidates, sizes, now) + late
+        return starving + self._slot_in(hopeless, on_time, candidates, sizes, now, pace) + late
+
+    def _pace(self, running: SequenceT[Sequence], now: float) -> PrefillPace | None:
+        """The pace prefill runs at while the running requests' TPOT banks cap it (None: uncapped)."""
+        decodes = sum(1 for seq in running if seq.num_uncomputed_tokens == 1)
+        cap = self.prefill_token_cap(running, decodes, now)
+        return None if cap is None else PrefillPace(max(cap, MIN_PREFILL_CHUNK), decodes)
+
+    def _prefill_s(self, tokens: int, pace: PrefillPace | None) -> float:
+        """Predicted seconds until `tokens` prefill tokens (a request's own and those ahead of it) are
+        computed: one step, or at `pace` as many capped steps beside its decodes as they take."""
+        service = self.ctx.service
+        if pace is None or tokens <= pace.tokens:
+            return service.first_token_s(tokens)
+        full, rest = divmod(tokens, pace.tokens)
+        return full * service.step_s(pace.tokens + pace.decodes) + (service.step_s(rest + pace.decodes) if rest else 0.0)
 
     def _slot_in(self, hopeless: list[int], on_time: list[int], candidates: SequenceT[Sequence], sizes: list[float],
-                 now: float) -> list[int]:
+                 now: float, pace: PrefillPace | None) -> list[int]:
         """`on_time` with each of `hopeless` (shortest first) moved ahead of the longer jobs of it
         where that keeps every `on_time` request in time; the rest after them. One pass: a request
         of `on_time` tolerates `_tolerance` more prefill tokens ahead of it, each slotted-in request
         spends its tokens from the tolerance of every one after it, and later ones only go further back."""
         totals = itertools.accumulate(candidates[i].num_uncomputed_tokens for i in on_time)
-        tolerance = [self._tolerance(candidates[i], total, now) for i, total in zip(on_time, totals, strict=True)]
+        tolerance = [self._tolerance(candidates[i], total, now, pace) for i, total in zip(on_time, totals, strict=True)]
         least_after = list(itertools.accumulate(reversed(tolerance), min, initial=math.inf))[::-1]
         order: list[int] = []
         j, spent = 0, 0  # on_time[:j] are placed; `spent`: the tokens slotted in ahead of on_time[j:]
@@ -293,47 +321,51 @@ class SloOrder:
             spent += extra
         return order + on_time[j:]
 
-    def _tolerance(self, seq: Sequence, tokens: int, now: float) -> float:
+    def _tolerance(self, seq: Sequence, tokens: int, now: float, pace: PrefillPace | None) -> float:
         """How many more prefill tokens may run before `seq`'s first token (after `tokens`, its own
         included) with its TTFT deadline still met: -1 when it is late already, inf when its step
         time does not grow with tokens."""
-        if self._late(seq, tokens, now):
+        if self._late(seq, tokens, now, pace):
             return -1
         service = self.ctx.service
         if service.token_s <= 0:
             return math.inf
+        # the most extra tokens that keep it on time: lateness only grows with tokens, so bisect between
+        # the one-step estimate (exact uncapped up to rounding) and a bound found by doubling
         time_left = self.deadline(seq) - now - self.ctx.expert_cost.load_seconds(seq.request.task)
-        extra = max(0, service.tokens_within(time_left) - tokens)
-        while extra > 0 and self._late(seq, tokens + extra, now):  # rounding at the boundary, checked exactly
-            extra -= 1
-        while not self._late(seq, tokens + extra + 1, now):
-            extra += 1
-        return extra
+        low, high = 0, max(1, service.tokens_within(time_left) - tokens + 1)
+        while not self._late(seq, tokens + high, now, pace):
+            low, high = high, 2 * high
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if not self._late(seq, tokens + middle, now, pace) else (low, middle)
+        return low
 
-    def _late(self, seq: Sequence, tokens: int, now: float) -> bool:
+    def _late(self, seq: Sequence, tokens: int, now: float, pace: PrefillPace | None) -> bool:
         """Whether `seq` misses its TTFT deadline when its first token comes after `tokens` prefill
-        tokens (its own included) run from `now`."""
-        return now + self.ctx.service.first_token_s(tokens) + self.ctx.expert_cost.load_seconds(seq.request.task) \
+        tokens (its own included) run from `now` at `pace`."""
+        return now + self._prefill_s(tokens, pace) + self.ctx.expert_cost.load_seconds(seq.request.task) \
             > self.deadline(seq)
 
-    def _all_on_time(self, order: list[int], candidates: SequenceT[Sequence], now: float) -> bool:
+    def _all_on_time(self, order: list[int], candidates: SequenceT[Sequence], now: float,
+                     pace: PrefillPace | None) -> bool:
         """Whether every request of `order` gets its first token by its deadline when their prefills
         run back to back in that order."""
         tokens = 0
         for i in order:
             tokens += candidates[i].num_uncomputed_tokens
-            if self._late(candidates[i], tokens, now):
+            if self._late(candidates[i], tokens, now, pace):
                 return False
         return True
 
-    def _most_on_time(self, by_size: list[int], candidates: SequenceT[Sequence],
-                      now: float) -> tuple[list[int], list[int]]:
+    def _most_on_time(self, by_size: list[int], candidates: SequenceT[Sequence], now: float,
+                      pace: PrefillPace | None) -> tuple[list[int], list[int]]:
         """Split `by_size` (feasible requests, shortest job first) into those that can all get their
         first token in time and the rest (Moore-Hodgson: earliest deadline first, dropping the largest
         prefill whenever one would be late, keeps the most deadlines). The kept ones stay shortest
         first when that still meets every kept deadline, else go earliest deadline first; the dropped
         ones follow, shortest first."""
-        if self._all_on_time(by_size, candidates, now):
+        if self._all_on_time(by_size, candidates, now, pace):
             return by_size, []
         rank = {i: n for n, i in enumerate(by_size)}
         largest: list[tuple[int, int, int]] = []  # max-heap of the kept: (-prefill tokens, -rank, index)
@@ -343,12 +375,12 @@ class SloOrder:
             seq = candidates[i]
             heapq.heappush(largest, (-seq.num_uncomputed_tokens, -rank[i], i))
             tokens += seq.num_uncomputed_tokens
-            if self._late(seq, tokens, now):
+            if self._late(seq, tokens, now, pace):
                 negative, _, index = heapq.heappop(largest)  # the largest; of equals, the later in `by_size`
                 tokens += negative
                 dropped.append(index)
         kept = sorted((i for _, _, i in largest), key=rank.__getitem__)
-        if not self._all_on_time(kept, candidates, now):
+        if not self._all_on_time(kept, candidates, now, pace):
             kept.sort(key=lambda i: (self.deadline(candidates[i]), rank[i]))
         return kept, sorted(dropped, key=rank.__getitem__)
 

@@ -307,6 +307,22 @@ def test_a_long_tight_prefill_goes_before_short_loose_ones_that_would_make_it_la
     assert [scheduler.waiting[i].seq_id for i in ranked] == ["tight-a", "b0", "b1", "b2", "tight-b"]
 
 
+def test_lateness_is_priced_at_the_pace_the_tpot_cap_allows(monkeypatch) -> None:
+    clock = Clock(monkeypatch)
+    scheduler = make_scheduler()
+    clock.now = 10.0
+    waiting = [seq("tight", "tight-demote", 250, arrival=clock.now), seq("b0", "bulk", 80, arrival=clock.now),
+               seq("b1", "bulk", 80, arrival=clock.now)]
+    # uncapped, the 410 tokens ahead of tight's first token take one 0.42 s step: shortest first keeps its 0.5 s SLO
+    ranked = scheduler.order.rank(waiting, scheduler.running, clock.now)
+    assert [waiting[i].seq_id for i in ranked] == ["b0", "b1", "tight"]
+    # a decoding stream request affords 45 ms steps (34 prefill tokens beside its decode): the same 410 tokens take
+    # 13 steps, 0.55 s, so tight goes first (its own 250 tokens: 8 steps, 0.34 s) and the loose ones still make it
+    decoding(scheduler, clock, "r", produced=1, since_first_s=0.0)
+    ranked = scheduler.order.rank(waiting, scheduler.running, clock.now)
+    assert [waiting[i].seq_id for i in ranked] == ["tight", "b0", "b1"]
+
+
 def test_shortest_job_first_stays_when_it_meets_every_deadline(monkeypatch) -> None:
     clock = Clock(monkeypatch)
     scheduler = make_scheduler(max_num_batched_tokens=64)
