@@ -131,10 +131,11 @@ class ServiceTimeModel:
         """Predicted seconds until a prompt of `num_prefill_tokens` uncomputed tokens has its first token."""
         return self.step_s(num_prefill_tokens)
 
-    def prefill_s(self, num_tokens: int, step_tokens: int) -> float:
-        """Predicted seconds of `num_tokens` prefill tokens run in full steps of `step_tokens`."""
+    def prefill_s(self, num_tokens: int, step_tokens: int, decodes: int = 0) -> float:
+        """Predicted seconds of `num_tokens` prefill tokens run in full steps of `step_tokens`, each
+        beside `decodes` decodes."""
         full, rest = divmod(num_tokens, step_tokens)
-        return full * self.step_s(step_tokens) + (self.step_s(rest) if rest else 0.0)
+        return full * self.step_s(step_tokens + decodes) + (self.step_s(rest + decodes) if rest else 0.0)
 
     def tokens_within(self, seconds: float) -> int:
         """The most tokens a step can compute within `seconds` (-1 when not even an empty step fits).
@@ -291,8 +292,7 @@ class SloOrder:
         service = self.ctx.service
         if pace is None or tokens <= pace.tokens:
             return service.first_token_s(tokens)
-        full, rest = divmod(tokens, pace.tokens)
-        return full * service.step_s(pace.tokens + pace.decodes) + (service.step_s(rest + pace.decodes) if rest else 0.0)
+        return service.prefill_s(tokens, pace.tokens, pace.decodes)
 
     def _slot_in(self, hopeless: list[int], on_time: list[int], candidates: SequenceT[Sequence], sizes: list[float],
                  now: float, pace: PrefillPace | None) -> list[int]:

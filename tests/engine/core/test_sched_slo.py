@@ -106,6 +106,7 @@ def test_tokens_within_and_prefill_seconds_invert_the_step_model() -> None:
         assert most == -1 if seconds < model.step_s(0) else model.step_s(most) <= seconds < model.step_s(most + 1)
     assert model.prefill_s(1100, 512) == pytest.approx(2 * model.step_s(512) + model.step_s(76))
     assert model.prefill_s(0, 512) == 0.0
+    assert model.prefill_s(1100, 512, decodes=3) == pytest.approx(2 * model.step_s(515) + model.step_s(79))
 
 
 def test_prefill_is_capped_so_a_running_request_keeps_its_tpot_slo(monkeypatch) -> None:
