@@ -28,11 +28,9 @@ the whole prefill share of a step:
   step of the decodes alone keeps, the step defers prefill altogether if no waiting request's TTFT
   deadline is lost by the delay (`SloOrder.defer_pays`); otherwise the cap is at least
   MIN_PREFILL_CHUNK and applies only when it pays (`SloOrder.cap_pays`): when the running requests
-  a full step would push off their TPOT SLOs for good (their bank could not pay for it even with
-  their decodes alone after it) outnumber the waiting ones the capped steps would push past their
-  TTFT deadlines. (Always capping lost to fcfs when steps are slow, a floor-sized chunk beside a short
-  tight-TPOT request made it miss, and capping on ties or to keep a bank that could afford the full
-  step cost more mean latency than it saved attainment: docs/scheduling.md.)
+  a full step would push off their TPOT SLOs are at least as many as the waiting ones the capped
+  steps would push past their TTFT deadlines. (Always capping lost to fcfs when steps are slow,
+  and a floor-sized chunk beside a short tight-TPOT request made it miss: docs/scheduling.md.)
 - Arrival guard (`SloOrder.arrival_token_cap`): whatever the plan, a step lasts at most
   ARRIVAL_GUARD_SHARE of the tightest TTFT SLO among the tasks that had a request arrive in the
   last ARRIVAL_GUARD_S, so a request of that task arriving during a step can still wait it out and
@@ -402,29 +400,23 @@ class SloOrder:
             order.remove(chosen)
             order.insert(0, chosen)
 
-    def tpot_banks(self, running: SequenceT[Sequence], num_decodes: int, now: float) -> list[tuple[float, int]]:
-        """(TPOT bank, remaining tokens) of each running request that can still meet its TPOT SLO: what
-        its SLO allows over its predicted output length, less the time since its first token, and the
-        tokens (steps) it has left to spend it on. Requests not decoding, past their TTFT SLO, or whose
-        TPOT SLO is lost whatever the plan (the bank is below its steps at the `num_decodes` decodes
+    def tpot_step_budgets(self, running: SequenceT[Sequence], num_decodes: int, now: float) -> list[float]:
+        """The longest step each running request that can still meet its TPOT SLO can afford: its
+        TPOT bank (what its SLO allows over its predicted output length, less the time since its
+        first token) spread over its remaining tokens. Requests not decoding, past their TTFT SLO,
+        or whose TPOT SLO is lost whatever the plan (below a step of the `num_decodes` decodes
         alone) are left out."""
-        banks = []
-        decodes_s = self.ctx.service.step_s(max(1, num_decodes))
+        budgets = []
         for seq in running:
             if seq.first_token_time is None or seq.num_uncomputed_tokens != 1 or seq.first_token_time > self.deadline(seq):
                 continue
             tpot_slo = TPOT_MARGIN * self.ctx.tasks.get(seq.request.task).tpot_slo_s
             produced = len(seq.output_token_ids)
             remaining = max(1, seq.predicted_output_len - produced)
-            bank = tpot_slo * (produced - 1 + remaining) - (now - seq.first_token_time)
-            if bank >= remaining * decodes_s:
-                banks.append((bank, remaining))
-        return banks
-
-    def tpot_step_budgets(self, running: SequenceT[Sequence], num_decodes: int, now: float) -> list[float]:
-        """The longest step each running request of `tpot_banks` can afford with every one of its
-        remaining steps as long: its TPOT bank spread over its remaining tokens."""
-        return [bank / remaining for bank, remaining in self.tpot_banks(running, num_decodes, now)]
+            per_step = (tpot_slo * (produced - 1 + remaining) - (now - seq.first_token_time)) / remaining
+            if per_step >= self.ctx.service.step_s(max(1, num_decodes)):
+                budgets.append(per_step)
+        return budgets
 
     def step_budget_s(self, running: SequenceT[Sequence], num_decodes: int, now: float) -> float | None:
         """The longest step that keeps every running request that can still meet its TPOT SLO on
@@ -485,22 +477,17 @@ class SloOrder:
     def cap_pays(self, running: SequenceT[Sequence], ranked: SequenceT[Sequence], num_decodes: int, cap: int,
                  budget: int, now: float) -> bool:
         """Whether capping this step's prefill at `cap` tokens (instead of the full `budget`) keeps
-        more requests within their SLOs than it costs. It keeps the running requests a full step would
-        push off their TPOT SLO for good: whose bank (`tpot_banks`) could not pay for a full step now
-        even were every later step of theirs one of the decodes alone (a request a full step only
-        brings closer to its limit is capped by later steps' budgets, when its bank runs low). It costs
-        the prefilling requests (`ranked`, in the order they get tokens) that would still get their
-        first token by their TTFT deadline at full steps but no longer at capped ones (each step's
-        prefill tokens handed out in that order, every step as long as this one). A tie goes to the full
-        step, whose higher prefill rate lowers every waiting request's latency."""
+        at least as many requests within their SLOs as it costs. It keeps the running requests whose
+        step budget a full step would overrun (`tpot_step_budgets`); it costs the prefilling requests
+        (`ranked`, in the order they get tokens) that would still get their first token by their
+        TTFT deadline at full steps but no longer at capped ones (each step's prefill tokens handed
+        out in that order, every step as long as this one)."""
         full = min(budget, sum(seq.num_uncomputed_tokens for seq in ranked))  # a full step's prefill tokens
         if full <= cap:
             return True
-        service = self.ctx.service
-        full_step_s, decodes_s = service.step_s(num_decodes + full), service.step_s(max(1, num_decodes))
-        kept = sum(bank < full_step_s + (remaining - 1) * decodes_s
-                   for bank, remaining in self.tpot_banks(running, num_decodes, now))
-        return kept > self._ttft_misses(ranked, num_decodes, cap, full, 0.0, now)
+        full_step_s = self.ctx.service.step_s(num_decodes + full)
+        kept = sum(per_step < full_step_s for per_step in self.tpot_step_budgets(running, num_decodes, now))
+        return kept >= self._ttft_misses(ranked, num_decodes, cap, full, 0.0, now)
 
     def _ttft_misses(self, ranked: SequenceT[Sequence], num_decodes: int, cap: int, full: int, delay_s: float,
                      now: float) -> int:
