@@ -51,7 +51,7 @@ from moe_serve.engine.offload.slot_pool import EvictableKeys
 from moe_serve.engine.traces.trace_file import load_trace
 from moe_serve.engine.types import ExpertKey
 
-METHODS = ("on_insert", "on_access", "on_evict", "on_step", "victim", "victims", "on_accesses", "on_replace")
+METHODS = ("on_insert", "on_access", "on_evict", "on_step", "victim", "victims")
 NUMPY_SUFFIX = "-numpy"
 
 
@@ -102,39 +102,18 @@ class TimedPolicy(CachePolicy):
         code = method if key is None else (key[0] << 24 | key[1] << 4) | method
         self.calls.append(code)
 
-    def _record_keys(self, method: int, *groups: Sequence[Hashable]) -> None:
-        """A call with key lists: a header (its method, and each list's length: one list in bits 4-23,
-        two in bits 24+ and 4-23), then the keys."""
-        header = method | (len(groups[-1]) << 4) | (len(groups[0]) << 24 if len(groups) == 2 else 0)
-        self.calls.append(header)
-        self.calls.extend([key[0] << 24 | key[1] << 4 for group in groups for key in group])
-
-    def decoded(self, start: int, stop: int | None = None) -> list[tuple[str, object]]:
-        """The calls recorded in `calls[start:stop]` as (method name, argument); the victim calls among
-        them must be the first recorded."""
+    def decoded(self, start: int) -> list[tuple[str, object]]:
+        """The calls from `start` on as (method name, argument), candidates in order."""
         candidates = iter(self.candidates)
-        calls, out, index = self.calls[:stop], [], start
-
-        def keys(count: int) -> list[ExpertKey]:
-            return [ExpertKey(code >> 24, (code >> 4) & 0xFFFFF) for code in calls[index + 1 - count:index + 1]]
-
-        while index < len(calls):
-            code = calls[index]
+        out: list[tuple[str, object]] = []
+        for code in self.calls[start:]:
             method = METHODS[code & 15]
             if method in ("victim", "victims"):
                 out.append((method, next(candidates)))
             elif method == "on_step":
                 out.append((method, None))
-            elif method == "on_accesses":
-                index += (code >> 4) & 0xFFFFF
-                out.append((method, keys((code >> 4) & 0xFFFFF)))
-            elif method == "on_replace":
-                evicted, inserted = code >> 24, (code >> 4) & 0xFFFFF
-                index += evicted + inserted
-                out.append((method, (keys(evicted + inserted)[:evicted], keys(inserted))))
             else:
                 out.append((method, ExpertKey(code >> 24, (code >> 4) & 0xFFFFF)))
-            index += 1
         return out
 
     def on_insert(self, key: Hashable) -> None:
@@ -154,18 +133,6 @@ class TimedPolicy(CachePolicy):
         self.inner.on_evict(key)
         self._ns += time.perf_counter_ns() - start
         self._record(2, key)
-
-    def on_accesses(self, keys: Sequence[Hashable]) -> None:
-        start = time.perf_counter_ns()
-        self.inner.on_accesses(keys)
-        self._ns += time.perf_counter_ns() - start
-        self._record_keys(6, keys)
-
-    def on_replace(self, evicted: Sequence[Hashable], inserted: Sequence[Hashable]) -> None:
-        start = time.perf_counter_ns()
-        self.inner.on_replace(evicted, inserted)
-        self._ns += time.perf_counter_ns() - start
-        self._record_keys(7, evicted, inserted)
 
     def on_step(self) -> None:
         start = time.perf_counter_ns()
@@ -202,8 +169,8 @@ def replayed_cpu_us(calls: list[tuple[str, object]], start: int, policy: CachePo
             if method == "on_step":
                 policy.on_step()
                 steps += 1
-            elif method in ("victims", "on_replace"):
-                getattr(policy, method)(*argument)
+            elif method == "victims":
+                policy.victims(*argument)
             else:
                 getattr(policy, method)(argument)
         return steps
@@ -229,34 +196,31 @@ class NullPolicy(CachePolicy):
 def drive_call_pattern(policy: CachePolicy, expert_ids: np.ndarray, capacity: int,
                        resident: dict[ExpertKey, None]) -> None:
     """The engine's calls at batch 1 without an engine: per step and MoE layer, the routed keys that are
-    resident are accessed (one `on_accesses`), then the misses take free slots or evict (the victims
-    of two or more misses in one `victims` call where the policy offers it, then one `on_replace`;
-    else a `victim` call among the resident keys not routed this step, passed as the cache's
-    `EvictableKeys` set view, and `on_evict` / `on_insert` per miss), as `ExpertCache.acquire` does, and
-    are accessed; then the step ends. expert_ids: [tokens, layers, top_k] (a trace's routing);
-    `resident`: the cache's keys, updated (pass the same dict to a later call that continues the run)."""
+    resident are accessed first, then each miss evicts (a victim among the resident keys not routed
+    this step, passed as the cache's `EvictableKeys` set view; the victims of two or more misses in one
+    `victims` call where the policy offers it, as `ExpertCache.acquire` asks) while the cache is full,
+    is inserted, and is accessed; then the step
+    ends. expert_ids: [tokens, layers, top_k] (a trace's routing); `resident`: the cache's keys, updated
+    (pass the same dict to a later call that continues the run)."""
     for token in expert_ids.tolist():
         for layer, experts in enumerate(token):
             keys = list(dict.fromkeys(ExpertKey(layer, expert) for expert in experts))
             misses = [key for key in keys if key not in resident]
-            policy.on_accesses([key for key in keys if key in resident])
+            for key in keys:
+                if key in resident:
+                    policy.on_access(key)
             protected = set(keys)
             incoming = misses[max(0, capacity - len(resident)):]
             ahead = policy.victims(EvictableKeys(resident, protected), incoming) if len(incoming) > 1 else None
-            if ahead is None:
-                for key in misses:
-                    if len(resident) >= capacity:
-                        victim = policy.victim(EvictableKeys(resident, protected))
-                        del resident[victim]
-                        policy.on_evict(victim)
-                    resident[key] = None
-                    policy.on_insert(key)
-            else:
-                for victim in ahead:
+            for key in misses:
+                if len(resident) >= capacity:
+                    victim = ahead.pop(0) if ahead else policy.victim(EvictableKeys(resident, protected))
                     del resident[victim]
-                resident.update(dict.fromkeys(misses))
-                policy.on_replace(ahead, misses)
-            policy.on_accesses(misses)
+                    policy.on_evict(victim)
+                resident[key] = None
+                policy.on_insert(key)
+            for key in misses:
+                policy.on_access(key)
         policy.on_step()
 
 
@@ -365,8 +329,8 @@ def main() -> None:
             timer.record_victims = False
             cache = engine.runner.model.experts.cache
             fresh = layered_policy(name, cache.num_slots, trace.num_layers, trace.num_experts)
-            before = timer.decoded(0, start)
-            cpu_us[name] = replayed_cpu_us(before + timer.decoded(start), len(before), fresh, trace.num_layers)
+            calls = timer.decoded(0)
+            cpu_us[name] = replayed_cpu_us(calls, start, fresh, trace.num_layers)
     summary = {name: {key: statistics.median(row[key] for row in rows[name]) for key in rows[name][0]}
                for name in policies}
     for name in policies:

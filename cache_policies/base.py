@@ -34,22 +34,6 @@ class CachePolicy(ABC):
     def on_evict(self, key: Hashable) -> None:
         """`key` left the cache."""
 
-    def on_accesses(self, keys: Sequence[Hashable]) -> None:
-        """`on_access` for each of `keys`, in order: one call for a layer's hits, or its misses (a policy
-        may take them at once)."""
-        for key in keys:
-            self.on_access(key)
-
-    def on_replace(self, evicted: Sequence[Hashable], inserted: Sequence[Hashable]) -> None:
-        """The `evicted` keys left the cache to make room and the `inserted` keys (some perhaps into free
-        slots) became resident: `on_evict` for each evicted key, then `on_insert` for each inserted one.
-        The cache reports a layer's misses so once the victims `victims` chose for them are evicted; a
-        policy may take them at once."""
-        for key in evicted:
-            self.on_evict(key)
-        for key in inserted:
-            self.on_insert(key)
-
     def on_step(self) -> None:
         """One engine step (or one replayed token) finished; aging policies decay here."""
 
@@ -65,6 +49,6 @@ class CachePolicy(ABC):
     def victims(self, candidates: Set[Hashable], incoming: Sequence[Hashable]) -> list[Hashable] | None:
         """Victims for the `incoming` keys (never candidates) that will take their slots, chosen in one
         call: the i-th as `victim` would pick it once the first i victims are evicted and the first i
-        incoming keys inserted. Changes nothing: the caller then evicts and inserts them and says so
-        (`on_replace`). None (the default): ask `victim` once per eviction."""
+        incoming keys inserted. Changes nothing: the caller then evicts and inserts them one by one,
+        with the usual on_evict / on_insert. None (the default): ask `victim` once per eviction."""
         return None

@@ -105,16 +105,6 @@ class NativeContextPolicy(CachePolicy):
             return layer * self._experts + expert
         raise ValueError(f"key {key!r} is outside {self._layers} layers x {self._experts} experts")
 
-    def _codes(self, keys: Iterable[Hashable], offset: int = 0) -> list[int]:
-        """`offset + _code(key)` per key, in one comprehension (raises as `_code` does)."""
-        layers, experts = self._layers, self._experts
-        codes = [offset + layer * experts + expert if 0 <= layer < layers and 0 <= expert < experts else -1
-                 for layer, expert in keys]
-        if -1 in codes:
-            for key in keys:
-                self._code(key)
-        return codes
-
     def on_insert(self, key: Hashable) -> None:
         code = self._code(key)
         self._keys[code] = key
@@ -130,24 +120,13 @@ class NativeContextPolicy(CachePolicy):
     def on_evict(self, key: Hashable) -> None:
         self._events.append(self._evict_offset + self._code(key))
 
-    def on_accesses(self, keys: Sequence[Hashable]) -> None:
-        self._events.extend(self._codes(keys, self._access_offset))
-
-    def on_replace(self, evicted: Sequence[Hashable], inserted: Sequence[Hashable]) -> None:
-        events, names = self._events, self._keys
-        events.extend(self._codes(evicted, self._evict_offset))
-        codes = self._codes(inserted)
-        for code, key in zip(codes, inserted):
-            names[code] = key
-        events.extend(codes)
-
     def _protected_excluded(self, protected: Iterable[Hashable] | None) -> array:
         """The codes of `protected` keys (computed once per protected set), as a fresh array."""
         if protected is None:
             return array("q")
         if protected is not self._protected:
             self._protected = protected
-            self._protected_codes = array("q", self._codes(protected))
+            self._protected_codes = array("q", [self._code(key) for key in protected])
         return self._protected_codes[:]
 
     def on_step(self) -> None:
@@ -187,7 +166,7 @@ class NativeContextPolicy(CachePolicy):
         self._events = array("q")
         count = max(1, len(incoming))
         excluded = self._protected_excluded(protected)
-        arriving = array("q", self._codes(incoming))
+        arriving = array("q", [self._code(key) for key in incoming])
         out = array("q", bytes(8 * count))
         while True:
             found = self._library.context_victims(self._handle, events.buffer_info()[0], len(events),
@@ -199,11 +178,8 @@ class NativeContextPolicy(CachePolicy):
             if found < count:
                 return None
             events = array("q")
-            names = self._keys
-            chosen = [names[code] for code in out]
-            outside = getattr(candidates, "outside", None)
-            rejected = (outside(chosen) if outside is not None else [key for key in chosen if key not in candidates])
+            chosen = [self._keys[code] for code in out]
+            rejected = [code for code, key in zip(out, chosen) if key not in candidates]
             if not rejected:
                 return chosen
-            rejected = [code for code, key in zip(out, chosen) if key in rejected]
             excluded.extend(rejected)

@@ -127,32 +127,20 @@ class ExpertCache:
         misses = [key for key in unique if key not in pool]  # a dropped failed copy is a miss again
         if misses:
             self._ensure_capacity(len(misses), requested=set(unique))
-        hits = [key for key in unique if key in pool] if misses else unique
-        for key in hits:
-            self._record_hit(key)
-        self.policy.on_accesses(hits)
+        for key in unique:
+            if key in pool:
+                self._record_hit(key)
         if misses:
             protected = set(unique)
             victims = self._victims_ahead(misses, protected)
-            if victims is None:  # one victim call per eviction, each after the last one's notes
-                for key in misses:
-                    self._start_load(self._claim_slot(protected), key, prefetched=False,
-                                     precision=Precision.LOW if key in low else Precision.FULL)
-            else:
-                evicted = []
-                for key in misses:
-                    if pool.num_free:
-                        index = pool.claim_free()
-                    else:
-                        evicted.append(victims.popleft())
-                        index = self._evict(evicted[-1], noted=False)
-                    self._start_load(index, key, prefetched=False,
-                                     precision=Precision.LOW if key in low else Precision.FULL, noted=False)
-                self.policy.on_replace(evicted, misses)
+            for key in misses:
+                index = self._evict(victims.popleft()) if victims and not pool.num_free else self._claim_slot(protected)
+                self._start_load(index, key, prefetched=False,
+                                 precision=Precision.LOW if key in low else Precision.FULL)
             self._submit(misses, CopyPriority.DEMAND)
             for key in misses:
                 self._stats.misses[key.layer] += 1
-            self.policy.on_accesses(misses)
+                self.policy.on_access(key)
             self._step_misses.extend(misses)
         return pool.pin(keys)
 
@@ -338,7 +326,6 @@ class ExpertCache:
                 f"to at least min_slots_for_step(num_experts, top_k, max_tokens_per_step) slots")
 
     def _record_hit(self, key: ExpertKey) -> None:
-        """Counts a hit on `key` (its policy note is the caller's: `on_accesses` over the layer's hits)."""
         self._stats.hits[key.layer] += 1
         self._preloads.pop(key, None)
         if key in self._prefetched_unused:
@@ -347,6 +334,7 @@ class ExpertCache:
             if self.pool.is_loading(key):
                 self._stats.prefetch_late += 1
         self.pool.promote(key)
+        self.policy.on_access(key)
 
     def _victims_ahead(self, misses: Sequence[ExpertKey], protected: Set[ExpertKey]) -> deque[ExpertKey] | None:
         """The victims of the misses that will find no free slot, in one policy call where the policy
@@ -388,31 +376,26 @@ class ExpertCache:
             self._uncount_load(key)
             self._drop(key, wasted=key in self._prefetched_unused)
 
-    def _evict(self, victim: ExpertKey, noted: bool = True) -> int:
-        """Evicts `victim` and claims its slot (`noted=False`: the caller tells the policy)."""
+    def _evict(self, victim: ExpertKey) -> int:
         self._stats.evictions[victim.layer] += 1
-        self._drop(victim, wasted=victim in self._prefetched_unused, noted=noted)
+        self._drop(victim, wasted=victim in self._prefetched_unused)
         return self.pool.claim_free()
 
-    def _drop(self, key: ExpertKey, wasted: bool, noted: bool = True) -> None:
+    def _drop(self, key: ExpertKey, wasted: bool) -> None:
         """Empties an unpinned key's slot (evicted or cancelled) back onto the free list."""
-        if noted:
-            self.policy.on_evict(key)
+        self.policy.on_evict(key)
         self._stats.prefetch_wasted += int(wasted)
         self._preloads.pop(key, None)
         self._prefetched_unused.discard(key)
         self._load_kind.pop(key, None)
         self.pool.free(key)
 
-    def _start_load(self, index: int, key: ExpertKey, prefetched: bool, precision: Precision = Precision.FULL,
-                    noted: bool = True) -> None:
-        """Starts loading `key` into slot `index` (`noted=False`: the caller tells the policy of the insert)."""
+    def _start_load(self, index: int, key: ExpertKey, prefetched: bool, precision: Precision = Precision.FULL) -> None:
         self.pool.begin_load(index, key, precision)
         if prefetched:
             self._prefetched_unused.add(key)
         self._count_load(key, precision.value, precision)
-        if noted:
-            self.policy.on_insert(key)
+        self.policy.on_insert(key)
 
     def _count_load(self, key: ExpertKey, kind: str, precision: Precision) -> None:
         nbytes = self.expert_nbytes(precision)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
@@ -77,11 +77,6 @@ class EvictableKeys(Set[ExpertKey]):
 
     def __len__(self) -> int:  # O(len(protected)), not a walk over every idle key
         return len(self._idle) - sum(1 for key in self._protected if key in self._idle)
-
-    def outside(self, keys: Iterable[ExpertKey]) -> list[ExpertKey]:
-        """The `keys` not in this view, in order (one call where a policy checks its picks)."""
-        idle, protected = self._idle, self._protected
-        return [key for key in keys if key not in idle or key in protected]
 
 
 class SlotPool:

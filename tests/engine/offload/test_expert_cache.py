@@ -437,11 +437,9 @@ def test_demand_copies_overtake_queued_preloads() -> None:
 
 def test_evictable_keys_count_what_they_iterate() -> None:
     """`len` of the set view counts its keys without walking the idle ones (protected keys may or may
-    not be idle), and agrees with iterating it; `outside` names the keys it does not hold."""
+    not be idle), and agrees with iterating it."""
     idle = {ExpertKey(0, e): None for e in range(6)}
     for protected in (frozenset(), {ExpertKey(0, 1), ExpertKey(0, 4)}, {ExpertKey(0, 2), ExpertKey(1, 2), ExpertKey(3, 0)},
                       set(idle)):
         view = slot_pool.EvictableKeys(idle, protected)
         assert len(view) == len(list(view)) == sum(1 for key in idle if key not in protected)
-        asked = [ExpertKey(0, 4), ExpertKey(2, 2), ExpertKey(0, 1), ExpertKey(0, 5)]
-        assert view.outside(asked) == [key for key in asked if key not in view]
